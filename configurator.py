@@ -1,0 +1,186 @@
+"""Command-line / config-file configuration shared by train.py, sample.py, export.py, eval.py and bench.py.
+
+Convention (as in nanoGPT): a script defines a dict of defaults, then the command line is applied to it
+left to right, later items overriding earlier ones:
+
+    python train.py config/finetune.py --batch_size=8 --compile false
+
+* A positional argument (not starting with ``--``) is a config file: a Python file executed in a fresh
+  namespace. Every name it assigns must be a key of the defaults, except names starting with ``_`` and
+  imported modules / functions / classes, which are ignored.
+* ``--key=value`` or ``--key value`` overrides one key (the value is split off at the first ``=``, so
+  ``--prompt=a=b`` gives ``"a=b"``). A bare ``--flag`` sets a bool key to True; ``--flag value`` only
+  consumes ``value`` if it is a bool literal. A value that itself starts with ``--`` needs the ``=`` form.
+* Values are converted to the type of the default: str is taken raw, bool accepts true/false/1/0/yes/no/
+  on/off, int accepts integral numbers (``1e4``), float accepts any number (``0``), and None / list /
+  tuple / dict defaults go through ``ast.literal_eval`` (falling back to the raw string).
+
+Unlike nanoGPT's configurator, unknown keys (with a "did you mean" hint), bad values and broken config
+files raise ConfigError instead of being silently accepted, and nothing is printed while parsing.
+"""
+import ast
+import difflib
+import inspect
+import os
+import sys
+
+_BOOLS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+
+
+class ConfigError(ValueError):
+    """Bad config file, flag or value; the message names the offending file/arg/key."""
+
+
+def _type_name(default):
+    return "any" if default is None else type(default).__name__
+
+
+def _unknown_key(key, defaults, where=""):
+    close = difflib.get_close_matches(key, list(defaults), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown config key '{key}'{where}{hint}")
+
+
+def _parse_bool(text):
+    return _BOOLS.get(text.strip().lower())
+
+
+def _from_text(text, default):
+    """Parse command-line text into a Python value guided by the default's type (checked by _fit later)."""
+    if isinstance(default, bool):
+        value = _parse_bool(text)
+        if value is None:
+            raise ValueError(text)
+        return value
+    if isinstance(default, int):
+        try:
+            return int(text)
+        except ValueError:
+            return float(text)  # '1e4' -> 10000.0, accepted by _fit if integral
+    if isinstance(default, float):
+        return float(text)
+    if isinstance(default, str):
+        return text
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return text
+
+
+def _fit(value, default):
+    """Return the Python value coerced to the default's type; raise ValueError if it doesn't fit."""
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = is_number and (isinstance(value, int) or value.is_integer())
+        value = int(value) if ok else value
+    elif isinstance(default, float):
+        ok = is_number
+        value = float(value) if ok else value
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+    else:  # None / list / tuple / dict / anything else: free-form, but keep list vs tuple consistent
+        ok = True
+        if isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
+            value = type(default)(value)
+    if not ok:
+        raise ValueError(value)
+    return value
+
+
+def _convert(key, value, defaults, where, from_cli):
+    default = defaults[key]
+    try:
+        return _fit(_from_text(value, default) if from_cli else value, default)
+    except (ValueError, OverflowError):
+        raise ConfigError(f"invalid value {value!r} for {where} (expected {_type_name(default)})") from None
+
+
+def _read_config_file(path, defaults):
+    """Exec a config file in a fresh namespace; return the {key: value} pairs it assigns, in order."""
+    try:
+        with open(path) as f:
+            source = f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file '{path}': {e.strerror or e}") from None
+    namespace = {"__file__": path, "__name__": "__config__"}
+    try:
+        exec(compile(source, path, "exec"), namespace)
+    except Exception as e:
+        raise ConfigError(f"error in config file '{path}': {type(e).__name__}: {e}") from e
+    items = {}
+    for name, value in namespace.items():
+        if name.startswith("_") or inspect.ismodule(value) or inspect.isroutine(value) or inspect.isclass(value):
+            continue
+        if name not in defaults:
+            raise _unknown_key(name, defaults, f" in config file '{path}'")
+        items[name] = _convert(name, value, defaults, f"'{name}' in config file '{path}'", from_cli=False)
+    return items
+
+
+def _read_flag(argv, i, defaults):
+    """Parse the flag at argv[i]; return (key, value, index of the next unread arg)."""
+    body = argv[i][2:]
+    key, eq, text = body.partition("=")
+    if not key:
+        raise ConfigError(f"malformed argument '{argv[i]}' (expected --key=value)")
+    if key not in defaults:
+        raise _unknown_key(key, defaults)
+    nxt = argv[i + 1] if i + 1 < len(argv) else None
+    if eq:
+        i += 1
+    elif isinstance(defaults[key], bool):
+        if nxt is not None and _parse_bool(nxt) is not None:
+            text, i = nxt, i + 2
+        else:
+            text, i = "true", i + 1
+    elif nxt is None or nxt.startswith("--"):
+        raise ConfigError(f"missing value for --{key} (expected {_type_name(defaults[key])})")
+    else:
+        text, i = nxt, i + 2
+    return key, _convert(key, text, defaults, f"--{key}", from_cli=True), i
+
+
+def parse(defaults: dict, argv: list[str]) -> tuple[dict, dict]:
+    """Return (config, explicit) where config = defaults updated by argv, and explicit = the keys->values
+    that config files or command-line flags set (in order applied). Raises ConfigError on bad input."""
+    config, explicit = dict(defaults), {}
+    i = 0
+    while i < len(argv):
+        if argv[i].startswith("--"):
+            key, value, i = _read_flag(argv, i, defaults)
+            items = {key: value}
+        else:
+            items, i = _read_config_file(argv[i], defaults), i + 1
+        for key, value in items.items():
+            config[key] = value
+            explicit.pop(key, None)  # re-insert so the order reflects the last application
+            explicit[key] = value
+    return config, explicit
+
+
+def _help_text(defaults, prog):
+    lines = [
+        f"usage: {prog} [config.py ...] [--key=value | --key value | --flag ...]",
+        "",
+        "Config files and --key=value overrides are applied left to right. Keys and defaults:",
+    ]
+    lines += [f"  --{key}={default!r}  ({_type_name(default)})" for key, default in defaults.items()]
+    return "\n".join(lines)
+
+
+def load(defaults: dict, argv: list[str] | None = None, prog: str = "") -> tuple[dict, dict]:
+    """CLI wrapper: argv defaults to sys.argv[1:]. `--help`/`-h` prints every key with its default and type and
+    exits 0. A ConfigError is printed to stderr as `error: ...` (no traceback) and exits with status 2."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not prog and sys.argv:
+        prog = os.path.basename(sys.argv[0])
+    if "--help" in argv or "-h" in argv:
+        print(_help_text(defaults, prog))
+        sys.exit(0)
+    try:
+        return parse(defaults, argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

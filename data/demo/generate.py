@@ -1,0 +1,221 @@
+"""
+Deterministic synthetic chat dataset for quick CPU demos.
+
+Writes, in the basic chat schema (one JSON object per line,
+{"user": "...", "assistant": "..."}):
+
+    train.jsonl    ~5,000 training conversations
+    heldout.jsonl  200 held-out prompts (assistant = the expected answer)
+
+Usage:
+    python data/demo/generate.py [--out_dir=data/demo] [--seed=1337]
+
+Design
+------
+Five task families, each with a fixed table of items and five phrasing
+templates. An (item, template) pair is a "combo". For every family we hold out
+40 combos: 40 distinct items, each with exactly one template, the templates
+assigned round-robin (8 held-out items per template). Those combos never appear
+in training, in any form. Every held-out item still appears in training under
+its 4 other phrasings, and every template appears in training with the other
+items, so the held-out set tests phrasing invariance, not new facts: each
+held-out answer is present in training as the answer to the same item.
+
+Answer format: a single bare token-ish string, no trailing period, no extra
+words -- digits for numbers ("19", "180"), the city name for capitals
+("Paris", "Buenos Aires"), a lowercase word for opposites ("cold").
+
+Training prompts are sometimes wrapped with a short prefix/suffix
+("Quick question: ...", "... Thanks.") for extra variety; held-out prompts are
+always the plain template text. The full rendered conversation
+"Human: {user}\\nAssistant: {assistant}\\n\\n" is ~12-25 GPT-2 tokens.
+
+The output is fully determined by the seed (random.Random(seed)); the same seed
+produces byte-identical files.
+"""
+
+import argparse
+import json
+import os
+import random
+import tempfile
+
+HELDOUT_PER_FAMILY = 40
+TRAIN_PER_FAMILY = 1000
+
+# ---------------------------------------------------------------------------
+# fixed item tables
+
+CAPITALS = [
+    ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"),
+    ("Spain", "Madrid"), ("Portugal", "Lisbon"), ("Japan", "Tokyo"),
+    ("China", "Beijing"), ("Russia", "Moscow"), ("Egypt", "Cairo"),
+    ("Greece", "Athens"), ("Ireland", "Dublin"), ("Norway", "Oslo"),
+    ("Sweden", "Stockholm"), ("Finland", "Helsinki"), ("Denmark", "Copenhagen"),
+    ("Poland", "Warsaw"), ("Austria", "Vienna"), ("Hungary", "Budapest"),
+    ("Canada", "Ottawa"), ("Mexico", "Mexico City"), ("Peru", "Lima"),
+    ("Chile", "Santiago"), ("Argentina", "Buenos Aires"), ("Cuba", "Havana"),
+    ("Kenya", "Nairobi"), ("Thailand", "Bangkok"), ("Vietnam", "Hanoi"),
+    ("India", "New Delhi"), ("Iran", "Tehran"), ("Iraq", "Baghdad"),
+    ("Turkey", "Ankara"), ("Australia", "Canberra"), ("Belgium", "Brussels"),
+    ("Netherlands", "Amsterdam"), ("Switzerland", "Bern"), ("Brazil", "Brasilia"),
+    ("Colombia", "Bogota"), ("Nigeria", "Abuja"), ("Ghana", "Accra"),
+    ("Indonesia", "Jakarta"), ("South Korea", "Seoul"), ("Czechia", "Prague"),
+]
+
+# (plural unit, smaller plural unit, factor)
+CONVERSIONS = [
+    ("hours", "minutes", 60), ("minutes", "seconds", 60), ("days", "hours", 24),
+    ("weeks", "days", 7), ("feet", "inches", 12), ("years", "months", 12),
+    ("meters", "centimeters", 100), ("kilograms", "grams", 1000),
+]
+
+OPPOSITE_PAIRS = [
+    ("hot", "cold"), ("big", "small"), ("fast", "slow"), ("up", "down"),
+    ("day", "night"), ("happy", "sad"), ("open", "closed"), ("light", "dark"),
+    ("old", "young"), ("rich", "poor"), ("hard", "soft"), ("early", "late"),
+    ("full", "empty"), ("wet", "dry"), ("strong", "weak"), ("tall", "short"),
+    ("loud", "quiet"), ("win", "lose"), ("left", "right"), ("buy", "sell"),
+    ("push", "pull"), ("love", "hate"), ("thick", "thin"), ("clean", "dirty"),
+    ("true", "false"), ("inside", "outside"), ("above", "below"), ("first", "last"),
+    ("near", "far"), ("heavy", "light"), ("cheap", "expensive"), ("safe", "dangerous"),
+    ("black", "white"), ("north", "south"), ("east", "west"), ("good", "bad"),
+    ("begin", "end"), ("friend", "enemy"), ("sweet", "sour"), ("wide", "narrow"),
+]
+
+# ---------------------------------------------------------------------------
+# families: name -> (templates, items); an item is (fields dict, answer str)
+
+
+def _families():
+    fams = {}
+
+    add_items = [({"a": a, "b": b}, str(a + b)) for a in range(11) for b in range(11)]
+    fams["add"] = ([
+        "What is {a} plus {b}?",
+        "Add {a} and {b}.",
+        "Compute {a} + {b}.",
+        "What is the sum of {a} and {b}?",
+        "If you add {b} to {a}, what do you get?",
+    ], add_items)
+
+    cap_items = [({"c": c}, cap) for c, cap in CAPITALS]
+    fams["capital"] = ([
+        "What is the capital of {c}?",
+        "Which city is the capital of {c}?",
+        "Name the capital city of {c}.",
+        "What city is {c}'s capital?",
+        "Tell me the capital of {c}.",
+    ], cap_items)
+
+    conv_items = [({"n": n, "big": big, "small": small}, str(n * f))
+                  for big, small, f in CONVERSIONS for n in range(1, 10)]
+    fams["convert"] = ([
+        "How many {small} are in {n} {big}?",
+        "Convert {n} {big} to {small}.",
+        "{n} {big} is how many {small}?",
+        "How many {small} make up {n} {big}?",
+        "Express {n} {big} in {small}.",
+    ], conv_items)
+
+    seen = set()
+    opp_items = []
+    for x, y in OPPOSITE_PAIRS:
+        for w, o in ((x, y), (y, x)):
+            if w not in seen:  # "light" occurs twice; keep the first mapping only
+                seen.add(w)
+                opp_items.append(({"w": w}, o))
+    fams["opposite"] = ([
+        "What is the opposite of {w}?",
+        "Give the antonym of {w}.",
+        "What word means the opposite of {w}?",
+        "Name the opposite of the word {w}.",
+        "Which word is the opposite of {w}?",
+    ], opp_items)
+
+    next_items = [({"n": n}, str(n + 1)) for n in range(100)]
+    fams["next"] = ([
+        "What number comes after {n}?",
+        "Which number follows {n}?",
+        "What is the next number after {n}?",
+        "Count up by one from {n}.",
+        "What number is one more than {n}?",
+    ], next_items)
+
+    return fams
+
+
+PREFIXES = ["Quick question: ", "Please answer: ", "Hi! ", "I need help. "]
+SUFFIXES = [" Thanks.", " Please answer briefly.", " Just the answer."]
+
+
+def _wrap(rng, text):
+    r = rng.random()
+    if r < 0.15:
+        return rng.choice(PREFIXES) + text
+    if r < 0.30:
+        return text + rng.choice(SUFFIXES)
+    return text
+
+
+def generate(seed: int = 1337):
+    """Return (train_records, heldout_records); records are {"user", "assistant"} dicts."""
+    rng = random.Random(seed)
+    train, heldout = [], []
+    for fam, (templates, items) in _families().items():
+        n_t = len(templates)
+        # choose held-out items and give each exactly one held-out template,
+        # round-robin so every template gets the same number of held-out items
+        order = list(range(len(items)))
+        rng.shuffle(order)
+        t_offset = rng.randrange(n_t)
+        held = {}  # item index -> template index
+        for k, i in enumerate(order[:HELDOUT_PER_FAMILY]):
+            held[i] = (k + t_offset) % n_t
+        for i in sorted(held, key=lambda i: (held[i], i)):
+            fields, ans = items[i]
+            heldout.append({"user": templates[held[i]].format(**fields), "assistant": ans})
+        # training combos: everything not held out
+        combos = [(i, t) for i in range(len(items)) for t in range(n_t) if held.get(i) != t]
+        # every training combo at least once, then fill uniformly at random
+        picks = list(combos)
+        if len(picks) < TRAIN_PER_FAMILY:
+            picks += [rng.choice(combos) for _ in range(TRAIN_PER_FAMILY - len(picks))]
+        for i, t in picks:
+            fields, ans = items[i]
+            train.append({"user": _wrap(rng, templates[t].format(**fields)), "assistant": ans})
+    rng.shuffle(train)
+    rng.shuffle(heldout)
+    return train, heldout
+
+
+def _write_jsonl_atomic(path, records):
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=".jsonl")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file__)))
+    p.add_argument("--seed", type=int, default=1337)
+    args = p.parse_args(argv)
+    train, heldout = generate(args.seed)
+    _write_jsonl_atomic(os.path.join(args.out_dir, "train.jsonl"), train)
+    _write_jsonl_atomic(os.path.join(args.out_dir, "heldout.jsonl"), heldout)
+    fams = ",".join(_families())
+    print(f"demo data: train.jsonl={len(train)} heldout.jsonl={len(heldout)} "
+          f"families={fams} seed={args.seed} out_dir={args.out_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,381 @@
+"""A GPT-2 compatible transformer in one file, read top to bottom:
+
+1. GPTConfig and the modules (LayerNorm, CausalSelfAttention, MLP, Block, GPT).
+2. KVCache: the explicit inference state, so each generated token costs one position's work.
+3. Sampling (temperature, top-k, top-p, repetition penalty) and `generate`, streaming tokens as they come.
+4. Loading OpenAI GPT-2 / Hugging Face GPT-2 weights (safetensors or pytorch_model.bin).
+5. Checkpoints (plain dicts and tensors, loadable with torch.load(weights_only=True)) and device helpers.
+"""
+import inspect
+import json
+import math
+import os
+import re
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. The model
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for speed; OpenAI weights use 50257
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # bias in Linear and LayerNorm layers, like GPT-2
+    flash: bool = True  # attention through F.scaled_dot_product_attention; False = the manual masked softmax
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1 and we keep the GPT-2 names)."""
+
+    def __init__(self, ndim, bias):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head, self.n_embd, self.dropout, self.flash = config.n_head, config.n_embd, config.dropout, config.flash
+
+    def forward(self, x, layer_cache=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        past = 0
+        if layer_cache is not None:  # append this step's keys/values and attend over everything cached so far
+            past = layer_cache.length
+            k, v = layer_cache.append(k, v)
+        # queries sit at positions past..past+T-1 and see keys 0..their own position
+        mask = None if past == 0 or T == 1 else _causal_mask(T, past + T, x.device)
+        if self.flash:
+            dropout = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                               is_causal=(past == 0 and T > 1))
+        else:
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+            if T > 1:
+                att = att.masked_fill(~_causal_mask(T, past + T, x.device), float("-inf"))
+            y = self.attn_dropout(F.softmax(att, dim=-1)) @ v
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+def _causal_mask(n_query, n_key, device):
+    """Boolean (n_query, n_key) mask, True where attention is allowed; queries are the last n_query positions."""
+    return torch.ones(n_query, n_key, dtype=torch.bool, device=device).tril(diagonal=n_key - n_query)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's gelu_new
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, layer_cache=None):
+        x = x + self.attn(self.ln_1(x), layer_cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # tied embeddings, as in GPT-2
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self, non_embedding=True):
+        """Parameter count; the position embeddings are excluded by default (the token ones are tied to the head)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def forward(self, idx, targets=None, loss_mask=None, kv_cache=None, all_logits=False):
+        """idx (B, T) token ids. Returns (logits, loss).
+
+        With targets: (None, loss), the mean cross-entropy over the positions where loss_mask is 1 (token-weighted;
+        targets of -1 are ignored too; an all-masked batch gives loss 0, not NaN).
+        Without targets: (logits, None), for the last position only (what generation needs) unless all_logits.
+        kv_cache: a KVCache; idx then continues the cached sequence and the cache grows by T.
+        """
+        B, T = idx.size()
+        past = kv_cache.length if kv_cache is not None else 0
+        if past + T > self.config.block_size:
+            raise ValueError(f"sequence of {past + T} tokens exceeds block_size {self.config.block_size}")
+        pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, kv_cache.layers[i] if kv_cache is not None else None)
+        x = self.transformer.ln_f(x)
+        if targets is None:
+            return self.lm_head(x if all_logits else x[:, [-1], :]), None
+        return None, self._masked_loss(x.reshape(B * T, -1), targets.reshape(-1), loss_mask)
+
+    def _masked_loss(self, x, targets, loss_mask):
+        keep = targets != -1
+        if loss_mask is not None:
+            keep &= loss_mask.reshape(-1) > 0
+        if not x.is_cuda:
+            # run the head only where the loss looks: exact, and most of a small model's cost in chat data. On CUDA
+            # the boolean index would cost a host sync every step, which is worth more than the saved FLOPs.
+            rows = keep.nonzero().squeeze(1)
+            x, targets, keep = x[rows], targets[rows], keep[rows]
+        losses = F.cross_entropy(self.lm_head(x).float(), targets.clamp(min=0), reduction="none")
+        keep = keep.float()
+        return (losses * keep).sum() / keep.sum().clamp(min=1.0)
+
+    def crop_block_size(self, block_size):
+        """Use a smaller context than the weights were trained with (e.g. GPT-2's 1024 -> 256 to fine-tune)."""
+        assert block_size <= self.config.block_size
+        self.config.block_size = block_size
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW with weight decay on 2-D weights (matmuls, embeddings) only; biases and norms are not decayed."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        # the fused kernel avoids one launch per tensor on CUDA; on CPU foreach (the default) is the fast path
+        extra = {"fused": True} if device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters else {}
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
+
+    def flops_per_token(self, seq_len=None):
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 * L * H * Q * T."""
+        cfg = self.config
+        T = seq_len or cfg.block_size
+        N = self.get_num_params()
+        return 6 * N + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * T
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. KV cache: the inference state, kept explicit
+
+
+class LayerKVCache:
+    """Keys and values of one layer, preallocated for block_size positions (allocated on first use so they take
+    the dtype the attention actually runs in, e.g. bf16 under autocast)."""
+
+    def __init__(self, max_len):
+        self.max_len, self.length, self.k, self.v = max_len, 0, None, None
+
+    def append(self, k, v):
+        B, H, T, D = k.shape
+        if self.k is None or self.k.dtype != k.dtype or self.k.size(0) != B:
+            self.k = k.new_empty(B, H, self.max_len, D)
+            self.v = v.new_empty(B, H, self.max_len, D)
+        self.k[:, :, self.length:self.length + T] = k
+        self.v[:, :, self.length:self.length + T] = v
+        self.length += T
+        return self.k[:, :, :self.length], self.v[:, :, :self.length]
+
+
+class KVCache:
+    def __init__(self, config):
+        self.layers = [LayerKVCache(config.block_size) for _ in range(config.n_layer)]
+
+    @property
+    def length(self):
+        return self.layers[0].length
+
+    def reset(self):
+        for layer in self.layers:
+            layer.length = 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Sampling and generation
+
+
+def sample_next(logits, history=None, temperature=1.0, top_k=None, top_p=1.0, repetition_penalty=1.0,
+                generator=None):
+    """Pick the next token per row from logits (B, V). history (B, L): tokens the repetition penalty applies to.
+
+    repetition_penalty follows CTRL / transformers: a seen token's logit is divided by the penalty when positive
+    and multiplied by it when negative. temperature 0 means greedy (argmax after the penalty)."""
+    logits = logits.float().clone()
+    if repetition_penalty != 1.0 and history is not None:
+        seen = logits.gather(1, history)
+        logits.scatter_(1, history, torch.where(seen > 0, seen / repetition_penalty, seen * repetition_penalty))
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:  # nucleus: keep the smallest set of tokens whose probability reaches top_p
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # mass before this token already enough
+        drop = drop_sorted.scatter(1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
+
+
+def crop_start(length, start, block_size):
+    """Where the context window starts. When it would exceed block_size, drop the oldest tokens so that 3/4 of
+    the window is kept; cached and uncached generation share this so both see exactly the same context."""
+    if length - start > block_size:
+        start = length - max(1, block_size - block_size // 4)
+    return start
+
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=1.0, repetition_penalty=1.0,
+             use_cache=True, generator=None, vocab_limit=None):
+    """Yield the next token of every row, (B,), once per step, for max_new_tokens steps.
+
+    idx (B, T): the prompt (rows generated as one batch). The caller decides when a row is done and may simply
+    stop iterating. vocab_limit: never sample ids at or above it (the padded part of the embedding)."""
+    block_size = model.config.block_size
+    cache = KVCache(model.config) if use_cache else None
+    seq, start, fed = idx, 0, 0  # fed: how many tokens of seq the cache already holds
+    for _ in range(max_new_tokens):
+        new_start = crop_start(seq.size(1), start, block_size)
+        if new_start != start and cache is not None:  # positions are absolute: rebuild the cache for the new window
+            cache.reset()
+            fed = new_start
+        start = new_start
+        if cache is None:
+            logits, _ = model(seq[:, start:])
+        else:
+            logits, _ = model(seq[:, fed:], kv_cache=cache)
+            fed = seq.size(1)
+        logits = logits[:, -1, :]
+        if vocab_limit is not None and vocab_limit < logits.size(-1):
+            logits[:, vocab_limit:] = float("-inf")
+        token = sample_next(logits, seq, temperature, top_k, top_p, repetition_penalty, generator)
+        seq = torch.cat([seq, token[:, None]], dim=1)
+        yield token
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. Checkpoints and devices
+
+CKPT_PATTERN = re.compile(r"^finetuned_(\d{8}_\d{6})(_last)?\.pt$")
+
+
+def save_checkpoint(path, ckpt):
+    """Write atomically (temp file + rename): a crash mid-save never leaves a torn or truncated checkpoint."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise RuntimeError(f"could not read checkpoint {path}: {type(e).__name__}: {e}") from None
+
+
+def find_checkpoint(out_dir, last=False):
+    """The newest run's best checkpoint in out_dir (or its latest state with last=True)."""
+    runs = sorted(m.group(1) for m in map(CKPT_PATTERN.match, os.listdir(out_dir) if os.path.isdir(out_dir) else [])
+                  if m and bool(m.group(2)) == last)
+    if not runs:
+        kind = "finetuned_YYYYMMDD_HHMMSS_last.pt" if last else "finetuned_YYYYMMDD_HHMMSS.pt"
+        raise FileNotFoundError(f"no checkpoint {kind} in {out_dir!r}: train first, or pass --ckpt=PATH")
+    return os.path.join(out_dir, f"finetuned_{runs[-1]}{'_last' if last else ''}.pt")
+
+
+def clean_state_dict(state_dict):
+    """Drop wrappers' prefixes (torch.compile's _orig_mod., DDP's module.) so any state dict loads into GPT."""
+    return {re.sub(r"^(_orig_mod\.|module\.)+", "", k): v for k, v in state_dict.items()}
+
+
+def model_from_checkpoint(ckpt, device="cpu", **overrides):
+    config = GPTConfig.from_dict({**ckpt["model_args"], **overrides})
+    model = GPT(config)
+    model.load_state_dict(clean_state_dict(ckpt["model"]))
+    return model.to(device)
+
+
+def resolve_device(device):
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def resolve_dtype(dtype, device):
+    """'auto': bf16 on CUDA where supported, else fp16 (with a GradScaler); fp32 on CPU and MPS."""
+    if dtype != "auto":
+        return dtype
+    if device.startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "float32"
+
+
+def autocast(device, dtype):
+    """Mixed-precision context for the forward pass; a no-op in fp32."""
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))

@@ -1,0 +1,474 @@
+"""Train or fine-tune a GPT on a prepared chat dataset (see prepare.py).
+
+    python train.py config/finetune_chat.py --batch_size=4          # single process
+    torchrun --standalone --nproc_per_node=2 train.py config/demo.py  # DDP (gloo on CPU, nccl on CUDA)
+
+Config keys and their meaning follow nanoGPT; `python train.py --help` lists them all with their defaults.
+"""
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import chat
+import configurator
+from model import (GPT, GPTConfig, autocast, find_checkpoint, load_checkpoint, model_from_checkpoint,
+                   resolve_device, resolve_dtype, save_checkpoint)
+
+DEFAULTS = dict(
+    # I/O
+    out_dir="out", eval_interval=50, log_interval=10, eval_iters=20, init_from="scratch",
+    dataset="chat",  # a folder under data/ or a path to a folder written by prepare.py
+    # data
+    gradient_accumulation_steps=1, batch_size=2, block_size=128,
+    # model (used when training from scratch)
+    n_layer=12, n_head=12, n_embd=768, dropout=0.1, bias=True,
+    # AdamW and the learning-rate schedule
+    learning_rate=3e-4, max_iters=1000, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
+    decay_lr=True, warmup_iters=100, lr_decay_iters=None, min_lr=3e-5,  # lr_decay_iters None: follows max_iters
+    # early stopping: stop after `patience` evals without a val improvement of at least min_delta (0 = off)
+    patience=5, min_delta=0.001,
+    # system
+    backend="auto", device="auto", dtype="auto", compile=False, seed=1337,
+    # logging
+    wandb_log=False, wandb_project="chat-gpt", wandb_run_name="", wandb_mode="",  # mode "": WANDB_MODE or online
+    sample_max_tokens=32,  # length of the sample reply printed at each eval (0 = none)
+)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: windows that start on a conversation or turn boundary
+
+
+class ChatData:
+    """One split of a prepared dataset, memory-mapped. Batches are windows of block_size + 1 tokens starting at a
+    turn boundary (so an answer is never trained without its question); a window may run into the following
+    conversations and is padded (target -1, mask 0) at the end of the split."""
+
+    def __init__(self, folder, split, meta):
+        path = os.path.join(folder, f"{split}.bin")
+        self.ids = np.memmap(path, dtype=np.uint16, mode="r")
+        self.mask = np.memmap(os.path.join(folder, f"{split}_mask.bin"), dtype=np.uint8, mode="r")
+        self.starts = np.load(os.path.join(folder, f"{split}_turns.npy"))
+        self.convs = np.load(os.path.join(folder, f"{split}_convs.npy"))
+        expected = meta["tokens"][split]
+        if len(self.ids) != expected or len(self.mask) != expected:
+            raise ValueError(f"{path}: {len(self.ids)} tokens / {len(self.mask)} mask entries but meta.json says "
+                             f"{expected}: the dataset is incomplete, run prepare.py again")
+
+    def get_batch(self, batch_size, block_size, generator):
+        picks = torch.randint(len(self.starts), (batch_size,), generator=generator).numpy()
+        x = np.full((batch_size, block_size), chat.EOT, dtype=np.int64)
+        y = np.full((batch_size, block_size), -1, dtype=np.int64)
+        m = np.zeros((batch_size, block_size), dtype=np.float32)
+        for row, start in enumerate(self.starts[picks]):
+            window = self.ids[start:start + block_size + 1].astype(np.int64)
+            n = len(window) - 1  # block_size, or fewer at the end of the split
+            x[row, :n] = window[:-1]
+            y[row, :n] = window[1:]
+            m[row, :n] = self.mask[start + 1:start + n + 1]
+        return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(m)
+
+    def first_prompt(self):
+        """Token ids of the first val conversation up to where its first reply starts (for sample replies)."""
+        end = self.convs[1] if len(self.convs) > 1 else len(self.ids)
+        learned = np.flatnonzero(self.mask[:end])
+        return self.ids[:learned[0] if len(learned) else end].astype(np.int64).tolist()
+
+
+def load_dataset(dataset):
+    folder = dataset if os.path.isdir(dataset) else os.path.join("data", dataset)
+    meta_path = os.path.join(folder, "meta.json")
+    if not os.path.isfile(meta_path):
+        raise FileNotFoundError(f"no prepared dataset at {folder!r} (missing meta.json): run "
+                                f"`python prepare.py YOUR_DATA.jsonl --out_dir={folder}` first")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    return {split: ChatData(folder, split, meta) for split in ("train", "val")}, meta
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Schedule and early stopping
+
+
+def get_lr(it, cfg):
+    """Linear warmup to learning_rate, cosine decay to min_lr at lr_decay_iters, then constant."""
+    if not cfg["decay_lr"]:
+        return cfg["learning_rate"]
+    if it < cfg["warmup_iters"]:
+        return cfg["learning_rate"] * (it + 1) / (cfg["warmup_iters"] + 1)
+    decay_iters = cfg["max_iters"] if cfg["lr_decay_iters"] is None else cfg["lr_decay_iters"]
+    if it >= decay_iters:
+        return cfg["min_lr"]
+    ratio = (it - cfg["warmup_iters"]) / max(1, decay_iters - cfg["warmup_iters"])
+    return cfg["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg["learning_rate"] - cfg["min_lr"])
+
+
+@dataclass
+class EarlyStopping:
+    """Counts evaluations without a val improvement of at least min_delta over the best seen so far."""
+    patience: int
+    min_delta: float
+    best: float = float("inf")  # best val loss, for the best checkpoint (any improvement counts)
+    reference: float = float("inf")  # val loss of the last improvement of at least min_delta
+    stale: int = 0
+
+    def update(self, val_loss):
+        """Returns (is_new_best, should_stop)."""
+        is_best = val_loss < self.best
+        self.best = min(self.best, val_loss)
+        if val_loss < self.reference - self.min_delta:
+            self.reference, self.stale = val_loss, 0
+        else:
+            self.stale += 1
+        return is_best, self.patience > 0 and self.stale >= self.patience
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Setup: config, processes, model, optimizer
+
+
+def resolve_config(argv):
+    """Defaults <- config files and flags; on resume, the saved config <- what this command line set."""
+    cfg, explicit = configurator.load(DEFAULTS, argv, prog="train.py")
+    resume_from = None
+    if cfg["init_from"] == "resume":
+        resume_from = find_checkpoint(cfg["out_dir"], last=True)
+        saved = load_checkpoint(resume_from)["config"]
+        overrides = {k: v for k, v in explicit.items() if k != "init_from" and saved.get(k) != v}
+        cfg = {**DEFAULTS, **saved, **overrides, "init_from": "resume"}
+        print(f"resuming {resume_from}" + (f" with overrides {overrides}" if overrides else ""))
+    return cfg, resume_from
+
+
+def setup_processes(cfg):
+    """Single process, or DDP under torchrun (RANK / LOCAL_RANK / WORLD_SIZE set). Returns a small dict."""
+    device = resolve_device(cfg["device"])
+    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", -1), ("LOCAL_RANK", 0),
+                                                                        ("WORLD_SIZE", 1)))
+    if rank >= 0:
+        if device.startswith("cuda"):
+            device = f"cuda:{local_rank}"
+            torch.cuda.set_device(device)
+        backend = cfg["backend"] if cfg["backend"] != "auto" else ("nccl" if device.startswith("cuda") else "gloo")
+        dist.init_process_group(backend=backend)
+    dtype = resolve_dtype(cfg["dtype"], device)
+    if dtype == "bfloat16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
+        raise ValueError("dtype=bfloat16 is not supported on this GPU: use --dtype=float16")
+    return {"device": device, "dtype": dtype, "rank": max(rank, 0), "world": world, "ddp": rank >= 0,
+            "master": rank <= 0}
+
+
+def build_model(cfg, ckpt, sys_info):
+    if ckpt is not None:
+        model = model_from_checkpoint(ckpt, dropout=cfg["dropout"])
+    elif cfg["init_from"] == "scratch":
+        model = GPT(GPTConfig(block_size=cfg["block_size"], n_layer=cfg["n_layer"], n_head=cfg["n_head"],
+                              n_embd=cfg["n_embd"], dropout=cfg["dropout"], bias=cfg["bias"]))
+    else:
+        raise ValueError(f"unknown init_from {cfg['init_from']!r}: use 'scratch' or 'resume'")
+    if cfg["block_size"] < model.config.block_size:
+        model.crop_block_size(cfg["block_size"])
+    elif cfg["block_size"] > model.config.block_size:
+        raise ValueError(f"block_size {cfg['block_size']} exceeds the model's {model.config.block_size}")
+    return model.to(sys_info["device"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Steps: train, evaluate, checkpoint, log
+
+
+def to_device(batch, device):
+    if device.startswith("cuda"):  # pinned memory lets the copy overlap with compute
+        return [t.pin_memory().to(device, non_blocking=True) for t in batch]
+    return [t.to(device) for t in batch]
+
+
+def train_step(model, optimizer, scaler, data, generator, cfg, run):
+    """One optimizer step over gradient_accumulation_steps micro-batches. The loss is the token-weighted mean over
+    the learned tokens of all micro-batches (not the last micro-batch's); it stays on the device (no sync)."""
+    steps = cfg["gradient_accumulation_steps"]
+    batches = [data.get_batch(cfg["batch_size"], cfg["block_size"], generator) for _ in range(steps)]
+    total = max(1.0, float(sum(m.sum() for _, _, m in batches)))  # counted on the host: no device sync
+    loss_sum = torch.zeros((), device=run["device"])
+    for micro, batch in enumerate(batches):
+        weight = float(batch[2].sum()) / total
+        x, y, m = to_device(batch, run["device"])
+        # under DDP, gradients are all-reduced only on the last micro-step
+        sync = model.no_sync() if run["ddp"] and micro < steps - 1 else nullcontext()
+        with sync:
+            with autocast(run["device"], run["dtype"]):
+                _, loss = model(x, y, m)
+            scaler.scale(loss * weight).backward()
+        loss_sum += loss.detach() * weight
+    if cfg["grad_clip"] > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum
+
+
+@torch.no_grad()
+def evaluate(model, data, cfg, run):
+    """Token-weighted mean loss per split over eval_iters batches. The batches are the same at every eval (a fixed
+    seed), so evaluations compare like with like; every DDP rank takes part and the result is all-reduced."""
+    model.eval()
+    losses = {}
+    for i, (split, split_data) in enumerate(data.items()):
+        generator = torch.Generator().manual_seed(cfg["seed"] + 7919 * run["rank"] + i)
+        total = torch.zeros(2, device=run["device"])
+        for _ in range(cfg["eval_iters"]):
+            x, y, m = to_device(split_data.get_batch(cfg["batch_size"], cfg["block_size"], generator), run["device"])
+            with autocast(run["device"], run["dtype"]):
+                _, loss = model(x, y, m)
+            total += torch.stack([loss.float() * m.sum(), m.sum()])
+        if run["ddp"]:
+            dist.all_reduce(total)
+        losses[split] = (total[0] / total[1].clamp(min=1)).item()
+    model.train()
+    return losses
+
+
+def sample_reply(model, prompt, meta, run, max_tokens):
+    from sample import generate_replies  # sample.py imports nothing from train.py
+    model.eval()
+    with autocast(run["device"], run["dtype"]):
+        reply = generate_replies(model, prompt, max_tokens, temperature=0.0, stop=[meta["default_stop"]],
+                                 device=run["device"])[0]
+    model.train()
+    return reply
+
+
+def checkpoint(raw_model, optimizer, scaler, state, cfg, meta, with_optimizer):
+    """Everything as plain Python values or tensors: loads with torch.load(weights_only=True)."""
+    ckpt = {
+        "model": raw_model.state_dict(),  # the uncompiled, unwrapped module: no _orig_mod. / module. prefixes
+        "model_args": asdict(raw_model.config),
+        "template": meta["template"], "tokenizer": meta["tokenizer"],
+        "default_stop": meta["default_stop"], "multiline_replies": meta["multiline_replies"],
+        "config": dict(cfg), **state,
+        "rng": {"torch": torch.get_rng_state(), "data": state["data_rng"]},
+    }
+    del ckpt["data_rng"]
+    if torch.cuda.is_available():
+        ckpt["rng"]["cuda"] = torch.cuda.get_rng_state()
+    if with_optimizer:
+        ckpt["optimizer"], ckpt["scaler"] = optimizer.state_dict(), scaler.state_dict()
+    return ckpt
+
+
+class Logger:
+    """Console lines, out_dir/metrics.jsonl and (optionally) wandb; only the master process logs."""
+
+    def __init__(self, cfg, run, resumed):
+        self.enabled, self.wandb = run["master"], None
+        self.path = os.path.join(cfg["out_dir"], "metrics.jsonl")
+        if self.enabled and not resumed and os.path.exists(self.path):
+            os.remove(self.path)  # a new run starts a new log; a resumed one appends
+        if self.enabled and cfg["wandb_log"]:
+            import wandb
+            self.wandb = wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"] or None, config=cfg,
+                                    mode=cfg["wandb_mode"] or None)
+
+    def log(self, record, line=None):
+        if not self.enabled:
+            return
+        if line:
+            print(line, flush=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k not in ("event", "iter")}, step=record["iter"])
+
+    def close(self):
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def plot_losses(out_dir):
+    """Loss curves from metrics.jsonl as loss.png (skipped quietly when matplotlib is missing)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [r for r in records if r["event"] == "step"]
+    evals = [r for r in records if r["event"] == "eval"]
+    ax.plot([r["iter"] for r in steps], [r["loss"] for r in steps], alpha=0.4, label="train (per log step)")
+    for split in ("train", "val"):
+        ax.plot([r["iter"] for r in evals], [r[f"{split}_loss"] for r in evals], marker="o", label=f"{split} (eval)")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss on assistant tokens")
+    ax.legend()
+    path = os.path.join(out_dir, "loss.png")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def unused_stamp(out_dir):
+    """The run's start time, YYYYMMDD_HHMMSS; a run started in the same second as another gets the next second."""
+    t = time.time()
+    while os.path.exists(os.path.join(out_dir, f"finetuned_{time.strftime('%Y%m%d_%H%M%S', time.localtime(t))}_last.pt")):
+        t += 1
+    return time.strftime("%Y%m%d_%H%M%S", time.localtime(t))
+
+
+class Trainer:
+    """Holds the run's state so the loop, evaluation and checkpointing read as separate small steps."""
+
+    def __init__(self, cfg, run, resume_from):
+        self.cfg, self.run = cfg, run
+        self.data, self.meta = load_dataset(cfg["dataset"])
+        ckpt = load_checkpoint(resume_from, run["device"]) if resume_from else None
+        torch.manual_seed(cfg["seed"] + run["rank"])
+        self.raw_model = build_model(cfg, ckpt, run)
+        self.optimizer = self.raw_model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"],
+                                                             (cfg["beta1"], cfg["beta2"]), run["device"].split(":")[0])
+        self.scaler = torch.amp.GradScaler(run["device"].split(":")[0],
+                                           enabled=run["dtype"] == "float16" and run["device"].startswith("cuda"))
+        self.data_rng = torch.Generator().manual_seed(cfg["seed"] + run["rank"])
+        self.stopper = EarlyStopping(cfg["patience"], cfg["min_delta"])
+        self.iter_num, self.losses = 0, {}
+        self.stamp = unused_stamp(cfg["out_dir"])
+        if ckpt is not None:
+            self._restore(ckpt)
+        model = torch.compile(self.raw_model) if cfg["compile"] else self.raw_model
+        self.model = DDP(model, device_ids=[run["device"]] if run["device"].startswith("cuda") else None) \
+            if run["ddp"] else model
+        self.best_path = os.path.join(cfg["out_dir"], f"finetuned_{self.stamp}.pt")
+        self.last_path = os.path.join(cfg["out_dir"], f"finetuned_{self.stamp}_last.pt")
+        self.logger = Logger(cfg, run, resumed=ckpt is not None)
+        self.tokens_per_iter = cfg["gradient_accumulation_steps"] * cfg["batch_size"] * cfg["block_size"] * run["world"]
+
+    def _restore(self, ckpt):
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.iter_num, self.stamp, self.losses = ckpt["iter_num"], ckpt["run"], ckpt["losses"]
+        self.stopper = EarlyStopping(**ckpt["early_stopping"])
+        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
+        self.data_rng.set_state(ckpt["rng"]["data"].cpu())
+        if "cuda" in ckpt["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
+
+    def save(self, path, with_optimizer):
+        state = {"iter_num": self.iter_num, "run": self.stamp, "losses": self.losses,
+                 "train_loss": self.losses.get("train"), "val_loss": self.losses.get("val"),
+                 "best_val_loss": self.stopper.best, "early_stopping": asdict(self.stopper),
+                 "data_rng": self.data_rng.get_state()}
+        save_checkpoint(path, checkpoint(self.raw_model, self.optimizer, self.scaler, state, self.cfg, self.meta,
+                                         with_optimizer))
+
+    def eval_and_checkpoint(self):
+        """Evaluate, keep the best model, save the latest state. Returns True when early stopping fires."""
+        self.losses = evaluate(self.model, self.data, self.cfg, self.run)
+        is_best, stop = self.stopper.update(self.losses["val"])
+        if self.run["master"]:
+            if is_best:
+                self.save(self.best_path, with_optimizer=False)
+            self.save(self.last_path, with_optimizer=True)
+        line = (f"eval iter {self.iter_num}: train loss {self.losses['train']:.4f}, val loss {self.losses['val']:.4f}"
+                f" (best {self.stopper.best:.4f}{', saved' if is_best else ''}; {self.stopper.stale}/"
+                f"{self.cfg['patience']} evals without improvement >= {self.cfg['min_delta']})")
+        self.logger.log({"event": "eval", "iter": self.iter_num, "train_loss": self.losses["train"],
+                         "val_loss": self.losses["val"], "best_val_loss": self.stopper.best}, line)
+        if self.run["master"] and self.cfg["sample_max_tokens"] > 0:
+            prompt = self.data["val"].first_prompt()
+            reply = sample_reply(self.raw_model, prompt, self.meta, self.run, self.cfg["sample_max_tokens"])
+            print(f"  sample: {chat.get_encoder().decode(prompt)!r} -> {reply!r}", flush=True)
+        return stop
+
+    def train(self):
+        cfg, run = self.cfg, self.run
+        interrupted = {"signal": None}
+
+        def on_signal(signum, frame):  # finish the current step, save, exit; a second signal exits at once
+            if interrupted["signal"] is not None:
+                raise KeyboardInterrupt
+            interrupted["signal"] = signum
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, on_signal)
+        start_iter, reason = self.iter_num, f"reached max_iters={cfg['max_iters']}"
+        t0 = t_start = time.time()
+        while self.iter_num < cfg["max_iters"]:
+            if self.iter_num % cfg["eval_interval"] == 0 and self.iter_num != start_iter or self.iter_num == 0:
+                if self.eval_and_checkpoint():
+                    reason = f"early stopping: {cfg['patience']} evals without a val improvement >= {cfg['min_delta']}"
+                    break
+            lr = get_lr(self.iter_num, cfg)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            loss = train_step(self.model, self.optimizer, self.scaler, self.data["train"], self.data_rng, cfg, run)
+            self.iter_num += 1
+            if self.iter_num % cfg["log_interval"] == 0 or self.iter_num == cfg["max_iters"]:
+                dt = (time.time() - t0) / (self.iter_num - start_iter)
+                self._log_step(loss.item(), lr, dt)  # the only host sync outside evals
+            if interrupted["signal"] is not None:
+                reason = f"interrupted by signal {interrupted['signal']}"
+                break
+        else:  # max_iters reached: evaluate and save the steps since the last eval
+            if self.iter_num != start_iter:
+                self.eval_and_checkpoint()
+        if reason.startswith("interrupted") and run["master"]:
+            self.save(self.last_path, with_optimizer=True)
+        return reason, time.time() - t_start
+
+    def _log_step(self, loss, lr, dt):
+        remaining = (self.cfg["max_iters"] - self.iter_num) * dt
+        line = (f"iter {self.iter_num}: loss {loss:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
+                f"{self.tokens_per_iter / dt:,.0f} tokens/s, ETA {remaining / 60:.1f} min")
+        self.logger.log({"event": "step", "iter": self.iter_num, "loss": loss, "lr": lr, "ms_per_iter": dt * 1000,
+                         "tokens_per_s": self.tokens_per_iter / dt}, line)
+
+
+def main(argv=None):
+    cfg, resume_from = resolve_config(sys.argv[1:] if argv is None else argv)
+    run = setup_processes(cfg)
+    if run["master"]:
+        os.makedirs(cfg["out_dir"], exist_ok=True)
+    try:
+        trainer = Trainer(cfg, run, resume_from)
+        n_params = trainer.raw_model.get_num_params()
+        if run["master"]:
+            print(f"{n_params / 1e6:.2f}M parameters, device {run['device']}, dtype {run['dtype']}, "
+                  f"{run['world']} process(es), {trainer.tokens_per_iter:,} tokens/iter, run {trainer.stamp}")
+        reason, seconds = trainer.train()
+        if run["master"]:
+            print(f"stopped: {reason} after {trainer.iter_num} iters in {seconds / 60:.1f} min; best val loss "
+                  f"{trainer.stopper.best:.4f}")
+            print(f"best model: {trainer.best_path}\nlatest state: {trainer.last_path}")
+            plot = plot_losses(cfg["out_dir"])
+            if plot:
+                print(f"loss curve: {plot}")
+        trainer.logger.close()
+    finally:
+        if run["ddp"]:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
