@@ -59,7 +59,7 @@ def iter_jsonl(path, hasher):
             hasher.update(raw)
             where = f"{path}:{lineno}"
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # -sig: tolerate a BOM
             except UnicodeDecodeError as e:
                 yield where, RecordError(where, f"invalid UTF-8 at byte {e.start} of the line", "invalid UTF-8")
                 continue
@@ -74,36 +74,59 @@ def iter_jsonl(path, hasher):
 def iter_json_array(path, hasher, chunk_size=1 << 20):
     """Records of a JSON array, decoded incrementally so a large file never sits in memory whole.
     Structural errors (not an array, broken JSON) end the file: there is no record boundary to resume from."""
-    decoder, text_decoder = json.JSONDecoder(), codecs.getincrementaldecoder("utf-8")()
-    buf, pos, index, line, eof, started = "", 0, 0, 1, False, False
+    decoder, utf8 = json.JSONDecoder(), codecs.getincrementaldecoder("utf-8-sig")()  # -sig: tolerate a BOM
+    buf, pos, index, line, state, eof = "", 0, 0, 1, "start", False  # state: start, first, value, sep, end
     with open(path, "rb") as f:
-        while True:
-            while pos < len(buf) and buf[pos] in " \t\r\n,[]" and (started or buf[pos] != ","):
-                started |= buf[pos] == "["
-                line += buf[pos] == "\n"
-                pos += 1
-            if pos < len(buf) and not started:
-                raise InputError(f"{path}:{line}: a .json input must hold an array of records")
-            try:
-                record, end = decoder.raw_decode(buf, pos) if pos < len(buf) else (None, None)
-            except json.JSONDecodeError as e:
-                if eof:
-                    raise InputError(f"{path}[{index}] (line {e.lineno + line - 1}): invalid JSON: {e.msg}") from None
-                record, end = None, None
-            if end is not None and (end < len(buf) or eof):
-                line += buf.count("\n", pos, end)
-                yield f"{path}[{index}] (line {line})", record
-                index, pos = index + 1, end
-                continue
-            if eof:
-                return
+
+        def read_more():  # append the next chunk to what is left of buf; False at end of file
+            nonlocal buf, pos
             raw = f.read(chunk_size)
             hasher.update(raw)
             try:
-                buf, pos = buf[pos:] + text_decoder.decode(raw, final=not raw), 0
+                buf, pos = buf[pos:] + utf8.decode(raw, final=not raw), 0
             except UnicodeDecodeError as e:
-                raise InputError(f"{path}[{index}]: invalid UTF-8 near byte {f.tell() - len(raw) + e.start}") from None
-            eof = not raw
+                raise InputError(f"{path}[{index}] (line {line}): invalid UTF-8 near byte "
+                                 f"{f.tell() - len(raw) + e.start}") from None
+            return bool(raw)
+
+        while True:
+            while pos < len(buf) and buf[pos] in " \t\r\n":
+                line += buf[pos] == "\n"
+                pos += 1
+            if pos == len(buf):
+                if eof:
+                    break
+                eof = not read_more()
+                continue
+            char, where = buf[pos], f"{path}[{index}] (line {line})"
+            if state == "start" or state == "end":
+                if state == "end" or char != "[":
+                    raise InputError(f"{path}:{line}: a .json input must hold one array of records")
+                state, pos = "first", pos + 1
+            elif char == "]" and state in ("first", "sep"):
+                state, pos = "end", pos + 1
+            elif state == "sep":
+                if char != ",":
+                    raise InputError(f"{where}: invalid JSON: expected ',' or ']' after the previous record")
+                state, pos = "value", pos + 1
+            else:
+                try:
+                    record, end = decoder.raw_decode(buf, pos)
+                except json.JSONDecodeError as e:
+                    if eof:
+                        error_line = line + e.lineno - 1 - buf.count("\n", 0, pos)
+                        raise InputError(f"{where}: invalid JSON: {e.msg} (line {error_line})") from None
+                    eof = not read_more()  # the record may just be incomplete
+                    continue
+                if end == len(buf) and not eof:  # a record at the very end of buf may continue in the next chunk
+                    eof = not read_more()
+                    continue
+                line += buf.count("\n", pos, end)
+                yield where, record
+                index, pos, state = index + 1, end, "sep"
+    if state != "end":
+        raise InputError(f"{path}: {'empty file' if state == 'start' else 'the array is not closed'}: "
+                         "a .json input must hold one array of records")
 
 
 def iter_records(path, hasher):
@@ -263,7 +286,7 @@ def tokenize_inputs(paths, writer, skip_invalid, stats, progress):
             if len(batch) >= BATCH:
                 flush()
         flush()
-        hashes[os.path.basename(path)] = hasher.hexdigest()
+        hashes[path] = hasher.hexdigest()
     progress.update(len(writer.convs), writer.n_tokens, force=True)
     return hashes
 

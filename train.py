@@ -21,12 +21,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import chat
 import configurator
-from model import (GPT, GPTConfig, autocast, find_checkpoint, load_checkpoint, model_from_checkpoint,
-                   resolve_device, resolve_dtype, save_checkpoint)
+from model import (GPT, GPTConfig, autocast, find_checkpoint, from_pretrained, load_checkpoint,
+                   model_from_checkpoint, pretrained_config, resolve_device, resolve_dtype, resolve_pretrained,
+                   save_checkpoint)
 
 DEFAULTS = dict(
     # I/O
     out_dir="out", eval_interval=50, log_interval=10, eval_iters=20, init_from="scratch",
+    # init_from: 'scratch', 'resume', 'gpt2' .. 'gpt2-xl', a Hugging Face repo id or a local HF GPT-2 directory
     dataset="chat",  # a folder under data/ or a path to a folder written by prepare.py
     # data
     gradient_accumulation_steps=1, batch_size=2, block_size=128,
@@ -39,6 +41,7 @@ DEFAULTS = dict(
     patience=5, min_delta=0.001,
     # system
     backend="auto", device="auto", dtype="auto", compile=False, seed=1337,
+    check_memory=True,  # refuse to start a run whose memory estimate exceeds the device's free memory
     # logging
     wandb_log=False, wandb_project="chat-gpt", wandb_run_name="", wandb_mode="",  # mode "": WANDB_MODE or online
     sample_max_tokens=32,  # length of the sample reply printed at each eval (0 = none)
@@ -147,7 +150,7 @@ def resolve_config(argv):
         overrides = {k: v for k, v in explicit.items() if k != "init_from" and saved.get(k) != v}
         cfg = {**DEFAULTS, **saved, **overrides, "init_from": "resume"}
         print(f"resuming {resume_from}" + (f" with overrides {overrides}" if overrides else ""))
-    return cfg, resume_from
+    return cfg, resume_from, explicit
 
 
 def setup_processes(cfg):
@@ -168,19 +171,121 @@ def setup_processes(cfg):
             "master": rank <= 0}
 
 
-def build_model(cfg, ckpt, sys_info):
+def build_model(cfg, ckpt, sys_info, explicit=()):
+    """explicit: the keys the command line / config files set; for a pretrained init_from, an explicit n_layer,
+    n_head, n_embd or bias that differs from the checkpoint's is refused (the defaults are for scratch models)."""
     if ckpt is not None:
         model = model_from_checkpoint(ckpt, dropout=cfg["dropout"])
     elif cfg["init_from"] == "scratch":
-        model = GPT(GPTConfig(block_size=cfg["block_size"], n_layer=cfg["n_layer"], n_head=cfg["n_head"],
-                              n_embd=cfg["n_embd"], dropout=cfg["dropout"], bias=cfg["bias"]))
-    else:
-        raise ValueError(f"unknown init_from {cfg['init_from']!r}: use 'scratch' or 'resume'")
+        config = GPTConfig(block_size=cfg["block_size"], n_layer=cfg["n_layer"], n_head=cfg["n_head"],
+                           n_embd=cfg["n_embd"], dropout=cfg["dropout"], bias=cfg["bias"])
+        check_memory(config, cfg, sys_info)
+        model = GPT(config)
+    elif cfg["init_from"] == "resume":
+        raise ValueError("init_from='resume' needs a checkpoint")
+    else:  # 'gpt2' .. 'gpt2-xl', a Hub repo id or a local Hugging Face directory
+        files = resolve_pretrained(cfg["init_from"])
+        overrides = {"dropout": cfg["dropout"], "block_size": cfg["block_size"],
+                     **{k: cfg[k] for k in ("n_layer", "n_head", "n_embd", "bias") if k in explicit}}
+        config = pretrained_config(files, overrides)
+        check_memory(config, cfg, sys_info)
+        if sys_info.get("master", True):
+            print(f"loading {files.source}: n_layer={config.n_layer}, n_head={config.n_head}, "
+                  f"n_embd={config.n_embd}, block_size={config.block_size}")
+        model = from_pretrained(files, overrides)
+        cfg.update(n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd, bias=True)  # saved as run
     if cfg["block_size"] < model.config.block_size:
         model.crop_block_size(cfg["block_size"])
     elif cfg["block_size"] > model.config.block_size:
         raise ValueError(f"block_size {cfg['block_size']} exceeds the model's {model.config.block_size}")
     return model.to(sys_info["device"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory: estimate what a run needs before starting it, refuse one that clearly will not fit
+
+
+def count_params(config):
+    """Parameters of GPT(config), counted without building it (the head is tied to the token embedding)."""
+    C = config.n_embd
+    per_layer = 12 * C * C + (13 * C if config.bias else 2 * C)  # 4 matmuls (+ biases) and 2 LayerNorms
+    return config.vocab_size * C + config.block_size * C + config.n_layer * per_layer + (2 if config.bias else 1) * C
+
+
+def estimate_memory(config, cfg, dtype, ddp=False):
+    """Bytes a training process needs, by part. Weights, gradients and AdamW's two moments are fp32 (4 bytes per
+    parameter each; mixed precision adds a 2-byte cast of the weights, DDP a gradient-sized bucket copy).
+    Activations kept for backward at batch_size x block_size follow Korthikanti et al. 2022: 34*s*b*h bytes per
+    layer at 2 bytes per value, plus 5*a*s^2*b when the attention matrix is materialised (flash=False); the logits
+    add b*s*V values with their fp32 copy and gradient. An estimate: allocator slack and the runtime come on top."""
+    n = count_params(config)
+    act = 2 if dtype in ("bfloat16", "float16") else 4
+    b, s = cfg["batch_size"], min(cfg["block_size"], config.block_size)
+    h, a = config.n_embd, config.n_head
+    per_layer = 34 * s * b * h * act / 2 + (0 if config.flash else 5 * a * s * s * b * act / 2)
+    parts = {
+        "weights": 4 * n + (2 * n if act == 2 else 0),
+        "gradients": 4 * n * (2 if ddp else 1),
+        "optimizer": 8 * n,
+        "activations": config.n_layer * per_layer + b * s * config.vocab_size * (act + 8),
+    }
+    parts = {k: int(v) for k, v in parts.items()}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def available_memory(device):
+    """Free memory in bytes: the device's on CUDA, the OS's MemAvailable on CPU / MPS (shared); None if unknown."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(config, cfg, sys_info):
+    """Print the run's memory estimate; raise RuntimeError with what to change when it exceeds the free memory
+    (unless check_memory is False). Processes sharing host memory (DDP on CPU) are counted together."""
+    need = estimate_memory(config, cfg, sys_info.get("dtype", "float32"), sys_info.get("ddp", False))
+    device = sys_info["device"]
+    procs = 1 if device.startswith("cuda") else int(os.environ.get("LOCAL_WORLD_SIZE", sys_info.get("world", 1)))
+    total, avail = need["total"] * procs, available_memory(device)
+    b, s = cfg["batch_size"], min(cfg["block_size"], config.block_size)
+
+    def gib(x):
+        return f"{x / 2 ** 30:.2f} GiB"
+
+    if sys_info.get("master", True):
+        print(f"memory estimate: {gib(total)}{f' for {procs} processes' if procs > 1 else ''} (weights "
+              f"{gib(need['weights'])}, gradients {gib(need['gradients'])}, AdamW state {gib(need['optimizer'])}, "
+              f"activations {gib(need['activations'])} at batch_size {b} x block_size {s})"
+              + (f"; {gib(avail)} available on {device}" if avail is not None else ""), flush=True)
+    if not cfg.get("check_memory", True) or avail is None or total <= avail:
+        return need
+    states = (need["total"] - need["activations"]) * procs
+    if states > avail:
+        advice = (f"the model alone takes {gib(states)} for its weights, gradients and AdamW state: use a smaller "
+                  f"model (gpt2 < gpt2-medium < gpt2-large < gpt2-xl) or a device with more memory")
+    else:
+        fits = int((avail - states) / (need["activations"] * procs / b))  # the largest batch that fits
+        advice = f"the activations at batch_size {b} x block_size {s} take {gib(need['activations'] * procs)}: "
+        if fits >= 1:
+            accum = math.ceil(b * cfg["gradient_accumulation_steps"] / fits)
+            advice += (f"use a smaller batch with more accumulation, e.g. --batch_size={fits} "
+                       f"--gradient_accumulation_steps={accum} (about the same tokens per step), or a smaller "
+                       f"--block_size")
+        else:
+            advice += "use --batch_size=1 with a smaller --block_size, or a smaller model"
+    raise RuntimeError(f"this run needs about {gib(total)} but only {gib(avail)} is available on {device}; {advice}. "
+                       f"(--check_memory=False starts it anyway)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -336,12 +441,12 @@ def unused_stamp(out_dir):
 class Trainer:
     """Holds the run's state so the loop, evaluation and checkpointing read as separate small steps."""
 
-    def __init__(self, cfg, run, resume_from):
+    def __init__(self, cfg, run, resume_from, explicit=()):
         self.cfg, self.run = cfg, run
         self.data, self.meta = load_dataset(cfg["dataset"])
         ckpt = load_checkpoint(resume_from, run["device"]) if resume_from else None
         torch.manual_seed(cfg["seed"] + run["rank"])
-        self.raw_model = build_model(cfg, ckpt, run)
+        self.raw_model = build_model(cfg, ckpt, run, explicit)
         self.optimizer = self.raw_model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"],
                                                              (cfg["beta1"], cfg["beta2"]), run["device"].split(":")[0])
         self.scaler = torch.amp.GradScaler(run["device"].split(":")[0],
@@ -364,7 +469,10 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.iter_num, self.stamp, self.losses = ckpt["iter_num"], ckpt["run"], ckpt["losses"]
-        self.stopper = EarlyStopping(**ckpt["early_stopping"])
+        # the saved progress (best, reference, stale) with this run's settings: a --patience/--min_delta given on
+        # resume wins, like every other override
+        self.stopper = EarlyStopping(**{**ckpt["early_stopping"], "patience": self.cfg["patience"],
+                                        "min_delta": self.cfg["min_delta"]})
         torch.set_rng_state(ckpt["rng"]["torch"].cpu())
         self.data_rng.set_state(ckpt["rng"]["data"].cpu())
         if "cuda" in ckpt["rng"] and torch.cuda.is_available():
@@ -442,12 +550,12 @@ class Trainer:
 
 
 def main(argv=None):
-    cfg, resume_from = resolve_config(sys.argv[1:] if argv is None else argv)
+    cfg, resume_from, explicit = resolve_config(sys.argv[1:] if argv is None else argv)
     run = setup_processes(cfg)
     if run["master"]:
         os.makedirs(cfg["out_dir"], exist_ok=True)
     try:
-        trainer = Trainer(cfg, run, resume_from)
+        trainer = Trainer(cfg, run, resume_from, explicit)
         n_params = trainer.raw_model.get_num_params()
         if run["master"]:
             print(f"{n_params / 1e6:.2f}M parameters, device {run['device']}, dtype {run['dtype']}, "

@@ -1,0 +1,285 @@
+"""The generation core: KV cache == no cache, crop policy, sampling math, stop strings, batches, sample.py CLI."""
+import math
+
+import pytest
+import torch
+
+import chat
+import gen_helpers
+import helpers
+import sample
+from model import GPTConfig, adjust_logits, crop_start, generate, sample_next
+from sample import generate_batch, generate_replies
+
+NEG_INF = float("-inf")
+
+
+def tokens_of(model, idx, n, **kwargs):
+    """All generated tokens, (B, n)."""
+    return torch.stack(list(generate(model, idx, n, **kwargs)), dim=1)
+
+
+def prompts(batch, length, seed=0):
+    return torch.randint(0, 50257, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return gen_helpers.tiny_model(block_size=32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# KV cache == no cache
+
+
+SAMPLING = {
+    "greedy": dict(temperature=0.0),
+    "greedy+penalty": dict(temperature=0.0, repetition_penalty=1.5),
+    "sampled": dict(temperature=1.0),
+    "top_k+top_p+penalty": dict(temperature=0.8, top_k=50, top_p=0.9, repetition_penalty=1.3),
+}
+
+
+@pytest.mark.parametrize("prompt_len, new", [(5, 20), (10, 70), (45, 10)],
+                         ids=["inside-block", "past-block-several-rebuilds", "prompt-longer-than-block"])
+@pytest.mark.parametrize("mode", SAMPLING)
+def test_cached_equals_uncached(model, prompt_len, new, mode):
+    idx = prompts(2, prompt_len)
+    runs = [tokens_of(model, idx, new, use_cache=use_cache, generator=torch.Generator().manual_seed(7),
+                      **SAMPLING[mode]) for use_cache in (True, False)]
+    assert torch.equal(runs[0], runs[1])
+    assert len(set(runs[0][0].tolist())) > 3  # a real test: the model does not just repeat one token
+
+
+def test_cached_equals_uncached_manual_attention():
+    model = gen_helpers.tiny_model(block_size=16, flash=False)
+    idx = prompts(1, 6)
+    assert torch.equal(tokens_of(model, idx, 30, temperature=0.0, use_cache=True),
+                       tokens_of(model, idx, 30, temperature=0.0, use_cache=False))
+
+
+def test_seed_makes_sampling_reproducible(model):
+    idx = prompts(1, 5)
+    run = [tokens_of(model, idx, 20, temperature=1.0, generator=torch.Generator().manual_seed(s)) for s in (1, 1, 2)]
+    assert torch.equal(run[0], run[1]) and not torch.equal(run[0], run[2])
+
+
+def test_crop_policy():
+    assert crop_start(32, 0, 32) == 0  # fits: nothing dropped
+    assert crop_start(33, 0, 32) == 33 - 24  # over: keep the newest 3/4 of the window
+    assert crop_start(40, 9, 32) == 9  # the window stays put until it is full again
+    assert crop_start(42, 9, 32) == 42 - 24
+    assert crop_start(5, 0, 1) == 4 and crop_start(3, 0, 2) == 1  # tiny windows keep at least one token
+
+
+def test_generation_follows_the_crop_policy_and_never_fails(model):
+    """An independent, obvious implementation of the documented policy gives the same tokens."""
+    for block_size, prompt_len in ((32, 30), (4, 3), (1, 2)):
+        small = gen_helpers.tiny_model(block_size=block_size)
+        seq, start = prompts(1, prompt_len)[0].tolist(), 0
+        expected = []
+        for _ in range(40):
+            start = crop_start(len(seq), start, block_size)
+            with torch.no_grad():
+                logits, _ = small(torch.tensor([seq[start:]]))
+            seq.append(int(logits[0, -1, :chat.VOCAB_SIZE].argmax()))
+            expected.append(seq[-1])
+        got = tokens_of(small, prompts(1, prompt_len), 40, temperature=0.0, vocab_limit=chat.VOCAB_SIZE)
+        assert got[0].tolist() == expected, block_size
+
+
+def test_padded_vocabulary_is_never_sampled():
+    model = gen_helpers.tiny_model(block_size=16)
+    with torch.no_grad():
+        model.lm_head.weight[chat.VOCAB_SIZE:] = 100.0  # the padding rows would win every argmax
+    out = tokens_of(model, prompts(2, 4), 10, temperature=1.0, vocab_limit=chat.VOCAB_SIZE)
+    assert out.max() < chat.VOCAB_SIZE
+
+
+def test_empty_prompt_and_bad_options_fail_clearly(model):
+    with pytest.raises(ValueError, match="empty prompt"):
+        next(generate(model, torch.zeros(1, 0, dtype=torch.long), 3))
+    for bad, match in ((dict(temperature=-1.0), "temperature"), (dict(top_p=1.5), "top_p"),
+                       (dict(repetition_penalty=0.0), "repetition_penalty"), (dict(top_k=-2), "top_k")):
+        with pytest.raises(ValueError, match=match):
+            next(generate(model, prompts(1, 3), 3, **bad))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling math on hand-made logits
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    out = adjust_logits(logits, torch.tensor([[0, 1, 1]]), temperature=0.0, repetition_penalty=2.0)
+    assert out.tolist() == [[1.0, -2.0, 0.5, 3.0]]  # repeated ids are penalised once, unseen ones untouched
+    assert logits.tolist() == [[2.0, -1.0, 0.5, 3.0]]  # the input is not modified
+    # greedy decides after the penalty: 3 -> 1.5 loses to 2.9
+    assert sample_next(torch.tensor([[3.0, 2.9]]), torch.tensor([[0]]), temperature=0.0,
+                       repetition_penalty=2.0).tolist() == [1]
+
+
+def test_temperature_and_top_k():
+    logits = torch.tensor([[1.0, 4.0, 2.0, 3.0]])
+    assert adjust_logits(logits, temperature=2.0).tolist() == [[0.5, 2.0, 1.0, 1.5]]
+    assert adjust_logits(logits, top_k=2).tolist() == [[NEG_INF, 4.0, NEG_INF, 3.0]]
+    assert adjust_logits(logits, top_k=10).tolist() == logits.tolist()  # k above the vocabulary: no-op
+
+
+@pytest.mark.parametrize("top_p, kept", [(1.0, [0, 1, 2, 3]), (0.85, [0, 1, 2]), (0.75, [0, 1]), (0.4, [0]),
+                                         (0.0, [0])])
+def test_top_p_keeps_the_smallest_set_reaching_p(top_p, kept):
+    probs = torch.tensor([[0.15, 0.5, 0.05, 0.3]])  # sorted: 1 (0.5), 3 (0.3), 0 (0.15), 2 (0.05)
+    order = [1, 3, 0, 2]
+    out = adjust_logits(probs.log(), top_p=top_p)
+    assert torch.isfinite(out[0]).nonzero().flatten().tolist() == sorted(order[i] for i in kept)
+
+
+def test_top_k_then_top_p_renormalises():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    # after top-k 3 the probabilities are 0.526, 0.316, 0.158: 0.526 + 0.316 >= 0.8 keeps two
+    out = adjust_logits(probs.log(), top_k=3, top_p=0.8)
+    assert torch.isfinite(out[0]).tolist() == [True, True, False, False]
+
+
+def test_matches_transformers_logits_processors():
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    logits, history = torch.randn(3, 500) * 3, torch.randint(0, 500, (3, 40))
+    processors = [tf.RepetitionPenaltyLogitsProcessor(1.3), tf.TemperatureLogitsWarper(0.7),
+                  tf.TopKLogitsWarper(100), tf.TopPLogitsWarper(0.9)]
+    expected = logits.clone()
+    for p in processors:
+        expected = p(history, expected)
+    ours = adjust_logits(logits, history, temperature=0.7, top_k=100, top_p=0.9, repetition_penalty=1.3)
+    assert torch.equal(torch.isfinite(ours), torch.isfinite(expected))
+    assert torch.allclose(ours[torch.isfinite(ours)], expected[torch.isfinite(expected)])
+
+
+def test_sampling_draws_only_kept_tokens_with_their_probabilities():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().expand(4000, 4)
+    draws = sample_next(logits, temperature=1.0, top_k=3, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(draws, minlength=4).float() / len(draws)
+    assert counts[3] == 0
+    assert torch.allclose(counts[:3], probs[:3] / probs[:3].sum(), atol=0.03)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stop strings and streaming, with a model that emits scripted text
+
+
+class ScriptedModel(torch.nn.Module):
+    """Row r's i-th new token is scripts[r][i], then <|endoftext|>. Works with and without the KV cache."""
+
+    def __init__(self, prompt_len, scripts):
+        super().__init__()
+        self.config = GPTConfig(block_size=1024, n_layer=1, n_head=1, n_embd=8)
+        self.prompt_len, self.scripts = prompt_len, scripts
+
+    def forward(self, idx, kv_cache=None):
+        past = 0
+        if kv_cache is not None:
+            past = kv_cache.length
+            for layer in kv_cache.layers:
+                layer.length += idx.size(1)
+        i = past + idx.size(1) - self.prompt_len
+        logits = torch.full((idx.size(0), 1, self.config.vocab_size), -1e4)
+        for row, script in enumerate(self.scripts):
+            logits[row, 0, script[i] if i < len(script) else chat.EOT] = 0.0
+        return logits, None
+
+
+def scripted(texts, prompt_len=3):
+    enc = chat.get_encoder()
+    return ScriptedModel(prompt_len, [enc.encode_ordinary(t) for t in texts])
+
+
+def stream(texts, stop, max_new_tokens=100, use_cache=True):
+    """(replies, streamed text per row, every streamed chunk) of generate_batch on scripted texts."""
+    model = scripted(texts)
+    chunks = []
+    replies = generate_batch(model, [[1, 2, 3]] * len(texts), max_new_tokens, stop, use_cache=use_cache,
+                             temperature=0.0, on_text=lambda row, text: chunks.append((row, text)))
+    shown = ["".join(t for r, t in chunks if r == row) for row in range(len(texts))]
+    return replies, shown, chunks
+
+
+def test_stop_string_spanning_several_tokens():
+    stop = "<|im_end|>"
+    assert len(chat.get_encoder().encode_ordinary(" ok" + stop)) > 3
+    replies, shown, chunks = stream([" Sure thing<|im_end|> and more"], [stop])
+    assert replies == ["Sure thing"] and shown == ["Sure thing"]
+    assert not any("<" in text for _, text in chunks)  # no part of the stop string is ever shown
+
+
+def test_turn_stop_and_per_row_stopping():
+    texts = [" 12\nHuman: next question", " fine\n\nthen more text", " the end"]
+    for use_cache in (True, False):
+        replies, shown, _ = stream(texts, ["\nHuman:", "\n\n"], use_cache=use_cache)
+        assert replies == ["12", "fine", "the end"]  # each row stops on its own; the last at <|endoftext|>
+        assert shown == replies
+
+
+def test_prefix_of_a_stop_that_is_not_a_stop_is_shown():
+    replies, shown, _ = stream([" a <|important|> b"], ["<|im_end|>"])
+    assert replies == shown == ["a <|important|> b"]
+    # running out of tokens while the tail looks like the start of a stop string: the tail is still shown
+    replies, shown, _ = stream([" a <|im"], ["<|im_end|>"], max_new_tokens=len(chat.get_encoder().encode(" a <|im")))
+    assert replies == shown == ["a <|im"]
+
+
+def test_multibyte_characters_stream_whole():
+    text = " 東京 means Tokyo ✓"
+    assert len(chat.get_encoder().encode_ordinary(text)) > len(text.split())  # characters span several tokens
+    replies, shown, chunks = stream([text], [])
+    assert replies == shown == [text.strip()]
+    assert not any("\ufffd" in t for _, t in chunks)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batches
+
+
+def test_greedy_batch_equals_one_by_one(model):
+    rows = prompts(3, 6, seed=3).tolist()
+    batch = generate_batch(model, rows, 12, stop=[], temperature=0.0)
+    alone = [generate_replies(model, row, 12, stop=[], temperature=0.0)[0] for row in rows]
+    assert batch == alone and len(set(batch)) == 3
+    same = generate_replies(model, rows[0], 12, stop=[], num_samples=3, temperature=0.0)
+    assert same == [alone[0]] * 3
+    sampled = generate_replies(model, rows[0], 12, stop=[], num_samples=3, temperature=1.0,
+                               generator=torch.Generator().manual_seed(0))
+    assert len(set(sampled)) > 1  # rows of a batch are sampled independently
+
+
+def test_batch_needs_prompts_of_one_length(model):
+    with pytest.raises(ValueError, match="one length"):
+        generate_batch(model, [[1, 2], [3]], 4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sample.py
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return gen_helpers.save_tiny_checkpoint(tmp_path_factory.mktemp("gen") / "tiny.pt")
+
+
+def test_sample_main_num_samples_and_options(ckpt, capsys):
+    args = [f"--ckpt={ckpt}", "--prompt=What is 2 plus 3?", "--device=cpu", "--max_new_tokens=6"]
+    sample.main(args + ["--temperature=0", "--num_samples=2", "--stop=['\\n', 'xyz']"])
+    replies = capsys.readouterr().out.strip().split("\n---\n")
+    assert len(replies) == 2 and replies[0] == replies[1]  # greedy: both samples alike
+    options = ["--temperature=1.0", "--top_p=0.9", "--top_k=40", "--repetition_penalty=1.2", "--seed=5"]
+    sample.main(args + options + ["--use_cache=false"])
+    sample.main(args + options)
+    uncached, cached = capsys.readouterr().out.splitlines()
+    assert uncached == cached  # the seed fixes the sample, with or without the cache
+
+
+def test_sample_cli_reports_bad_options(ckpt):
+    bad = helpers.run(["sample.py", f"--ckpt={ckpt}", "--prompt=Hi", "--device=cpu", "--temperature=-1"],
+                      cwd=helpers.REPO, check=False)
+    assert bad.returncode == 1 and bad.stderr.strip() == "error: temperature must be >= 0 (0 = greedy), got -1.0"
