@@ -13,8 +13,11 @@ import configurator
 
 DEFAULTS = dict(
     mode="train",  # train | generate
-    preset="tiny",
+    preset="tiny",  # --mode=train: tiny (seconds) | 6x384 (batch 8) | 124m (GPT-2 124M shape, batch 4)
     device="auto", dtype="auto", seed=1337,
+    # --mode=train: overrides of the preset (0 = the preset's); compile as train.py's --compile
+    batch_size=0, block_size=0, steps=0, warmup=0, compile=False,
+    baseline=False,  # --mode=train: nanoGPT's CPU recipe instead of ours (fp32, unfused AdamW, full-logits loss)
     # --mode=generate: a preset, and overrides of its sizes (0 / None = the preset's)
     gen_preset="quick",  # quick: a tiny model, runs in seconds | full: GPT-2 124M shape, random weights
     gen_prompt_tokens=0, gen_new_tokens=0, gen_batch_sizes=None,  # e.g. --gen_batch_sizes=[1]
@@ -22,8 +25,225 @@ DEFAULTS = dict(
 )
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Peak FLOP/s, for MFU: measured on this device, or a CUDA GPU's data sheet (train.py's log uses these too)
+
+# Dense (no sparsity) peak TFLOP/s by dtype, matched as a substring of torch.cuda.get_device_name(), first match
+# wins. fp32 is the plain (non-TF32) rate, as nothing here turns TF32 on; bf16 on consumer cards with fp32 accumulate.
+KNOWN_GPU_PEAKS = [
+    ("H100 PCIe", {"bfloat16": 756, "float16": 756, "float32": 51}),
+    ("H100", {"bfloat16": 989, "float16": 989, "float32": 67}),
+    ("H200", {"bfloat16": 989, "float16": 989, "float32": 67}),
+    ("A100", {"bfloat16": 312, "float16": 312, "float32": 19.5}),
+    ("L40S", {"bfloat16": 362, "float16": 362, "float32": 91.6}),
+    ("L4", {"bfloat16": 121, "float16": 121, "float32": 30.3}),
+    ("RTX 4090", {"bfloat16": 165, "float16": 165, "float32": 82.6}),
+    ("RTX 3090", {"bfloat16": 71, "float16": 71, "float32": 35.6}),
+    ("V100", {"float16": 125, "float32": 15.7}),
+    ("T4", {"float16": 65, "float32": 8.1}),
+]
+
+
+def _sync(device):
+    import torch
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    elif device.startswith("mps"):
+        torch.mps.synchronize()
+
+
+def measure_matmul_peak(device, dtype, sizes=(1024, 2048), repeats=3):
+    """Best FLOP/s of square (n x n) @ (n x n) matmuls in dtype on device, over sizes and repeats: the ceiling the
+    model's linear layers run against (under autocast they are matmuls in that dtype)."""
+    import time
+    import torch
+    inner = 1 if device == "cpu" else 10  # a GPU matmul is too short to time alone
+    best = 0.0
+    for n in sizes:
+        a, b = (torch.randn(n, n, device=device).to(getattr(torch, dtype)) for _ in range(2))
+        out = torch.matmul(a, b)  # warm-up: kernel choice, first-touch pages; then reuse the output buffer
+        _sync(device)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                torch.matmul(a, b, out=out)
+            _sync(device)
+            best = max(best, inner * 2 * n ** 3 / (time.perf_counter() - t0))
+    return best
+
+
+def known_peak_flops(device, dtype):
+    """This CUDA GPU's data-sheet peak FLOP/s for dtype, or None (not CUDA, or a GPU not in KNOWN_GPU_PEAKS)."""
+    import torch
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(torch.device(device))
+    peaks = next((p for key, p in KNOWN_GPU_PEAKS if key in name), {})
+    return peaks[dtype] * 1e12 if dtype in peaks else None
+
+
+def peak_flops(device, dtype, sizes=(1024, 2048), repeats=3):
+    """The peak MFU is reported against: a listed GPU's data sheet, else measured here (CPU, MPS, other GPUs).
+    Returns (FLOP/s, 'known' | 'measured'). Measured once per process and thread count (tests train many times)."""
+    import torch
+    known = known_peak_flops(device, dtype)
+    if known:
+        return known, "known"
+    key = (device, dtype, tuple(sizes), repeats, torch.get_num_threads())
+    if key not in _MEASURED:
+        _MEASURED[key] = measure_matmul_peak(device, dtype, sizes, repeats)
+    return _MEASURED[key], "measured"
+
+
+_MEASURED = {}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training (issue 5): train.py's own train_step on random tokens, against the measured peak
+
+# Shapes of the issue's reference figures: vocab 50304, no bias, no dropout, one micro-step, block 256.
+TRAIN_PRESETS = {
+    "tiny": dict(n_layer=2, n_head=2, n_embd=128, batch_size=4, block_size=64, steps=5, warmup=2,
+                 peak_sizes=(512, 1024), peak_repeats=2),
+    "6x384": dict(n_layer=6, n_head=6, n_embd=384, batch_size=8, block_size=256, steps=10, warmup=2,
+                  peak_sizes=(1024, 2048, 4096), peak_repeats=5),
+    "124m": dict(n_layer=12, n_head=12, n_embd=768, batch_size=4, block_size=256, steps=6, warmup=2,
+                 peak_sizes=(1024, 2048, 4096), peak_repeats=5),
+}
+
+
+class RandomTokens:
+    """Stands in for train.ChatData: uniform random tokens, every position learned (mask 1), so the LM head runs
+    on every position as in nanoGPT and the FLOP count 6N + 12LHQT is the work actually done."""
+
+    def __init__(self, vocab_size):
+        self.vocab_size = vocab_size
+
+    def get_batch(self, batch_size, block_size, generator):
+        import torch
+        seq = torch.randint(self.vocab_size, (batch_size, block_size + 1), generator=generator)
+        return seq[:, :-1].contiguous(), seq[:, 1:].contiguous(), torch.ones(batch_size, block_size)
+
+
+def _train_setup(cfg):
+    """The preset with cfg's overrides, the model, and the train.py pieces one step needs."""
+    import torch
+    import train
+    from model import GPT, GPTConfig, resolve_device, resolve_dtype
+    if cfg["preset"] not in TRAIN_PRESETS:
+        raise SystemExit(f"error: unknown --preset={cfg['preset']!r}: use one of {sorted(TRAIN_PRESETS)}")
+    p = dict(TRAIN_PRESETS[cfg["preset"]])
+    p.update({k: cfg[k] for k in ("batch_size", "block_size", "steps", "warmup") if cfg[k]})
+    device = resolve_device(cfg["device"])
+    dtype = "float32" if cfg["baseline"] else resolve_dtype(cfg["dtype"], device, training=True)
+    run = {"device": device, "dtype": dtype, "ddp": False}
+    if not cfg["baseline"]:
+        train.tune_cpu_allocator(device)
+    torch.manual_seed(cfg["seed"])
+    model = GPT(GPTConfig(n_layer=p["n_layer"], n_head=p["n_head"], n_embd=p["n_embd"], block_size=p["block_size"],
+                          vocab_size=50304, bias=False, dropout=0.0)).to(device)
+    optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device.split(":")[0])
+    if cfg["baseline"]:
+        optimizer = _baseline(model, optimizer)
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=run["dtype"] == "float16")
+    step_cfg = {"gradient_accumulation_steps": 1, "batch_size": p["batch_size"], "block_size": p["block_size"],
+                "grad_clip": 1.0}
+    compiled = torch.compile(model) if cfg["compile"] else model
+    return p, run, model, lambda data, gen: train.train_step(compiled, optimizer, scaler, data, gen, step_cfg, run)
+
+
+def _baseline(model, optimizer):
+    """nanoGPT's CPU recipe, to compare against on the same machine: PyTorch's default (unfused, for-loop on CPU)
+    AdamW, and F.cross_entropy over the full fp32 logits instead of model.head_loss (fp32 and glibc's default
+    allocator are set by the caller)."""
+    import types
+    import torch
+    import torch.nn.functional as F
+
+    def plain_loss(self, x, targets, loss_mask):  # every position is learned here (RandomTokens)
+        return F.cross_entropy(self.lm_head(x).float(), targets, ignore_index=-1)
+
+    model._masked_loss = types.MethodType(plain_loss, model)
+    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
+    return torch.optim.AdamW(groups, lr=optimizer.defaults["lr"], betas=optimizer.defaults["betas"])
+
+
+def _peak_rss_mb():
+    import resource
+    import sys as _sys
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2 ** 20 if _sys.platform == "darwin" else rss / 2 ** 10  # bytes on macOS, KiB on Linux
+
+
+def _time_steps(step, data, gen, n, device):
+    """Run n steps; returns (seconds per step, the loss of each step), syncing once per step."""
+    import time
+    times, losses = [], []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        loss = step(data, gen)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        losses.append(loss)
+    return times, [float(x) for x in losses]  # .item() after the clock: no host sync inside the timed steps
+
+
 def bench_train(cfg):
-    raise NotImplementedError("training benchmark: issue 5")
+    """Train steps/s, tokens/s, achieved FLOP/s and MFU against the peaks measured in the same run, peak memory."""
+    import statistics
+    import torch
+    p, run, model, step = _train_setup(cfg)
+    device, dtype = run["device"], run["dtype"]
+    peaks = {d: measure_matmul_peak(device, d, p["peak_sizes"], p["peak_repeats"]) for d in {"float32", dtype}}
+    known = known_peak_flops(device, dtype)
+    data = RandomTokens(model.config.vocab_size)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+    print(f"train: preset {cfg['preset']}, {model.get_num_params() / 1e6:.1f}M parameters, device {device}, dtype "
+          f"{dtype}, compile {cfg['compile']}, {'BASELINE (nanoGPT recipe), ' if cfg['baseline'] else ''}"
+          f"{torch.get_num_threads()} threads, batch {p['batch_size']} x block "
+          f"{p['block_size']}; matmul peak " + ", ".join(f"{d} {v / 1e9:,.0f} GFLOP/s" for d, v in peaks.items()))
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    warm_times, _ = _time_steps(step, data, gen, p["warmup"], device)  # compile, allocations, kernel choice
+    times, losses = _time_steps(step, data, gen, p["steps"], device)
+    tokens = p["batch_size"] * p["block_size"]
+    flops_per_token = model.flops_per_token(p["block_size"])
+    median, best = statistics.median(times), min(times)
+    achieved = flops_per_token * tokens / median
+    result = {
+        "mode": "train", "preset": cfg["preset"], "device": device, "dtype": dtype, "compile": cfg["compile"],
+        "baseline": cfg["baseline"],
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "n_layer": p["n_layer"], "n_head": p["n_head"], "n_embd": p["n_embd"], "batch_size": p["batch_size"],
+        "block_size": p["block_size"], "n_params": model.get_num_params(), "flops_per_token": flops_per_token,
+        "steps": p["steps"], "warmup_steps": p["warmup"], "warmup_s": round(sum(warm_times), 2),
+        "ms_per_iter": round(median * 1000, 1), "ms_per_iter_best": round(best * 1000, 1),
+        "tokens_per_s": round(tokens / median, 1), "tokens_per_s_best": round(tokens / best, 1),
+        "achieved_gflops": round(achieved / 1e9, 1),
+        "peak_gflops_fp32": round(peaks["float32"] / 1e9, 1), "peak_gflops_dtype": round(peaks[dtype] / 1e9, 1),
+        "mfu": round(achieved / peaks[dtype], 4), "mfu_vs_fp32_peak": round(achieved / peaks["float32"], 4),
+        "gpu": torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else None,
+        "known_peak_gflops": round(known / 1e9, 1) if known else None,
+        "mfu_vs_known_peak": round(achieved / known, 4) if known else None,
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "max_memory_allocated_mb": round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
+        if device.startswith("cuda") else None,
+        "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4),
+    }
+    _print_train(result)
+    return result
+
+
+def _print_train(r):
+    print(f"{r['ms_per_iter']:.1f} ms/iter (best {r['ms_per_iter_best']:.1f}), {r['tokens_per_s']:,.1f} tokens/s "
+          f"(best {r['tokens_per_s_best']:,.1f}), {r['achieved_gflops']:,.1f} GFLOP/s achieved")
+    print(f"MFU {r['mfu']:.1%} of the measured {r['dtype']} peak ({r['peak_gflops_dtype']:,.0f} GFLOP/s), "
+          f"{r['mfu_vs_fp32_peak']:.1%} of the fp32 peak ({r['peak_gflops_fp32']:,.0f} GFLOP/s)"
+          + (f", {r['mfu_vs_known_peak']:.1%} of the {r['gpu']} data sheet" if r["mfu_vs_known_peak"] else ""))
+    memory = (f"max_memory_allocated {r['max_memory_allocated_mb']:,.0f} MB, "
+              if r["max_memory_allocated_mb"] is not None else "")
+    print(f"peak memory: {memory}RSS {r['peak_rss_mb']:,.0f} MB; loss {r['loss_first']:.4f} -> {r['loss_last']:.4f}"
+          f"; warm-up {r['warmup_s']:.1f} s for {r['warmup_steps']} steps")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -65,16 +285,11 @@ def _time_ours(model, prompt, new_tokens, use_cache, device, dtype):
 
 
 def _hf_model(model):
-    """transformers' GPT2LMHeadModel holding our weights: same names, Conv1D matmuls stored (in, out)."""
-    import torch
+    """transformers' GPT2LMHeadModel holding our weights, converted as export.py converts them."""
     from transformers import GPT2Config, GPT2LMHeadModel
-    from model import HF_CONV1D
-    c = model.config
-    hf = GPT2LMHeadModel(GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd,
-                                    n_layer=c.n_layer, n_head=c.n_head, activation_function="gelu_new",
-                                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5))
-    state = {k: v.t() if k.endswith(HF_CONV1D) else v for k, v in model.state_dict().items()}
-    missing, unexpected = hf.load_state_dict(state, strict=False)
+    from export import hf_config, hf_state_dict
+    hf = GPT2LMHeadModel(GPT2Config.from_dict(hf_config(model.config)))
+    missing, unexpected = hf.load_state_dict(hf_state_dict(model), strict=False)
     assert not unexpected and all(k == "lm_head.weight" or k.endswith(".attn.bias") for k in missing), missing
     return hf.to(next(model.parameters()).device).eval()
 
@@ -89,12 +304,6 @@ def _time_hf(hf, prompt, new_tokens, device):
                           max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
     _sync(device)
     return time.perf_counter() - t0, out[:, prompt.size(1):]
-
-
-def _sync(device):
-    import torch
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def bench_generate(cfg):

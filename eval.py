@@ -61,9 +61,9 @@ DEFAULTS = dict(
 
 def conversation_windows(ids, mask, conv_starts, turn_starts, block_size):
     """Yield (start, tokens, scored): windows of at most block_size + 1 tokens inside one conversation, where they
-    start in the split, and the loss mask on their targets with the targets an earlier window scored zeroed, so every token is scored exactly once.
-    A long conversation continues in a window that starts at the latest turn start already covered (the new
-    targets keep their turn's context), else half a window back."""
+    start in the split, and the loss mask on their targets, zeroed where an earlier window scored the target: every
+    token is scored exactly once. A long conversation continues in a window that starts at the latest turn start
+    already covered (the new targets keep their turn's context), else half a window back."""
     ends = list(conv_starts[1:]) + [len(ids)]
     for a, b in zip(conv_starts, ends):
         turns = turn_starts[np.searchsorted(turn_starts, a):np.searchsorted(turn_starts, b)]
@@ -78,6 +78,24 @@ def conversation_windows(ids, mask, conv_starts, turn_starts, block_size):
             start = int(later[-1]) if len(later) else max(start + 1, scored_until - block_size // 2)
 
 
+def padded_batches(windows, batch_size, max_tokens=8192):
+    """(x, y, mask) batches of windows sorted by length (little padding), at most batch_size rows and about
+    max_tokens positions each (bounds the logits' memory on GPUs); padding has target -1 and mask 0."""
+    windows = sorted(windows, key=lambda w: -len(w[0]))  # longest first: a batch's first row sets its width
+    i = 0
+    while i < len(windows):
+        rows = max(1, min(batch_size, max_tokens // len(windows[i][0])))
+        batch, i = windows[i:i + rows], i + rows
+        width = len(batch[0][0]) - 1
+        x = torch.full((len(batch), width), chat.EOT, dtype=torch.long)
+        y = torch.full((len(batch), width), -1, dtype=torch.long)
+        m = torch.zeros((len(batch), width))
+        for row, (tokens, scored) in enumerate(batch):
+            n = len(tokens) - 1
+            x[row, :n], y[row, :n], m[row, :n] = (torch.from_numpy(a) for a in (tokens[:-1], tokens[1:], scored))
+        yield x, y, m
+
+
 @torch.no_grad()
 def val_loss(model, folder, batch_size, device, dtype):
     """Token-weighted mean loss over the assistant tokens of the whole val split, and how many tokens that is."""
@@ -85,17 +103,8 @@ def val_loss(model, folder, batch_size, device, dtype):
     data = load_dataset(folder)[0]["val"]
     windows = [(tokens, scored) for _, tokens, scored in conversation_windows(
         data.ids, data.mask, data.convs, data.starts, model.config.block_size) if scored.any()]
-    windows.sort(key=lambda w: len(w[0]))  # similar lengths together: little padding
     total, count = 0.0, 0.0
-    for i in range(0, len(windows), batch_size):
-        batch = windows[i:i + batch_size]
-        width = max(len(tokens) for tokens, _ in batch) - 1
-        x = torch.full((len(batch), width), chat.EOT, dtype=torch.long)
-        y = torch.full((len(batch), width), -1, dtype=torch.long)
-        m = torch.zeros((len(batch), width))
-        for row, (tokens, scored) in enumerate(batch):
-            n = len(tokens) - 1
-            x[row, :n], y[row, :n], m[row, :n] = (torch.from_numpy(a) for a in (tokens[:-1], tokens[1:], scored))
+    for x, y, m in padded_batches(windows, batch_size):
         with autocast(device, dtype):
             _, loss = model(x.to(device), y.to(device), m.to(device))
         total += loss.item() * m.sum().item()

@@ -6,7 +6,6 @@
 4. Loading OpenAI GPT-2 / Hugging Face GPT-2 weights (safetensors or pytorch_model.bin).
 5. Checkpoints (plain dicts and tensors, loadable with torch.load(weights_only=True)) and device helpers.
 """
-import inspect
 import json
 import math
 import os
@@ -116,6 +115,48 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+HEAD_CHUNK = 8  # rows of logits turned into gradients at a time: 8 x 50304 fp32 values stay in a core's L2
+
+
+class _HeadLoss(torch.autograd.Function):
+    """Mean cross-entropy of the LM head, x @ weight.T, without (N, V) fp32 logits and their gradient in memory.
+
+    The logits' gradient, (softmax - onehot) / N, is formed in the forward pass a few rows at a time while they are
+    in cache, and written over the logits: backward is then just its two matmuls. The same math as F.cross_entropy
+    (fp32 log-softmax), but on CPU the vocabulary-sized passes of cross_entropy, its backward and the .float()
+    copies cost more than the head's matmuls; this halves them (docs_issue5.md)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, want_grad):
+        n = max(len(x), 1)
+        logits = x @ weight.t()  # (N, V) in the compute dtype (bf16 under autocast)
+        losses = torch.empty(len(x), dtype=torch.float32, device=x.device)
+        minus_one = torch.full((HEAD_CHUNK, 1), -1.0, device=x.device)
+        for s in range(0, len(x), HEAD_CHUNK):
+            part, t = logits[s:s + HEAD_CHUNK], targets[s:s + HEAD_CHUNK, None]
+            logp = torch.log_softmax(part, dim=1, dtype=torch.float32)
+            losses[s:s + len(t)] = logp.gather(1, t).squeeze(1).neg()
+            if want_grad:
+                part.copy_(logp.exp_().scatter_add_(1, t, minus_one[:len(t)]).div_(n))
+        ctx.save_for_backward(x, weight, logits)
+        return losses.sum() / n
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, grad_logits = ctx.saved_tensors
+        return (grad_logits @ weight).mul_(grad), (grad_logits.t() @ x).mul_(grad), None, None
+
+
+@torch.compiler.disable  # a Python loop over a data-dependent row count: compiling it would only recompile
+def head_loss(x, weight, targets):
+    """Mean cross-entropy of logits x @ weight.T (N, V) against targets (N,), in the autocast dtype if on."""
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    want_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    with torch.autocast(device, enabled=False):
+        return _HeadLoss.apply(x.to(dtype), weight.to(dtype), targets, want_grad)
+
+
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -177,6 +218,8 @@ class GPT(nn.Module):
             # the boolean index would cost a host sync every step, which is worth more than the saved FLOPs.
             rows = keep.nonzero().squeeze(1)
             x, targets, keep = x[rows], targets[rows], keep[rows]
+            if x.device.type == "cpu":
+                return head_loss(x, self.lm_head.weight, targets)
         losses = F.cross_entropy(self.lm_head(x).float(), targets.clamp(min=0), reduction="none")
         keep = keep.float()
         return (losses * keep).sum() / keep.sum().clamp(min=1.0)
@@ -194,9 +237,10 @@ class GPT(nn.Module):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        # the fused kernel avoids one launch per tensor on CUDA; on CPU foreach (the default) is the fast path
-        extra = {"fused": True} if device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters else {}
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
+        # fused: one pass that reads and writes each parameter once. Without it PyTorch runs, on CPU, a loop of ~7
+        # elementwise passes per tensor: a third of a 124M-parameter step (docs_issue5.md); on CUDA, one launch each
+        fused = device_type in ("cuda", "cpu", "mps", "xpu")  # the devices torch >= 2.4 has the fused AdamW for
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
     def flops_per_token(self, seq_len=None):
         """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 * L * H * Q * T."""
@@ -315,7 +359,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=1.0,
         raise ValueError("empty prompt: generation needs at least one token to start from")
     block_size = model.config.block_size
     cache = KVCache(model.config) if use_cache else None
-    seq = idx.new_empty(B, T + max_new_tokens)  # filled in place: no copy of the whole sequence per step
+    seq = idx.new_empty(B, T + min(max_new_tokens, 1024))  # filled in place, grown by doubling: no copy per step
     seq[:, :T] = idx
     length, start, fed = T, 0, 0  # fed: how many tokens of seq the cache holds
     for _ in range(max_new_tokens):
@@ -334,6 +378,8 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=1.0,
             logits[:, vocab_limit:] = float("-inf")
         history = seq[:, :length] if repetition_penalty != 1.0 else None
         token = sample_next(logits, history, temperature, top_k, top_p, repetition_penalty, generator)
+        if length == seq.size(1):
+            seq = torch.cat([seq, torch.empty_like(seq)], dim=1)
         seq[:, length] = token
         length += 1
         yield token
@@ -663,13 +709,31 @@ def resolve_device(device):
     return "cpu"
 
 
-def resolve_dtype(dtype, device):
-    """'auto': bf16 on CUDA where supported, else fp16 (with a GradScaler); fp32 on CPU and MPS."""
+def resolve_dtype(dtype, device, training=False):
+    """'auto': bf16 on CUDA where supported, else fp16 (with a GradScaler); fp32 on MPS. On CPU: bf16 autocast for
+    training where the CPU has bf16 matmul instructions (fp32 master weights; ~3x the fp32 speed with the same loss
+    curve, docs_issue5.md), else fp32; inference on CPU stays fp32."""
     if dtype != "auto":
         return dtype
     if device.startswith("cuda"):
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if device == "cpu" and training and cpu_has_bf16():
+        return "bfloat16"
     return "float32"
+
+
+def cpu_has_bf16():
+    """True when this CPU multiplies bf16 natively (x86 AVX512-BF16 or AMX): there bf16 matmuls beat fp32 ones.
+    Elsewhere PyTorch emulates them, slower than fp32."""
+    check = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if all(c is not None for c in check):
+        return any(c() for c in check)
+    try:  # older torch: ask the kernel
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split() for line in f if line.startswith("flags")), [])
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        return False
 
 
 def autocast(device, dtype):

@@ -254,7 +254,7 @@ def chat_loop(model, ckpt, cfg, device="cpu", input_fn=input, output=sys.stdout)
         if len(kept) < len(history) + 1:
             output.write(f"(dropped the {(len(history) + 1 - len(kept)) // 2} oldest turn(s) to fit the context)\n")
         reply = stream_reply(model, ids, settings, ctx, output)
-        history = kept + [{"role": "assistant", "content": reply}] if reply is not None else kept[:-1]
+        history = (kept + [{"role": "assistant", "content": reply}]) if reply is not None else kept[:-1]
 
 
 def main(argv=None):

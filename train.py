@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import chat
 import configurator
+from bench import peak_flops
 from model import (GPT, GPTConfig, autocast, find_checkpoint, from_pretrained, load_checkpoint,
                    model_from_checkpoint, pretrained_config, resolve_device, resolve_dtype, resolve_pretrained,
                    save_checkpoint)
@@ -164,11 +165,29 @@ def setup_processes(cfg):
             torch.cuda.set_device(device)
         backend = cfg["backend"] if cfg["backend"] != "auto" else ("nccl" if device.startswith("cuda") else "gloo")
         dist.init_process_group(backend=backend)
-    dtype = resolve_dtype(cfg["dtype"], device)
+    dtype = resolve_dtype(cfg["dtype"], device, training=True)
+    tune_cpu_allocator(device)
     if dtype == "bfloat16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
         raise ValueError("dtype=bfloat16 is not supported on this GPU: use --dtype=float16")
     return {"device": device, "dtype": dtype, "rank": max(rank, 0), "world": world, "ddp": rank >= 0,
             "master": rank <= 0}
+
+
+def tune_cpu_allocator(device):
+    """On Linux/glibc CPU training, keep freed memory in the process for reuse: no allocation is served by mmap
+    and none is returned to the OS. A training step allocates and frees the same large tensors (activations,
+    gradients, logits) every step; by default each one is a fresh mmap whose pages the kernel faults in and zeroes,
+    which measured ~15% of a CPU step (docs_issue5.md). The peak RSS stays that of one step."""
+    if device != "cpu" or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
+        libc.mallopt(M_MMAP_MAX, 0)
+        libc.mallopt(M_TRIM_THRESHOLD, 2 ** 30)  # int: 1 GiB of free heap top is kept, not given back
+    except (OSError, AttributeError):  # not glibc (e.g. musl): keep its defaults
+        pass
 
 
 def build_model(cfg, ckpt, sys_info, explicit=()):
@@ -298,12 +317,16 @@ def to_device(batch, device):
     return [t.to(device) for t in batch]
 
 
-def train_step(model, optimizer, scaler, data, generator, cfg, run):
+def train_step(model, optimizer, scaler, data, generator, cfg, run, stats=None):
     """One optimizer step over gradient_accumulation_steps micro-batches. The loss is the token-weighted mean over
-    the learned tokens of all micro-batches (not the last micro-batch's); it stays on the device (no sync)."""
+    the learned tokens of all micro-batches (not the last micro-batch's); it stays on the device (no sync).
+    stats: a dict whose "learned_tokens" is increased by this step's count (for the log's FLOP count)."""
     steps = cfg["gradient_accumulation_steps"]
     batches = [data.get_batch(cfg["batch_size"], cfg["block_size"], generator) for _ in range(steps)]
-    total = max(1.0, float(sum(m.sum() for _, _, m in batches)))  # counted on the host: no device sync
+    learned = float(sum(m.sum() for _, _, m in batches))  # counted on the host: no device sync
+    total = max(1.0, learned)
+    if stats is not None:
+        stats["learned_tokens"] = stats.get("learned_tokens", 0.0) + learned
     loss_sum = torch.zeros((), device=run["device"])
     for micro, batch in enumerate(batches):
         weight = float(batch[2].sum()) / total
@@ -464,6 +487,11 @@ class Trainer:
         self.last_path = os.path.join(cfg["out_dir"], f"finetuned_{self.stamp}_last.pt")
         self.logger = Logger(cfg, run, resumed=ckpt is not None)
         self.tokens_per_iter = cfg["gradient_accumulation_steps"] * cfg["batch_size"] * cfg["block_size"] * run["world"]
+        # MFU: nanoGPT's 6N + 12LHQT FLOPs per token (less the head's share on masked tokens, see _mfu) against a
+        # GPU's data-sheet peak for the training dtype, else this device's matmul peak measured now (~0.5 s): never
+        # a hard-coded A100
+        self.flops_per_token = self.raw_model.flops_per_token(cfg["block_size"])
+        self.peak_flops, self.peak_source = peak_flops(run["device"], run["dtype"]) if run["master"] else (0, "")
 
     def _restore(self, ckpt):
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -517,20 +545,23 @@ class Trainer:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, on_signal)
         start_iter, reason = self.iter_num, f"reached max_iters={cfg['max_iters']}"
-        t0 = t_start = time.time()
+        t_start = time.time()
+        self._start_window()
         while self.iter_num < cfg["max_iters"]:
             if self.iter_num % cfg["eval_interval"] == 0 and self.iter_num != start_iter or self.iter_num == 0:
                 if self.eval_and_checkpoint():
                     reason = f"early stopping: {cfg['patience']} evals without a val improvement >= {cfg['min_delta']}"
                     break
+                self._start_window()  # the log's ms/iter and MFU count train steps, not evals
             lr = get_lr(self.iter_num, cfg)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            loss = train_step(self.model, self.optimizer, self.scaler, self.data["train"], self.data_rng, cfg, run)
+            loss = train_step(self.model, self.optimizer, self.scaler, self.data["train"], self.data_rng, cfg, run,
+                              stats=self.window)
             self.iter_num += 1
             if self.iter_num % cfg["log_interval"] == 0 or self.iter_num == cfg["max_iters"]:
-                dt = (time.time() - t0) / (self.iter_num - start_iter)
-                self._log_step(loss.item(), lr, dt)  # the only host sync outside evals
+                self._log_step(loss.item(), lr)  # the only host sync outside evals (before the clock: GPU time counts)
+                self._start_window()
             if interrupted["signal"] is not None:
                 reason = f"interrupted by signal {interrupted['signal']}"
                 break
@@ -541,12 +572,29 @@ class Trainer:
             self.save(self.last_path, with_optimizer=True)
         return reason, time.time() - t_start
 
-    def _log_step(self, loss, lr, dt):
+    def _start_window(self):
+        self.window_t0, self.window_iter, self.window = time.time(), self.iter_num, {"learned_tokens": 0.0}
+
+    def _mfu(self, dt, learned_per_iter):
+        """FLOPs computed per second over the peak. Off CUDA the LM head (6 * vocab * n_embd FLOPs per token) runs
+        only on learned tokens (GPT._masked_loss), so only those count: on chat data nanoGPT's formula, which counts
+        the head on every token, would overstate the work done (and could pass 100%)."""
+        if not self.peak_flops:
+            return 0.0
+        head = 6 * self.raw_model.config.vocab_size * self.raw_model.config.n_embd
+        rows = self.tokens_per_iter if self.run["device"].startswith("cuda") else learned_per_iter * self.run["world"]
+        flops = self.tokens_per_iter * (self.flops_per_token - head) + rows * head
+        return flops / dt / (self.peak_flops * self.run["world"])
+
+    def _log_step(self, loss, lr):
+        iters = self.iter_num - self.window_iter
+        dt = (time.time() - self.window_t0) / iters
         remaining = (self.cfg["max_iters"] - self.iter_num) * dt
+        mfu = self._mfu(dt, self.window["learned_tokens"] / iters)
         line = (f"iter {self.iter_num}: loss {loss:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
-                f"{self.tokens_per_iter / dt:,.0f} tokens/s, ETA {remaining / 60:.1f} min")
+                f"{self.tokens_per_iter / dt:,.0f} tokens/s, MFU {mfu:.1%}, ETA {remaining / 60:.1f} min")
         self.logger.log({"event": "step", "iter": self.iter_num, "loss": loss, "lr": lr, "ms_per_iter": dt * 1000,
-                         "tokens_per_s": self.tokens_per_iter / dt}, line)
+                         "tokens_per_s": self.tokens_per_iter / dt, "mfu": mfu}, line)
 
 
 def main(argv=None):
@@ -560,6 +608,8 @@ def main(argv=None):
         if run["master"]:
             print(f"{n_params / 1e6:.2f}M parameters, device {run['device']}, dtype {run['dtype']}, "
                   f"{run['world']} process(es), {trainer.tokens_per_iter:,} tokens/iter, run {trainer.stamp}")
+            print(f"MFU is against the {trainer.peak_source} {run['dtype']} matmul peak of {run['device']}: "
+                  f"{trainer.peak_flops / 1e9:,.0f} GFLOP/s")
         reason, seconds = trainer.train()
         if run["master"]:
             print(f"stopped: {reason} after {trainer.iter_num} iters in {seconds / 60:.1f} min; best val loss "

@@ -54,7 +54,7 @@ def test_schema(data):
             assert r["user"].strip() and r["assistant"].strip()
             assert "\n" not in r["user"] and "\n" not in r["assistant"]
             assert r["assistant"] == r["assistant"].strip()
-            assert len(r["assistant"].split()) <= 2  # short answers ("Buenos Aires")
+            assert len(r["assistant"].split()) == 1  # one bare word / number
 
 
 def test_no_heldout_prompt_in_train(data):
@@ -95,12 +95,18 @@ def test_heldout_items_seen_with_other_phrasings(data):
             held_here = [i for i, u in enumerate(rendered) if u in held_users]
             if not held_here:
                 continue
-            assert len(held_here) == 1
+            assert 1 <= len(held_here) <= 2
             others = [u for i, u in enumerate(rendered) if i not in held_here]
-            # plain or wrapped versions count as "seen"
-            assert any(any(o in tu for tu in train_users) for o in others)
-            n_checked += 1
+            # plain or wrapped versions count as "seen"; at least 3 other phrasings
+            seen = [o for o in others if any(o in tu for tu in train_users)]
+            assert len(seen) >= 3
+            n_checked += len(held_here)
     assert n_checked == len(held)
+    # every template is used in training (with other items)
+    for templates, items in gen._families().values():
+        for t in templates:
+            rendered = {t.format(**fields) for fields, _ in items}
+            assert any(u in train_users for u in rendered - held_users)
 
 
 def test_consistent_answer_format(data):
@@ -131,3 +137,18 @@ def test_cli_writes_files(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert res2.returncode == 0, res2.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_token_lengths_gpt2(data):
+    """Answers are one GPT-2 token; rendered conversations are short.
+    Skipped when tiktoken or its (offline) encoding cache is unavailable."""
+    tiktoken = pytest.importorskip("tiktoken")
+    try:
+        enc = tiktoken.get_encoding("gpt2")
+    except Exception as e:  # no network / no cache
+        pytest.skip(f"gpt2 encoding unavailable: {e}")
+    for recs in data:
+        for r in recs:
+            assert len(enc.encode_ordinary(" " + r["assistant"])) == 1, r
+            n = len(enc.encode_ordinary(f"Human: {r['user']}\nAssistant: {r['assistant']}\n\n"))
+            assert n <= 25, (n, r)

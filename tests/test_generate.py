@@ -1,5 +1,5 @@
 """The generation core: KV cache == no cache, crop policy, sampling math, stop strings, batches, sample.py CLI."""
-import math
+import json
 
 import pytest
 import torch
@@ -56,6 +56,15 @@ def test_cached_equals_uncached_manual_attention():
     idx = prompts(1, 6)
     assert torch.equal(tokens_of(model, idx, 30, temperature=0.0, use_cache=True),
                        tokens_of(model, idx, 30, temperature=0.0, use_cache=False))
+
+
+def test_long_generation_past_the_sequence_buffer():
+    """generate's token buffer starts at 1024 new tokens and doubles; the uncached path reads it back."""
+    model = gen_helpers.tiny_model(block_size=8, n_layer=1, vocab_size=256)  # small head: 2 x 1100 fast steps
+    idx = torch.tensor([[1, 2, 3]])
+    kwargs = dict(temperature=0.0, repetition_penalty=1.2)
+    assert torch.equal(tokens_of(model, idx, 1100, use_cache=True, **kwargs),
+                       tokens_of(model, idx, 1100, use_cache=False, **kwargs))
 
 
 def test_seed_makes_sampling_reproducible(model):
@@ -283,3 +292,20 @@ def test_sample_cli_reports_bad_options(ckpt):
     bad = helpers.run(["sample.py", f"--ckpt={ckpt}", "--prompt=Hi", "--device=cpu", "--temperature=-1"],
                       cwd=helpers.REPO, check=False)
     assert bad.returncode == 1 and bad.stderr.strip() == "error: temperature must be >= 0 (0 = greedy), got -1.0"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bench.py --mode=generate
+
+
+def test_bench_generate_quick_preset(capsys):
+    import bench
+    bench.main(["--mode=generate", "--device=cpu", "--gen_new_tokens=8", "--gen_batch_sizes=[1, 2]"])
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["mode"] == "generate" and result["preset"] == "quick" and result["new_tokens"] == 8
+    impls = {"ours, KV cache", "ours, no cache"} | ({"transformers, use_cache"} if bench._has_transformers() else set())
+    assert {(r["impl"], r["batch"]) for r in result["rows"]} == {(i, b) for i in impls for b in (1, 2)}
+    assert all(r["tokens_per_s"] > 0 and r["same_tokens"] for r in result["rows"])  # greedy: identical tokens
+    assert set(result["speedups"]) == {"1", "2"} and "cache_vs_no_cache" in result["speedups"]["1"]
+    assert "tokens/s" in out  # the table

@@ -109,21 +109,42 @@ def test_piped_stdin(ckpt):
     assert replies[0].strip() and "top_k=3" in replies[1] and replies[2].strip()
 
 
-def read_until(fd, needle, timeout=60.0):
-    """Read from the pty until needle (bytes) appears; returns everything read."""
-    data, deadline = b"", time.time() + timeout
-    while needle not in data:
-        remaining = deadline - time.time()
-        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
-            raise AssertionError(f"timed out waiting for {needle!r}; got {data[-500:]!r}")
-        try:
-            chunk = os.read(fd, 4096)
-        except OSError:  # EIO: the child closed the terminal
-            chunk = b""
-        if not chunk:
-            raise AssertionError(f"terminal closed while waiting for {needle!r}; got {data[-500:]!r}")
-        data += chunk
-    return data
+class Terminal:
+    """The parent's side of a pseudo-terminal: read_until returns the output up to and including a needle and keeps
+    what came after it for the next call (one read often holds a reply's end and the next prompt)."""
+
+    def __init__(self, fd):
+        self.fd, self.pending = fd, b""
+
+    def read_until(self, needle, timeout=60.0):
+        deadline = time.time() + timeout
+        while needle not in self.pending:
+            remaining = deadline - time.time()
+            if remaining <= 0 or not select.select([self.fd], [], [], remaining)[0]:
+                raise AssertionError(f"timed out waiting for {needle!r}; got {self.pending[-500:]!r}")
+            try:
+                chunk = os.read(self.fd, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                chunk = b""
+            if not chunk:
+                raise AssertionError(f"terminal closed while waiting for {needle!r}; got {self.pending[-500:]!r}")
+            self.pending += chunk
+        end = self.pending.index(needle) + len(needle)
+        out, self.pending = self.pending[:end], self.pending[end:]
+        return out
+
+    def write(self, data):
+        os.write(self.fd, data)
+
+
+def wait_exit(pid, timeout=30.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(0.05)
+    raise AssertionError("the chat did not exit")
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs a pseudo-terminal")
@@ -131,28 +152,29 @@ def test_pseudo_terminal_streaming_ctrl_c_and_ctrl_d(ckpt):
     import pty
     args = [sys.executable, "sample.py", f"--ckpt={ckpt}", "--interactive", "--device=cpu", "--temperature=0",
             "--stop=[]", "--max_new_tokens=1000000"]  # a reply that only Ctrl-C ends
+    env = helpers.env()
     pid, fd = pty.fork()
-    if pid == 0:  # the child: sample.py on the terminal
+    if pid == 0:  # the child: sample.py on the terminal (as little as possible between fork and exec)
         os.chdir(helpers.REPO)
-        os.execve(sys.executable, args, helpers.env())
+        os.execve(sys.executable, args, env)
+    term, seen = Terminal(fd), b""
     try:
-        read_until(fd, b"> ")
-        os.write(fd, b"Tell me a long story\n")
-        before = read_until(fd, b"story\r\n")  # the terminal echoes the line; then the reply streams
-        streamed = read_until(fd, b" ", timeout=30)  # some reply text has arrived while generation goes on
-        assert len(streamed) > 0 and b"[interrupted]" not in streamed
-        os.write(fd, b"\x03")  # Ctrl-C
-        after = read_until(fd, b"[interrupted]")
-        read_until(fd, b"> ")  # the session goes on
-        os.write(fd, b"/set max_new_tokens=4\n")
-        read_until(fd, b"max_new_tokens=4")
-        os.write(fd, b"Hi\n")
-        read_until(fd, b"> ")
-        os.write(fd, b"\x04")  # Ctrl-D at the prompt: end of input
-        _, status = os.waitpid(pid, 0)
+        seen += term.read_until(b"> ")
+        term.write(b"Tell me a long story\n")
+        seen += term.read_until(b"story\r\n")  # the line is echoed; then the reply streams
+        streamed = term.read_until(b" ", timeout=30)  # reply text arrives while the generation goes on
+        assert b"[interrupted]" not in streamed and b"> " not in streamed
+        term.write(b"\x03")  # Ctrl-C
+        seen += streamed + term.read_until(b"[interrupted]\r\n> ")  # the reply stopped, the session goes on
+        term.write(b"/set max_new_tokens=4\n")
+        seen += term.read_until(b"max_new_tokens=4\r\n> ")
+        term.write(b"Hi\n")
+        seen += term.read_until(b"Hi\r\n") + term.read_until(b"\n> ")  # a 4-token reply, then the prompt
+        term.write(b"\x04")  # Ctrl-D at the prompt: end of input
+        status = wait_exit(pid)
         pid = None
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-        assert b"Traceback" not in before + streamed + after
+        assert b"Traceback" not in seen + term.pending
     finally:
         if pid:
             os.kill(pid, 9)

@@ -12,23 +12,27 @@ Usage:
 
 Design
 ------
-Five task families, each with a fixed table of items and five phrasing
-templates. An (item, template) pair is a "combo". For every family we hold out
-40 combos: 40 distinct items, each with exactly one template, the templates
-assigned round-robin (8 held-out items per template). Those combos never appear
-in training, in any form. Every held-out item still appears in training under
-its 4 other phrasings, and every template appears in training with the other
-items, so the held-out set tests phrasing invariance, not new facts: each
-held-out answer is present in training as the answer to the same item.
+Five task families (add, capital, convert, opposite, next), each with a small
+fixed table of 27-36 items and six phrasing templates. An (item, template) pair
+is a "combo". For every family 40 combos are held out: items are walked in a
+shuffled order with templates assigned round-robin, so every item has at most
+two held-out templates (all items have at least one) and each template is held
+out for ~7 items. Held-out combos never appear in training, in any form. Every
+held-out item still appears in training under its other (>= 4) phrasings, and
+every template appears in training with the other items, so the held-out set
+tests phrasing invariance, not new facts: each held-out answer is present in
+training as the answer to the same item. Tables are kept small (~150 facts in
+all) so that a tiny model sees every fact ~30 times per epoch.
 
-Answer format: a single bare token-ish string, no trailing period, no extra
-words -- digits for numbers ("19", "180"), the city name for capitals
-("Paris", "Buenos Aires"), a lowercase word for opposites ("cold").
+Answer format: one bare word or number, no trailing period, no extra words --
+digits for numbers ("7", "180"), the city name for capitals ("Paris"), a
+lowercase word for opposites ("cold"). Every answer is a single GPT-2 token
+after the leading space of "Assistant: ".
 
 Training prompts are sometimes wrapped with a short prefix/suffix
 ("Quick question: ...", "... Thanks.") for extra variety; held-out prompts are
 always the plain template text. The full rendered conversation
-"Human: {user}\\nAssistant: {assistant}\\n\\n" is ~12-25 GPT-2 tokens.
+"Human: {user}\\nAssistant: {assistant}\\n\\n" is ~12-22 GPT-2 tokens.
 
 The output is fully determined by the seed (random.Random(seed)); the same seed
 produces byte-identical files.
@@ -44,7 +48,8 @@ HELDOUT_PER_FAMILY = 40
 TRAIN_PER_FAMILY = 1000
 
 # ---------------------------------------------------------------------------
-# fixed item tables
+# fixed item tables (kept small so that a tiny model sees every fact often;
+# capitals and opposites are single GPT-2 tokens after a space)
 
 CAPITALS = [
     ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"),
@@ -53,34 +58,21 @@ CAPITALS = [
     ("Greece", "Athens"), ("Ireland", "Dublin"), ("Norway", "Oslo"),
     ("Sweden", "Stockholm"), ("Finland", "Helsinki"), ("Denmark", "Copenhagen"),
     ("Poland", "Warsaw"), ("Austria", "Vienna"), ("Hungary", "Budapest"),
-    ("Canada", "Ottawa"), ("Mexico", "Mexico City"), ("Peru", "Lima"),
-    ("Chile", "Santiago"), ("Argentina", "Buenos Aires"), ("Cuba", "Havana"),
-    ("Kenya", "Nairobi"), ("Thailand", "Bangkok"), ("Vietnam", "Hanoi"),
-    ("India", "New Delhi"), ("Iran", "Tehran"), ("Iraq", "Baghdad"),
-    ("Turkey", "Ankara"), ("Australia", "Canberra"), ("Belgium", "Brussels"),
-    ("Netherlands", "Amsterdam"), ("Switzerland", "Bern"), ("Brazil", "Brasilia"),
-    ("Colombia", "Bogota"), ("Nigeria", "Abuja"), ("Ghana", "Accra"),
-    ("Indonesia", "Jakarta"), ("South Korea", "Seoul"), ("Czechia", "Prague"),
+    ("Canada", "Ottawa"), ("Peru", "Lima"), ("Chile", "Santiago"),
+    ("Cuba", "Havana"), ("Thailand", "Bangkok"), ("Iran", "Tehran"),
+    ("Iraq", "Baghdad"), ("Turkey", "Ankara"), ("Australia", "Canberra"),
+    ("Belgium", "Brussels"), ("Netherlands", "Amsterdam"), ("South Korea", "Seoul"),
 ]
 
-# (plural unit, smaller plural unit, factor)
-CONVERSIONS = [
-    ("hours", "minutes", 60), ("minutes", "seconds", 60), ("days", "hours", 24),
-    ("weeks", "days", 7), ("feet", "inches", 12), ("years", "months", 12),
-    ("meters", "centimeters", 100), ("kilograms", "grams", 1000),
-]
+# (plural unit, smaller plural unit, factor), quantities 1-9
+CONVERSIONS = [("hours", "minutes", 60), ("feet", "inches", 12), ("weeks", "days", 7)]
 
+# used in both directions
 OPPOSITE_PAIRS = [
     ("hot", "cold"), ("big", "small"), ("fast", "slow"), ("up", "down"),
-    ("day", "night"), ("happy", "sad"), ("open", "closed"), ("light", "dark"),
-    ("old", "young"), ("rich", "poor"), ("hard", "soft"), ("early", "late"),
-    ("full", "empty"), ("wet", "dry"), ("strong", "weak"), ("tall", "short"),
-    ("loud", "quiet"), ("win", "lose"), ("left", "right"), ("buy", "sell"),
-    ("push", "pull"), ("love", "hate"), ("thick", "thin"), ("clean", "dirty"),
-    ("true", "false"), ("inside", "outside"), ("above", "below"), ("first", "last"),
-    ("near", "far"), ("heavy", "light"), ("cheap", "expensive"), ("safe", "dangerous"),
-    ("black", "white"), ("north", "south"), ("east", "west"), ("good", "bad"),
-    ("begin", "end"), ("friend", "enemy"), ("sweet", "sour"), ("wide", "narrow"),
+    ("day", "night"), ("happy", "sad"), ("open", "closed"), ("old", "young"),
+    ("rich", "poor"), ("hard", "soft"), ("early", "late"), ("full", "empty"),
+    ("wet", "dry"), ("strong", "weak"), ("loud", "quiet"),
 ]
 
 # ---------------------------------------------------------------------------
@@ -90,13 +82,14 @@ OPPOSITE_PAIRS = [
 def _families():
     fams = {}
 
-    add_items = [({"a": a, "b": b}, str(a + b)) for a in range(11) for b in range(11)]
+    add_items = [({"a": a, "b": b}, str(a + b)) for a in range(1, 7) for b in range(1, 7)]
     fams["add"] = ([
         "What is {a} plus {b}?",
         "Add {a} and {b}.",
         "Compute {a} + {b}.",
         "What is the sum of {a} and {b}?",
         "If you add {b} to {a}, what do you get?",
+        "How much is {a} plus {b}?",
     ], add_items)
 
     cap_items = [({"c": c}, cap) for c, cap in CAPITALS]
@@ -106,6 +99,7 @@ def _families():
         "Name the capital city of {c}.",
         "What city is {c}'s capital?",
         "Tell me the capital of {c}.",
+        "The capital of {c} is which city?",
     ], cap_items)
 
     conv_items = [({"n": n, "big": big, "small": small}, str(n * f))
@@ -116,30 +110,27 @@ def _families():
         "{n} {big} is how many {small}?",
         "How many {small} make up {n} {big}?",
         "Express {n} {big} in {small}.",
+        "What is {n} {big} in {small}?",
     ], conv_items)
 
-    seen = set()
-    opp_items = []
-    for x, y in OPPOSITE_PAIRS:
-        for w, o in ((x, y), (y, x)):
-            if w not in seen:  # "light" occurs twice; keep the first mapping only
-                seen.add(w)
-                opp_items.append(({"w": w}, o))
+    opp_items = [({"w": w}, o) for x, y in OPPOSITE_PAIRS for w, o in ((x, y), (y, x))]
     fams["opposite"] = ([
         "What is the opposite of {w}?",
         "Give the antonym of {w}.",
         "What word means the opposite of {w}?",
         "Name the opposite of the word {w}.",
         "Which word is the opposite of {w}?",
+        "What is the antonym of {w}?",
     ], opp_items)
 
-    next_items = [({"n": n}, str(n + 1)) for n in range(100)]
+    next_items = [({"n": n}, str(n + 1)) for n in range(1, 31)]
     fams["next"] = ([
         "What number comes after {n}?",
         "Which number follows {n}?",
         "What is the next number after {n}?",
         "Count up by one from {n}.",
         "What number is one more than {n}?",
+        "What comes right after {n}?",
     ], next_items)
 
     return fams
@@ -164,19 +155,25 @@ def generate(seed: int = 1337):
     train, heldout = [], []
     for fam, (templates, items) in _families().items():
         n_t = len(templates)
-        # choose held-out items and give each exactly one held-out template,
-        # round-robin so every template gets the same number of held-out items
-        order = list(range(len(items)))
+        # choose held-out combos: walk the items in a shuffled order, round-robin
+        # over templates; after each full pass over the items shift the template
+        # by one so no combo repeats. Each item loses at most
+        # ceil(HELDOUT_PER_FAMILY / n_items) <= 2 of its templates, every
+        # template is held out for ~HELDOUT_PER_FAMILY / n_t items.
+        n_i = len(items)
+        assert HELDOUT_PER_FAMILY <= 2 * n_i and n_t >= 4
+        order = list(range(n_i))
         rng.shuffle(order)
         t_offset = rng.randrange(n_t)
-        held = {}  # item index -> template index
-        for k, i in enumerate(order[:HELDOUT_PER_FAMILY]):
-            held[i] = (k + t_offset) % n_t
-        for i in sorted(held, key=lambda i: (held[i], i)):
+        held = {}  # (item index, template index) -> True
+        for k in range(HELDOUT_PER_FAMILY):
+            held[(order[k % n_i], (t_offset + k + k // n_i) % n_t)] = True
+        assert len(held) == HELDOUT_PER_FAMILY
+        for i, t in sorted(held, key=lambda it: (it[1], it[0])):
             fields, ans = items[i]
-            heldout.append({"user": templates[held[i]].format(**fields), "assistant": ans})
+            heldout.append({"user": templates[t].format(**fields), "assistant": ans})
         # training combos: everything not held out
-        combos = [(i, t) for i in range(len(items)) for t in range(n_t) if held.get(i) != t]
+        combos = [(i, t) for i in range(n_i) for t in range(n_t) if (i, t) not in held]
         # every training combo at least once, then fill uniformly at random
         picks = list(combos)
         if len(picks) < TRAIN_PER_FAMILY:
