@@ -1,12 +1,15 @@
 """Benchmarks that print numbers (speed and memory targets live here, not in timed unit tests).
 
     python bench.py --mode=train --preset=tiny       # training throughput, MFU against the measured peak
+    python bench.py --mode=train --preset=124m       # GPT-2 124M shape, batch 4 (also: 6x384, batch 8)
+    python bench.py --mode=train --preset=124m --baseline  # nanoGPT's CPU recipe on the same machine, to compare
     python bench.py --mode=generate                  # generation tokens/s, KV cache on/off, vs transformers (quick)
     python bench.py --mode=generate --gen_preset=full  # the same at GPT-2 124M shape: 32 + 256 tokens, batch 1 and 8
 
 Every run ends with one machine-readable JSON line.
 """
 import json
+import os
 import sys
 
 import configurator
@@ -16,7 +19,7 @@ DEFAULTS = dict(
     preset="tiny",  # --mode=train: tiny (seconds) | 6x384 (batch 8) | 124m (GPT-2 124M shape, batch 4)
     device="auto", dtype="auto", seed=1337,
     # --mode=train: overrides of the preset (0 = the preset's); compile as train.py's --compile
-    batch_size=0, block_size=0, steps=0, warmup=0, compile=False,
+    batch_size=0, block_size=0, steps=0, warmup=0, compile=None,
     baseline=False,  # --mode=train: nanoGPT's CPU recipe instead of ours (fp32, unfused AdamW, full-logits loss)
     # --mode=generate: a preset, and overrides of its sizes (0 / None = the preset's)
     gen_preset="quick",  # quick: a tiny model, runs in seconds | full: GPT-2 124M shape, random weights
@@ -136,7 +139,7 @@ def _train_setup(cfg):
     p.update({k: cfg[k] for k in ("batch_size", "block_size", "steps", "warmup") if cfg[k]})
     device = resolve_device(cfg["device"])
     dtype = "float32" if cfg["baseline"] else resolve_dtype(cfg["dtype"], device, training=True)
-    run = {"device": device, "dtype": dtype, "ddp": False}
+    run = {"device": device, "dtype": dtype, "ddp": False, "compile": train.resolve_compile(cfg["compile"], device)}
     if not cfg["baseline"]:
         train.tune_cpu_allocator(device)
     torch.manual_seed(cfg["seed"])
@@ -148,7 +151,7 @@ def _train_setup(cfg):
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=run["dtype"] == "float16")
     step_cfg = {"gradient_accumulation_steps": 1, "batch_size": p["batch_size"], "block_size": p["block_size"],
                 "grad_clip": 1.0}
-    compiled = torch.compile(model) if cfg["compile"] else model
+    compiled = torch.compile(model) if run["compile"] else model
     return p, run, model, lambda data, gen: train.train_step(compiled, optimizer, scaler, data, gen, step_cfg, run)
 
 
@@ -176,16 +179,28 @@ def _peak_rss_mb():
 
 
 def _time_steps(step, data, gen, n, device):
-    """Run n steps; returns (seconds per step, the loss of each step), syncing once per step."""
+    """Run n steps, syncing once per step. Returns (wall seconds per step, process CPU seconds per step, the loss
+    of each step). CPU time is what a step costs whatever else the machine runs; wall time well above CPU time /
+    threads means other processes took the cores."""
     import time
-    times, losses = [], []
+    times, cpu, losses = [], [], []
     for _ in range(n):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss = step(data, gen)
         _sync(device)
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
         losses.append(loss)
-    return times, [float(x) for x in losses]  # .item() after the clock: no host sync inside the timed steps
+    return times, cpu, [float(x) for x in losses]  # .item() after the clock: no host sync inside the timed steps
+
+
+def _measure_peaks(device, dtype, p, peaks=None):
+    """{dtype: FLOP/s} for fp32 and the training dtype, the best of this and any earlier measurement (bench_train
+    measures before and after training: a second chance for a moment when other processes leave the cores)."""
+    peaks = dict(peaks or {})
+    for d in {"float32", dtype}:
+        peaks[d] = max(peaks.get(d, 0.0), measure_matmul_peak(device, d, p["peak_sizes"], p["peak_repeats"]))
+    return peaks
 
 
 def bench_train(cfg):
@@ -194,30 +209,32 @@ def bench_train(cfg):
     import torch
     p, run, model, step = _train_setup(cfg)
     device, dtype = run["device"], run["dtype"]
-    peaks = {d: measure_matmul_peak(device, d, p["peak_sizes"], p["peak_repeats"]) for d in {"float32", dtype}}
+    peaks = _measure_peaks(device, dtype, p)
     known = known_peak_flops(device, dtype)
     data = RandomTokens(model.config.vocab_size)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
     print(f"train: preset {cfg['preset']}, {model.get_num_params() / 1e6:.1f}M parameters, device {device}, dtype "
-          f"{dtype}, compile {cfg['compile']}, {'BASELINE (nanoGPT recipe), ' if cfg['baseline'] else ''}"
+          f"{dtype}, compile {run['compile']}, {'BASELINE (nanoGPT recipe), ' if cfg['baseline'] else ''}"
           f"{torch.get_num_threads()} threads, batch {p['batch_size']} x block "
           f"{p['block_size']}; matmul peak " + ", ".join(f"{d} {v / 1e9:,.0f} GFLOP/s" for d, v in peaks.items()))
     gen = torch.Generator().manual_seed(cfg["seed"])
-    warm_times, _ = _time_steps(step, data, gen, p["warmup"], device)  # compile, allocations, kernel choice
-    times, losses = _time_steps(step, data, gen, p["steps"], device)
+    warm_times, _, _ = _time_steps(step, data, gen, p["warmup"], device)  # compile, allocations, kernel choice
+    times, cpu, losses = _time_steps(step, data, gen, p["steps"], device)
+    peaks = _measure_peaks(device, dtype, p, peaks)
     tokens = p["batch_size"] * p["block_size"]
     flops_per_token = model.flops_per_token(p["block_size"])
     median, best = statistics.median(times), min(times)
     achieved = flops_per_token * tokens / median
     result = {
-        "mode": "train", "preset": cfg["preset"], "device": device, "dtype": dtype, "compile": cfg["compile"],
+        "mode": "train", "preset": cfg["preset"], "device": device, "dtype": dtype, "compile": run["compile"],
         "baseline": cfg["baseline"],
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "n_layer": p["n_layer"], "n_head": p["n_head"], "n_embd": p["n_embd"], "batch_size": p["batch_size"],
         "block_size": p["block_size"], "n_params": model.get_num_params(), "flops_per_token": flops_per_token,
         "steps": p["steps"], "warmup_steps": p["warmup"], "warmup_s": round(sum(warm_times), 2),
         "ms_per_iter": round(median * 1000, 1), "ms_per_iter_best": round(best * 1000, 1),
+        "cpu_ms_per_iter": round(statistics.median(cpu) * 1000, 1),
         "tokens_per_s": round(tokens / median, 1), "tokens_per_s_best": round(tokens / best, 1),
         "achieved_gflops": round(achieved / 1e9, 1),
         "peak_gflops_fp32": round(peaks["float32"] / 1e9, 1), "peak_gflops_dtype": round(peaks[dtype] / 1e9, 1),
@@ -229,21 +246,23 @@ def bench_train(cfg):
         "max_memory_allocated_mb": round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
         if device.startswith("cuda") else None,
         "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4),
+        "load_avg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,  # others' work
     }
     _print_train(result)
     return result
 
 
 def _print_train(r):
-    print(f"{r['ms_per_iter']:.1f} ms/iter (best {r['ms_per_iter_best']:.1f}), {r['tokens_per_s']:,.1f} tokens/s "
-          f"(best {r['tokens_per_s_best']:,.1f}), {r['achieved_gflops']:,.1f} GFLOP/s achieved")
+    print(f"{r['ms_per_iter']:.1f} ms/iter (best {r['ms_per_iter_best']:.1f}; process CPU time "
+          f"{r['cpu_ms_per_iter']:.1f} ms), {r['tokens_per_s']:,.1f} tokens/s (best {r['tokens_per_s_best']:,.1f}), "
+          f"{r['achieved_gflops']:,.1f} GFLOP/s achieved")
     print(f"MFU {r['mfu']:.1%} of the measured {r['dtype']} peak ({r['peak_gflops_dtype']:,.0f} GFLOP/s), "
           f"{r['mfu_vs_fp32_peak']:.1%} of the fp32 peak ({r['peak_gflops_fp32']:,.0f} GFLOP/s)"
           + (f", {r['mfu_vs_known_peak']:.1%} of the {r['gpu']} data sheet" if r["mfu_vs_known_peak"] else ""))
     memory = (f"max_memory_allocated {r['max_memory_allocated_mb']:,.0f} MB, "
               if r["max_memory_allocated_mb"] is not None else "")
     print(f"peak memory: {memory}RSS {r['peak_rss_mb']:,.0f} MB; loss {r['loss_first']:.4f} -> {r['loss_last']:.4f}"
-          f"; warm-up {r['warmup_s']:.1f} s for {r['warmup_steps']} steps")
+          f"; warm-up {r['warmup_s']:.1f} s for {r['warmup_steps']} steps; load average {r['load_avg_1min']}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

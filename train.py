@@ -41,7 +41,8 @@ DEFAULTS = dict(
     # early stopping: stop after `patience` evals without a val improvement of at least min_delta (0 = off)
     patience=5, min_delta=0.001,
     # system
-    backend="auto", device="auto", dtype="auto", compile=False, seed=1337,
+    backend="auto", device="auto", dtype="auto", seed=1337,
+    compile=None,  # torch.compile: True / False; None = on for CUDA, off on CPU and MPS (see resolve_compile)
     check_memory=True,  # refuse to start a run whose memory estimate exceeds the device's free memory
     # logging
     wandb_log=False, wandb_project="chat-gpt", wandb_run_name="", wandb_mode="",  # mode "": WANDB_MODE or online
@@ -188,6 +189,18 @@ def tune_cpu_allocator(device):
         libc.mallopt(M_TRIM_THRESHOLD, 2 ** 30)  # int: 1 GiB of free heap top is kept, not given back
     except (OSError, AttributeError):  # not glibc (e.g. musl): keep its defaults
         pass
+
+
+def resolve_compile(value, device):
+    """compile=None: on for CUDA, where it pays; off on CPU, where it measured no faster than the eager fast paths
+    (fused head loss, bf16, fused AdamW) after a minute or more of compiling (docs_issue5.md), and on MPS."""
+    if value is None:
+        return device.startswith("cuda")
+    if isinstance(value, str):  # e.g. --compile=true, which the config parser leaves as a string
+        if value.strip().lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+            raise ValueError(f"invalid value {value!r} for compile: use True, False or None (auto)")
+        return value.strip().lower() in ("true", "1", "yes", "on")
+    return bool(value)
 
 
 def build_model(cfg, ckpt, sys_info, explicit=()):
@@ -480,7 +493,7 @@ class Trainer:
         self.stamp = unused_stamp(cfg["out_dir"])
         if ckpt is not None:
             self._restore(ckpt)
-        model = torch.compile(self.raw_model) if cfg["compile"] else self.raw_model
+        model = torch.compile(self.raw_model) if resolve_compile(cfg["compile"], run["device"]) else self.raw_model
         self.model = DDP(model, device_ids=[run["device"]] if run["device"].startswith("cuda") else None) \
             if run["ddp"] else model
         self.best_path = os.path.join(cfg["out_dir"], f"finetuned_{self.stamp}.pt")
@@ -619,6 +632,10 @@ def main(argv=None):
             if plot:
                 print(f"loss curve: {plot}")
         trainer.logger.close()
+        if run["ddp"]:
+            # gloo's worker thread may still be releasing the last eval all_reduce's tensor, which needs the GIL;
+            # tearing the group down (which joins that thread while holding the GIL) could then hang a rank
+            dist.barrier()
     finally:
         if run["ddp"]:
             dist.destroy_process_group()

@@ -67,6 +67,21 @@ def test_long_generation_past_the_sequence_buffer():
                        tokens_of(model, idx, 1100, use_cache=False, **kwargs))
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 24), (8, 1, 24), (2, 8, 24), (3, 24), (4, 9, 24)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_few_rows_path_matches_f_linear(shape, bias):
+    """model.Linear's CPU path for <= 16 rows (cached decoding) computes W @ x.T: same values and gradients."""
+    from model import Linear
+    torch.manual_seed(0)
+    layer, x = Linear(24, 40, bias=bias), torch.randn(*shape, requires_grad=True)
+    out = layer(x)
+    expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    assert out.shape == expected.shape and torch.allclose(out, expected, atol=1e-6)
+    grads = torch.autograd.grad(out.sum(), [x, layer.weight])
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, torch.autograd.grad(expected.sum(),
+                                                                                          [x, layer.weight])))
+
+
 def test_seed_makes_sampling_reproducible(model):
     idx = prompts(1, 5)
     run = [tokens_of(model, idx, 20, temperature=1.0, generator=torch.Generator().manual_seed(s)) for s in (1, 1, 2)]

@@ -51,6 +51,11 @@ def test_cpu_defaults():
     assert resolve_dtype("float16", "cpu", training=True) == "float16"  # an explicit dtype always wins
     opt = tiny_model().configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
     assert opt.defaults["fused"] is True
+    from train import resolve_compile
+    assert resolve_compile(None, "cuda") and not resolve_compile(None, "cpu") and not resolve_compile(None, "mps")
+    assert resolve_compile("true", "cpu") and not resolve_compile(False, "cuda")
+    with pytest.raises(ValueError):
+        resolve_compile("maybe", "cpu")
 
 
 def _loss_trajectory(data, dtype, steps=25):
@@ -58,7 +63,7 @@ def _loss_trajectory(data, dtype, steps=25):
     import train
     model = tiny_model(seed=1, vocab_size=50304)  # the real vocab: the head and its loss are in the comparison
     optimizer = model.configure_optimizers(0.1, 3e-3, (0.9, 0.95), "cpu")
-    cfg = {"gradient_accumulation_steps": 2, "batch_size": 4, "block_size": 32, "grad_clip": 1.0}
+    cfg = {"gradient_accumulation_steps": 1, "batch_size": 8, "block_size": 32, "grad_clip": 1.0}
     run = {"device": "cpu", "dtype": dtype, "ddp": False}
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     gen = torch.Generator().manual_seed(2)
@@ -119,7 +124,8 @@ BENCH_FIELDS = {
     "block_size", "n_params", "flops_per_token", "steps", "warmup_steps", "warmup_s", "ms_per_iter",
     "ms_per_iter_best", "tokens_per_s", "tokens_per_s_best", "achieved_gflops", "peak_gflops_fp32",
     "peak_gflops_dtype", "mfu", "mfu_vs_fp32_peak", "gpu", "known_peak_gflops", "mfu_vs_known_peak",
-    "peak_rss_mb", "max_memory_allocated_mb", "loss_first", "loss_last",
+    "peak_rss_mb", "max_memory_allocated_mb", "loss_first", "loss_last", "baseline", "load_avg_1min",
+    "cpu_ms_per_iter",
 }
 
 

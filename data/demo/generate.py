@@ -13,7 +13,7 @@ Usage:
 Design
 ------
 Five task families (add, capital, convert, opposite, next), each with a small
-fixed table of 27-36 items and six phrasing templates. An (item, template) pair
+fixed table of 25-30 items and six phrasing templates. An (item, template) pair
 is a "combo". For every family 40 combos are held out: items are walked in a
 shuffled order with templates assigned round-robin, so every item has at most
 two held-out templates (all items have at least one) and each template is held
@@ -21,7 +21,7 @@ out for ~7 items. Held-out combos never appear in training, in any form. Every
 held-out item still appears in training under its other (>= 4) phrasings, and
 every template appears in training with the other items, so the held-out set
 tests phrasing invariance, not new facts: each held-out answer is present in
-training as the answer to the same item. Tables are kept small (~150 facts in
+training as the answer to the same item. Tables are kept small (142 facts in
 all) so that a tiny model sees every fact ~30 times per epoch.
 
 Answer format: one bare word or number, no trailing period, no extra words --
@@ -82,7 +82,7 @@ OPPOSITE_PAIRS = [
 def _families():
     fams = {}
 
-    add_items = [({"a": a, "b": b}, str(a + b)) for a in range(1, 7) for b in range(1, 7)]
+    add_items = [({"a": a, "b": b}, str(a + b)) for a in range(1, 6) for b in range(1, 6)]
     fams["add"] = ([
         "What is {a} plus {b}?",
         "Add {a} and {b}.",
