@@ -132,36 +132,42 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-HEAD_CHUNK = 8  # rows of logits turned into gradients at a time: 8 x 50304 fp32 values stay in a core's L2
+# rows of logits turned into gradients at a time: as fast as 8 rows (which fit a core's L2) on an idle CPU, and
+# 4x fewer parallel regions, each of which can stall for a time slice when other processes share the cores
+HEAD_CHUNK = 32
 
 
 class _HeadLoss(torch.autograd.Function):
     """Mean cross-entropy of the LM head, x @ weight.T, without (N, V) fp32 logits and their gradient in memory.
 
-    The logits' gradient, (softmax - onehot) / N, is formed in the forward pass a few rows at a time while they are
-    in cache, and written over the logits: backward is then just its two matmuls. The same math as F.cross_entropy
-    (fp32 log-softmax), but on CPU the vocabulary-sized passes of cross_entropy, its backward and the .float()
-    copies cost more than the head's matmuls; this halves them (docs_issue5.md)."""
+    The logits' gradient, softmax - onehot, is formed in the forward pass a few rows at a time while they are in
+    cache, and written over the logits: backward is then just its two matmuls (which also apply the 1/N). The same
+    math as F.cross_entropy (fp32 log-softmax), but on CPU the vocabulary-sized passes of cross_entropy, its
+    backward and the .float() copies cost more than the head's matmuls; this halves them (README, "Training speed"). Two
+    vocabulary-sized ops per chunk: each is a parallel region, and with other processes on the cores every one
+    can wait for a descheduled thread."""
 
     @staticmethod
     def forward(ctx, x, weight, targets, want_grad):
-        n = max(len(x), 1)
         logits = x @ weight.t()  # (N, V) in the compute dtype (bf16 under autocast)
         losses = torch.empty(len(x), dtype=torch.float32, device=x.device)
-        minus_one = torch.full((HEAD_CHUNK, 1), -1.0, device=x.device)
         for s in range(0, len(x), HEAD_CHUNK):
             part, t = logits[s:s + HEAD_CHUNK], targets[s:s + HEAD_CHUNK, None]
             logp = torch.log_softmax(part, dim=1, dtype=torch.float32)
-            losses[s:s + len(t)] = logp.gather(1, t).squeeze(1).neg()
+            logp_t = logp.gather(1, t)
+            losses[s:s + len(t)] = logp_t.squeeze(1).neg()
             if want_grad:
-                part.copy_(logp.exp_().scatter_add_(1, t, minus_one[:len(t)]).div_(n))
+                torch.exp(logp, out=part)  # softmax, rounded to the compute dtype
+                part.scatter_(1, t, (logp_t.exp() - 1).to(part.dtype))  # p - 1 from fp32, not from rounded p
         ctx.save_for_backward(x, weight, logits)
-        return losses.sum() / n
+        ctx.n = max(len(x), 1)
+        return losses.sum() / ctx.n
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, grad_logits = ctx.saved_tensors
-        return (grad_logits @ weight).mul_(grad), (grad_logits.t() @ x).mul_(grad), None, None
+        scale = grad / ctx.n
+        return (grad_logits @ weight).mul_(scale), (grad_logits.t() @ x).mul_(scale), None, None
 
 
 @torch.compiler.disable  # a Python loop over a data-dependent row count: compiling it would only recompile
@@ -255,7 +261,7 @@ class GPT(nn.Module):
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
         # fused: one pass that reads and writes each parameter once. Without it PyTorch runs, on CPU, a loop of ~7
-        # elementwise passes per tensor: a third of a 124M-parameter step (docs_issue5.md); on CUDA, one launch each
+        # elementwise passes per tensor: 18% of a bf16 124M step (README, "Training speed"); on CUDA, one launch each
         fused = device_type in ("cuda", "cpu", "mps", "xpu")  # the devices torch >= 2.4 has the fused AdamW for
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
@@ -729,7 +735,7 @@ def resolve_device(device):
 def resolve_dtype(dtype, device, training=False):
     """'auto': bf16 on CUDA where supported, else fp16 (with a GradScaler); fp32 on MPS. On CPU: bf16 autocast for
     training where the CPU has bf16 matmul instructions (fp32 master weights; ~3x the fp32 speed with the same loss
-    curve, docs_issue5.md), else fp32; inference on CPU stays fp32."""
+    curve, README "Training speed"), else fp32; inference on CPU stays fp32."""
     if dtype != "auto":
         return dtype
     if device.startswith("cuda"):

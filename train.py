@@ -178,7 +178,7 @@ def tune_cpu_allocator(device):
     """On Linux/glibc CPU training, keep freed memory in the process for reuse: no allocation is served by mmap
     and none is returned to the OS. A training step allocates and frees the same large tensors (activations,
     gradients, logits) every step; by default each one is a fresh mmap whose pages the kernel faults in and zeroes,
-    which measured ~15% of a CPU step (docs_issue5.md). The peak RSS stays that of one step."""
+    which measured ~15% of a CPU step (README, "Training speed"). The peak RSS stays that of one step."""
     if device != "cpu" or not sys.platform.startswith("linux"):
         return
     try:
@@ -193,7 +193,7 @@ def tune_cpu_allocator(device):
 
 def resolve_compile(value, device):
     """compile=None: on for CUDA, where it pays; off on CPU, where it measured no faster than the eager fast paths
-    (fused head loss, bf16, fused AdamW) after a minute or more of compiling (docs_issue5.md), and on MPS."""
+    (fused head loss, bf16, fused AdamW) after a minute or more of compiling (README, "Training speed"), and on MPS."""
     if value is None:
         return device.startswith("cuda")
     if isinstance(value, str):  # e.g. --compile=true, which the config parser leaves as a string
