@@ -10,4 +10,4 @@ $PY data/demo/generate.py                                   # data/demo/train.js
 $PY prepare.py data/demo/train.jsonl --out_dir=data/demo    # -> data/demo/{train,val}.bin, masks, meta.json
 $PY train.py config/demo.py                                 # -> out-demo/finetuned_YYYYMMDD_HHMMSS.pt
 $PY eval.py --out_dir=out-demo --data=data/demo/heldout.jsonl --out=out-demo/heldout_replies.jsonl
-$PY sample.py --out_dir=out-demo --temperature=0 --prompt "What is 7 plus 12?"
+$PY sample.py --out_dir=out-demo --temperature=0 --prompt "What is the capital of France?"
