@@ -184,3 +184,16 @@ def load(defaults: dict, argv: list[str] | None = None, prog: str = "") -> tuple
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def run(main):
+    """Entry-point wrapper for the scripts: expected failures (bad paths, values, checkpoints) end in a one-line
+    `error: ...` on stderr with exit status 1 instead of a traceback; Ctrl-C exits with 130."""
+    try:
+        main()
+    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        sys.exit(130)

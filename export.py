@@ -22,7 +22,6 @@ import functools
 import json
 import os
 import shutil
-import sys
 
 import torch
 
@@ -295,8 +294,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    configurator.run(main)

@@ -10,9 +10,8 @@ import json
 import math
 import os
 import re
-import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn

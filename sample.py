@@ -289,11 +289,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:  # Ctrl-C during a one-shot reply: no traceback
-        print(file=sys.stderr)
-        sys.exit(130)
+    configurator.run(main)
