@@ -41,14 +41,15 @@ def _unknown_key(key, defaults, where=""):
     return ConfigError(f"unknown config key '{key}'{where}{hint}")
 
 
-def _parse_bool(text):
+def parse_bool(text):
+    """True/False for a boolean word (true/false/1/0/yes/no/on/off, any case), None for anything else."""
     return _BOOLS.get(text.strip().lower())
 
 
 def _from_text(text, default):
     """Parse command-line text into a Python value guided by the default's type (checked by _fit later)."""
     if isinstance(default, bool):
-        value = _parse_bool(text)
+        value = parse_bool(text)
         if value is None:
             raise ValueError(text)
         return value
@@ -131,7 +132,7 @@ def _read_flag(argv, i, defaults):
     if eq:
         i += 1
     elif isinstance(defaults[key], bool):
-        if nxt is not None and _parse_bool(nxt) is not None:
+        if nxt is not None and parse_bool(nxt) is not None:
             text, i = nxt, i + 2
         else:
             text, i = "true", i + 1

@@ -197,9 +197,9 @@ def resolve_compile(value, device):
     if value is None:
         return device.startswith("cuda")
     if isinstance(value, str):  # e.g. --compile=true, which the config parser leaves as a string
-        if value.strip().lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+        if configurator.parse_bool(value) is None:
             raise ValueError(f"invalid value {value!r} for compile: use True, False or None (auto)")
-        return value.strip().lower() in ("true", "1", "yes", "on")
+        return configurator.parse_bool(value)
     return bool(value)
 
 

@@ -53,7 +53,7 @@ def test_cpu_defaults():
     assert opt.defaults["fused"] is True
     from train import resolve_compile
     assert resolve_compile(None, "cuda") and not resolve_compile(None, "cpu") and not resolve_compile(None, "mps")
-    assert resolve_compile("true", "cpu") and not resolve_compile(False, "cuda")
+    assert resolve_compile("true", "cpu") and not resolve_compile(False, "cuda") and resolve_compile("off", "cuda") is False
     with pytest.raises(ValueError):
         resolve_compile("maybe", "cpu")
 
