@@ -3,6 +3,7 @@
     python bench.py --mode=train --preset=tiny       # training throughput, MFU against the measured peak
     python bench.py --mode=train --preset=124m       # GPT-2 124M shape, batch 4 (also: 6x384, batch 8)
     python bench.py --mode=train --preset=124m --baseline  # nanoGPT's CPU recipe on the same machine, to compare
+    python bench.py --mode=train --preset=124m --profile   # + where the step's time goes, the matmul-only ceiling
     python bench.py --mode=generate                  # generation tokens/s, KV cache on/off, vs transformers (quick)
     python bench.py --mode=generate --gen_preset=full  # the same at GPT-2 124M shape: 32 + 256 tokens, batch 1 and 8
 
@@ -21,6 +22,7 @@ DEFAULTS = dict(
     # --mode=train: overrides of the preset (0 = the preset's); compile as train.py's --compile
     batch_size=0, block_size=0, steps=0, warmup=0, compile=None,
     baseline=False,  # --mode=train: nanoGPT's CPU recipe instead of ours (fp32, unfused AdamW, full-logits loss)
+    profile=False,  # --mode=train: also where a step's time goes (phases; matmuls, attention timed alone; MFU ceilings)
     # --mode=generate: a preset, and overrides of its sizes (0 / None = the preset's)
     gen_preset="quick",  # quick: a tiny model, runs in seconds | full: GPT-2 124M shape, random weights
     gen_prompt_tokens=0, gen_new_tokens=0, gen_batch_sizes=None,  # e.g. --gen_batch_sizes=[1]
@@ -129,7 +131,7 @@ class RandomTokens:
 
 
 def _train_setup(cfg):
-    """The preset with cfg's overrides, the model, and the train.py pieces one step needs."""
+    """The preset with cfg's overrides, the model, its optimizer, and one train.py step as a function."""
     import torch
     import train
     from model import GPT, GPTConfig, resolve_device, resolve_dtype
@@ -152,7 +154,8 @@ def _train_setup(cfg):
     step_cfg = {"gradient_accumulation_steps": 1, "batch_size": p["batch_size"], "block_size": p["block_size"],
                 "grad_clip": 1.0}
     compiled = torch.compile(model) if run["compile"] else model
-    return p, run, model, lambda data, gen: train.train_step(compiled, optimizer, scaler, data, gen, step_cfg, run)
+    return p, run, model, optimizer, lambda data, gen: train.train_step(compiled, optimizer, scaler, data, gen,
+                                                                         step_cfg, run)
 
 
 def _baseline(model, optimizer):
@@ -203,11 +206,104 @@ def _measure_peaks(device, dtype, p, peaks=None):
     return peaks
 
 
+def _median_ms(fn, device, repeats=5):
+    """Median wall milliseconds of fn() over repeats, after one warm-up call."""
+    import statistics
+    import time
+    fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def kernel_ms(model, batch_size, block_size, dtype, device):
+    """The step's matmul-bound work timed alone at the model's shapes in dtype, in ms: the linear layers' matmuls
+    (every Linear and the tied LM head on all tokens; forward x @ W.T, backward g @ W and g.T @ x: the 6N of the
+    FLOP count) and attention (SDPA, causal) forward and forward + backward, times n_layer."""
+    import torch
+    import torch.nn.functional as F
+    dt, tokens, cfg = getattr(torch, dtype), batch_size * block_size, model.config
+    shapes = [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    out = {"matmul_fwd": 0.0, "matmul_bwd": 0.0}
+    for k, n in sorted(set(shapes)):
+        x, w, g = (torch.randn(*s, device=device).to(dt) for s in ((tokens, k), (n, k), (tokens, n)))
+        count = shapes.count((k, n))
+        out["matmul_fwd"] += count * _median_ms(lambda: x @ w.t(), device)
+        out["matmul_bwd"] += count * (_median_ms(lambda: g @ w, device) + _median_ms(lambda: g.t() @ x, device))
+    q, k, v = (torch.randn(batch_size, cfg.n_head, block_size, cfg.n_embd // cfg.n_head, device=device)
+               .to(dt).requires_grad_() for _ in range(3))
+    with torch.no_grad():
+        out["attention_fwd"] = cfg.n_layer * _median_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                                                        device)
+    grad = torch.randn_like(q)
+    both = _median_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad), device)
+    out["attention_bwd"] = cfg.n_layer * both - out["attention_fwd"]
+    return {key: round(ms, 1) for key, ms in out.items()}
+
+
+def phase_ms(model, optimizer, data, gen, p, run, steps=3):
+    """Median wall ms of each phase of a training step (forward with the loss, backward, grad-norm clipping, AdamW
+    step and zero_grad), with a device sync between phases. Not torch.profiler: on CPU its bookkeeping fragments
+    the heap, so the large-tensor ops page-fault and show up many times slower than they run."""
+    import statistics
+    import time
+    import torch
+    import train
+    from model import autocast
+    names = ("forward", "backward", "clip", "optimizer")
+    times = {name: [] for name in names}
+    for _ in range(steps):
+        x, y, m = train.to_device(data.get_batch(p["batch_size"], p["block_size"], gen), run["device"])
+        marks = [time.perf_counter()]
+        with autocast(run["device"], run["dtype"]):
+            _, loss = model(x, y, m)
+        marks.append(_synced_clock(run["device"]))
+        loss.backward()
+        marks.append(_synced_clock(run["device"]))
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        marks.append(_synced_clock(run["device"]))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        marks.append(_synced_clock(run["device"]))
+        for name, t0, t1 in zip(names, marks, marks[1:]):
+            times[name].append((t1 - t0) * 1000)
+    return {name: round(statistics.median(t), 1) for name, t in times.items()}
+
+
+def _synced_clock(device):
+    import time
+    _sync(device)
+    return time.perf_counter()
+
+
+def breakdown(model, optimizer, data, gen, p, run, flops_per_step, peak):
+    """Where a step's time goes (phase_ms), how much of it the matmul-bound work takes when timed alone
+    (kernel_ms), and the MFU ceilings that follow: if everything but the matmuls were free; if everything but the
+    matmuls and attention were; and if only the elementwise ops (casts, GELU, LayerNorm, adds, embedding, the loss's
+    softmax) were free, with clipping and AdamW as measured."""
+    phases = phase_ms(model, optimizer, data, gen, p, run)
+    kernels = kernel_ms(model, p["batch_size"], p["block_size"], run["dtype"], run["device"])
+    matmuls = kernels["matmul_fwd"] + kernels["matmul_bwd"]
+    attention = kernels["attention_fwd"] + kernels["attention_bwd"]
+    floors = {"matmuls": matmuls, "matmuls_attention": matmuls + attention,
+              "matmuls_attention_clip_adamw": matmuls + attention + phases["clip"] + phases["optimizer"]}
+    return {"phase_ms": phases, "kernel_ms": kernels,
+            "elementwise_ms": {"forward": round(phases["forward"] - kernels["matmul_fwd"] - kernels["attention_fwd"], 1),
+                               "backward": round(phases["backward"] - kernels["matmul_bwd"] - kernels["attention_bwd"],
+                                                 1)},
+            "mfu_ceiling": {k: round(flops_per_step / (ms / 1000) / peak, 4) for k, ms in floors.items()}}
+
+
 def bench_train(cfg):
     """Train steps/s, tokens/s, achieved FLOP/s and MFU against the peaks measured in the same run, peak memory."""
     import statistics
     import torch
-    p, run, model, step = _train_setup(cfg)
+    p, run, model, optimizer, step = _train_setup(cfg)
     device, dtype = run["device"], run["dtype"]
     peaks = _measure_peaks(device, dtype, p)
     known = known_peak_flops(device, dtype)
@@ -248,6 +344,8 @@ def bench_train(cfg):
         "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4),
         "load_avg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,  # others' work
     }
+    if cfg["profile"]:
+        result["breakdown"] = breakdown(model, optimizer, data, gen, p, run, flops_per_token * tokens, peaks[dtype])
     _print_train(result)
     return result
 
@@ -263,6 +361,17 @@ def _print_train(r):
               if r["max_memory_allocated_mb"] is not None else "")
     print(f"peak memory: {memory}RSS {r['peak_rss_mb']:,.0f} MB; loss {r['loss_first']:.4f} -> {r['loss_last']:.4f}"
           f"; warm-up {r['warmup_s']:.1f} s for {r['warmup_steps']} steps; load average {r['load_avg_1min']}")
+    if "breakdown" in r:
+        b, ph, k = r["breakdown"], r["breakdown"]["phase_ms"], r["breakdown"]["kernel_ms"]
+        print(f"step phases (ms): forward {ph['forward']:,.1f}, backward {ph['backward']:,.1f}, grad clipping "
+              f"{ph['clip']:,.1f}, AdamW + zero_grad {ph['optimizer']:,.1f}")
+        print(f"timed alone at the model's shapes (ms): linear matmuls forward {k['matmul_fwd']:,.1f} / backward "
+              f"{k['matmul_bwd']:,.1f}; attention forward {k['attention_fwd']:,.1f} / backward {k['attention_bwd']:,.1f}"
+              f"; the rest (casts, GELU, LayerNorm, adds, embedding, loss softmax) forward "
+              f"{b['elementwise_ms']['forward']:,.1f} / backward {b['elementwise_ms']['backward']:,.1f}")
+        c = b["mfu_ceiling"]
+        print(f"MFU ceiling if only the matmuls took time: {c['matmuls']:.1%}; matmuls + attention: "
+              f"{c['matmuls_attention']:.1%}; + grad clipping and AdamW: {c['matmuls_attention_clip_adamw']:.1%}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -137,3 +137,20 @@ def test_bench_train_tiny_preset_json(capsys):
     assert result["mode"] == "train" and result["preset"] == "tiny" and result["steps"] == 2
     assert result["tokens_per_s"] > 0 and result["peak_gflops_fp32"] > 0 and 0 < result["mfu"] < 1
     assert result["peak_rss_mb"] > 0 and result["gpu"] is None
+
+
+def test_bench_train_profile_breakdown(capsys):
+    """--profile adds where the step's time goes: its phases, the matmul-bound work timed alone, MFU ceilings."""
+    import bench
+    bench.main(["--mode=train", "--preset=tiny", "--steps=1", "--warmup=1", "--device=cpu", "--profile"])
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    b = result["breakdown"]
+    assert set(b["phase_ms"]) == {"forward", "backward", "clip", "optimizer"}
+    assert all(ms > 0 for ms in b["phase_ms"].values())
+    assert set(b["kernel_ms"]) == {"matmul_fwd", "matmul_bwd", "attention_fwd", "attention_bwd"}
+    assert b["kernel_ms"]["matmul_fwd"] > 0 and b["kernel_ms"]["matmul_bwd"] > 0
+    ceiling = b["mfu_ceiling"]
+    # each ceiling counts more of the step's work as taking time, so they can only go down
+    assert ceiling["matmuls"] >= ceiling["matmuls_attention"] >= ceiling["matmuls_attention_clip_adamw"] > 0
+    assert "MFU ceiling if only the matmuls took time" in out and "step phases (ms)" in out
