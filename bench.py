@@ -131,7 +131,8 @@ class RandomTokens:
 
 
 def _train_setup(cfg):
-    """The preset with cfg's overrides, the model, its optimizer, and one train.py step as a function."""
+    """The preset with cfg's overrides; the model, the module that runs (compiled or the model), the optimizer, and
+    one train.py step as a function."""
     import torch
     import train
     from model import GPT, GPTConfig, resolve_device, resolve_dtype
@@ -154,8 +155,8 @@ def _train_setup(cfg):
     step_cfg = {"gradient_accumulation_steps": 1, "batch_size": p["batch_size"], "block_size": p["block_size"],
                 "grad_clip": 1.0}
     compiled = torch.compile(model) if run["compile"] else model
-    return p, run, model, optimizer, lambda data, gen: train.train_step(compiled, optimizer, scaler, data, gen,
-                                                                         step_cfg, run)
+    step = lambda data, gen: train.train_step(compiled, optimizer, scaler, data, gen, step_cfg, run)  # noqa: E731
+    return p, run, model, compiled, optimizer, step
 
 
 def _baseline(model, optimizer):
@@ -281,21 +282,21 @@ def _synced_clock(device):
     return time.perf_counter()
 
 
-def breakdown(model, optimizer, data, gen, p, run, flops_per_step, peak):
+def breakdown(model, compiled, optimizer, data, gen, p, run, flops_per_step, peak):
     """Where a step's time goes (phase_ms), how much of it the matmul-bound work takes when timed alone
     (kernel_ms), and the MFU ceilings that follow: if everything but the matmuls were free; if everything but the
     matmuls and attention were; and if only the elementwise ops (casts, GELU, LayerNorm, adds, embedding, the loss's
-    softmax) were free, with clipping and AdamW as measured."""
-    phases = phase_ms(model, optimizer, data, gen, p, run)
+    softmax) were free, with clipping and AdamW as measured. compiled: the module the step runs (model or its
+    torch.compile wrapper)."""
+    phases = phase_ms(compiled, optimizer, data, gen, p, run)
     kernels = kernel_ms(model, p["batch_size"], p["block_size"], run["dtype"], run["device"])
     matmuls = kernels["matmul_fwd"] + kernels["matmul_bwd"]
     attention = kernels["attention_fwd"] + kernels["attention_bwd"]
     floors = {"matmuls": matmuls, "matmuls_attention": matmuls + attention,
               "matmuls_attention_clip_adamw": matmuls + attention + phases["clip"] + phases["optimizer"]}
-    return {"phase_ms": phases, "kernel_ms": kernels,
-            "elementwise_ms": {"forward": round(phases["forward"] - kernels["matmul_fwd"] - kernels["attention_fwd"], 1),
-                               "backward": round(phases["backward"] - kernels["matmul_bwd"] - kernels["attention_bwd"],
-                                                 1)},
+    rest = {phase: round(phases[phase] - kernels[f"matmul_{short}"] - kernels[f"attention_{short}"], 1)
+            for phase, short in (("forward", "fwd"), ("backward", "bwd"))}
+    return {"phase_ms": phases, "kernel_ms": kernels, "elementwise_ms": rest,
             "mfu_ceiling": {k: round(flops_per_step / (ms / 1000) / peak, 4) for k, ms in floors.items()}}
 
 
@@ -303,7 +304,7 @@ def bench_train(cfg):
     """Train steps/s, tokens/s, achieved FLOP/s and MFU against the peaks measured in the same run, peak memory."""
     import statistics
     import torch
-    p, run, model, optimizer, step = _train_setup(cfg)
+    p, run, model, compiled, optimizer, step = _train_setup(cfg)
     device, dtype = run["device"], run["dtype"]
     peaks = _measure_peaks(device, dtype, p)
     known = known_peak_flops(device, dtype)
@@ -345,7 +346,8 @@ def bench_train(cfg):
         "load_avg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,  # others' work
     }
     if cfg["profile"]:
-        result["breakdown"] = breakdown(model, optimizer, data, gen, p, run, flops_per_token * tokens, peaks[dtype])
+        result["breakdown"] = breakdown(model, compiled, optimizer, data, gen, p, run, flops_per_token * tokens,
+                                        peaks[dtype])
     _print_train(result)
     return result
 
@@ -366,8 +368,8 @@ def _print_train(r):
         print(f"step phases (ms): forward {ph['forward']:,.1f}, backward {ph['backward']:,.1f}, grad clipping "
               f"{ph['clip']:,.1f}, AdamW + zero_grad {ph['optimizer']:,.1f}")
         print(f"timed alone at the model's shapes (ms): linear matmuls forward {k['matmul_fwd']:,.1f} / backward "
-              f"{k['matmul_bwd']:,.1f}; attention forward {k['attention_fwd']:,.1f} / backward {k['attention_bwd']:,.1f}"
-              f"; the rest (casts, GELU, LayerNorm, adds, embedding, loss softmax) forward "
+              f"{k['matmul_bwd']:,.1f}; attention forward {k['attention_fwd']:,.1f} / backward "
+              f"{k['attention_bwd']:,.1f}; the rest (casts, GELU, LayerNorm, adds, embedding, loss softmax) forward "
               f"{b['elementwise_ms']['forward']:,.1f} / backward {b['elementwise_ms']['backward']:,.1f}")
         c = b["mfu_ceiling"]
         print(f"MFU ceiling if only the matmuls took time: {c['matmuls']:.1%}; matmuls + attention: "
