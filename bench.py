@@ -140,6 +140,7 @@ def _train_setup(cfg):
         raise SystemExit(f"error: unknown --preset={cfg['preset']!r}: use one of {sorted(TRAIN_PRESETS)}")
     p = dict(TRAIN_PRESETS[cfg["preset"]])
     p.update({k: cfg[k] for k in ("batch_size", "block_size", "steps", "warmup") if cfg[k]})
+    p["grad_clip"] = train.DEFAULTS["grad_clip"]
     device = resolve_device(cfg["device"])
     dtype = "float32" if cfg["baseline"] else resolve_dtype(cfg["dtype"], device, training=True)
     run = {"device": device, "dtype": dtype, "ddp": False, "compile": train.resolve_compile(cfg["compile"], device)}
@@ -153,9 +154,11 @@ def _train_setup(cfg):
         optimizer = _baseline(model, optimizer)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=run["dtype"] == "float16")
     step_cfg = {"gradient_accumulation_steps": 1, "batch_size": p["batch_size"], "block_size": p["block_size"],
-                "grad_clip": 1.0}
+                "grad_clip": p["grad_clip"]}
     compiled = torch.compile(model) if run["compile"] else model
-    step = lambda data, gen: train.train_step(compiled, optimizer, scaler, data, gen, step_cfg, run)  # noqa: E731
+
+    def step(data, gen):
+        return train.train_step(compiled, optimizer, scaler, data, gen, step_cfg, run)
     return p, run, model, compiled, optimizer, step
 
 
@@ -238,11 +241,13 @@ def kernel_ms(model, batch_size, block_size, dtype, device):
         out["matmul_bwd"] += count * (_median_ms(lambda: g @ w, device) + _median_ms(lambda: g.t() @ x, device))
     q, k, v = (torch.randn(batch_size, cfg.n_head, block_size, cfg.n_embd // cfg.n_head, device=device)
                .to(dt).requires_grad_() for _ in range(3))
-    with torch.no_grad():
-        out["attention_fwd"] = cfg.n_layer * _median_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-                                                        device)
     grad = torch.randn_like(q)
-    both = _median_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad), device)
+
+    def attend():
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    with torch.no_grad():
+        out["attention_fwd"] = cfg.n_layer * _median_ms(attend, device)
+    both = _median_ms(lambda: attend().backward(grad), device)
     out["attention_bwd"] = cfg.n_layer * both - out["attention_fwd"]
     return {key: round(ms, 1) for key, ms in out.items()}
 
@@ -250,7 +255,8 @@ def kernel_ms(model, batch_size, block_size, dtype, device):
 def phase_ms(model, optimizer, data, gen, p, run, steps=3):
     """Median wall ms of each phase of a training step (forward with the loss, backward, grad-norm clipping, AdamW
     step and zero_grad), with a device sync between phases. Not torch.profiler: on CPU its bookkeeping fragments
-    the heap, so the large-tensor ops page-fault and show up many times slower than they run."""
+    the heap, so the large-tensor ops page-fault and show up many times slower than they run. Timing only: a
+    float16 run's GradScaler is left out here (no accumulation or DDP either, as in the bench's own steps)."""
     import statistics
     import time
     import torch
@@ -266,7 +272,7 @@ def phase_ms(model, optimizer, data, gen, p, run, steps=3):
         marks.append(_synced_clock(run["device"]))
         loss.backward()
         marks.append(_synced_clock(run["device"]))
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), p["grad_clip"])
         marks.append(_synced_clock(run["device"]))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -153,4 +153,9 @@ def test_bench_train_profile_breakdown(capsys):
     ceiling = b["mfu_ceiling"]
     # each ceiling counts more of the step's work as taking time, so they can only go down
     assert ceiling["matmuls"] >= ceiling["matmuls_attention"] >= ceiling["matmuls_attention_clip_adamw"] > 0
+    # the first ceiling is the step's FLOPs done in the time of the matmuls alone, against the measured peak
+    # (the JSON's figures are rounded, hence the tolerance)
+    flops = result["flops_per_token"] * result["batch_size"] * result["block_size"]
+    matmul_s = (b["kernel_ms"]["matmul_fwd"] + b["kernel_ms"]["matmul_bwd"]) / 1000
+    assert ceiling["matmuls"] == pytest.approx(flops / matmul_s / (result["peak_gflops_dtype"] * 1e9), rel=0.03)
     assert "MFU ceiling if only the matmuls took time" in out and "step phases (ms)" in out
