@@ -9,11 +9,25 @@
 
 Every run ends with one machine-readable JSON line.
 """
+import importlib.util
 import json
 import os
+import resource
+import statistics
 import sys
+import time
+import types
 
-import configurator
+import torch
+import torch.nn.functional as F
+
+from chat_gpt2 import configurator
+from chat_gpt2.device import (autocast, known_peak_flops, measure_matmul_peak, resolve_compile, resolve_device,
+                              resolve_dtype, sync, tune_cpu_allocator)
+from chat_gpt2.engine import SamplingParams, generate
+from chat_gpt2.hf_gpt2 import hf_config, hf_state_dict
+from chat_gpt2.model import GPT, GPTConfig
+from chat_gpt2.training import DEFAULT_GRAD_CLIP, to_device, train_step
 
 DEFAULTS = dict(
     mode="train",  # train | generate
@@ -31,80 +45,7 @@ DEFAULTS = dict(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Peak FLOP/s, for MFU: measured on this device, or a CUDA GPU's data sheet (train.py's log uses these too)
-
-# Dense (no sparsity) peak TFLOP/s by dtype, matched as a substring of torch.cuda.get_device_name(), first match
-# wins. fp32 is the plain (non-TF32) rate, as nothing here turns TF32 on; bf16 on consumer cards with fp32 accumulate.
-KNOWN_GPU_PEAKS = [
-    ("H100 PCIe", {"bfloat16": 756, "float16": 756, "float32": 51}),
-    ("H100", {"bfloat16": 989, "float16": 989, "float32": 67}),
-    ("H200", {"bfloat16": 989, "float16": 989, "float32": 67}),
-    ("A100", {"bfloat16": 312, "float16": 312, "float32": 19.5}),
-    ("L40S", {"bfloat16": 362, "float16": 362, "float32": 91.6}),
-    ("L4", {"bfloat16": 121, "float16": 121, "float32": 30.3}),
-    ("RTX 4090", {"bfloat16": 165, "float16": 165, "float32": 82.6}),
-    ("RTX 3090", {"bfloat16": 71, "float16": 71, "float32": 35.6}),
-    ("V100", {"float16": 125, "float32": 15.7}),
-    ("T4", {"float16": 65, "float32": 8.1}),
-]
-
-
-def _sync(device):
-    import torch
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    elif device.startswith("mps"):
-        torch.mps.synchronize()
-
-
-def measure_matmul_peak(device, dtype, sizes=(1024, 2048), repeats=3):
-    """Best FLOP/s of square (n x n) @ (n x n) matmuls in dtype on device, over sizes and repeats: the ceiling the
-    model's linear layers run against (under autocast they are matmuls in that dtype)."""
-    import time
-    import torch
-    inner = 1 if device == "cpu" else 10  # a GPU matmul is too short to time alone
-    best = 0.0
-    for n in sizes:
-        a, b = (torch.randn(n, n, device=device).to(getattr(torch, dtype)) for _ in range(2))
-        out = torch.matmul(a, b)  # warm-up: kernel choice, first-touch pages; then reuse the output buffer
-        _sync(device)
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                torch.matmul(a, b, out=out)
-            _sync(device)
-            best = max(best, inner * 2 * n ** 3 / (time.perf_counter() - t0))
-    return best
-
-
-def known_peak_flops(device, dtype):
-    """This CUDA GPU's data-sheet peak FLOP/s for dtype, or None (not CUDA, or a GPU not in KNOWN_GPU_PEAKS)."""
-    import torch
-    if not device.startswith("cuda"):
-        return None
-    name = torch.cuda.get_device_name(torch.device(device))
-    peaks = next((p for key, p in KNOWN_GPU_PEAKS if key in name), {})
-    return peaks[dtype] * 1e12 if dtype in peaks else None
-
-
-def peak_flops(device, dtype, sizes=(1024, 2048), repeats=3):
-    """The peak MFU is reported against: a listed GPU's data sheet, else measured here (CPU, MPS, other GPUs).
-    Returns (FLOP/s, 'known' | 'measured'). Measured once per process and thread count (tests train many times)."""
-    import torch
-    known = known_peak_flops(device, dtype)
-    if known:
-        return known, "known"
-    key = (device, dtype, tuple(sizes), repeats, torch.get_num_threads())
-    if key not in _MEASURED:
-        _MEASURED[key] = measure_matmul_peak(device, dtype, sizes, repeats)
-    return _MEASURED[key], "measured"
-
-
-_MEASURED = {}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Training (issue 5): train.py's own train_step on random tokens, against the measured peak
+# Training: train.py's own train_step on random tokens, against the measured peak
 
 # Shapes of the issue's reference figures: vocab 50304, no bias, no dropout, one micro-step, block 256.
 TRAIN_PRESETS = {
@@ -118,14 +59,13 @@ TRAIN_PRESETS = {
 
 
 class RandomTokens:
-    """Stands in for train.ChatData: uniform random tokens, every position learned (mask 1), so the LM head runs
+    """Stands in for dataset.ChatData: uniform random tokens, every position learned (mask 1), so the LM head runs
     on every position as in nanoGPT and the FLOP count 6N + 12LHQT is the work actually done."""
 
     def __init__(self, vocab_size):
         self.vocab_size = vocab_size
 
     def get_batch(self, batch_size, block_size, generator):
-        import torch
         seq = torch.randint(self.vocab_size, (batch_size, block_size + 1), generator=generator)
         return seq[:, :-1].contiguous(), seq[:, 1:].contiguous(), torch.ones(batch_size, block_size)
 
@@ -133,19 +73,16 @@ class RandomTokens:
 def _train_setup(cfg):
     """The preset with cfg's overrides; the model, the module that runs (compiled or the model), the optimizer, and
     one train.py step as a function."""
-    import torch
-    import train
-    from model import GPT, GPTConfig, resolve_device, resolve_dtype
     if cfg["preset"] not in TRAIN_PRESETS:
         raise SystemExit(f"error: unknown --preset={cfg['preset']!r}: use one of {sorted(TRAIN_PRESETS)}")
     p = dict(TRAIN_PRESETS[cfg["preset"]])
     p.update({k: cfg[k] for k in ("batch_size", "block_size", "steps", "warmup") if cfg[k]})
-    p["grad_clip"] = train.DEFAULTS["grad_clip"]
+    p["grad_clip"] = DEFAULT_GRAD_CLIP
     device = resolve_device(cfg["device"])
     dtype = "float32" if cfg["baseline"] else resolve_dtype(cfg["dtype"], device, training=True)
-    run = {"device": device, "dtype": dtype, "ddp": False, "compile": train.resolve_compile(cfg["compile"], device)}
+    run = {"device": device, "dtype": dtype, "ddp": False, "compile": resolve_compile(cfg["compile"], device)}
     if not cfg["baseline"]:
-        train.tune_cpu_allocator(device)
+        tune_cpu_allocator(device)
     torch.manual_seed(cfg["seed"])
     model = GPT(GPTConfig(n_layer=p["n_layer"], n_head=p["n_head"], n_embd=p["n_embd"], block_size=p["block_size"],
                           vocab_size=50304, bias=False, dropout=0.0)).to(device)
@@ -158,7 +95,7 @@ def _train_setup(cfg):
     compiled = torch.compile(model) if run["compile"] else model
 
     def step(data, gen):
-        return train.train_step(compiled, optimizer, scaler, data, gen, step_cfg, run)
+        return train_step(compiled, optimizer, scaler, data, gen, step_cfg, run)
     return p, run, model, compiled, optimizer, step
 
 
@@ -166,9 +103,6 @@ def _baseline(model, optimizer):
     """nanoGPT's CPU recipe, to compare against on the same machine: PyTorch's default (unfused, for-loop on CPU)
     AdamW, and F.cross_entropy over the full fp32 logits instead of model.head_loss (fp32 and glibc's default
     allocator are set by the caller)."""
-    import types
-    import torch
-    import torch.nn.functional as F
 
     def plain_loss(self, x, targets, loss_mask):  # every position is learned here (RandomTokens)
         return F.cross_entropy(self.lm_head(x).float(), targets, ignore_index=-1)
@@ -179,22 +113,19 @@ def _baseline(model, optimizer):
 
 
 def _peak_rss_mb():
-    import resource
-    import sys as _sys
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2 ** 20 if _sys.platform == "darwin" else rss / 2 ** 10  # bytes on macOS, KiB on Linux
+    return rss / 2 ** 20 if sys.platform == "darwin" else rss / 2 ** 10  # bytes on macOS, KiB on Linux
 
 
 def _time_steps(step, data, gen, n, device):
     """Run n steps, syncing once per step. Returns (wall seconds per step, process CPU seconds per step, the loss
     of each step). CPU time is what a step costs whatever else the machine runs; wall time well above CPU time /
     threads means other processes took the cores."""
-    import time
     times, cpu, losses = [], [], []
     for _ in range(n):
         t0, c0 = time.perf_counter(), time.process_time()
         loss = step(data, gen)
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
         losses.append(loss)
@@ -212,15 +143,13 @@ def _measure_peaks(device, dtype, p, peaks=None):
 
 def _median_ms(fn, device, repeats=5):
     """Median wall milliseconds of fn() over repeats, after one warm-up call."""
-    import statistics
-    import time
     fn()
     times = []
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append((time.perf_counter() - t0) * 1000)
     return statistics.median(times)
 
@@ -229,8 +158,6 @@ def kernel_ms(model, batch_size, block_size, dtype, device):
     """The step's matmul-bound work timed alone at the model's shapes in dtype, in ms: the linear layers' matmuls
     (every Linear and the tied LM head on all tokens; forward x @ W.T, backward g @ W and g.T @ x: the 6N of the
     FLOP count) and attention (SDPA, causal) forward and forward + backward, times n_layer."""
-    import torch
-    import torch.nn.functional as F
     dt, tokens, cfg = getattr(torch, dtype), batch_size * block_size, model.config
     shapes = [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)]
     out = {"matmul_fwd": 0.0, "matmul_bwd": 0.0}
@@ -257,15 +184,10 @@ def phase_ms(model, optimizer, data, gen, p, run, steps=3):
     step and zero_grad), with a device sync between phases. Not torch.profiler: on CPU its bookkeeping fragments
     the heap, so the large-tensor ops page-fault and show up many times slower than they run. Timing only: a
     float16 run's GradScaler is left out here (no accumulation or DDP either, as in the bench's own steps)."""
-    import statistics
-    import time
-    import torch
-    import train
-    from model import autocast
     names = ("forward", "backward", "clip", "optimizer")
     times = {name: [] for name in names}
     for _ in range(steps):
-        x, y, m = train.to_device(data.get_batch(p["batch_size"], p["block_size"], gen), run["device"])
+        x, y, m = to_device(data.get_batch(p["batch_size"], p["block_size"], gen), run["device"])
         marks = [time.perf_counter()]
         with autocast(run["device"], run["dtype"]):
             _, loss = model(x, y, m)
@@ -283,8 +205,7 @@ def phase_ms(model, optimizer, data, gen, p, run, steps=3):
 
 
 def _synced_clock(device):
-    import time
-    _sync(device)
+    sync(device)
     return time.perf_counter()
 
 
@@ -308,8 +229,6 @@ def breakdown(model, compiled, optimizer, data, gen, p, run, flops_per_step, pea
 
 def bench_train(cfg):
     """Train steps/s, tokens/s, achieved FLOP/s and MFU against the peaks measured in the same run, peak memory."""
-    import statistics
-    import torch
     p, run, model, compiled, optimizer, step = _train_setup(cfg)
     device, dtype = run["device"], run["dtype"]
     peaks = _measure_peaks(device, dtype, p)
@@ -383,7 +302,7 @@ def _print_train(r):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Generation (issue 4): new tokens/s with and without the KV cache, and transformers' cached generate
+# Generation: new tokens/s with and without the KV cache, and transformers' cached generate
 
 GEN_PRESETS = {
     "quick": dict(model=dict(n_layer=2, n_head=2, n_embd=64, vocab_size=50257, block_size=128),
@@ -395,8 +314,6 @@ GEN_PRESETS = {
 
 def _gen_setup(cfg):
     """The preset with cfg's overrides applied, and a random-weight model of its shape (seeded)."""
-    import torch
-    from model import GPT, GPTConfig
     if cfg["gen_preset"] not in GEN_PRESETS:
         raise SystemExit(f"error: unknown --gen_preset={cfg['gen_preset']!r}: use one of {sorted(GEN_PRESETS)}")
     preset = dict(GEN_PRESETS[cfg["gen_preset"]])
@@ -409,21 +326,18 @@ def _gen_setup(cfg):
 
 def _time_ours(model, prompt, new_tokens, use_cache, device, dtype):
     """Greedy generation of exactly new_tokens tokens; returns (seconds, the tokens (B, new_tokens))."""
-    import time
-    import torch
-    from model import autocast, generate
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     with autocast(device, dtype):
-        tokens = torch.stack(list(generate(model, prompt, new_tokens, temperature=0.0, use_cache=use_cache)), dim=1)
-    _sync(device)
+        tokens = torch.stack(list(generate(model, prompt, SamplingParams(temperature=0.0, max_new_tokens=new_tokens),
+                                            use_cache=use_cache)), dim=1)
+    sync(device)
     return time.perf_counter() - t0, tokens
 
 
 def _hf_model(model):
-    """transformers' GPT2LMHeadModel holding our weights, converted as export.py converts them."""
+    """transformers' GPT2LMHeadModel holding our weights, converted as an export converts them."""
     from transformers import GPT2Config, GPT2LMHeadModel
-    from export import hf_config, hf_state_dict
     hf = GPT2LMHeadModel(GPT2Config.from_dict(hf_config(model.config)))
     missing, unexpected = hf.load_state_dict(hf_state_dict(model), strict=False)
     assert not unexpected and all(k == "lm_head.weight" or k.endswith(".attn.bias") for k in missing), missing
@@ -431,21 +345,17 @@ def _hf_model(model):
 
 
 def _time_hf(hf, prompt, new_tokens, device):
-    import time
-    import torch
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, use_cache=True,
                           max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
-    _sync(device)
+    sync(device)
     return time.perf_counter() - t0, out[:, prompt.size(1):]
 
 
 def bench_generate(cfg):
     """Table of new tokens/s per (implementation, batch size); returns the rows for the JSON line."""
-    import torch
-    from model import resolve_device, resolve_dtype
     device = resolve_device(cfg["device"])
     dtype = resolve_dtype(cfg["dtype"], device)
     preset, model = _gen_setup(cfg)
@@ -490,11 +400,7 @@ def _speedups(rows):
 
 
 def _has_transformers():
-    try:
-        import transformers  # noqa: F401
-        return True
-    except ImportError:
-        return False
+    return importlib.util.find_spec("transformers") is not None
 
 
 def main(argv=None):

@@ -28,19 +28,19 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory):
     """A prepared dataset (folder path) from helpers.chat_records(): read it, never write to it."""
-    import prepare
+    from chat_gpt2.dataset import build_dataset
     root = tmp_path_factory.mktemp("tiny")
     src = helpers.write_records(root / "chat.jsonl", helpers.chat_records())
-    prepare.prepare([str(src)], out_dir=str(root / "data"), val_fraction=0.2, seed=1)
+    build_dataset([str(src)], out_dir=str(root / "data"), val_fraction=0.2, seed=1)
     return str(root / "data")
 
 
 @pytest.fixture(scope="session")
 def tiny_val_dataset(tmp_path_factory):
     """A prepared dataset whose val split is one short conversation, far fewer tokens than a training window."""
-    import prepare
+    from chat_gpt2.dataset import build_dataset
     root = tmp_path_factory.mktemp("tinyval")
     train = helpers.write_records(root / "train.jsonl", helpers.chat_records())
     val = helpers.write_records(root / "val.jsonl", [{"user": "Hi", "assistant": "Hello"}])
-    prepare.prepare([str(train)], out_dir=str(root / "data"), val_file=str(val))
+    build_dataset([str(train)], out_dir=str(root / "data"), val_file=str(val))
     return str(root / "data")

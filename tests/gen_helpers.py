@@ -3,8 +3,9 @@ from dataclasses import asdict
 
 import torch
 
-import chat
-from model import GPT, GPTConfig, save_checkpoint
+from chat_gpt2 import chat
+from chat_gpt2.checkpoint import save_checkpoint
+from chat_gpt2.model import GPT, GPTConfig
 
 
 def tiny_model(seed=0, block_size=64, n_layer=2, n_head=2, n_embd=32, vocab_size=50304, **overrides):

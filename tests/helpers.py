@@ -76,7 +76,7 @@ def conversations(folder, split):
 
 
 def decode(ids):
-    import chat
+    from chat_gpt2 import chat
     return chat.get_encoder().decode(list(ids))
 
 

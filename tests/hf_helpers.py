@@ -2,7 +2,7 @@
 (requirements-dev.txt); nothing here touches the network."""
 import torch
 
-import chat
+from chat_gpt2 import chat
 
 TINY_HF = dict(n_layer=2, n_head=2, n_embd=32, n_positions=64)
 

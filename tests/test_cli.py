@@ -5,10 +5,10 @@ import re
 import pytest
 import torch
 
-import chat
 import sample
+from chat_gpt2 import chat, engine
+from chat_gpt2.model import GPT, GPTConfig
 from helpers import EOT, checkpoints, decode, load_ckpt, read_metrics, run, script, write_records
-from model import GPT, GPTConfig
 
 ENC_VOCAB = chat.VOCAB_SIZE
 QUESTION = "What is 3 plus 4?"
@@ -133,7 +133,7 @@ def test_sample_newest_checkpoint_literal_endoftext_and_sampling(cli_run):
 
 
 class Spy:
-    """Wraps sample.generate to record the prompt ids it is given."""
+    """Wraps engine.generate to record the prompt ids it is given."""
 
     def __init__(self, real):
         self.real, self.prompts = real, []
@@ -151,8 +151,8 @@ class Spy:
 ])
 def test_sample_prompt_ids(cli_run, monkeypatch, capsys, args, expected):
     cwd, best = cli_run
-    spy = Spy(sample.generate)
-    monkeypatch.setattr(sample, "generate", spy)
+    spy = Spy(engine.generate)
+    monkeypatch.setattr(engine, "generate", spy)
     sample.main([f"--ckpt={best}", "--device=cpu", "--max_new_tokens=2", "--num_samples=2", *args])
     assert spy.prompts == [[expected, expected]]
     assert EOT not in expected

@@ -5,7 +5,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configurator import ConfigError, load, parse  # noqa: E402
+from chat_gpt2.configurator import ConfigError, load, parse  # noqa: E402
 
 DEFAULTS = {
     "out_dir": "out",

@@ -9,8 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import chat
+from chat_gpt2 import chat
 import eval as eval_py
+from chat_gpt2 import evaluation
+from chat_gpt2.judge import make_judge
+from chat_gpt2.engine import Engine
 import gen_helpers
 import helpers
 
@@ -51,7 +54,7 @@ def run_eval(capsys, *args):
     ("", "Paris", False),
 ])
 def test_exact_match(response, reference, expected):
-    assert eval_py.exact_match(response, reference) is expected
+    assert evaluation.exact_match(response, reference) is expected
 
 
 @pytest.mark.parametrize("response, reference, expected", [
@@ -63,7 +66,7 @@ def test_exact_match(response, reference, expected):
     ("...", "a", 0.0),
 ])
 def test_token_f1(response, reference, expected):
-    assert eval_py.token_f1(response, reference) == pytest.approx(expected)
+    assert evaluation.token_f1(response, reference) == pytest.approx(expected)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -75,11 +78,11 @@ def test_replies_on_handmade_file(tmp_path, tiny_ckpt, capsys, monkeypatch):
     # the model answers the first and third conversations correctly (plus extra lines), the second wrongly
     canned = {"What is 2 plus 3?": "5\nmore", "Capital of France?": "Lyon is the capital", "Opposite of hot?": "cold"}
 
-    def fake_generate_batch(model, prompts, max_new_tokens, stop, **kwargs):
+    def fake_generate_batch(engine, prompts, params, on_text=None, generator=None):
         texts = [chat.get_encoder().decode(p) for p in prompts]
         return [next(v for k, v in canned.items() if t.endswith(f"Human: {k}\nAssistant:")) for t in texts]
 
-    monkeypatch.setattr(eval_py, "generate_batch", fake_generate_batch)
+    monkeypatch.setattr(Engine, "generate_batch", fake_generate_batch)
     out_path = tmp_path / "replies.jsonl"
     summary, out = run_eval(capsys, f"--ckpt={tiny_ckpt}", f"--data={data}", f"--out={out_path}")
     assert "exact match: 66.7% (2/3)" in out
@@ -103,7 +106,7 @@ def test_replies_from_the_model(tmp_path, tiny_ckpt, capsys):
     rows = [json.loads(line) for line in out_path.read_text().splitlines()]
     assert len(rows) == 3 and set(rows[0]) == {"prompt", "reference", "response", "exact_match", "f1"}
     for row in rows:
-        assert row["exact_match"] == eval_py.exact_match(row["response"], row["reference"])
+        assert row["exact_match"] == evaluation.exact_match(row["response"], row["reference"])
         assert "\n" not in row["response"]
     # same length prompts are batched; greedy replies equal one-by-one generation
     again = eval_py.main(["--device=cpu", f"--ckpt={tiny_ckpt}", f"--data={data}", f"--out={out_path}",
@@ -132,7 +135,7 @@ def test_windows_score_every_assistant_token_once(tiny_dataset, block_size):
     d = helpers.read_split(tiny_dataset, "val")
     ends = list(d["convs"][1:]) + [len(d["ids"])]
     scored = []
-    for start, tokens, mask in eval_py.conversation_windows(d["ids"], d["mask"], d["convs"], d["turns"], block_size):
+    for start, tokens, mask in evaluation.conversation_windows(d["ids"], d["mask"], d["convs"], d["turns"], block_size):
         assert len(tokens) <= block_size + 1 and (tokens == d["ids"][start:start + len(tokens)]).all()
         conv = max(i for i, a in enumerate(d["convs"]) if a <= start)
         assert start + len(tokens) <= ends[conv]  # inside one conversation
@@ -169,9 +172,9 @@ def test_judge_command(tmp_path):
     judge = tmp_path / "judge.py"
     judge.write_text("import json, sys\nrow = json.load(sys.stdin)\n"
                      "print('score:', 9 if row['response'] == row['reference'] else 2)\n")
-    score = eval_py.make_judge({**eval_py.DEFAULTS, "judge_cmd": f"{sys.executable} {judge}"})
+    score = make_judge({**eval_py.DEFAULTS, "judge_cmd": f"{sys.executable} {judge}"})
     assert score(ROW) == 9.0 and score({**ROW, "response": "6"}) == 2.0
-    failing = eval_py.make_judge({**eval_py.DEFAULTS, "judge_cmd": f"{sys.executable} -c 'import sys; sys.exit(3)'"})
+    failing = make_judge({**eval_py.DEFAULTS, "judge_cmd": f"{sys.executable} -c 'import sys; sys.exit(3)'"})
     with pytest.raises(RuntimeError, match="exited 3"):
         failing(ROW)
 
@@ -198,7 +201,7 @@ def test_judge_endpoint():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_port}/v1"
-        score = eval_py.make_judge({**eval_py.DEFAULTS, "judge_url": url, "judge_model": "judge-1"})
+        score = make_judge({**eval_py.DEFAULTS, "judge_url": url, "judge_model": "judge-1"})
         assert score(ROW) == 7.0
         path, body = _FakeOpenAI.requests[-1]
         assert path == "/v1/chat/completions" and body["model"] == "judge-1"
@@ -209,11 +212,11 @@ def test_judge_endpoint():
     with pytest.raises(RuntimeError, match="judge endpoint .* failed"):
         score(ROW)  # the server is gone: a clear error, not a traceback from urllib
     with pytest.raises(ValueError, match="needs --judge_model"):
-        eval_py.make_judge({**eval_py.DEFAULTS, "judge_url": url})
+        make_judge({**eval_py.DEFAULTS, "judge_url": url})
 
 
 def test_judge_is_off_by_default():
-    assert eval_py.make_judge(dict(eval_py.DEFAULTS)) is None
+    assert make_judge(dict(eval_py.DEFAULTS)) is None
 
 
 def test_cli_with_judge(tmp_path, tiny_ckpt):

@@ -9,12 +9,14 @@ import shutil
 import pytest
 import torch
 
-import chat
+from chat_gpt2 import chat
 import export
 import helpers
 from gen_helpers import tiny_model
 from hf_helpers import max_logit_diff, offline, random_tokens, save_hf, tiny_hf_model
-from model import find_checkpoint, from_pretrained, load_checkpoint, model_from_checkpoint
+from chat_gpt2 import hf_tokenizer
+from chat_gpt2.checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
+from chat_gpt2.hf_gpt2 import from_pretrained
 
 transformers = pytest.importorskip("transformers")
 
@@ -133,7 +135,7 @@ def test_vocab_and_merges_are_openais(tmp_path):
             originals["vocab"] = os.path.join(cache, name)
     if len(originals) < 2:
         pytest.skip("OpenAI's encoder.json / vocab.bpe are not in the tiktoken cache")
-    vocab, merges = export.gpt2_vocab_and_merges(chat.get_encoder())
+    vocab, merges = hf_tokenizer.gpt2_vocab_and_merges(chat.get_encoder())
     with open(originals["vocab"], encoding="utf-8") as f:
         assert json.load(f) == vocab
     with open(originals["merges"], encoding="utf-8") as f:
@@ -161,7 +163,7 @@ def test_chat_template_renders_like_ours(exported):
 def test_chat_template_follows_a_custom_template():
     template = {**chat.TEMPLATE, "user": "<user>{content}</user>\n", "assistant_label": "<bot>"}
     import jinja2
-    rendered = jinja2.Environment().from_string(export.chat_template(template)).render(
+    rendered = jinja2.Environment().from_string(chat.chat_template(template)).render(
         messages=CONVERSATIONS[2], add_generation_prompt=False)
     enc = chat.get_encoder()
     assert rendered == enc.decode(chat.render_conversation(CONVERSATIONS[2], template)[0])

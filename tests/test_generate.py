@@ -4,19 +4,40 @@ import json
 import pytest
 import torch
 
-import chat
 import gen_helpers
 import helpers
 import sample
-from model import GPTConfig, adjust_logits, crop_start, generate, sample_next
-from sample import generate_batch, generate_replies
+from chat_gpt2 import chat
+from chat_gpt2.engine import Engine, SamplingParams, adjust_logits, crop_start, generate, sample_next
+from chat_gpt2.model import GPTConfig, Linear
 
 NEG_INF = float("-inf")
 
 
-def tokens_of(model, idx, n, **kwargs):
+def tokens_of(model, idx, n, use_cache=True, generator=None, vocab_limit=None, **sampling):
     """All generated tokens, (B, n)."""
-    return torch.stack(list(generate(model, idx, n, **kwargs)), dim=1)
+    params = SamplingParams(max_new_tokens=n, **sampling)
+    return torch.stack(list(generate(model, idx, params, use_cache, generator, vocab_limit)), dim=1)
+
+
+def adjust(logits, history=None, **sampling):
+    """adjust_logits with the sampling options as keywords (temperature 1 unless given)."""
+    return adjust_logits(logits, SamplingParams(**{"temperature": 1.0, **sampling}), history)
+
+
+def draw(logits, history=None, generator=None, **sampling):
+    return sample_next(logits, SamplingParams(**{"temperature": 1.0, **sampling}), history, generator)
+
+
+def generate_batch(model, prompts, max_new_tokens, stop=(), on_text=None, use_cache=True, generator=None,
+                   **sampling):
+    params = SamplingParams(max_new_tokens=max_new_tokens, stop=stop, **sampling)
+    return Engine(model, use_cache=use_cache).generate_batch(prompts, params, on_text, generator)
+
+
+def generate_replies(model, prompt, max_new_tokens, stop=(), num_samples=1, generator=None, **sampling):
+    params = SamplingParams(max_new_tokens=max_new_tokens, stop=stop, **sampling)
+    return Engine(model).replies(prompt, params, num_samples, generator=generator)
 
 
 def prompts(batch, length, seed=0):
@@ -71,7 +92,6 @@ def test_long_generation_past_the_sequence_buffer():
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear_few_rows_path_matches_f_linear(shape, bias):
     """model.Linear's CPU path for <= 16 rows (cached decoding) computes W @ x.T: same values and gradients."""
-    from model import Linear
     torch.manual_seed(0)
     layer, x = Linear(24, 40, bias=bias), torch.randn(*shape, requires_grad=True)
     out = layer(x)
@@ -122,11 +142,12 @@ def test_padded_vocabulary_is_never_sampled():
 
 def test_empty_prompt_and_bad_options_fail_clearly(model):
     with pytest.raises(ValueError, match="empty prompt"):
-        next(generate(model, torch.zeros(1, 0, dtype=torch.long), 3))
+        next(generate(model, torch.zeros(1, 0, dtype=torch.long), SamplingParams(max_new_tokens=3)))
     for bad, match in ((dict(temperature=-1.0), "temperature"), (dict(top_p=1.5), "top_p"),
-                       (dict(repetition_penalty=0.0), "repetition_penalty"), (dict(top_k=-2), "top_k")):
+                       (dict(repetition_penalty=0.0), "repetition_penalty"), (dict(top_k=-2), "top_k"),
+                       (dict(max_new_tokens=0), "max_new_tokens")):
         with pytest.raises(ValueError, match=match):
-            next(generate(model, prompts(1, 3), 3, **bad))
+            SamplingParams(**bad)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -135,19 +156,19 @@ def test_empty_prompt_and_bad_options_fail_clearly(model):
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
     logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
-    out = adjust_logits(logits, torch.tensor([[0, 1, 1]]), temperature=0.0, repetition_penalty=2.0)
+    out = adjust(logits, torch.tensor([[0, 1, 1]]), temperature=0.0, repetition_penalty=2.0)
     assert out.tolist() == [[1.0, -2.0, 0.5, 3.0]]  # repeated ids are penalised once, unseen ones untouched
     assert logits.tolist() == [[2.0, -1.0, 0.5, 3.0]]  # the input is not modified
     # greedy decides after the penalty: 3 -> 1.5 loses to 2.9
-    assert sample_next(torch.tensor([[3.0, 2.9]]), torch.tensor([[0]]), temperature=0.0,
-                       repetition_penalty=2.0).tolist() == [1]
+    assert draw(torch.tensor([[3.0, 2.9]]), torch.tensor([[0]]), temperature=0.0,
+                repetition_penalty=2.0).tolist() == [1]
 
 
 def test_temperature_and_top_k():
     logits = torch.tensor([[1.0, 4.0, 2.0, 3.0]])
-    assert adjust_logits(logits, temperature=2.0).tolist() == [[0.5, 2.0, 1.0, 1.5]]
-    assert adjust_logits(logits, top_k=2).tolist() == [[NEG_INF, 4.0, NEG_INF, 3.0]]
-    assert adjust_logits(logits, top_k=10).tolist() == logits.tolist()  # k above the vocabulary: no-op
+    assert adjust(logits, temperature=2.0).tolist() == [[0.5, 2.0, 1.0, 1.5]]
+    assert adjust(logits, top_k=2).tolist() == [[NEG_INF, 4.0, NEG_INF, 3.0]]
+    assert adjust(logits, top_k=10).tolist() == logits.tolist()  # k above the vocabulary: no-op
 
 
 @pytest.mark.parametrize("top_p, kept", [(1.0, [0, 1, 2, 3]), (0.85, [0, 1, 2]), (0.75, [0, 1]), (0.4, [0]),
@@ -155,14 +176,14 @@ def test_temperature_and_top_k():
 def test_top_p_keeps_the_smallest_set_reaching_p(top_p, kept):
     probs = torch.tensor([[0.15, 0.5, 0.05, 0.3]])  # sorted: 1 (0.5), 3 (0.3), 0 (0.15), 2 (0.05)
     order = [1, 3, 0, 2]
-    out = adjust_logits(probs.log(), top_p=top_p)
+    out = adjust(probs.log(), top_p=top_p)
     assert torch.isfinite(out[0]).nonzero().flatten().tolist() == sorted(order[i] for i in kept)
 
 
 def test_top_k_then_top_p_renormalises():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     # after top-k 3 the probabilities are 0.526, 0.316, 0.158: 0.526 + 0.316 >= 0.8 keeps two
-    out = adjust_logits(probs.log(), top_k=3, top_p=0.8)
+    out = adjust(probs.log(), top_k=3, top_p=0.8)
     assert torch.isfinite(out[0]).tolist() == [True, True, False, False]
 
 
@@ -175,7 +196,7 @@ def test_matches_transformers_logits_processors():
     expected = logits.clone()
     for p in processors:
         expected = p(history, expected)
-    ours = adjust_logits(logits, history, temperature=0.7, top_k=100, top_p=0.9, repetition_penalty=1.3)
+    ours = adjust(logits, history, temperature=0.7, top_k=100, top_p=0.9, repetition_penalty=1.3)
     assert torch.equal(torch.isfinite(ours), torch.isfinite(expected))
     assert torch.allclose(ours[torch.isfinite(ours)], expected[torch.isfinite(expected)])
 
@@ -183,7 +204,7 @@ def test_matches_transformers_logits_processors():
 def test_sampling_draws_only_kept_tokens_with_their_probabilities():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     logits = probs.log().expand(4000, 4)
-    draws = sample_next(logits, temperature=1.0, top_k=3, generator=torch.Generator().manual_seed(0))
+    draws = draw(logits, temperature=1.0, top_k=3, generator=torch.Generator().manual_seed(0))
     counts = torch.bincount(draws, minlength=4).float() / len(draws)
     assert counts[3] == 0
     assert torch.allclose(counts[:3], probs[:3] / probs[:3].sum(), atol=0.03)

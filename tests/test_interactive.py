@@ -8,10 +8,12 @@ import time
 
 import pytest
 
-import chat
 import gen_helpers
 import helpers
 import sample
+from chat_gpt2 import chat
+from chat_gpt2.checkpoint import load_model
+from chat_gpt2.engine import Engine
 
 
 @pytest.fixture(scope="module")
@@ -33,15 +35,15 @@ def scripted_input(lines):
 
 
 class FakeGenerate:
-    """Replaces sample.generate_replies: records each prompt and settings, streams a canned reply."""
+    """Replaces Engine.replies: records each prompt and settings, streams a canned reply."""
 
     def __init__(self, replies):
         self.replies, self.calls = list(replies), []
 
-    def __call__(self, model, ids, max_new_tokens, stop, num_samples, on_text, device, generator, use_cache,
-                 temperature, top_k, top_p, repetition_penalty):
-        self.calls.append({"prompt": chat.get_encoder().decode(ids), "n_ids": len(ids), "temperature": temperature,
-                           "top_k": top_k, "max_new_tokens": max_new_tokens})
+    def __call__(self, engine, ids, params, num_samples=1, on_text=None, generator=None):
+        self.calls.append({"prompt": chat.get_encoder().decode(ids), "n_ids": len(ids),
+                           "temperature": params.temperature, "top_k": params.top_k,
+                           "max_new_tokens": params.max_new_tokens})
         reply = self.replies.pop(0)
         if reply is KeyboardInterrupt:
             on_text(0, "partial")
@@ -52,10 +54,10 @@ class FakeGenerate:
 
 def run_loop(monkeypatch, lines, replies, ckpt_path, **cfg):
     fake = FakeGenerate(replies)
-    monkeypatch.setattr(sample, "generate_replies", fake)
-    model, ckpt, device = sample.load_model({**sample.DEFAULTS, "ckpt": ckpt_path, "device": "cpu"})
+    monkeypatch.setattr(Engine, "replies", lambda engine, *args, **kwargs: fake(engine, *args, **kwargs))
+    model, ckpt = load_model(ckpt=ckpt_path)
     out = io.StringIO()
-    history = sample.chat_loop(model, ckpt, {**sample.DEFAULTS, **cfg}, device, scripted_input(lines), out)
+    history = sample.chat_loop(Engine(model), ckpt, {**sample.DEFAULTS, **cfg}, scripted_input(lines), out)
     return history, fake.calls, out.getvalue()
 
 

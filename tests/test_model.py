@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from model import GPT, GPTConfig, KVCache
+from chat_gpt2.engine import KVCache
+from chat_gpt2.model import GPT, GPTConfig
 
 TINY = dict(block_size=16, vocab_size=96, n_layer=2, n_head=4, n_embd=32)
 

@@ -7,8 +7,12 @@ import os
 import numpy as np
 import pytest
 
-import chat
+from chat_gpt2 import chat
 import prepare
+from chat_gpt2 import dataset
+from chat_gpt2.dataset import build_dataset
+from chat_gpt2.errors import InputError, RecordError
+from chat_gpt2.records import iter_json_array
 from helpers import (EOT, SHARED_DATA, all_texts, chat_records, conversations, decode, read_meta, read_split, runs,
                      snapshot, write_records)
 
@@ -34,7 +38,7 @@ def expected(messages):
 def prepared(tmp_path, records, name="data.jsonl", **kw):
     src = write_records(tmp_path / name, records)
     out = str(tmp_path / "out")
-    meta = prepare.prepare([src], out_dir=out, **kw)
+    meta = build_dataset([src], out_dir=out, **kw)
     return out, meta
 
 
@@ -157,7 +161,7 @@ def test_split_by_conversation_with_val_fraction(tmp_path):
 def test_split_is_deterministic_by_seed(tmp_path):
     src = write_records(tmp_path / "d.jsonl", numbered(20))
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):
-        prepare.prepare([src], out_dir=str(tmp_path / name), val_fraction=0.25, seed=seed)
+        build_dataset([src], out_dir=str(tmp_path / name), val_fraction=0.25, seed=seed)
     assert snapshot(tmp_path / "a") == snapshot(tmp_path / "b")
     assert set(all_texts(tmp_path / "a")) == set(all_texts(tmp_path / "c"))
     val_a = {decode(i) for i, _ in conversations(tmp_path / "a", "val")}
@@ -173,7 +177,7 @@ def test_tiny_dataset_still_gets_a_val_conversation(tmp_path, n):
 
 
 def test_single_conversation_is_a_clear_error(tmp_path):
-    with pytest.raises(prepare.InputError, match="at least 2"):
+    with pytest.raises(InputError, match="at least 2"):
         prepared(tmp_path, numbered(1))
     assert not os.listdir(tmp_path / "out")
 
@@ -182,7 +186,7 @@ def test_val_file(tmp_path):
     train_src = write_records(tmp_path / "train.jsonl", numbered(4))
     val_src = write_records(tmp_path / "val.json", [{"question": "Q?", "answer": "A."}])
     out = str(tmp_path / "out")
-    meta = prepare.prepare([train_src], out_dir=out, val_file=val_src)
+    meta = build_dataset([train_src], out_dir=out, val_file=val_src)
     assert meta["conversations"] == {"train": 4, "val": 1}
     assert [decode(ids) for ids, _ in conversations(out, "val")] == ["Human: Q?\nAssistant: A.\n\n<|endoftext|>"]
     assert meta["val_fraction"] is None
@@ -193,7 +197,7 @@ def test_meta_json(tmp_path):
     records = numbered(6) + [{"user": "List two.", "assistant": "one\ntwo"}]
     src = write_records(tmp_path / "d.jsonl", records)
     out = str(tmp_path / "out")
-    returned = prepare.prepare([src], out_dir=out, val_fraction=0.3, seed=5)
+    returned = build_dataset([src], out_dir=out, val_fraction=0.3, seed=5)
     meta = read_meta(out)
     assert meta == returned
     assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50257
@@ -284,7 +288,7 @@ def existing_dataset(tmp_path):
     """out_dir already holding a prepared dataset; returns (out_dir, snapshot of its files)."""
     src = write_records(tmp_path / "good.jsonl", numbered(5))
     out = str(tmp_path / "out")
-    prepare.prepare([src], out_dir=out)
+    build_dataset([src], out_dir=out)
     return out, snapshot(out)
 
 
@@ -292,8 +296,8 @@ def existing_dataset(tmp_path):
 def test_bad_input_error_and_existing_dataset_untouched(tmp_path, existing_dataset, name):
     out, before = existing_dataset
     path = write_bad(tmp_path, name)
-    with pytest.raises(prepare.InputError) as e:
-        prepare.prepare([path], out_dir=out)
+    with pytest.raises(InputError) as e:
+        build_dataset([path], out_dir=out)
     message = str(e.value)
     for part in BAD[name][2]:
         assert part.format(p=path) in message, message
@@ -305,8 +309,8 @@ def test_bad_val_file_is_named(tmp_path, existing_dataset):
     out, before = existing_dataset
     good = write_records(tmp_path / "train.jsonl", numbered(3))
     bad = write_records(tmp_path / "val.jsonl", [GOOD, {"user": "x"}])
-    with pytest.raises(prepare.RecordError, match=f"{bad}:2: field 'assistant' is missing"):
-        prepare.prepare([good], out_dir=out, val_file=bad)
+    with pytest.raises(RecordError, match=f"{bad}:2: field 'assistant' is missing"):
+        build_dataset([good], out_dir=out, val_file=bad)
     assert snapshot(out) == before
 
 
@@ -317,9 +321,9 @@ def test_interrupted_run_leaves_existing_dataset(tmp_path, existing_dataset, mon
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(prepare, "split_stream", interrupted)
+    monkeypatch.setattr(dataset, "split_stream", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        prepare.prepare([src], out_dir=out)
+        build_dataset([src], out_dir=out)
     assert snapshot(out) == before and sorted(os.listdir(out)) == sorted(before)
 
 
@@ -339,7 +343,7 @@ def test_skip_invalid_counts_by_reason(tmp_path):
     path = write_records(tmp_path / "d.jsonl", numbered(4), raw_lines=lines)
     with open(path, "ab") as f:
         f.write(b'{"user": "caf\xe9", "assistant": "b"}\n')
-    meta = prepare.prepare([path], out_dir=str(tmp_path / "out"), skip_invalid=True)
+    meta = build_dataset([path], out_dir=str(tmp_path / "out"), skip_invalid=True)
     assert meta["skipped"] == {"invalid JSON": 2, "wrong type": 1, "unknown schema": 1, "roles out of order": 1,
                                "empty content": 1, "invalid UTF-8": 1}
     assert sum(meta["conversations"].values()) == 4
@@ -348,8 +352,8 @@ def test_skip_invalid_counts_by_reason(tmp_path):
 
 
 def test_skip_invalid_does_not_hide_a_missing_file(tmp_path):
-    with pytest.raises(prepare.InputError, match="not found"):
-        prepare.prepare([str(tmp_path / "nope.jsonl")], out_dir=str(tmp_path / "out"), skip_invalid=True)
+    with pytest.raises(InputError, match="not found"):
+        build_dataset([str(tmp_path / "nope.jsonl")], out_dir=str(tmp_path / "out"), skip_invalid=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -370,7 +374,7 @@ def test_iter_json_array_across_chunk_boundaries(tmp_path, chunk_size, indent):
     text = json.dumps(ARRAY_RECORDS, indent=indent, ensure_ascii=False)
     path.write_bytes((" \r\n" + text + "\n\n").encode("utf-8"))
     hasher = hashlib.sha256()
-    items = list(prepare.iter_json_array(str(path), hasher, chunk_size=chunk_size))
+    items = list(iter_json_array(str(path), hasher, chunk_size=chunk_size))
     assert [record for _, record in items] == ARRAY_RECORDS
     assert [where.split(" ")[0] for where, _ in items] == [f"{path}[{i}]" for i in range(3)]
     assert hasher.hexdigest() == hashlib.sha256(path.read_bytes()).hexdigest()
@@ -383,11 +387,11 @@ def test_iter_json_array_across_chunk_boundaries(tmp_path, chunk_size, indent):
 def test_iter_json_array_error_and_empty(tmp_path, chunk_size):
     empty = tmp_path / "empty.json"
     empty.write_text("[\n]\n")
-    assert list(prepare.iter_json_array(str(empty), hashlib.sha256(), chunk_size)) == []
+    assert list(iter_json_array(str(empty), hashlib.sha256(), chunk_size)) == []
     broken = tmp_path / "broken.json"
     broken.write_text('[\n{"user": "a", "assistant": "b"},\n{"user": "a", "assistant": "b"},\n{"user": oops}\n]\n')
-    with pytest.raises(prepare.InputError, match=r"broken\.json\[2\] \(line 4\): invalid JSON"):
-        list(prepare.iter_json_array(str(broken), hashlib.sha256(), chunk_size))
+    with pytest.raises(InputError, match=r"broken\.json\[2\] \(line 4\): invalid JSON"):
+        list(iter_json_array(str(broken), hashlib.sha256(), chunk_size))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -411,7 +415,7 @@ def test_real_datasets(tmp_path, path):
     if path is None:
         pytest.skip(f"no real data at {SHARED_DATA}")
     out = str(tmp_path / "out")
-    meta = prepare.prepare([path], out_dir=out)
+    meta = build_dataset([path], out_dir=out)
     assert meta["skipped"] == {}
     assert sum(meta["conversations"].values()) == _count_records(path)
     assert meta["conversations"]["val"] > 0 and meta["conversations"]["train"] > 0

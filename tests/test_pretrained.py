@@ -10,7 +10,10 @@ import torch
 
 import helpers
 from hf_helpers import max_logit_diff, offline, save_hf, tiny_hf_model
-from model import GPT, GPTConfig, PretrainedError, from_pretrained, pretrained_config, resolve_pretrained
+from chat_gpt2 import memory
+from chat_gpt2.errors import PretrainedError
+from chat_gpt2.hf_gpt2 import from_pretrained, pretrained_config, resolve_pretrained
+from chat_gpt2.model import GPT, GPTConfig
 
 pytest.importorskip("transformers")
 
@@ -222,10 +225,9 @@ def test_train_from_local_checkpoint_in_process(hf_dir, tiny_dataset, tmp_path):
 
 
 def test_count_params_matches_the_model():
-    import train
     for bias in (True, False):
         config = GPTConfig(block_size=48, vocab_size=50304, n_layer=3, n_head=2, n_embd=32, bias=bias)
-        assert train.count_params(config) == GPT(config).get_num_params(non_embedding=False)
+        assert memory.count_params(config) == GPT(config).get_num_params(non_embedding=False)
 
 
 def test_memory_estimate_and_refusal(monkeypatch, capsys):
@@ -233,23 +235,23 @@ def test_memory_estimate_and_refusal(monkeypatch, capsys):
     cfg = dict(train.DEFAULTS, batch_size=8, block_size=1024)
     gpt2 = GPTConfig(block_size=1024, vocab_size=50257)  # 124M parameters
     run = {"device": "cpu", "dtype": "float32", "ddp": False, "world": 1, "master": True}
-    need = train.estimate_memory(gpt2, cfg, "float32")
+    need = memory.estimate_memory(gpt2, cfg, "float32")
     assert need["weights"] == 4 * 124_439_808 and need["optimizer"] == 2 * need["weights"]
     assert 8 * 2 ** 30 < need["total"] < 14 * 2 ** 30  # 1.9 GiB of state + activations and logits of 8 x 1024
-    monkeypatch.setattr(train, "available_memory", lambda device: 100 * 2 ** 30)
-    assert train.check_memory(gpt2, cfg, run) == need
+    monkeypatch.setattr(memory, "available_memory", lambda device: 100 * 2 ** 30)
+    assert memory.check_memory(gpt2, cfg, run) == need
     assert "memory estimate:" in capsys.readouterr().out
-    monkeypatch.setattr(train, "available_memory", lambda device: 5 * 2 ** 30)  # the activations do not fit
+    monkeypatch.setattr(memory, "available_memory", lambda device: 5 * 2 ** 30)  # the activations do not fit
     with pytest.raises(RuntimeError, match=r"--batch_size=2 --gradient_accumulation_steps=4 \(about the same") as e:
-        train.check_memory(gpt2, cfg, run)
+        memory.check_memory(gpt2, cfg, run)
     print(f"\n{e.value}")
-    monkeypatch.setattr(train, "available_memory", lambda device: 2.5 * 2 ** 30)  # not even one sequence
+    monkeypatch.setattr(memory, "available_memory", lambda device: 2.5 * 2 ** 30)  # not even one sequence
     with pytest.raises(RuntimeError, match=r"use --batch_size=1 with a smaller --block_size"):
-        train.check_memory(gpt2, cfg, run)
-    monkeypatch.setattr(train, "available_memory", lambda device: 2 ** 30)  # the model itself does not fit
+        memory.check_memory(gpt2, cfg, run)
+    monkeypatch.setattr(memory, "available_memory", lambda device: 2 ** 30)  # the model itself does not fit
     with pytest.raises(RuntimeError, match="use a smaller model"):
-        train.check_memory(gpt2, cfg, run)
-    train.check_memory(gpt2, {**cfg, "check_memory": False}, run)  # the escape hatch
-    monkeypatch.setattr(train, "available_memory", lambda device: None)  # unknown: estimate only
-    train.check_memory(gpt2, cfg, run)
+        memory.check_memory(gpt2, cfg, run)
+    memory.check_memory(gpt2, {**cfg, "check_memory": False}, run)  # the escape hatch
+    monkeypatch.setattr(memory, "available_memory", lambda device: None)  # unknown: estimate only
+    memory.check_memory(gpt2, cfg, run)
 

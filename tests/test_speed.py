@@ -9,7 +9,10 @@ import torch
 import torch.nn.functional as F
 
 import helpers
-from model import GPT, GPTConfig, cpu_has_bf16, head_loss, resolve_dtype
+from chat_gpt2 import training
+from chat_gpt2.dataset import load_dataset
+from chat_gpt2.device import cpu_has_bf16, resolve_compile, resolve_dtype
+from chat_gpt2.model import GPT, GPTConfig, head_loss
 
 
 def tiny_model(seed=0, **overrides):
@@ -51,7 +54,6 @@ def test_cpu_defaults():
     assert resolve_dtype("float16", "cpu", training=True) == "float16"  # an explicit dtype always wins
     opt = tiny_model().configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
     assert opt.defaults["fused"] is True
-    from train import resolve_compile
     assert resolve_compile(None, "cuda") and not resolve_compile(None, "cpu") and not resolve_compile(None, "mps")
     assert resolve_compile("true", "cpu") and not resolve_compile(False, "cuda") and resolve_compile("off", "cuda") is False
     with pytest.raises(ValueError):
@@ -60,19 +62,17 @@ def test_cpu_defaults():
 
 def _loss_trajectory(data, dtype, steps=25):
     """Losses of `steps` train.py steps on the tiny dataset from the same seed, in dtype (autocast for bf16)."""
-    import train
     model = tiny_model(seed=1, vocab_size=50304)  # the real vocab: the head and its loss are in the comparison
     optimizer = model.configure_optimizers(0.1, 3e-3, (0.9, 0.95), "cpu")
     cfg = {"gradient_accumulation_steps": 1, "batch_size": 8, "block_size": 32, "grad_clip": 1.0}
     run = {"device": "cpu", "dtype": dtype, "ddp": False}
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     gen = torch.Generator().manual_seed(2)
-    return [train.train_step(model, optimizer, scaler, data, gen, cfg, run).item() for _ in range(steps)]
+    return [training.train_step(model, optimizer, scaler, data, gen, cfg, run).item() for _ in range(steps)]
 
 
 def test_bf16_and_fp32_loss_trajectories_match(tiny_dataset):
-    import train
-    data, _ = train.load_dataset(tiny_dataset)
+    data, _ = load_dataset(tiny_dataset)
     fp32 = _loss_trajectory(data["train"], "float32")
     bf16 = _loss_trajectory(data["train"], "bfloat16")
     assert fp32[-1] < fp32[0] - 2.0  # it learns, so the comparison covers real training, not noise around 10.8

@@ -13,7 +13,9 @@ import torch
 import train
 from helpers import (EOT, checkpoints, decode, env, load_ckpt, read_metrics, run, script, tiny_train_args,
                      train_inprocess)
-from model import GPT, GPTConfig, save_checkpoint
+from chat_gpt2 import dataset, memory, training
+from chat_gpt2.checkpoint import save_checkpoint
+from chat_gpt2.model import GPT, GPTConfig
 
 # ---------------------------------------------------------------------------------------------------------------
 # Learning-rate schedule
@@ -26,27 +28,27 @@ def lr_cfg(**overrides):
 
 def test_get_lr_warmup_peak_decay_and_floor():
     cfg = lr_cfg()
-    assert train.get_lr(0, cfg) == pytest.approx(1e-3 / 11)  # warmup start: never 0
-    assert train.get_lr(5, cfg) == pytest.approx(1e-3 * 6 / 11)
-    assert train.get_lr(9, cfg) == pytest.approx(1e-3 * 10 / 11)  # warmup end
-    assert train.get_lr(10, cfg) == pytest.approx(1e-3)  # peak
-    assert train.get_lr(60, cfg) == pytest.approx(1e-4 + 0.5 * (1e-3 - 1e-4))  # halfway through the cosine
-    assert train.get_lr(35, cfg) == pytest.approx(1e-4 + 0.5 * (1 + np.cos(np.pi / 4)) * 9e-4)
-    assert train.get_lr(110, cfg) == pytest.approx(1e-4)  # end of decay
-    assert train.get_lr(500, cfg) == pytest.approx(1e-4)  # after it: the floor
-    lrs = [train.get_lr(it, cfg) for it in range(10, 111)]
+    assert training.get_lr(0, cfg) == pytest.approx(1e-3 / 11)  # warmup start: never 0
+    assert training.get_lr(5, cfg) == pytest.approx(1e-3 * 6 / 11)
+    assert training.get_lr(9, cfg) == pytest.approx(1e-3 * 10 / 11)  # warmup end
+    assert training.get_lr(10, cfg) == pytest.approx(1e-3)  # peak
+    assert training.get_lr(60, cfg) == pytest.approx(1e-4 + 0.5 * (1e-3 - 1e-4))  # halfway through the cosine
+    assert training.get_lr(35, cfg) == pytest.approx(1e-4 + 0.5 * (1 + np.cos(np.pi / 4)) * 9e-4)
+    assert training.get_lr(110, cfg) == pytest.approx(1e-4)  # end of decay
+    assert training.get_lr(500, cfg) == pytest.approx(1e-4)  # after it: the floor
+    lrs = [training.get_lr(it, cfg) for it in range(10, 111)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
 
 
 def test_get_lr_decay_iters_none_follows_max_iters():
-    assert train.get_lr(60, lr_cfg()) == train.get_lr(60, lr_cfg(lr_decay_iters=110))
-    assert train.get_lr(60, lr_cfg(max_iters=60)) == pytest.approx(1e-4)
-    assert train.get_lr(35, lr_cfg(lr_decay_iters=60)) == pytest.approx(1e-4 + 0.5 * 9e-4)  # explicit value wins
-    assert train.get_lr(60, lr_cfg(lr_decay_iters=60)) == pytest.approx(1e-4)
+    assert training.get_lr(60, lr_cfg()) == training.get_lr(60, lr_cfg(lr_decay_iters=110))
+    assert training.get_lr(60, lr_cfg(max_iters=60)) == pytest.approx(1e-4)
+    assert training.get_lr(35, lr_cfg(lr_decay_iters=60)) == pytest.approx(1e-4 + 0.5 * 9e-4)  # explicit value wins
+    assert training.get_lr(60, lr_cfg(lr_decay_iters=60)) == pytest.approx(1e-4)
 
 
 def test_get_lr_constant_without_decay():
-    assert {train.get_lr(it, lr_cfg(decay_lr=False)) for it in (0, 5, 50, 500)} == {1e-3}
+    assert {training.get_lr(it, lr_cfg(decay_lr=False)) for it in (0, 5, 50, 500)} == {1e-3}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -55,7 +57,7 @@ def test_get_lr_constant_without_decay():
 
 def stops(losses, patience, min_delta):
     """(is_best, should_stop) after each val loss."""
-    stopper = train.EarlyStopping(patience, min_delta)
+    stopper = training.EarlyStopping(patience, min_delta)
     return [stopper.update(v) for v in losses]
 
 
@@ -110,7 +112,7 @@ def check_windows(split, x, y, m):
 
 
 def test_get_batch_windows_start_at_turns_and_masks_follow_targets(tiny_dataset):
-    data, meta = train.load_dataset(tiny_dataset)
+    data, meta = dataset.load_dataset(tiny_dataset)
     split = data["train"]
     gen = torch.Generator().manual_seed(0)
     seen = set()
@@ -128,7 +130,7 @@ def test_get_batch_windows_start_at_turns_and_masks_follow_targets(tiny_dataset)
 
 
 def test_get_batch_on_val_split_shorter_than_block_size(tiny_val_dataset):
-    data, meta = train.load_dataset(tiny_val_dataset)
+    data, meta = dataset.load_dataset(tiny_val_dataset)
     val = data["val"]
     n = len(val.ids)
     assert n < 16 and meta["tokens"]["val"] == n
@@ -140,12 +142,12 @@ def test_get_batch_on_val_split_shorter_than_block_size(tiny_val_dataset):
 
 def test_load_dataset_errors(tmp_path, tiny_dataset):
     with pytest.raises(FileNotFoundError, match="prepare.py"):
-        train.load_dataset(str(tmp_path / "nothing"))
+        dataset.load_dataset(str(tmp_path / "nothing"))
     broken = shutil.copytree(tiny_dataset, tmp_path / "broken")
     with open(broken / "train.bin", "r+b") as f:
         f.truncate(os.path.getsize(broken / "train.bin") - 2)
     with pytest.raises(ValueError, match="incomplete"):
-        train.load_dataset(str(broken))
+        dataset.load_dataset(str(broken))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -153,7 +155,7 @@ def test_load_dataset_errors(tmp_path, tiny_dataset):
 
 
 def test_logged_loss_is_token_weighted_over_micro_batches(tiny_dataset):
-    data, _ = train.load_dataset(tiny_dataset)
+    data, _ = dataset.load_dataset(tiny_dataset)
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, vocab_size=50304, n_layer=1, n_head=2, n_embd=16, dropout=0.0))
     cfg = {"gradient_accumulation_steps": 3, "batch_size": 2, "block_size": 16, "grad_clip": 0.0}
@@ -174,7 +176,7 @@ def test_logged_loss_is_token_weighted_over_micro_batches(tiny_dataset):
         plain_mean = sum(float(model(*b)[1]) for b in batches) / 3
 
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    loss = train.train_step(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), data["train"], gen, cfg,
+    loss = training.train_step(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), data["train"], gen, cfg,
                             runinfo)
     assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
     assert abs(plain_mean - expected.item()) > 1e-4  # the test tells the two means apart

@@ -39,10 +39,12 @@ produces byte-identical files.
 """
 
 import argparse
-import json
 import os
 import random
-import tempfile
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repo root
+from chat_gpt2.files import write_jsonl  # noqa: E402
 
 HELDOUT_PER_FAMILY = 40
 TRAIN_PER_FAMILY = 1000
@@ -186,29 +188,14 @@ def generate(seed: int = 1337):
     return train, heldout
 
 
-def _write_jsonl_atomic(path, records):
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=".jsonl")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file__)))
     p.add_argument("--seed", type=int, default=1337)
     args = p.parse_args(argv)
     train, heldout = generate(args.seed)
-    _write_jsonl_atomic(os.path.join(args.out_dir, "train.jsonl"), train)
-    _write_jsonl_atomic(os.path.join(args.out_dir, "heldout.jsonl"), heldout)
+    write_jsonl(os.path.join(args.out_dir, "train.jsonl"), train)
+    write_jsonl(os.path.join(args.out_dir, "heldout.jsonl"), heldout)
     fams = ",".join(_families())
     print(f"demo data: train.jsonl={len(train)} heldout.jsonl={len(heldout)} "
           f"families={fams} seed={args.seed} out_dir={args.out_dir}")

@@ -1,4 +1,4 @@
-"""The one chat template, shared by prepare.py (training data), sample.py and eval.py (prompts) and export.py.
+"""The one chat template, shared by the prepared data (training), the engine's prompts (sample, eval) and export.
 
 A conversation renders as (the exact bytes, `{...}` replaced by the message text with surrounding whitespace
 stripped):
@@ -12,9 +12,12 @@ disagree on the format: the mask is 1 exactly on what the assistant must learn t
 with the space after `Assistant:`, the turn's closing `\\n\\n`, and the final `<|endoftext|>`), 0 elsewhere.
 User-supplied text is tokenised with `encode_ordinary`, so a literal `<|endoftext|>` typed by a user stays text.
 """
+import json
 import os
 
 import tiktoken
+
+from .errors import MissingFileError
 
 TOKENIZER = "gpt2"
 EOT = 50256  # <|endoftext|>
@@ -42,7 +45,7 @@ def get_encoder(name=TOKENIZER):
         try:
             _encoders[name] = tiktoken.get_encoding(name)
         except Exception as e:  # no network and no cache: say what to do instead of a long traceback
-            raise RuntimeError(
+            raise MissingFileError(
                 f"could not load the {name!r} tokenizer ({type(e).__name__}: {e}). Offline, export "
                 f"TIKTOKEN_CACHE_DIR=/abs/path/to/tiktoken_cache (currently {os.environ.get('TIKTOKEN_CACHE_DIR')!r})"
             ) from None
@@ -99,3 +102,40 @@ def render_prompt(messages, template=TEMPLATE, enc=None):
     for text, _, _ in _segments(messages, template, True):
         ids += enc.encode_ordinary(text)
     return ids
+
+
+def fit_context(system, history, template, enc, budget):
+    """Prompt ids for the conversation: the oldest turns are dropped until it fits budget tokens (the system
+    message always stays; a single message too long to fit keeps its end). Returns (ids, kept history)."""
+    head = [{"role": "system", "content": system}] if system else []
+    while True:
+        ids = render_prompt(head + history, template, enc)
+        if len(ids) <= budget or len(history) == 1:
+            return ids[-budget:], history
+        history = history[2:]  # one user message and the assistant's reply
+
+
+def chat_template(template=TEMPLATE):
+    """A Jinja chat_template (for a Hugging Face tokenizer_config.json) rendering exactly what render_prompt and
+    render_conversation render with `template` (contents stripped, the
+    `<|endoftext|>` closing a finished conversation, `Assistant:` as the generation prompt)."""
+    def lit(text):  # a Jinja string literal
+        return json.dumps(text, ensure_ascii=False)
+
+    def role_text(key, content="message['content'] | trim"):
+        before, _, after = template[key].partition("{content}")
+        return f"{{{{ {lit(before)} + ({content}) + {lit(after)} }}}}"
+
+    return (
+        "{%- for message in messages -%}"
+        "{%- if message['role'] == 'system' -%}" + role_text("system") +
+        "{%- elif message['role'] == 'user' -%}" + role_text("user") +
+        "{%- elif message['role'] == 'assistant' -%}"
+        f"{{{{ {lit(template['assistant_label'])} }}}}" + role_text("assistant") +
+        f"{{{{ {lit(template['turn_end'])} }}}}"
+        "{%- else -%}{{ raise_exception('unknown role: ' + message['role']) }}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        f"{{%- if add_generation_prompt -%}}{{{{ {lit(template['assistant_label'])} }}}}"
+        f"{{%- else -%}}{{{{ {lit(template['eot'])} }}}}{{%- endif -%}}"
+    )

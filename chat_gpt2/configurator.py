@@ -1,4 +1,4 @@
-"""Command-line / config-file configuration shared by train.py, sample.py, export.py, eval.py and bench.py.
+"""Command-line / config-file configuration shared by every script (train.py, sample.py, eval.py, ...).
 
 Convention (as in nanoGPT): a script defines a dict of defaults, then the command line is applied to it
 left to right, later items overriding earlier ones:
@@ -24,11 +24,9 @@ import inspect
 import os
 import sys
 
+from .errors import ConfigError, UserError
+
 _BOOLS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
-
-
-class ConfigError(ValueError):
-    """Bad config file, flag or value; the message names the offending file/arg/key."""
 
 
 def _type_name(default):
@@ -188,11 +186,12 @@ def load(defaults: dict, argv: list[str] | None = None, prog: str = "") -> tuple
 
 
 def run(main):
-    """Entry-point wrapper for the scripts: expected failures (bad paths, values, checkpoints) end in a one-line
-    `error: ...` on stderr with exit status 1 instead of a traceback; Ctrl-C exits with 130."""
+    """Entry-point wrapper for the scripts: the project's own errors (errors.UserError: bad config, input, files,
+    checkpoints) end in a one-line `error: ...` on stderr with exit status 1; anything else is a bug and keeps its
+    traceback. Ctrl-C exits with 130."""
     try:
-        main()
-    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
+        return main()
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:

@@ -1,0 +1,22 @@
+"""The library behind the scripts (prepare.py, train.py, sample.py, eval.py, export.py, bench.py).
+
+Imports point one way: scripts -> this package; inside it, each module imports only the ones listed above it.
+
+    errors        the project's own error types (one-line messages for the user)
+    files         atomic writes (temp file + rename) and temporary folders
+    configurator  config files and --key=value overrides
+    chat          the chat template: token ids and the training mask in one place; the Jinja chat_template
+    device        device, dtype, autocast, the CPU allocator, free memory, peak FLOP/s
+    model         the GPT-2 model
+    engine        generation: KV cache, SamplingParams, batched streaming replies
+    hf_gpt2       Hugging Face GPT-2 weights in and out
+    hf_tokenizer  GPT-2's tokenizer files for an export
+    checkpoint    checkpoint names, atomic save, weights-only load, model rebuild
+    records       reading chat records (.jsonl / .json, six schemas)
+    dataset       the prepared dataset: build it (memmaps + masks) and read it
+    memory        a training run's memory estimate and check
+    training      LR schedule, early stopping, the train step, evaluation of the loss
+    run_log       metrics.jsonl, wandb and the loss plot
+    evaluation    val loss, replies to held-out conversations, exact match and F1
+    judge         the optional external judge
+"""

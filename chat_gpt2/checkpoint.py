@@ -1,0 +1,115 @@
+"""Checkpoints: their names, what they hold, atomic save, weights-only load, the newest one, a model rebuilt.
+
+A run started at YYYYMMDD_HHMMSS writes two files into out_dir:
+    finetuned_YYYYMMDD_HHMMSS.pt        the best model so far (lowest val loss): weights and what sampling needs
+    finetuned_YYYYMMDD_HHMMSS_last.pt   the latest state, with the optimizer, scaler and RNG states for resume
+Both are plain dicts of Python values and tensors, loaded with torch.load(weights_only=True): no pickled classes.
+"""
+import os
+import re
+import time
+from dataclasses import asdict
+
+import torch
+
+from . import chat
+from .errors import CheckpointError, MissingFileError
+from .files import atomic_write
+from .hf_gpt2 import from_pretrained
+from .model import GPT, GPTConfig
+
+CKPT_PATTERN = re.compile(r"^finetuned_(\d{8}_\d{6})(_last)?\.pt$")
+
+
+def checkpoint_path(out_dir, stamp, last=False):
+    return os.path.join(out_dir, f"finetuned_{stamp}{'_last' if last else ''}.pt")
+
+
+def unused_stamp(out_dir):
+    """The run's start time, YYYYMMDD_HHMMSS; a run started in the same second as another gets the next second."""
+    t = time.time()
+    while os.path.exists(checkpoint_path(out_dir, time.strftime("%Y%m%d_%H%M%S", time.localtime(t)), last=True)):
+        t += 1
+    return time.strftime("%Y%m%d_%H%M%S", time.localtime(t))
+
+
+def find_checkpoint(out_dir, last=False):
+    """The newest run's best checkpoint in out_dir (or its latest state with last=True)."""
+    names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+    runs = sorted(m.group(1) for m in map(CKPT_PATTERN.match, names) if m and bool(m.group(2)) == last)
+    if not runs:
+        kind = os.path.basename(checkpoint_path("", "YYYYMMDD_HHMMSS", last))
+        raise MissingFileError(f"no checkpoint {kind} in {out_dir!r}: train first, or pass --ckpt=PATH")
+    return checkpoint_path(out_dir, runs[-1], last)
+
+
+def save_checkpoint(path, ckpt):
+    """Write atomically (temp file + rename): a crash mid-save never leaves a torn or truncated checkpoint."""
+    with atomic_write(path, "wb") as f:
+        torch.save(ckpt, f)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    if not os.path.isfile(path):
+        raise MissingFileError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torn, not a checkpoint, or holding pickled classes
+        raise CheckpointError(f"could not read checkpoint {path}: {type(e).__name__}: {e}") from None
+
+
+def training_checkpoint(raw_model, cfg, meta, state, optimizer=None, scaler=None):
+    """What train.py saves: the weights, the model's shape, the data's template and stop, the run's config and
+    progress (state), the RNG states, and with an optimizer its state and the scaler's (the _last file)."""
+    state = dict(state)
+    ckpt = {
+        "model": raw_model.state_dict(),  # the uncompiled, unwrapped module: no _orig_mod. / module. prefixes
+        "model_args": asdict(raw_model.config),
+        "template": meta["template"], "tokenizer": meta["tokenizer"],
+        "default_stop": meta["default_stop"], "multiline_replies": meta["multiline_replies"],
+        "config": dict(cfg),
+        "rng": {"torch": torch.get_rng_state(), "data": state.pop("data_rng")},
+        **state,
+    }
+    if torch.cuda.is_available():
+        ckpt["rng"]["cuda"] = torch.cuda.get_rng_state()
+    if optimizer is not None:
+        ckpt["optimizer"], ckpt["scaler"] = optimizer.state_dict(), scaler.state_dict()
+    return ckpt
+
+
+def clean_state_dict(state_dict):
+    """Drop wrappers' prefixes (torch.compile's _orig_mod., DDP's module.) so any state dict loads into GPT."""
+    return {re.sub(r"^(_orig_mod\.|module\.)+", "", k): v for k, v in state_dict.items()}
+
+
+def model_from_checkpoint(ckpt, device="cpu", **overrides):
+    """The GPT a checkpoint holds, on device; overrides replace model_args (e.g. dropout for a resumed run)."""
+    missing = [key for key in ("model", "model_args") if key not in ckpt]
+    if missing:
+        raise CheckpointError(f"not a model checkpoint: it lacks {', '.join(missing)}")
+    try:
+        model = GPT(GPTConfig.from_dict({**ckpt["model_args"], **overrides}))
+        model.load_state_dict(clean_state_dict(ckpt["model"]))
+    except (RuntimeError, TypeError, ValueError, AssertionError) as e:
+        raise CheckpointError(f"the checkpoint's weights do not fit its model_args: {str(e).splitlines()[0]}") \
+            from None
+    return model.to(device)
+
+
+def load_model(out_dir="out", ckpt="", init_from="", device="cpu"):
+    """A model to generate with, in eval mode on device, and the checkpoint's chat settings (template, tokenizer,
+    default_stop). From init_from when given (Hugging Face GPT-2 weights: the default template and stop), else
+    from the ckpt file, else the newest run's best checkpoint in out_dir."""
+    if init_from:
+        if init_from in ("scratch", "resume"):
+            raise CheckpointError(f"init_from={init_from!r} means nothing to sample from: name pretrained weights "
+                                  f"(e.g. gpt2 or a local directory), or leave init_from empty to use --ckpt / the "
+                                  f"newest checkpoint")
+        model = from_pretrained(init_from).to(device)
+        info = {"template": chat.TEMPLATE, "tokenizer": chat.TOKENIZER, "default_stop": chat.NEWLINE_STOP}
+    else:
+        path = ckpt or find_checkpoint(out_dir)
+        info = load_checkpoint(path, device)
+        model = model_from_checkpoint(info, device)
+    return model.eval(), info

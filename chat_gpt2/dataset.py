@@ -1,0 +1,249 @@
+"""The prepared dataset: chat records -> token memmaps (build_dataset, for prepare.py) and back (load_dataset, for
+train.py and eval.py). Its files, all aligned token for token, in one folder:
+
+    train.bin / val.bin               uint16 GPT-2 token ids (np.memmap(path, dtype=np.uint16, mode="r"))
+    train_mask.bin / val_mask.bin     uint8, 1 where the assistant's output is learned (see chat.py)
+    train_turns.npy / val_turns.npy   int64 offsets where a turn starts (training windows start only there)
+    train_convs.npy / val_convs.npy   int64 offsets where a conversation starts
+    meta.json                         tokenizer, vocab size, template, counts, multiline_replies, source hashes
+"""
+import hashlib
+import json
+import os
+import sys
+import time
+from collections import Counter
+
+import numpy as np
+import torch
+
+from . import chat
+from .errors import InputError, MissingFileError, RecordError
+from .files import temporary_dir
+from .records import iter_records, to_messages
+
+SPLITS = ("train", "val")
+SPLIT_FILES = (".bin", "_mask.bin", "_turns.npy", "_convs.npy")  # per split: train.bin, train_mask.bin, ...
+BLOCK_SIZES = (128, 256, 512, 1024)
+BATCH = 512  # conversations tokenised per call of tiktoken's threaded batch encoder
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing: tokenise into one temporary stream, then split by conversation
+
+
+class TokenWriter:
+    """Appends rendered conversations to flat files (ids, mask) and remembers turn/conversation offsets."""
+
+    def __init__(self, folder, name):
+        self.ids = open(os.path.join(folder, f"{name}.bin"), "wb")
+        self.mask = open(os.path.join(folder, f"{name}_mask.bin"), "wb")
+        self.n_tokens, self.convs, self.turns, self.lengths, self.learned = 0, [], [], [], 0
+
+    def add(self, ids, mask, turn_starts):
+        self.convs.append(self.n_tokens)
+        self.turns += [self.n_tokens + t for t in turn_starts]
+        self.ids.write(np.asarray(ids, dtype=np.uint16).tobytes())
+        self.mask.write(np.asarray(mask, dtype=np.uint8).tobytes())
+        self.n_tokens += len(ids)
+        self.lengths.append(len(ids))
+        self.learned += int(np.sum(mask, dtype=np.int64))
+
+    def close(self, folder, name):
+        self.ids.close()
+        self.mask.close()
+        np.save(os.path.join(folder, f"{name}_convs.npy"), np.asarray(self.convs, dtype=np.int64))
+        np.save(os.path.join(folder, f"{name}_turns.npy"), np.asarray(self.turns, dtype=np.int64))
+
+
+class Progress:
+    """Prints a progress line every few seconds, only for inputs slow enough to need one."""
+
+    def __init__(self):
+        self.start = self.last = time.time()
+
+    def update(self, n_convs, n_tokens, force=False):
+        now = time.time()
+        if force and now - self.start > 3 or now - self.last > 3:
+            self.last = now
+            print(f"  ... {n_convs:,} conversations, {n_tokens:,} tokens, {now - self.start:.0f}s", file=sys.stderr)
+
+
+def tokenize_inputs(paths, writer, skip_invalid, stats, progress):
+    """Read, validate and render every record of paths into writer. Returns the sha256 of each source."""
+    hashes, batch = {}, []
+
+    def flush():
+        for ids, mask, turns in chat.render_conversations(batch):
+            writer.add(ids, mask, turns)
+        batch.clear()
+        progress.update(len(writer.convs), writer.n_tokens)
+
+    for path in paths:
+        hasher = hashlib.sha256()
+        records = iter_records(path, hasher)
+        while True:
+            try:
+                where, record = next(records)
+                if isinstance(record, RecordError):
+                    raise record
+                messages = to_messages(record, where)
+            except StopIteration:
+                break
+            except RecordError as e:
+                if not skip_invalid:
+                    raise
+                stats["skipped"][e.reason] += 1
+                continue
+            stats["multiline_replies"] |= any("\n" in m["content"].strip() for m in messages
+                                              if m["role"] == "assistant")
+            batch.append(messages)
+            if len(batch) >= BATCH:
+                flush()
+        flush()
+        hashes[path] = hasher.hexdigest()
+    progress.update(len(writer.convs), writer.n_tokens, force=True)
+    return hashes
+
+
+def choose_val(n_convs, val_fraction, seed):
+    """Indices of the val conversations: deterministic from the seed, at least one, never all."""
+    if n_convs < 2:
+        raise InputError(f"only {n_convs} usable conversation(s): at least 2 are needed to split train/val "
+                         "(or pass --val_file)")
+    n_val = min(n_convs - 1, max(1, round(n_convs * val_fraction)))
+    return set(np.random.default_rng(seed).permutation(n_convs)[:n_val].tolist())
+
+
+def split_stream(folder, stream, val, writers):
+    """Copy each conversation of the tokenised stream into the train or val writer, whole."""
+    ids = np.memmap(os.path.join(folder, "all.bin"), dtype=np.uint16, mode="r")
+    mask = np.memmap(os.path.join(folder, "all_mask.bin"), dtype=np.uint8, mode="r")
+    turns = np.asarray(stream.turns, dtype=np.int64)
+    ends = stream.convs[1:] + [stream.n_tokens]
+    for i, (a, b) in enumerate(zip(stream.convs, ends)):
+        conv_turns = turns[np.searchsorted(turns, a):np.searchsorted(turns, b)] - a
+        writers["val" if i in val else "train"].add(ids[a:b], mask[a:b], conv_turns.tolist())
+
+
+def summarize(writers, stats):
+    lengths = np.asarray(writers["train"].lengths + writers["val"].lengths)
+    tokens = {s: writers[s].n_tokens for s in SPLITS}
+    learned = sum(writers[s].learned for s in SPLITS)
+    return {
+        "conversations": {s: len(writers[s].convs) for s in SPLITS},
+        "tokens": tokens,
+        "skipped": dict(stats["skipped"]),
+        "length_percentiles": {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 99, 100)},
+        "longer_than_block_size": {str(b): int((lengths > b + 1).sum()) for b in BLOCK_SIZES},
+        "learned_token_share": round(learned / max(1, sum(tokens.values())), 4),
+    }
+
+
+def build_dataset(inputs, out_dir="data/chat", val_fraction=0.1, val_file=None, seed=1337, skip_invalid=False):
+    """Build the dataset in a temporary folder inside out_dir, then move it into place. Returns meta."""
+    if not 0 < val_fraction < 1 and val_file is None:
+        raise InputError(f"--val_fraction must be between 0 and 1, got {val_fraction}")
+    with temporary_dir(out_dir, ".prepare-") as tmp:
+        stats, progress = {"skipped": Counter(), "multiline_replies": False}, Progress()
+        writers = {s: TokenWriter(tmp, s) for s in SPLITS}
+        if val_file is None:
+            stream = TokenWriter(tmp, "all")
+            hashes = tokenize_inputs(inputs, stream, skip_invalid, stats, progress)
+            stream.close(tmp, "all")
+            split_stream(tmp, stream, choose_val(len(stream.convs), val_fraction, seed), writers)
+        else:
+            hashes = tokenize_inputs(inputs, writers["train"], skip_invalid, stats, progress)
+            hashes.update(tokenize_inputs([val_file], writers["val"], skip_invalid, stats, progress))
+        for s in SPLITS:
+            writers[s].close(tmp, s)
+            if not writers[s].convs:
+                raise InputError(f"no usable conversations for the {s} split")
+        meta = {"tokenizer": chat.TOKENIZER, "vocab_size": chat.VOCAB_SIZE, "template": chat.TEMPLATE,
+                "multiline_replies": stats["multiline_replies"],
+                "default_stop": chat.default_stop(stats["multiline_replies"]),
+                **summarize(writers, stats), "sources": hashes, "seed": seed,
+                "val_fraction": None if val_file else val_fraction}
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=2)
+        # move into place; meta.json last, so a reader never sees a new meta with old data
+        names = [f"{s}{suffix}" for s in SPLITS for suffix in SPLIT_FILES]
+        for name in names + ["meta.json"]:
+            os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+        return meta
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading: windows that start on a conversation or turn boundary
+
+
+class ChatData:
+    """One split of a prepared dataset, memory-mapped. Batches are windows of block_size + 1 tokens starting at a
+    turn boundary (so an answer is never trained without its question); a window may run into the following
+    conversations and is padded (target -1, mask 0) at the end of the split."""
+
+    def __init__(self, folder, split, expected_tokens):
+        path = os.path.join(folder, f"{split}.bin")
+        self.ids = _read(path, np.uint16)
+        self.mask = _read(os.path.join(folder, f"{split}_mask.bin"), np.uint8)
+        self.starts = _read(os.path.join(folder, f"{split}_turns.npy"))
+        self.convs = _read(os.path.join(folder, f"{split}_convs.npy"))
+        if len(self.ids) != expected_tokens or len(self.mask) != expected_tokens:
+            raise InputError(f"{path}: {len(self.ids)} tokens / {len(self.mask)} mask entries but meta.json says "
+                             f"{expected_tokens}: the dataset is incomplete, run prepare.py again")
+
+    def get_batch(self, batch_size, block_size, generator):
+        picks = torch.randint(len(self.starts), (batch_size,), generator=generator).numpy()
+        x = np.full((batch_size, block_size), chat.EOT, dtype=np.int64)
+        y = np.full((batch_size, block_size), -1, dtype=np.int64)
+        m = np.zeros((batch_size, block_size), dtype=np.float32)
+        for row, start in enumerate(self.starts[picks]):
+            window = self.ids[start:start + block_size + 1].astype(np.int64)
+            n = len(window) - 1  # block_size, or fewer at the end of the split
+            x[row, :n] = window[:-1]
+            y[row, :n] = window[1:]
+            m[row, :n] = self.mask[start + 1:start + n + 1]
+        return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(m)
+
+    def first_prompt(self):
+        """Token ids of the first val conversation up to where its first reply starts (for sample replies)."""
+        end = self.convs[1] if len(self.convs) > 1 else len(self.ids)
+        learned = np.flatnonzero(self.mask[:end])
+        return self.ids[:learned[0] if len(learned) else end].astype(np.int64).tolist()
+
+
+def _read(path, dtype=None):
+    """A .bin memory-mapped as dtype, or a .npy loaded; any failure is an error naming the file."""
+    try:
+        if dtype is None:
+            return np.load(path)
+        if os.path.getsize(path) % np.dtype(dtype).itemsize:
+            raise ValueError(f"its size is not a multiple of {np.dtype(dtype).itemsize} bytes")
+        if os.path.getsize(path) == 0:
+            return np.zeros(0, dtype=dtype)
+        return np.memmap(path, dtype=dtype, mode="r")
+    except (OSError, ValueError, EOFError) as e:
+        raise InputError(f"{path}: unreadable ({type(e).__name__}: {e}): run prepare.py again") from None
+
+
+def dataset_folder(dataset):
+    """--dataset names a folder under data/ (`chat`) or is a path (`data/chat`, `/abs/folder`)."""
+    return dataset if os.path.isdir(dataset) or os.sep in dataset else os.path.join("data", dataset)
+
+
+def load_dataset(dataset):
+    """({split: ChatData}, meta) of a prepared dataset; a missing or malformed one is an error naming the file."""
+    folder = dataset_folder(dataset)
+    meta_path = os.path.join(folder, "meta.json")
+    if not os.path.isfile(meta_path):
+        raise MissingFileError(f"no prepared dataset at {folder!r} (missing meta.json): run "
+                               f"`python prepare.py YOUR_DATA.jsonl --out_dir={folder}` first")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        tokens = {split: int(meta["tokens"][split]) for split in SPLITS}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{meta_path}: not a prepared dataset's meta.json ({type(e).__name__}: {e}): run "
+                         f"prepare.py again") from None
+    return {split: ChatData(folder, split, tokens[split]) for split in SPLITS}, meta
+

@@ -1,0 +1,172 @@
+"""Where and how fast the computation runs: device and dtype choice, mixed precision, the CPU allocator, free
+memory, and the peak FLOP/s that MFU is measured against (a GPU's data sheet, or a matmul timed on the device)."""
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+from .configurator import parse_bool
+from .errors import ConfigError
+
+
+def resolve_device(device):
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def resolve_dtype(dtype, device, training=False):
+    """'auto': bf16 on CUDA where supported, else fp16 (with a GradScaler); fp32 on MPS. On CPU: bf16 autocast for
+    training where the CPU has bf16 matmul instructions (fp32 master weights; ~3x the fp32 speed with the same loss
+    curve, docs/performance.md), else fp32; inference on CPU stays fp32."""
+    if dtype != "auto":
+        return dtype
+    if device.startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if device == "cpu" and training and cpu_has_bf16():
+        return "bfloat16"
+    return "float32"
+
+
+def cpu_has_bf16():
+    """True when this CPU multiplies bf16 natively (x86 AVX512-BF16 or AMX): there bf16 matmuls beat fp32 ones.
+    Elsewhere PyTorch emulates them, slower than fp32."""
+    check = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if all(c is not None for c in check):
+        return any(c() for c in check)
+    try:  # older torch: ask the kernel
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split() for line in f if line.startswith("flags")), [])
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        return False
+
+
+def autocast(device, dtype):
+    """Mixed-precision context for the forward pass; a no-op in fp32."""
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
+
+
+def tune_cpu_allocator(device):
+    """On Linux/glibc CPU training, keep freed memory in the process for reuse: no allocation is served by mmap
+    and none is returned to the OS. A training step allocates and frees the same large tensors (activations,
+    gradients, logits) every step; by default each one is a fresh mmap whose pages the kernel faults in and zeroes,
+    which measured ~15% of a CPU step (docs/performance.md). The peak RSS stays that of one step."""
+    if device != "cpu" or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
+        libc.mallopt(M_MMAP_MAX, 0)
+        libc.mallopt(M_TRIM_THRESHOLD, 2 ** 30)  # int: 1 GiB of free heap top is kept, not given back
+    except (OSError, AttributeError):  # not glibc (e.g. musl): keep its defaults
+        pass
+
+
+def available_memory(device):
+    """Free memory in bytes: the device's on CUDA, the OS's MemAvailable on CPU / MPS (shared); None if unknown."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Peak FLOP/s, for MFU: a CUDA GPU's data sheet, or measured on the device (train.py's log and bench.py use these)
+
+# Dense (no sparsity) peak TFLOP/s by dtype, matched as a substring of torch.cuda.get_device_name(), first match
+# wins. fp32 is the plain (non-TF32) rate, as nothing here turns TF32 on; bf16 on consumer cards with fp32 accumulate.
+KNOWN_GPU_PEAKS = [
+    ("H100 PCIe", {"bfloat16": 756, "float16": 756, "float32": 51}),
+    ("H100", {"bfloat16": 989, "float16": 989, "float32": 67}),
+    ("H200", {"bfloat16": 989, "float16": 989, "float32": 67}),
+    ("A100", {"bfloat16": 312, "float16": 312, "float32": 19.5}),
+    ("L40S", {"bfloat16": 362, "float16": 362, "float32": 91.6}),
+    ("L4", {"bfloat16": 121, "float16": 121, "float32": 30.3}),
+    ("RTX 4090", {"bfloat16": 165, "float16": 165, "float32": 82.6}),
+    ("RTX 3090", {"bfloat16": 71, "float16": 71, "float32": 35.6}),
+    ("V100", {"float16": 125, "float32": 15.7}),
+    ("T4", {"float16": 65, "float32": 8.1}),
+]
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    elif device.startswith("mps"):
+        torch.mps.synchronize()
+
+
+def measure_matmul_peak(device, dtype, sizes=(1024, 2048), repeats=3):
+    """Best FLOP/s of square (n x n) @ (n x n) matmuls in dtype on device, over sizes and repeats: the ceiling the
+    model's linear layers run against (under autocast they are matmuls in that dtype). The inputs come from a
+    private generator: measuring must not move the global RNG (a resumed run's dropout masks depend on it)."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    inner = 1 if device == "cpu" else 10  # a GPU matmul is too short to time alone
+    best = 0.0
+    for n in sizes:
+        a, b = (torch.randn(n, n, device=device, generator=generator).to(getattr(torch, dtype)) for _ in range(2))
+        out = torch.matmul(a, b)  # warm-up: kernel choice, first-touch pages; then reuse the output buffer
+        sync(device)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                torch.matmul(a, b, out=out)
+            sync(device)
+            best = max(best, inner * 2 * n ** 3 / (time.perf_counter() - t0))
+    return best
+
+
+def known_peak_flops(device, dtype):
+    """This CUDA GPU's data-sheet peak FLOP/s for dtype, or None (not CUDA, or a GPU not in KNOWN_GPU_PEAKS)."""
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(torch.device(device))
+    peaks = next((p for key, p in KNOWN_GPU_PEAKS if key in name), {})
+    return peaks[dtype] * 1e12 if dtype in peaks else None
+
+
+def peak_flops(device, dtype, sizes=(1024, 2048), repeats=3):
+    """The peak MFU is reported against: a listed GPU's data sheet, else measured here (CPU, MPS, other GPUs).
+    Returns (FLOP/s, 'known' | 'measured'). Measured once per process and thread count (tests train many times)."""
+    known = known_peak_flops(device, dtype)
+    if known:
+        return known, "known"
+    key = (device, dtype, tuple(sizes), repeats, torch.get_num_threads())
+    if key not in _MEASURED:
+        _MEASURED[key] = measure_matmul_peak(device, dtype, sizes, repeats)
+    return _MEASURED[key], "measured"
+
+
+_MEASURED = {}
+
+
+def resolve_compile(value, device):
+    """compile=None: on for CUDA, where it pays; off on CPU, where it measured no faster than the eager fast paths
+    (fused head loss, bf16, fused AdamW) after a minute or more of compiling (docs/performance.md), and on MPS."""
+    if value is None:
+        return device.startswith("cuda")
+    if isinstance(value, str):  # e.g. --compile=true, which the config parser leaves as a string
+        if parse_bool(value) is None:
+            raise ConfigError(f"invalid value {value!r} for compile: use True, False or None (auto)")
+        return parse_bool(value)
+    return bool(value)
+

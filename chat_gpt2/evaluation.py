@@ -1,0 +1,153 @@
+"""Scoring a model: the loss on a prepared dataset's val split (every learned token scored once), replies to
+held-out conversations, and the reply metrics (exact match of the first line, SQuAD-style token F1)."""
+import re
+import string
+import sys
+import time
+
+import numpy as np
+import torch
+
+from . import chat
+from .dataset import load_dataset
+from .device import autocast
+from .errors import InputError
+from .records import read_conversations
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Val loss on assistant tokens
+
+
+def conversation_windows(ids, mask, conv_starts, turn_starts, block_size):
+    """Yield (start, tokens, scored): windows of at most block_size + 1 tokens inside one conversation, where they
+    start in the split, and the loss mask on their targets, zeroed where an earlier window scored the target: every
+    token is scored exactly once. A long conversation continues in a window that starts at the latest turn start
+    already covered (the new targets keep their turn's context), else half a window back."""
+    ends = list(conv_starts[1:]) + [len(ids)]
+    for a, b in zip(conv_starts, ends):
+        turns = turn_starts[np.searchsorted(turn_starts, a):np.searchsorted(turn_starts, b)]
+        start, scored_until = a, a  # targets at positions <= scored_until are scored (position a is no target)
+        while scored_until < b - 1:
+            end = min(start + block_size + 1, b)
+            scored = mask[start + 1:end].astype(np.float32)
+            scored[:scored_until - start] = 0
+            yield start, ids[start:end].astype(np.int64), scored
+            scored_until = end - 1
+            later = turns[(turns > start) & (turns <= scored_until)]
+            start = int(later[-1]) if len(later) else max(start + 1, scored_until - block_size // 2)
+
+
+def padded_batches(windows, batch_size, max_tokens=8192):
+    """(x, y, mask) batches of windows sorted by length (little padding), at most batch_size rows and about
+    max_tokens positions each (bounds the logits' memory on GPUs); padding has target -1 and mask 0."""
+    windows = sorted(windows, key=lambda w: -len(w[0]))  # longest first: a batch's first row sets its width
+    i = 0
+    while i < len(windows):
+        rows = max(1, min(batch_size, max_tokens // len(windows[i][0])))
+        batch, i = windows[i:i + rows], i + rows
+        width = len(batch[0][0]) - 1
+        x = torch.full((len(batch), width), chat.EOT, dtype=torch.long)
+        y = torch.full((len(batch), width), -1, dtype=torch.long)
+        m = torch.zeros((len(batch), width))
+        for row, (tokens, scored) in enumerate(batch):
+            n = len(tokens) - 1
+            x[row, :n], y[row, :n], m[row, :n] = (torch.from_numpy(a) for a in (tokens[:-1], tokens[1:], scored))
+        yield x, y, m
+
+
+@torch.no_grad()
+def val_loss(model, folder, batch_size, device, dtype):
+    """Token-weighted mean loss over the assistant tokens of the whole val split, and how many tokens that is."""
+    data = load_dataset(folder)[0]["val"]
+    windows = [(tokens, scored) for _, tokens, scored in conversation_windows(
+        data.ids, data.mask, data.convs, data.starts, model.config.block_size) if scored.any()]
+    total, count = 0.0, 0.0
+    for x, y, m in padded_batches(windows, batch_size):
+        with autocast(device, dtype):
+            _, loss = model(x.to(device), y.to(device), m.to(device))
+        total += loss.item() * m.sum().item()
+        count += m.sum().item()
+    return total / max(count, 1.0), int(count)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Replies to held-out conversations
+
+
+def load_heldout(path, template, enc):
+    """[(prompt_ids, reference)] per conversation; a bad record raises an error naming file:line."""
+    examples = []
+    for _, messages in read_conversations(path):  # each ends with an assistant message
+        examples.append((chat.render_prompt(messages[:-1], template, enc), messages[-1]["content"].strip()))
+    if not examples:
+        raise InputError(f"{path}: no conversations")
+    return examples
+
+
+def generate_all(engine, prompts, params, batch_size):
+    """Replies to every prompt. Prompts of the same token length are generated together as one batch (exact, as
+    there is no padding), which makes many short prompts fast on a CPU. One generator seeded from params.seed runs
+    through all batches."""
+    by_length = {}
+    for i, ids in enumerate(prompts):
+        by_length.setdefault(len(ids), []).append(i)
+    generator = params.generator(engine.device)
+    replies, last_report, t0 = [None] * len(prompts), time.time(), time.time()
+    groups = [g[i:i + batch_size] for g in by_length.values() for i in range(0, len(g), batch_size)]
+    for group in groups:
+        out = engine.generate_batch([prompts[i] for i in group], params, generator=generator)
+        for i, reply in zip(group, out):
+            replies[i] = reply
+        if time.time() - last_report > 5:
+            last_report = time.time()
+            done = sum(r is not None for r in replies)
+            print(f"  ... {done}/{len(prompts)} replies, {last_report - t0:.0f}s", file=sys.stderr, flush=True)
+    return replies
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def first_line(text):
+    """The first non-empty line, whitespace-normalised: what the exact match compares."""
+    for line in text.strip().splitlines():
+        if line.strip():
+            return " ".join(line.split())
+    return ""
+
+
+def exact_match(response, reference):
+    return first_line(response) == first_line(reference)
+
+
+_PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
+
+
+def words(text):
+    return _PUNCTUATION.sub(" ", text.lower()).split()
+
+
+def token_f1(response, reference):
+    """SQuAD-style F1 over the bag of words (lowercased, punctuation stripped); 1.0 when both have no words."""
+    got, want = words(response), words(reference)
+    if not got or not want:
+        return float(got == want)
+    common = sum(min(got.count(w), want.count(w)) for w in set(got))
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(got), common / len(want)
+    return 2 * precision * recall / (precision + recall)
+
+
+def score_rows(examples, replies, enc, judge=None):
+    rows = []
+    for (prompt_ids, reference), response in zip(examples, replies):
+        row = {"prompt": enc.decode(prompt_ids), "reference": reference, "response": response,
+               "exact_match": exact_match(response, reference), "f1": token_f1(response, reference)}
+        if judge is not None:
+            row["judge_score"] = judge(row)
+        rows.append(row)
+    return rows
+

@@ -1,0 +1,74 @@
+"""Memory a training run needs, estimated before it starts, and a clear refusal (with what to change) when it
+clearly will not fit the device's free memory."""
+import math
+import os
+
+from .device import available_memory
+from .errors import ResourceError
+
+
+def count_params(config):
+    """Parameters of GPT(config), counted without building it (the head is tied to the token embedding)."""
+    C = config.n_embd
+    per_layer = 12 * C * C + (13 * C if config.bias else 2 * C)  # 4 matmuls (+ biases) and 2 LayerNorms
+    return config.vocab_size * C + config.block_size * C + config.n_layer * per_layer + (2 if config.bias else 1) * C
+
+
+def estimate_memory(config, cfg, dtype, ddp=False):
+    """Bytes a training process needs, by part. Weights, gradients and AdamW's two moments are fp32 (4 bytes per
+    parameter each; mixed precision adds a 2-byte cast of the weights, DDP a gradient-sized bucket copy).
+    Activations kept for backward at batch_size x block_size follow Korthikanti et al. 2022: 34*s*b*h bytes per
+    layer at 2 bytes per value, plus 5*a*s^2*b when the attention matrix is materialised (flash=False); the logits
+    add b*s*V values with their fp32 copy and gradient. An estimate: allocator slack and the runtime come on top."""
+    n = count_params(config)
+    act = 2 if dtype in ("bfloat16", "float16") else 4
+    b, s = cfg["batch_size"], min(cfg["block_size"], config.block_size)
+    h, a = config.n_embd, config.n_head
+    per_layer = 34 * s * b * h * act / 2 + (0 if config.flash else 5 * a * s * s * b * act / 2)
+    parts = {
+        "weights": 4 * n + (2 * n if act == 2 else 0),
+        "gradients": 4 * n * (2 if ddp else 1),
+        "optimizer": 8 * n,
+        "activations": config.n_layer * per_layer + b * s * config.vocab_size * (act + 8),
+    }
+    parts = {k: int(v) for k, v in parts.items()}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def check_memory(config, cfg, sys_info):
+    """Print the run's memory estimate; raise ResourceError with what to change when it exceeds the free memory
+    (unless check_memory is False). Processes sharing host memory (DDP on CPU) are counted together."""
+    need = estimate_memory(config, cfg, sys_info.get("dtype", "float32"), sys_info.get("ddp", False))
+    device = sys_info["device"]
+    procs = 1 if device.startswith("cuda") else int(os.environ.get("LOCAL_WORLD_SIZE", sys_info.get("world", 1)))
+    total, avail = need["total"] * procs, available_memory(device)
+    b, s = cfg["batch_size"], min(cfg["block_size"], config.block_size)
+
+    def gib(x):
+        return f"{x / 2 ** 30:.2f} GiB"
+
+    if sys_info.get("master", True):
+        print(f"memory estimate: {gib(total)}{f' for {procs} processes' if procs > 1 else ''} (weights "
+              f"{gib(need['weights'])}, gradients {gib(need['gradients'])}, AdamW state {gib(need['optimizer'])}, "
+              f"activations {gib(need['activations'])} at batch_size {b} x block_size {s})"
+              + (f"; {gib(avail)} available on {device}" if avail is not None else ""), flush=True)
+    if not cfg.get("check_memory", True) or avail is None or total <= avail:
+        return need
+    states = (need["total"] - need["activations"]) * procs
+    if states > avail:
+        advice = (f"the model alone takes {gib(states)} for its weights, gradients and AdamW state: use a smaller "
+                  f"model (gpt2 < gpt2-medium < gpt2-large < gpt2-xl) or a device with more memory")
+    else:
+        fits = int((avail - states) / (need["activations"] * procs / b))  # the largest batch that fits
+        advice = f"the activations at batch_size {b} x block_size {s} take {gib(need['activations'] * procs)}: "
+        if fits >= 1:
+            accum = math.ceil(b * cfg["gradient_accumulation_steps"] / fits)
+            advice += (f"use a smaller batch with more accumulation, e.g. --batch_size={fits} "
+                       f"--gradient_accumulation_steps={accum} (about the same tokens per step), or a smaller "
+                       f"--block_size")
+        else:
+            advice += "use --batch_size=1 with a smaller --block_size, or a smaller model"
+    raise ResourceError(f"this run needs about {gib(total)} but only {gib(avail)} is available on {device}; {advice}. "
+                       f"(--check_memory=False starts it anyway)")
+

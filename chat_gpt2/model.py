@@ -1,0 +1,261 @@
+"""A GPT-2 compatible transformer in one file, read top to bottom: GPTConfig, then the modules (LayerNorm, Linear,
+CausalSelfAttention, MLP, Block), the fused LM-head loss, and GPT with its optimizer groups and FLOP count.
+
+Generation and its KV cache live in engine.py, Hugging Face weights in hf_gpt2.py, checkpoints in checkpoint.py.
+"""
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for speed; OpenAI weights use 50257
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # bias in Linear and LayerNorm layers, like GPT-2
+    flash: bool = True  # attention through F.scaled_dot_product_attention; False = the manual masked softmax
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1 and we keep the GPT-2 names)."""
+
+    def __init__(self, ndim, bias):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same state dict) with a faster CPU path for a few rows, which is what generation
+    with the KV cache runs: for, say, 8 rows MKL's x @ W.T repacks the whole weight at every call, while W @ x.T
+    streams it once (batched cached generation ~20% faster, on par with transformers' Conv1D layout; bench.py
+    --mode=generate). Training and prompts (many rows) take F.linear as before."""
+
+    FEW_ROWS = 16
+
+    def forward(self, x):
+        rows = x.numel() // max(1, x.size(-1))
+        if x.device.type != "cpu" or not 0 < rows <= self.FEW_ROWS:
+            return F.linear(x, self.weight, self.bias)
+        columns = x.reshape(rows, x.size(-1)).t()
+        out = self.weight @ columns if self.bias is None else torch.addmm(self.bias[:, None], self.weight, columns)
+        return out.t().contiguous().view(*x.shape[:-1], self.out_features)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head, self.n_embd, self.dropout, self.flash = config.n_head, config.n_embd, config.dropout, config.flash
+
+    def forward(self, x, layer_cache=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        past = 0
+        if layer_cache is not None:  # append this step's keys/values and attend over everything cached so far
+            past = layer_cache.length
+            k, v = layer_cache.append(k, v)
+        # queries sit at positions past..past+T-1 and see keys 0..their own position
+        mask = None if past == 0 or T == 1 else _causal_mask(T, past + T, x.device)
+        if self.flash:
+            dropout = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                               is_causal=(past == 0 and T > 1))
+        else:
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+            if T > 1:
+                att = att.masked_fill(~_causal_mask(T, past + T, x.device), float("-inf"))
+            y = self.attn_dropout(F.softmax(att, dim=-1)) @ v
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+def _causal_mask(n_query, n_key, device):
+    """Boolean (n_query, n_key) mask, True where attention is allowed; queries are the last n_query positions."""
+    return torch.ones(n_query, n_key, dtype=torch.bool, device=device).tril(diagonal=n_key - n_query)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's gelu_new
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, layer_cache=None):
+        x = x + self.attn(self.ln_1(x), layer_cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+# rows of logits turned into gradients at a time: as fast as 8 rows (which fit a core's L2) on an idle CPU, and
+# 4x fewer parallel regions, each of which can stall for a time slice when other processes share the cores
+HEAD_CHUNK = 32
+
+
+class _HeadLoss(torch.autograd.Function):
+    """Mean cross-entropy of the LM head, x @ weight.T, without (N, V) fp32 logits and their gradient in memory.
+
+    The logits' gradient, softmax - onehot, is formed in the forward pass a few rows at a time while they are in
+    cache, and written over the logits: backward is then just its two matmuls (which also apply the 1/N). The same
+    math as F.cross_entropy (fp32 log-softmax), but on CPU the vocabulary-sized passes of cross_entropy, its
+    backward and the .float() copies cost more than the head's matmuls; this halves them (docs/performance.md). Two
+    vocabulary-sized ops per chunk: each is a parallel region, and with other processes on the cores every one
+    can wait for a descheduled thread."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, want_grad):
+        logits = x @ weight.t()  # (N, V) in the compute dtype (bf16 under autocast)
+        losses = torch.empty(len(x), dtype=torch.float32, device=x.device)
+        for s in range(0, len(x), HEAD_CHUNK):
+            part, t = logits[s:s + HEAD_CHUNK], targets[s:s + HEAD_CHUNK, None]
+            logp = torch.log_softmax(part, dim=1, dtype=torch.float32)
+            logp_t = logp.gather(1, t)
+            losses[s:s + len(t)] = logp_t.squeeze(1).neg()
+            if want_grad:
+                torch.exp(logp, out=part)  # softmax, rounded to the compute dtype
+                part.scatter_(1, t, (logp_t.exp() - 1).to(part.dtype))  # p - 1 from fp32, not from rounded p
+        ctx.save_for_backward(x, weight, logits)
+        ctx.n = max(len(x), 1)
+        return losses.sum() / ctx.n
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, grad_logits = ctx.saved_tensors
+        scale = grad / ctx.n
+        return (grad_logits @ weight).mul_(scale), (grad_logits.t() @ x).mul_(scale), None, None
+
+
+@torch.compiler.disable  # a Python loop over a data-dependent row count: compiling it would only recompile
+def head_loss(x, weight, targets):
+    """Mean cross-entropy of logits x @ weight.T (N, V) against targets (N,), in the autocast dtype if on."""
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    want_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    with torch.autocast(device, enabled=False):
+        return _HeadLoss.apply(x.to(dtype), weight.to(dtype), targets, want_grad)
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # tied embeddings, as in GPT-2
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self, non_embedding=True):
+        """Parameter count; the position embeddings are excluded by default (the token ones are tied to the head)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def forward(self, idx, targets=None, loss_mask=None, kv_cache=None, all_logits=False):
+        """idx (B, T) token ids. Returns (logits, loss).
+
+        With targets: (None, loss), the mean cross-entropy over the positions where loss_mask is 1 (token-weighted;
+        targets of -1 are ignored too; an all-masked batch gives loss 0, not NaN).
+        Without targets: (logits, None), for the last position only (what generation needs) unless all_logits.
+        kv_cache: an engine.KVCache; idx then continues the cached sequence and the cache grows by T.
+        """
+        B, T = idx.size()
+        past = kv_cache.length if kv_cache is not None else 0
+        if past + T > self.config.block_size:
+            raise ValueError(f"sequence of {past + T} tokens exceeds block_size {self.config.block_size}")
+        pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, kv_cache.layers[i] if kv_cache is not None else None)
+        x = self.transformer.ln_f(x)
+        if targets is None:
+            return self.lm_head(x if all_logits else x[:, [-1], :]), None
+        return None, self._masked_loss(x.reshape(B * T, -1), targets.reshape(-1), loss_mask)
+
+    def _masked_loss(self, x, targets, loss_mask):
+        keep = targets != -1
+        if loss_mask is not None:
+            keep &= loss_mask.reshape(-1) > 0
+        if not x.is_cuda:
+            # run the head only where the loss looks: exact, and most of a small model's cost in chat data. On CUDA
+            # the boolean index would cost a host sync every step, which is worth more than the saved FLOPs.
+            rows = keep.nonzero().squeeze(1)
+            x, targets, keep = x[rows], targets[rows], keep[rows]
+            if x.device.type == "cpu":
+                return head_loss(x, self.lm_head.weight, targets)
+        losses = F.cross_entropy(self.lm_head(x).float(), targets.clamp(min=0), reduction="none")
+        keep = keep.float()
+        return (losses * keep).sum() / keep.sum().clamp(min=1.0)
+
+    def crop_block_size(self, block_size):
+        """Use a smaller context than the weights were trained with (e.g. GPT-2's 1024 -> 256 to fine-tune)."""
+        assert block_size <= self.config.block_size
+        self.config.block_size = block_size
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW with weight decay on 2-D weights (matmuls, embeddings) only; biases and norms are not decayed."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        # fused: one pass that reads and writes each parameter once. Without it PyTorch runs, on CPU, a loop of ~7
+        # elementwise passes per tensor: 18% of a bf16 124M step (docs/performance.md); on CUDA, one launch each
+        fused = device_type in ("cuda", "cpu", "mps", "xpu")  # the devices torch >= 2.4 has the fused AdamW for
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+
+    def flops_per_token(self, seq_len=None):
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 * L * H * Q * T."""
+        cfg = self.config
+        T = seq_len or cfg.block_size
+        N = self.get_num_params()
+        return 6 * N + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * T

@@ -1,0 +1,186 @@
+"""Reading chat data: records streamed from .jsonl / .json files and normalised to [{"role", "content"}, ...].
+
+Each record is recognised by its keys (extra keys such as "id" are ignored):
+    {"user", "assistant"}                      {"messages": [{"role", "content"}, ...]}
+    {"instruction", "input", "output"}         {"conversations": [{"from", "value"}, ...]}
+    {"prompt", "completion"}                   {"question", "answer"}
+A record that cannot be used raises RecordError naming file:line (or file[index] for a .json array) and field.
+"""
+import codecs
+import hashlib
+import json
+import os
+
+from .errors import InputError, RecordError
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading records: streamed, memory bounded by one record
+
+
+def iter_jsonl(path, hasher):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            hasher.update(raw)
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # -sig: tolerate a BOM
+            except UnicodeDecodeError as e:
+                yield where, RecordError(where, f"invalid UTF-8 at byte {e.start} of the line", "invalid UTF-8")
+                continue
+            if not line.strip():
+                continue
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as e:
+                yield where, RecordError(where, f"invalid JSON: {e.msg} (column {e.colno})", "invalid JSON")
+
+
+def iter_json_array(path, hasher, chunk_size=1 << 20):
+    """Records of a JSON array, decoded incrementally so a large file never sits in memory whole.
+    Structural errors (not an array, broken JSON) end the file: there is no record boundary to resume from."""
+    decoder, utf8 = json.JSONDecoder(), codecs.getincrementaldecoder("utf-8-sig")()  # -sig: tolerate a BOM
+    buf, pos, index, line, state, eof = "", 0, 0, 1, "start", False  # state: start, first, value, sep, end
+    with open(path, "rb") as f:
+
+        def read_more():  # append the next chunk to what is left of buf; False at end of file
+            nonlocal buf, pos
+            raw = f.read(chunk_size)
+            hasher.update(raw)
+            try:
+                buf, pos = buf[pos:] + utf8.decode(raw, final=not raw), 0
+            except UnicodeDecodeError as e:
+                raise InputError(f"{path}[{index}] (line {line}): invalid UTF-8 near byte "
+                                 f"{f.tell() - len(raw) + e.start}") from None
+            return bool(raw)
+
+        while True:
+            while pos < len(buf) and buf[pos] in " \t\r\n":
+                line += buf[pos] == "\n"
+                pos += 1
+            if pos == len(buf):
+                if eof:
+                    break
+                eof = not read_more()
+                continue
+            char, where = buf[pos], f"{path}[{index}] (line {line})"
+            if state == "start" or state == "end":
+                if state == "end" or char != "[":
+                    raise InputError(f"{path}:{line}: a .json input must hold one array of records")
+                state, pos = "first", pos + 1
+            elif char == "]" and state in ("first", "sep"):
+                state, pos = "end", pos + 1
+            elif state == "sep":
+                if char != ",":
+                    raise InputError(f"{where}: invalid JSON: expected ',' or ']' after the previous record")
+                state, pos = "value", pos + 1
+            else:
+                try:
+                    record, end = decoder.raw_decode(buf, pos)
+                except json.JSONDecodeError as e:
+                    if eof:
+                        error_line = line + e.lineno - 1 - buf.count("\n", 0, pos)
+                        raise InputError(f"{where}: invalid JSON: {e.msg} (line {error_line})") from None
+                    eof = not read_more()  # the record may just be incomplete
+                    continue
+                if end == len(buf) and not eof:  # a record at the very end of buf may continue in the next chunk
+                    eof = not read_more()
+                    continue
+                line += buf.count("\n", pos, end)
+                yield where, record
+                index, pos, state = index + 1, end, "sep"
+    if state != "end":
+        raise InputError(f"{path}: {'empty file' if state == 'start' else 'the array is not closed'}: "
+                         "a .json input must hold one array of records")
+
+
+def iter_records(path, hasher):
+    if not os.path.isfile(path):
+        raise InputError(f"input file not found: {path}")
+    if path.endswith(".jsonl"):
+        return iter_jsonl(path, hasher)
+    if path.endswith(".json"):
+        return iter_json_array(path, hasher)
+    raise InputError(f"{path}: unsupported extension (expected .jsonl or .json)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Schemas: every record becomes [{"role", "content"}, ...]
+
+ROLE_ALIASES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
+                "chatgpt": "assistant", "bot": "assistant", "model": "assistant"}
+
+
+def _text(record, key, where, field=None):
+    field = field or key
+    if key not in record:
+        raise RecordError(where, f"field '{field}' is missing", "missing field")
+    value = record[key]
+    if not isinstance(value, str):
+        raise RecordError(where, f"field '{field}' must be a string, got {type(value).__name__}", "wrong type")
+    if not value.strip():
+        raise RecordError(where, f"field '{field}' is empty", "empty content")
+    return value
+
+
+def _turns(turns, where, list_key, role_key, content_key):
+    if not isinstance(turns, list) or not turns:
+        raise RecordError(where, f"field '{list_key}' must be a non-empty list", "wrong type")
+    messages = []
+    for i, turn in enumerate(turns):
+        field = f"{list_key}[{i}]"
+        if not isinstance(turn, dict):
+            raise RecordError(where, f"field '{field}' must be an object", "wrong type")
+        role = ROLE_ALIASES.get(str(turn.get(role_key, "")).lower())
+        if role is None:
+            raise RecordError(where, f"field '{field}.{role_key}' has unknown role {turn.get(role_key)!r}",
+                              "unknown role")
+        messages.append({"role": role, "content": _text(turn, content_key, where, f"{field}.{content_key}")})
+    # order: an optional system message, then user/assistant alternating, ending with the assistant
+    expected = "user"
+    for i, m in enumerate(messages):
+        if m["role"] == "system" and i == 0:
+            continue
+        if m["role"] != expected:
+            raise RecordError(where, f"field '{list_key}[{i}].{role_key}' is {m['role']!r} where {expected!r} was "
+                              "expected (roles must be: optional system, then user/assistant alternating)",
+                              "roles out of order")
+        expected = "assistant" if expected == "user" else "user"
+    if messages[-1]["role"] != "assistant":
+        raise RecordError(where, f"field '{list_key}' must end with an assistant message", "roles out of order")
+    return messages
+
+
+def to_messages(record, where):
+    """Recognise a record's schema by its keys and normalise it to a list of messages."""
+    if not isinstance(record, dict):
+        raise RecordError(where, f"a record must be a JSON object, got {type(record).__name__}", "wrong type")
+    if "messages" in record:
+        return _turns(record["messages"], where, "messages", "role", "content")
+    if "conversations" in record:
+        return _turns(record["conversations"], where, "conversations", "from", "value")
+    pairs = [("user", "assistant"), ("prompt", "completion"), ("question", "answer")]
+    for user_key, assistant_key in pairs:
+        if user_key in record or assistant_key in record:
+            return [{"role": "user", "content": _text(record, user_key, where)},
+                    {"role": "assistant", "content": _text(record, assistant_key, where)}]
+    if "instruction" in record or "output" in record:
+        user = _text(record, "instruction", where)
+        extra = record.get("input", "")
+        if not isinstance(extra, str):
+            raise RecordError(where, f"field 'input' must be a string, got {type(extra).__name__}", "wrong type")
+        if extra.strip():
+            user = f"{user.strip()}\n{extra.strip()}"
+        return [{"role": "user", "content": user},
+                {"role": "assistant", "content": _text(record, "output", where)}]
+    raise RecordError(where, f"unrecognised schema, keys seen: {sorted(record)}; expected one of user/assistant, "
+                      "messages, instruction/input/output, conversations, prompt/completion, question/answer",
+                      "unknown schema")
+
+
+def read_conversations(path, hasher=None):
+    """Yield (where, messages) for every record of path; a bad record raises RecordError."""
+    for where, record in iter_records(path, hasher or hashlib.sha256()):
+        if isinstance(record, RecordError):
+            raise record
+        yield where, to_messages(record, where)

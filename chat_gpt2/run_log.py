@@ -1,0 +1,57 @@
+"""What a training run reports: console lines, out_dir/metrics.jsonl, optionally wandb, and the loss curve."""
+import json
+import os
+
+
+class Logger:
+    """Console lines, out_dir/metrics.jsonl and (optionally) wandb; only the master process logs."""
+
+    def __init__(self, cfg, run, resumed):
+        self.enabled, self.wandb = run["master"], None
+        self.path = os.path.join(cfg["out_dir"], "metrics.jsonl")
+        if self.enabled and not resumed and os.path.exists(self.path):
+            os.remove(self.path)  # a new run starts a new log; a resumed one appends
+        if self.enabled and cfg["wandb_log"]:
+            import wandb
+            self.wandb = wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"] or None, config=cfg,
+                                    mode=cfg["wandb_mode"] or None)
+
+    def log(self, record, line=None):
+        if not self.enabled:
+            return
+        if line:
+            print(line, flush=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k not in ("event", "iter")}, step=record["iter"])
+
+    def close(self):
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def plot_losses(out_dir):
+    """Loss curves from metrics.jsonl as loss.png (skipped quietly when matplotlib is missing)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [r for r in records if r["event"] == "step"]
+    evals = [r for r in records if r["event"] == "eval"]
+    ax.plot([r["iter"] for r in steps], [r["loss"] for r in steps], alpha=0.4, label="train (per log step)")
+    for split in ("train", "val"):
+        ax.plot([r["iter"] for r in evals], [r[f"{split}_loss"] for r in evals], marker="o", label=f"{split} (eval)")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss on assistant tokens")
+    ax.legend()
+    path = os.path.join(out_dir, "loss.png")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
