@@ -47,7 +47,7 @@ DEFAULTS = dict(
 # ----------------------------------------------------------------------------------------------------------------
 # Training: train.py's own train_step on random tokens, against the measured peak
 
-# Shapes of the reference figures: vocab 50304, no bias, no dropout, one micro-step, block 256.
+# Shapes of the reference figures in docs/performance.md: vocab 50304, no bias, no dropout, one micro-step, block 256.
 TRAIN_PRESETS = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=128, batch_size=4, block_size=64, steps=5, warmup=2,
                  peak_sizes=(512, 1024), peak_repeats=2),

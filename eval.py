@@ -24,9 +24,7 @@ import os
 import time
 
 from chat_gpt2 import chat, configurator
-from chat_gpt2.checkpoint import load_model
-from chat_gpt2.device import resolve_device, resolve_dtype
-from chat_gpt2.engine import Engine, sampling_params
+from chat_gpt2.engine import load_engine, sampling_params
 from chat_gpt2.errors import ConfigError
 from chat_gpt2.evaluation import generate_all, load_heldout, score_rows, val_loss
 from chat_gpt2.files import write_jsonl
@@ -57,9 +55,13 @@ def evaluate_replies(engine, ckpt, cfg):
     out = cfg["out"] or os.path.join(cfg["out_dir"], "eval_replies.jsonl")
     write_jsonl(out, rows)
     n, correct = len(rows), sum(r["exact_match"] for r in rows)
+    empty = sum(not r["response"] for r in rows)
     summary = {"n": n, "exact_match": correct / n, "f1": sum(r["f1"] for r in rows) / n, "out": out,
-               "generate_seconds": round(seconds, 2)}
+               "generate_seconds": round(seconds, 2), "empty_replies": empty}
     print(f"exact match: {100 * correct / n:.1f}% ({correct}/{n})")
+    if empty:
+        print(f"note: {empty} of {n} replies are empty: the model ended its turn at once (an undertrained model, or "
+              f"a stop string that matches at the start of the reply)")
     print(f"token F1: {summary['f1']:.3f}")
     if judge is not None:
         summary["judge_score"] = sum(r["judge_score"] for r in rows) / n
@@ -72,16 +74,13 @@ def main(argv=None):
     cfg, _ = configurator.load(DEFAULTS, argv, prog="eval.py")
     if not cfg["dataset"] and not cfg["data"]:
         raise ConfigError("nothing to evaluate: pass --dataset=NAME_OR_DIR (val loss) and/or --data=FILE (replies)")
-    device = resolve_device(cfg["device"])
-    model, ckpt = load_model(cfg["out_dir"], cfg["ckpt"], cfg["init_from"], device)
-    dtype = resolve_dtype(cfg["dtype"], device)
+    engine, ckpt = load_engine(cfg)
     summary = {}
     if cfg["dataset"]:
-        loss, n_tokens = val_loss(model, cfg["dataset"], cfg["batch_size"], device, dtype)
+        loss, n_tokens = val_loss(engine.model, cfg["dataset"], cfg["batch_size"], engine.device, engine.dtype)
         summary.update(val_loss=loss, perplexity=math.exp(min(loss, 700.0)), val_tokens=n_tokens)
         print(f"val loss {loss:.4f}, perplexity {summary['perplexity']:.2f} ({n_tokens:,} assistant tokens)")
     if cfg["data"]:
-        engine = Engine(model, chat.get_encoder(ckpt.get("tokenizer", chat.TOKENIZER)), device, dtype)
         summary.update(evaluate_replies(engine, ckpt, cfg))
     print(json.dumps(summary))
     return summary

@@ -27,7 +27,8 @@ from chat_gpt2.errors import RecordError, UserError
 def print_summary(meta):
     c, t = meta["conversations"], meta["tokens"]
     skipped = ", ".join(f"{n} {reason}" for reason, n in meta["skipped"].items()) or "none"
-    print(f"conversations: {c['train'] + c['val']:,} read ({c['train']:,} train / {c['val']:,} val), skipped: {skipped}")
+    print(f"conversations: {c['train'] + c['val']:,} read ({c['train']:,} train / {c['val']:,} val), "
+          f"skipped: {skipped}")
     print(f"tokens: {t['train']:,} train / {t['val']:,} val; conversation length "
           + ", ".join(f"{k} {v}" for k, v in meta["length_percentiles"].items()))
     print("conversations longer than block_size: "

@@ -16,9 +16,7 @@ import sys
 import torch
 
 from chat_gpt2 import chat, configurator
-from chat_gpt2.checkpoint import load_model
-from chat_gpt2.device import resolve_device, resolve_dtype
-from chat_gpt2.engine import SAMPLING_KEYS, Engine, sampling_params
+from chat_gpt2.engine import SAMPLING_KEYS, load_engine, sampling_params
 from chat_gpt2.errors import ConfigError
 
 DEFAULTS = dict(
@@ -74,6 +72,9 @@ def run_command(line, params, output):
     return None, params
 
 
+EMPTY_REPLY = "(empty reply: the model ended its turn at once)"
+
+
 def stream_reply(engine, ids, params, generator, output):
     """Generate one reply, writing it to output as it comes. Returns the reply, or None when Ctrl-C stopped it."""
     write = lambda row, text: (output.write(text), output.flush())  # noqa: E731
@@ -82,7 +83,7 @@ def stream_reply(engine, ids, params, generator, output):
     except KeyboardInterrupt:
         output.write(" [interrupted]\n")
         return None
-    output.write("\n")
+    output.write(f"{EMPTY_REPLY}\n" if not reply else "\n")
     return reply
 
 
@@ -126,10 +127,7 @@ def main(argv=None):
     cfg, _ = configurator.load(DEFAULTS, argv, prog="sample.py")
     if not cfg["prompt"] and not cfg["interactive"]:
         raise ConfigError("nothing to answer: pass --prompt \"...\" (or --interactive)")
-    device = resolve_device(cfg["device"])
-    model, ckpt = load_model(cfg["out_dir"], cfg["ckpt"], cfg["init_from"], device)
-    enc = chat.get_encoder(ckpt.get("tokenizer", chat.TOKENIZER))
-    engine = Engine(model, enc, device, resolve_dtype(cfg["dtype"], device), cfg["use_cache"])
+    engine, ckpt = load_engine(cfg)
     if cfg["interactive"]:
         if sys.stdin.isatty():
             import readline  # noqa: F401  (line editing and history for input())
@@ -137,19 +135,21 @@ def main(argv=None):
         return
     messages = ([{"role": "system", "content": cfg["system"]}] if cfg["system"] else []) + \
         [{"role": "user", "content": cfg["prompt"]}]
-    prompt_ids = enc.encode_ordinary(cfg["prompt"]) if cfg["raw"] else \
-        chat.render_prompt(messages, ckpt.get("template", chat.TEMPLATE), enc)
+    prompt_ids = engine.enc.encode_ordinary(cfg["prompt"]) if cfg["raw"] else \
+        chat.render_prompt(messages, ckpt.get("template", chat.TEMPLATE), engine.enc)
     params = sampling_params(cfg, None if cfg["raw"] else ckpt.get("default_stop", chat.NEWLINE_STOP))
     stream = cfg["num_samples"] == 1 and sys.stdout.isatty()
     on_text = (lambda row, text: print(text, end="", flush=True)) if stream else None
     replies = engine.replies(prompt_ids, params, cfg["num_samples"], on_text)
     if stream:
-        print()
+        print("" if replies[0] else EMPTY_REPLY)
         return
     for i, reply in enumerate(replies):
         if i:
             print("---")
         print(reply)
+    if not all(replies):
+        print(EMPTY_REPLY, file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -192,7 +192,8 @@ class Trainer:
             prompt = self.data["val"].first_prompt()
             params = SamplingParams(temperature=0.0, max_new_tokens=self.cfg["sample_max_tokens"],
                                     stop=(self.meta["default_stop"],))
-            reply = Engine(self.raw_model, device=self.run["device"], dtype=self.run["dtype"]).replies(prompt, params)[0]
+            engine = Engine(self.raw_model, device=self.run["device"], dtype=self.run["dtype"])
+            reply = engine.replies(prompt, params)[0]
             print(f"  sample: {chat.get_encoder().decode(prompt)!r} -> {reply!r}", flush=True)
         return stop
 

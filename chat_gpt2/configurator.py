@@ -102,7 +102,8 @@ def _read_config_file(path, defaults):
         with open(path) as f:
             source = f.read()
     except OSError as e:
-        raise ConfigError(f"cannot read config file '{path}': {e.strerror or e}") from None
+        hint = "" if path.endswith(".py") else " (config files are .py files; options go as --key=value)"
+        raise ConfigError(f"cannot read config file '{path}': {e.strerror or e}{hint}") from None
     namespace = {"__file__": path, "__name__": "__config__"}
     try:
         exec(compile(source, path, "exec"), namespace)

@@ -6,10 +6,16 @@ train.py and eval.py). Its files, all aligned token for token, in one folder:
     train_turns.npy / val_turns.npy   int64 offsets where a turn starts (training windows start only there)
     train_convs.npy / val_convs.npy   int64 offsets where a conversation starts
     meta.json                         tokenizer, vocab size, template, counts, multiline_replies, source hashes
+
+Replacing a dataset is all or nothing: a build is written to its own folder `.prepare-<PID>-<random>`, then one
+rename switches the symlink `.dataset` to it; each name above is a symlink `name -> .dataset/name`, so readers see
+the old dataset or the new one, never a mix, whenever the process is killed. Leftovers of killed runs are removed at
+the next start. (Where symlinks are unavailable the files are moved into place one by one, meta.json last.)
 """
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from collections import Counter
@@ -19,11 +25,14 @@ import torch
 
 from . import chat
 from .errors import InputError, MissingFileError, RecordError
-from .files import temporary_dir
+from .files import make_temp_dir, remove_dead_leftovers, temp_name
 from .records import iter_records, to_messages
 
 SPLITS = ("train", "val")
 SPLIT_FILES = (".bin", "_mask.bin", "_turns.npy", "_convs.npy")  # per split: train.bin, train_mask.bin, ...
+DATASET_FILES = tuple(f"{s}{suffix}" for s in SPLITS for suffix in SPLIT_FILES) + ("meta.json",)
+CURRENT = ".dataset"  # symlink to the build folder the names point into
+BUILD_PREFIX = ".prepare-"
 BLOCK_SIZES = (128, 256, 512, 1024)
 BATCH = 512  # conversations tokenised per call of tiktoken's threaded batch encoder
 
@@ -141,36 +150,90 @@ def summarize(writers, stats):
 
 
 def build_dataset(inputs, out_dir="data/chat", val_fraction=0.1, val_file=None, seed=1337, skip_invalid=False):
-    """Build the dataset in a temporary folder inside out_dir, then move it into place. Returns meta."""
+    """Build the dataset in a folder of its own inside out_dir, then make it the dataset (publish). Returns meta."""
     if not 0 < val_fraction < 1 and val_file is None:
         raise InputError(f"--val_fraction must be between 0 and 1, got {val_fraction}")
-    with temporary_dir(out_dir, ".prepare-") as tmp:
-        stats, progress = {"skipped": Counter(), "multiline_replies": False}, Progress()
-        writers = {s: TokenWriter(tmp, s) for s in SPLITS}
-        if val_file is None:
-            stream = TokenWriter(tmp, "all")
-            hashes = tokenize_inputs(inputs, stream, skip_invalid, stats, progress)
-            stream.close(tmp, "all")
-            split_stream(tmp, stream, choose_val(len(stream.convs), val_fraction, seed), writers)
-        else:
-            hashes = tokenize_inputs(inputs, writers["train"], skip_invalid, stats, progress)
-            hashes.update(tokenize_inputs([val_file], writers["val"], skip_invalid, stats, progress))
-        for s in SPLITS:
-            writers[s].close(tmp, s)
-            if not writers[s].convs:
-                raise InputError(f"no usable conversations for the {s} split")
-        meta = {"tokenizer": chat.TOKENIZER, "vocab_size": chat.VOCAB_SIZE, "template": chat.TEMPLATE,
-                "multiline_replies": stats["multiline_replies"],
-                "default_stop": chat.default_stop(stats["multiline_replies"]),
-                **summarize(writers, stats), "sources": hashes, "seed": seed,
-                "val_fraction": None if val_file else val_fraction}
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump(meta, f, indent=2)
-        # move into place; meta.json last, so a reader never sees a new meta with old data
-        names = [f"{s}{suffix}" for s in SPLITS for suffix in SPLIT_FILES]
-        for name in names + ["meta.json"]:
-            os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
-        return meta
+    clean_out_dir(out_dir)
+    tmp = make_temp_dir(out_dir, BUILD_PREFIX)
+    try:
+        meta = _build(tmp, inputs, val_fraction, val_file, seed, skip_invalid)
+        publish(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+def _build(tmp, inputs, val_fraction, val_file, seed, skip_invalid):
+    """Write every file of the dataset into the folder tmp. Returns meta."""
+    stats, progress = {"skipped": Counter(), "multiline_replies": False}, Progress()
+    writers = {s: TokenWriter(tmp, s) for s in SPLITS}
+    if val_file is None:
+        stream = TokenWriter(tmp, "all")
+        hashes = tokenize_inputs(inputs, stream, skip_invalid, stats, progress)
+        stream.close(tmp, "all")
+        split_stream(tmp, stream, choose_val(len(stream.convs), val_fraction, seed), writers)
+    else:
+        hashes = tokenize_inputs(inputs, writers["train"], skip_invalid, stats, progress)
+        hashes.update(tokenize_inputs([val_file], writers["val"], skip_invalid, stats, progress))
+    for s in SPLITS:
+        writers[s].close(tmp, s)
+        if not writers[s].convs:
+            raise InputError(f"no usable conversations for the {s} split")
+    meta = {"tokenizer": chat.TOKENIZER, "vocab_size": chat.VOCAB_SIZE, "template": chat.TEMPLATE,
+            "multiline_replies": stats["multiline_replies"],
+            "default_stop": chat.default_stop(stats["multiline_replies"]),
+            **summarize(writers, stats), "sources": hashes, "seed": seed,
+            "val_fraction": None if val_file else val_fraction}
+    for name in os.listdir(tmp):
+        if name.startswith("all"):  # the tokenised stream before the split
+            os.remove(os.path.join(tmp, name))
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+    return meta
+
+
+def publish(build, out_dir):
+    """Make the complete folder build the dataset at out_dir: one rename of the CURRENT symlink, then each name a
+    link into it (already so after the first build: nothing else changes), then the previous build is deleted."""
+    link = os.path.join(out_dir, CURRENT)
+    previous = os.readlink(link) if os.path.islink(link) else None
+    try:
+        os.symlink(os.path.basename(build), temp_name(link))
+    except OSError:  # no symlinks here (e.g. Windows without the privilege): move the files, meta.json last
+        for name in DATASET_FILES:
+            os.replace(os.path.join(build, name), os.path.join(out_dir, name))
+        shutil.rmtree(build, ignore_errors=True)
+        return
+    os.replace(temp_name(link), link)
+    link_names(out_dir)
+    if previous and previous != os.path.basename(build):
+        shutil.rmtree(os.path.join(out_dir, previous), ignore_errors=True)
+
+
+def link_names(out_dir):
+    """Each dataset file name in out_dir a symlink to CURRENT/name (replacing old regular files, one rename each)."""
+    for name in DATASET_FILES:
+        path, target = os.path.join(out_dir, name), os.path.join(CURRENT, name)
+        if os.path.islink(path) and os.readlink(path) == target:
+            continue
+        os.symlink(target, temp_name(path))
+        os.replace(temp_name(path), path)
+
+
+def clean_out_dir(out_dir):
+    """Before a build: delete what killed runs left (their build folders and temporary links; never the current
+    build, never a live run's) and finish linking the current build if a kill interrupted that. Says what it did."""
+    link = os.path.join(out_dir, CURRENT)
+    current = os.readlink(link) if os.path.islink(link) else None
+    ours = set(DATASET_FILES) | {CURRENT}
+    removed = remove_dead_leftovers(out_dir, (BUILD_PREFIX,), temp_of=ours.__contains__, keep=(current,))
+    if current and os.path.isdir(os.path.join(out_dir, current)):
+        link_names(out_dir)
+    if removed:
+        print(f"removed {len(removed)} leftover(s) of interrupted runs in {out_dir}: {', '.join(removed)}",
+              file=sys.stderr)
+    return removed
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -238,6 +301,10 @@ def load_dataset(dataset):
     if not os.path.isfile(meta_path):
         raise MissingFileError(f"no prepared dataset at {folder!r} (missing meta.json): run "
                                f"`python prepare.py YOUR_DATA.jsonl --out_dir={folder}` first")
+    homes = {os.path.dirname(os.path.realpath(os.path.join(folder, name))) for name in DATASET_FILES}
+    if len(homes) > 1:
+        raise InputError(f"{folder}: the dataset's files come from {len(homes)} different builds (an interrupted "
+                         f"or mixed copy): run prepare.py again")
     try:
         with open(meta_path) as f:
             meta = json.load(f)

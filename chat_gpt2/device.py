@@ -35,7 +35,7 @@ def resolve_dtype(dtype, device, training=False):
 
 
 def cpu_has_bf16():
-    """True when this CPU multiplies bf16 natively (x86 AVX512-BF16 or AMX): there bf16 matmuls beat fp32 ones.
+    """True when the CPU multiplies bf16 natively (x86 AVX512-BF16 or AMX): there bf16 matmuls beat fp32 ones.
     Elsewhere PyTorch emulates them, slower than fp32."""
     check = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     if all(c is not None for c in check):

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 import torch
 
 from . import chat
-from .device import autocast
+from .checkpoint import load_model
+from .device import autocast, resolve_device, resolve_dtype
 from .errors import ConfigError
 
 
@@ -280,6 +281,15 @@ def _emit(on_text, row, text):
 
 
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")
+
+
+def load_engine(cfg):
+    """(Engine, checkpoint info) for a script's options: out_dir, ckpt, init_from (see checkpoint.load_model),
+    device, dtype, use_cache."""
+    device = resolve_device(cfg["device"])
+    model, info = load_model(cfg["out_dir"], cfg["ckpt"], cfg.get("init_from", ""), device)
+    enc = chat.get_encoder(info.get("tokenizer", chat.TOKENIZER))
+    return Engine(model, enc, device, resolve_dtype(cfg["dtype"], device), cfg.get("use_cache", True)), info
 
 
 def unescape(text):

@@ -38,12 +38,62 @@ def write_jsonl(path, rows):
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+def make_temp_dir(parent, prefix):
+    """A fresh folder `<prefix><PID>-<random>` inside parent (created if needed), with the usual permissions (not
+    mkdtemp's 0700: it may become the user's output). The PID lets a later run tell a live writer's from a dead one's."""
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    return tmp
+
+
 @contextlib.contextmanager
 def temporary_dir(parent, prefix):
-    """A fresh hidden folder inside parent (created if needed), removed with whatever is left in it at the end."""
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    """make_temp_dir, removed with whatever is left in it at the end."""
+    tmp = make_temp_dir(parent, prefix)
     try:
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def pid_alive(pid):
+    """True when a process with this PID exists (ours included)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    return True
+
+
+def writer_pid(name, prefix):
+    """The PID in a temporary name `<prefix><PID>-...` or `<name>.tmp<PID>`, or None when it holds none."""
+    tail = name[len(prefix):] if prefix and name.startswith(prefix) else name.rpartition(".tmp")[2]
+    digits = tail.split("-", 1)[0]
+    return int(digits) if digits.isdigit() else None
+
+
+def remove_dead_leftovers(folder, prefixes=(), temp_of=lambda name: False, keep=()):
+    """Delete, in folder, the temporary folders `<prefix><PID>-...` and the files `<name>.tmp<PID>` (for the names
+    temp_of(name) accepts) left by processes that no longer run; a live process's and those in keep stay. Returns
+    the names removed."""
+    removed = []
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        prefix = next((p for p in prefixes if name.startswith(p)), None)
+        base, dot_tmp, _ = name.rpartition(".tmp")
+        if name in keep or (prefix is None and not (dot_tmp and temp_of(base))):
+            continue
+        pid = writer_pid(name, prefix or "")
+        if pid is None or pid_alive(pid):
+            continue
+        path = os.path.join(folder, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.remove(path)
+        removed.append(name)
+    return removed

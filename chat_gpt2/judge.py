@@ -6,6 +6,7 @@ import re
 import shlex
 import subprocess
 import urllib.error
+import urllib.parse
 import urllib.request
 
 from .errors import ConfigError, JudgeError
@@ -42,16 +43,32 @@ def judge_with_endpoint(url, model, row, timeout):
     body = {"model": model, "temperature": 0, "max_tokens": 8,
             "messages": [{"role": "system", "content": JUDGE_INSTRUCTIONS}, {"role": "user", "content": question}]}
     headers = {"Content-Type": "application/json"}
-    if os.environ.get("OPENAI_API_KEY"):
-        headers["Authorization"] = f"Bearer {os.environ['OPENAI_API_KEY']}"
     endpoint = url.rstrip("/") + "/chat/completions"
+    if os.environ.get("OPENAI_API_KEY") and key_may_go_to(endpoint):
+        headers["Authorization"] = f"Bearer {os.environ['OPENAI_API_KEY']}"
     request = urllib.request.Request(endpoint, json.dumps(body).encode(), headers, method="POST")
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with _NO_REDIRECTS.open(request, timeout=timeout) as response:
             content = json.load(response)["choices"][0]["message"]["content"]
     except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError, TypeError) as e:
         raise JudgeError(f"judge endpoint {endpoint} failed: {type(e).__name__}: {e}") from None
     return parse_score(content, f"judge endpoint {endpoint}")
+
+
+def key_may_go_to(url):
+    """The API key is sent only over https, or over plain http to this machine (a local server)."""
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme == "https" or (parts.scheme == "http" and parts.hostname in ("localhost", "127.0.0.1", "::1"))
+
+
+class _RefuseRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect could carry the Authorization header to another host: the judge endpoint must answer itself."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        raise urllib.error.HTTPError(req.full_url, code, f"redirect to {newurl} refused", headers, fp)
+
+
+_NO_REDIRECTS = urllib.request.build_opener(_RefuseRedirect)
 
 
 def make_judge(cfg):

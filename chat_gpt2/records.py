@@ -13,16 +13,39 @@ import os
 
 from .errors import InputError, RecordError
 
+MAX_RECORD_BYTES = 64 * 2 ** 20  # one record (a .jsonl line, a .json array element) larger than this is refused
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Reading records: streamed, memory bounded by one record
 
 
+def _lines(f, hasher):
+    """(line number, bytes or None) per line of f; None for a line over MAX_RECORD_BYTES, which is read past in
+    chunks, never held whole."""
+    lineno = 0
+    while True:
+        raw = f.readline(MAX_RECORD_BYTES + 1)
+        if not raw:
+            return
+        hasher.update(raw)
+        lineno += 1
+        if len(raw) <= MAX_RECORD_BYTES or raw.endswith(b"\n"):
+            yield lineno, raw
+            continue
+        while raw and not raw.endswith(b"\n"):  # the rest of the oversized line
+            raw = f.readline(1 << 20)
+            hasher.update(raw)
+        yield lineno, None
+
+
 def iter_jsonl(path, hasher):
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            hasher.update(raw)
+        for lineno, raw in _lines(f, hasher):
             where = f"{path}:{lineno}"
+            if raw is None:
+                yield where, RecordError(where, f"record larger than {MAX_RECORD_BYTES >> 20} MiB", "too large")
+                continue
             try:
                 line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # -sig: tolerate a BOM
             except UnicodeDecodeError as e:
@@ -31,9 +54,20 @@ def iter_jsonl(path, hasher):
             if not line.strip():
                 continue
             try:
-                yield where, json.loads(line)
+                record = json.loads(line)
             except json.JSONDecodeError as e:
                 yield where, RecordError(where, f"invalid JSON: {e.msg} (column {e.colno})", "invalid JSON")
+                continue
+            except (ValueError, RecursionError) as e:  # integers over 4,300 digits, nesting deeper than Python's stack
+                yield where, RecordError(where, f"unreadable JSON: {_why(e)}", "invalid JSON")
+                continue
+            yield where, record
+
+
+def _why(error):
+    if isinstance(error, RecursionError):
+        return "nested too deeply"
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def iter_json_array(path, hasher, chunk_size=1 << 20):
@@ -75,9 +109,13 @@ def iter_json_array(path, hasher, chunk_size=1 << 20):
                     raise InputError(f"{where}: invalid JSON: expected ',' or ']' after the previous record")
                 state, pos = "value", pos + 1
             else:
+                if len(buf) - pos > MAX_RECORD_BYTES:
+                    raise InputError(f"{where}: record larger than {MAX_RECORD_BYTES >> 20} MiB")
                 try:
                     record, end = decoder.raw_decode(buf, pos)
-                except json.JSONDecodeError as e:
+                except (ValueError, RecursionError) as e:
+                    if not isinstance(e, json.JSONDecodeError):  # no record boundary to resume from: fatal
+                        raise InputError(f"{where}: unreadable JSON: {_why(e)}") from None
                     if eof:
                         error_line = line + e.lineno - 1 - buf.count("\n", 0, pos)
                         raise InputError(f"{where}: invalid JSON: {e.msg} (line {error_line})") from None
@@ -95,6 +133,8 @@ def iter_json_array(path, hasher, chunk_size=1 << 20):
 
 
 def iter_records(path, hasher):
+    if os.path.isdir(path):
+        raise InputError(f"{path} is a directory: pass the .jsonl / .json files in it")
     if not os.path.isfile(path):
         raise InputError(f"input file not found: {path}")
     if path.endswith(".jsonl"):
