@@ -56,7 +56,8 @@ def ckpt(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(ckpt):
     cfg, _ = configurator.load(serve.DEFAULTS, [f"--ckpt={ckpt}", "--device=cpu", "--dtype=float32",
-                                                "--max_messages=8", "--max_chars=2000", "--max_body_bytes=20000"])
+                                                "--max_messages=8", "--max_chars=2000", "--max_body_bytes=20000",
+                                                "--temperature=0"])  # the page sends no temperature
     srv = Server(serve.build_app(cfg)).start()
     try:
         yield srv
@@ -322,3 +323,46 @@ def test_serve_script_starts_and_stops(ckpt):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The chat page in a real browser
+
+
+def browser():
+    """Headless Chromium through Selenium, or pytest.skip saying what is missing."""
+    import shutil
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    driver_path = shutil.which("chromedriver")
+    if not chromium or not driver_path:
+        pytest.skip("no headless browser: install Chromium and its driver (Debian: apt-get install chromium "
+                    "chromium-driver) to test the chat page")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(arg)
+    return webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver_path), options=options)
+
+
+def test_chat_page_streams_a_reply_and_resets(server):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = browser()
+    try:
+        driver.get(server.url + "/")
+        driver.find_element(By.ID, "input").send_keys("Hello there", Keys.ENTER)
+        wait = WebDriverWait(driver, 60)
+        reply = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, ".msg.assistant[data-done='1'] span"))
+        messages = driver.execute_script("return messages")
+        assert [m["role"] for m in messages] == ["user", "assistant"]
+        assert messages[0]["content"] == "Hello there"
+        assert reply.text == messages[1]["content"].strip() and reply.text  # the streamed deltas, joined
+        assert not driver.find_elements(By.CSS_SELECTOR, ".msg.error")
+        driver.find_element(By.ID, "reset").click()
+        assert driver.execute_script("return messages.length") == 0
+        assert not driver.find_elements(By.CSS_SELECTOR, ".msg")
+    finally:
+        driver.quit()
