@@ -5,7 +5,8 @@ with it, every other waiting job that can share its batch: the same prompt lengt
 and greedy or unseeded (a seeded sampler draws from one generator per batch, so a seeded request batched with
 others would not repeat what it gives alone). The batch is decoded by Engine.complete_batch, step by step for all
 its rows together; new requests wait for the next batch. Greedy rows give the same tokens alone or batched: rows
-of one length need no padding, and each row's arithmetic does not depend on the others.
+of one length need no padding or mask, so a row sees exactly the context it sees alone (tests/test_serve.py checks
+the replies; a batched matmul may sum in another order, which could only matter on a near-tie of two logits).
 
 Events go to each job's emit callback from the worker thread: ("text", choice, text) while generating, then
 ("done", [Completion, ...]) or ("error", message). A job whose client left is cancelled: dropped from the queue,
