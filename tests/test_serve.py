@@ -228,6 +228,8 @@ def test_malformed_json_body_size_and_bad_fields_elsewhere(server):
     assert r.status_code == 400 and r.json()["error"]["code"] == "json_invalid"
     r = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 30000}]})
     assert r.status_code == 413 and "exceeds" in r.json()["error"]["message"]
+    r = httpx.post(server.url + "/v1/completions", content=iter([b'{"prompt": "hi"}']), timeout=30)  # chunked
+    assert r.status_code == 411 and "Content-Length" in r.json()["error"]["message"]
     r = post(server, "/v1/completions", {"prompt": "hi", "top_k": -1})
     assert r.status_code == 400 and r.json()["error"]["param"] == "top_k"
     r = post(server, "/chat", {"history": []})
