@@ -232,10 +232,11 @@ class Engine:
         self.model, self.device, self.dtype, self.use_cache = model, device, dtype, use_cache
         self.enc = enc or chat.get_encoder()
 
-    def complete_batch(self, prompts, params, on_text=None, generator=None):
+    def complete_batch(self, prompts, params, on_text=None, generator=None, cancelled=None):
         """One Completion per prompt, generated as one batch (the prompts must have the same length: there is no
         padding). Each row stops on its own at <|endoftext|> or at the first of params.stop, which is cut off.
-        on_text(row, new_text) streams text as it becomes final. generator: defaults to params.generator()."""
+        on_text(row, new_text) streams text as it becomes final. generator: defaults to params.generator().
+        cancelled(): checked after every step; True ends the batch there (a server whose clients all left)."""
         if not prompts or len({len(p) for p in prompts}) != 1 or not prompts[0]:
             raise ConfigError("generation needs non-empty prompts of one length")
         generator = generator if generator is not None else params.generator(self.device)
@@ -251,7 +252,7 @@ class Engine:
                         if not row.done:
                             row.add(token)
                             _emit(on_text, i, row.new_text())
-                    if all(row.done for row in rows):
+                    if all(row.done for row in rows) or (cancelled is not None and cancelled()):
                         break
         finally:
             steps.close()

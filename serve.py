@@ -1,0 +1,50 @@
+"""Serve a trained model over HTTP: an OpenAI-compatible API and a chat page (docs/serving.md).
+
+    python serve.py                                     # newest run's best checkpoint in out_dir, 127.0.0.1:8000
+    python serve.py --ckpt=out/finetuned_20260101_120000.pt --port=8080 --temperature=0.7
+    python serve.py --init_from=gpt2                    # Hugging Face GPT-2 weights
+then open http://127.0.0.1:8000/ or point an OpenAI client at http://127.0.0.1:8000/v1.
+
+The sampling options are the defaults for requests that do not set them; the stop string defaults to the
+checkpoint's, as in sample.py. One worker thread decodes the queued requests in batches (chat_gpt2/batcher.py).
+"""
+import os
+
+from chat_gpt2 import chat, configurator
+from chat_gpt2.checkpoint import load_model
+from chat_gpt2.device import resolve_device, resolve_dtype
+from chat_gpt2.engine import Engine
+from chat_gpt2.server import Limits, create_app
+
+DEFAULTS = dict(
+    out_dir="out", ckpt="",  # ckpt "": the newest run's best checkpoint in out_dir
+    init_from="",  # instead of a checkpoint: 'gpt2' .. 'gpt2-xl', a Hugging Face repo id or a local HF directory
+    host="127.0.0.1", port=8000,  # loopback by default: put a proxy with authentication in front to expose it
+    temperature=0.8, top_k=200, top_p=1.0, repetition_penalty=1.0, max_new_tokens=150,
+    seed=None,  # a default seed for every request makes unseeded requests repeat themselves; None = fresh draws
+    device="auto", dtype="auto", use_cache=True,
+    max_body_bytes=Limits.max_body_bytes, max_messages=Limits.max_messages, max_chars=Limits.max_chars,
+    max_waiting=Limits.max_waiting,
+)
+
+
+def build_app(cfg):
+    """The app for a script's cfg: the model loaded, the engine and the limits set."""
+    device = resolve_device(cfg["device"])
+    model, ckpt = load_model(cfg["out_dir"], cfg["ckpt"], cfg["init_from"], device)
+    enc = chat.get_encoder(ckpt.get("tokenizer", chat.TOKENIZER))
+    engine = Engine(model, enc, device, resolve_dtype(cfg["dtype"], device), cfg["use_cache"])
+    name = cfg["init_from"] or os.path.splitext(os.path.basename(cfg["ckpt"]))[0] or "chat-gpt2"
+    limits = Limits(cfg["max_body_bytes"], cfg["max_messages"], cfg["max_chars"], cfg["max_waiting"])
+    return create_app(engine, ckpt, cfg, model_name=name, limits=limits)
+
+
+def main(argv=None):
+    cfg, _ = configurator.load(DEFAULTS, argv, prog="serve.py")
+    app = build_app(cfg)
+    import uvicorn  # only the server needs it
+    uvicorn.run(app, host=cfg["host"], port=cfg["port"], log_level="info")
+
+
+if __name__ == "__main__":
+    configurator.run(main)

@@ -1,0 +1,370 @@
+"""serve.py: the OpenAI-compatible API, /chat, the page, the limits, the queue and the batching, against a tiny
+random checkpoint served on a free loopback port."""
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+import gen_helpers
+import serve
+from chat_gpt2 import chat, configurator
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Server:
+    """uvicorn in a thread on a socket bound to a free loopback port; stop() always runs (fixture teardown)."""
+
+    def __init__(self, app):
+        self.app = app
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def start(self):
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.02)
+        return self
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    model = gen_helpers.tiny_model(block_size=128)
+    return gen_helpers.save_tiny_checkpoint(tmp_path_factory.mktemp("serve") / "tiny.pt", model)
+
+
+@pytest.fixture(scope="module")
+def server(ckpt):
+    cfg, _ = configurator.load(serve.DEFAULTS, [f"--ckpt={ckpt}", "--device=cpu", "--dtype=float32",
+                                                "--max_messages=8", "--max_chars=2000", "--max_body_bytes=20000",
+                                                "--temperature=0"])  # the page sends no temperature
+    srv = Server(serve.build_app(cfg)).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def service(server):
+    return server.app.state.service
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@contextlib.contextmanager
+def gated(service):
+    """Hold the worker before its next batch until the block ends, so that requests pile up in the queue."""
+    gate, original = threading.Event(), service.engine.complete_batch
+
+    def complete_batch(*args, **kwargs):
+        gate.wait(30)
+        return original(*args, **kwargs)
+
+    service.engine.complete_batch = complete_batch
+    try:
+        yield gate
+    finally:
+        gate.set()
+        del service.engine.complete_batch  # the class's method again
+
+
+def wait_for(condition, timeout=20):
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def post(server, path, body, **kwargs):
+    return httpx.post(server.url + path, json=body, timeout=60, **kwargs)
+
+
+GREEDY = {"temperature": 0, "stop": []}
+HELLO = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The official openai client
+
+
+def test_openai_chat_completion(client):
+    r = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=6, **GREEDY)
+    choice = r.choices[0]
+    assert r.object == "chat.completion" and choice.message.role == "assistant"
+    assert isinstance(choice.message.content, str)
+    assert choice.finish_reason in ("stop", "length")
+    assert 0 < r.usage.completion_tokens <= 6 and r.usage.prompt_tokens > 5
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_openai_streaming_matches_non_streaming(client):
+    whole = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=12, **GREEDY)
+    chunks = list(client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=12, stream=True,
+                                                 stream_options={"include_usage": True}, **GREEDY))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip() == whole.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_sse_wire_format_ends_with_done(server):
+    with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=60,
+                      json={"messages": HELLO, "max_tokens": 4, "stream": True, **GREEDY}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[0][6:])["object"] == "chat.completion.chunk"
+
+
+def test_stop_string_cuts_the_text(client):
+    full = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=20, **GREEDY)
+    text = full.choices[0].text
+    assert len(text) > 6, text
+    stop = text[len(text) // 2:len(text) // 2 + 3].strip()  # no leading space: it cannot match the reply's start
+    assert stop
+    cut = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=20,
+                                    temperature=0, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].text == text[:text.index(stop)]
+
+
+def test_n_choices_and_seed_repeat(client):
+    ask = lambda seed: client.chat.completions.create(  # noqa: E731
+        model="tiny", messages=HELLO, max_tokens=8, temperature=1.0, n=3, seed=seed, stop=[])
+    first, again, other = ask(7), ask(7), ask(8)
+    texts = lambda r: [c.message.content for c in r.choices]  # noqa: E731
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert texts(first) == texts(again)
+    assert texts(first) != texts(other)
+
+
+def test_openai_client_sees_api_errors(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=HELLO, temperature=5)
+    assert e.value.body["param"] == "temperature"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plain HTTP
+
+
+def test_health_models_chat_and_page(server, ckpt):
+    health = httpx.get(server.url + "/health").json()
+    assert health["status"] == "ok" and health["waiting"] == 0
+    models = httpx.get(server.url + "/v1/models").json()
+    assert models["object"] == "list" and models["data"][0]["id"] == "tiny"
+    r = post(server, "/chat", {"message": "How are you?", "history": [
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]})
+    assert r.status_code == 200 and isinstance(r.json()["reply"], str)
+    page = httpx.get(server.url + "/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "/v1/chat/completions" in page.text and "reset" in page.text
+
+
+def test_long_conversation_is_trimmed_to_the_context(server):
+    long = [{"role": "user" if i % 2 == 0 else "assistant", "content": "word " * 50} for i in range(7)]
+    r = post(server, "/v1/chat/completions", {"messages": long, "max_tokens": 500, **GREEDY})
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    assert usage["prompt_tokens"] <= 128 - 64  # block_size minus the room kept for the reply
+    assert usage["completion_tokens"] <= 127  # max_tokens clamped to the context
+
+
+BAD = [  # (body, status, param)
+    ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages.0.role"),
+    ({"messages": [{"role": "user", "content": 5}]}, 400, "messages.0.content"),
+    ({"messages": HELLO, "temperature": "hot"}, 400, "temperature"),
+    ({"messages": HELLO, "temperature": 2.5}, 400, "temperature"),
+    ({"messages": HELLO, "top_p": 1.5}, 400, "top_p"),
+    ({"messages": HELLO, "max_tokens": 0}, 400, "max_tokens"),
+    ({"messages": HELLO, "n": 9}, 400, "n"),
+    ({"messages": HELLO, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({"messages": []}, 400, "messages"),
+    ({}, 400, "messages"),
+    ({"messages": [{"role": "user", "content": "hi"}] * 9}, 400, "messages"),
+    ({"messages": [{"role": "user", "content": "x" * 2001}]}, 400, "messages"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, 400, "messages"),
+]
+
+
+@pytest.mark.parametrize("body,status,param", BAD)
+def test_bad_requests(server, body, status, param):
+    r = post(server, "/v1/chat/completions", body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
+
+
+def test_malformed_json_body_size_and_bad_fields_elsewhere(server):
+    r = httpx.post(server.url + "/v1/chat/completions", content=b'{"messages": [', timeout=30,
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "json_invalid"
+    r = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 30000}]})
+    assert r.status_code == 413 and "exceeds" in r.json()["error"]["message"]
+    r = httpx.post(server.url + "/v1/completions", content=iter([b'{"prompt": "hi"}']), timeout=30)  # chunked
+    assert r.status_code == 411 and "Content-Length" in r.json()["error"]["message"]
+    r = post(server, "/v1/completions", {"prompt": "hi", "top_k": -1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_k"
+    r = post(server, "/chat", {"history": []})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "message"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Queue, disconnects, batching
+
+
+def test_queue_limit_returns_503(server, service, monkeypatch):
+    monkeypatch.setattr(service.batcher, "max_waiting", 1)
+    body = {"prompt": "Hello", "max_tokens": 2, **GREEDY}
+    results = []
+    with gated(service):
+        threads = [threading.Thread(target=lambda: results.append(post(server, "/v1/completions", body)))
+                   for _ in range(2)]
+        threads[0].start()
+        wait_for(lambda: service.batcher.stats()["running"] == 1)  # the first holds the (gated) worker
+        threads[1].start()
+        wait_for(lambda: service.batcher.stats()["waiting"] == 1)  # the second fills the queue
+        full = post(server, "/v1/completions", body)
+    for t in threads:
+        t.join(60)
+    assert full.status_code == 503 and full.headers["retry-after"] == "1"
+    assert full.json()["error"]["code"] == "queue_full"
+    assert [r.status_code for r in results] == [200, 200]
+
+
+def test_disconnect_mid_stream_frees_the_slot(server, service, monkeypatch):
+    model = service.engine.model
+    calls = []
+
+    def slow_forward(*args, **kwargs):  # ~0.05 s a token: the client leaves long before 120 tokens
+        calls.append(1)
+        time.sleep(0.05)
+        return type(model).forward(model, *args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", slow_forward)
+    body = {"prompt": "Tell me a story", "max_tokens": 120, "stream": True, "temperature": 1.0, "stop": []}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                break  # the first chunk arrived: generation runs; now leave
+    idle = lambda stats: stats["running"] == 0 and stats["waiting"] == 0  # noqa: E731
+    wait_for(lambda: idle(service.batcher.stats()))
+    steps = len(calls)
+    assert steps < 100, f"the abandoned request ran {steps} steps"
+    time.sleep(0.3)
+    assert len(calls) == steps  # nothing decodes any more
+
+
+def test_greedy_batched_equals_alone(server, service):
+    enc = chat.get_encoder()
+    prompts = ["The cat sat on", "A dog ran to", "My friend went to"]
+    assert len({len(enc.encode_ordinary(p)) for p in prompts}) == 1  # one length: they can share a batch
+    body = lambda p: {"prompt": p, "max_tokens": 16, **GREEDY}  # noqa: E731
+    alone = [post(server, "/v1/completions", body(p)).json()["choices"][0]["text"] for p in prompts]
+    results = {}
+    with gated(service) as gate:
+        blocker = threading.Thread(target=lambda: post(server, "/v1/completions", body("Hi")))
+        blocker.start()
+        wait_for(lambda: service.batcher.stats()["running"] == 1)
+        threads = [threading.Thread(target=lambda p=p: results.__setitem__(p, post(server, "/v1/completions",
+                                                                                  body(p))))
+                   for p in prompts]
+        for t in threads:
+            t.start()
+        wait_for(lambda: service.batcher.stats()["waiting"] == 3)
+        gate.set()
+        for t in threads + [blocker]:
+            t.join(60)
+    assert 3 in service.batcher.stats()["recent_batch_sizes"]  # the three were decoded as one batch
+    assert [results[p].json()["choices"][0]["text"] for p in prompts] == alone
+
+
+def test_serve_script_starts_and_stops(ckpt):
+    """The CLI end to end: serve.py in a subprocess on a free port, asked /health, then stopped."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "serve.py"), f"--ckpt={ckpt}", "--device=cpu",
+                             f"--port={port}"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()
+            with contextlib.suppress(httpx.TransportError):
+                assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()["status"] == "ok"
+                break
+            assert time.time() < deadline, "serve.py did not answer"
+            time.sleep(0.2)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The chat page in a real browser
+
+
+def browser():
+    """Headless Chromium through Selenium, or pytest.skip saying what is missing."""
+    import shutil
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    driver_path = shutil.which("chromedriver")
+    if not chromium or not driver_path:
+        pytest.skip("no headless browser: install Chromium and its driver (Debian: apt-get install chromium "
+                    "chromium-driver) to test the chat page")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(arg)
+    return webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver_path), options=options)
+
+
+def test_chat_page_streams_a_reply_and_resets(server):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = browser()
+    try:
+        driver.get(server.url + "/")
+        driver.find_element(By.ID, "input").send_keys("Hello there", Keys.ENTER)
+        wait = WebDriverWait(driver, 60)
+        reply = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, ".msg.assistant[data-done='1'] span"))
+        messages = driver.execute_script("return messages")
+        assert [m["role"] for m in messages] == ["user", "assistant"]
+        assert messages[0]["content"] == "Hello there"
+        assert reply.text == messages[1]["content"].strip() and reply.text  # the streamed deltas, joined
+        assert not driver.find_elements(By.CSS_SELECTOR, ".msg.error")
+        driver.find_element(By.ID, "reset").click()
+        assert driver.execute_script("return messages.length") == 0
+        assert not driver.find_elements(By.CSS_SELECTOR, ".msg")
+    finally:
+        driver.quit()
