@@ -10,10 +10,8 @@ checkpoint's, as in sample.py. One worker thread decodes the queued requests in 
 """
 import os
 
-from chat_gpt2 import chat, configurator
-from chat_gpt2.checkpoint import load_model
-from chat_gpt2.device import resolve_device, resolve_dtype
-from chat_gpt2.engine import Engine
+from chat_gpt2 import configurator
+from chat_gpt2.engine import load_engine
 from chat_gpt2.server import Limits, create_app
 
 DEFAULTS = dict(
@@ -30,10 +28,7 @@ DEFAULTS = dict(
 
 def build_app(cfg):
     """The app for a script's cfg: the model loaded, the engine and the limits set."""
-    device = resolve_device(cfg["device"])
-    model, ckpt = load_model(cfg["out_dir"], cfg["ckpt"], cfg["init_from"], device)
-    enc = chat.get_encoder(ckpt.get("tokenizer", chat.TOKENIZER))
-    engine = Engine(model, enc, device, resolve_dtype(cfg["dtype"], device), cfg["use_cache"])
+    engine, ckpt = load_engine(cfg)
     name = cfg["init_from"] or os.path.splitext(os.path.basename(cfg["ckpt"]))[0] or "chat-gpt2"
     limits = Limits(cfg["max_body_bytes"], cfg["max_messages"], cfg["max_chars"], cfg["max_waiting"])
     return create_app(engine, ckpt, cfg, model_name=name, limits=limits)
