@@ -40,7 +40,7 @@ def write_jsonl(path, rows):
 
 def make_temp_dir(parent, prefix):
     """A fresh folder `<prefix><PID>-<random>` inside parent (created if needed), with the usual permissions (not
-    mkdtemp's 0700: it may become the user's output). The PID lets a later run tell a live writer's from a dead one's."""
+    mkdtemp's 0700: it may become the user's output). The PID tells a later run a live writer's from a dead one's."""
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent)
     umask = os.umask(0o022)
