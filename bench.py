@@ -6,11 +6,14 @@
     python bench.py --mode=train --preset=124m --profile   # + where the step's time goes, the matmul-only ceiling
     python bench.py --mode=generate                  # generation tokens/s, KV cache on/off, vs transformers (quick)
     python bench.py --mode=generate --gen_preset=full  # the same at GPT-2 124M shape: 32 + 256 tokens, batch 1 and 8
+    python bench.py --mode=half --ckpt=out/finetuned_X.pt --dataset=data/chat   # bf16 vs fp32: same tokens? perplexity?
 
 Every run ends with one machine-readable JSON line.
 """
+import copy
 import importlib.util
 import json
+import math
 import os
 import resource
 import statistics
@@ -21,16 +24,20 @@ import types
 import torch
 import torch.nn.functional as F
 
-from chat_gpt2 import configurator
+from chat_gpt2 import chat, configurator
+from chat_gpt2.checkpoint import load_model
+from chat_gpt2.dataset import load_dataset
 from chat_gpt2.device import (autocast, known_peak_flops, measure_matmul_peak, resolve_compile, resolve_device,
                               resolve_dtype, sync, tune_cpu_allocator)
 from chat_gpt2.engine import SamplingParams, generate
+from chat_gpt2.errors import ConfigError
+from chat_gpt2.evaluation import val_loss
 from chat_gpt2.hf_gpt2 import hf_config, hf_state_dict
 from chat_gpt2.model import GPT, GPTConfig
 from chat_gpt2.training import DEFAULT_GRAD_CLIP, to_device, train_step
 
 DEFAULTS = dict(
-    mode="train",  # train | generate
+    mode="train",  # train | generate | half
     preset="tiny",  # --mode=train: tiny (seconds) | 6x384 (batch 8) | 124m (GPT-2 124M shape, batch 4)
     device="auto", dtype="auto", seed=1337,
     # --mode=train: overrides of the preset (0 = the preset's); compile as train.py's --compile
@@ -41,6 +48,9 @@ DEFAULTS = dict(
     gen_preset="quick",  # quick: a tiny model, runs in seconds | full: GPT-2 124M shape, random weights
     gen_prompt_tokens=0, gen_new_tokens=0, gen_batch_sizes=None,  # e.g. --gen_batch_sizes=[1]
     gen_hf=True,  # also time transformers' GPT2LMHeadModel.generate(use_cache=True) on the same weights
+    gen_half="bfloat16",  # --mode=generate: also time our decoding with the weights in this dtype ("" = no)
+    # --mode=half: a trained checkpoint and its prepared dataset; greedy tokens and val perplexity, fp32 vs gen_half
+    ckpt="", dataset="", half_prompts=20, half_new_tokens=64,
 )
 
 
@@ -79,7 +89,7 @@ def _train_setup(cfg):
     p.update({k: cfg[k] for k in ("batch_size", "block_size", "steps", "warmup") if cfg[k]})
     p["grad_clip"] = DEFAULT_GRAD_CLIP
     device = resolve_device(cfg["device"])
-    dtype = "float32" if cfg["baseline"] else resolve_dtype(cfg["dtype"], device, training=True)
+    dtype = "float32" if cfg["baseline"] else resolve_dtype(cfg["dtype"], device)
     run = {"device": device, "dtype": dtype, "ddp": False, "compile": resolve_compile(cfg["compile"], device)}
     if not cfg["baseline"]:
         tune_cpu_allocator(device)
@@ -355,16 +365,18 @@ def _time_hf(hf, prompt, new_tokens, device):
 
 
 def bench_generate(cfg):
-    """Table of new tokens/s per (implementation, batch size); returns the rows for the JSON line."""
+    """Table of new tokens/s per (implementation, batch size); returns the rows for the JSON line. The model runs in
+    --dtype (default fp32 here: the reference), and again with its weights converted to --gen_half."""
     device = resolve_device(cfg["device"])
-    dtype = resolve_dtype(cfg["dtype"], device)
+    dtype = "float32" if cfg["dtype"] == "auto" else resolve_dtype(cfg["dtype"], device)
     preset, model = _gen_setup(cfg)
     model.to(device)
+    half = copy.deepcopy(model).to(getattr(torch, cfg["gen_half"])) if cfg["gen_half"] else None
     hf = _hf_model(model) if cfg["gen_hf"] and _has_transformers() and dtype == "float32" else None
     n_new, rows = preset["new_tokens"], []
     print(f"generate: preset {cfg['gen_preset']}, {model.get_num_params() / 1e6:.1f}M parameters, device {device}, "
           f"dtype {dtype}, {torch.get_num_threads()} threads, prompt {preset['prompt_tokens']} + {n_new} new tokens")
-    print(f"{'implementation':<28}{'batch':>6}{'seconds':>10}{'tokens/s':>11}{'same tokens':>13}")
+    print(f"{'implementation':<34}{'batch':>6}{'seconds':>10}{'tokens/s':>11}{'same tokens':>13}")
     for batch in preset["batch_sizes"]:
         prompt = torch.randint(0, model.config.vocab_size, (batch, preset["prompt_tokens"]),
                                generator=torch.Generator().manual_seed(cfg["seed"])).to(device)
@@ -372,16 +384,21 @@ def bench_generate(cfg):
         reference = None
         runs = [("ours, KV cache", lambda: _time_ours(model, prompt, n_new, True, device, dtype)),
                 ("ours, no cache", lambda: _time_ours(model, prompt, n_new, False, device, dtype))]
+        if half is not None:
+            _time_ours(half, prompt, 2, True, device, "float32")
+            runs.append((f"ours, KV cache, {cfg['gen_half']}",
+                         lambda: _time_ours(half, prompt, n_new, True, device, "float32")))
         if hf is not None:
             _time_hf(hf, prompt, 2, device)
             runs.append(("transformers, use_cache", lambda: _time_hf(hf, prompt, n_new, device)))
         for name, run in runs:
             seconds, tokens = run()
             reference = tokens if reference is None else reference
-            same = bool(torch.equal(tokens.cpu(), reference.cpu()))  # greedy: every path gives the same tokens
+            same = (tokens.cpu() == reference.cpu()).float().mean().item()  # greedy fp32 paths: all the same
             rows.append({"impl": name, "batch": batch, "seconds": round(seconds, 3),
-                         "tokens_per_s": round(batch * n_new / seconds, 2), "same_tokens": same})
-            print(f"{name:<28}{batch:>6}{seconds:>10.2f}{batch * n_new / seconds:>11.1f}{str(same):>13}", flush=True)
+                         "tokens_per_s": round(batch * n_new / seconds, 2), "same_tokens": same == 1.0,
+                         "same_token_share": round(same, 4)})
+            print(f"{name:<34}{batch:>6}{seconds:>10.2f}{batch * n_new / seconds:>11.1f}{same:>13.1%}", flush=True)
     return {"mode": "generate", "preset": cfg["gen_preset"], "device": device, "dtype": dtype,
             "prompt_tokens": preset["prompt_tokens"], "new_tokens": n_new, "rows": rows,
             "speedups": _speedups(rows)}
@@ -394,9 +411,42 @@ def _speedups(rows):
         speed = {r["impl"]: r["tokens_per_s"] for r in rows if r["batch"] == batch}
         cached = speed["ours, KV cache"]
         out[str(batch)] = {"cache_vs_no_cache": round(cached / speed["ours, no cache"], 2)}
-        if "transformers, use_cache" in speed:
-            out[str(batch)]["cache_vs_transformers"] = round(cached / speed["transformers, use_cache"], 2)
+        for name, value in speed.items():
+            if name == "transformers, use_cache":
+                out[str(batch)]["cache_vs_transformers"] = round(cached / value, 2)
+            elif name.startswith("ours, KV cache, "):
+                out[str(batch)]["half_vs_fp32"] = round(value / cached, 2)
+                if "transformers, use_cache" in speed:
+                    out[str(batch)]["half_vs_transformers"] = round(value / speed["transformers, use_cache"], 2)
     return out
+
+
+def bench_half(cfg):
+    """A trained model in fp32 and with its weights in gen_half: the share of greedy tokens that agree (prompts of
+    32 tokens taken evenly over the val split, half_new_tokens each) and the val loss / perplexity of each."""
+    if not cfg["ckpt"] or not cfg["dataset"]:
+        raise ConfigError("--mode=half needs --ckpt=PATH (a trained checkpoint) and --dataset=DIR (its data)")
+    device = resolve_device(cfg["device"])
+    model, _ = load_model(ckpt=cfg["ckpt"], device=device)
+    half = copy.deepcopy(model).to(getattr(torch, cfg["gen_half"]))
+    val = load_dataset(cfg["dataset"])[0]["val"]
+    starts = torch.linspace(0, max(0, len(val.ids) - 33), cfg["half_prompts"]).long().tolist()
+    prompts = torch.tensor([val.ids[s:s + 32].astype("int64") for s in starts], device=device)
+    params = SamplingParams(temperature=0.0, max_new_tokens=cfg["half_new_tokens"])
+    tokens = [torch.stack(list(generate(m, prompts, params, vocab_limit=chat.VOCAB_SIZE)), dim=1)
+              for m in (model, half)]
+    agree = (tokens[0] == tokens[1]).float().mean().item()
+    losses = [val_loss(m, cfg["dataset"], 16, device, "float32")[0] for m in (model, half)]
+    ppl = [math.exp(loss) for loss in losses]
+    result = {"mode": "half", "ckpt": cfg["ckpt"], "half": cfg["gen_half"], "prompts": len(starts),
+              "new_tokens": cfg["half_new_tokens"], "same_token_share": round(agree, 4),
+              "val_loss_fp32": round(losses[0], 5), "val_loss_half": round(losses[1], 5),
+              "perplexity_fp32": round(ppl[0], 4), "perplexity_half": round(ppl[1], 4),
+              "perplexity_change": round(ppl[1] / ppl[0] - 1, 5)}
+    print(f"greedy tokens, {cfg['gen_half']} vs fp32: {agree:.1%} the same over {len(starts)} prompts x "
+          f"{cfg['half_new_tokens']} tokens; val perplexity {ppl[0]:.4f} (fp32) vs {ppl[1]:.4f} "
+          f"({result['perplexity_change']:+.3%})")
+    return result
 
 
 def _has_transformers():
@@ -405,7 +455,7 @@ def _has_transformers():
 
 def main(argv=None):
     cfg, _ = configurator.load(DEFAULTS, argv, prog="bench.py")
-    modes = {"train": bench_train, "generate": bench_generate}
+    modes = {"train": bench_train, "generate": bench_generate, "half": bench_half}
     if cfg["mode"] not in modes:
         raise SystemExit(f"error: unknown --mode={cfg['mode']!r}: use one of {sorted(modes)}")
     result = modes[cfg["mode"]](cfg)

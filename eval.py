@@ -40,7 +40,8 @@ DEFAULTS = dict(
     max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=1337,
     stop=None,  # None: the checkpoint's default stop
     judge_cmd="", judge_url="", judge_model="", judge_timeout=120.0,
-    device="auto", dtype="auto",
+    device="auto",
+    dtype="float32",  # fp32 so that scores compare across machines; bfloat16 / float16 / auto convert the weights
 )
 
 

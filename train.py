@@ -80,7 +80,7 @@ def setup_processes(cfg):
             torch.cuda.set_device(device)
         backend = cfg["backend"] if cfg["backend"] != "auto" else ("nccl" if device.startswith("cuda") else "gloo")
         dist.init_process_group(backend=backend)
-    dtype = resolve_dtype(cfg["dtype"], device, training=True)
+    dtype = resolve_dtype(cfg["dtype"], device)
     tune_cpu_allocator(device)
     if dtype == "bfloat16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
         raise ConfigError("dtype=bfloat16 is not supported on this GPU: use --dtype=float16")

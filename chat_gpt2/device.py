@@ -21,15 +21,18 @@ def resolve_device(device):
     return "cpu"
 
 
-def resolve_dtype(dtype, device, training=False):
-    """'auto': bf16 on CUDA where supported, else fp16 (with a GradScaler); fp32 on MPS. On CPU: bf16 autocast for
-    training where the CPU has bf16 matmul instructions (fp32 master weights; ~3x the fp32 speed with the same loss
-    curve, docs/performance.md), else fp32; inference on CPU stays fp32."""
+def resolve_dtype(dtype, device):
+    """'auto': bf16 on CUDA where supported, else fp16 (with a GradScaler when training); fp32 on MPS. On CPU: bf16
+    where the CPU has bf16 matmul instructions (training: autocast over fp32 master weights, ~3x the fp32 speed with
+    the same loss curve, docs/performance.md; inference: weights converted, decoding reads half the bytes), else
+    fp32, since emulated bf16 is slower than fp32."""
     if dtype != "auto":
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
         return dtype
     if device.startswith("cuda"):
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    if device == "cpu" and training and cpu_has_bf16():
+    if device == "cpu" and cpu_has_bf16():
         return "bfloat16"
     return "float32"
 

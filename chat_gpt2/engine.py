@@ -286,11 +286,15 @@ SAMPLING_KEYS = ("temperature", "top_k", "top_p", "repetition_penalty", "max_new
 
 def load_engine(cfg):
     """(Engine, checkpoint info) for a script's options: out_dir, ckpt, init_from (see checkpoint.load_model),
-    device, dtype, use_cache."""
+    device, dtype, use_cache. In bfloat16 / float16 the weights themselves are converted (and with them the KV
+    cache), not just autocast: batch-1 decoding is bound by reading the weights once per token."""
     device = resolve_device(cfg["device"])
     model, info = load_model(cfg["out_dir"], cfg["ckpt"], cfg.get("init_from", ""), device)
+    dtype = resolve_dtype(cfg["dtype"], device)
+    if dtype != "float32":
+        model.to(getattr(torch, dtype))
     enc = chat.get_encoder(info.get("tokenizer", chat.TOKENIZER))
-    return Engine(model, enc, device, resolve_dtype(cfg["dtype"], device), cfg.get("use_cache", True)), info
+    return Engine(model, enc, device, dtype, cfg.get("use_cache", True)), info
 
 
 def unescape(text):
