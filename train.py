@@ -123,6 +123,9 @@ def build_model(cfg, ckpt, sys_info, explicit=()):
     elif cfg["block_size"] > model.config.block_size:
         raise ConfigError(f"block_size {cfg['block_size']} exceeds the model's {model.config.block_size}")
     lora = lora_settings(cfg)
+    if ckpt is not None and ckpt.get("lora") != lora:
+        raise ConfigError(f"the run being resumed was trained with LoRA settings {ckpt.get('lora')}, not {lora}: "
+                          f"the lora_* keys cannot change on resume")
     if lora and ckpt is None:
         # the base as trained on (cropped): a LoRA checkpoint stores how to rebuild it, not its weights
         model.lora_base = describe_base(model, cfg["init_from"], cfg["seed"])
