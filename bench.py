@@ -7,6 +7,7 @@
     python bench.py --mode=generate                  # generation tokens/s, KV cache on/off, vs transformers (quick)
     python bench.py --mode=generate --gen_preset=full  # the same at GPT-2 124M shape: 32 + 256 tokens, batch 1 and 8
     python bench.py --mode=half --ckpt=out/finetuned_X.pt --dataset=data/chat   # bf16 vs fp32: same tokens? perplexity?
+    python bench.py --mode=finetune                  # GPT-2 medium shape: full vs trainable_layers=1 vs LoRA rank 8
 
 Every run ends with one machine-readable JSON line.
 """
@@ -17,7 +18,9 @@ import math
 import os
 import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import types
 
@@ -33,11 +36,12 @@ from chat_gpt2.engine import SamplingParams, generate
 from chat_gpt2.errors import ConfigError
 from chat_gpt2.evaluation import val_loss
 from chat_gpt2.hf_gpt2 import hf_config, hf_state_dict
+from chat_gpt2.lora import TARGETS, adapter_state, apply_lora, freeze_layers
 from chat_gpt2.model import GPT, GPTConfig
 from chat_gpt2.training import DEFAULT_GRAD_CLIP, to_device, train_step
 
 DEFAULTS = dict(
-    mode="train",  # train | generate | half
+    mode="train",  # train | generate | half | finetune
     preset="tiny",  # --mode=train: tiny (seconds) | 6x384 (batch 8) | 124m (GPT-2 124M shape, batch 4)
     device="auto", dtype="auto", seed=1337,
     # --mode=train: overrides of the preset (0 = the preset's); compile as train.py's --compile
@@ -51,6 +55,8 @@ DEFAULTS = dict(
     gen_half="bfloat16",  # --mode=generate: also time our decoding with the weights in this dtype ("" = no)
     # --mode=half: a trained checkpoint and its prepared dataset; greedy tokens and val perplexity, fp32 vs gen_half
     ckpt="", dataset="", half_prompts=20, half_new_tokens=64,
+    # --mode=finetune: the variants to compare (each in its own process); variant: run just one, in this process
+    variants="full,layers1,lora8", variant="",
 )
 
 
@@ -447,6 +453,77 @@ def bench_half(cfg):
           f"{cfg['half_new_tokens']} tokens; val perplexity {ppl[0]:.4f} (fp32) vs {ppl[1]:.4f} "
           f"({result['perplexity_change']:+.3%})")
     return result
+# ----------------------------------------------------------------------------------------------------------------
+# Fine-tuning: full vs the last block vs LoRA, at GPT-2 medium shape
+
+FINETUNE = dict(n_layer=24, n_head=16, n_embd=1024, batch_size=4, block_size=256, steps=3, warmup=1)
+VARIANTS = {"full": {}, "layers1": {"trainable_layers": 1}, "lora8": {"lora_rank": 8}}
+
+
+def bench_finetune(cfg):
+    """Each variant in a fresh process (so its peak RSS is its own): tokens/s, peak memory, trainable parameters and
+    the size of its best (weights) and _last (weights + AdamW state) checkpoints."""
+    if cfg["variant"]:
+        return _finetune_variant(cfg)
+    rows = []
+    for name in cfg["variants"].split(","):
+        if name not in VARIANTS:
+            raise SystemExit(f"error: unknown variant {name!r}: use some of {','.join(VARIANTS)}")
+        flags = [f"--{k}={cfg[k]}" for k in ("device", "dtype", "batch_size", "block_size", "steps", "warmup")]
+        p = subprocess.run([sys.executable, os.path.abspath(__file__), "--mode=finetune", f"--variant={name}",
+                            *flags], capture_output=True, text=True)
+        if p.returncode != 0:
+            raise SystemExit(f"error: variant {name} failed:\n{p.stderr}")
+        rows.append(json.loads(p.stdout.strip().splitlines()[-1]))
+    print(f"finetune: GPT-2 medium shape {FINETUNE['n_layer']}x{FINETUNE['n_head']}x{FINETUNE['n_embd']}, "
+          f"batch {rows[0]['batch_size']} x block {rows[0]['block_size']}, device {rows[0]['device']}, dtype "
+          f"{rows[0]['dtype']}, {rows[0]['threads']} threads, load avg {rows[0]['load_avg_1min']}")
+    print(f"  {'variant':<9}{'trainable':>16}{'tokens/s':>10}{'peak RSS':>11}{'best ckpt':>12}{'_last ckpt':>12}")
+    for r in rows:
+        print(f"  {r['variant']:<9}{r['trainable_params']:>16,}{r['tokens_per_s']:>10,.0f}{r['peak_rss_mb']:>8,.0f} MB"
+              f"{r['best_ckpt_mb']:>9,.1f} MB{r['last_ckpt_mb']:>9,.1f} MB")
+    return {"mode": "finetune", "variants": rows}
+
+
+def _finetune_variant(cfg):
+    p = {**FINETUNE, **{k: cfg[k] for k in ("batch_size", "block_size", "steps", "warmup") if cfg[k]}}
+    device = resolve_device(cfg["device"])
+    run = {"device": device, "dtype": resolve_dtype(cfg["dtype"], device, training=True), "ddp": False}
+    tune_cpu_allocator(device)
+    torch.manual_seed(cfg["seed"])
+    model = GPT(GPTConfig(n_layer=p["n_layer"], n_head=p["n_head"], n_embd=p["n_embd"], block_size=p["block_size"],
+                          vocab_size=50304, dropout=0.0))
+    settings = VARIANTS[cfg["variant"]]
+    if settings.get("lora_rank"):
+        apply_lora(model, {"rank": settings["lora_rank"], "alpha": float(settings["lora_rank"]), "dropout": 0.0,
+                           "targets": list(TARGETS)})
+    freeze_layers(model, settings.get("trainable_layers", -1))
+    model.to(device)
+    optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device.split(":")[0])
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=run["dtype"] == "float16")
+    step_cfg = {"gradient_accumulation_steps": 1, "batch_size": p["batch_size"], "block_size": p["block_size"],
+                "grad_clip": DEFAULT_GRAD_CLIP}
+    data, gen = RandomTokens(model.config.vocab_size), torch.Generator().manual_seed(cfg["seed"])
+
+    def step(data, gen):
+        return train_step(model, optimizer, scaler, data, gen, step_cfg, run)
+    _time_steps(step, data, gen, p["warmup"], device)
+    times, _, _ = _time_steps(step, data, gen, p["steps"], device)
+    weights = adapter_state(model) if settings.get("lora_rank") else model.state_dict()
+    with tempfile.TemporaryDirectory() as tmp:  # what train.py's best and _last files hold, less the small extras
+        best, last = os.path.join(tmp, "best.pt"), os.path.join(tmp, "last.pt")
+        torch.save({"model": weights}, best)
+        torch.save({"model": weights, "optimizer": optimizer.state_dict()}, last)
+        sizes = [os.path.getsize(path) / 2 ** 20 for path in (best, last)]
+    return {"variant": cfg["variant"], "device": device, "dtype": run["dtype"], "threads": torch.get_num_threads(),
+            "batch_size": p["batch_size"], "block_size": p["block_size"], "steps": p["steps"],
+            "total_params": sum(t.numel() for t in model.parameters()),
+            "trainable_params": sum(t.numel() for t in model.parameters() if t.requires_grad),
+            "ms_per_iter": round(statistics.median(times) * 1000, 1),
+            "tokens_per_s": round(p["batch_size"] * p["block_size"] / statistics.median(times), 1),
+            "peak_rss_mb": round(_peak_rss_mb(), 1), "best_ckpt_mb": round(sizes[0], 2),
+            "last_ckpt_mb": round(sizes[1], 2),
+            "load_avg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
 
 
 def _has_transformers():
@@ -455,7 +532,7 @@ def _has_transformers():
 
 def main(argv=None):
     cfg, _ = configurator.load(DEFAULTS, argv, prog="bench.py")
-    modes = {"train": bench_train, "generate": bench_generate, "half": bench_half}
+    modes = {"train": bench_train, "generate": bench_generate, "half": bench_half, "finetune": bench_finetune}
     if cfg["mode"] not in modes:
         raise SystemExit(f"error: unknown --mode={cfg['mode']!r}: use one of {sorted(modes)}")
     result = modes[cfg["mode"]](cfg)

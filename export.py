@@ -17,27 +17,34 @@ the directory is written beside --out first and moved into place at the end. An 
 if it holds nothing but a previous export; --force writes into any directory (other files there are kept).
 --check compares the logits of the export with the checkpoint's (ours, and transformers' when installed).
 Push it to the Hub with `hf upload USER/REPO DIR` (see the README).
+
+A LoRA checkpoint exports its merged model the same way. With --adapter_only it writes only the adapters, as a PEFT
+adapter directory (adapter_config.json + adapter_model.safetensors) that loads onto the base with
+`peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(BASE), DIR)`.
 """
 import json
 import os
 import shutil
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 
 from chat_gpt2 import chat, configurator
 from chat_gpt2.checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
 from chat_gpt2.errors import ConfigError, OutputExistsError
-from chat_gpt2.files import temporary_dir
+from chat_gpt2.files import atomic_write, temporary_dir
 from chat_gpt2.hf_gpt2 import from_pretrained, hf_config, hf_state_dict
 from chat_gpt2.hf_tokenizer import tokenizer_files
+from chat_gpt2.lora import peft_adapter
 
 DEFAULTS = dict(
     out_dir="out", ckpt="",  # ckpt "": the newest run's best checkpoint in out_dir
     out="",  # the directory to write (required)
     force=False,  # write into an existing directory that holds other files (they are kept)
     check=False,  # after writing, compare logits: export vs checkpoint (ours, and transformers' if installed)
+    adapter_only=False,  # a LoRA checkpoint: write its adapters as a PEFT adapter directory, not the merged model
 )
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "vocab.json", "merges.txt",
                 "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -94,6 +101,29 @@ def export(model, out, template=chat.TEMPLATE, tokenizer=chat.TOKENIZER, force=F
             shutil.rmtree(old, ignore_errors=True)
 
 
+def export_adapter(ckpt, out, force=False):
+    """Write a LoRA checkpoint's adapters as a PEFT adapter directory at out. Returns the base's name or path."""
+    if "lora" not in ckpt:
+        raise ConfigError("--adapter_only needs a LoRA checkpoint (trained with --lora_rank > 0); this one holds a "
+                          "full model: export it without --adapter_only")
+    base = ckpt["base"]["init_from"]
+    if base == "scratch":
+        raise ConfigError("--adapter_only: this run's base was a random (init_from=scratch) model, which exists "
+                          "nowhere outside this project: export the merged model instead (drop --adapter_only)")
+    model = model_from_checkpoint(ckpt, merge=False)
+    config, tensors = peft_adapter(model, base)
+    out = os.path.abspath(out)
+    if os.path.isfile(out) or (os.path.isdir(out) and set(os.listdir(out)) - set(ADAPTER_FILES) and not force):
+        raise OutputExistsError(f"--out {out} exists and holds other files than an adapter: pick another "
+                                f"directory, or pass --force to write the adapter files into it")
+    os.makedirs(out, exist_ok=True)
+    with atomic_write(os.path.join(out, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    with atomic_write(os.path.join(out, "adapter_model.safetensors"), "wb") as f:
+        f.write(save(tensors, metadata={"format": "pt"}))
+    return base
+
+
 @torch.no_grad()
 def check_export(model, out, seed=0):
     """Max abs logit difference between our model and the export, loaded back by init_from and (if installed) by
@@ -117,6 +147,12 @@ def main(argv=None):
         raise ConfigError("where to? pass --out=DIR (the Hugging Face model directory to write)")
     path = cfg["ckpt"] or find_checkpoint(cfg["out_dir"])
     ckpt = load_checkpoint(path)
+    if cfg["adapter_only"]:
+        base = export_adapter(ckpt, cfg["out"], cfg["force"])
+        print(f"exported the LoRA adapters of {path} -> {cfg['out']} (PEFT; base {base}"
+              + ("" if os.path.isdir(base) or not os.path.exists(base) else
+                 ": one of our checkpoints, export it too and load the adapters onto that") + ")")
+        return
     model = model_from_checkpoint(ckpt).eval()
     ckpt.pop("model"), ckpt.pop("optimizer", None)  # free them: the export makes its own copies of the weights
     export(model, cfg["out"], ckpt.get("template", chat.TEMPLATE), ckpt.get("tokenizer", chat.TOKENIZER),

@@ -5,6 +5,7 @@
 
 Config keys and their meaning follow nanoGPT; `python train.py --help` lists them all with their defaults.
 """
+import math
 import os
 import signal
 import sys
@@ -16,14 +17,15 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from chat_gpt2 import chat, configurator
-from chat_gpt2.checkpoint import (checkpoint_path, find_checkpoint, load_checkpoint, model_from_checkpoint,
-                                  save_checkpoint, training_checkpoint, unused_stamp)
+from chat_gpt2.checkpoint import (checkpoint_path, describe_base, find_checkpoint, load_checkpoint,
+                                  model_from_checkpoint, save_checkpoint, training_checkpoint, unused_stamp)
 from chat_gpt2.dataset import load_dataset
 from chat_gpt2.device import peak_flops, resolve_compile, resolve_device, resolve_dtype, tune_cpu_allocator
 from chat_gpt2.engine import Engine, SamplingParams
 from chat_gpt2.errors import ConfigError
 from chat_gpt2.hf_gpt2 import from_pretrained, pretrained_config, resolve_pretrained
-from chat_gpt2.memory import check_memory
+from chat_gpt2.lora import apply_lora, freeze_layers, lora_settings
+from chat_gpt2.memory import check_memory, count_trainable
 from chat_gpt2.model import GPT, GPTConfig
 from chat_gpt2.run_log import Logger, plot_losses
 from chat_gpt2.training import DEFAULT_GRAD_CLIP, EarlyStopping, evaluate, get_lr, train_step
@@ -40,6 +42,11 @@ DEFAULTS = dict(
     # AdamW and the learning-rate schedule
     learning_rate=3e-4, max_iters=1000, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=DEFAULT_GRAD_CLIP,
     decay_lr=True, warmup_iters=100, lr_decay_iters=None, min_lr=3e-5,  # lr_decay_iters None: follows max_iters
+    epochs=0.0,  # > 0: max_iters = ceil(epochs * train tokens / tokens per iter); --epochs beats a config's max_iters
+    # what trains (docs/training.md): everything, the last N blocks + ln_f (trainable_layers=N, -1 = all), or LoRA
+    # adapters of rank lora_rank (0 = off) on lora_targets, scaled by lora_alpha / lora_rank (lora_alpha 0 = rank)
+    trainable_layers=-1, lora_rank=0, lora_alpha=0.0, lora_dropout=0.0,
+    lora_targets="attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj",
     # early stopping: stop after `patience` evals without a val improvement of at least min_delta (0 = off)
     patience=5, min_delta=0.001,
     # system
@@ -66,7 +73,23 @@ def resolve_config(argv):
         overrides = {k: v for k, v in explicit.items() if k != "init_from" and saved.get(k) != v}
         cfg = {**DEFAULTS, **saved, **overrides, "init_from": "resume"}
         print(f"resuming {resume_from}" + (f" with overrides {overrides}" if overrides else ""))
+    resolve_epochs(cfg, argv, explicit)
+    lora_settings(cfg)  # bad LoRA / trainable_layers values are refused before any data or weights are read
     return cfg, resume_from, explicit
+
+
+def resolve_epochs(cfg, argv, explicit):
+    """epochs vs max_iters: the command line beats config files (and a resumed run's saved values); both on the
+    command line, or both in config files with neither on the command line, is ambiguous and refused."""
+    flags = {a[2:].partition("=")[0] for a in argv if a.startswith("--")}
+    if cfg["epochs"] < 0:
+        raise ConfigError(f"--epochs must be >= 0 (0 = use max_iters), got {cfg['epochs']}")
+    if {"epochs", "max_iters"} <= flags:
+        raise ConfigError("--epochs and --max_iters were both given: pass one (epochs sets max_iters)")
+    if "max_iters" in flags:
+        cfg["epochs"] = 0.0
+    elif "epochs" not in flags and {"epochs", "max_iters"} <= set(explicit) and cfg["epochs"] > 0:
+        raise ConfigError("the config files set both epochs and max_iters: keep one, or pick one on the command line")
 
 
 def setup_processes(cfg):
@@ -89,33 +112,53 @@ def setup_processes(cfg):
 
 
 def build_model(cfg, ckpt, sys_info, explicit=()):
+    """The model to train, on the device: resumed from ckpt, or the base named by init_from; then LoRA adapters
+    (lora_rank > 0, the base frozen) or the trainable_layers freeze. explicit: see _base_model."""
+    if ckpt is not None:  # a LoRA run comes back with its adapters apart and trainable (merge=False)
+        model = model_from_checkpoint(ckpt, merge=False, dropout=cfg["dropout"])
+    else:
+        model = _base_model(cfg, sys_info, explicit)
+    if cfg["block_size"] < model.config.block_size:
+        model.crop_block_size(cfg["block_size"])
+    elif cfg["block_size"] > model.config.block_size:
+        raise ConfigError(f"block_size {cfg['block_size']} exceeds the model's {model.config.block_size}")
+    lora = lora_settings(cfg)
+    if ckpt is not None and ckpt.get("lora") != lora:
+        raise ConfigError(f"the run being resumed was trained with LoRA settings {ckpt.get('lora')}, not {lora}: "
+                          f"the lora_* keys cannot change on resume")
+    if lora and ckpt is None:
+        # the base as trained on (cropped): a LoRA checkpoint stores how to rebuild it, not its weights
+        model.lora_base = describe_base(model, cfg["init_from"], cfg["seed"])
+        apply_lora(model, lora)
+    freeze_layers(model, cfg["trainable_layers"])  # after the crop, which makes a fresh wpe Parameter
+    return model.to(sys_info["device"])
+
+
+def _base_model(cfg, sys_info, explicit):
     """explicit: the keys the command line / config files set; for a pretrained init_from, an explicit n_layer,
     n_head, n_embd or bias that differs from the checkpoint's is refused (the defaults are for scratch models)."""
-    if ckpt is not None:
-        model = model_from_checkpoint(ckpt, dropout=cfg["dropout"])
-    elif cfg["init_from"] == "scratch":
+    if cfg["init_from"] == "scratch":
         config = GPTConfig(block_size=cfg["block_size"], n_layer=cfg["n_layer"], n_head=cfg["n_head"],
                            n_embd=cfg["n_embd"], dropout=cfg["dropout"], bias=cfg["bias"])
-        check_memory(config, cfg, sys_info)
-        model = GPT(config)
-    elif cfg["init_from"] == "resume":
+        check_memory(config, cfg, sys_info, count_trainable(config, cfg))
+        return GPT(config)
+    if cfg["init_from"] == "resume":
         raise ConfigError("init_from='resume' needs a checkpoint")
+    if os.path.isfile(cfg["init_from"]):  # one of our checkpoints (e.g. a full fine-tune to put LoRA on)
+        model = model_from_checkpoint(load_checkpoint(cfg["init_from"]), dropout=cfg["dropout"])
+        config = model.config
     else:  # 'gpt2' .. 'gpt2-xl', a Hub repo id or a local Hugging Face directory
         files = resolve_pretrained(cfg["init_from"])
         overrides = {"dropout": cfg["dropout"], "block_size": cfg["block_size"],
                      **{k: cfg[k] for k in ("n_layer", "n_head", "n_embd", "bias") if k in explicit}}
         config = pretrained_config(files, overrides)
-        check_memory(config, cfg, sys_info)
+        check_memory(config, cfg, sys_info, count_trainable(config, cfg))
         if sys_info.get("master", True):
             print(f"loading {files.source}: n_layer={config.n_layer}, n_head={config.n_head}, "
                   f"n_embd={config.n_embd}, block_size={config.block_size}")
         model = from_pretrained(files, overrides)
-        cfg.update(n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd, bias=True)  # saved as run
-    if cfg["block_size"] < model.config.block_size:
-        model.crop_block_size(cfg["block_size"])
-    elif cfg["block_size"] > model.config.block_size:
-        raise ConfigError(f"block_size {cfg['block_size']} exceeds the model's {model.config.block_size}")
-    return model.to(sys_info["device"])
+    cfg.update(n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd, bias=config.bias)  # saved as run
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -128,6 +171,10 @@ class Trainer:
     def __init__(self, cfg, run, resume_from, explicit=()):
         self.cfg, self.run = cfg, run
         self.data, self.meta = load_dataset(cfg["dataset"])
+        self.tokens_per_iter = cfg["gradient_accumulation_steps"] * cfg["batch_size"] * cfg["block_size"] * run["world"]
+        self.train_tokens = max(1, int(self.meta["tokens"]["train"]))
+        if cfg["epochs"] > 0:
+            cfg["max_iters"] = math.ceil(cfg["epochs"] * self.train_tokens / self.tokens_per_iter)
         ckpt = load_checkpoint(resume_from, run["device"]) if resume_from else None
         torch.manual_seed(cfg["seed"] + run["rank"])
         self.raw_model = build_model(cfg, ckpt, run, explicit)
@@ -147,7 +194,6 @@ class Trainer:
         self.best_path = checkpoint_path(cfg["out_dir"], self.stamp)
         self.last_path = checkpoint_path(cfg["out_dir"], self.stamp, last=True)
         self.logger = Logger(cfg, run, resumed=ckpt is not None)
-        self.tokens_per_iter = cfg["gradient_accumulation_steps"] * cfg["batch_size"] * cfg["block_size"] * run["world"]
         # MFU: nanoGPT's 6N + 12LHQT FLOPs per token (less the head's share on masked tokens, see _mfu) against a
         # GPU's data-sheet peak for the training dtype, else this device's matmul peak measured now (~0.5 s): never
         # a hard-coded A100
@@ -255,10 +301,20 @@ class Trainer:
         dt = (time.time() - self.window_t0) / iters
         remaining = (self.cfg["max_iters"] - self.iter_num) * dt
         mfu = self._mfu(dt, self.window["learned_tokens"] / iters)
-        line = (f"iter {self.iter_num}: loss {loss:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
+        epoch = self.iter_num * self.tokens_per_iter / self.train_tokens  # passes over the train split's tokens
+        line = (f"iter {self.iter_num} (epoch {epoch:.2f}): loss {loss:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
                 f"{self.tokens_per_iter / dt:,.0f} tokens/s, MFU {mfu:.1%}, ETA {remaining / 60:.1f} min")
-        self.logger.log({"event": "step", "iter": self.iter_num, "loss": loss, "lr": lr, "ms_per_iter": dt * 1000,
+        self.logger.log({"event": "step", "iter": self.iter_num, "epoch": epoch, "loss": loss, "lr": lr,
+                         "ms_per_iter": dt * 1000,
                          "tokens_per_s": self.tokens_per_iter / dt, "mfu": mfu}, line)
+
+
+def describe_training(cfg):
+    lora = lora_settings(cfg)
+    if lora:
+        return f" (LoRA rank {lora['rank']}, alpha {lora['alpha']:g} on {','.join(lora['targets'])})"
+    layers = cfg["trainable_layers"]
+    return "" if layers == -1 else f" (the last {layers} blocks + ln_f)"
 
 
 def main(argv=None):
@@ -269,8 +325,11 @@ def main(argv=None):
     try:
         trainer = Trainer(cfg, run, resume_from, explicit)
         n_params = trainer.raw_model.get_num_params()
+        trainable = sum(p.numel() for p in trainer.raw_model.parameters() if p.requires_grad)
+        total = trainer.raw_model.get_num_params(non_embedding=False)
         if run["master"]:
-            print(f"{n_params / 1e6:.2f}M parameters, device {run['device']}, dtype {run['dtype']}, "
+            print(f"{n_params / 1e6:.2f}M parameters; trainable {trainable:,} of {total:,} ({trainable / total:.2%})"
+                  f"{describe_training(trainer.cfg)}, device {run['device']}, dtype {run['dtype']}, "
                   f"{run['world']} process(es), {trainer.tokens_per_iter:,} tokens/iter, run {trainer.stamp}")
             print(f"MFU is against the {trainer.peak_source} {run['dtype']} matmul peak of {run['device']}: "
                   f"{trainer.peak_flops / 1e9:,.0f} GFLOP/s")

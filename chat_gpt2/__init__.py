@@ -11,6 +11,7 @@ Imports point one way: scripts -> this package; inside it, each module imports o
     engine        generation: KV cache, SamplingParams, batched streaming replies
     hf_gpt2       Hugging Face GPT-2 weights in and out
     hf_tokenizer  GPT-2's tokenizer files for an export
+    lora          LoRA adapters (apply, merge, PEFT layout) and training only the last blocks
     checkpoint    checkpoint names, atomic save, weights-only load, model rebuild
     records       reading chat records (.jsonl / .json, six schemas)
     dataset       the prepared dataset: build it (memmaps + masks) and read it

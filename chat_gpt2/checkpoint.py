@@ -4,6 +4,8 @@ A run started at YYYYMMDD_HHMMSS writes two files into out_dir:
     finetuned_YYYYMMDD_HHMMSS.pt        the best model so far (lowest val loss): weights and what sampling needs
     finetuned_YYYYMMDD_HHMMSS_last.pt   the latest state, with the optimizer, scaler and RNG states for resume
 Both are plain dicts of Python values and tensors, loaded with torch.load(weights_only=True): no pickled classes.
+A LoRA run's `model` holds only the adapter tensors; `lora` says what they are and `base` which weights they
+belong to (init_from, a fingerprint, model_args): model_from_checkpoint rebuilds that base and merges them in.
 """
 import os
 import re
@@ -13,9 +15,10 @@ from dataclasses import asdict
 import torch
 
 from . import chat
-from .errors import CheckpointError, MissingFileError
+from .errors import CheckpointError, MissingFileError, UserError
 from .files import atomic_write
 from .hf_gpt2 import from_pretrained
+from .lora import adapter_state, apply_lora, fingerprint, load_adapters, merge_lora
 from .model import GPT, GPTConfig
 
 CKPT_PATTERN = re.compile(r"^finetuned_(\d{8}_\d{6})(_last)?\.pt$")
@@ -62,8 +65,10 @@ def training_checkpoint(raw_model, cfg, meta, state, optimizer=None, scaler=None
     """What train.py saves: the weights, the model's shape, the data's template and stop, the run's config and
     progress (state), the RNG states, and with an optimizer its state and the scaler's (the _last file)."""
     state = dict(state)
+    lora = getattr(raw_model, "lora", None)
     ckpt = {
-        "model": raw_model.state_dict(),  # the uncompiled, unwrapped module: no _orig_mod. / module. prefixes
+        # the uncompiled, unwrapped module: no _orig_mod. / module. prefixes; a LoRA model: its adapters only
+        "model": adapter_state(raw_model) if lora else raw_model.state_dict(),
         "model_args": asdict(raw_model.config),
         "template": meta["template"], "tokenizer": meta["tokenizer"],
         "default_stop": meta["default_stop"], "multiline_replies": meta["multiline_replies"],
@@ -71,6 +76,8 @@ def training_checkpoint(raw_model, cfg, meta, state, optimizer=None, scaler=None
         "rng": {"torch": torch.get_rng_state(), "data": state.pop("data_rng")},
         **state,
     }
+    if lora:
+        ckpt["lora"], ckpt["base"] = dict(lora), dict(raw_model.lora_base)
     if torch.cuda.is_available():
         ckpt["rng"]["cuda"] = torch.cuda.get_rng_state()
     if optimizer is not None:
@@ -83,11 +90,15 @@ def clean_state_dict(state_dict):
     return {re.sub(r"^(_orig_mod\.|module\.)+", "", k): v for k, v in state_dict.items()}
 
 
-def model_from_checkpoint(ckpt, device="cpu", **overrides):
-    """The GPT a checkpoint holds, on device; overrides replace model_args (e.g. dropout for a resumed run)."""
+def model_from_checkpoint(ckpt, device="cpu", merge=True, **overrides):
+    """The GPT a checkpoint holds, on device; overrides replace model_args (e.g. dropout for a resumed run). A LoRA
+    checkpoint's base is rebuilt and checked, and its adapters merged in (a plain GPT), or with merge=False kept
+    apart and trainable (resume, export --adapter_only)."""
     missing = [key for key in ("model", "model_args") if key not in ckpt]
     if missing:
         raise CheckpointError(f"not a model checkpoint: it lacks {', '.join(missing)}")
+    if "lora" in ckpt:
+        return _lora_model(ckpt, merge, overrides).to(device)
     try:
         model = GPT(GPTConfig.from_dict({**ckpt["model_args"], **overrides}))
         model.load_state_dict(clean_state_dict(ckpt["model"]))
@@ -95,6 +106,53 @@ def model_from_checkpoint(ckpt, device="cpu", **overrides):
         raise CheckpointError(f"the checkpoint's weights do not fit its model_args: {str(e).splitlines()[0]}") \
             from None
     return model.to(device)
+
+
+def describe_base(model, init_from, seed):
+    """The `base` record of a LoRA run on model (before its adapters are added): how to rebuild it and its
+    fingerprint. A local directory or file is stored as an absolute path (sampling may run from elsewhere)."""
+    if init_from != "scratch" and os.path.exists(os.path.expanduser(init_from)):
+        init_from = os.path.abspath(os.path.expanduser(init_from))
+    return {"init_from": init_from, "seed": seed, "fingerprint": fingerprint(model),
+            "model_args": asdict(model.config)}
+
+
+def build_base(base, overrides=None):
+    """The base model a `base` record describes, rebuilt on the CPU: a scratch model from its seed, our own
+    checkpoint file (itself possibly LoRA, merged), or Hugging Face GPT-2 weights; cropped to its block_size."""
+    args = {**base["model_args"], **(overrides or {})}
+    init_from = base["init_from"]
+    if init_from == "scratch":  # the same draws as train.py's: seed, then GPT(config) on the CPU
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(base["seed"])
+            model = GPT(GPTConfig.from_dict(args))
+    elif os.path.isfile(init_from):
+        model = model_from_checkpoint(load_checkpoint(init_from), dropout=args["dropout"])
+    else:
+        model = from_pretrained(init_from, {k: args[k] for k in ("dropout", "block_size", "flash") if k in args})
+    if model.config.block_size > args["block_size"]:
+        model.crop_block_size(args["block_size"])
+    return model
+
+
+def _lora_model(ckpt, merge, overrides):
+    base = ckpt["base"]
+    try:
+        model = build_base(base, overrides)
+    except (UserError, OSError) as e:
+        raise CheckpointError(f"the LoRA checkpoint's base {base['init_from']!r} could not be rebuilt: {e}") from None
+    found = fingerprint(model)
+    if found != base["fingerprint"]:
+        raise CheckpointError(f"the LoRA adapters were trained on other weights than {base['init_from']!r} holds "
+                              f"now (fingerprint {found[:12]}, expected {base['fingerprint'][:12]}): "
+                              f"restore the base the run started from at that path")
+    model.lora_base = dict(base)
+    apply_lora(model, ckpt["lora"])
+    try:
+        load_adapters(model, clean_state_dict(ckpt["model"]))
+    except (RuntimeError, ValueError) as e:
+        raise CheckpointError(f"the checkpoint's adapters do not fit its base: {str(e).splitlines()[0]}") from None
+    return merge_lora(model) if merge else model
 
 
 def load_model(out_dir="out", ckpt="", init_from="", device="cpu"):

@@ -5,30 +5,53 @@ import os
 
 from .device import available_memory
 from .errors import ResourceError
+from .lora import lora_settings
 
 
 def count_params(config):
     """Parameters of GPT(config), counted without building it (the head is tied to the token embedding)."""
     C = config.n_embd
-    per_layer = 12 * C * C + (13 * C if config.bias else 2 * C)  # 4 matmuls (+ biases) and 2 LayerNorms
-    return config.vocab_size * C + config.block_size * C + config.n_layer * per_layer + (2 if config.bias else 1) * C
+    ln_f = (2 if config.bias else 1) * C
+    return config.vocab_size * C + config.block_size * C + config.n_layer * _layer_params(config) + ln_f
 
 
-def estimate_memory(config, cfg, dtype, ddp=False):
+def _layer_params(config):
+    C = config.n_embd
+    return 12 * C * C + (13 * C if config.bias else 2 * C)  # 4 matmuls (+ biases) and 2 LayerNorms
+
+
+def count_trainable(config, cfg):
+    """Trainable parameters of GPT(config) under cfg's lora_* / trainable_layers settings, counted without building
+    it: LoRA trains rank * (in + out) per target layer, trainable_layers=N the last N blocks and ln_f."""
+    C = config.n_embd
+    lora = lora_settings(cfg)
+    if lora:
+        widths = {"attn.c_attn": 4 * C, "attn.c_proj": 2 * C, "mlp.c_fc": 5 * C, "mlp.c_proj": 5 * C}  # in + out
+        return config.n_layer * sum(lora["rank"] * widths[t] for t in lora["targets"])
+    layers = cfg.get("trainable_layers", -1)
+    if layers == -1:
+        return count_params(config)
+    return min(layers, config.n_layer) * _layer_params(config) + (2 if config.bias else 1) * C
+
+
+def estimate_memory(config, cfg, dtype, ddp=False, trainable=None):
     """Bytes a training process needs, by part. Weights, gradients and AdamW's two moments are fp32 (4 bytes per
     parameter each; mixed precision adds a 2-byte cast of the weights, DDP a gradient-sized bucket copy).
     Activations kept for backward at batch_size x block_size follow Korthikanti et al. 2022: 34*s*b*h bytes per
     layer at 2 bytes per value, plus 5*a*s^2*b when the attention matrix is materialised (flash=False); the logits
-    add b*s*V values with their fp32 copy and gradient. An estimate: allocator slack and the runtime come on top."""
+    add b*s*V values with their fp32 copy and gradient. An estimate: allocator slack and the runtime come on top.
+    trainable: how many parameters train (None: all); gradients and AdamW state exist only for those (activations
+    are counted in full: LoRA needs them in every layer, and the estimate stays an upper bound)."""
     n = count_params(config)
+    t = n if trainable is None else trainable
     act = 2 if dtype in ("bfloat16", "float16") else 4
     b, s = cfg["batch_size"], min(cfg["block_size"], config.block_size)
     h, a = config.n_embd, config.n_head
     per_layer = 34 * s * b * h * act / 2 + (0 if config.flash else 5 * a * s * s * b * act / 2)
     parts = {
         "weights": 4 * n + (2 * n if act == 2 else 0),
-        "gradients": 4 * n * (2 if ddp else 1),
-        "optimizer": 8 * n,
+        "gradients": 4 * t * (2 if ddp else 1),
+        "optimizer": 8 * t,
         "activations": config.n_layer * per_layer + b * s * config.vocab_size * (act + 8),
     }
     parts = {k: int(v) for k, v in parts.items()}
@@ -36,10 +59,10 @@ def estimate_memory(config, cfg, dtype, ddp=False):
     return parts
 
 
-def check_memory(config, cfg, sys_info):
+def check_memory(config, cfg, sys_info, trainable=None):
     """Print the run's memory estimate; raise ResourceError with what to change when it exceeds the free memory
     (unless check_memory is False). Processes sharing host memory (DDP on CPU) are counted together."""
-    need = estimate_memory(config, cfg, sys_info.get("dtype", "float32"), sys_info.get("ddp", False))
+    need = estimate_memory(config, cfg, sys_info.get("dtype", "float32"), sys_info.get("ddp", False), trainable)
     device = sys_info["device"]
     procs = 1 if device.startswith("cuda") else int(os.environ.get("LOCAL_WORLD_SIZE", sys_info.get("world", 1)))
     total, avail = need["total"] * procs, available_memory(device)

@@ -155,7 +155,10 @@ class _HeadLoss(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, grad_logits = ctx.saved_tensors
         scale = grad / ctx.n
-        return (grad_logits @ weight).mul_(scale), (grad_logits.t() @ x).mul_(scale), None, None
+        # a frozen head (LoRA, trainable_layers) skips its (V, C) gradient: a third of the head's matmuls
+        grad_weight = (grad_logits.t() @ x).mul_(scale) if ctx.needs_input_grad[1] else None
+        grad_x = (grad_logits @ weight).mul_(scale) if ctx.needs_input_grad[0] else None
+        return grad_x, grad_weight, None, None
 
 
 @torch.compiler.disable  # a Python loop over a data-dependent row count: compiling it would only recompile
