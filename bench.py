@@ -488,7 +488,7 @@ def bench_finetune(cfg):
 def _finetune_variant(cfg):
     p = {**FINETUNE, **{k: cfg[k] for k in ("batch_size", "block_size", "steps", "warmup") if cfg[k]}}
     device = resolve_device(cfg["device"])
-    run = {"device": device, "dtype": resolve_dtype(cfg["dtype"], device, training=True), "ddp": False}
+    run = {"device": device, "dtype": resolve_dtype(cfg["dtype"], device), "ddp": False}
     tune_cpu_allocator(device)
     torch.manual_seed(cfg["seed"])
     model = GPT(GPTConfig(n_layer=p["n_layer"], n_head=p["n_head"], n_embd=p["n_embd"], block_size=p["block_size"],
