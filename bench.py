@@ -56,7 +56,7 @@ DEFAULTS = dict(
     # --mode=half: a trained checkpoint and its prepared dataset; greedy tokens and val perplexity, fp32 vs gen_half
     ckpt="", dataset="", half_prompts=20, half_new_tokens=64,
     # --mode=finetune: the variants to compare (each in its own process); variant: run just one, in this process
-    variants="full,layers1,lora8", variant="",
+    variants="full,layers1,lora8,lora8ckpt", variant="",
 )
 
 
@@ -453,11 +453,14 @@ def bench_half(cfg):
           f"{cfg['half_new_tokens']} tokens; val perplexity {ppl[0]:.4f} (fp32) vs {ppl[1]:.4f} "
           f"({result['perplexity_change']:+.3%})")
     return result
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Fine-tuning: full vs the last block vs LoRA, at GPT-2 medium shape
 
 FINETUNE = dict(n_layer=24, n_head=16, n_embd=1024, batch_size=4, block_size=256, steps=3, warmup=1)
-VARIANTS = {"full": {}, "layers1": {"trainable_layers": 1}, "lora8": {"lora_rank": 8}}
+VARIANTS = {"full": {}, "layers1": {"trainable_layers": 1}, "lora8": {"lora_rank": 8},
+            "lora8ckpt": {"lora_rank": 8, "grad_checkpointing": True}, "fullckpt": {"grad_checkpointing": True}}
 
 
 def bench_finetune(cfg):
@@ -498,6 +501,7 @@ def _finetune_variant(cfg):
         apply_lora(model, {"rank": settings["lora_rank"], "alpha": float(settings["lora_rank"]), "dropout": 0.0,
                            "targets": list(TARGETS)})
     freeze_layers(model, settings.get("trainable_layers", -1))
+    model.grad_checkpointing = settings.get("grad_checkpointing", False)
     model.to(device)
     optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device.split(":")[0])
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=run["dtype"] == "float16")

@@ -38,10 +38,9 @@ class PretrainedFiles:
 def _local_help(name="gpt2"):
     local = f"{name.split('/')[-1]}-local"
     files = " config.json model.safetensors" if name in OPENAI_GPT2 else ""  # not the TF / Flax / ONNX copies
-    return (f"To work offline, point init_from at a local directory holding config.json + model.safetensors, e.g. "
-            f"made on a machine with internet by `hf download {name}{files} --local-dir {local}` (then "
-            f"--init_from=/path/to/{local}); export HF_HUB_OFFLINE=1 to skip the Hub's retries. To train without "
-            f"pretrained weights, use --init_from=scratch")
+    return (f"Offline: `hf download {name}{files} --local-dir {local}` on a machine with internet, then "
+            f"--init_from=/path/to/{local} (HF_HUB_OFFLINE=1 skips the Hub's retries; --init_from=scratch trains "
+            f"without pretrained weights)")
 
 
 def _weight_files(folder, source, exists=os.path.isfile):

@@ -43,7 +43,7 @@ def gpt2_vocab_and_merges(enc):
 
     Every multi-byte token is the merge of the two tokens BPE has built from its bytes just before it (using the
     lower-ranked merges only); ranks >= 256 are GPT-2's merges in order, so merge i makes token 256 + i. The result
-    equals OpenAI's encoder.json / vocab.bpe (tests/test_export.py). Cached: do not modify what it returns."""
+    equals OpenAI's encoder.json / vocab.bpe (tests/test_hf_tokenizer.py). Cached: do not modify what it returns."""
     ranks = enc._mergeable_ranks  # bytes -> rank; tiktoken's public API has no accessor for it
     byte_char = bytes_to_unicode()
 

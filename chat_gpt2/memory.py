@@ -48,11 +48,14 @@ def estimate_memory(config, cfg, dtype, ddp=False, trainable=None):
     b, s = cfg["batch_size"], min(cfg["block_size"], config.block_size)
     h, a = config.n_embd, config.n_head
     per_layer = 34 * s * b * h * act / 2 + (0 if config.flash else 5 * a * s * s * b * act / 2)
+    # with grad_checkpointing a block keeps only its input; one block's activations exist at a time in backward
+    kept = config.n_layer * (s * b * h * act if cfg.get("grad_checkpointing") else per_layer)
+    kept += per_layer if cfg.get("grad_checkpointing") else 0
     parts = {
         "weights": 4 * n + (2 * n if act == 2 else 0),
         "gradients": 4 * t * (2 if ddp else 1),
         "optimizer": 8 * t,
-        "activations": config.n_layer * per_layer + b * s * config.vocab_size * (act + 8),
+        "activations": kept + b * s * config.vocab_size * (act + 8),
     }
     parts = {k: int(v) for k, v in parts.items()}
     parts["total"] = sum(parts.values())

@@ -1,12 +1,17 @@
-"""Helpers shared by the test files (import as `helpers`; conftest.py puts tests/ and the repo on sys.path)."""
+"""Helpers shared by the test files (import as `helpers`; conftest.py puts tests/ and the repo on sys.path).
+
+Sections: input files, reading a prepared dataset, tiny models and checkpoints, the greedy reference, training,
+Hugging Face models, subprocesses."""
 import contextlib
 import io
 import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 
 import numpy as np
+import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
@@ -46,13 +51,45 @@ def chat_records(n=40):
                 {"role": "system", "content": "You are terse."},
                 {"role": "user", "content": f"Name number {i}."},
                 {"role": "assistant", "content": f"{i}"},
-                {"role": "user", "content": f"And double it?"},
+                {"role": "user", "content": "And double it?"},
                 {"role": "assistant", "content": f"{2 * i}"},
             ]})
         else:
             records.append({"user": f"What is {i} plus {i + 1}?", "assistant": f"It is {2 * i + 1}."})
     return records
 
+
+GOOD = {"user": "a", "assistant": "b"}
+
+
+def numbered(n):
+    return [{"user": f"Question number {i}?", "assistant": f"Answer {i}."} for i in range(n)]
+
+
+def expected(messages):
+    """(text, learned runs, other runs) of a conversation [(role, content)], written out from the template in the
+    spec."""
+    text, learned, other, cur = "", [], [], ""
+    for role, content in messages:
+        if role == "assistant":
+            other.append(cur + "Assistant:")
+            learned.append(f" {content}\n\n")
+            cur = ""
+        else:
+            cur += f"{'System' if role == 'system' else 'Human'}: {content}\n"
+    learned[-1] += "<|endoftext|>"
+    for o, l in zip(other, learned):
+        text += o + l
+    return text, learned, other
+
+
+def prepared(tmp_path, records, name="data.jsonl", **kw):
+    """records written to tmp_path/name and built into tmp_path/out. Returns (out_dir, meta)."""
+    from chat_gpt2.dataset import build_dataset
+    src = write_records(tmp_path / name, records)
+    out = str(tmp_path / "out")
+    meta = build_dataset([src], out_dir=out, **kw)
+    return out, meta
 
 # ---------------------------------------------------------------------------------------------------------------
 # Reading a prepared dataset
@@ -80,6 +117,11 @@ def decode(ids):
     return chat.get_encoder().decode(list(ids))
 
 
+def encode(text):
+    from chat_gpt2 import chat
+    return chat.get_encoder().encode_ordinary(text)
+
+
 def runs(ids, mask):
     """Decoded text of the maximal runs of mask 1 (learned) and of mask 0 (not learned), in order."""
     learned, other, start = [], [], 0
@@ -90,9 +132,48 @@ def runs(ids, mask):
     return learned, other
 
 
+def rendered(out):
+    """Sorted (text, learned runs, other runs) of every conversation in both splits."""
+    result = []
+    for split in ("train", "val"):
+        for ids, mask in conversations(out, split):
+            result.append((decode(ids), *runs(ids, mask)))
+    return sorted(result)
+
+
 def all_texts(folder):
     """Decoded text of every conversation of both splits."""
     return [decode(ids) for split in ("train", "val") for ids, _ in conversations(folder, split)]
+
+
+def records_file(path, n, tag):
+    """n single-turn records whose text names tag, written to path. Returns the path."""
+    return write_records(path, [{"user": f"{tag} question {i}?", "assistant": f"{tag} answer {i}"} for i in range(n)])
+
+
+def dataset_text(folder):
+    """The decoded conversations of both splits, or the error loading them gives."""
+    from chat_gpt2 import dataset
+    from chat_gpt2.errors import InputError
+    try:
+        data, meta = dataset.load_dataset(folder)
+    except InputError as e:
+        return f"refused: {e}"
+    return sorted(decode(data[s].ids[a:b]) for s in dataset.SPLITS
+                  for a, b in zip(data[s].convs, list(data[s].convs[1:]) + [len(data[s].ids)]))
+
+
+def make_legacy(folder):
+    """Turn a prepared dataset into the old layout: regular files, no .dataset link, no build folder."""
+    import shutil
+
+    from chat_gpt2 import dataset
+    for name in dataset.DATASET_FILES:
+        real = os.path.realpath(os.path.join(folder, name))
+        os.remove(os.path.join(folder, name))
+        shutil.copy(real, os.path.join(folder, name))
+    shutil.rmtree(os.path.realpath(os.path.join(folder, dataset.CURRENT)))
+    os.remove(os.path.join(folder, dataset.CURRENT))
 
 
 def read_meta(folder):
@@ -100,15 +181,33 @@ def read_meta(folder):
         return json.load(f)
 
 
-def snapshot(folder):
-    """{relative path: bytes} of every file below folder (hidden ones included)."""
+def snapshot(folder, hidden=False):
+    """{relative path: bytes} of every file below folder, as a reader sees it (symlinks followed). A prepared
+    dataset's names are symlinks into a hidden build folder (`.dataset` -> `.prepare-<PID>-<random>`), whose name
+    differs from build to build: hidden=False leaves hidden entries out (compare two builds' contents); hidden=True
+    keeps them and records each symlink's target as "path ->" (compare a folder with itself: nothing changed)."""
     out = {}
-    for root, _, files in os.walk(folder):
-        for name in files:
+    for root, dirs, files in os.walk(folder):
+        if not hidden:
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
             path = os.path.join(root, name)
+            rel = os.path.relpath(path, folder)
+            if not hidden and name.startswith("."):
+                continue
+            if os.path.islink(path):
+                if hidden:
+                    out[rel + " ->"] = os.readlink(path)
+                if os.path.isdir(path):
+                    continue
             with open(path, "rb") as f:
-                out[os.path.relpath(path, folder)] = f.read()
+                out[rel] = f.read()
     return out
+
+
+def state(folder):
+    """Everything about a folder: its top-level names (temporary folders and files included) and snapshot(hidden)."""
+    return {"names": sorted(os.listdir(folder)), "files": snapshot(folder, hidden=True)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -152,8 +251,151 @@ def checkpoints(out_dir):
 
 
 def load_ckpt(path):
-    import torch
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tiny models and checkpoints (the one definition: conftest.py's tiny_model / tiny_ckpt fixtures use these)
+
+TINY_GPT = dict(block_size=64, n_layer=2, n_head=2, n_embd=32, vocab_size=50304, dropout=0.0)
+
+
+def tiny_model(seed=0, residual_scale=10.0, train=False, **config):
+    """A small GPT with random weights (TINY_GPT, any key overridden), in eval mode unless train.
+
+    residual_scale multiplies the residual projections (attn.c_proj, mlp.c_proj). The default 10 is for generation
+    tests: with GPT-2's init a random model mostly repeats the token it was fed (tied embeddings), and tests of
+    cached vs uncached generation need outputs that depend on the whole context. residual_scale=1 keeps GPT-2's
+    init (model and training tests)."""
+    from chat_gpt2.model import GPT, GPTConfig
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**{**TINY_GPT, **config}))
+    if residual_scale != 1:
+        with torch.no_grad():
+            for block in model.transformer.h:
+                block.attn.c_proj.weight.mul_(residual_scale)
+                block.mlp.c_proj.weight.mul_(residual_scale)
+    return model.train(train)
+
+
+def save_tiny_checkpoint(path, model=None, default_stop=None):
+    """A checkpoint with the keys sample.py / eval.py read (as train.py writes them). Returns the path."""
+    from chat_gpt2 import chat
+    from chat_gpt2.checkpoint import save_checkpoint
+    model = model or tiny_model()
+    default_stop = chat.NEWLINE_STOP if default_stop is None else default_stop
+    save_checkpoint(str(path), {"model": model.state_dict(), "model_args": asdict(model.config),
+                                "template": chat.TEMPLATE, "tokenizer": chat.TOKENIZER,
+                                "default_stop": default_stop, "multiline_replies": default_stop != "\n"})
+    return str(path)
+
+
+def model_of(ckpt_path):
+    """The GPT a checkpoint file holds, rebuilt by hand (not by chat_gpt2.checkpoint), in eval mode."""
+    from chat_gpt2.model import GPT, GPTConfig
+    ckpt = load_ckpt(ckpt_path)
+    model = GPT(GPTConfig(**ckpt["model_args"]))
+    model.load_state_dict(ckpt["model"])
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The greedy reference: what a reply must be, computed without the engine
+
+
+def prompt(user, system=None, history=()):
+    """The generation prompt ids, written out from the template in the spec. history: earlier (user, reply) pairs.
+    Each piece (a system or user line, the `Assistant:` label, a reply, the turn's closing blank line) is tokenised
+    on its own, as in training: "\n\n" stays one token before the next "Human:"."""
+    from chat_gpt2 import chat
+    pieces = [f"System: {system}\n"] if system else []
+    for question, reply in history:
+        pieces += [f"Human: {question}\n", "Assistant:", f" {reply}", "\n\n"]
+    pieces += [f"Human: {user}\n", "Assistant:"]
+    enc = chat.get_encoder()
+    return [t for piece in pieces for t in enc.encode_ordinary(piece)]
+
+
+@torch.no_grad()
+def greedy_tokens(model, prompt_ids, max_new_tokens, stops=(), vocab=50257):
+    """Argmax decoding by full forward passes over the whole sequence (no KV cache, no cropping). Returns the new
+    tokens, ending before the first <|endoftext|>, or with the token whose text completed one of the stop strings."""
+    ids, out = list(prompt_ids), []
+    for _ in range(max_new_tokens):
+        logits, _ = model(torch.tensor([ids]))
+        token = int(logits[0, -1, :vocab].argmax())
+        if token == EOT:
+            break
+        ids.append(token)
+        out.append(token)
+        if any(s in decode(out) for s in stops):
+            break
+    return out
+
+
+def cut_reply(text, stops):
+    """A reply: text cut at the first of the stop strings, stripped."""
+    cuts = [text.find(s) for s in stops if s in text]
+    return (text[:min(cuts)] if cuts else text).strip()
+
+
+def greedy_reply(model, prompt_ids, max_new_tokens, stops):
+    """The reference reply: greedy_tokens' text, cut at the first stop string, stripped. model: a GPT or a
+    checkpoint path."""
+    if isinstance(model, (str, os.PathLike)):
+        model = model_of(model)
+    return cut_reply(decode(greedy_tokens(model, prompt_ids, max_new_tokens, stops)), stops)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hugging Face models (need transformers, requirements-dev.txt; nothing here touches the network)
+
+TINY_HF = dict(n_layer=2, n_head=2, n_embd=32, n_positions=64)
+
+
+def offline(monkeypatch):
+    """HF_HUB_OFFLINE=1 for this process and its subprocesses (huggingface_hub reads it at import, hence both)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+
+def tiny_hf_model(seed=0, **config):
+    """A random transformers GPT2LMHeadModel (fp32, eval mode). Every weight is perturbed, so zero-initialised biases
+    and unit LayerNorm weights take part in the comparison too."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50257, **{**TINY_HF, **config}))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+def save_hf(model, path, **kwargs):
+    model.save_pretrained(str(path), **kwargs)
+    return str(path)
+
+
+def random_tokens(T, B=2, seed=1):
+    return torch.randint(0, 50257, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def max_logit_diff(ours, hf, T, seed=1):
+    """Max abs difference of all positions' logits, our GPT vs a transformers model, on random tokens."""
+    idx = random_tokens(T, seed=seed)
+    a = ours(idx, all_logits=True)[0][..., :50257]
+    return (a - hf(idx).logits).abs().max().item()
+
+
+@torch.no_grad()
+def hf_greedy_tokens(hf_model, prompt_ids, max_new_tokens):
+    """transformers' own greedy generate: the new tokens, up to (not including) the first <|endoftext|>."""
+    out = hf_model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                            max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=EOT, pad_token_id=EOT)
+    new = out[0, len(prompt_ids):].tolist()
+    return new[:new.index(EOT)] if EOT in new else new
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -115,6 +115,7 @@ def test_consistent_answer_format(data):
         assert not r["assistant"].endswith(".")
 
 
+@pytest.mark.slow
 def test_cli_writes_files(tmp_path):
     out = tmp_path / "out"
     res = subprocess.run(

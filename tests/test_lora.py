@@ -1,7 +1,7 @@
-"""LoRA adapters, --trainable_layers and --epochs: what trains, what a checkpoint holds, resume, merge, PEFT export,
-DDP, and the refusals."""
+"""chat_gpt2/lora.py: LoRA adapters and --trainable_layers: what trains, what a checkpoint holds, resume, merge, PEFT
+export, DDP, and the refusals. (--epochs is in test_train_cli.py, the trainable-state memory estimate in
+test_memory.py.)"""
 import json
-import math
 import os
 import shutil
 
@@ -10,12 +10,13 @@ import torch
 
 import export
 import train
-from helpers import checkpoints, load_ckpt, read_meta, read_metrics, run, script, tiny_train_args, train_inprocess
-from hf_helpers import offline, random_tokens, save_hf, tiny_hf_model
-from chat_gpt2 import chat, memory
+import helpers
+from helpers import (checkpoints, load_ckpt, offline, random_tokens, read_metrics, run, save_hf, script,
+                     tiny_hf_model, tiny_train_args, train_inprocess)
+from chat_gpt2 import chat
 from chat_gpt2.checkpoint import load_checkpoint, load_model, model_from_checkpoint
 from chat_gpt2.errors import CheckpointError, ConfigError
-from chat_gpt2.lora import LORA_KEYS, TARGETS, apply_lora, freeze_layers, lora_settings, merge_lora
+from chat_gpt2.lora import LORA_KEYS, TARGETS, apply_lora, freeze_layers, merge_lora
 from chat_gpt2.model import GPT, GPTConfig
 
 LORA = {"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": list(TARGETS)}
@@ -27,8 +28,8 @@ def _offline(monkeypatch):
 
 
 def tiny_gpt(n_layer=2, seed=0):
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(block_size=32, vocab_size=512, n_layer=n_layer, n_head=2, n_embd=32))
+    """helpers.tiny_model with GPT-2's init, as constructed (training mode), a 512-token vocabulary."""
+    return helpers.tiny_model(seed, residual_scale=1, train=True, block_size=32, vocab_size=512, n_layer=n_layer)
 
 
 def one_step(model, seed=0):
@@ -109,19 +110,8 @@ def test_merged_and_unmerged_logits_match():
     assert model(idx[:, :4], all_logits=True)[0].shape == (2, 4, 512)  # the few-rows CPU path still works
 
 
-def test_memory_estimate_counts_only_trainable_state():
-    config = GPTConfig(block_size=64, vocab_size=512, n_layer=2, n_head=2, n_embd=32)
-    cfg = {"batch_size": 2, "block_size": 64, "lora_rank": 4, "lora_targets": ",".join(TARGETS)}
-    n = memory.count_trainable(config, cfg)
-    assert n == sum(p.numel() for p in apply_lora(GPT(config), lora_settings(cfg)).parameters() if p.requires_grad)
-    assert memory.count_trainable(config, {"trainable_layers": 1}) == \
-        sum(p.numel() for p in freeze_layers(GPT(config), 1).parameters() if p.requires_grad)
-    est = memory.estimate_memory(config, cfg, "float32", trainable=n)
-    assert est["gradients"] == 4 * n and est["optimizer"] == 8 * n
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# Flags: refusals and --epochs
+# Flags: refusals
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -139,37 +129,12 @@ def test_bad_values_are_refused(flags, message):
         train.resolve_config(flags)
 
 
+@pytest.mark.slow
 def test_trainable_layers_above_n_layer_is_refused_on_the_command_line(tmp_path, tiny_dataset):
     p = run([script("train.py"), *tiny_train_args(tiny_dataset, str(tmp_path / "o"), trainable_layers=3)],
             cwd=tmp_path, check=False)
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert p.stderr.strip() == "error: --trainable_layers=3 exceeds the model's 2 layers (n_layer)"
-
-
-def test_epochs_flag_beats_a_config_file_and_conflicts_with_max_iters(tmp_path):
-    conf = tmp_path / "c.py"
-    conf.write_text("max_iters = 7\n")
-    cfg, *_ = train.resolve_config([str(conf), "--epochs=2"])
-    assert cfg["epochs"] == 2.0  # the command line's epochs decide max_iters, not the file's 7
-    cfg, *_ = train.resolve_config([str(conf)])
-    assert cfg["epochs"] == 0.0 and cfg["max_iters"] == 7
-    conf.write_text("max_iters = 7\nepochs = 1.0\n")
-    with pytest.raises(ConfigError, match="config files set both"):
-        train.resolve_config([str(conf)])
-    cfg, *_ = train.resolve_config([str(conf), "--max_iters=9"])  # the command line picks
-    assert cfg["epochs"] == 0.0 and cfg["max_iters"] == 9
-
-
-def test_epochs_set_max_iters(tmp_path, tiny_dataset):
-    out = str(tmp_path / "out")
-    args = [a for a in tiny_train_args(tiny_dataset, out, eval_interval=100) if not a.startswith("--max_iters")]
-    stdout = train_inprocess(args + ["--epochs=1.5", "--n_layer=1"])
-    tokens_per_iter = 4 * 32  # batch_size x block_size
-    expected = math.ceil(1.5 * read_meta(tiny_dataset)["tokens"]["train"] / tokens_per_iter)
-    assert f"reached max_iters={expected}" in stdout
-    steps = [r for r in read_metrics(out) if r["event"] == "step"]
-    assert steps[-1]["iter"] == expected and 1.5 <= steps[-1]["epoch"] < 1.5 + tokens_per_iter / 100
-    assert f"(epoch {steps[-1]['epoch']:.2f})" in stdout
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -180,8 +145,9 @@ COMMON = dict(max_iters=6, eval_interval=3, lr_decay_iters=6, learning_rate=1e-2
 
 
 @pytest.fixture(scope="module")
-def hf_base(tmp_path_factory):
-    return save_hf(tiny_hf_model(), tmp_path_factory.mktemp("base") / "hf")
+def hf_base(hf_dir):
+    """The LoRA runs' base: conftest's tiny Hugging Face GPT-2 folder (read only)."""
+    return hf_dir
 
 
 @pytest.fixture(scope="module")
@@ -257,13 +223,6 @@ def test_lora_export_merged_and_peft_adapter(lora_run, tmp_path, hf_base):
             assert (hf(idx).logits - ours).abs().max().item() < 1e-4
         base_logits = GPT2LMHeadModel.from_pretrained(hf_base).eval()(idx).logits
     assert (base_logits - ours).abs().max().item() > 1e-3  # the comparison can tell base from adapted
-
-
-def test_adapter_only_refuses_a_full_checkpoint(tmp_path, tiny_dataset):
-    out = str(tmp_path / "out")
-    train_inprocess(tiny_train_args(tiny_dataset, out, max_iters=1, n_layer=1))
-    with pytest.raises(ConfigError, match="needs a LoRA checkpoint"):
-        export.main([f"--out_dir={out}", f"--out={tmp_path / 'a'}", "--adapter_only"])
 
 
 def test_wrong_or_missing_base_is_a_clear_error(lora_run, tmp_path):

@@ -1,19 +1,18 @@
-"""model.py: attention paths, the masked loss, the KV cache, the optimizer groups and the size/FLOP counts."""
+"""chat_gpt2/model.py: attention paths, the masked loss, the fused head loss, the CPU Linear path, the KV cache,
+the optimizer groups, the size/FLOP counts, and torch.compile."""
 import math
+from functools import partial
 
 import pytest
 import torch
-from torch.nn import functional as F
+import torch.nn.functional as F
 
+import helpers
 from chat_gpt2.engine import KVCache
-from chat_gpt2.model import GPT, GPTConfig
+from chat_gpt2.model import GPT, GPTConfig, Linear, head_loss
 
 TINY = dict(block_size=16, vocab_size=96, n_layer=2, n_head=4, n_embd=32)
-
-
-def tiny_model(seed=0, **overrides):
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(**{**TINY, **overrides}))
+tiny_gpt = partial(helpers.tiny_model, residual_scale=1, train=True, **TINY)  # GPT-2's init, as constructed
 
 
 def tokens(B=2, T=12, seed=1):
@@ -29,7 +28,7 @@ def twin(model, **overrides):
 
 @pytest.mark.parametrize("train_mode", [False, True])
 def test_sdpa_and_manual_attention_agree(train_mode):
-    flash = tiny_model(dropout=0.0, flash=True)
+    flash = tiny_gpt(dropout=0.0, flash=True)
     manual = twin(flash, flash=False)
     flash.train(train_mode)
     manual.train(train_mode)
@@ -48,7 +47,7 @@ def test_sdpa_and_manual_attention_agree(train_mode):
 
 @pytest.mark.parametrize("flash", [True, False])
 def test_kv_cache_matches_full_forward(flash):
-    model = tiny_model(flash=flash).eval()
+    model = tiny_gpt(flash=flash).eval()
     x = tokens(T=14)
     full, _ = model(x, all_logits=True)
     cache = KVCache(model.config)
@@ -67,7 +66,7 @@ def test_kv_cache_matches_full_forward(flash):
 
 
 def test_logits_without_targets_are_last_position_only():
-    model = tiny_model().eval()
+    model = tiny_gpt().eval()
     x = tokens()
     last, loss = model(x)
     full, _ = model(x, all_logits=True)
@@ -88,7 +87,7 @@ def hand_loss(logits, targets, mask):
 
 
 def test_masked_loss_equals_hand_computation():
-    model = tiny_model().eval()
+    model = tiny_gpt().eval()
     x, y = tokens(seed=1), tokens(seed=2)
     mask = torch.zeros(2, 12)
     mask[0, 3:7] = 1
@@ -106,7 +105,7 @@ def test_masked_loss_equals_hand_computation():
 
 
 def test_targets_minus_one_are_ignored():
-    model = tiny_model().eval()
+    model = tiny_gpt().eval()
     x, y = tokens(seed=1), tokens(seed=2)
     logits, _ = model(x, all_logits=True)
     y[:, ::2] = -1
@@ -116,7 +115,7 @@ def test_targets_minus_one_are_ignored():
 
 
 def test_all_masked_batch_gives_zero_loss_and_backward_works():
-    model = tiny_model()
+    model = tiny_gpt()
     x, y = tokens(), tokens(seed=3)
     _, loss = model(x, y, torch.zeros(2, 12))
     assert loss.item() == 0.0 and not torch.isnan(loss)
@@ -129,7 +128,7 @@ def test_all_masked_batch_gives_zero_loss_and_backward_works():
 
 def test_masked_loss_gradient_only_from_learned_positions():
     """Changing a target where the mask is 0 changes neither the loss nor the gradients."""
-    model = tiny_model()
+    model = tiny_gpt()
     x, y = tokens(), tokens(seed=3)
     mask = torch.ones(2, 12)
     mask[:, :6] = 0
@@ -145,8 +144,57 @@ def test_masked_loss_gradient_only_from_learned_positions():
     torch.testing.assert_close(grad_a, model.lm_head.weight.grad)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The fused head loss (cross-entropy in chunks) and the CPU Linear path
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_loss_matches_cross_entropy(dtype):
+    torch.manual_seed(0)
+    x0, w0 = torch.randn(37, 16), torch.randn(300, 16) * 0.1  # 37 rows: the last chunk is partial
+    targets = torch.randint(0, 300, (37,))
+    results = []
+    for fn in (head_loss, lambda x, w, t: F.cross_entropy(F.linear(x, w).float(), t)):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            loss = fn(x, w, targets)
+        loss.backward()
+        results.append((loss.detach(), x.grad, w.grad))
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+    for ours, ref in zip(*results):
+        torch.testing.assert_close(ours, ref, **tol)
+
+
+def test_head_loss_empty_and_no_grad():
+    w = torch.randn(50, 8, requires_grad=True)
+    loss = head_loss(torch.zeros(0, 8, requires_grad=True), w, torch.zeros(0, dtype=torch.long))
+    loss.backward()
+    assert loss.item() == 0.0 and w.grad.abs().sum() == 0  # an all-masked batch: loss 0, no NaN
+    with torch.no_grad():
+        x, t = torch.randn(5, 8), torch.randint(0, 50, (5,))
+        torch.testing.assert_close(head_loss(x, w, t), F.cross_entropy(x @ w.t(), t))
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 24), (8, 1, 24), (2, 8, 24), (3, 24), (4, 9, 24)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_few_rows_path_matches_f_linear(shape, bias):
+    """model.Linear's CPU path for <= 16 rows (cached decoding) computes W @ x.T: same values and gradients."""
+    torch.manual_seed(0)
+    layer, x = Linear(24, 40, bias=bias), torch.randn(*shape, requires_grad=True)
+    out = layer(x)
+    expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    assert out.shape == expected.shape and torch.allclose(out, expected, atol=1e-6)
+    grads = torch.autograd.grad(out.sum(), [x, layer.weight])
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, torch.autograd.grad(expected.sum(),
+                                                                                          [x, layer.weight])))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Optimizer, sizes, FLOPs, block size, init
+
+
 def test_configure_optimizers_decays_only_2d_params():
-    model = tiny_model()
+    model = tiny_gpt()
     opt = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.95), device_type="cpu")
     assert isinstance(opt, torch.optim.AdamW)
     decay, no_decay = opt.param_groups
@@ -161,19 +209,24 @@ def test_configure_optimizers_decays_only_2d_params():
     assert opt.param_groups[0]["lr"] == 1e-3 and opt.param_groups[0]["betas"] == (0.9, 0.95)
 
 
+def test_configure_optimizers_uses_fused_adamw_on_cpu():
+    opt = tiny_gpt(block_size=32, vocab_size=512, bias=False).configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    assert opt.defaults["fused"] is True
+
+
 def test_get_num_params():
-    model = tiny_model()
+    model = tiny_gpt()
     V, B, C, L = TINY["vocab_size"], TINY["block_size"], TINY["n_embd"], TINY["n_layer"]
     per_block = 2 * C + (3 * C * C + 3 * C) + (C * C + C) + 2 * C + (4 * C * C + 4 * C) + (4 * C * C + C)
     total = V * C + B * C + L * per_block + 2 * C  # token embedding tied to lm_head: counted once
     assert model.get_num_params(non_embedding=False) == total
     assert model.get_num_params() == total - B * C
-    no_bias = tiny_model(bias=False)
+    no_bias = tiny_gpt(bias=False)
     assert no_bias.get_num_params(non_embedding=False) == total - L * (C + 3 * C + C + C + 4 * C + C) - C
 
 
 def test_flops_per_token():
-    model = tiny_model()
+    model = tiny_gpt()
     cfg = model.config
     f = model.flops_per_token()
     assert f > 0 and isinstance(f, int)
@@ -183,7 +236,7 @@ def test_flops_per_token():
 
 
 def test_crop_block_size():
-    model = tiny_model().eval()
+    model = tiny_gpt().eval()
     x = tokens(T=8)
     before, _ = model(x, all_logits=True)
     model.crop_block_size(8)
@@ -195,7 +248,21 @@ def test_crop_block_size():
 
 
 def test_weights_are_tied_and_initialised():
-    model = tiny_model()
+    model = tiny_gpt()
     assert model.lm_head.weight is model.transformer.wte.weight
     std = model.transformer.h[0].attn.c_proj.weight.std().item()
     assert std == pytest.approx(0.02 / math.sqrt(2 * TINY["n_layer"]), rel=0.3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch.compile
+
+
+def test_compiled_forward_matches_eager():
+    """The one inductor test (compiling on CPU is slow): a compiled model computes what the eager one does."""
+    model = tiny_gpt(block_size=32, vocab_size=512, n_head=2, bias=False, n_layer=1).eval()
+    idx = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        eager, _ = model(idx, all_logits=True)
+        compiled, _ = torch.compile(model)(idx, all_logits=True)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)

@@ -12,7 +12,6 @@ import time
 import httpx
 import pytest
 
-import gen_helpers
 import serve
 from chat_gpt2 import chat, configurator
 
@@ -48,9 +47,8 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    model = gen_helpers.tiny_model(block_size=128)
-    return gen_helpers.save_tiny_checkpoint(tmp_path_factory.mktemp("serve") / "tiny.pt", model)
+def ckpt(make_tiny_ckpt):
+    return make_tiny_ckpt(block_size=128)
 
 
 @pytest.fixture(scope="module")
@@ -306,6 +304,7 @@ def test_greedy_batched_equals_alone(server, service):
     assert [results[p].json()["choices"][0]["text"] for p in prompts] == alone
 
 
+@pytest.mark.slow
 def test_serve_script_starts_and_stops(ckpt):
     """The CLI end to end: serve.py in a subprocess on a free port, asked /health, then stopped."""
     with socket.socket() as s:

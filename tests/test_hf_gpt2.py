@@ -1,4 +1,5 @@
-"""Loading Hugging Face GPT-2 checkpoints (model.py section 4) and train.py's memory estimate (issue 3).
+"""chat_gpt2/hf_gpt2.py: loading Hugging Face GPT-2 checkpoints (the name mapping, layouts, overrides) and its
+one-line errors. The tiny transformers model and its folder are conftest.py's hf_model / hf_dir.
 
 Run with -s to see the parity figures (max abs logit difference, ours vs transformers, fp32)."""
 import json
@@ -9,28 +10,17 @@ import pytest
 import torch
 
 import helpers
-from hf_helpers import max_logit_diff, offline, save_hf, tiny_hf_model
-from chat_gpt2 import memory
 from chat_gpt2.errors import PretrainedError
 from chat_gpt2.hf_gpt2 import from_pretrained, pretrained_config, resolve_pretrained
-from chat_gpt2.model import GPT, GPTConfig
+from chat_gpt2.model import GPT
+from helpers import max_logit_diff, save_hf
 
 pytest.importorskip("transformers")
 
 
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch):
-    offline(monkeypatch)
-
-
-@pytest.fixture(scope="module")
-def hf_model():
-    return tiny_hf_model()
-
-
-@pytest.fixture(scope="module")
-def hf_dir(hf_model, tmp_path_factory):
-    return save_hf(hf_model, tmp_path_factory.mktemp("hf") / "tiny-gpt2")
+    helpers.offline(monkeypatch)
 
 
 def copy_dir(src, dst, skip=()):
@@ -147,6 +137,7 @@ def test_unknown_name_offline_says_what_was_tried():
     assert "'gpt2'" in text and "'openai-community/gpt2'" in text and "HF_HUB_OFFLINE" in text
     assert "`hf download gpt2 config.json model.safetensors --local-dir gpt2-local`" in text
     assert "--init_from=/path/to/gpt2-local" in text
+    assert "HF_HUB_OFFLINE=1 skips the Hub's retries" in text and "--init_from=scratch trains without" in text
     with pytest.raises(PretrainedError) as e:
         from_pretrained("someone/no-such-model-xyz")
     assert "someone/no-such-model-xyz" in one_line(e)
@@ -197,61 +188,3 @@ def test_broken_files(hf_dir, hf_model, tmp_path):
     with pytest.raises(PretrainedError) as e:
         from_pretrained(str(folder))
     assert "unexpected tensor 'score.weight'" in one_line(e)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# train.py: the pretrained branch, its errors, the memory estimate
-
-
-def test_train_cli_errors_are_one_line(hf_dir, tiny_dataset, tmp_path):
-    base = helpers.tiny_train_args(tiny_dataset, str(tmp_path / "out"), max_iters=1)
-    for flags, message in [(["--init_from=" + str(tmp_path / "missing")], "no such directory"),
-                           (["--init_from=" + hf_dir, "--n_layer=3"], "n_layer=3 was requested")]:
-        p = helpers.run(["train.py", *base, *flags], cwd=helpers.REPO, check=False)
-        assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
-        assert p.stderr.startswith("error: ") and message in p.stderr
-
-
-def test_train_from_local_checkpoint_in_process(hf_dir, tiny_dataset, tmp_path):
-    """The model starts from the checkpoint's weights (the first eval sees them) and saves its real shape."""
-    out = str(tmp_path / "out")
-    argv = helpers.tiny_train_args(tiny_dataset, out, init_from=hf_dir, max_iters=2, eval_interval=1)
-    argv = [a for a in argv if not a.startswith(("--n_layer", "--n_head", "--n_embd"))]  # from the checkpoint
-    printed = helpers.train_inprocess(argv)
-    assert "memory estimate:" in printed and "loading directory" in printed
-    ckpt = helpers.load_ckpt(os.path.join(out, helpers.checkpoints(out)[0]))
-    assert ckpt["model_args"]["vocab_size"] == 50257 and ckpt["model_args"]["block_size"] == 32
-    assert (ckpt["config"]["n_layer"], ckpt["config"]["n_embd"]) == (2, 32)
-
-
-def test_count_params_matches_the_model():
-    for bias in (True, False):
-        config = GPTConfig(block_size=48, vocab_size=50304, n_layer=3, n_head=2, n_embd=32, bias=bias)
-        assert memory.count_params(config) == GPT(config).get_num_params(non_embedding=False)
-
-
-def test_memory_estimate_and_refusal(monkeypatch, capsys):
-    import train
-    cfg = dict(train.DEFAULTS, batch_size=8, block_size=1024)
-    gpt2 = GPTConfig(block_size=1024, vocab_size=50257)  # 124M parameters
-    run = {"device": "cpu", "dtype": "float32", "ddp": False, "world": 1, "master": True}
-    need = memory.estimate_memory(gpt2, cfg, "float32")
-    assert need["weights"] == 4 * 124_439_808 and need["optimizer"] == 2 * need["weights"]
-    assert 8 * 2 ** 30 < need["total"] < 14 * 2 ** 30  # 1.9 GiB of state + activations and logits of 8 x 1024
-    monkeypatch.setattr(memory, "available_memory", lambda device: 100 * 2 ** 30)
-    assert memory.check_memory(gpt2, cfg, run) == need
-    assert "memory estimate:" in capsys.readouterr().out
-    monkeypatch.setattr(memory, "available_memory", lambda device: 5 * 2 ** 30)  # the activations do not fit
-    with pytest.raises(RuntimeError, match=r"--batch_size=2 --gradient_accumulation_steps=4 \(about the same") as e:
-        memory.check_memory(gpt2, cfg, run)
-    print(f"\n{e.value}")
-    monkeypatch.setattr(memory, "available_memory", lambda device: 2.5 * 2 ** 30)  # not even one sequence
-    with pytest.raises(RuntimeError, match=r"use --batch_size=1 with a smaller --block_size"):
-        memory.check_memory(gpt2, cfg, run)
-    monkeypatch.setattr(memory, "available_memory", lambda device: 2 ** 30)  # the model itself does not fit
-    with pytest.raises(RuntimeError, match="use a smaller model"):
-        memory.check_memory(gpt2, cfg, run)
-    memory.check_memory(gpt2, {**cfg, "check_memory": False}, run)  # the escape hatch
-    monkeypatch.setattr(memory, "available_memory", lambda device: None)  # unknown: estimate only
-    memory.check_memory(gpt2, cfg, run)
-

@@ -1,0 +1,31 @@
+"""chat_gpt2/chat.py: the chat template's exact text and training mask, and its Jinja chat_template."""
+import pytest
+
+from chat_gpt2 import chat
+from helpers import EOT, decode, runs
+
+
+def test_exact_text_and_mask_with_system_and_two_turns():
+    messages = [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "Hi!"},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "4"}]
+    ids, mask, turns = chat.render_conversation(messages)
+    assert decode(ids) == ("System: You are helpful.\nHuman: Hi!\nAssistant: Hello.\n\n"
+                           "Human: 2+2?\nAssistant: 4\n\n<|endoftext|>")
+    assert len(ids) == len(mask) and ids[-1] == EOT and ids.count(EOT) == 1
+    learned, other = runs(ids, mask)
+    assert learned == [" Hello.\n\n", " 4\n\n<|endoftext|>"]
+    assert other == ["System: You are helpful.\nHuman: Hi!\nAssistant:", "Human: 2+2?\nAssistant:"]
+    # the second turn starts at its "Human:" (the system message belongs to the first turn)
+    assert turns[0] == 0 and len(turns) == 2 and decode(ids[turns[1]:]).startswith("Human: 2+2?")
+
+
+def test_chat_template_follows_a_custom_template():
+    jinja2 = pytest.importorskip("jinja2")
+    template = {**chat.TEMPLATE, "user": "<user>{content}</user>\n", "assistant_label": "<bot>"}
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "What's 2+2?"}, {"role": "assistant", "content": " 4 "}]
+    rendered = jinja2.Environment().from_string(chat.chat_template(template)).render(
+        messages=messages, add_generation_prompt=False)
+    enc = chat.get_encoder()
+    assert rendered == enc.decode(chat.render_conversation(messages, template)[0])

@@ -1,0 +1,87 @@
+"""prepare.py as a command: its summary, the files it writes, its one-line errors (exit code 1), and a prepare.py
+killed at every rename (the old dataset or the new one, never a mix)."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import helpers
+import prepare
+from chat_gpt2 import dataset
+from helpers import GOOD, dataset_text, make_legacy, read_meta, records_file, state, write_records
+
+
+@pytest.mark.slow
+def test_prepare_cli_summary_and_files(cli_run):
+    """conftest's cli_run: `python prepare.py chat.jsonl --out_dir=data/chat --seed=3` from a fresh folder."""
+    assert "32 read (29 train / 3 val)" in cli_run["prepare"].replace(",", "")
+    out = cli_run["cwd"] / "data" / "chat"
+    assert "wrote data/chat/{train,val}.bin" in cli_run["prepare"]
+    for name in ("train.bin", "val.bin", "train_mask.bin", "val_mask.bin", "train_turns.npy", "val_turns.npy",
+                 "train_convs.npy", "val_convs.npy", "meta.json"):
+        assert os.path.getsize(out / name) > 0, name
+    meta = read_meta(out)
+    assert meta["conversations"] == {"train": 29, "val": 3} and meta["seed"] == 3
+
+
+def test_cli_error_exit_code_and_message(tmp_path, existing_dataset, capsys):
+    out, before = existing_dataset
+    path = write_records(tmp_path / "d.jsonl", [GOOD, {"user": 1, "assistant": "b"}])
+    assert prepare.main([path, f"--out_dir={out}"]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {path}:2: field 'user' must be a string" in err and "--skip_invalid" in err
+    assert state(out) == before
+
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Killed at every rename
+
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, {repo!r})
+    k, calls = int(sys.argv[1]), [0]
+    real = os.replace
+    def replace(src, dst):
+        calls[0] += 1
+        if calls[0] == k:
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(src, dst)
+    os.replace = replace
+    import prepare
+    sys.exit(prepare.main(sys.argv[2:]))
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("legacy", [False, True], ids=["symlinked", "legacy-files"])
+def test_prepare_killed_at_every_rename_leaves_old_or_new_never_a_mix(tmp_path, legacy):
+    old_src, new_src = records_file(tmp_path / "old.jsonl", 12, "old"), records_file(tmp_path / "new.jsonl", 12, "new")
+    killer = tmp_path / "killer.py"
+    killer.write_text(KILLER.format(repo=helpers.REPO))
+    reference = {}
+    for name, src in (("old", old_src), ("new", new_src)):
+        dataset.build_dataset([src], out_dir=str(tmp_path / name))
+        reference[name] = dataset_text(str(tmp_path / name))
+    outcomes = set()
+    # renames: the .dataset switch, then (converting a legacy folder only) one per file name
+    for k in range(1, 2 + (1 + len(dataset.DATASET_FILES) if legacy else 1)):
+        out = str(tmp_path / f"run{k}")
+        dataset.build_dataset([old_src], out_dir=out)
+        if legacy:
+            make_legacy(out)
+        p = subprocess.run([sys.executable, str(killer), str(k), new_src, f"--out_dir={out}"], env=helpers.env(),
+                           capture_output=True, text=True, timeout=120)
+        seen = dataset_text(out)
+        assert seen in (reference["old"], reference["new"]) or seen.startswith("refused: ") and "builds" in seen, k
+        outcomes.add("killed" if p.returncode == -signal.SIGKILL else "finished")
+        dataset.clean_out_dir(out)  # the next start: leftovers removed, an interrupted switch completed
+        assert dataset_text(out) in (reference["old"], reference["new"]), k
+        current = [os.readlink(f"{out}/.dataset")] if os.path.islink(f"{out}/.dataset") else []  # [] : legacy kept
+        assert [n for n in os.listdir(out) if n.startswith(".prepare-")] == current
+        assert not [n for n in os.listdir(out) if ".tmp" in n]
+    assert outcomes == {"killed", "finished"}  # some k hit a rename, the largest ran past all of them

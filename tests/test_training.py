@@ -1,0 +1,137 @@
+"""chat_gpt2/training.py: the learning-rate schedule, early stopping, one train step (token-weighted over micro-batches,
+and in bf16 autocast)."""
+import numpy as np
+import pytest
+import torch
+
+import helpers
+from chat_gpt2 import dataset, training
+from chat_gpt2.model import GPT, GPTConfig
+
+# ---------------------------------------------------------------------------------------------------------------
+# Learning-rate schedule
+
+
+def lr_cfg(**overrides):
+    return {"decay_lr": True, "learning_rate": 1e-3, "min_lr": 1e-4, "warmup_iters": 10, "max_iters": 110,
+            "lr_decay_iters": None, **overrides}
+
+
+def test_get_lr_warmup_peak_decay_and_floor():
+    cfg = lr_cfg()
+    assert training.get_lr(0, cfg) == pytest.approx(1e-3 / 11)  # warmup start: never 0
+    assert training.get_lr(5, cfg) == pytest.approx(1e-3 * 6 / 11)
+    assert training.get_lr(9, cfg) == pytest.approx(1e-3 * 10 / 11)  # warmup end
+    assert training.get_lr(10, cfg) == pytest.approx(1e-3)  # peak
+    assert training.get_lr(60, cfg) == pytest.approx(1e-4 + 0.5 * (1e-3 - 1e-4))  # halfway through the cosine
+    assert training.get_lr(35, cfg) == pytest.approx(1e-4 + 0.5 * (1 + np.cos(np.pi / 4)) * 9e-4)
+    assert training.get_lr(110, cfg) == pytest.approx(1e-4)  # end of decay
+    assert training.get_lr(500, cfg) == pytest.approx(1e-4)  # after it: the floor
+    lrs = [training.get_lr(it, cfg) for it in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_get_lr_decay_iters_none_follows_max_iters():
+    assert training.get_lr(60, lr_cfg()) == training.get_lr(60, lr_cfg(lr_decay_iters=110))
+    assert training.get_lr(60, lr_cfg(max_iters=60)) == pytest.approx(1e-4)
+    assert training.get_lr(35, lr_cfg(lr_decay_iters=60)) == pytest.approx(1e-4 + 0.5 * 9e-4)  # explicit value wins
+    assert training.get_lr(60, lr_cfg(lr_decay_iters=60)) == pytest.approx(1e-4)
+
+
+def test_get_lr_constant_without_decay():
+    assert {training.get_lr(it, lr_cfg(decay_lr=False)) for it in (0, 5, 50, 500)} == {1e-3}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Early stopping
+
+
+def stops(losses, patience, min_delta):
+    """(is_best, should_stop) after each val loss."""
+    stopper = training.EarlyStopping(patience, min_delta)
+    return [stopper.update(v) for v in losses]
+
+
+def test_early_stopping_counts_evals_without_enough_improvement():
+    # 0.25 steps are exact in binary: an improvement of exactly min_delta does not count
+    result = stops([2.0, 1.75, 1.75, 1.9], patience=3, min_delta=0.25)
+    assert [s for _, s in result] == [False, False, False, True]
+    assert [b for b, _ in result] == [True, True, False, False]
+    # one real improvement (2.0 -> 1.5) resets the count
+    result = stops([2.0, 1.75, 1.5, 1.5, 1.6, 1.6], patience=3, min_delta=0.25)
+    assert [s for _, s in result] == [False, False, False, False, False, True]
+
+
+def test_early_stopping_small_improvements_are_best_but_not_progress():
+    result = stops([1.0, 0.99, 0.98, 0.97], patience=3, min_delta=0.1)
+    assert [b for b, _ in result] == [True, True, True, True]  # each is a new best checkpoint
+    assert [s for _, s in result] == [False, False, False, True]  # but none improves by min_delta
+
+
+def test_early_stopping_small_improvements_add_up():
+    # measured from the last real improvement (1.0), not the previous eval: 0.85 < 1.0 - 0.1 resets
+    result = stops([1.0, 0.95, 0.92, 0.85, 0.84, 0.83, 0.82], patience=3, min_delta=0.1)
+    assert [s for _, s in result] == [False] * 6 + [True]
+
+
+def test_early_stopping_patience_zero_never_stops():
+    assert not any(s for _, s in stops([1.0] + [2.0] * 20, patience=0, min_delta=0.0))
+
+
+def test_early_stopping_patience_one_min_delta_zero():
+    assert [s for _, s in stops([3.0, 2.0, 2.0], patience=1, min_delta=0.0)] == [False, False, True]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One step
+
+
+def test_logged_loss_is_token_weighted_over_micro_batches(tiny_dataset):
+    data, _ = dataset.load_dataset(tiny_dataset)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=50304, n_layer=1, n_head=2, n_embd=16, dropout=0.0))
+    cfg = {"gradient_accumulation_steps": 3, "batch_size": 2, "block_size": 16, "grad_clip": 0.0}
+    runinfo = {"device": "cpu", "dtype": "float32", "ddp": False}
+    gen = torch.Generator().manual_seed(5)
+    # the same micro-batches, as one batch: its loss is the token-weighted mean by construction
+    twin_gen = torch.Generator().set_state(gen.get_state())
+    batches = [data["train"].get_batch(2, 16, twin_gen) for _ in range(3)]
+    x, y, m = (torch.cat(parts) for parts in zip(*batches))
+    _, expected = model(x, y, m)
+    expected.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    counts = [float(b[2].sum()) for b in batches]
+    assert len(set(counts)) > 1, "micro-batches should hold different numbers of learned tokens"
+    with torch.no_grad():
+        plain_mean = sum(float(model(*b)[1]) for b in batches) / 3
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    loss = training.train_step(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), data["train"], gen, cfg,
+                            runinfo)
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+    assert abs(plain_mean - expected.item()) > 1e-4  # the test tells the two means apart
+    for n, p in model.named_parameters():  # SGD, lr 1: the step is exactly minus the token-weighted gradient
+        torch.testing.assert_close(p.detach(), before[n] - grads[n], atol=1e-6, rtol=0)
+
+
+def _loss_trajectory(data, dtype, steps=25):
+    """Losses of `steps` train.py steps on the tiny dataset from the same seed, in dtype (autocast for bf16)."""
+    # the real vocab: the head and its loss are in the comparison
+    model = helpers.tiny_model(seed=1, residual_scale=1, train=True, block_size=32, bias=False)
+    optimizer = model.configure_optimizers(0.1, 3e-3, (0.9, 0.95), "cpu")
+    cfg = {"gradient_accumulation_steps": 1, "batch_size": 8, "block_size": 32, "grad_clip": 1.0}
+    run = {"device": "cpu", "dtype": dtype, "ddp": False}
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    gen = torch.Generator().manual_seed(2)
+    return [training.train_step(model, optimizer, scaler, data, gen, cfg, run).item() for _ in range(steps)]
+
+
+def test_bf16_and_fp32_loss_trajectories_match(tiny_dataset):
+    data, _ = dataset.load_dataset(tiny_dataset)
+    fp32 = _loss_trajectory(data["train"], "float32")
+    bf16 = _loss_trajectory(data["train"], "bfloat16")
+    assert fp32[-1] < fp32[0] - 2.0  # it learns, so the comparison covers real training, not noise around 10.8
+    diffs = [abs(a - b) for a, b in zip(fp32, bf16)]
+    assert max(diffs) < 0.05 * max(fp32[-1], 1.0), (fp32, bf16)
