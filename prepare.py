@@ -1,12 +1,15 @@
 """Turn chat data into the memmaps train.py reads.
 
     python prepare.py INPUT [INPUT ...] [--out_dir=data/chat] [--val_fraction=0.1] [--val_file=FILE] [--seed=1337]
+    python prepare.py path/to/input.txt --out_dir=data/shakespeare      # plain text (see docs/data.md)
 
 Each INPUT is a .jsonl file (one record per line) or a .json file holding an array of records, in any of these
 schemas (recognised per record by its keys; extra keys such as "id" are ignored):
     {"user", "assistant"}                      {"messages": [{"role", "content"}, ...]}
     {"instruction", "input", "output"}         {"conversations": [{"from", "value"}, ...]}
     {"prompt", "completion"}                   {"question", "answer"}
+Plain text instead (every token learned, documents closed by <|endoftext|>): .txt files (one document each) or
+records {"text": ...}; text and chat inputs cannot be mixed in one dataset.
 
 Writes into out_dir, all aligned token for token:
     train.bin / val.bin               uint16 GPT-2 token ids (np.memmap(path, dtype=np.uint16, mode="r"))
@@ -27,6 +30,10 @@ from chat_gpt2.errors import RecordError, UserError
 def print_summary(meta):
     c, t = meta["conversations"], meta["tokens"]
     skipped = ", ".join(f"{n} {reason}" for reason, n in meta["skipped"].items()) or "none"
+    if meta.get("kind") == "text":  # every token learned, windows start anywhere: lengths do not matter
+        print(f"plain text: {meta['documents']:,} document(s) read, skipped: {skipped}; tokens: "
+              f"{t['train']:,} train / {t['val']:,} val (every token learned)")
+        return
     print(f"conversations: {c['train'] + c['val']:,} read ({c['train']:,} train / {c['val']:,} val), "
           f"skipped: {skipped}")
     print(f"tokens: {t['train']:,} train / {t['val']:,} val; conversation length "
@@ -40,7 +47,8 @@ def print_summary(meta):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help=".jsonl or .json chat data")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help=".jsonl or .json records (chat, or {\"text\"} documents), or .txt plain text")
     parser.add_argument("--out_dir", default="data/chat")
     parser.add_argument("--val_fraction", type=float, default=0.1)
     parser.add_argument("--val_file", default=None, help="take val from this file instead of splitting")

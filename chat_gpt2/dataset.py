@@ -1,11 +1,13 @@
-"""The prepared dataset: chat records -> token memmaps (build_dataset, for prepare.py) and back (load_dataset, for
-train.py and eval.py). Its files, all aligned token for token, in one folder:
+"""The prepared dataset: chat records or plain text -> token memmaps (build_dataset, for prepare.py) and back
+(load_dataset, for train.py and eval.py). Its files, all aligned token for token, in one folder:
 
     train.bin / val.bin               uint16 GPT-2 token ids (np.memmap(path, dtype=np.uint16, mode="r"))
     train_mask.bin / val_mask.bin     uint8, 1 where the assistant's output is learned (see chat.py)
     train_turns.npy / val_turns.npy   int64 offsets where a turn starts (training windows start only there)
     train_convs.npy / val_convs.npy   int64 offsets where a conversation starts
-    meta.json                         tokenizer, vocab size, template, counts, multiline_replies, source hashes
+    meta.json                         kind ("chat" or "text"), tokenizer, vocab size, template, counts, sources
+Plain text (kind "text": .txt files, {"text"} records) is every token learned, each document closed by
+<|endoftext|>; its "conversations" are the documents, and its windows start anywhere.
 
 Replacing a dataset is all or nothing: a build is written to its own folder `.prepare-<PID>-<random>`, then one
 rename switches the symlink `.dataset` to it; each name above is a symlink `name -> .dataset/name`, so readers see
@@ -26,7 +28,7 @@ import torch
 from . import chat
 from .errors import InputError, MissingFileError, RecordError
 from .files import make_temp_dir, remove_dead_leftovers, temp_name
-from .records import iter_records, to_messages
+from .records import document_text, is_document, iter_records, iter_text, to_messages
 
 SPLITS = ("train", "val")
 SPLIT_FILES = (".bin", "_mask.bin", "_turns.npy", "_convs.npy")  # per split: train.bin, train_mask.bin, ...
@@ -35,6 +37,7 @@ CURRENT = ".dataset"  # symlink to the build folder the names point into
 BUILD_PREFIX = ".prepare-"
 BLOCK_SIZES = (128, 256, 512, 1024)
 BATCH = 512  # conversations tokenised per call of tiktoken's threaded batch encoder
+COPY_TOKENS = 1 << 24  # tokens copied at a time when a single document is split by position
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -42,20 +45,23 @@ BATCH = 512  # conversations tokenised per call of tiktoken's threaded batch enc
 
 
 class TokenWriter:
-    """Appends rendered conversations to flat files (ids, mask) and remembers turn/conversation offsets."""
+    """Appends rendered conversations (or documents) to flat files (ids, mask) and remembers turn/conversation
+    offsets. continues=True appends to the previous conversation (a long document written piece by piece)."""
 
     def __init__(self, folder, name):
         self.ids = open(os.path.join(folder, f"{name}.bin"), "wb")
         self.mask = open(os.path.join(folder, f"{name}_mask.bin"), "wb")
         self.n_tokens, self.convs, self.turns, self.lengths, self.learned = 0, [], [], [], 0
 
-    def add(self, ids, mask, turn_starts):
-        self.convs.append(self.n_tokens)
+    def add(self, ids, mask, turn_starts, continues=False):
+        if not continues:
+            self.convs.append(self.n_tokens)
+            self.lengths.append(0)
         self.turns += [self.n_tokens + t for t in turn_starts]
         self.ids.write(np.asarray(ids, dtype=np.uint16).tobytes())
         self.mask.write(np.asarray(mask, dtype=np.uint8).tobytes())
         self.n_tokens += len(ids)
-        self.lengths.append(len(ids))
+        self.lengths[-1] += len(ids)
         self.learned += int(np.sum(mask, dtype=np.int64))
 
     def close(self, folder, name):
@@ -79,34 +85,28 @@ class Progress:
 
 
 def tokenize_inputs(paths, writer, skip_invalid, stats, progress):
-    """Read, validate and render every record of paths into writer. Returns the sha256 of each source."""
+    """Read, validate and render every record (or .txt document) of paths into writer. Returns the sha256 of each
+    source. stats["kind"] becomes "chat" or "text" with the first input; the other kind later is an error."""
     hashes, batch = {}, []
 
     def flush():
-        for ids, mask, turns in chat.render_conversations(batch):
-            writer.add(ids, mask, turns)
+        if stats["kind"] == "text":  # every token learned; <|endoftext|> closes each document
+            for ids in chat.get_encoder().encode_ordinary_batch(batch):
+                writer.add(ids + [chat.EOT], np.ones(len(ids) + 1, dtype=np.uint8), [0])
+        else:
+            for ids, mask, turns in chat.render_conversations(batch):
+                writer.add(ids, mask, turns)
         batch.clear()
         progress.update(len(writer.convs), writer.n_tokens)
 
     for path in paths:
         hasher = hashlib.sha256()
-        records = iter_records(path, hasher)
-        while True:
-            try:
-                where, record = next(records)
-                if isinstance(record, RecordError):
-                    raise record
-                messages = to_messages(record, where)
-            except StopIteration:
-                break
-            except RecordError as e:
-                if not skip_invalid:
-                    raise
-                stats["skipped"][e.reason] += 1
-                continue
-            stats["multiline_replies"] |= any("\n" in m["content"].strip() for m in messages
-                                              if m["role"] == "assistant")
-            batch.append(messages)
+        if path.endswith(".txt"):
+            set_kind(stats, "text", path)
+            tokenize_text_file(path, hasher, writer, progress)
+        for where, kind, content in usable_records(path, hasher, skip_invalid, stats):
+            set_kind(stats, kind, where)
+            batch.append(content)
             if len(batch) >= BATCH:
                 flush()
         flush()
@@ -115,11 +115,60 @@ def tokenize_inputs(paths, writer, skip_invalid, stats, progress):
     return hashes
 
 
+def usable_records(path, hasher, skip_invalid, stats):
+    """(where, "text" or "chat", the text or the messages) per usable record of a .jsonl / .json file; a bad record
+    raises RecordError, or with skip_invalid is counted in stats["skipped"] by its reason."""
+    if path.endswith(".txt"):
+        return
+    records = iter_records(path, hasher)
+    while True:
+        try:
+            where, record = next(records)
+            if isinstance(record, RecordError):
+                raise record
+            if is_document(record):
+                yield where, "text", document_text(record, where)
+                continue
+            messages = to_messages(record, where)
+        except StopIteration:
+            return
+        except RecordError as e:
+            if not skip_invalid:
+                raise
+            stats["skipped"][e.reason] += 1
+            continue
+        stats["multiline_replies"] |= any("\n" in m["content"].strip() for m in messages if m["role"] == "assistant")
+        yield where, "chat", messages
+
+
+def set_kind(stats, kind, where):
+    """The dataset is text or chat, never both: the first input decides, a later one of the other kind is refused."""
+    if stats["kind"] is None:
+        stats["kind"], stats["kind_where"] = kind, where
+    elif stats["kind"] != kind:
+        raise InputError(f"{where}: {kind} data, but {stats['kind_where']} is {stats['kind']} data: plain text "
+                         f"(.txt files, {{\"text\": ...}} records) and chat records cannot be mixed in one dataset; "
+                         f"prepare them into separate folders (pretrain on the text, then fine-tune on the chat)")
+
+
+def tokenize_text_file(path, hasher, writer, progress):
+    """A .txt file as one document, streamed: pieces cut where the tokenizer cuts anyway (records.iter_text)."""
+    enc, first = chat.get_encoder(), True
+    for piece in iter_text(path, hasher):
+        ids = enc.encode_ordinary(piece)
+        writer.add(ids, np.ones(len(ids), dtype=np.uint8), [0] if first else [], continues=not first)
+        first = False
+        progress.update(len(writer.convs), writer.n_tokens)
+    if first:
+        raise InputError(f"{path}: empty file: a .txt input is one document of plain text")
+    writer.add([chat.EOT], [1], [], continues=True)
+
+
 def choose_val(n_convs, val_fraction, seed):
     """Indices of the val conversations: deterministic from the seed, at least one, never all."""
     if n_convs < 2:
-        raise InputError(f"only {n_convs} usable conversation(s): at least 2 are needed to split train/val "
-                         "(or pass --val_file)")
+        raise InputError(f"only {n_convs} usable conversation(s) or document(s): at least 2 are needed to split "
+                         "train/val (or pass --val_file)")
     n_val = min(n_convs - 1, max(1, round(n_convs * val_fraction)))
     return set(np.random.default_rng(seed).permutation(n_convs)[:n_val].tolist())
 
@@ -133,6 +182,20 @@ def split_stream(folder, stream, val, writers):
     for i, (a, b) in enumerate(zip(stream.convs, ends)):
         conv_turns = turns[np.searchsorted(turns, a):np.searchsorted(turns, b)] - a
         writers["val" if i in val else "train"].add(ids[a:b], mask[a:b], conv_turns.tolist())
+
+
+def split_by_position(folder, stream, val_fraction, writers):
+    """A single document (one .txt corpus): the first 1 - val_fraction of its tokens train, the rest val."""
+    n = stream.n_tokens
+    n_val = max(2, round(n * val_fraction))  # a split needs 2 tokens for one (input, target) pair
+    if n - n_val < 2:
+        raise InputError(f"the only document has {n} token(s): too short to split train/val (or pass --val_file)")
+    ids = np.memmap(os.path.join(folder, "all.bin"), dtype=np.uint16, mode="r")
+    mask = np.memmap(os.path.join(folder, "all_mask.bin"), dtype=np.uint8, mode="r")
+    for split, a, b in (("train", 0, n - n_val), ("val", n - n_val, n)):
+        for start in range(a, b, COPY_TOKENS):  # in pieces: a corpus larger than memory is fine
+            end = min(b, start + COPY_TOKENS)
+            writers[split].add(ids[start:end], mask[start:end], [0] if start == a else [], continues=start > a)
 
 
 def summarize(writers, stats):
@@ -166,13 +229,16 @@ def build_dataset(inputs, out_dir="data/chat", val_fraction=0.1, val_file=None, 
 
 def _build(tmp, inputs, val_fraction, val_file, seed, skip_invalid):
     """Write every file of the dataset into the folder tmp. Returns meta."""
-    stats, progress = {"skipped": Counter(), "multiline_replies": False}, Progress()
+    stats, progress = {"skipped": Counter(), "multiline_replies": False, "kind": None}, Progress()
     writers = {s: TokenWriter(tmp, s) for s in SPLITS}
     if val_file is None:
         stream = TokenWriter(tmp, "all")
         hashes = tokenize_inputs(inputs, stream, skip_invalid, stats, progress)
         stream.close(tmp, "all")
-        split_stream(tmp, stream, choose_val(len(stream.convs), val_fraction, seed), writers)
+        if stats["kind"] == "text" and len(stream.convs) == 1:
+            split_by_position(tmp, stream, val_fraction, writers)
+        else:
+            split_stream(tmp, stream, choose_val(len(stream.convs), val_fraction, seed), writers)
     else:
         hashes = tokenize_inputs(inputs, writers["train"], skip_invalid, stats, progress)
         hashes.update(tokenize_inputs([val_file], writers["val"], skip_invalid, stats, progress))
@@ -180,9 +246,11 @@ def _build(tmp, inputs, val_fraction, val_file, seed, skip_invalid):
         writers[s].close(tmp, s)
         if not writers[s].convs:
             raise InputError(f"no usable conversations for the {s} split")
-    meta = {"tokenizer": chat.TOKENIZER, "vocab_size": chat.VOCAB_SIZE, "template": chat.TEMPLATE,
-            "multiline_replies": stats["multiline_replies"],
-            "default_stop": chat.default_stop(stats["multiline_replies"]),
+    text = stats["kind"] == "text"
+    n_docs = len(stream.convs) if val_file is None else len(writers["train"].convs) + len(writers["val"].convs)
+    meta = {"kind": stats["kind"], **({"documents": n_docs} if text else {}), "tokenizer": chat.TOKENIZER, "vocab_size": chat.VOCAB_SIZE,
+            "template": chat.TEMPLATE, "multiline_replies": stats["multiline_replies"],
+            "default_stop": None if text else chat.default_stop(stats["multiline_replies"]),  # text: no stop
             **summarize(writers, stats), "sources": hashes, "seed": seed,
             "val_fraction": None if val_file else val_fraction}
     for name in os.listdir(tmp):
@@ -243,9 +311,11 @@ def clean_out_dir(out_dir):
 class ChatData:
     """One split of a prepared dataset, memory-mapped. Batches are windows of block_size + 1 tokens starting at a
     turn boundary (so an answer is never trained without its question); a window may run into the following
-    conversations and is padded (target -1, mask 0) at the end of the split."""
+    conversations and is padded (target -1, mask 0) at the end of the split. Plain-text data (kind "text") has no
+    questions to keep: its windows start anywhere, as in nanoGPT."""
 
-    def __init__(self, folder, split, expected_tokens):
+    def __init__(self, folder, split, expected_tokens, kind="chat"):
+        self.kind = kind
         path = os.path.join(folder, f"{split}.bin")
         self.ids = _read(path, np.uint16)
         self.mask = _read(os.path.join(folder, f"{split}_mask.bin"), np.uint8)
@@ -256,11 +326,14 @@ class ChatData:
                              f"{expected_tokens}: the dataset is incomplete, run prepare.py again")
 
     def get_batch(self, batch_size, block_size, generator):
-        picks = torch.randint(len(self.starts), (batch_size,), generator=generator).numpy()
+        if self.kind == "text":
+            starts = torch.randint(max(1, len(self.ids) - block_size), (batch_size,), generator=generator).numpy()
+        else:
+            starts = self.starts[torch.randint(len(self.starts), (batch_size,), generator=generator).numpy()]
         x = np.full((batch_size, block_size), chat.EOT, dtype=np.int64)
         y = np.full((batch_size, block_size), -1, dtype=np.int64)
         m = np.zeros((batch_size, block_size), dtype=np.float32)
-        for row, start in enumerate(self.starts[picks]):
+        for row, start in enumerate(starts):
             window = self.ids[start:start + block_size + 1].astype(np.int64)
             n = len(window) - 1  # block_size, or fewer at the end of the split
             x[row, :n] = window[:-1]
@@ -271,6 +344,8 @@ class ChatData:
     def first_prompt(self):
         """Token ids of the first val conversation up to where its first reply starts (for sample replies)."""
         end = self.convs[1] if len(self.convs) > 1 else len(self.ids)
+        if self.kind == "text":  # everything is learned: a few words to continue
+            return self.ids[:min(8, end - 1)].astype(np.int64).tolist()
         learned = np.flatnonzero(self.mask[:end])
         return self.ids[:learned[0] if len(learned) else end].astype(np.int64).tolist()
 
@@ -312,5 +387,6 @@ def load_dataset(dataset):
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise InputError(f"{meta_path}: not a prepared dataset's meta.json ({type(e).__name__}: {e}): run "
                          f"prepare.py again") from None
-    return {split: ChatData(folder, split, tokens[split]) for split in SPLITS}, meta
+    kind = meta.get("kind") or "chat"  # datasets prepared before plain text existed are chat
+    return {split: ChatData(folder, split, tokens[split], kind) for split in SPLITS}, meta
 

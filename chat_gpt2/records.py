@@ -132,16 +132,91 @@ def iter_json_array(path, hasher, chunk_size=1 << 20):
                          "a .json input must hold one array of records")
 
 
-def iter_records(path, hasher):
+# ----------------------------------------------------------------------------------------------------------------
+# Plain text: a .txt file is one document, read in chunks cut where GPT-2's tokenizer would cut anyway
+
+TEXT_CHUNK_BYTES = 1 << 20
+MAX_TEXT_CARRY = 16 << 20  # characters held while looking for a safe cut; past this a cut may change a token or two
+_WS = " \t\n\r\x0b\x0c"  # whitespace GPT-2's pre-tokenizer splits on (\s) for certain
+
+
+def safe_cut(text, i):
+    """True when text[:i] and text[i:] tokenise to exactly the tokens of text (GPT-2's pre-tokenizer pieces never
+    cross i): one whitespace char after a non-space, then a non-space (not after a plain space, which joins the
+    word that follows), or two whitespace chars cut between them with non-spaces around."""
+    if i < 2 or i >= len(text) or text[i - 2].isspace() or text[i - 1] not in _WS:
+        return False
+    if not text[i].isspace():
+        return text[i - 1] != " "
+    return text[i] in _WS and i + 1 < len(text) and not text[i + 1].isspace()
+
+
+def last_safe_cut(text):
+    """The largest i with safe_cut(text, i), looking only around newlines (one per line is plenty); 0 if none."""
+    pos = len(text)
+    while True:
+        pos = text.rfind("\n", 0, pos)
+        if pos < 1:
+            return 0
+        for i in (pos + 1, pos):  # just after the newline, or between it and the char before
+            if safe_cut(text, i):
+                return i
+
+
+def iter_text(path, hasher, chunk_bytes=TEXT_CHUNK_BYTES, max_carry=MAX_TEXT_CARRY):
+    """The text of a .txt file (UTF-8) as pieces of about chunk_bytes, cut only where tokenising the pieces one by
+    one gives the tokens of the whole file; memory is bounded by max_carry characters."""
+    check_input_file(path)
+    utf8, buf, line = codecs.getincrementaldecoder("utf-8-sig")(), "", 1  # -sig: tolerate a BOM
+    with open(path, "rb") as f:
+        while True:
+            raw = f.read(chunk_bytes)
+            hasher.update(raw)
+            try:
+                buf += utf8.decode(raw, final=not raw)
+            except UnicodeDecodeError as e:
+                line += buf.count("\n") + raw[:e.start].count(b"\n")
+                raise InputError(f"{path}:{line}: invalid UTF-8 near byte {f.tell() - len(raw) + e.start}") \
+                    from None
+            if not raw:
+                break
+            cut = last_safe_cut(buf) or (len(buf) if len(buf) > max_carry else 0)
+            if cut:
+                line += buf.count("\n", 0, cut)
+                yield buf[:cut]
+                buf = buf[cut:]
+    if buf:
+        yield buf
+
+
+CHAT_KEYS = {"user", "assistant", "messages", "conversations", "instruction", "output", "prompt", "completion",
+             "question", "answer", "message_tree_id"}
+
+
+def is_document(record):
+    """A {"text": ...} record (plain-text data) rather than a conversation."""
+    return isinstance(record, dict) and "text" in record and not CHAT_KEYS & record.keys()
+
+
+def document_text(record, where):
+    """The text of a {"text": ...} record (plain-text data, learned whole)."""
+    return _text(record, "text", where)
+
+
+def check_input_file(path):
     if os.path.isdir(path):
-        raise InputError(f"{path} is a directory: pass the .jsonl / .json files in it")
+        raise InputError(f"{path} is a directory: pass the .jsonl / .json / .txt files in it")
     if not os.path.isfile(path):
         raise InputError(f"input file not found: {path}")
+
+
+def iter_records(path, hasher):
+    check_input_file(path)
     if path.endswith(".jsonl"):
         return iter_jsonl(path, hasher)
     if path.endswith(".json"):
         return iter_json_array(path, hasher)
-    raise InputError(f"{path}: unsupported extension (expected .jsonl or .json)")
+    raise InputError(f"{path}: unsupported extension (expected .jsonl, .json or .txt)")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,230 @@
+"""Plain-text data: .txt documents and {"text"} records, chunked reading, the split, random windows, sampling."""
+import hashlib
+import os
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import prepare
+from chat_gpt2 import chat, records
+from chat_gpt2.dataset import build_dataset, load_dataset
+from chat_gpt2.errors import InputError
+from helpers import EOT, SHARED_DATA, conversations, read_meta, read_split, snapshot, write_records
+
+SHAKESPEARE = os.path.join(SHARED_DATA, "tinyshakespeare-text", "input.txt")
+
+
+def enc():
+    return chat.get_encoder()
+
+
+def write_text(path, text):
+    path.write_bytes(text.encode("utf-8"))
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading a .txt in pieces: never a split character, never a token merged or split across a cut
+
+ALPHABET = st.sampled_from(list("ab Z9'.,:!") + ["\n", "\r", "\t", "\u00e9", "\u4e2d", "\U0001F600", "\xa0",
+                                                    "  ", "\n\n", "\r\n", "'s", " the"])
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(st.lists(ALPHABET, max_size=40).map("".join))
+def test_a_safe_cut_tokenises_like_the_whole(text):
+    whole = enc().encode_ordinary(text)
+    for i in range(len(text) + 1):
+        if records.safe_cut(text, i):
+            assert enc().encode_ordinary(text[:i]) + enc().encode_ordinary(text[i:]) == whole, (text, i)
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 3, 7, 64])
+def test_iter_text_pieces_tokenise_like_the_whole_file(tmp_path, chunk_bytes):
+    text = ("First line, caf\u00e9 \u4e2d\u6587 \U0001F600.\nSecond  line\n\n  indented\r\nCRLF line\n"
+            "\tTabbed: 'quoted' words\n" * 5)
+    path = write_text(tmp_path / "t.txt", text)
+    hasher = hashlib.sha256()
+    pieces = list(records.iter_text(path, hasher, chunk_bytes=chunk_bytes))
+    assert "".join(pieces) == text and len(pieces) > 1
+    assert [t for p in pieces for t in enc().encode_ordinary(p)] == enc().encode_ordinary(text)
+    assert hasher.hexdigest() == hashlib.sha256(text.encode()).hexdigest()
+
+
+def test_iter_text_without_newlines_is_bounded(tmp_path):
+    text = "word " * 2000
+    path = write_text(tmp_path / "t.txt", text)
+    pieces = list(records.iter_text(path, hashlib.sha256(), chunk_bytes=100, max_carry=500))
+    assert "".join(pieces) == text and max(map(len, pieces)) <= 600
+
+
+def test_iter_text_bom_and_invalid_utf8(tmp_path):
+    path = tmp_path / "bom.txt"
+    path.write_bytes(b"\xef\xbb\xbfhello\n")
+    assert "".join(records.iter_text(str(path), hashlib.sha256())) == "hello\n"
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"line one\nline two\nbro\xffken\n")
+    with pytest.raises(InputError, match=r"bad\.txt:3: invalid UTF-8"):
+        list(records.iter_text(str(bad), hashlib.sha256()))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building a text dataset
+
+
+def test_one_txt_is_split_by_position(tmp_path):
+    text = "".join(f"Line {i} of the corpus, with some words.\n" for i in range(200))
+    out = str(tmp_path / "out")
+    meta = build_dataset([write_text(tmp_path / "corpus.txt", text)], out_dir=out, val_fraction=0.1)
+    want = enc().encode_ordinary(text) + [EOT]
+    train, val = read_split(out, "train"), read_split(out, "val")
+    assert train["ids"].tolist() + val["ids"].tolist() == want
+    assert len(val["ids"]) == round(len(want) * 0.1)
+    assert train["mask"].all() and val["mask"].all()  # every token learned
+    assert train["convs"].tolist() == [0] and val["convs"].tolist() == [0]
+    assert meta["kind"] == "text" and meta["default_stop"] is None and meta["documents"] == 1
+    assert meta["learned_token_share"] == 1.0
+
+
+def test_val_fraction_moves_the_cut(tmp_path):
+    text = "".join(f"Sentence number {i}.\n" for i in range(100))
+    out = str(tmp_path / "out")
+    build_dataset([write_text(tmp_path / "c.txt", text)], out_dir=out, val_fraction=0.25)
+    n = len(enc().encode_ordinary(text)) + 1
+    assert len(read_split(out, "val")["ids"]) == round(n * 0.25)
+
+
+def test_several_txt_files_split_by_document(tmp_path):
+    docs = [f"Document {i}: " + "some text here. " * (i + 1) for i in range(10)]
+    paths = [write_text(tmp_path / f"d{i}.txt", d) for i, d in enumerate(docs)]
+    out = str(tmp_path / "out")
+    meta = build_dataset(paths, out_dir=out, val_fraction=0.2)
+    got = sorted(ids for split in ("train", "val") for ids, _ in conversations(out, split))
+    assert got == sorted(enc().encode_ordinary(d) + [EOT] for d in docs)
+    assert meta["conversations"] == {"train": 8, "val": 2} and meta["documents"] == 10
+    for split in ("train", "val"):
+        assert all(all(mask) for _, mask in conversations(out, split))
+
+
+@pytest.mark.parametrize("ext", ["jsonl", "json"])
+def test_text_records_are_documents(tmp_path, ext):
+    docs = [f"Record {i} says <|endoftext|> literally." for i in range(6)]
+    out = str(tmp_path / "out")
+    meta = build_dataset([write_records(tmp_path / f"d.{ext}", [{"text": d, "id": i} for i, d in enumerate(docs)])],
+                         out_dir=out, val_fraction=0.3)
+    got = sorted(ids for split in ("train", "val") for ids, _ in conversations(out, split))
+    assert got == sorted(enc().encode_ordinary(d) + [EOT] for d in docs)  # a literal <|endoftext|> stays text
+    assert meta["kind"] == "text" and meta["conversations"]["val"] == 2
+
+
+def test_text_val_file(tmp_path):
+    out = str(tmp_path / "out")
+    build_dataset([write_text(tmp_path / "a.txt", "Train text.\n")], out_dir=out,
+                  val_file=write_records(tmp_path / "v.jsonl", [{"text": "Val text."}]))
+    assert read_split(out, "val")["ids"].tolist() == enc().encode_ordinary("Val text.") + [EOT]
+
+
+@pytest.mark.parametrize("inputs, where", [
+    ((("a.txt", "Some text.\n"), ("b.jsonl", [{"user": "hi", "assistant": "ho"}])), "b.jsonl:1"),
+    ((("b.jsonl", [{"user": "hi", "assistant": "ho"}]), ("a.txt", "Some text.\n")), "a.txt"),
+    ((("c.jsonl", [{"text": "doc"}, {"prompt": "p", "completion": "c"}]),), "c.jsonl:2"),
+])
+def test_mixing_text_and_chat_is_refused(tmp_path, inputs, where):
+    out = tmp_path / "out"
+    build_dataset([write_text(tmp_path / "keep.txt", "An existing dataset.\n" * 20)], out_dir=str(out))
+    before = snapshot(out)
+    paths = [write_text(tmp_path / name, content) if name.endswith(".txt") else
+             write_records(tmp_path / name, content) for name, content in inputs]
+    with pytest.raises(InputError, match="cannot be mixed") as e:
+        build_dataset(paths, out_dir=str(out))
+    assert where in str(e.value) and "\n" not in str(e.value)
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("content, message", [("", "empty file"), ("x", "too short to split")])
+def test_unusable_text_is_a_clear_error(tmp_path, content, message):
+    with pytest.raises(InputError, match=message):
+        build_dataset([write_text(tmp_path / "e.txt", content)], out_dir=str(tmp_path / "out"))
+
+
+def test_bad_text_record_names_file_line_and_field(tmp_path):
+    path = write_records(tmp_path / "d.jsonl", [{"text": "fine"}, {"text": 3}])
+    with pytest.raises(InputError, match=r"d\.jsonl:2: field 'text' must be a string"):
+        build_dataset([path], out_dir=str(tmp_path / "out"))
+
+
+def test_prepare_cli_summary(tmp_path, capsys):
+    src = write_text(tmp_path / "c.txt", "Hello there.\n" * 50)
+    assert prepare.main([src, f"--out_dir={tmp_path / 'out'}"]) == 0
+    out = capsys.readouterr().out
+    assert "plain text: 1 document(s)" in out and "every token learned" in out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading it back: windows start anywhere
+
+
+def test_text_windows_start_anywhere(tmp_path):
+    text = "".join(f"w{i} " for i in range(3000))
+    out = str(tmp_path / "out")
+    build_dataset([write_text(tmp_path / "c.txt", text)], out_dir=out)
+    data, meta = load_dataset(out)
+    train = data["train"]
+    assert train.kind == "text" and meta["kind"] == "text"
+    x, y, m = train.get_batch(64, 16, torch.Generator().manual_seed(0))
+    ids = np.asarray(train.ids, dtype=np.int64)
+    starts = set()
+    for row in range(64):
+        hits = [s for s in range(len(ids) - 16) if (ids[s:s + 16] == x[row].numpy()).all()]
+        assert hits and (ids[hits[0] + 1:hits[0] + 17] == y[row].numpy()).all()
+        starts.add(hits[0])
+    assert len(starts) > 50 and m.all()  # many different starts, all learned
+    assert train.first_prompt() == ids[:8].tolist()
+
+
+def test_chat_datasets_keep_turn_starts(tiny_dataset):
+    data, meta = load_dataset(tiny_dataset)
+    assert meta["kind"] == "chat" and data["train"].kind == "chat"
+    x, _, _ = data["train"].get_batch(32, 16, torch.Generator().manual_seed(0))
+    starts = set(np.asarray(data["train"].starts).tolist())
+    ids = np.asarray(data["train"].ids, dtype=np.int64)
+    for row in x.numpy():
+        assert any((ids[s:s + 16] == row[:len(ids[s:s + 16])]).all() for s in starts)
+
+
+@pytest.mark.skipif(not os.path.isfile(SHAKESPEARE), reason="shared tinyshakespeare not present")
+def test_real_shakespeare(tmp_path):
+    out = str(tmp_path / "out")
+    meta = build_dataset([SHAKESPEARE], out_dir=out)
+    with open(SHAKESPEARE, encoding="utf-8") as f:
+        want = enc().encode_ordinary(f.read()) + [EOT]
+    assert read_split(out, "train")["ids"].tolist() + read_split(out, "val")["ids"].tolist() == want
+    assert read_meta(out)["tokens"]["val"] == round(len(want) * 0.1) and meta["kind"] == "text"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training on it
+
+
+@pytest.fixture(scope="module")
+def text_dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("text")
+    src = root / "corpus.txt"
+    src.write_text("".join(f"To be or not to be, line {i}.\n" for i in range(400)), encoding="utf-8")
+    build_dataset([str(src)], out_dir=str(root / "data"))
+    return str(root / "data")
+
+
+def test_train_and_evaluate_on_text(tmp_path, text_dataset):
+    from chat_gpt2.evaluation import val_loss
+    from helpers import checkpoints, load_ckpt, tiny_train_args, train_inprocess
+    out = str(tmp_path / "out")
+    log = train_inprocess(tiny_train_args(text_dataset, out, sample_max_tokens=4))
+    assert "sample: " in log and "val loss" in log
+    ckpt = load_ckpt(os.path.join(out, checkpoints(out)[0]))
+    assert ckpt["default_stop"] is None
+    from chat_gpt2.checkpoint import model_from_checkpoint
+    loss, n = val_loss(model_from_checkpoint(ckpt).eval(), text_dataset, 4, "cpu", "float32")
+    assert n == read_meta(text_dataset)["tokens"]["val"] - 1 and np.isfinite(loss)
