@@ -228,3 +228,73 @@ def test_train_and_evaluate_on_text(tmp_path, text_dataset):
     from chat_gpt2.checkpoint import model_from_checkpoint
     loss, n = val_loss(model_from_checkpoint(ckpt).eval(), text_dataset, 4, "cpu", "float32")
     assert n == read_meta(text_dataset)["tokens"]["val"] - 1 and np.isfinite(loss)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The two-stage recipe: pretrain on text, then a new run on chat data from that checkpoint
+
+SHAPE_FLAGS = ("--n_layer=", "--n_head=", "--n_embd=")
+
+
+def finetune_args(dataset, out_dir, init_from, **overrides):
+    from helpers import tiny_train_args
+    args = tiny_train_args(dataset, out_dir, init_from=init_from, **overrides)
+    return [a for a in args if not a.startswith(SHAPE_FLAGS)]  # the shape comes from the checkpoint
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, text_dataset):
+    from helpers import tiny_train_args, train_inprocess
+    out = str(tmp_path_factory.mktemp("pre") / "out")
+    train_inprocess(tiny_train_args(text_dataset, out, n_layer=1, n_head=2, n_embd=16, block_size=48))
+    return out
+
+
+def _weights(path):
+    from helpers import load_ckpt
+    return load_ckpt(path)["model"]
+
+
+@pytest.mark.parametrize("by", ["folder", "file"])
+def test_finetune_starts_a_new_run_from_our_checkpoint(tmp_path, tiny_dataset, pretrained, by):
+    from helpers import checkpoints, load_ckpt, train_inprocess
+    best = os.path.join(pretrained, [n for n in checkpoints(pretrained) if not n.endswith("_last.pt")][0])
+    out = str(tmp_path / "ft")
+    log = train_inprocess(finetune_args(tiny_dataset, out, pretrained if by == "folder" else best,
+                                        learning_rate=0, min_lr=0, block_size=32, dropout=0.2, max_iters=3))
+    assert "starting a new run (fresh optimizer, iter 0) from " + best in log
+    assert "eval iter 0:" in log  # iter 0, not the pretraining run's iter
+    names = checkpoints(out)
+    ckpt = load_ckpt(os.path.join(out, [n for n in names if n.endswith("_last.pt")][0]))
+    assert ckpt["iter_num"] == 3 and ckpt["model_args"]["n_embd"] == 16 and ckpt["model_args"]["block_size"] == 32
+    assert ckpt["model_args"]["dropout"] == 0.2 and ckpt["config"]["n_layer"] == 1
+    assert ckpt["default_stop"] == "\n" and ckpt["template"] == chat.TEMPLATE  # the chat data's, not the text's
+    before = _weights(best)
+    for name, tensor in ckpt["model"].items():  # learning rate 0: the pretrained weights, cropped to block 32
+        want = before[name][:, :, :32, :32] if name.endswith(".attn.bias") else before[name]
+        want = want[:32] if name == "transformer.wpe.weight" else want
+        assert torch.equal(tensor, want), name
+
+
+@pytest.mark.parametrize("flag", ["--n_layer=2", "--n_embd=32", "--bias=False", "--n_head=4"])
+def test_finetune_refuses_a_shape_change(tmp_path, tiny_dataset, pretrained, flag):
+    from chat_gpt2.errors import ConfigError
+    from helpers import train_inprocess
+    with pytest.raises(ConfigError, match=f"{flag[2:].split('=')[0]}=.*the checkpoint has"):
+        train_inprocess(finetune_args(tiny_dataset, str(tmp_path / "ft"), pretrained) + [flag])
+
+
+def test_finetune_accepts_the_same_shape_and_refuses_a_longer_block(tmp_path, tiny_dataset, pretrained):
+    from chat_gpt2.errors import ConfigError
+    from helpers import train_inprocess
+    train_inprocess(finetune_args(tiny_dataset, str(tmp_path / "a"), pretrained, max_iters=1) +
+                    ["--n_layer=1", "--n_embd=16", "--bias=True"])
+    with pytest.raises(ConfigError, match="block_size 64 exceeds the model's 48"):
+        train_inprocess(finetune_args(tiny_dataset, str(tmp_path / "b"), pretrained, block_size=64))
+
+
+def test_init_from_a_missing_checkpoint(tmp_path, tiny_dataset):
+    from chat_gpt2.errors import MissingFileError
+    from helpers import train_inprocess
+    with pytest.raises(MissingFileError, match="nope.pt"):
+        train_inprocess(finetune_args(tiny_dataset, str(tmp_path / "a"), str(tmp_path / "nope.pt")))
