@@ -298,3 +298,101 @@ def test_init_from_a_missing_checkpoint(tmp_path, tiny_dataset):
     from helpers import train_inprocess
     with pytest.raises(MissingFileError, match="nope.pt"):
         train_inprocess(finetune_args(tiny_dataset, str(tmp_path / "a"), str(tmp_path / "nope.pt")))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling a text model: --raw, --interactive --raw, no default stop
+
+
+class Capture:
+    """Replaces Engine.replies: records each prompt's text and stop strings, streams canned continuations."""
+
+    def __init__(self, replies):
+        self.replies, self.calls = list(replies), []
+
+    def __call__(self, engine, ids, params, num_samples=1, on_text=None, generator=None):
+        self.calls.append((chat.get_encoder().decode(list(ids)), params.stop))
+        reply = self.replies.pop(0)
+        if on_text:
+            on_text(0, reply)
+        return [reply] * num_samples
+
+
+@pytest.fixture
+def capture(monkeypatch):
+    from chat_gpt2.engine import Engine
+
+    def install(replies):
+        fake = Capture(replies)
+        monkeypatch.setattr(Engine, "replies", lambda engine, *a, **kw: fake(engine, *a, **kw))
+        return fake
+    return install
+
+
+def text_checkpoint(tmp_path, default_stop):
+    import gen_helpers
+    return gen_helpers.save_tiny_checkpoint(tmp_path / "tiny.pt", default_stop=default_stop)
+
+
+def test_interactive_raw_continues_the_text(tmp_path, capture):
+    import io
+
+    import sample
+    from chat_gpt2.checkpoint import load_model
+    from chat_gpt2.engine import Engine
+    fake = capture([" but soft!", " what light"])
+    model, ckpt = load_model(ckpt=text_checkpoint(tmp_path, "\n"))  # even a chat checkpoint's stop is not used
+    lines = iter(["ROMEO:", "/set temperature=0.5", "JULIET:"])
+
+    def read(prompt):
+        item = next(lines, None)
+        if item is None:
+            raise EOFError
+        return item
+    out = io.StringIO()
+    sample.chat_loop(Engine(model), ckpt, {**sample.DEFAULTS, "raw": True}, read, out)
+    assert fake.calls == [("ROMEO:", ()), ("ROMEO: but soft!\nJULIET:", ())]
+    assert out.getvalue().startswith("text: each line continues the text")
+    assert " but soft!\n" in out.getvalue() and "Human:" not in out.getvalue()
+
+
+def test_interactive_raw_keeps_the_newest_text(tmp_path, capture):
+    import io
+
+    import sample
+    from chat_gpt2.checkpoint import load_model
+    from chat_gpt2.engine import Engine
+    fake = capture(["x"] * 3)
+    model, ckpt = load_model(ckpt=text_checkpoint(tmp_path, None))
+    lines = iter(["word " * 100, "last line"])
+
+    def read(prompt):
+        item = next(lines, None)
+        if item is None:
+            raise EOFError
+        return item
+    sample.chat_loop(Engine(model), ckpt, {**sample.DEFAULTS, "raw": True, "max_new_tokens": 8}, read, io.StringIO())
+    assert fake.calls[-1][0].endswith("word wordx\nlast line")  # typed lines are stripped
+    assert len(chat.get_encoder().encode_ordinary(fake.calls[-1][0])) == 64 - 8  # block_size - room for the reply
+
+
+@pytest.mark.parametrize("raw, default_stop, want", [
+    (True, "\n", ()),  # --raw: no stop string
+    (False, None, ()),  # a text-data checkpoint: no default stop even with the template
+    (False, "\n", ("\n",)),
+])
+def test_sample_default_stop(tmp_path, capture, raw, default_stop, want):
+    import sample
+    fake = capture(["continued"])
+    sample.main([f"--ckpt={text_checkpoint(tmp_path, default_stop)}", "--prompt=Once upon", f"--raw={raw}",
+                 "--device=cpu"])
+    prompt, stop = fake.calls[0]
+    assert stop == want
+    assert (prompt == "Once upon") == raw
+
+
+def test_raw_with_system_is_refused(tmp_path):
+    import sample
+    from chat_gpt2.errors import ConfigError
+    with pytest.raises(ConfigError, match="--system"):
+        sample.main([f"--ckpt={text_checkpoint(tmp_path, None)}", "--prompt=x", "--raw=True", "--system=Be nice."])
