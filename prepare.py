@@ -53,10 +53,13 @@ def main(argv=None):
     parser.add_argument("--val_fraction", type=float, default=0.1)
     parser.add_argument("--val_file", default=None, help="take val from this file instead of splitting")
     parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--template", default="human_assistant",
+                        help="human_assistant (default), alpaca, chatml, or a JSON file with the same fields")
     parser.add_argument("--skip_invalid", action="store_true", help="skip bad records (counted) instead of failing")
     args = parser.parse_args(argv)
     try:
-        meta = build_dataset(args.inputs, args.out_dir, args.val_fraction, args.val_file, args.seed, args.skip_invalid)
+        meta = build_dataset(args.inputs, args.out_dir, args.val_fraction, args.val_file, args.seed, args.skip_invalid,
+                             args.template)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         if isinstance(e, RecordError):

@@ -94,7 +94,7 @@ def tokenize_inputs(paths, writer, skip_invalid, stats, progress):
             for ids in chat.get_encoder().encode_ordinary_batch(batch):
                 writer.add(ids + [chat.EOT], np.ones(len(ids) + 1, dtype=np.uint8), [0])
         else:
-            for ids, mask, turns in chat.render_conversations(batch):
+            for ids, mask, turns in chat.render_conversations(batch, stats["template"]):
                 writer.add(ids, mask, turns)
         batch.clear()
         progress.update(len(writer.convs), writer.n_tokens)
@@ -129,7 +129,7 @@ def usable_records(path, hasher, skip_invalid, stats):
             if is_document(record):
                 yield where, "text", document_text(record, where)
                 continue
-            messages = to_messages(record, where)
+            messages = to_messages(record, where, stats["template"])
         except StopIteration:
             return
         except RecordError as e:
@@ -212,14 +212,20 @@ def summarize(writers, stats):
     }
 
 
-def build_dataset(inputs, out_dir="data/chat", val_fraction=0.1, val_file=None, seed=1337, skip_invalid=False):
-    """Build the dataset in a folder of its own inside out_dir, then make it the dataset (publish). Returns meta."""
+def build_dataset(inputs, out_dir="data/chat", val_fraction=0.1, val_file=None, seed=1337, skip_invalid=False,
+                  template="human_assistant"):
+    """Build the dataset in a folder of its own inside out_dir, then make it the dataset (publish). Returns meta.
+    template: a built-in template's name, a JSON template file, or a template dict (see chat.load_template)."""
     if not 0 < val_fraction < 1 and val_file is None:
         raise InputError(f"--val_fraction must be between 0 and 1, got {val_fraction}")
+    if isinstance(template, dict):
+        chat.check_template(template, "template")
+    else:
+        template = chat.load_template(template)
     clean_out_dir(out_dir)
     tmp = make_temp_dir(out_dir, BUILD_PREFIX)
     try:
-        meta = _build(tmp, inputs, val_fraction, val_file, seed, skip_invalid)
+        meta = _build(tmp, inputs, val_fraction, val_file, seed, skip_invalid, template)
         publish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -227,9 +233,10 @@ def build_dataset(inputs, out_dir="data/chat", val_fraction=0.1, val_file=None, 
     return meta
 
 
-def _build(tmp, inputs, val_fraction, val_file, seed, skip_invalid):
+def _build(tmp, inputs, val_fraction, val_file, seed, skip_invalid, template):
     """Write every file of the dataset into the folder tmp. Returns meta."""
-    stats, progress = {"skipped": Counter(), "multiline_replies": False, "kind": None}, Progress()
+    stats = {"skipped": Counter(), "multiline_replies": False, "kind": None, "template": template}
+    progress = Progress()
     writers = {s: TokenWriter(tmp, s) for s in SPLITS}
     if val_file is None:
         stream = TokenWriter(tmp, "all")
@@ -249,8 +256,8 @@ def _build(tmp, inputs, val_fraction, val_file, seed, skip_invalid):
     text = stats["kind"] == "text"
     n_docs = len(stream.convs) if val_file is None else len(writers["train"].convs) + len(writers["val"].convs)
     meta = {"kind": stats["kind"], **({"documents": n_docs} if text else {}), "tokenizer": chat.TOKENIZER, "vocab_size": chat.VOCAB_SIZE,
-            "template": chat.TEMPLATE, "multiline_replies": stats["multiline_replies"],
-            "default_stop": None if text else chat.default_stop(stats["multiline_replies"]),  # text: no stop
+            "template": template, "multiline_replies": stats["multiline_replies"],
+            "default_stop": None if text else chat.default_stop(stats["multiline_replies"], template),  # text: none
             **summarize(writers, stats), "sources": hashes, "seed": seed,
             "val_fraction": None if val_file else val_fraction}
     for name in os.listdir(tmp):

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 
+from . import chat
 from .errors import InputError, RecordError
 
 MAX_RECORD_BYTES = 64 * 2 ** 20  # one record (a .jsonl line, a .json array element) larger than this is refused
@@ -266,8 +267,9 @@ def _turns(turns, where, list_key, role_key, content_key):
     return messages
 
 
-def to_messages(record, where):
-    """Recognise a record's schema by its keys and normalise it to a list of messages."""
+def to_messages(record, where, template=chat.TEMPLATE):
+    """Recognise a record's schema by its keys and normalise it to a list of messages. template["input"] says how
+    an instruction record's input joins its instruction (so a renderer that sees only messages renders it too)."""
     if not isinstance(record, dict):
         raise RecordError(where, f"a record must be a JSON object, got {type(record).__name__}", "wrong type")
     if "messages" in record:
@@ -285,7 +287,7 @@ def to_messages(record, where):
         if not isinstance(extra, str):
             raise RecordError(where, f"field 'input' must be a string, got {type(extra).__name__}", "wrong type")
         if extra.strip():
-            user = f"{user.strip()}\n{extra.strip()}"
+            user = user.strip() + chat.fill(template.get("input", chat.TEMPLATE["input"]), extra.strip())
         return [{"role": "user", "content": user},
                 {"role": "assistant", "content": _text(record, "output", where)}]
     raise RecordError(where, f"unrecognised schema, keys seen: {sorted(record)}; expected one of user/assistant, "
@@ -293,9 +295,9 @@ def to_messages(record, where):
                       "unknown schema")
 
 
-def read_conversations(path, hasher=None):
+def read_conversations(path, hasher=None, template=chat.TEMPLATE):
     """Yield (where, messages) for every record of path; a bad record raises RecordError."""
     for where, record in iter_records(path, hasher or hashlib.sha256()):
         if isinstance(record, RecordError):
             raise record
-        yield where, to_messages(record, where)
+        yield where, to_messages(record, where, template)
