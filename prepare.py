@@ -4,10 +4,12 @@
     python prepare.py path/to/input.txt --out_dir=data/shakespeare      # plain text (see docs/data.md)
 
 Each INPUT is a .jsonl file (one record per line) or a .json file holding an array of records, in any of these
-schemas (recognised per record by its keys; extra keys such as "id" are ignored):
-    {"user", "assistant"}                      {"messages": [{"role", "content"}, ...]}
-    {"instruction", "input", "output"}         {"conversations": [{"from", "value"}, ...]}
+schemas (recognised per record by its keys; metadata keys such as "id" are ignored, see docs/data.md):
+    {"user", "assistant"}                      {"messages": [{"role", "content"}, ...], optional "system"}
+    {"instruction", "input", "output"}         {"conversations": [{"from", "value"}, ...], optional "system"}
     {"prompt", "completion"}                   {"question", "answer"}
+    OpenAssistant trees {"message_tree_id", "prompt": {"role": "prompter", "text", "replies": [...]}}
+The conversation is rendered with --template (human_assistant, alpaca, chatml, or a JSON file; docs/data.md).
 Plain text instead (every token learned, documents closed by <|endoftext|>): .txt files (one document each) or
 records {"text": ...}; text and chat inputs cannot be mixed in one dataset.
 
@@ -55,11 +57,13 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--template", default="human_assistant",
                         help="human_assistant (default), alpaca, chatml, or a JSON file with the same fields")
+    parser.add_argument("--oasst_paths", default="best", choices=("best", "all"),
+                        help="OpenAssistant trees: the best-ranked branch, or every path ending on a reply")
     parser.add_argument("--skip_invalid", action="store_true", help="skip bad records (counted) instead of failing")
     args = parser.parse_args(argv)
     try:
         meta = build_dataset(args.inputs, args.out_dir, args.val_fraction, args.val_file, args.seed, args.skip_invalid,
-                             args.template)
+                             args.template, args.oasst_paths)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         if isinstance(e, RecordError):

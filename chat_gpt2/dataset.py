@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from . import chat
-from .errors import InputError, MissingFileError, RecordError
+from .errors import ConfigError, InputError, MissingFileError, RecordError
 from .files import make_temp_dir, remove_dead_leftovers, temp_name
-from .records import document_text, is_document, iter_records, iter_text, to_messages
+from .records import PREFERENCE_KEYS, document_text, is_document, iter_records, iter_text, to_conversations
 
 SPLITS = ("train", "val")
 SPLIT_FILES = (".bin", "_mask.bin", "_turns.npy", "_convs.npy")  # per split: train.bin, train_mask.bin, ...
@@ -129,7 +129,7 @@ def usable_records(path, hasher, skip_invalid, stats):
             if is_document(record):
                 yield where, "text", document_text(record, where)
                 continue
-            messages = to_messages(record, where, stats["template"])
+            found = to_conversations(record, where, stats["template"], stats["oasst_paths"])
         except StopIteration:
             return
         except RecordError as e:
@@ -137,8 +137,14 @@ def usable_records(path, hasher, skip_invalid, stats):
                 raise
             stats["skipped"][e.reason] += 1
             continue
-        stats["multiline_replies"] |= any("\n" in m["content"].strip() for m in messages if m["role"] == "assistant")
-        yield where, "chat", messages
+        if PREFERENCE_KEYS & record.keys() and not stats["warned_preference"]:
+            stats["warned_preference"] = True  # once: a preference file would repeat it for every record
+            print(f"warning: {where}: preference data: 'chosen' / 'rejected' are ignored here (and in every other "
+                  f"record); the reply learned is 'output' / 'completion'", file=sys.stderr)
+        for messages in found:
+            stats["multiline_replies"] |= any("\n" in m["content"].strip() for m in messages
+                                              if m["role"] == "assistant")
+            yield where, "chat", messages
 
 
 def set_kind(stats, kind, where):
@@ -213,11 +219,14 @@ def summarize(writers, stats):
 
 
 def build_dataset(inputs, out_dir="data/chat", val_fraction=0.1, val_file=None, seed=1337, skip_invalid=False,
-                  template="human_assistant"):
+                  template="human_assistant", oasst_paths="best"):
     """Build the dataset in a folder of its own inside out_dir, then make it the dataset (publish). Returns meta.
-    template: a built-in template's name, a JSON template file, or a template dict (see chat.load_template)."""
+    template: a built-in template's name, a JSON template file, or a template dict (see chat.load_template).
+    oasst_paths: "best" (an OpenAssistant tree's best-ranked branch) or "all" (every path ending on a reply)."""
     if not 0 < val_fraction < 1 and val_file is None:
         raise InputError(f"--val_fraction must be between 0 and 1, got {val_fraction}")
+    if oasst_paths not in ("best", "all"):
+        raise ConfigError(f"--oasst_paths must be best or all, got {oasst_paths!r}")
     if isinstance(template, dict):
         chat.check_template(template, "template")
     else:
@@ -225,7 +234,8 @@ def build_dataset(inputs, out_dir="data/chat", val_fraction=0.1, val_file=None, 
     clean_out_dir(out_dir)
     tmp = make_temp_dir(out_dir, BUILD_PREFIX)
     try:
-        meta = _build(tmp, inputs, val_fraction, val_file, seed, skip_invalid, template)
+        meta = _build(tmp, inputs, val_fraction, val_file, seed, skip_invalid,
+                      {"template": template, "oasst_paths": oasst_paths})
         publish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -233,9 +243,10 @@ def build_dataset(inputs, out_dir="data/chat", val_fraction=0.1, val_file=None, 
     return meta
 
 
-def _build(tmp, inputs, val_fraction, val_file, seed, skip_invalid, template):
-    """Write every file of the dataset into the folder tmp. Returns meta."""
-    stats = {"skipped": Counter(), "multiline_replies": False, "kind": None, "template": template}
+def _build(tmp, inputs, val_fraction, val_file, seed, skip_invalid, options):
+    """Write every file of the dataset into the folder tmp. Returns meta. options: template, oasst_paths."""
+    template = options["template"]
+    stats = {"skipped": Counter(), "multiline_replies": False, "kind": None, "warned_preference": False, **options}
     progress = Progress()
     writers = {s: TokenWriter(tmp, s) for s in SPLITS}
     if val_file is None:

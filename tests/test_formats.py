@@ -1,0 +1,201 @@
+"""Record formats: a top-level system, OpenAssistant trees, content keys that are not understood, metadata keys,
+preference data."""
+import os
+
+import pytest
+
+import prepare
+from chat_gpt2.dataset import build_dataset
+from chat_gpt2.errors import RecordError
+from chat_gpt2.records import to_conversations, to_messages
+from helpers import SHARED_DATA, all_texts, write_records
+
+W = "d.jsonl:1"
+
+
+def msgs(*pairs):
+    return [{"role": r, "content": c} for r, c in pairs]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A top-level system beside messages / conversations
+
+
+@pytest.mark.parametrize("record", [
+    {"system": "Be brief.", "messages": msgs(("user", "Hi"), ("assistant", "Hello"))},
+    {"system": "Be brief.", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+])
+def test_top_level_system_becomes_the_system_message(record):
+    assert to_messages(record, W) == msgs(("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello"))
+
+
+def test_empty_top_level_system_is_none():
+    record = {"system": " ", "messages": msgs(("user", "Hi"), ("assistant", "Hello"))}
+    assert to_messages(record, W) == msgs(("user", "Hi"), ("assistant", "Hello"))
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"system": "A", "messages": msgs(("system", "B"), ("user", "Hi"), ("assistant", "Hello"))},
+     "d.jsonl:1: field 'system' and a system message in 'messages[0]'"),
+    ({"system": 3, "messages": msgs(("user", "Hi"), ("assistant", "Hello"))},
+     "d.jsonl:1: field 'system' must be a string"),
+])
+def test_bad_top_level_system(record, message):
+    with pytest.raises(RecordError) as e:
+        to_messages(record, W)
+    assert str(e.value).startswith(message)
+
+
+def test_top_level_system_rendered_by_prepare(tmp_path):
+    records = [{"system": "Be brief.", "messages": msgs(("user", f"Q{i}"), ("assistant", f"A{i}"))} for i in range(3)]
+    out = str(tmp_path / "out")
+    build_dataset([write_records(tmp_path / "d.jsonl", records)], out)
+    assert "System: Be brief.\nHuman: Q0\nAssistant: A0\n\n<|endoftext|>" in all_texts(out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# OpenAssistant trees
+
+
+def node(role, text, rank=None, replies=(), **extra):
+    n = {"role": role, "text": text, "replies": list(replies), "message_id": f"id-{text}", "lang": "en", **extra}
+    if rank is not None:
+        n["rank"] = rank
+    return n
+
+
+TREE = {"message_tree_id": "t1", "tree_state": "ready_for_export", "prompt": node("prompter", "Q", replies=[
+    node("assistant", "A-second", rank=1),
+    node("assistant", "A-deleted", rank=0, deleted=True, replies=[node("prompter", "never")]),
+    node("assistant", "A-unranked"),
+    node("assistant", "A-best", rank=0, replies=[
+        node("prompter", "Q2", rank=1, replies=[node("assistant", "A3")]),
+        node("prompter", "Q2-best", rank=0, replies=[node("assistant", "A2-unranked"), node("assistant", "A2-best",
+                                                                                            rank=0)]),
+        node("prompter", "Q2-unanswered", rank=2),
+    ]),
+])}
+
+
+def texts(conversations):
+    return [[m["content"] for m in c] for c in conversations]
+
+
+def test_oasst_best_branch():
+    (conv,) = to_conversations(TREE, W)
+    assert conv == msgs(("user", "Q"), ("assistant", "A-best"), ("user", "Q2-best"), ("assistant", "A2-best"))
+
+
+def test_oasst_all_paths_ending_on_a_reply():
+    assert texts(to_conversations(TREE, W, oasst_paths="all")) == [
+        ["Q", "A-best", "Q2-best", "A2-best"], ["Q", "A-best", "Q2-best", "A2-unranked"], ["Q", "A-best", "Q2", "A3"],
+        ["Q", "A-second"], ["Q", "A-unranked"]]
+
+
+def test_oasst_best_branch_ending_on_a_question_is_cut_back():
+    tree = {"message_tree_id": "t", "prompt": node("prompter", "Q", replies=[
+        node("assistant", "A", rank=0, replies=[node("prompter", "Q2")])])}
+    assert texts(to_conversations(tree, W)) == [["Q", "A"]]
+    with pytest.raises(RecordError, match="no assistant reply"):  # "all": the only leaf is a question
+        to_conversations(tree, W, oasst_paths="all")
+
+
+@pytest.mark.parametrize("tree, message", [
+    ({"message_tree_id": "t", "prompt": node("prompter", "Q")}, "d.jsonl:1: the OpenAssistant tree has no assistant"),
+    ({"message_tree_id": "t", "prompt": "Q"}, "d.jsonl:1: field 'prompt' must be an object"),
+    ({"message_tree_id": "t", "prompt": node("assistant", "Q")}, "d.jsonl:1: field 'prompt.role' is 'assistant'"),
+    ({"message_tree_id": "t", "prompt": node("prompter", "Q", replies=[node("prompter", "again")])},
+     "d.jsonl:1: field 'prompt.replies[0].role' is 'prompter' where 'assistant'"),
+    ({"message_tree_id": "t", "prompt": node("prompter", "Q", replies=[node("assistant", "A", rank="1")])},
+     "d.jsonl:1: field 'prompt.replies[0].rank' must be a number"),
+    ({"message_tree_id": "t", "prompt": node("prompter", "Q", replies=[node("assistant", "")])},
+     "d.jsonl:1: field 'prompt.replies[0].text' is empty"),
+    ({"message_tree_id": "t", "prompt": {**node("prompter", "Q"), "replies": {}}},
+     "d.jsonl:1: field 'prompt.replies' must be a list"),
+    ({"message_tree_id": "t", "prompt": node("prompter", "Q"), "system": "x"},
+     "d.jsonl:1: field 'system' is not understood"),
+])
+def test_bad_oasst_tree(tree, message):
+    with pytest.raises(RecordError) as e:
+        to_conversations(tree, W, oasst_paths="all")
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_oasst_deep_tree_does_not_overflow():
+    chain = node("assistant", "last")  # m0 (prompter) -> m1 (assistant) -> ... -> last: 3,000 levels
+    for i in range(2998, -1, -1):
+        chain = node("prompter" if i % 2 == 0 else "assistant", f"m{i}", replies=[chain])
+    (conv,) = to_conversations({"message_tree_id": "t", "prompt": chain}, W)
+    assert len(conv) == 3000 and conv[-1]["content"] == "last"
+
+
+def test_prompter_role_is_user_everywhere():
+    record = {"messages": [{"role": "prompter", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    assert to_messages(record, W)[0]["role"] == "user"
+
+
+def test_prepare_oasst_paths(tmp_path, capsys):
+    src = write_records(tmp_path / "trees.jsonl", [TREE, TREE])
+    for paths, n in (("best", 2), ("all", 10)):
+        out = tmp_path / paths
+        assert prepare.main([src, f"--out_dir={out}", f"--oasst_paths={paths}"]) == 0
+        assert len(all_texts(out)) == n
+    assert "Human: Q\nAssistant: A-best\n\nHuman: Q2-best\nAssistant: A2-best\n\n<|endoftext|>" in all_texts(
+        tmp_path / "best")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Content keys not understood; metadata keys ignored
+
+
+@pytest.mark.parametrize("record, key", [
+    ({"prompt": "p", "completion": "c", "system": "s"}, "system"),
+    ({"user": "u", "assistant": "a", "context": "c"}, "context"),
+    ({"question": "q", "answer": "a", "input": "i"}, "input"),
+    ({"instruction": "i", "output": "o", "response": "r"}, "response"),
+    ({"messages": msgs(("user", "u"), ("assistant", "a")), "conversations": []}, "conversations"),
+    ({"messages": msgs(("user", "u"), ("assistant", "a")), "chosen": "x"}, "chosen"),
+    ({"user": "u", "assistant": "a", "chosen": "x"}, "chosen"),
+    ({"text": "t", "system": "s"}, "system"),
+])
+def test_content_key_not_understood_is_named(record, key):
+    with pytest.raises(RecordError) as e:
+        to_conversations(record, W)
+    assert str(e.value).startswith(f"d.jsonl:1: field '{key}' is not understood") and e.value.reason == "unknown field"
+
+
+def test_metadata_keys_are_ignored(tmp_path):
+    meta = {"id": 1, "source": "web", "category": "qa", "lang": "en", "metadata": {"x": 1}, "split": "train"}
+    assert to_messages({"prompt": "p", "completion": "c", **meta}, W) == msgs(("user", "p"), ("assistant", "c"))
+    out = str(tmp_path / "out")
+    build_dataset([write_records(tmp_path / "t.jsonl", [{"text": "doc one", **meta}, {"text": "doc two", **meta}])],
+                  out)
+    assert sorted(all_texts(out)) == ["doc one<|endoftext|>", "doc two<|endoftext|>"]
+
+
+def test_unknown_field_is_skippable(tmp_path):
+    records = [{"prompt": "p", "completion": "c"}] * 3 + [{"prompt": "p", "completion": "c", "system": "s"}]
+    meta = build_dataset([write_records(tmp_path / "d.jsonl", records)], str(tmp_path / "out"), skip_invalid=True)
+    assert meta["skipped"] == {"unknown field": 1}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Preference data: trained on instruction/output (prompt/completion), one warning
+
+
+def test_preference_data_warns_once(tmp_path, capsys):
+    records = [{"instruction": f"Say {i}.", "input": "", "output": f"{i}", "chosen": f"{i}!", "rejected": "no"}
+               for i in range(5)] + [{"prompt": "p", "completion": "c", "chosen": "c", "rejected": "r"}]
+    out = str(tmp_path / "out")
+    build_dataset([write_records(tmp_path / "d.jsonl", records)], out)
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "d.jsonl:1: preference data: 'chosen' / 'rejected' are ignored" in err
+    assert "Human: Say 3.\nAssistant: 3\n\n<|endoftext|>" in all_texts(out)
+
+
+def test_real_preference_file(tmp_path, capsys):
+    path = os.path.join(SHARED_DATA, "dpo-preference-rasbt", "instruction-data-with-preference.json")
+    if not os.path.isfile(path):
+        pytest.skip("shared preference data not present")
+    meta = build_dataset([path], str(tmp_path / "out"))
+    assert capsys.readouterr().err.count("warning:") == 1 and meta["skipped"] == {}
