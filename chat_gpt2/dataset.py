@@ -38,6 +38,7 @@ BUILD_PREFIX = ".prepare-"
 BLOCK_SIZES = (128, 256, 512, 1024)
 BATCH = 512  # conversations tokenised per call of tiktoken's threaded batch encoder
 COPY_TOKENS = 1 << 24  # tokens copied at a time when a single document is split by position
+SCAN_TOKENS = 1 << 24  # tokens of the mask summed at a time when finding windows with something to learn
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -333,7 +334,7 @@ class ChatData:
     questions to keep: its windows start anywhere, as in nanoGPT."""
 
     def __init__(self, folder, split, expected_tokens, kind="chat"):
-        self.kind = kind
+        self.kind, self._useful = kind, {}
         path = os.path.join(folder, f"{split}.bin")
         self.ids = _read(path, np.uint16)
         self.mask = _read(os.path.join(folder, f"{split}_mask.bin"), np.uint8)
@@ -347,7 +348,8 @@ class ChatData:
         if self.kind == "text":
             starts = torch.randint(max(1, len(self.ids) - block_size), (batch_size,), generator=generator).numpy()
         else:
-            starts = self.starts[torch.randint(len(self.starts), (batch_size,), generator=generator).numpy()]
+            starts = self.useful_starts(block_size)
+            starts = starts[torch.randint(len(starts), (batch_size,), generator=generator).numpy()]
         x = np.full((batch_size, block_size), chat.EOT, dtype=np.int64)
         y = np.full((batch_size, block_size), -1, dtype=np.int64)
         m = np.zeros((batch_size, block_size), dtype=np.float32)
@@ -358,6 +360,22 @@ class ChatData:
             y[row, :n] = window[1:]
             m[row, :n] = self.mask[start + 1:start + n + 1]
         return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(m)
+
+    def useful_starts(self, block_size):
+        """The turn starts whose window has a learned token among its block_size targets: a window of a long
+        conversation whose reply lies beyond it would train nothing (all of them when none has one)."""
+        if block_size not in self._useful:
+            keep = np.zeros(len(self.starts), dtype=bool)
+            for a in range(0, len(self.ids), SCAN_TOKENS):  # in pieces: a cumulative sum of the whole mask is large
+                lo, hi = np.searchsorted(self.starts, [a, a + SCAN_TOKENS])
+                if lo == hi:
+                    continue
+                learned = np.concatenate([[0], np.cumsum(self.mask[a + 1:a + SCAN_TOKENS + block_size + 1],
+                                                         dtype=np.int64)])
+                s = np.asarray(self.starts[lo:hi]) - a
+                keep[lo:hi] = learned[np.minimum(s + block_size, len(learned) - 1)] > learned[s]
+            self._useful[block_size] = self.starts[keep] if keep.any() else self.starts
+        return self._useful[block_size]
 
     def first_prompt(self):
         """Token ids of the first val conversation up to where its first reply starts (for sample replies)."""

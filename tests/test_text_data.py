@@ -396,3 +396,27 @@ def test_raw_with_system_is_refused(tmp_path):
     from chat_gpt2.errors import ConfigError
     with pytest.raises(ConfigError, match="--system"):
         sample.main([f"--ckpt={text_checkpoint(tmp_path, None)}", "--prompt=x", "--raw=True", "--system=Be nice."])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Chat windows with nothing to learn are never drawn
+
+
+def test_windows_that_cannot_reach_a_reply_are_skipped(tmp_path):
+    long_question = " ".join(["word"] * 60)
+    records = [{"messages": msgs} for msgs in (
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+         {"role": "user", "content": long_question}, {"role": "assistant", "content": "Short."}],
+        [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}],
+    )] * 4
+    out = str(tmp_path / "out")
+    build_dataset([write_records(tmp_path / "d.jsonl", records)], out, val_fraction=0.25)
+    train = load_dataset(out)[0]["train"]
+    mask = np.asarray(train.mask)
+    for block_size in (8, 16, 32, 128):
+        useful = train.useful_starts(block_size)
+        want = [s for s in train.starts if mask[s + 1:s + block_size + 1].any()]
+        assert list(useful) == want
+        x, y, m = train.get_batch(64, block_size, torch.Generator().manual_seed(1))
+        assert (m.sum(1) > 0).all()  # every window has something to learn
+    assert len(train.useful_starts(8)) < len(train.starts) == len(train.useful_starts(128))
