@@ -44,6 +44,20 @@ def print_summary(meta):
           + ", ".join(f"{b}: {n}" for b, n in meta["longer_than_block_size"].items()))
     print(f"share of tokens learned (loss mask = 1): {meta['learned_token_share']:.1%}; "
           f"multi-line replies: {meta['multiline_replies']}")
+    total, too_long = c["train"] + c["val"], meta["longer_than_block_size"]
+    if too_long["128"] * 2 > total:  # train.py's default block_size would cut most conversations
+        fits = [b for b, n in too_long.items() if n * 10 <= total]
+        print(f"note: {too_long['128']:,} of {total:,} conversations are longer than block_size 128 (train.py's "
+              f"default): windows cut them, and a reply beyond the window is not learned; "
+              + (f"train with --block_size={fits[0]} (90% fit)" if fits else "even 1024 cuts more than 10%"))
+
+
+def print_duplicates(meta):
+    d = meta.get("duplicates", {})
+    if d.get("repeats") or d.get("val_in_train"):
+        print(f"duplicates: {d['repeats']:,} exact repeat(s) of an earlier conversation "
+              + ("removed (--dedupe)" if d["removed"] else "kept (--dedupe drops them)")
+              + f"; {d['val_in_train']:,} val conversation(s) also in train")
 
 
 def main(argv=None):
@@ -59,17 +73,19 @@ def main(argv=None):
                         help="human_assistant (default), alpaca, chatml, or a JSON file with the same fields")
     parser.add_argument("--oasst_paths", default="best", choices=("best", "all"),
                         help="OpenAssistant trees: the best-ranked branch, or every path ending on a reply")
+    parser.add_argument("--dedupe", action="store_true", help="drop exact repeats of a conversation (counted)")
     parser.add_argument("--skip_invalid", action="store_true", help="skip bad records (counted) instead of failing")
     args = parser.parse_args(argv)
     try:
         meta = build_dataset(args.inputs, args.out_dir, args.val_fraction, args.val_file, args.seed, args.skip_invalid,
-                             args.template, args.oasst_paths)
+                             args.template, args.oasst_paths, args.dedupe)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         if isinstance(e, RecordError):
             print("(pass --skip_invalid to skip such records; nothing was written)", file=sys.stderr)
         return 1
     print_summary(meta)
+    print_duplicates(meta)
     print(f"wrote {args.out_dir}/{{train,val}}.bin and their masks, offsets and meta.json")
     return 0
 

@@ -93,10 +93,12 @@ def tokenize_inputs(paths, writer, skip_invalid, stats, progress):
     def flush():
         if stats["kind"] == "text":  # every token learned; <|endoftext|> closes each document
             for ids in chat.get_encoder().encode_ordinary_batch(batch):
-                writer.add(ids + [chat.EOT], np.ones(len(ids) + 1, dtype=np.uint8), [0])
+                if first_time(ids + [chat.EOT], stats):
+                    writer.add(ids + [chat.EOT], np.ones(len(ids) + 1, dtype=np.uint8), [0])
         else:
             for ids, mask, turns in chat.render_conversations(batch, stats["template"]):
-                writer.add(ids, mask, turns)
+                if first_time(ids, stats):
+                    writer.add(ids, mask, turns)
         batch.clear()
         progress.update(len(writer.convs), writer.n_tokens)
 
@@ -114,6 +116,33 @@ def tokenize_inputs(paths, writer, skip_invalid, stats, progress):
         hashes[path] = hasher.hexdigest()
     progress.update(len(writer.convs), writer.n_tokens, force=True)
     return hashes
+
+
+def digest(ids):
+    return hashlib.blake2b(np.asarray(ids, dtype=np.uint16).tobytes(), digest_size=16).digest()
+
+
+def first_time(ids, stats):
+    """Counts exact repeats (the same tokens) of an earlier conversation or document; False for a repeat that
+    --dedupe drops. (A .txt document is streamed, not compared.)"""
+    key = digest(ids)
+    if key not in stats["seen"]:
+        stats["seen"].add(key)
+        return True
+    stats["repeats"] += 1
+    return not stats["dedupe"]
+
+
+def val_in_train(folder, writers):
+    """How many val conversations (documents) are exact copies of a train one: a val loss that flatters."""
+    def digests(split):
+        if not writers[split].n_tokens:
+            return []
+        ids = np.memmap(os.path.join(folder, f"{split}.bin"), dtype=np.uint16, mode="r")
+        ends = writers[split].convs[1:] + [writers[split].n_tokens]
+        return [digest(ids[a:b]) for a, b in zip(writers[split].convs, ends)]
+    train = set(digests("train"))
+    return sum(d in train for d in digests("val"))
 
 
 def usable_records(path, hasher, skip_invalid, stats):
@@ -220,10 +249,11 @@ def summarize(writers, stats):
 
 
 def build_dataset(inputs, out_dir="data/chat", val_fraction=0.1, val_file=None, seed=1337, skip_invalid=False,
-                  template="human_assistant", oasst_paths="best"):
+                  template="human_assistant", oasst_paths="best", dedupe=False):
     """Build the dataset in a folder of its own inside out_dir, then make it the dataset (publish). Returns meta.
     template: a built-in template's name, a JSON template file, or a template dict (see chat.load_template).
-    oasst_paths: "best" (an OpenAssistant tree's best-ranked branch) or "all" (every path ending on a reply)."""
+    oasst_paths: "best" (an OpenAssistant tree's best-ranked branch) or "all" (every path ending on a reply).
+    dedupe: drop exact repeats of a conversation (same tokens); they are counted either way."""
     if not 0 < val_fraction < 1 and val_file is None:
         raise InputError(f"--val_fraction must be between 0 and 1, got {val_fraction}")
     if oasst_paths not in ("best", "all"):
@@ -236,7 +266,7 @@ def build_dataset(inputs, out_dir="data/chat", val_fraction=0.1, val_file=None, 
     tmp = make_temp_dir(out_dir, BUILD_PREFIX)
     try:
         meta = _build(tmp, inputs, val_fraction, val_file, seed, skip_invalid,
-                      {"template": template, "oasst_paths": oasst_paths})
+                      {"template": template, "oasst_paths": oasst_paths, "dedupe": dedupe})
         publish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -245,9 +275,10 @@ def build_dataset(inputs, out_dir="data/chat", val_fraction=0.1, val_file=None, 
 
 
 def _build(tmp, inputs, val_fraction, val_file, seed, skip_invalid, options):
-    """Write every file of the dataset into the folder tmp. Returns meta. options: template, oasst_paths."""
+    """Write every file of the dataset into the folder tmp. Returns meta. options: template, oasst_paths, dedupe."""
     template = options["template"]
-    stats = {"skipped": Counter(), "multiline_replies": False, "kind": None, "warned_preference": False, **options}
+    stats = {"skipped": Counter(), "multiline_replies": False, "kind": None, "warned_preference": False,
+             "seen": set(), "repeats": 0, **options}
     progress = Progress()
     writers = {s: TokenWriter(tmp, s) for s in SPLITS}
     if val_file is None:
@@ -267,11 +298,13 @@ def _build(tmp, inputs, val_fraction, val_file, seed, skip_invalid, options):
             raise InputError(f"no usable conversations for the {s} split")
     text = stats["kind"] == "text"
     n_docs = len(stream.convs) if val_file is None else len(writers["train"].convs) + len(writers["val"].convs)
-    meta = {"kind": stats["kind"], **({"documents": n_docs} if text else {}), "tokenizer": chat.TOKENIZER, "vocab_size": chat.VOCAB_SIZE,
-            "template": template, "multiline_replies": stats["multiline_replies"],
+    meta = {"kind": stats["kind"], **({"documents": n_docs} if text else {}), "tokenizer": chat.TOKENIZER,
+            "vocab_size": chat.VOCAB_SIZE, "template": template, "multiline_replies": stats["multiline_replies"],
             "default_stop": None if text else chat.default_stop(stats["multiline_replies"], template),  # text: none
             **summarize(writers, stats), "sources": hashes, "seed": seed,
-            "val_fraction": None if val_file else val_fraction}
+            "val_fraction": None if val_file else val_fraction,
+            "duplicates": {"repeats": stats["repeats"], "removed": stats["repeats"] if stats["dedupe"] else 0,
+                           "val_in_train": val_in_train(tmp, writers)}}
     for name in os.listdir(tmp):
         if name.startswith("all"):  # the tokenised stream before the split
             os.remove(os.path.join(tmp, name))

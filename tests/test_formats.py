@@ -199,3 +199,37 @@ def test_real_preference_file(tmp_path, capsys):
         pytest.skip("shared preference data not present")
     meta = build_dataset([path], str(tmp_path / "out"))
     assert capsys.readouterr().err.count("warning:") == 1 and meta["skipped"] == {}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Repeats (--dedupe) and the block_size advice
+
+
+def test_repeats_are_counted_and_dedupe_drops_them(tmp_path, capsys):
+    records = [{"user": f"Q{i}", "assistant": f"A{i}"} for i in range(10)] + [{"user": "Q0", "assistant": "A0"}] * 9
+    src = write_records(tmp_path / "d.jsonl", records)
+    kept = build_dataset([src], str(tmp_path / "kept"), val_fraction=0.5)
+    assert kept["duplicates"]["repeats"] == 9 and kept["duplicates"]["removed"] == 0
+    assert sum(kept["conversations"].values()) == 19 and kept["duplicates"]["val_in_train"] >= 1
+    assert prepare.main([src, f"--out_dir={tmp_path / 'dedupe'}", "--dedupe", "--val_fraction=0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "duplicates: 9 exact repeat(s) of an earlier conversation removed (--dedupe); 0 val" in out
+    assert sorted(all_texts(tmp_path / "dedupe")) == sorted(set(all_texts(tmp_path / "kept")))
+
+
+def test_dedupe_spans_the_val_file(tmp_path):
+    train = write_records(tmp_path / "t.jsonl", [{"user": f"Q{i}", "assistant": "A"} for i in range(5)])
+    val = write_records(tmp_path / "v.jsonl", [{"user": "Q1", "assistant": "A"}, {"user": "new", "assistant": "A"}])
+    assert build_dataset([train], str(tmp_path / "a"), val_file=val)["duplicates"]["val_in_train"] == 1
+    meta = build_dataset([train], str(tmp_path / "b"), val_file=val, dedupe=True)
+    assert meta["duplicates"] == {"repeats": 1, "removed": 1, "val_in_train": 0}
+    assert meta["conversations"]["val"] == 1
+
+
+def test_summary_advises_a_block_size(tmp_path, capsys):
+    long = " ".join(["word"] * 150)
+    records = [{"user": f"{long} {i}", "assistant": "ok"} for i in range(10)]
+    assert prepare.main([write_records(tmp_path / "d.jsonl", records), f"--out_dir={tmp_path / 'o'}"]) == 0
+    out = capsys.readouterr().out
+    assert "note: 10 of 10 conversations are longer than block_size 128" in out
+    assert "train with --block_size=256 (90% fit)" in out
