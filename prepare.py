@@ -73,12 +73,14 @@ def main(argv=None):
                         help="human_assistant (default), alpaca, chatml, or a JSON file with the same fields")
     parser.add_argument("--oasst_paths", default="best", choices=("best", "all"),
                         help="OpenAssistant trees: the best-ranked branch, or every path ending on a reply")
+    parser.add_argument("--test_fraction", type=float, default=0.0,
+                        help="hold out about this share of the conversations to OUT_DIR/test.jsonl (eval.py --data)")
     parser.add_argument("--dedupe", action="store_true", help="drop exact repeats of a conversation (counted)")
     parser.add_argument("--skip_invalid", action="store_true", help="skip bad records (counted) instead of failing")
     args = parser.parse_args(argv)
     try:
         meta = build_dataset(args.inputs, args.out_dir, args.val_fraction, args.val_file, args.seed, args.skip_invalid,
-                             args.template, args.oasst_paths, args.dedupe)
+                             args.template, args.oasst_paths, args.dedupe, args.test_fraction)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         if isinstance(e, RecordError):
@@ -86,6 +88,9 @@ def main(argv=None):
         return 1
     print_summary(meta)
     print_duplicates(meta)
+    if "test" in meta:
+        print(f"held out {meta['test']['conversations']:,} conversation(s) to {args.out_dir}/test.jsonl "
+              f"(eval.py --data={args.out_dir}/test.jsonl)")
     print(f"wrote {args.out_dir}/{{train,val}}.bin and their masks, offsets and meta.json")
     return 0
 

@@ -33,6 +33,7 @@ from .records import PREFERENCE_KEYS, document_text, is_document, iter_records, 
 SPLITS = ("train", "val")
 SPLIT_FILES = (".bin", "_mask.bin", "_turns.npy", "_convs.npy")  # per split: train.bin, train_mask.bin, ...
 DATASET_FILES = tuple(f"{s}{suffix}" for s in SPLITS for suffix in SPLIT_FILES) + ("meta.json",)
+OPTIONAL_FILES = ("test.jsonl",)  # held-out conversations (--test_fraction), for eval.py --data
 CURRENT = ".dataset"  # symlink to the build folder the names point into
 BUILD_PREFIX = ".prepare-"
 BLOCK_SIZES = (128, 256, 512, 1024)
@@ -109,6 +110,8 @@ def tokenize_inputs(paths, writer, skip_invalid, stats, progress):
             tokenize_text_file(path, hasher, writer, progress)
         for where, kind, content in usable_records(path, hasher, skip_invalid, stats):
             set_kind(stats, kind, where)
+            if held_out(content, stats):
+                continue
             batch.append(content)
             if len(batch) >= BATCH:
                 flush()
@@ -116,6 +119,16 @@ def tokenize_inputs(paths, writer, skip_invalid, stats, progress):
         hashes[path] = hasher.hexdigest()
     progress.update(len(writer.convs), writer.n_tokens, force=True)
     return hashes
+
+
+def held_out(messages, stats):
+    """--test_fraction: about that share of the conversations (a seeded draw per conversation, in input order) go
+    to test.jsonl as {"messages"} records instead of the dataset."""
+    if stats.get("test") is None or stats["test_rng"].random() >= stats["test_fraction"]:
+        return False
+    stats["test"].write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
+    stats["n_test"] += 1
+    return True
 
 
 def digest(ids):
@@ -249,11 +262,14 @@ def summarize(writers, stats):
 
 
 def build_dataset(inputs, out_dir="data/chat", val_fraction=0.1, val_file=None, seed=1337, skip_invalid=False,
-                  template="human_assistant", oasst_paths="best", dedupe=False):
+                  template="human_assistant", oasst_paths="best", dedupe=False, test_fraction=0.0):
     """Build the dataset in a folder of its own inside out_dir, then make it the dataset (publish). Returns meta.
     template: a built-in template's name, a JSON template file, or a template dict (see chat.load_template).
     oasst_paths: "best" (an OpenAssistant tree's best-ranked branch) or "all" (every path ending on a reply).
-    dedupe: drop exact repeats of a conversation (same tokens); they are counted either way."""
+    dedupe: drop exact repeats of a conversation (same tokens); they are counted either way.
+    test_fraction: about this share of the conversations is held out to out_dir/test.jsonl (chat data only)."""
+    if not 0 <= test_fraction < 1:
+        raise ConfigError(f"--test_fraction must be at least 0 and below 1, got {test_fraction}")
     if not 0 < val_fraction < 1 and val_file is None:
         raise InputError(f"--val_fraction must be between 0 and 1, got {val_fraction}")
     if oasst_paths not in ("best", "all"):
@@ -266,7 +282,8 @@ def build_dataset(inputs, out_dir="data/chat", val_fraction=0.1, val_file=None, 
     tmp = make_temp_dir(out_dir, BUILD_PREFIX)
     try:
         meta = _build(tmp, inputs, val_fraction, val_file, seed, skip_invalid,
-                      {"template": template, "oasst_paths": oasst_paths, "dedupe": dedupe})
+                      {"template": template, "oasst_paths": oasst_paths, "dedupe": dedupe,
+                       "test_fraction": test_fraction})
         publish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -281,6 +298,9 @@ def _build(tmp, inputs, val_fraction, val_file, seed, skip_invalid, options):
              "seen": set(), "repeats": 0, **options}
     progress = Progress()
     writers = {s: TokenWriter(tmp, s) for s in SPLITS}
+    if options["test_fraction"]:
+        stats.update(test=open(os.path.join(tmp, "test.jsonl"), "w", encoding="utf-8"), n_test=0,
+                     test_rng=np.random.default_rng(seed + 1))
     if val_file is None:
         stream = TokenWriter(tmp, "all")
         hashes = tokenize_inputs(inputs, stream, skip_invalid, stats, progress)
@@ -291,7 +311,13 @@ def _build(tmp, inputs, val_fraction, val_file, seed, skip_invalid, options):
             split_stream(tmp, stream, choose_val(len(stream.convs), val_fraction, seed), writers)
     else:
         hashes = tokenize_inputs(inputs, writers["train"], skip_invalid, stats, progress)
+        test, stats["test"] = stats.get("test"), None  # the val file is val: nothing of it is held out
         hashes.update(tokenize_inputs([val_file], writers["val"], skip_invalid, stats, progress))
+        stats["test"] = test
+    if stats.get("test") is not None:
+        stats["test"].close()
+        if stats["kind"] == "text":
+            raise ConfigError("--test_fraction holds out conversations for eval.py --data: not for plain text")
     for s in SPLITS:
         writers[s].close(tmp, s)
         if not writers[s].convs:
@@ -304,7 +330,9 @@ def _build(tmp, inputs, val_fraction, val_file, seed, skip_invalid, options):
             **summarize(writers, stats), "sources": hashes, "seed": seed,
             "val_fraction": None if val_file else val_fraction,
             "duplicates": {"repeats": stats["repeats"], "removed": stats["repeats"] if stats["dedupe"] else 0,
-                           "val_in_train": val_in_train(tmp, writers)}}
+                           "val_in_train": val_in_train(tmp, writers)},
+            **({"test": {"file": "test.jsonl", "conversations": stats["n_test"],
+                         "fraction": options["test_fraction"]}} if options["test_fraction"] else {})}
     for name in os.listdir(tmp):
         if name.startswith("all"):  # the tokenised stream before the split
             os.remove(os.path.join(tmp, name))
@@ -321,7 +349,9 @@ def publish(build, out_dir):
     try:
         os.symlink(os.path.basename(build), temp_name(link))
     except OSError:  # no symlinks here (e.g. Windows without the privilege): move the files, meta.json last
-        for name in DATASET_FILES:
+        for name in OPTIONAL_FILES + DATASET_FILES:
+            if name in OPTIONAL_FILES and not os.path.exists(os.path.join(build, name)):
+                continue
             os.replace(os.path.join(build, name), os.path.join(out_dir, name))
         shutil.rmtree(build, ignore_errors=True)
         return
@@ -333,8 +363,12 @@ def publish(build, out_dir):
 
 def link_names(out_dir):
     """Each dataset file name in out_dir a symlink to CURRENT/name (replacing old regular files, one rename each)."""
-    for name in DATASET_FILES:
+    for name in DATASET_FILES + OPTIONAL_FILES:
         path, target = os.path.join(out_dir, name), os.path.join(CURRENT, name)
+        if name in OPTIONAL_FILES and not os.path.exists(os.path.join(out_dir, target)):
+            if os.path.islink(path):  # the previous build had one, this one has none
+                os.remove(path)
+            continue
         if os.path.islink(path) and os.readlink(path) == target:
             continue
         os.symlink(target, temp_name(path))
@@ -346,7 +380,7 @@ def clean_out_dir(out_dir):
     build, never a live run's) and finish linking the current build if a kill interrupted that. Says what it did."""
     link = os.path.join(out_dir, CURRENT)
     current = os.readlink(link) if os.path.islink(link) else None
-    ours = set(DATASET_FILES) | {CURRENT}
+    ours = set(DATASET_FILES + OPTIONAL_FILES) | {CURRENT}
     removed = remove_dead_leftovers(out_dir, (BUILD_PREFIX,), temp_of=ours.__contains__, keep=(current,))
     if current and os.path.isdir(os.path.join(out_dir, current)):
         link_names(out_dir)

@@ -233,3 +233,39 @@ def test_summary_advises_a_block_size(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "note: 10 of 10 conversations are longer than block_size 128" in out
     assert "train with --block_size=256 (90% fit)" in out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --test_fraction: held-out conversations for eval.py --data
+
+
+def test_test_fraction_holds_out_conversations(tmp_path, capsys):
+    import json
+
+    from chat_gpt2.records import read_conversations
+    records = [{"user": f"What is {i}?", "assistant": f"{i}"} for i in range(200)]
+    src = write_records(tmp_path / "d.jsonl", records)
+    out = tmp_path / "out"
+    assert prepare.main([src, f"--out_dir={out}", "--test_fraction=0.2"]) == 0
+    assert f"to {out}/test.jsonl" in capsys.readouterr().out
+    meta = json.loads((out / "meta.json").read_text())
+    test = [m for _, m in read_conversations(str(out / "test.jsonl"))]
+    assert meta["test"]["conversations"] == len(test) and 20 <= len(test) <= 60
+    assert sum(meta["conversations"].values()) + len(test) == 200
+    texts = set(all_texts(out))
+    assert not any(f"Human: {m[0]['content']}\nAssistant: {m[1]['content']}\n\n<|endoftext|>" in texts for m in test)
+    again = tmp_path / "again"  # deterministic from the seed
+    build_dataset([src], str(again), test_fraction=0.2)
+    assert (again / "test.jsonl").read_text() == (out / "test.jsonl").read_text()
+    build_dataset([src], str(out))  # a build without held-out conversations: no test.jsonl left behind
+    assert not os.path.lexists(out / "test.jsonl")
+
+
+def test_test_fraction_is_for_chat(tmp_path):
+    from chat_gpt2.errors import ConfigError
+    src = tmp_path / "c.txt"
+    src.write_text("Some text.\n" * 50)
+    with pytest.raises(ConfigError, match="not for plain text"):
+        build_dataset([str(src)], str(tmp_path / "o"), test_fraction=0.1)
+    with pytest.raises(ConfigError, match="--test_fraction must be"):
+        build_dataset([str(src)], str(tmp_path / "o"), test_fraction=1.0)
