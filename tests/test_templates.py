@@ -23,7 +23,8 @@ PREAMBLE = ("Below is an instruction that describes a task. Write a response tha
 EXPECTED = {
     "human_assistant": (
         ("System: Be brief.\nHuman: Hi!\nAssistant: Hello.\n\nHuman: 2+2?\nAssistant: 4\n\n<|endoftext|>",
-         [" Hello.\n\n", " 4\n\n<|endoftext|>"], ["System: Be brief.\nHuman: Hi!\nAssistant:", "Human: 2+2?\nAssistant:"]),
+         [" Hello.\n\n", " 4\n\n<|endoftext|>"],
+         ["System: Be brief.\nHuman: Hi!\nAssistant:", "Human: 2+2?\nAssistant:"]),
         ("Human: Name a colour.\nAssistant: Blue.\n\n<|endoftext|>",
          [" Blue.\n\n<|endoftext|>"], ["Human: Name a colour.\nAssistant:"]),
         "Human: Name a colour.\nAssistant:"),
