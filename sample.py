@@ -77,11 +77,15 @@ def run_command(line, params, output):
 EMPTY_REPLY = "(empty reply: the model ended its turn at once)"
 
 
-def stream_reply(engine, ids, params, generator, output):
-    """Generate one reply, writing it to output as it comes. Returns the reply, or None when Ctrl-C stopped it."""
+def stream_reply(engine, ids, params, generator, output, raw=False):
+    """Generate one reply, writing it to output as it comes. Returns the reply, or None when Ctrl-C stopped it.
+    raw: the continuation as generated, not stripped (its leading space or newline belongs to the text)."""
     write = lambda row, text: (output.write(text), output.flush())  # noqa: E731
     try:
-        reply = engine.replies(ids, params, on_text=write, generator=generator)[0]
+        if raw:
+            reply = engine.complete_batch([ids], params, on_text=write, generator=generator)[0].text
+        else:
+            reply = engine.replies(ids, params, on_text=write, generator=generator)[0]
     except KeyboardInterrupt:
         output.write(" [interrupted]\n")
         return None
@@ -130,7 +134,7 @@ def chat_loop(engine, ckpt, cfg, input_fn=input, output=sys.stdout):
             chat.fit_context(cfg["system"], new, template, engine.enc, budget)
         if len(kept) < len(history) + 1:
             output.write(f"(dropped the {(len(history) + 1 - len(kept)) // 2} oldest turn(s) to fit the context)\n")
-        reply = stream_reply(engine, ids, params, generator, output)
+        reply = stream_reply(engine, ids, params, generator, output, cfg["raw"])
         history = (kept + [{"role": "assistant", "content": reply}]) if reply is not None else kept[:-1]
 
 

@@ -305,7 +305,8 @@ def test_init_from_a_missing_checkpoint(tmp_path, tiny_dataset):
 
 
 class Capture:
-    """Replaces Engine.replies: records each prompt's text and stop strings, streams canned continuations."""
+    """Replaces Engine.replies (and complete_batch, which --interactive --raw uses to keep a continuation's
+    leading whitespace): records each prompt's text and stop strings, streams canned continuations."""
 
     def __init__(self, replies):
         self.replies, self.calls = list(replies), []
@@ -317,6 +318,12 @@ class Capture:
             on_text(0, reply)
         return [reply] * num_samples
 
+    def complete_batch(self, engine, prompts, params, on_text=None, generator=None):
+        from chat_gpt2.engine import Completion
+        row = Completion(engine.enc, params.stop)
+        row.text = self(engine, prompts[0], params, 1, on_text, generator)[0]
+        return [row]
+
 
 @pytest.fixture
 def capture(monkeypatch):
@@ -325,6 +332,7 @@ def capture(monkeypatch):
     def install(replies):
         fake = Capture(replies)
         monkeypatch.setattr(Engine, "replies", lambda engine, *a, **kw: fake(engine, *a, **kw))
+        monkeypatch.setattr(Engine, "complete_batch", lambda engine, *a, **kw: fake.complete_batch(engine, *a, **kw))
         return fake
     return install
 
@@ -340,7 +348,7 @@ def test_interactive_raw_continues_the_text(tmp_path, capture):
     import sample
     from chat_gpt2.checkpoint import load_model
     from chat_gpt2.engine import Engine
-    fake = capture([" but soft!", " what light"])
+    fake = capture([" but soft!", "\n what light"])
     model, ckpt = load_model(ckpt=text_checkpoint(tmp_path, "\n"))  # even a chat checkpoint's stop is not used
     lines = iter(["ROMEO:", "/set temperature=0.5", "JULIET:"])
 
@@ -351,7 +359,7 @@ def test_interactive_raw_continues_the_text(tmp_path, capture):
         return item
     out = io.StringIO()
     sample.chat_loop(Engine(model), ckpt, {**sample.DEFAULTS, "raw": True}, read, out)
-    assert fake.calls == [("ROMEO:", ()), ("ROMEO: but soft!\nJULIET:", ())]
+    assert fake.calls == [("ROMEO:", ()), ("ROMEO: but soft!\nJULIET:", ())]  # the continuation kept as it came
     assert out.getvalue().startswith("text: each line continues the text")
     assert " but soft!\n" in out.getvalue() and "Human:" not in out.getvalue()
 
@@ -420,3 +428,26 @@ def test_windows_that_cannot_reach_a_reply_are_skipped(tmp_path):
         x, y, m = train.get_batch(64, block_size, torch.Generator().manual_seed(1))
         assert (m.sum(1) > 0).all()  # every window has something to learn
     assert len(train.useful_starts(8)) < len(train.starts) == len(train.useful_starts(128))
+
+
+def test_interactive_raw_with_a_real_model_keeps_whitespace(tmp_path):
+    import io
+
+    import sample
+    from chat_gpt2.checkpoint import load_model
+    from chat_gpt2.engine import Engine
+    model, ckpt = load_model(ckpt=text_checkpoint(tmp_path, None))
+    lines = iter(["Once upon", "a time"])
+
+    def read(prompt):
+        item = next(lines, None)
+        if item is None:
+            raise EOFError
+        return item
+    cfg = {**sample.DEFAULTS, "raw": True, "max_new_tokens": 6, "temperature": 0.0}
+    history = sample.chat_loop(Engine(model), ckpt, cfg, read, io.StringIO())
+    engine = Engine(model)
+    from chat_gpt2.engine import SamplingParams
+    want = engine.complete_batch([chat.get_encoder().encode_ordinary("Once upon")],
+                                 SamplingParams(temperature=0.0, max_new_tokens=6))[0].text
+    assert history[1]["content"] == want  # as generated: not stripped
