@@ -1,12 +1,17 @@
 """Turn chat data into the memmaps train.py reads.
 
     python prepare.py INPUT [INPUT ...] [--out_dir=data/chat] [--val_fraction=0.1] [--val_file=FILE] [--seed=1337]
+    python prepare.py path/to/input.txt --out_dir=data/shakespeare      # plain text (see docs/data.md)
 
 Each INPUT is a .jsonl file (one record per line) or a .json file holding an array of records, in any of these
-schemas (recognised per record by its keys; extra keys such as "id" are ignored):
-    {"user", "assistant"}                      {"messages": [{"role", "content"}, ...]}
-    {"instruction", "input", "output"}         {"conversations": [{"from", "value"}, ...]}
+schemas (recognised per record by its keys; metadata keys such as "id" are ignored, see docs/data.md):
+    {"user", "assistant"}                      {"messages": [{"role", "content"}, ...], optional "system"}
+    {"instruction", "input", "output"}         {"conversations": [{"from", "value"}, ...], optional "system"}
     {"prompt", "completion"}                   {"question", "answer"}
+    OpenAssistant trees {"message_tree_id", "prompt": {"role": "prompter", "text", "replies": [...]}}
+The conversation is rendered with --template (human_assistant, alpaca, chatml, or a JSON file; docs/data.md).
+Plain text instead (every token learned, documents closed by <|endoftext|>): .txt files (one document each) or
+records {"text": ...}; text and chat inputs cannot be mixed in one dataset.
 
 Writes into out_dir, all aligned token for token:
     train.bin / val.bin               uint16 GPT-2 token ids (np.memmap(path, dtype=np.uint16, mode="r"))
@@ -27,6 +32,10 @@ from chat_gpt2.errors import RecordError, UserError
 def print_summary(meta):
     c, t = meta["conversations"], meta["tokens"]
     skipped = ", ".join(f"{n} {reason}" for reason, n in meta["skipped"].items()) or "none"
+    if meta.get("kind") == "text":  # every token learned, windows start anywhere: lengths do not matter
+        print(f"plain text: {meta['documents']:,} document(s) read, skipped: {skipped}; tokens: "
+              f"{t['train']:,} train / {t['val']:,} val (every token learned)")
+        return
     print(f"conversations: {c['train'] + c['val']:,} read ({c['train']:,} train / {c['val']:,} val), "
           f"skipped: {skipped}")
     print(f"tokens: {t['train']:,} train / {t['val']:,} val; conversation length "
@@ -35,26 +44,53 @@ def print_summary(meta):
           + ", ".join(f"{b}: {n}" for b, n in meta["longer_than_block_size"].items()))
     print(f"share of tokens learned (loss mask = 1): {meta['learned_token_share']:.1%}; "
           f"multi-line replies: {meta['multiline_replies']}")
+    total, too_long = c["train"] + c["val"], meta["longer_than_block_size"]
+    if too_long["128"] * 2 > total:  # train.py's default block_size would cut most conversations
+        fits = [b for b, n in too_long.items() if n * 10 <= total]
+        print(f"note: {too_long['128']:,} of {total:,} conversations are longer than block_size 128 (train.py's "
+              f"default): windows cut them, and a reply beyond the window is not learned; "
+              + (f"train with --block_size={fits[0]} (90% fit)" if fits else "even 1024 cuts more than 10%"))
+
+
+def print_duplicates(meta):
+    d = meta.get("duplicates", {})
+    if d.get("repeats") or d.get("val_in_train"):
+        print(f"duplicates: {d['repeats']:,} exact repeat(s) of an earlier conversation "
+              + ("removed (--dedupe)" if d["removed"] else "kept (--dedupe drops them)")
+              + f"; {d['val_in_train']:,} val conversation(s) also in train")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help=".jsonl or .json chat data")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help=".jsonl or .json records (chat, or {\"text\"} documents), or .txt plain text")
     parser.add_argument("--out_dir", default="data/chat")
     parser.add_argument("--val_fraction", type=float, default=0.1)
     parser.add_argument("--val_file", default=None, help="take val from this file instead of splitting")
     parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--template", default="human_assistant",
+                        help="human_assistant (default), alpaca, chatml, or a JSON file with the same fields")
+    parser.add_argument("--oasst_paths", default="best", choices=("best", "all"),
+                        help="OpenAssistant trees: the best-ranked branch, or every path ending on a reply")
+    parser.add_argument("--test_fraction", type=float, default=0.0,
+                        help="hold out about this share of the conversations to OUT_DIR/test.jsonl (eval.py --data)")
+    parser.add_argument("--dedupe", action="store_true", help="drop exact repeats of a conversation (counted)")
     parser.add_argument("--skip_invalid", action="store_true", help="skip bad records (counted) instead of failing")
     args = parser.parse_args(argv)
     try:
-        meta = build_dataset(args.inputs, args.out_dir, args.val_fraction, args.val_file, args.seed, args.skip_invalid)
+        meta = build_dataset(args.inputs, args.out_dir, args.val_fraction, args.val_file, args.seed, args.skip_invalid,
+                             args.template, args.oasst_paths, args.dedupe, args.test_fraction)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         if isinstance(e, RecordError):
             print("(pass --skip_invalid to skip such records; nothing was written)", file=sys.stderr)
         return 1
     print_summary(meta)
+    print_duplicates(meta)
+    if "test" in meta:
+        print(f"held out {meta['test']['conversations']:,} conversation(s) to {args.out_dir}/test.jsonl "
+              f"(eval.py --data={args.out_dir}/test.jsonl)")
     print(f"wrote {args.out_dir}/{{train,val}}.bin and their masks, offsets and meta.json")
     return 0
 

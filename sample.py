@@ -5,10 +5,12 @@
     python sample.py --raw --prompt "Once upon a time"          # continue plain text, no chat template
     python sample.py --init_from=gpt2 --raw --prompt "Hello"    # Hugging Face GPT-2 weights (or a local HF dir)
     python sample.py --interactive --system "Be brief."         # multi-turn chat; /help lists the commands
+    python sample.py --interactive --raw --out_dir=out-shakespeare  # each line typed continues the text
 
 The prompt is rendered with the chat template stored in the checkpoint (chat.py), and only the assistant's reply
 is printed. Generation stops at the first newline by default (or at the end of the turn when the training data
-had multi-line replies, as recorded in the checkpoint); `--stop` overrides it, and <|endoftext|> always stops.
+had multi-line replies, as recorded in the checkpoint; a model trained on plain text has none); `--stop` overrides
+it, and <|endoftext|> always stops. With --raw there is no template and no stop string unless --stop gives one.
 """
 import dataclasses
 import sys
@@ -75,11 +77,15 @@ def run_command(line, params, output):
 EMPTY_REPLY = "(empty reply: the model ended its turn at once)"
 
 
-def stream_reply(engine, ids, params, generator, output):
-    """Generate one reply, writing it to output as it comes. Returns the reply, or None when Ctrl-C stopped it."""
+def stream_reply(engine, ids, params, generator, output, raw=False):
+    """Generate one reply, writing it to output as it comes. Returns the reply, or None when Ctrl-C stopped it.
+    raw: the continuation as generated, not stripped (its leading space or newline belongs to the text)."""
     write = lambda row, text: (output.write(text), output.flush())  # noqa: E731
     try:
-        reply = engine.replies(ids, params, on_text=write, generator=generator)[0]
+        if raw:
+            reply = engine.complete_batch([ids], params, on_text=write, generator=generator)[0].text
+        else:
+            reply = engine.replies(ids, params, on_text=write, generator=generator)[0]
     except KeyboardInterrupt:
         output.write(" [interrupted]\n")
         return None
@@ -87,15 +93,23 @@ def stream_reply(engine, ids, params, generator, output):
     return reply
 
 
+def raw_context(history, enc, budget):
+    """--raw: the text so far (each typed line after a newline, each continuation right after its line) as ids,
+    its oldest tokens dropped to fit budget. Returns (ids, history)."""
+    text = "".join(("\n" if i and m["role"] == "user" else "") + m["content"] for i, m in enumerate(history))
+    return enc.encode_ordinary(text)[-budget:], history
+
+
 def chat_loop(engine, ckpt, cfg, input_fn=input, output=sys.stdout):
     """A multi-turn chat: each line typed is a user message, each reply is streamed. The conversation is rendered
     with the checkpoint's template and trimmed (oldest turns first) to block_size minus the room for a reply.
-    Returns the conversation (for tests)."""
+    With --raw there is no template: each line continues the text (raw_context). Returns the conversation."""
     template = ckpt.get("template", chat.TEMPLATE)
-    params = sampling_params(cfg, ckpt.get("default_stop", chat.NEWLINE_STOP))
+    params = sampling_params(cfg, None if cfg["raw"] else ckpt.get("default_stop", chat.NEWLINE_STOP))
     generator = torch.Generator(device=engine.device).manual_seed(cfg["seed"])  # one stream for the whole chat
     history = []
-    output.write("chat: type a message, /help for commands, /quit or Ctrl-D to leave\n")
+    output.write(("text: each line continues the text" if cfg["raw"] else "chat: type a message") +
+                 ", /help for commands, /quit or Ctrl-D to leave\n")
     while True:
         try:
             line = input_fn("> ").strip()
@@ -115,11 +129,12 @@ def chat_loop(engine, ckpt, cfg, input_fn=input, output=sys.stdout):
             continue
         block_size = engine.model.config.block_size
         budget = block_size - min(params.max_new_tokens, block_size // 2)  # keep room for the reply
-        ids, kept = chat.fit_context(cfg["system"], history + [{"role": "user", "content": line}], template,
-                                     engine.enc, budget)
+        new = history + [{"role": "user", "content": line}]
+        ids, kept = raw_context(new, engine.enc, budget) if cfg["raw"] else \
+            chat.fit_context(cfg["system"], new, template, engine.enc, budget)
         if len(kept) < len(history) + 1:
             output.write(f"(dropped the {(len(history) + 1 - len(kept)) // 2} oldest turn(s) to fit the context)\n")
-        reply = stream_reply(engine, ids, params, generator, output)
+        reply = stream_reply(engine, ids, params, generator, output, cfg["raw"])
         history = (kept + [{"role": "assistant", "content": reply}]) if reply is not None else kept[:-1]
 
 
@@ -127,6 +142,8 @@ def main(argv=None):
     cfg, _ = configurator.load(DEFAULTS, argv, prog="sample.py")
     if not cfg["prompt"] and not cfg["interactive"]:
         raise ConfigError("nothing to answer: pass --prompt \"...\" (or --interactive)")
+    if cfg["raw"] and cfg["system"]:
+        raise ConfigError("--system needs the chat template: leave it out with --raw (plain text has no roles)")
     engine, ckpt = load_engine(cfg)
     if cfg["interactive"]:
         if sys.stdin.isatty():

@@ -17,8 +17,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from chat_gpt2 import chat, configurator
-from chat_gpt2.checkpoint import (checkpoint_path, describe_base, find_checkpoint, load_checkpoint,
-                                  model_from_checkpoint, save_checkpoint, training_checkpoint, unused_stamp)
+from chat_gpt2.checkpoint import (SHAPE_KEYS, checkpoint_path, describe_base, find_checkpoint, init_checkpoint,
+                                  load_checkpoint, model_from_checkpoint, save_checkpoint, training_checkpoint, unused_stamp)
 from chat_gpt2.dataset import load_dataset
 from chat_gpt2.device import peak_flops, resolve_compile, resolve_device, resolve_dtype, tune_cpu_allocator
 from chat_gpt2.engine import Engine, SamplingParams
@@ -33,7 +33,8 @@ from chat_gpt2.training import DEFAULT_GRAD_CLIP, EarlyStopping, evaluate, get_l
 DEFAULTS = dict(
     # I/O
     out_dir="out", eval_interval=50, log_interval=10, eval_iters=20, init_from="scratch",
-    # init_from: 'scratch', 'resume', 'gpt2' .. 'gpt2-xl', a Hugging Face repo id or a local HF GPT-2 directory
+    # init_from: 'scratch', 'resume', 'gpt2' .. 'gpt2-xl', a Hugging Face repo id or a local HF GPT-2 directory,
+    # or one of our checkpoints (a .pt, or a run's out_dir: its newest best) to start a new run from
     dataset="chat",  # a folder under data/ or a path to a folder written by prepare.py
     # data
     gradient_accumulation_steps=1, batch_size=2, block_size=128,
@@ -146,9 +147,14 @@ def _base_model(cfg, sys_info, explicit):
         return GPT(config)
     if cfg["init_from"] == "resume":
         raise ConfigError("init_from='resume' needs a checkpoint")
-    if os.path.isfile(cfg["init_from"]):  # one of our checkpoints (e.g. a full fine-tune to put LoRA on)
-        model = model_from_checkpoint(load_checkpoint(cfg["init_from"]), dropout=cfg["dropout"])
-        config = model.config
+    init = init_checkpoint(cfg["init_from"], {k: cfg[k] for k in SHAPE_KEYS if k in explicit})
+    if init is not None:  # one of our checkpoints (a model pretrained on text, a full fine-tune): a new run from it
+        config = GPTConfig.from_dict({**init["model_args"], "dropout": cfg["dropout"]})
+        check_memory(config, cfg, sys_info, count_trainable(config, cfg))
+        if sys_info.get("master", True):
+            print(f"starting a new run (fresh optimizer, iter 0) from {init['path']} (iter {init.get('iter_num')})")
+        model = model_from_checkpoint(init, dropout=cfg["dropout"])
+        cfg["init_from"] = os.path.abspath(init["path"])  # the file: what a LoRA checkpoint rebuilds its base from
     else:  # 'gpt2' .. 'gpt2-xl', a Hub repo id or a local Hugging Face directory
         files = resolve_pretrained(cfg["init_from"])
         overrides = {"dropout": cfg["dropout"], "block_size": cfg["block_size"],

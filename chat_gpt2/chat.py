@@ -1,7 +1,9 @@
-"""The one chat template, shared by the prepared data (training), the engine's prompts (sample, eval) and export.
+"""The chat template, shared by the prepared data (training), the engine's prompts (sample, eval) and export.
 
-A conversation renders as (the exact bytes, `{...}` replaced by the message text with surrounding whitespace
-stripped):
+A template is a dict of strings (TEMPLATE_FIELDS); prepare.py picks one (--template: human_assistant, alpaca,
+chatml, or a JSON file with the same fields, see load_template and docs/data.md), and it travels in meta.json and
+every checkpoint. The default, human_assistant, renders a conversation as (the exact bytes, `{...}` replaced by the
+message text with surrounding whitespace stripped):
 
     System: {system}\\n                       <- only when the conversation has a system message
     Human: {user}\\nAssistant: {assistant}\\n\\n  <- one block per turn
@@ -17,7 +19,7 @@ import os
 
 import tiktoken
 
-from .errors import MissingFileError
+from .errors import ConfigError, MissingFileError
 
 TOKENIZER = "gpt2"
 EOT = 50256  # <|endoftext|>
@@ -32,9 +34,44 @@ TEMPLATE = {
     "assistant": " {content}",  # the reply, learned
     "turn_end": "\n\n",  # closes an assistant turn, learned
     "eot": "<|endoftext|>",  # closes a conversation, learned
+    "default_system": "",  # rendered as the system message of a conversation that has none ("" = nothing)
+    "input": "\n{content}",  # appended to an instruction record's instruction when its "input" is not empty
+    "stop": "\n",  # the default stop when every reply of the data is one line
+    "stop_multiline": "\nHuman:",  # the default stop when some replies span lines
 }
-NEWLINE_STOP = "\n"  # default stop: the design's single-line replies
-TURN_STOP = "\nHuman:"  # default stop when training replies span several lines (plus <|endoftext|>)
+TEMPLATE_FIELDS = tuple(TEMPLATE)
+WITH_CONTENT = ("system", "user", "assistant", "input")  # the fields that hold "{content}" (exactly once)
+# Alpaca (Stanford's prompt, exactly); a record's input joins the instruction as its "### Input:" section.
+# Several turns are successive instruction/response blocks; only the last reply is closed (by <|endoftext|>).
+ALPACA = {
+    "system": "{content}",
+    "user": "\n\n### Instruction:\n{content}",
+    "assistant_label": "\n\n### Response:\n",
+    "assistant": "{content}",
+    "turn_end": "",
+    "eot": "<|endoftext|>",
+    "default_system": "Below is an instruction that describes a task. Write a response that appropriately "
+                      "completes the request.",
+    "input": "\n\n### Input:\n{content}",
+    "stop": "\n",
+    "stop_multiline": "\n\n### Instruction:",
+}
+# ChatML's markers as plain text (GPT-2's vocabulary has no such special tokens: they are several tokens each).
+CHATML = {
+    "system": "<|im_start|>system\n{content}<|im_end|>\n",
+    "user": "<|im_start|>user\n{content}<|im_end|>\n",
+    "assistant_label": "<|im_start|>assistant\n",
+    "assistant": "{content}",
+    "turn_end": "<|im_end|>\n",
+    "eot": "<|endoftext|>",
+    "default_system": "",
+    "input": "\n\n{content}",
+    "stop": "<|im_end|>",
+    "stop_multiline": "<|im_end|>",
+}
+BUILTIN_TEMPLATES = {"human_assistant": TEMPLATE, "alpaca": ALPACA, "chatml": CHATML}
+NEWLINE_STOP = TEMPLATE["stop"]  # default stop: the design's single-line replies
+TURN_STOP = TEMPLATE["stop_multiline"]  # default stop when training replies span several lines (plus <|endoftext|>)
 
 _encoders = {}
 
@@ -52,20 +89,75 @@ def get_encoder(name=TOKENIZER):
     return _encoders[name]
 
 
-def default_stop(multiline_replies):
-    return TURN_STOP if multiline_replies else NEWLINE_STOP
+def default_stop(multiline_replies, template=TEMPLATE):
+    # .get: templates saved before these fields existed are the default template
+    if multiline_replies:
+        return template.get("stop_multiline", TURN_STOP)
+    return template.get("stop", NEWLINE_STOP)
+
+
+def fill(field, content):
+    """A template field with its {content} replaced (not str.format: other braces in a template stay text)."""
+    before, _, after = field.partition("{content}")
+    return before + content + after
+
+
+def load_template(name):
+    """A template: a built-in one by name, or a JSON file (an object with exactly TEMPLATE_FIELDS, all strings)."""
+    if name in BUILTIN_TEMPLATES:
+        return dict(BUILTIN_TEMPLATES[name])
+    if not os.path.isfile(name):
+        raise ConfigError(f"--template={name}: not a built-in template ({', '.join(BUILTIN_TEMPLATES)}) nor a file")
+    try:
+        with open(name, encoding="utf-8") as f:
+            text = f.read()
+        template = json.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"{name}: unreadable template ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if not isinstance(template, dict):
+        raise ConfigError(f"{name}:1: a template must be a JSON object with the fields {', '.join(TEMPLATE_FIELDS)}")
+    check_template(template, name, text)
+    return template
+
+
+def check_template(template, path, text=""):
+    """Every field present, known and a string; {content} exactly where it belongs; <|endoftext|> as eot."""
+    def where(key):  # file:line of the key, when it can be found
+        at = text.find(json.dumps(key))
+        return f"{path}:{text.count(chr(10), 0, at) + 1}" if at >= 0 else path
+
+    for key in template:
+        if key not in TEMPLATE_FIELDS:
+            raise ConfigError(f"{where(key)}: unknown field {key!r} (a template has {', '.join(TEMPLATE_FIELDS)})")
+    for key in TEMPLATE_FIELDS:
+        value = template.get(key)
+        if key not in template:
+            raise ConfigError(f"{path}: field {key!r} is missing (a template has {', '.join(TEMPLATE_FIELDS)})")
+        if not isinstance(value, str):
+            raise ConfigError(f"{where(key)}: field {key!r} must be a string, got {type(value).__name__}")
+        if value.count("{content}") != (key in WITH_CONTENT):
+            raise ConfigError(f"{where(key)}: field {key!r} must hold {{content}} "
+                              f"{'exactly once' if key in WITH_CONTENT else 'nowhere'}")
+    if template["eot"] != "<|endoftext|>":
+        raise ConfigError(f"{where('eot')}: field 'eot' must be \"<|endoftext|>\" (GPT-2's end-of-text token)")
+    for key in ("stop", "stop_multiline"):
+        if not template[key]:
+            raise ConfigError(f"{where(key)}: field {key!r} is empty: a reply needs a default stop")
 
 
 def _segments(messages, template, add_generation_prompt):
     """Yield (text, learned, role) pieces of a conversation in order. messages: [{'role', 'content'}]."""
+    default_system = template.get("default_system", "")
+    if default_system and not (messages and messages[0]["role"] == "system"):
+        yield fill(template["system"], default_system), False, "system"
     for m in messages:
         role, content = m["role"], m["content"].strip()
         if role == "assistant":
             yield template["assistant_label"], False, role
-            yield template["assistant"].format(content=content), True, role
+            yield fill(template["assistant"], content), True, role
             yield template["turn_end"], True, role
         else:  # system or user
-            yield template[role].format(content=content), False, role
+            yield fill(template[role], content), False, role
     if add_generation_prompt:
         yield template["assistant_label"], False, "assistant"
 
@@ -123,10 +215,15 @@ def chat_template(template=TEMPLATE):
         return json.dumps(text, ensure_ascii=False)
 
     def role_text(key, content="message['content'] | trim"):
-        before, _, after = template[key].partition("{content}")
+        before, _, after = template[key].partition("{content}")  # as fill() does
         return f"{{{{ {lit(before)} + ({content}) + {lit(after)} }}}}"
 
+    default_system = template.get("default_system", "")
+    default = (  # a conversation without a system message gets the template's default one
+        "{%- if not messages or messages[0]['role'] != 'system' -%}"
+        f"{{{{ {lit(fill(template['system'], default_system))} }}}}{{%- endif -%}}" if default_system else "")
     return (
+        default +
         "{%- for message in messages -%}"
         "{%- if message['role'] == 'system' -%}" + role_text("system") +
         "{%- elif message['role'] == 'user' -%}" + role_text("user") +

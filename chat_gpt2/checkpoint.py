@@ -15,7 +15,7 @@ from dataclasses import asdict
 import torch
 
 from . import chat
-from .errors import CheckpointError, MissingFileError, UserError
+from .errors import CheckpointError, ConfigError, MissingFileError, UserError
 from .files import atomic_write
 from .hf_gpt2 import from_pretrained
 from .lora import adapter_state, apply_lora, fingerprint, load_adapters, merge_lora
@@ -44,6 +44,37 @@ def find_checkpoint(out_dir, last=False):
         kind = os.path.basename(checkpoint_path("", "YYYYMMDD_HHMMSS", last))
         raise MissingFileError(f"no checkpoint {kind} in {out_dir!r}: train first, or pass --ckpt=PATH")
     return checkpoint_path(out_dir, runs[-1], last)
+
+
+SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "bias")  # fixed by the weights; block_size may shrink, dropout change
+
+
+def checkpoint_for_init(init_from):
+    """The checkpoint file an init_from names, or None when it names none of ours ('scratch', 'resume', Hugging
+    Face weights): a .pt file, or a run's out_dir (its newest best checkpoint)."""
+    if init_from.endswith(".pt"):
+        return init_from
+    if os.path.isdir(init_from) and any(map(CKPT_PATTERN.match, os.listdir(init_from))):
+        return find_checkpoint(init_from)
+    return None
+
+
+def init_checkpoint(init_from, shape):
+    """The checkpoint a new run starts from (init_from: see checkpoint_for_init), or None. shape: the SHAPE_KEYS
+    the run set explicitly; one that differs from the checkpoint's is refused, as for pretrained GPT-2."""
+    path = checkpoint_for_init(init_from)
+    if path is None:
+        return None
+    ckpt = load_checkpoint(path)
+    if "model_args" not in ckpt:
+        raise CheckpointError(f"--init_from={init_from}: {path} is not a model checkpoint (no model_args)")
+    wrong = [f"{k}={v} (the checkpoint has {ckpt['model_args'].get(k)})" for k, v in shape.items()
+             if ckpt["model_args"].get(k) != v]
+    if wrong:
+        raise ConfigError(f"--init_from={init_from}: {', '.join(wrong)}: the model's shape comes from {path}; "
+                          f"leave n_layer/n_head/n_embd/bias out (block_size may shrink, dropout may change)")
+    ckpt["path"] = path
+    return ckpt
 
 
 def save_checkpoint(path, ckpt):

@@ -1,11 +1,13 @@
-"""The prepared dataset: chat records -> token memmaps (build_dataset, for prepare.py) and back (load_dataset, for
-train.py and eval.py). Its files, all aligned token for token, in one folder:
+"""The prepared dataset: chat records or plain text -> token memmaps (build_dataset, for prepare.py) and back
+(load_dataset, for train.py and eval.py). Its files, all aligned token for token, in one folder:
 
     train.bin / val.bin               uint16 GPT-2 token ids (np.memmap(path, dtype=np.uint16, mode="r"))
     train_mask.bin / val_mask.bin     uint8, 1 where the assistant's output is learned (see chat.py)
     train_turns.npy / val_turns.npy   int64 offsets where a turn starts (training windows start only there)
     train_convs.npy / val_convs.npy   int64 offsets where a conversation starts
-    meta.json                         tokenizer, vocab size, template, counts, multiline_replies, source hashes
+    meta.json                         kind ("chat" or "text"), tokenizer, vocab size, template, counts, sources
+Plain text (kind "text": .txt files, {"text"} records) is every token learned, each document closed by
+<|endoftext|>; its "conversations" are the documents, and its windows start anywhere.
 
 Replacing a dataset is all or nothing: a build is written to its own folder `.prepare-<PID>-<random>`, then one
 rename switches the symlink `.dataset` to it; each name above is a symlink `name -> .dataset/name`, so readers see
@@ -24,17 +26,20 @@ import numpy as np
 import torch
 
 from . import chat
-from .errors import InputError, MissingFileError, RecordError
+from .errors import ConfigError, InputError, MissingFileError, RecordError
 from .files import make_temp_dir, remove_dead_leftovers, temp_name
-from .records import iter_records, to_messages
+from .records import PREFERENCE_KEYS, document_text, is_document, iter_records, iter_text, to_conversations
 
 SPLITS = ("train", "val")
 SPLIT_FILES = (".bin", "_mask.bin", "_turns.npy", "_convs.npy")  # per split: train.bin, train_mask.bin, ...
 DATASET_FILES = tuple(f"{s}{suffix}" for s in SPLITS for suffix in SPLIT_FILES) + ("meta.json",)
+OPTIONAL_FILES = ("test.jsonl",)  # held-out conversations (--test_fraction), for eval.py --data
 CURRENT = ".dataset"  # symlink to the build folder the names point into
 BUILD_PREFIX = ".prepare-"
 BLOCK_SIZES = (128, 256, 512, 1024)
 BATCH = 512  # conversations tokenised per call of tiktoken's threaded batch encoder
+COPY_TOKENS = 1 << 24  # tokens copied at a time when a single document is split by position
+SCAN_TOKENS = 1 << 24  # tokens of the mask summed at a time when finding windows with something to learn
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -42,20 +47,23 @@ BATCH = 512  # conversations tokenised per call of tiktoken's threaded batch enc
 
 
 class TokenWriter:
-    """Appends rendered conversations to flat files (ids, mask) and remembers turn/conversation offsets."""
+    """Appends rendered conversations (or documents) to flat files (ids, mask) and remembers turn/conversation
+    offsets. continues=True appends to the previous conversation (a long document written piece by piece)."""
 
     def __init__(self, folder, name):
         self.ids = open(os.path.join(folder, f"{name}.bin"), "wb")
         self.mask = open(os.path.join(folder, f"{name}_mask.bin"), "wb")
         self.n_tokens, self.convs, self.turns, self.lengths, self.learned = 0, [], [], [], 0
 
-    def add(self, ids, mask, turn_starts):
-        self.convs.append(self.n_tokens)
+    def add(self, ids, mask, turn_starts, continues=False):
+        if not continues:
+            self.convs.append(self.n_tokens)
+            self.lengths.append(0)
         self.turns += [self.n_tokens + t for t in turn_starts]
         self.ids.write(np.asarray(ids, dtype=np.uint16).tobytes())
         self.mask.write(np.asarray(mask, dtype=np.uint8).tobytes())
         self.n_tokens += len(ids)
-        self.lengths.append(len(ids))
+        self.lengths[-1] += len(ids)
         self.learned += int(np.sum(mask, dtype=np.int64))
 
     def close(self, folder, name):
@@ -79,34 +87,32 @@ class Progress:
 
 
 def tokenize_inputs(paths, writer, skip_invalid, stats, progress):
-    """Read, validate and render every record of paths into writer. Returns the sha256 of each source."""
+    """Read, validate and render every record (or .txt document) of paths into writer. Returns the sha256 of each
+    source. stats["kind"] becomes "chat" or "text" with the first input; the other kind later is an error."""
     hashes, batch = {}, []
 
     def flush():
-        for ids, mask, turns in chat.render_conversations(batch):
-            writer.add(ids, mask, turns)
+        if stats["kind"] == "text":  # every token learned; <|endoftext|> closes each document
+            for ids in chat.get_encoder().encode_ordinary_batch(batch):
+                if first_time(ids + [chat.EOT], stats):
+                    writer.add(ids + [chat.EOT], np.ones(len(ids) + 1, dtype=np.uint8), [0])
+        else:
+            for ids, mask, turns in chat.render_conversations(batch, stats["template"]):
+                if first_time(ids, stats):
+                    writer.add(ids, mask, turns)
         batch.clear()
         progress.update(len(writer.convs), writer.n_tokens)
 
     for path in paths:
         hasher = hashlib.sha256()
-        records = iter_records(path, hasher)
-        while True:
-            try:
-                where, record = next(records)
-                if isinstance(record, RecordError):
-                    raise record
-                messages = to_messages(record, where)
-            except StopIteration:
-                break
-            except RecordError as e:
-                if not skip_invalid:
-                    raise
-                stats["skipped"][e.reason] += 1
+        if path.endswith(".txt"):
+            set_kind(stats, "text", path)
+            tokenize_text_file(path, hasher, writer, progress)
+        for where, kind, content in usable_records(path, hasher, skip_invalid, stats):
+            set_kind(stats, kind, where)
+            if held_out(content, stats):
                 continue
-            stats["multiline_replies"] |= any("\n" in m["content"].strip() for m in messages
-                                              if m["role"] == "assistant")
-            batch.append(messages)
+            batch.append(content)
             if len(batch) >= BATCH:
                 flush()
         flush()
@@ -115,11 +121,103 @@ def tokenize_inputs(paths, writer, skip_invalid, stats, progress):
     return hashes
 
 
+def held_out(messages, stats):
+    """--test_fraction: about that share of the conversations (a seeded draw per conversation, in input order) go
+    to test.jsonl as {"messages"} records instead of the dataset."""
+    if stats.get("test") is None or stats["test_rng"].random() >= stats["test_fraction"]:
+        return False
+    stats["test"].write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
+    stats["n_test"] += 1
+    return True
+
+
+def digest(ids):
+    return hashlib.blake2b(np.asarray(ids, dtype=np.uint16).tobytes(), digest_size=16).digest()
+
+
+def first_time(ids, stats):
+    """Counts exact repeats (the same tokens) of an earlier conversation or document; False for a repeat that
+    --dedupe drops. (A .txt document is streamed, not compared.)"""
+    key = digest(ids)
+    if key not in stats["seen"]:
+        stats["seen"].add(key)
+        return True
+    stats["repeats"] += 1
+    return not stats["dedupe"]
+
+
+def val_in_train(folder, writers):
+    """How many val conversations (documents) are exact copies of a train one: a val loss that flatters."""
+    def digests(split):
+        if not writers[split].n_tokens:
+            return []
+        ids = np.memmap(os.path.join(folder, f"{split}.bin"), dtype=np.uint16, mode="r")
+        ends = writers[split].convs[1:] + [writers[split].n_tokens]
+        return [digest(ids[a:b]) for a, b in zip(writers[split].convs, ends)]
+    train = set(digests("train"))
+    return sum(d in train for d in digests("val"))
+
+
+def usable_records(path, hasher, skip_invalid, stats):
+    """(where, "text" or "chat", the text or the messages) per usable record of a .jsonl / .json file; a bad record
+    raises RecordError, or with skip_invalid is counted in stats["skipped"] by its reason."""
+    if path.endswith(".txt"):
+        return
+    records = iter_records(path, hasher)
+    while True:
+        try:
+            where, record = next(records)
+            if isinstance(record, RecordError):
+                raise record
+            if is_document(record):
+                yield where, "text", document_text(record, where)
+                continue
+            found = to_conversations(record, where, stats["template"], stats["oasst_paths"])
+        except StopIteration:
+            return
+        except RecordError as e:
+            if not skip_invalid:
+                raise
+            stats["skipped"][e.reason] += 1
+            continue
+        if PREFERENCE_KEYS & record.keys() and not stats["warned_preference"]:
+            stats["warned_preference"] = True  # once: a preference file would repeat it for every record
+            print(f"warning: {where}: preference data: 'chosen' / 'rejected' are ignored here (and in every other "
+                  f"record); the reply learned is 'output' / 'completion'", file=sys.stderr)
+        for messages in found:
+            stats["multiline_replies"] |= any("\n" in m["content"].strip() for m in messages
+                                              if m["role"] == "assistant")
+            yield where, "chat", messages
+
+
+def set_kind(stats, kind, where):
+    """The dataset is text or chat, never both: the first input decides, a later one of the other kind is refused."""
+    if stats["kind"] is None:
+        stats["kind"], stats["kind_where"] = kind, where
+    elif stats["kind"] != kind:
+        raise InputError(f"{where}: {kind} data, but {stats['kind_where']} is {stats['kind']} data: plain text "
+                         f"(.txt files, {{\"text\": ...}} records) and chat records cannot be mixed in one dataset; "
+                         f"prepare them into separate folders (pretrain on the text, then fine-tune on the chat)")
+
+
+def tokenize_text_file(path, hasher, writer, progress):
+    """A .txt file as one document, streamed: pieces cut where the tokenizer cuts anyway (records.iter_text)."""
+    enc, first = chat.get_encoder(), True
+    for piece in iter_text(path, hasher):
+        ids = enc.encode_ordinary(piece)
+        writer.add(ids, np.ones(len(ids), dtype=np.uint8), [0] if first else [], continues=not first)
+        first = False
+        progress.update(len(writer.convs), writer.n_tokens)
+    if first:
+        raise InputError(f"{path}: empty file: a .txt input is one document of plain text")
+    writer.add([chat.EOT], [1], [], continues=True)
+
+
 def choose_val(n_convs, val_fraction, seed):
     """Indices of the val conversations: deterministic from the seed, at least one, never all."""
     if n_convs < 2:
-        raise InputError(f"only {n_convs} usable conversation(s): at least 2 are needed to split train/val "
-                         "(or pass --val_file)")
+        raise InputError(f"only {n_convs} usable conversation(s) or document(s): at least 2 are needed to split "
+                         "train/val (or pass --val_file)")
     n_val = min(n_convs - 1, max(1, round(n_convs * val_fraction)))
     return set(np.random.default_rng(seed).permutation(n_convs)[:n_val].tolist())
 
@@ -133,6 +231,20 @@ def split_stream(folder, stream, val, writers):
     for i, (a, b) in enumerate(zip(stream.convs, ends)):
         conv_turns = turns[np.searchsorted(turns, a):np.searchsorted(turns, b)] - a
         writers["val" if i in val else "train"].add(ids[a:b], mask[a:b], conv_turns.tolist())
+
+
+def split_by_position(folder, stream, val_fraction, writers):
+    """A single document (one .txt corpus): the first 1 - val_fraction of its tokens train, the rest val."""
+    n = stream.n_tokens
+    n_val = max(2, round(n * val_fraction))  # a split needs 2 tokens for one (input, target) pair
+    if n - n_val < 2:
+        raise InputError(f"the only document has {n} token(s): too short to split train/val (or pass --val_file)")
+    ids = np.memmap(os.path.join(folder, "all.bin"), dtype=np.uint16, mode="r")
+    mask = np.memmap(os.path.join(folder, "all_mask.bin"), dtype=np.uint8, mode="r")
+    for split, a, b in (("train", 0, n - n_val), ("val", n - n_val, n)):
+        for start in range(a, b, COPY_TOKENS):  # in pieces: a corpus larger than memory is fine
+            end = min(b, start + COPY_TOKENS)
+            writers[split].add(ids[start:end], mask[start:end], [0] if start == a else [], continues=start > a)
 
 
 def summarize(writers, stats):
@@ -149,14 +261,29 @@ def summarize(writers, stats):
     }
 
 
-def build_dataset(inputs, out_dir="data/chat", val_fraction=0.1, val_file=None, seed=1337, skip_invalid=False):
-    """Build the dataset in a folder of its own inside out_dir, then make it the dataset (publish). Returns meta."""
+def build_dataset(inputs, out_dir="data/chat", val_fraction=0.1, val_file=None, seed=1337, skip_invalid=False,
+                  template="human_assistant", oasst_paths="best", dedupe=False, test_fraction=0.0):
+    """Build the dataset in a folder of its own inside out_dir, then make it the dataset (publish). Returns meta.
+    template: a built-in template's name, a JSON template file, or a template dict (see chat.load_template).
+    oasst_paths: "best" (an OpenAssistant tree's best-ranked branch) or "all" (every path ending on a reply).
+    dedupe: drop exact repeats of a conversation (same tokens); they are counted either way.
+    test_fraction: about this share of the conversations is held out to out_dir/test.jsonl (chat data only)."""
+    if not 0 <= test_fraction < 1:
+        raise ConfigError(f"--test_fraction must be at least 0 and below 1, got {test_fraction}")
     if not 0 < val_fraction < 1 and val_file is None:
         raise InputError(f"--val_fraction must be between 0 and 1, got {val_fraction}")
+    if oasst_paths not in ("best", "all"):
+        raise ConfigError(f"--oasst_paths must be best or all, got {oasst_paths!r}")
+    if isinstance(template, dict):
+        chat.check_template(template, "template")
+    else:
+        template = chat.load_template(template)
     clean_out_dir(out_dir)
     tmp = make_temp_dir(out_dir, BUILD_PREFIX)
     try:
-        meta = _build(tmp, inputs, val_fraction, val_file, seed, skip_invalid)
+        meta = _build(tmp, inputs, val_fraction, val_file, seed, skip_invalid,
+                      {"template": template, "oasst_paths": oasst_paths, "dedupe": dedupe,
+                       "test_fraction": test_fraction})
         publish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -164,27 +291,48 @@ def build_dataset(inputs, out_dir="data/chat", val_fraction=0.1, val_file=None, 
     return meta
 
 
-def _build(tmp, inputs, val_fraction, val_file, seed, skip_invalid):
-    """Write every file of the dataset into the folder tmp. Returns meta."""
-    stats, progress = {"skipped": Counter(), "multiline_replies": False}, Progress()
+def _build(tmp, inputs, val_fraction, val_file, seed, skip_invalid, options):
+    """Write every file of the dataset into the folder tmp. Returns meta. options: template, oasst_paths, dedupe."""
+    template = options["template"]
+    stats = {"skipped": Counter(), "multiline_replies": False, "kind": None, "warned_preference": False,
+             "seen": set(), "repeats": 0, **options}
+    progress = Progress()
     writers = {s: TokenWriter(tmp, s) for s in SPLITS}
+    if options["test_fraction"]:
+        stats.update(test=open(os.path.join(tmp, "test.jsonl"), "w", encoding="utf-8"), n_test=0,
+                     test_rng=np.random.default_rng(seed + 1))
     if val_file is None:
         stream = TokenWriter(tmp, "all")
         hashes = tokenize_inputs(inputs, stream, skip_invalid, stats, progress)
         stream.close(tmp, "all")
-        split_stream(tmp, stream, choose_val(len(stream.convs), val_fraction, seed), writers)
+        if stats["kind"] == "text" and len(stream.convs) == 1:
+            split_by_position(tmp, stream, val_fraction, writers)
+        else:
+            split_stream(tmp, stream, choose_val(len(stream.convs), val_fraction, seed), writers)
     else:
         hashes = tokenize_inputs(inputs, writers["train"], skip_invalid, stats, progress)
+        test, stats["test"] = stats.get("test"), None  # the val file is val: nothing of it is held out
         hashes.update(tokenize_inputs([val_file], writers["val"], skip_invalid, stats, progress))
+        stats["test"] = test
+    if stats.get("test") is not None:
+        stats["test"].close()
+        if stats["kind"] == "text":
+            raise ConfigError("--test_fraction holds out conversations for eval.py --data: not for plain text")
     for s in SPLITS:
         writers[s].close(tmp, s)
         if not writers[s].convs:
             raise InputError(f"no usable conversations for the {s} split")
-    meta = {"tokenizer": chat.TOKENIZER, "vocab_size": chat.VOCAB_SIZE, "template": chat.TEMPLATE,
-            "multiline_replies": stats["multiline_replies"],
-            "default_stop": chat.default_stop(stats["multiline_replies"]),
+    text = stats["kind"] == "text"
+    n_docs = len(stream.convs) if val_file is None else len(writers["train"].convs) + len(writers["val"].convs)
+    meta = {"kind": stats["kind"], **({"documents": n_docs} if text else {}), "tokenizer": chat.TOKENIZER,
+            "vocab_size": chat.VOCAB_SIZE, "template": template, "multiline_replies": stats["multiline_replies"],
+            "default_stop": None if text else chat.default_stop(stats["multiline_replies"], template),  # text: none
             **summarize(writers, stats), "sources": hashes, "seed": seed,
-            "val_fraction": None if val_file else val_fraction}
+            "val_fraction": None if val_file else val_fraction,
+            "duplicates": {"repeats": stats["repeats"], "removed": stats["repeats"] if stats["dedupe"] else 0,
+                           "val_in_train": val_in_train(tmp, writers)},
+            **({"test": {"file": "test.jsonl", "conversations": stats["n_test"],
+                         "fraction": options["test_fraction"]}} if options["test_fraction"] else {})}
     for name in os.listdir(tmp):
         if name.startswith("all"):  # the tokenised stream before the split
             os.remove(os.path.join(tmp, name))
@@ -201,7 +349,9 @@ def publish(build, out_dir):
     try:
         os.symlink(os.path.basename(build), temp_name(link))
     except OSError:  # no symlinks here (e.g. Windows without the privilege): move the files, meta.json last
-        for name in DATASET_FILES:
+        for name in OPTIONAL_FILES + DATASET_FILES:
+            if name in OPTIONAL_FILES and not os.path.exists(os.path.join(build, name)):
+                continue
             os.replace(os.path.join(build, name), os.path.join(out_dir, name))
         shutil.rmtree(build, ignore_errors=True)
         return
@@ -213,8 +363,12 @@ def publish(build, out_dir):
 
 def link_names(out_dir):
     """Each dataset file name in out_dir a symlink to CURRENT/name (replacing old regular files, one rename each)."""
-    for name in DATASET_FILES:
+    for name in DATASET_FILES + OPTIONAL_FILES:
         path, target = os.path.join(out_dir, name), os.path.join(CURRENT, name)
+        if name in OPTIONAL_FILES and not os.path.exists(os.path.join(out_dir, target)):
+            if os.path.islink(path):  # the previous build had one, this one has none
+                os.remove(path)
+            continue
         if os.path.islink(path) and os.readlink(path) == target:
             continue
         os.symlink(target, temp_name(path))
@@ -226,7 +380,7 @@ def clean_out_dir(out_dir):
     build, never a live run's) and finish linking the current build if a kill interrupted that. Says what it did."""
     link = os.path.join(out_dir, CURRENT)
     current = os.readlink(link) if os.path.islink(link) else None
-    ours = set(DATASET_FILES) | {CURRENT}
+    ours = set(DATASET_FILES + OPTIONAL_FILES) | {CURRENT}
     removed = remove_dead_leftovers(out_dir, (BUILD_PREFIX,), temp_of=ours.__contains__, keep=(current,))
     if current and os.path.isdir(os.path.join(out_dir, current)):
         link_names(out_dir)
@@ -243,9 +397,11 @@ def clean_out_dir(out_dir):
 class ChatData:
     """One split of a prepared dataset, memory-mapped. Batches are windows of block_size + 1 tokens starting at a
     turn boundary (so an answer is never trained without its question); a window may run into the following
-    conversations and is padded (target -1, mask 0) at the end of the split."""
+    conversations and is padded (target -1, mask 0) at the end of the split. Plain-text data (kind "text") has no
+    questions to keep: its windows start anywhere, as in nanoGPT."""
 
-    def __init__(self, folder, split, expected_tokens):
+    def __init__(self, folder, split, expected_tokens, kind="chat"):
+        self.kind, self._useful = kind, {}
         path = os.path.join(folder, f"{split}.bin")
         self.ids = _read(path, np.uint16)
         self.mask = _read(os.path.join(folder, f"{split}_mask.bin"), np.uint8)
@@ -256,11 +412,15 @@ class ChatData:
                              f"{expected_tokens}: the dataset is incomplete, run prepare.py again")
 
     def get_batch(self, batch_size, block_size, generator):
-        picks = torch.randint(len(self.starts), (batch_size,), generator=generator).numpy()
+        if self.kind == "text":
+            starts = torch.randint(max(1, len(self.ids) - block_size), (batch_size,), generator=generator).numpy()
+        else:
+            starts = self.useful_starts(block_size)
+            starts = starts[torch.randint(len(starts), (batch_size,), generator=generator).numpy()]
         x = np.full((batch_size, block_size), chat.EOT, dtype=np.int64)
         y = np.full((batch_size, block_size), -1, dtype=np.int64)
         m = np.zeros((batch_size, block_size), dtype=np.float32)
-        for row, start in enumerate(self.starts[picks]):
+        for row, start in enumerate(starts):
             window = self.ids[start:start + block_size + 1].astype(np.int64)
             n = len(window) - 1  # block_size, or fewer at the end of the split
             x[row, :n] = window[:-1]
@@ -268,9 +428,27 @@ class ChatData:
             m[row, :n] = self.mask[start + 1:start + n + 1]
         return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(m)
 
+    def useful_starts(self, block_size):
+        """The turn starts whose window has a learned token among its block_size targets: a window of a long
+        conversation whose reply lies beyond it would train nothing (all of them when none has one)."""
+        if block_size not in self._useful:
+            keep = np.zeros(len(self.starts), dtype=bool)
+            for a in range(0, len(self.ids), SCAN_TOKENS):  # in pieces: a cumulative sum of the whole mask is large
+                lo, hi = np.searchsorted(self.starts, [a, a + SCAN_TOKENS])
+                if lo == hi:
+                    continue
+                learned = np.concatenate([[0], np.cumsum(self.mask[a + 1:a + SCAN_TOKENS + block_size + 1],
+                                                         dtype=np.int64)])
+                s = np.asarray(self.starts[lo:hi]) - a
+                keep[lo:hi] = learned[np.minimum(s + block_size, len(learned) - 1)] > learned[s]
+            self._useful[block_size] = self.starts[keep] if keep.any() else self.starts
+        return self._useful[block_size]
+
     def first_prompt(self):
         """Token ids of the first val conversation up to where its first reply starts (for sample replies)."""
         end = self.convs[1] if len(self.convs) > 1 else len(self.ids)
+        if self.kind == "text":  # everything is learned: a few words to continue
+            return self.ids[:min(8, end - 1)].astype(np.int64).tolist()
         learned = np.flatnonzero(self.mask[:end])
         return self.ids[:learned[0] if len(learned) else end].astype(np.int64).tolist()
 
@@ -312,5 +490,6 @@ def load_dataset(dataset):
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise InputError(f"{meta_path}: not a prepared dataset's meta.json ({type(e).__name__}: {e}): run "
                          f"prepare.py again") from None
-    return {split: ChatData(folder, split, tokens[split]) for split in SPLITS}, meta
+    kind = meta.get("kind") or "chat"  # datasets prepared before plain text existed are chat
+    return {split: ChatData(folder, split, tokens[split], kind) for split in SPLITS}, meta
 

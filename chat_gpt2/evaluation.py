@@ -78,7 +78,7 @@ def val_loss(model, folder, batch_size, device, dtype):
 def load_heldout(path, template, enc):
     """[(prompt_ids, reference)] per conversation; a bad record raises an error naming file:line."""
     examples = []
-    for _, messages in read_conversations(path):  # each ends with an assistant message
+    for _, messages in read_conversations(path, template=template):  # each ends with an assistant message
         examples.append((chat.render_prompt(messages[:-1], template, enc), messages[-1]["content"].strip()))
     if not examples:
         raise InputError(f"{path}: no conversations")

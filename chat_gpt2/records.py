@@ -1,9 +1,13 @@
-"""Reading chat data: records streamed from .jsonl / .json files and normalised to [{"role", "content"}, ...].
+"""Reading the data: records streamed from .jsonl / .json files and normalised to [{"role", "content"}, ...], and
+plain text (.txt files, {"text"} records).
 
-Each record is recognised by its keys (extra keys such as "id" are ignored):
-    {"user", "assistant"}                      {"messages": [{"role", "content"}, ...]}
-    {"instruction", "input", "output"}         {"conversations": [{"from", "value"}, ...]}
+Each record is recognised by its keys (see docs/data.md):
+    {"user", "assistant"}                      {"messages": [{"role", "content"}, ...], optional "system"}
+    {"instruction", "input", "output"}         {"conversations": [{"from", "value"}, ...], optional "system"}
     {"prompt", "completion"}                   {"question", "answer"}
+    {"message_tree_id", "prompt": {...}}       an OpenAssistant tree: its best-ranked branch, or every path
+    {"text"}                                   a plain-text document
+A key of CONTENT_KEYS that the record's schema does not use is an error; any other key is metadata, ignored.
 A record that cannot be used raises RecordError naming file:line (or file[index] for a .json array) and field.
 """
 import codecs
@@ -11,6 +15,7 @@ import hashlib
 import json
 import os
 
+from . import chat
 from .errors import InputError, RecordError
 
 MAX_RECORD_BYTES = 64 * 2 ** 20  # one record (a .jsonl line, a .json array element) larger than this is refused
@@ -132,23 +137,99 @@ def iter_json_array(path, hasher, chunk_size=1 << 20):
                          "a .json input must hold one array of records")
 
 
-def iter_records(path, hasher):
+# ----------------------------------------------------------------------------------------------------------------
+# Plain text: a .txt file is one document, read in chunks cut where GPT-2's tokenizer would cut anyway
+
+TEXT_CHUNK_BYTES = 1 << 20
+MAX_TEXT_CARRY = 16 << 20  # characters held while looking for a safe cut; past this a cut may change a token or two
+_WS = " \t\n\r\x0b\x0c"  # whitespace GPT-2's pre-tokenizer splits on (\s) for certain
+
+
+def safe_cut(text, i):
+    """True when text[:i] and text[i:] tokenise to exactly the tokens of text (GPT-2's pre-tokenizer pieces never
+    cross i): one whitespace char after a non-space, then a non-space (not after a plain space, which joins the
+    word that follows), or two whitespace chars cut between them with non-spaces around."""
+    if i < 2 or i >= len(text) or text[i - 2].isspace() or text[i - 1] not in _WS:
+        return False
+    if not text[i].isspace():
+        return text[i - 1] != " "
+    return text[i] in _WS and i + 1 < len(text) and not text[i + 1].isspace()
+
+
+def last_safe_cut(text):
+    """The largest i with safe_cut(text, i), looking only around newlines (one per line is plenty); 0 if none."""
+    pos = len(text)
+    while True:
+        pos = text.rfind("\n", 0, pos)
+        if pos < 1:
+            return 0
+        for i in (pos + 1, pos):  # just after the newline, or between it and the char before
+            if safe_cut(text, i):
+                return i
+
+
+def iter_text(path, hasher, chunk_bytes=TEXT_CHUNK_BYTES, max_carry=MAX_TEXT_CARRY):
+    """The text of a .txt file (UTF-8) as pieces of about chunk_bytes, cut only where tokenising the pieces one by
+    one gives the tokens of the whole file; memory is bounded by max_carry characters."""
+    check_input_file(path)
+    utf8, buf, line = codecs.getincrementaldecoder("utf-8-sig")(), "", 1  # -sig: tolerate a BOM
+    with open(path, "rb") as f:
+        while True:
+            raw = f.read(chunk_bytes)
+            hasher.update(raw)
+            try:
+                buf += utf8.decode(raw, final=not raw)
+            except UnicodeDecodeError as e:
+                line += buf.count("\n") + raw[:e.start].count(b"\n")
+                raise InputError(f"{path}:{line}: invalid UTF-8 near byte {f.tell() - len(raw) + e.start}") \
+                    from None
+            if not raw:
+                break
+            cut = last_safe_cut(buf) or (len(buf) if len(buf) > max_carry else 0)
+            if cut:
+                line += buf.count("\n", 0, cut)
+                yield buf[:cut]
+                buf = buf[cut:]
+    if buf:
+        yield buf
+
+
+CHAT_KEYS = {"user", "assistant", "messages", "conversations", "instruction", "output", "prompt", "completion",
+             "question", "answer", "message_tree_id"}
+
+
+def is_document(record):
+    """A {"text": ...} record (plain-text data) rather than a conversation."""
+    return isinstance(record, dict) and "text" in record and not CHAT_KEYS & record.keys()
+
+
+def document_text(record, where):
+    """The text of a {"text": ...} record (plain-text data, learned whole)."""
+    _check_keys(record, where, {"text"})
+    return _text(record, "text", where)
+
+
+def check_input_file(path):
     if os.path.isdir(path):
-        raise InputError(f"{path} is a directory: pass the .jsonl / .json files in it")
+        raise InputError(f"{path} is a directory: pass the .jsonl / .json / .txt files in it")
     if not os.path.isfile(path):
         raise InputError(f"input file not found: {path}")
+
+
+def iter_records(path, hasher):
+    check_input_file(path)
     if path.endswith(".jsonl"):
         return iter_jsonl(path, hasher)
     if path.endswith(".json"):
         return iter_json_array(path, hasher)
-    raise InputError(f"{path}: unsupported extension (expected .jsonl or .json)")
+    raise InputError(f"{path}: unsupported extension (expected .jsonl, .json or .txt)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Schemas: every record becomes [{"role", "content"}, ...]
 
-ROLE_ALIASES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
-                "chatgpt": "assistant", "bot": "assistant", "model": "assistant"}
+ROLE_ALIASES = {"system": "system", "user": "user", "human": "user", "prompter": "user", "assistant": "assistant",
+                "gpt": "assistant", "chatgpt": "assistant", "bot": "assistant", "model": "assistant"}
 
 
 def _text(record, key, where, field=None):
@@ -191,36 +272,141 @@ def _turns(turns, where, list_key, role_key, content_key):
     return messages
 
 
-def to_messages(record, where):
-    """Recognise a record's schema by its keys and normalise it to a list of messages."""
+# Keys that carry conversation content. One that the record's schema does not use is an error (it would be
+# silently lost); every other key (id, source, category, lang, metadata, ...) is metadata and ignored.
+CONTENT_KEYS = {"user", "assistant", "messages", "conversations", "system", "instruction", "input", "output",
+                "prompt", "completion", "question", "answer", "text", "chosen", "rejected", "context", "response",
+                "history", "query", "conversation", "dialogue", "turns", "replies"}
+PREFERENCE_KEYS = {"chosen", "rejected"}  # ignored beside instruction/output and prompt/completion (one warning)
+PAIRS = [("user", "assistant"), ("prompt", "completion"), ("question", "answer")]
+
+
+def _check_keys(record, where, used):
+    """A content key that the record's schema (used) has no place for is an error naming the key."""
+    extra = sorted((record.keys() & CONTENT_KEYS) - used)
+    if extra:
+        raise RecordError(where, f"field '{extra[0]}' is not understood beside {', '.join(sorted(used))} (it would "
+                          f"carry conversation content that this schema has no place for): remove it or convert the "
+                          f"record", "unknown field")
+
+
+def _with_system(record, where, list_key, messages):
+    """A top-level "system" beside messages/conversations becomes the system message (an empty one is none)."""
+    system = record.get("system", "")
+    if not isinstance(system, str):
+        raise RecordError(where, f"field 'system' must be a string, got {type(system).__name__}", "wrong type")
+    if not system.strip():
+        return messages
+    if messages[0]["role"] == "system":
+        raise RecordError(where, f"field 'system' and a system message in '{list_key}[0]': give one or the other",
+                          "roles out of order")
+    return [{"role": "system", "content": system}] + messages
+
+
+def to_conversations(record, where, template=chat.TEMPLATE, oasst_paths="best"):
+    """Recognise a record's schema by its keys and normalise it to a list of conversations (lists of messages):
+    one, except for an OpenAssistant tree with oasst_paths="all" (every root-to-leaf path ending on an assistant
+    reply). template["input"] says how an instruction record's input joins its instruction (so a renderer that
+    sees only messages renders it too)."""
     if not isinstance(record, dict):
         raise RecordError(where, f"a record must be a JSON object, got {type(record).__name__}", "wrong type")
-    if "messages" in record:
-        return _turns(record["messages"], where, "messages", "role", "content")
-    if "conversations" in record:
-        return _turns(record["conversations"], where, "conversations", "from", "value")
-    pairs = [("user", "assistant"), ("prompt", "completion"), ("question", "answer")]
-    for user_key, assistant_key in pairs:
+    for list_key, role_key, content_key in (("messages", "role", "content"), ("conversations", "from", "value")):
+        if list_key in record:
+            _check_keys(record, where, {list_key, "system"})
+            return [_with_system(record, where, list_key,
+                                 _turns(record[list_key], where, list_key, role_key, content_key))]
+    if "message_tree_id" in record or isinstance(record.get("prompt"), dict):
+        _check_keys(record, where, {"prompt"})
+        return oasst_conversations(record, where, oasst_paths)
+    for user_key, assistant_key in PAIRS:
         if user_key in record or assistant_key in record:
-            return [{"role": "user", "content": _text(record, user_key, where)},
-                    {"role": "assistant", "content": _text(record, assistant_key, where)}]
+            preference = PREFERENCE_KEYS if user_key == "prompt" else set()
+            _check_keys(record, where, {user_key, assistant_key} | preference)
+            return [[{"role": "user", "content": _text(record, user_key, where)},
+                     {"role": "assistant", "content": _text(record, assistant_key, where)}]]
     if "instruction" in record or "output" in record:
+        _check_keys(record, where, {"instruction", "input", "output"} | PREFERENCE_KEYS)
         user = _text(record, "instruction", where)
         extra = record.get("input", "")
         if not isinstance(extra, str):
             raise RecordError(where, f"field 'input' must be a string, got {type(extra).__name__}", "wrong type")
         if extra.strip():
-            user = f"{user.strip()}\n{extra.strip()}"
-        return [{"role": "user", "content": user},
-                {"role": "assistant", "content": _text(record, "output", where)}]
+            user = user.strip() + chat.fill(template.get("input", chat.TEMPLATE["input"]), extra.strip())
+        return [[{"role": "user", "content": user},
+                 {"role": "assistant", "content": _text(record, "output", where)}]]
+    if "text" in record:
+        _check_keys(record, where, {"text"})
+        raise RecordError(where, "a plain-text record ({\"text\"}) where a conversation is expected", "text record")
     raise RecordError(where, f"unrecognised schema, keys seen: {sorted(record)}; expected one of user/assistant, "
-                      "messages, instruction/input/output, conversations, prompt/completion, question/answer",
-                      "unknown schema")
+                      "messages, instruction/input/output, conversations, prompt/completion, question/answer, an "
+                      "OpenAssistant tree (message_tree_id, prompt) or text", "unknown schema")
 
 
-def read_conversations(path, hasher=None):
+def to_messages(record, where, template=chat.TEMPLATE):
+    """The record's conversation (an OpenAssistant tree: its best-ranked branch)."""
+    return to_conversations(record, where, template)[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# OpenAssistant trees: {"message_tree_id", "prompt": {"role": "prompter", "text", "replies": [{"role":
+# "assistant", "text", "rank", "replies": [...]}, ...]}}
+
+
+def _oasst_message(node, field, where, expected):
+    if not isinstance(node, dict):
+        raise RecordError(where, f"field '{field}' must be an object", "wrong type")
+    role = ROLE_ALIASES.get(str(node.get("role", "")).lower())
+    if role != expected:
+        raise RecordError(where, f"field '{field}.role' is {node.get('role')!r} where {expected!r} (or "
+                          f"{'prompter' if expected == 'user' else 'assistant'}) was expected", "roles out of order")
+    return {"role": role, "content": _text(node, "text", where, f"{field}.text")}
+
+
+def _ranked_replies(node, field, where):
+    """(reply, its field) of a message's replies that are not deleted: rank 0 first, unranked ones after the
+    ranked, ties in their order."""
+    replies = node.get("replies", [])
+    if not isinstance(replies, list):
+        raise RecordError(where, f"field '{field}.replies' must be a list", "wrong type")
+    kept = []
+    for i, reply in enumerate(replies):
+        if isinstance(reply, dict) and reply.get("deleted") is True:
+            continue
+        rank = reply.get("rank") if isinstance(reply, dict) else None
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, (int, float))):
+            raise RecordError(where, f"field '{field}.replies[{i}].rank' must be a number", "wrong type")
+        kept.append(((rank is None, rank or 0, i), reply, f"{field}.replies[{i}]"))
+    return [(reply, f) for _, reply, f in sorted(kept, key=lambda k: k[0])]
+
+
+def oasst_conversations(record, where, paths="best"):
+    """The conversations of an OpenAssistant tree: the best-ranked branch (paths="best"), or every root-to-leaf
+    path that ends on an assistant reply (paths="all"). Walked with a stack: a deep tree cannot overflow Python's."""
+    if not isinstance(record.get("prompt"), dict):
+        raise RecordError(where, "field 'prompt' must be an object (an OpenAssistant message tree)", "wrong type")
+    found, stack = [], [(record["prompt"], "prompt", [])]
+    while stack:
+        node, field, before = stack.pop()
+        expected = "user" if not before or before[-1]["role"] == "assistant" else "assistant"
+        path = before + [_oasst_message(node, field, where, expected)]
+        replies = _ranked_replies(node, field, where)
+        if paths == "best":
+            replies = replies[:1]
+        if not replies:
+            if paths == "best":
+                while path and path[-1]["role"] != "assistant":  # the best branch ends on a question: drop it
+                    path.pop()
+            if path and path[-1]["role"] == "assistant":
+                found.append(path)
+        stack += [(reply, f, path) for reply, f in reversed(replies)]
+    if not found:
+        raise RecordError(where, "the OpenAssistant tree has no assistant reply", "no assistant reply")
+    return found
+
+
+def read_conversations(path, hasher=None, template=chat.TEMPLATE):
     """Yield (where, messages) for every record of path; a bad record raises RecordError."""
     for where, record in iter_records(path, hasher or hashlib.sha256()):
         if isinstance(record, RecordError):
             raise record
-        yield where, to_messages(record, where)
+        yield where, to_messages(record, where, template)

@@ -278,15 +278,15 @@ def tiny_model(seed=0, residual_scale=10.0, train=False, **config):
     return model.train(train)
 
 
-def save_tiny_checkpoint(path, model=None, default_stop=None):
-    """A checkpoint with the keys sample.py / eval.py read (as train.py writes them). Returns the path."""
+def save_tiny_checkpoint(path, model=None, default_stop="\n"):
+    """A checkpoint with the keys sample.py / eval.py read (as train.py writes them); default_stop None: a text
+    model's (no stop string). Returns the path."""
     from chat_gpt2 import chat
     from chat_gpt2.checkpoint import save_checkpoint
     model = model or tiny_model()
-    default_stop = chat.NEWLINE_STOP if default_stop is None else default_stop
     save_checkpoint(str(path), {"model": model.state_dict(), "model_args": asdict(model.config),
                                 "template": chat.TEMPLATE, "tokenizer": chat.TOKENIZER,
-                                "default_stop": default_stop, "multiline_replies": default_stop != "\n"})
+                                "default_stop": default_stop, "multiline_replies": default_stop not in ("\n", None)})
     return str(path)
 
 

@@ -101,7 +101,7 @@ BAD = {
                      ["{p}:2:", "UTF-8"]),
     "invalid_utf8_array": ("d.json", b'[{"user": "a", "assistant": "b"}, {"user": "caf\xe9", "assistant": "b"}]',
                            ["{p}", "UTF-8"]),
-    "unsupported_extension": ("d.txt", [GOOD, GOOD], ["{p}", "unsupported extension"]),
+    "unsupported_extension": ("d.csv", [GOOD, GOOD], ["{p}", "unsupported extension"]),
     "missing_file": (None, None, ["{p}", "not found"]),
 }
 
