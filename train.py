@@ -17,12 +17,14 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from chat_gpt2 import chat, configurator
-from chat_gpt2.checkpoint import (SHAPE_KEYS, checkpoint_path, describe_base, find_checkpoint, init_checkpoint,
-                                  load_checkpoint, model_from_checkpoint, save_checkpoint, training_checkpoint, unused_stamp)
+from chat_gpt2.checkpoint import (CKPT_PATTERN, SHAPE_KEYS, checkpoint_path, describe_base, find_checkpoint,
+                                  init_checkpoint, load_checkpoint, model_from_checkpoint, save_checkpoint,
+                                  training_checkpoint, unused_stamp)
 from chat_gpt2.dataset import load_dataset
 from chat_gpt2.device import peak_flops, resolve_compile, resolve_device, resolve_dtype, tune_cpu_allocator
 from chat_gpt2.engine import Engine, SamplingParams
-from chat_gpt2.errors import ConfigError
+from chat_gpt2.errors import ConfigError, DivergedError, MissingFileError
+from chat_gpt2.files import remove_dead_leftovers
 from chat_gpt2.hf_gpt2 import from_pretrained, pretrained_config, resolve_pretrained
 from chat_gpt2.lora import apply_lora, freeze_layers, lora_settings
 from chat_gpt2.memory import check_memory, count_trainable
@@ -61,6 +63,10 @@ DEFAULTS = dict(
 )
 
 
+# where and how a process runs, taken from its own command line on resume rather than from the saved config
+HERE_KEYS = ("out_dir", "device", "backend", "check_memory")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Setup: config, processes, model, optimizer
 
@@ -70,10 +76,16 @@ def resolve_config(argv):
     cfg, explicit = configurator.load(DEFAULTS, argv, prog="train.py")
     resume_from = None
     if cfg["init_from"] == "resume":
-        resume_from = find_checkpoint(cfg["out_dir"], last=True)
-        saved = load_checkpoint(resume_from)["config"]
+        try:
+            resume_from = find_checkpoint(cfg["out_dir"], last=True)
+        except MissingFileError:
+            raise MissingFileError(f"no run to resume in {cfg['out_dir']!r} (no finetuned_*_last.pt): pass the run's "
+                                   f"folder as --out_dir=..., or start one with --init_from=scratch or gpt2") from None
+        saved = configurator.check_saved(DEFAULTS, load_checkpoint(resume_from).get("config", {}),
+                                         f"the config saved in {resume_from}")
+        here = {k: cfg[k] for k in HERE_KEYS}  # where and how this process runs: not the saved run's
         overrides = {k: v for k, v in explicit.items() if k != "init_from" and saved.get(k) != v}
-        cfg = {**DEFAULTS, **saved, **overrides, "init_from": "resume"}
+        cfg = {**DEFAULTS, **saved, **here, **overrides, "init_from": "resume"}
         print(f"resuming {resume_from}" + (f" with overrides {overrides}" if overrides else ""))
     resolve_epochs(cfg, argv, explicit)
     lora_settings(cfg)  # bad LoRA / trainable_layers values are refused before any data or weights are read
@@ -192,7 +204,7 @@ class Trainer:
                                            enabled=run["dtype"] == "float16" and run["device"].startswith("cuda"))
         self.data_rng = torch.Generator().manual_seed(cfg["seed"] + run["rank"])
         self.stopper = EarlyStopping(cfg["patience"], cfg["min_delta"])
-        self.iter_num, self.losses = 0, {}
+        self.iter_num, self.losses, self.evaluated_at, self.signal = 0, {}, None, None
         self.stamp = unused_stamp(cfg["out_dir"])
         if ckpt is not None:
             self._restore(ckpt)
@@ -201,7 +213,7 @@ class Trainer:
             if run["ddp"] else model
         self.best_path = checkpoint_path(cfg["out_dir"], self.stamp)
         self.last_path = checkpoint_path(cfg["out_dir"], self.stamp, last=True)
-        self.logger = Logger(cfg, run, resumed=ckpt is not None)
+        self.logger = Logger(cfg, run, resume_iter=self.iter_num if ckpt is not None else None)
         # MFU: nanoGPT's 6N + 12LHQT FLOPs per token (less the head's share on masked tokens, see _mfu) against a
         # GPU's data-sheet peak for the training dtype, else this device's matmul peak measured now (~0.5 s): never
         # a hard-coded A100
@@ -212,6 +224,7 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.iter_num, self.stamp, self.losses = ckpt["iter_num"], ckpt["run"], ckpt["losses"]
+        self.evaluated_at = ckpt.get("evaluated_at", self.iter_num)  # older checkpoints were saved at evals only
         # the saved progress (best, reference, stale) with this run's settings: a --patience/--min_delta given on
         # resume wins, like every other override
         self.stopper = EarlyStopping(**{**ckpt["early_stopping"], "patience": self.cfg["patience"],
@@ -225,13 +238,16 @@ class Trainer:
         state = {"iter_num": self.iter_num, "run": self.stamp, "losses": self.losses,
                  "train_loss": self.losses.get("train"), "val_loss": self.losses.get("val"),
                  "best_val_loss": self.stopper.best, "early_stopping": asdict(self.stopper),
-                 "data_rng": self.data_rng.get_state()}
+                 "evaluated_at": self.evaluated_at, "data_rng": self.data_rng.get_state()}
         optimizer = (self.optimizer, self.scaler) if with_optimizer else (None, None)
         save_checkpoint(path, training_checkpoint(self.raw_model, self.cfg, self.meta, state, *optimizer))
 
     def eval_and_checkpoint(self):
         """Evaluate, keep the best model, save the latest state. Returns True when early stopping fires."""
         self.losses = evaluate(self.model, self.data, self.cfg, self.run)
+        for split, loss in self.losses.items():
+            self.check_finite(loss, f"{split} loss (eval)")
+        self.evaluated_at = self.iter_num
         is_best, stop = self.stopper.update(self.losses["val"])
         if self.run["master"]:
             if is_best:
@@ -253,20 +269,20 @@ class Trainer:
 
     def train(self):
         cfg, run = self.cfg, self.run
-        interrupted = {"signal": None}
 
         def on_signal(signum, frame):  # finish the current step, save, exit; a second signal exits at once
-            if interrupted["signal"] is not None:
+            if self.signal is not None:
                 raise KeyboardInterrupt
-            interrupted["signal"] = signum
+            self.signal = signum
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, on_signal)
-        start_iter, reason = self.iter_num, f"reached max_iters={cfg['max_iters']}"
+        reason = f"reached max_iters={cfg['max_iters']}"
         t_start = time.time()
         self._start_window()
         while self.iter_num < cfg["max_iters"]:
-            if self.iter_num % cfg["eval_interval"] == 0 and self.iter_num != start_iter or self.iter_num == 0:
+            # evaluated_at: a run resumed at an eval iteration evaluates there unless the saved state already did
+            if self.iter_num % cfg["eval_interval"] == 0 and self.evaluated_at != self.iter_num:
                 if self.eval_and_checkpoint():
                     reason = f"early stopping: {cfg['patience']} evals without a val improvement >= {cfg['min_delta']}"
                     break
@@ -277,18 +293,34 @@ class Trainer:
             loss = train_step(self.model, self.optimizer, self.scaler, self.data["train"], self.data_rng, cfg, run,
                               stats=self.window)
             self.iter_num += 1
-            if self.iter_num % cfg["log_interval"] == 0 or self.iter_num == cfg["max_iters"]:
-                self._log_step(loss.item(), lr)  # the only host sync outside evals (before the clock: GPU time counts)
+            log_now = self.iter_num % cfg["log_interval"] == 0 or self.iter_num == cfg["max_iters"]
+            if log_now or not run["device"].startswith("cuda"):  # a host sync: on a GPU only at log steps
+                self.check_finite(loss.item(), "training loss")
+            if log_now:
+                self._log_step(loss.item(), lr)  # before the clock is read: GPU time counts
                 self._start_window()
-            if interrupted["signal"] is not None:
-                reason = f"interrupted by signal {interrupted['signal']}"
+            if self.signal is not None:
+                reason = f"interrupted by signal {self.signal}"
                 break
         else:  # max_iters reached: evaluate and save the steps since the last eval
-            if self.iter_num != start_iter:
+            if self.evaluated_at != self.iter_num:
                 self.eval_and_checkpoint()
-        if reason.startswith("interrupted") and run["master"]:
+        if self.signal is not None and run["master"]:
+            for name, p in self.raw_model.named_parameters():  # on a GPU the loss is checked at log steps only
+                self.check_finite(p.detach().float().abs().max().item(), f"weight {name}")
             self.save(self.last_path, with_optimizer=True)
         return reason, time.time() - t_start
+
+    def check_finite(self, value, what):
+        """Stop a diverged run at once, before anything is saved from it, saying what to try."""
+        if math.isfinite(value):
+            return
+        cfg = self.cfg
+        last = f"; the last good state is {self.last_path}" if os.path.exists(self.last_path) else ""
+        raise DivergedError(f"non-finite {what} ({value}) at iteration {self.iter_num}: the run diverged and "
+                            f"was stopped; nothing was saved from it{last}. Try a lower --learning_rate (now "
+                            f"{cfg['learning_rate']:g}), --grad_clip=1.0 (now {cfg['grad_clip']:g}) or "
+                            f"--dtype=float32 (now {self.run['dtype']})")
 
     def _start_window(self):
         self.window_t0, self.window_iter, self.window = time.time(), self.iter_num, {"learned_tokens": 0.0}
@@ -330,6 +362,10 @@ def main(argv=None):
     run = setup_processes(cfg)
     if run["master"]:
         os.makedirs(cfg["out_dir"], exist_ok=True)
+        # checkpoints half-written by killed runs (finetuned_*.pt.tmp<PID>); a live run's stay
+        removed = remove_dead_leftovers(cfg["out_dir"], temp_of=lambda name: bool(CKPT_PATTERN.match(name)))
+        if removed:
+            print(f"removed {len(removed)} leftover(s) of interrupted runs: {', '.join(removed)}")
     try:
         trainer = Trainer(cfg, run, resume_from, explicit)
         n_params = trainer.raw_model.get_num_params()
@@ -350,6 +386,8 @@ def main(argv=None):
             if plot:
                 print(f"loss curve: {plot}")
         trainer.logger.close()
+        if trainer.signal is not None and run["master"]:
+            print(f"to continue: python train.py --init_from=resume --out_dir={cfg['out_dir']}", flush=True)
         if run["ddp"]:
             # gloo's worker thread may still be releasing the last eval all_reduce's tensor, which needs the GIL;
             # tearing the group down (which joins that thread while holding the GIL) could then hang a rank
@@ -357,6 +395,8 @@ def main(argv=None):
     finally:
         if run["ddp"]:
             dist.destroy_process_group()
+    if trainer.signal is not None:
+        sys.exit(128 + trainer.signal)  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM
 
 
 if __name__ == "__main__":

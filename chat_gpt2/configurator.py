@@ -160,6 +160,19 @@ def parse(defaults: dict, argv: list[str]) -> tuple[dict, dict]:
     return config, explicit
 
 
+def check_saved(defaults, saved, where):
+    """A config stored earlier (a checkpoint's), checked like a config file: every value must fit its default's type
+    (ConfigError naming `where` and the key otherwise). Keys this version does not know are dropped, with a note."""
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{where} is not a dict of settings")
+    unknown = sorted(k for k in saved if k not in defaults)
+    if unknown:
+        print(f"note: ignoring settings unknown to this version in {where}: {', '.join(map(str, unknown))}",
+              file=sys.stderr)
+    return {k: _convert(k, v, defaults, f"'{k}' in {where}", from_cli=False) for k, v in saved.items()
+            if k in defaults}
+
+
 def _help_text(defaults, prog):
     lines = [
         f"usage: {prog} [config.py ...] [--key=value | --key value | --flag ...]",

@@ -48,3 +48,7 @@ class JudgeError(UserError, RuntimeError):
 
 class OutputExistsError(UserError, FileExistsError):
     """An output path that holds something the command will not overwrite (without --force)."""
+
+
+class DivergedError(UserError, RuntimeError):
+    """Training produced a non-finite loss; the message names the iteration and what to try."""

@@ -1,20 +1,40 @@
 """What a training run reports: console lines, out_dir/metrics.jsonl, optionally wandb, and the loss curve."""
 import json
 import os
+import time
+
+from .files import atomic_write
 
 
 class Logger:
-    """Console lines, out_dir/metrics.jsonl and (optionally) wandb; only the master process logs."""
+    """Console lines, out_dir/metrics.jsonl and (optionally) wandb; only the master process logs.
 
-    def __init__(self, cfg, run, resumed):
+    A new run starts a new metrics.jsonl (an older one is kept as metrics.<its time>.jsonl); a resumed run first
+    cuts the log back to the iteration it resumes from, so the records of steps that are redone appear once."""
+
+    def __init__(self, cfg, run, resume_iter=None):
         self.enabled, self.wandb = run["master"], None
         self.path = os.path.join(cfg["out_dir"], "metrics.jsonl")
-        if self.enabled and not resumed and os.path.exists(self.path):
-            os.remove(self.path)  # a new run starts a new log; a resumed one appends
+        if self.enabled and os.path.exists(self.path):
+            if resume_iter is None:
+                stamp = time.strftime("%Y%m%d_%H%M%S", time.localtime(os.path.getmtime(self.path)))
+                kept = os.path.join(cfg["out_dir"], f"metrics.{stamp}.jsonl")
+                os.replace(self.path, kept)
+                print(f"kept the previous run's log as {kept}")
+            else:
+                self._cut(resume_iter)
         if self.enabled and cfg["wandb_log"]:
             import wandb
             self.wandb = wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"] or None, config=cfg,
                                     mode=cfg["wandb_mode"] or None)
+
+    def _cut(self, resume_iter):
+        with open(self.path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        with atomic_write(self.path) as f:
+            for record in records:
+                if record["iter"] <= resume_iter:
+                    f.write(json.dumps(record) + "\n")
 
     def log(self, record, line=None):
         if not self.enabled:

@@ -241,8 +241,8 @@ def train_inprocess(argv):
     return out.getvalue()
 
 
-def read_metrics(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+def read_metrics(out_dir, name="metrics.jsonl"):
+    with open(os.path.join(out_dir, name)) as f:
         return [json.loads(line) for line in f]
 
 
