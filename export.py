@@ -32,7 +32,7 @@ from safetensors.torch import save, save_file
 from chat_gpt2 import chat, configurator
 from chat_gpt2.checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
 from chat_gpt2.errors import ConfigError, OutputExistsError
-from chat_gpt2.files import atomic_write, temporary_dir
+from chat_gpt2.files import atomic_write, disk_error, temporary_dir
 from chat_gpt2.hf_gpt2 import from_pretrained, hf_config, hf_state_dict
 from chat_gpt2.hf_tokenizer import tokenizer_files
 from chat_gpt2.lora import peft_adapter
@@ -45,60 +45,82 @@ DEFAULTS = dict(
     adapter_only=False,  # a LoRA checkpoint: write its adapters as a PEFT adapter directory, not the merged model
 )
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "vocab.json", "merges.txt",
-                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+EXPORT_FILES = ("chat_gpt2_export.json", "config.json", "generation_config.json", "model.safetensors", "vocab.json",
+                "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Writing
 
 
+MARKER = EXPORT_FILES[0]  # written into every export: only a folder holding it is ours to replace
+
+
 def _is_previous_export(path):
     names = os.listdir(path)
-    return "config.json" in names and set(names) <= set(EXPORT_FILES)
+    return MARKER in names and set(names) <= set(EXPORT_FILES)
+
+
+def resolve_out(out, force):
+    """The real directory to write (a symlink to a folder: that folder) and whether something is there already."""
+    out = os.path.abspath(out)
+    if os.path.islink(out) and not os.path.exists(out):
+        raise OutputExistsError(f"--out {out} is a symlink to {os.readlink(out)}, which does not exist")
+    out = os.path.realpath(out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise OutputExistsError(f"--out {out} is a file: pass a directory")
+    replace = bool(os.path.isdir(out) and os.listdir(out))
+    if replace and not force and not _is_previous_export(out):
+        raise OutputExistsError(f"--out {out} is not empty and holds no previous export of this project: pick "
+                                f"another directory, or pass --force to write the export files into it (other files "
+                                f"are kept)")
+    return out, replace
 
 
 def export(model, out, template=chat.TEMPLATE, tokenizer=chat.TOKENIZER, force=False):
-    """Write model (our GPT) as a Hugging Face GPT-2 directory at out, with the tokenizer and chat template."""
-    out = os.path.abspath(out)
-    if os.path.isfile(out):
-        raise OutputExistsError(f"--out {out} is a file: pass a directory")
-    replace = os.path.isdir(out) and os.listdir(out)
-    if replace and not force and not _is_previous_export(out):
-        raise OutputExistsError(f"--out {out} is not empty and does not look like a previous export: pick another "
-                                f"directory, or pass --force to write the export files into it (other files are "
-                                f"kept)")
+    """Write model (our GPT) as a Hugging Face GPT-2 directory at out, with the tokenizer and chat template. It is
+    built beside out and moved into place whole: a failure (a full disk) leaves what was there untouched."""
+    out, replace = resolve_out(out, force)
+    try:
+        with temporary_dir(os.path.dirname(out), f".{os.path.basename(out)}.tmp") as tmp:
+            _write_export(model, tmp, template, tokenizer)
+            if not replace:  # new or empty directory: one rename
+                if os.path.isdir(out):
+                    os.rmdir(out)
+                os.replace(tmp, out)
+            elif not _is_previous_export(out):  # --force: keep the directory's other files (README, .git, ...)
+                for name in EXPORT_FILES:
+                    os.replace(os.path.join(tmp, name), os.path.join(out, name))
+            else:  # a previous export: swap the directories, then delete the old one
+                old = f"{tmp}.old"
+                os.replace(out, old)
+                os.replace(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+    except Exception as e:  # safetensors reports a full disk as its own error type
+        full = disk_error(e, f"exporting to {out}")
+        if full is None:
+            raise
+        raise full from None
 
-    with temporary_dir(os.path.dirname(out), f".{os.path.basename(out)}.tmp") as tmp:
-        save_file(hf_state_dict(model), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        umask = os.umask(0o022)
-        os.umask(umask)
-        os.chmod(os.path.join(tmp, "model.safetensors"), 0o666 & ~umask)  # safetensors writes it 0600
-        os.chmod(tmp, 0o777 & ~umask)  # and mkdtemp makes the folder 0700
-        files = {
-            "config.json": hf_config(model.config),
-            "generation_config.json": {"bos_token_id": chat.EOT, "eos_token_id": chat.EOT, "pad_token_id": chat.EOT},
-            **tokenizer_files(chat.get_encoder(tokenizer), template, model.config.block_size),
-        }
-        for name, content in files.items():
-            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
-                if isinstance(content, str):
-                    f.write(content)
-                else:
-                    json.dump(content, f, indent=None if name.startswith(("tokenizer.json", "vocab")) else 2,
-                              ensure_ascii=False)
-        if not replace:  # new or empty directory: one rename
-            if os.path.isdir(out):
-                os.rmdir(out)
-            os.replace(tmp, out)
-        elif force and not _is_previous_export(out):  # keep the directory's other files (README, .git, ...)
-            for name in EXPORT_FILES:
-                os.replace(os.path.join(tmp, name), os.path.join(out, name))
-        else:  # a previous export: swap the directories, then delete the old one
-            old = f"{tmp}.old"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+
+def _write_export(model, folder, template, tokenizer):
+    save_file(hf_state_dict(model), os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.chmod(os.path.join(folder, "model.safetensors"), 0o666 & ~umask)  # safetensors writes it 0600
+    files = {
+        "config.json": hf_config(model.config),
+        "generation_config.json": {"bos_token_id": chat.EOT, "eos_token_id": chat.EOT, "pad_token_id": chat.EOT},
+        **tokenizer_files(chat.get_encoder(tokenizer), template, model.config.block_size),
+        MARKER: {"format": "chat_gpt2 export", "files": list(EXPORT_FILES)},
+    }
+    for name, content in files.items():
+        with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
+            if isinstance(content, str):
+                f.write(content)
+            else:
+                json.dump(content, f, indent=None if name.startswith(("tokenizer.json", "vocab")) else 2,
+                          ensure_ascii=False)
 
 
 def export_adapter(ckpt, out, force=False):

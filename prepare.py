@@ -25,6 +25,7 @@ never leaves a half-written dataset or damages one that was there.
 import argparse
 import sys
 
+from chat_gpt2 import configurator
 from chat_gpt2.dataset import build_dataset
 from chat_gpt2.errors import RecordError, UserError
 
@@ -97,4 +98,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(configurator.run(main))

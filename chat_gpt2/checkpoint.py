@@ -79,7 +79,7 @@ def init_checkpoint(init_from, shape):
 
 def save_checkpoint(path, ckpt):
     """Write atomically (temp file + rename): a crash mid-save never leaves a torn or truncated checkpoint."""
-    with atomic_write(path, "wb") as f:
+    with atomic_write(path, "wb") as f:  # a full disk: an OutputError naming the file, the old ones untouched
         torch.save(ckpt, f)
 
 

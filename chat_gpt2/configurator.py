@@ -208,6 +208,7 @@ def run(main):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+
     except KeyboardInterrupt:
         print(file=sys.stderr)
         sys.exit(130)

@@ -27,7 +27,7 @@ import torch
 
 from . import chat
 from .errors import ConfigError, InputError, MissingFileError, RecordError
-from .files import make_temp_dir, remove_dead_leftovers, temp_name
+from .files import disk_error, make_temp_dir, remove_dead_leftovers, temp_name
 from .records import PREFERENCE_KEYS, document_text, is_document, iter_records, iter_text, to_conversations
 
 SPLITS = ("train", "val")
@@ -285,8 +285,11 @@ def build_dataset(inputs, out_dir="data/chat", val_fraction=0.1, val_file=None, 
                       {"template": template, "oasst_paths": oasst_paths, "dedupe": dedupe,
                        "test_fraction": test_fraction})
         publish(tmp, out_dir)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        full = disk_error(e, f"writing the dataset in {out_dir}") if isinstance(e, OSError) else None
+        if full is not None:
+            raise full from None
         raise
     return meta
 

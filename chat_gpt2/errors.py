@@ -52,3 +52,7 @@ class OutputExistsError(UserError, FileExistsError):
 
 class DivergedError(UserError, RuntimeError):
     """Training produced a non-finite loss; the message names the iteration and what to try."""
+
+
+class OutputError(UserError, OSError):
+    """An output that cannot be written (disk full, read-only); what was there before is untouched."""

@@ -4,10 +4,25 @@ Every writer of the project goes through atomic_write (checkpoints, replies, dem
 dataset or export built beside its destination and moved into place at the end).
 """
 import contextlib
+import errno
 import json
 import os
 import shutil
 import tempfile
+
+from .errors import OutputError
+
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def disk_error(error, what):
+    """An OutputError for a full or read-only disk (also as reported by libraries that wrap the OS error, such as
+    torch's zip writer or safetensors), else None."""
+    text = str(error)
+    if getattr(error, "errno", None) in DISK_ERRORS or "No space left" in text or "os error 28" in text \
+            or "unexpected pos" in text:
+        return OutputError(f"{what}: no space left on the device (or it is read-only); nothing was replaced")
+    return None
 
 
 def temp_name(path):
@@ -26,6 +41,11 @@ def atomic_write(path, mode="w", encoding="utf-8"):
         with open(tmp, mode, encoding=None if "b" in mode else encoding, newline=None if "b" in mode else "\n") as f:
             yield f
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        full = disk_error(e, f"writing {path}")
+        if full is None:
+            raise
+        raise full from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

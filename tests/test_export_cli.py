@@ -72,7 +72,7 @@ def test_out_directory_rules(tmp_path):
     assert sorted(os.listdir(out)) == sorted(export.EXPORT_FILES)
     assert not [n for n in os.listdir(tmp_path) if n != "hf"]  # no temporary directory left behind
     (out / "README.md").write_text("my model card")
-    with pytest.raises(FileExistsError, match="does not look like a previous export"):
+    with pytest.raises(FileExistsError, match="holds no previous export"):
         export.export(model, str(out))
     export.export(model, str(out), force=True)  # writes the export files, keeps the others
     assert (out / "README.md").read_text() == "my model card" and (out / "model.safetensors").exists()
