@@ -40,23 +40,31 @@ from chat_gpt2.lora import TARGETS, adapter_state, apply_lora, freeze_layers
 from chat_gpt2.model import GPT, GPTConfig
 from chat_gpt2.training import DEFAULT_GRAD_CLIP, to_device, train_step
 
-DEFAULTS = dict(
+DEFAULTS = dict(  # `python bench.py --help` prints these comments
     mode="train",  # train | generate | half | finetune
     preset="tiny",  # --mode=train: tiny (seconds) | 6x384 (batch 8) | 124m (GPT-2 124M shape, batch 4)
-    device="auto", dtype="auto", seed=1337,
-    # --mode=train: overrides of the preset (0 = the preset's); compile as train.py's --compile
-    batch_size=0, block_size=0, steps=0, warmup=0, compile=None,
+    device="auto",  # auto, cpu, cuda, cuda:N or mps
+    dtype="auto",  # auto (bf16 where the device has it), float32, bfloat16 or float16
+    seed=1337,  # seed of the random weights and tokens
+    batch_size=0,  # --mode=train/finetune: override the preset's batch size (0 = the preset's)
+    block_size=0,  # override the preset's block size (0 = the preset's)
+    steps=0,  # override the preset's timed steps (0 = the preset's)
+    warmup=0,  # override the preset's untimed warm-up steps (0 = the preset's)
+    compile=None,  # torch.compile as train.py's --compile
     baseline=False,  # --mode=train: nanoGPT's CPU recipe instead of ours (fp32, unfused AdamW, full-logits loss)
-    profile=False,  # --mode=train: also where a step's time goes (phases; matmuls, attention timed alone; MFU ceilings)
-    # --mode=generate: a preset, and overrides of its sizes (0 / None = the preset's)
-    gen_preset="quick",  # quick: a tiny model, runs in seconds | full: GPT-2 124M shape, random weights
-    gen_prompt_tokens=0, gen_new_tokens=0, gen_batch_sizes=None,  # e.g. --gen_batch_sizes=[1]
+    profile=False,  # --mode=train: also where a step's time goes (phases; matmuls, attention alone; MFU ceilings)
+    gen_preset="quick",  # --mode=generate: quick (a tiny model, seconds) | full (GPT-2 124M shape, random weights)
+    gen_prompt_tokens=0,  # override the preset's prompt length (0 = the preset's)
+    gen_new_tokens=0,  # override the preset's new tokens (0 = the preset's)
+    gen_batch_sizes=None,  # override the preset's batch sizes, e.g. [1]
     gen_hf=True,  # also time transformers' GPT2LMHeadModel.generate(use_cache=True) on the same weights
-    gen_half="bfloat16",  # --mode=generate: also time our decoding with the weights in this dtype ("" = no)
-    # --mode=half: a trained checkpoint and its prepared dataset; greedy tokens and val perplexity, fp32 vs gen_half
-    ckpt="", dataset="", half_prompts=20, half_new_tokens=64,
-    # --mode=finetune: the variants to compare (each in its own process); variant: run just one, in this process
-    variants="full,layers1,lora8,lora8ckpt", variant="",
+    gen_half="bfloat16",  # also time our decoding with the weights in this dtype ("" = no)
+    ckpt="",  # --mode=half: a trained checkpoint
+    dataset="",  # --mode=half: its prepared dataset (prompts and val perplexity)
+    half_prompts=20,  # --mode=half: prompts, taken evenly over the val split
+    half_new_tokens=64,  # --mode=half: greedy tokens per prompt
+    variants="full,layers1,lora8,lora8ckpt",  # --mode=finetune: the variants to compare, each in its own process
+    variant="",  # --mode=finetune: run just this one, in this process
 )
 
 

@@ -30,17 +30,26 @@ from chat_gpt2.evaluation import generate_all, load_heldout, score_rows, val_los
 from chat_gpt2.files import write_jsonl
 from chat_gpt2.judge import make_judge
 
-DEFAULTS = dict(
-    out_dir="out", ckpt="",  # ckpt "": the newest run's best checkpoint in out_dir
-    init_from="",  # e.g. "gpt2": evaluate OpenAI's weights instead of a checkpoint
-    dataset="",  # prepared dataset (name under data/ or folder): val loss and perplexity
+DEFAULTS = dict(  # `python eval.py --help` prints these comments
+    out_dir="out",  # the run's folder: its newest best checkpoint is used unless --ckpt says which
+    ckpt="",  # a checkpoint file (finetuned_*.pt); "" = the newest best one in out_dir
+    init_from="",  # instead of a checkpoint: gpt2..gpt2-xl, a Hugging Face repo id or a local HF directory
+    dataset="",  # a prepared dataset (name under data/ or folder): val loss and perplexity
     data="",  # held-out conversations (.jsonl / .json, any prepare.py schema): replies and their metrics
-    out="",  # where the replies go; "": eval_replies.jsonl in out_dir
+    out="",  # where the replies go; "" = eval_replies.jsonl in out_dir
     batch_size=32,  # windows per forward for the val loss; prompts of one length generated together
-    max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=1337,
-    stop=None,  # None: the checkpoint's default stop
-    judge_cmd="", judge_url="", judge_model="", judge_timeout=120.0,
-    device="auto",
+    max_new_tokens=64,  # the longest reply, in tokens
+    temperature=0.0,  # 0 = greedy (the default for scoring)
+    top_k=0,  # sample from the k most likely tokens (0 = all)
+    top_p=1.0,  # nucleus sampling (1 = off)
+    repetition_penalty=1.0,  # > 1 discourages repeated tokens (1 = off)
+    seed=1337,  # makes sampling reproducible
+    stop=None,  # a string or a list of strings that end a reply; None = the checkpoint's default stop
+    judge_cmd="",  # a command that reads {prompt, reference, response} as JSON on stdin and prints a score
+    judge_url="",  # or an OpenAI-compatible /v1 base URL asked for a 1-10 score (key: $OPENAI_API_KEY, https only)
+    judge_model="",  # the model name the judge endpoint serves
+    judge_timeout=120.0,  # seconds per judge call
+    device="auto",  # auto, cpu, cuda, cuda:N or mps
     dtype="float32",  # fp32 so that scores compare across machines; bfloat16 / float16 / auto convert the weights
 )
 

@@ -37,8 +37,9 @@ from chat_gpt2.hf_gpt2 import from_pretrained, hf_config, hf_state_dict
 from chat_gpt2.hf_tokenizer import tokenizer_files
 from chat_gpt2.lora import peft_adapter
 
-DEFAULTS = dict(
-    out_dir="out", ckpt="",  # ckpt "": the newest run's best checkpoint in out_dir
+DEFAULTS = dict(  # `python export.py --help` prints these comments
+    out_dir="out",  # the run's folder: its newest best checkpoint is exported unless --ckpt says which
+    ckpt="",  # a checkpoint file (finetuned_*.pt); "" = the newest best one in out_dir
     out="",  # the directory to write (required)
     force=False,  # write into an existing directory that holds other files (they are kept)
     check=False,  # after writing, compare logits: export vs checkpoint (ours, and transformers' if installed)

@@ -21,13 +21,24 @@ from chat_gpt2 import chat, configurator
 from chat_gpt2.engine import SAMPLING_KEYS, load_engine, sampling_params
 from chat_gpt2.errors import ConfigError
 
-DEFAULTS = dict(
-    out_dir="out", ckpt="",  # ckpt "": the newest run's best checkpoint in out_dir
-    init_from="",  # instead of a checkpoint: 'gpt2' .. 'gpt2-xl', a Hugging Face repo id or a local HF directory
-    prompt="", system="", raw=False,
-    temperature=0.8, top_k=200, top_p=1.0, repetition_penalty=1.0, max_new_tokens=150, num_samples=1, seed=1337,
-    stop=None,  # a string or a list of strings; None: the checkpoint's default stop
-    device="auto", dtype="auto", use_cache=True,
+DEFAULTS = dict(  # `python sample.py --help` prints these comments
+    out_dir="out",  # the run's folder: its newest best checkpoint is used unless --ckpt says which
+    ckpt="",  # a checkpoint file (finetuned_*.pt); "" = the newest best one in out_dir
+    init_from="",  # instead of a checkpoint: gpt2..gpt2-xl, a Hugging Face repo id or a local HF directory
+    prompt="",  # the user's message (or, with --raw, the text to continue)
+    system="",  # a system message before the conversation
+    raw=False,  # continue plain text: no chat template, no stop string by default
+    temperature=0.8,  # 0 = greedy; higher = more varied
+    top_k=200,  # sample from the k most likely tokens (0 = all)
+    top_p=1.0,  # nucleus sampling: the smallest set of tokens reaching this probability (1 = off)
+    repetition_penalty=1.0,  # > 1 discourages tokens already in the context (1 = off)
+    max_new_tokens=150,  # the longest reply, in tokens
+    num_samples=1,  # replies to the prompt, generated as one batch
+    seed=1337,  # makes sampling reproducible
+    stop=None,  # a string or a list of strings that end a reply; None = the checkpoint's default stop
+    device="auto",  # auto, cpu, cuda, cuda:N or mps
+    dtype="auto",  # auto (bf16 where the device has it), float32, bfloat16 or float16: the weights are converted
+    use_cache=True,  # the KV cache: each new token costs one position's work
     interactive=False,  # a multi-turn chat on the terminal (or piped stdin) instead of one --prompt
 )
 

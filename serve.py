@@ -14,15 +14,25 @@ from chat_gpt2 import configurator
 from chat_gpt2.engine import load_engine
 from chat_gpt2.server import Limits, create_app
 
-DEFAULTS = dict(
-    out_dir="out", ckpt="",  # ckpt "": the newest run's best checkpoint in out_dir
-    init_from="",  # instead of a checkpoint: 'gpt2' .. 'gpt2-xl', a Hugging Face repo id or a local HF directory
-    host="127.0.0.1", port=8000,  # loopback by default: put a proxy with authentication in front to expose it
-    temperature=0.8, top_k=200, top_p=1.0, repetition_penalty=1.0, max_new_tokens=150,
-    seed=None,  # a default seed for every request makes unseeded requests repeat themselves; None = fresh draws
-    device="auto", dtype="auto", use_cache=True,
-    max_body_bytes=Limits.max_body_bytes, max_messages=Limits.max_messages, max_chars=Limits.max_chars,
-    max_waiting=Limits.max_waiting,
+DEFAULTS = dict(  # `python serve.py --help` prints these comments; the sampling keys are per-request defaults
+    out_dir="out",  # the run's folder: its newest best checkpoint is used unless --ckpt says which
+    ckpt="",  # a checkpoint file (finetuned_*.pt); "" = the newest best one in out_dir
+    init_from="",  # instead of a checkpoint: gpt2..gpt2-xl, a Hugging Face repo id or a local HF directory
+    host="127.0.0.1",  # loopback by default: put a proxy with authentication in front to expose it
+    port=8000,  # the TCP port
+    temperature=0.8,  # 0 = greedy; higher = more varied
+    top_k=200,  # sample from the k most likely tokens (0 = all)
+    top_p=1.0,  # nucleus sampling: the smallest set of tokens reaching this probability (1 = off)
+    repetition_penalty=1.0,  # > 1 discourages tokens already in the context (1 = off)
+    max_new_tokens=150,  # the longest reply, in tokens
+    seed=None,  # a default seed would make unseeded requests repeat themselves; None = fresh draws
+    device="auto",  # auto, cpu, cuda, cuda:N or mps
+    dtype="auto",  # auto (bf16 where the device has it), float32, bfloat16 or float16: the weights are converted
+    use_cache=True,  # the KV cache
+    max_body_bytes=Limits.max_body_bytes,  # the largest request body (413 above)
+    max_messages=Limits.max_messages,  # the most messages in one request (400 above)
+    max_chars=Limits.max_chars,  # the most characters of content in one request (400 above)
+    max_waiting=Limits.max_waiting,  # requests that may wait for the model; more get 503 with Retry-After
 )
 
 

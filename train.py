@@ -23,7 +23,7 @@ from chat_gpt2.checkpoint import (CKPT_PATTERN, SHAPE_KEYS, checkpoint_path, des
 from chat_gpt2.dataset import load_dataset
 from chat_gpt2.device import peak_flops, resolve_compile, resolve_device, resolve_dtype, tune_cpu_allocator
 from chat_gpt2.engine import Engine, SamplingParams
-from chat_gpt2.errors import ConfigError, DivergedError, MissingFileError
+from chat_gpt2.errors import CheckpointError, ConfigError, DivergedError, MissingFileError
 from chat_gpt2.files import remove_dead_leftovers
 from chat_gpt2.hf_gpt2 import from_pretrained, pretrained_config, resolve_pretrained
 from chat_gpt2.lora import apply_lora, freeze_layers, lora_settings
@@ -32,33 +32,58 @@ from chat_gpt2.model import GPT, GPTConfig
 from chat_gpt2.run_log import Logger, plot_losses
 from chat_gpt2.training import DEFAULT_GRAD_CLIP, EarlyStopping, evaluate, get_lr, train_step
 
-DEFAULTS = dict(
+DEFAULTS = dict(  # one key a line, its meaning beside it: `python train.py --help` prints these comments
     # I/O
-    out_dir="out", eval_interval=50, log_interval=10, eval_iters=20, init_from="scratch",
-    # init_from: 'scratch', 'resume', 'gpt2' .. 'gpt2-xl', a Hugging Face repo id or a local HF GPT-2 directory,
-    # or one of our checkpoints (a .pt, or a run's out_dir: its newest best) to start a new run from
+    out_dir="out",  # where checkpoints, metrics.jsonl and loss.png go
+    eval_interval=50,  # evaluate (and save) every this many iterations
+    log_interval=10,  # print a training line every this many iterations
+    eval_iters=20,  # batches per split in each evaluation
+    init_from="scratch",  # scratch, resume, gpt2..gpt2-xl, a HF repo id or dir, or our .pt / a run's out_dir
     dataset="chat",  # a folder under data/ or a path to a folder written by prepare.py
     # data
-    gradient_accumulation_steps=1, batch_size=2, block_size=128,
-    # model (used when training from scratch)
-    n_layer=12, n_head=12, n_embd=768, dropout=0.1, bias=True,
+    gradient_accumulation_steps=1,  # micro-batches per optimizer step
+    batch_size=2,  # sequences per micro-batch
+    block_size=128,  # tokens per sequence (the context); may be smaller than a pretrained model's
+    # model (used when training from scratch; a pretrained model's shape comes with its weights)
+    n_layer=12,  # transformer blocks
+    n_head=12,  # attention heads per block
+    n_embd=768,  # width of the residual stream
+    dropout=0.1,  # dropout probability while training (0 = none)
+    bias=True,  # biases in Linear and LayerNorm layers, as GPT-2
     # AdamW and the learning-rate schedule
-    learning_rate=3e-4, max_iters=1000, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=DEFAULT_GRAD_CLIP,
-    decay_lr=True, warmup_iters=100, lr_decay_iters=None, min_lr=3e-5,  # lr_decay_iters None: follows max_iters
-    epochs=0.0,  # > 0: max_iters = ceil(epochs * train tokens / tokens per iter); --epochs beats a config's max_iters
-    # what trains (docs/training.md): everything, the last N blocks + ln_f (trainable_layers=N, -1 = all), or LoRA
-    # adapters of rank lora_rank (0 = off) on lora_targets, scaled by lora_alpha / lora_rank (lora_alpha 0 = rank)
-    trainable_layers=-1, lora_rank=0, lora_alpha=0.0, lora_dropout=0.0,
+    learning_rate=3e-4,  # peak learning rate, after warmup
+    max_iters=1000,  # optimizer steps in all
+    weight_decay=0.1,  # AdamW weight decay on matrices and embeddings
+    beta1=0.9,  # AdamW beta1
+    beta2=0.95,  # AdamW beta2
+    grad_clip=DEFAULT_GRAD_CLIP,  # clip the gradient's global norm to this (0 = off)
+    decay_lr=True,  # warmup then cosine decay to min_lr; False = constant learning_rate
+    warmup_iters=100,  # linear warmup steps
+    lr_decay_iters=None,  # where the cosine reaches min_lr; None = max_iters
+    min_lr=3e-5,  # the learning rate at the end of the decay
+    epochs=0.0,  # > 0: max_iters = ceil(epochs * train tokens / tokens per iter); beats a config's max_iters
+    # what trains (docs/training.md)
+    trainable_layers=-1,  # train only the last N blocks + ln_f (-1 = everything)
+    lora_rank=0,  # LoRA adapters of this rank, the base frozen (0 = off)
+    lora_alpha=0.0,  # LoRA scale numerator: updates are scaled by lora_alpha / lora_rank (0 = the rank)
+    lora_dropout=0.0,  # dropout on the LoRA adapters' input
+    lora_targets="attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj",  # the Linear layers of each block that get adapters
     grad_checkpointing=False,  # recompute each block's activations in backward: much less memory, ~1/3 more compute
-    lora_targets="attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj",
-    # early stopping: stop after `patience` evals without a val improvement of at least min_delta (0 = off)
-    patience=5, min_delta=0.001,
+    # early stopping
+    patience=5,  # stop after this many evals without a val improvement of at least min_delta (0 = never)
+    min_delta=0.001,  # the smallest val-loss drop that counts as an improvement
     # system
-    backend="auto", device="auto", dtype="auto", seed=1337,
-    compile=None,  # torch.compile: True / False; None = on for CUDA, off on CPU and MPS (see resolve_compile)
+    backend="auto",  # DDP backend: auto = nccl on CUDA, gloo elsewhere
+    device="auto",  # auto, cpu, cuda, cuda:N or mps
+    dtype="auto",  # auto (bf16 where the device has it), float32, bfloat16 or float16
+    seed=1337,  # seed of the weights' init, the batches and dropout
+    compile=None,  # torch.compile: True / False; None = on for CUDA, off on CPU and MPS
     check_memory=True,  # refuse to start a run whose memory estimate exceeds the device's free memory
     # logging
-    wandb_log=False, wandb_project="chat-gpt", wandb_run_name="", wandb_mode="",  # mode "": WANDB_MODE or online
+    wandb_log=False,  # also log to Weights & Biases
+    wandb_project="chat-gpt",  # the wandb project
+    wandb_run_name="",  # the wandb run's name ("" = wandb's)
+    wandb_mode="",  # online / offline ("" = $WANDB_MODE or online)
     sample_max_tokens=32,  # length of the sample reply printed at each eval (0 = none)
 )
 
@@ -207,7 +232,12 @@ class Trainer:
         self.iter_num, self.losses, self.evaluated_at, self.signal = 0, {}, None, None
         self.stamp = unused_stamp(cfg["out_dir"])
         if ckpt is not None:
-            self._restore(ckpt)
+            try:
+                self._restore(ckpt)
+            except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+                raise CheckpointError(f"{resume_from} is not a resumable training state ({type(e).__name__}: "
+                                      f"{str(e).splitlines()[0] if str(e) else ''}): resume from an intact "
+                                      f"finetuned_*_last.pt") from None
         model = torch.compile(self.raw_model) if resolve_compile(cfg["compile"], run["device"]) else self.raw_model
         self.model = DDP(model, device_ids=[run["device"]] if run["device"].startswith("cuda") else None) \
             if run["ddp"] else model

@@ -21,8 +21,10 @@ files raise ConfigError instead of being silently accepted, and nothing is print
 import ast
 import difflib
 import inspect
+import io
 import os
 import sys
+import tokenize
 
 from .errors import ConfigError, UserError
 
@@ -173,13 +175,43 @@ def check_saved(defaults, saved, where):
             if k in defaults}
 
 
-def _help_text(defaults, prog):
+def key_meanings(path, name="DEFAULTS"):
+    """{key: meaning} from the comments beside `NAME = dict(key=value, ...)` in a script's source: a key's meaning
+    is the comment ending its line, else the nearest comment line above it. The defaults document themselves once,
+    in the code, and --help shows them."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+        tree = ast.parse(source)
+    except (OSError, SyntaxError, ValueError):
+        return {}
+    call = next((node.value for node in tree.body if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call)
+                 and any(getattr(t, "id", None) == name for t in node.targets)), None)
+    if call is None:
+        return {}
+    lines = source.splitlines()
+    comments = {t.start[0]: t.string.lstrip("# ").strip() for t in
+                tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT}
+    meanings = {}
+    for kw in call.keywords:
+        line = kw.value.end_lineno
+        trailing = comments.get(line) if not lines[line - 1].lstrip().startswith("#") else None
+        above = next((comments[n] for n in range(kw.lineno - 1, call.lineno - 1, -1)
+                      if lines[n - 1].lstrip().startswith("#")), None)
+        if trailing or above:
+            meanings[kw.arg] = trailing or above
+    return meanings
+
+
+def _help_text(defaults, prog, meanings=None):
     lines = [
         f"usage: {prog} [config.py ...] [--key=value | --key value | --flag ...]",
         "",
-        "Config files and --key=value overrides are applied left to right. Keys and defaults:",
+        "Config files and --key=value overrides are applied left to right. Keys, defaults and meanings:",
     ]
-    lines += [f"  --{key}={default!r}  ({_type_name(default)})" for key, default in defaults.items()]
+    for key, default in defaults.items():
+        meaning = (meanings or {}).get(key)
+        lines.append(f"  --{key}={default!r}  ({_type_name(default)})" + (f"  {meaning}" if meaning else ""))
     return "\n".join(lines)
 
 
@@ -190,7 +222,8 @@ def load(defaults: dict, argv: list[str] | None = None, prog: str = "") -> tuple
     if not prog and sys.argv:
         prog = os.path.basename(sys.argv[0])
     if "--help" in argv or "-h" in argv:
-        print(_help_text(defaults, prog))
+        script = getattr(sys.modules.get("__main__"), "__file__", None)
+        print(_help_text(defaults, prog, key_meanings(script) if script else {}))
         sys.exit(0)
     try:
         return parse(defaults, argv)

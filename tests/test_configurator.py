@@ -1,11 +1,13 @@
 """Tests for configurator.py: config files + --key=value overrides, applied left to right."""
 import os
+import subprocess
 import sys
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from chat_gpt2.configurator import ConfigError, load, parse  # noqa: E402
+from helpers import REPO  # noqa: E402
 
 DEFAULTS = {
     "out_dir": "out",
@@ -361,3 +363,19 @@ def test_load_bad_config_file_exits_two(tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "typo.py" in err and "batch_size" in err
+
+
+@pytest.mark.parametrize("name", ["train", "sample", "eval", "export", "serve", "bench"])
+def test_every_key_has_a_meaning_in_help(name):
+    """--help shows each key's meaning, taken from the comment beside its default in the script."""
+    import importlib
+    from chat_gpt2.configurator import key_meanings
+    script = os.path.join(REPO, f"{name}.py")
+    defaults = importlib.import_module(name).DEFAULTS
+    meanings = key_meanings(script)
+    assert set(meanings) == set(defaults), sorted(set(defaults) - set(meanings))
+    assert all(len(m) > 8 for m in meanings.values())
+    p = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert p.returncode == 0
+    line = next(ln for ln in p.stdout.splitlines() if ln.strip().startswith(f"--{next(iter(defaults))}="))
+    assert line.endswith(meanings[next(iter(defaults))])

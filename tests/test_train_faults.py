@@ -9,7 +9,7 @@ import torch
 
 import train
 from chat_gpt2.checkpoint import load_checkpoint, save_checkpoint
-from chat_gpt2.errors import ConfigError, DivergedError
+from chat_gpt2.errors import CheckpointError, ConfigError, DivergedError
 from helpers import checkpoints, load_ckpt, read_metrics, run, script, tiny_train_args, train_inprocess
 
 
@@ -103,3 +103,21 @@ def test_resume_errors_and_a_moved_run(tmp_path, tiny_dataset, capsys):
     with pytest.raises(ConfigError, match=r"invalid value 'lots' for 'batch_size' in the config saved in .*_last.pt"):
         train.main([f"--out_dir={moved}", "--init_from=resume", "--max_iters=5"])
     assert "retired_key" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", [
+    lambda c: c.pop("optimizer"),
+    lambda c: c.pop("model_args"),
+    lambda c: c.update(rng={"torch": "no state"}),
+    lambda c: c["model"].pop(next(iter(c["model"]))),
+], ids=["no-optimizer", "no-model_args", "bad-rng", "missing-tensor"])
+def test_a_malformed_training_state_is_a_one_line_error(tmp_path, tiny_dataset, damage):
+    out = str(tmp_path / "out")
+    train_inprocess(tiny_train_args(tiny_dataset, out, max_iters=1, eval_interval=1))
+    last = os.path.join(out, next(n for n in checkpoints(out) if n.endswith("_last.pt")))
+    ckpt = load_checkpoint(last)
+    damage(ckpt)
+    save_checkpoint(last, ckpt)
+    with pytest.raises(CheckpointError) as e:
+        train.main([f"--out_dir={out}", "--init_from=resume", "--max_iters=2"])
+    assert "\n" not in str(e.value)
