@@ -14,6 +14,7 @@ import codecs
 import hashlib
 import json
 import os
+import re
 
 from . import chat
 from .errors import InputError, RecordError
@@ -75,10 +76,15 @@ def _why(error):
     return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of a byte that is not UTF-8
+
+
 def iter_json_array(path, hasher, chunk_size=1 << 20):
     """Records of a JSON array, decoded incrementally so a large file never sits in memory whole.
     Structural errors (not an array, broken JSON) end the file: there is no record boundary to resume from."""
-    decoder, utf8 = json.JSONDecoder(), codecs.getincrementaldecoder("utf-8-sig")()  # -sig: tolerate a BOM
+    # -sig: tolerate a BOM; surrogateescape: an invalid byte becomes a lone surrogate inside its own record, which
+    # is then refused alone (and skippable), instead of failing whichever chunk it arrived in
+    decoder, utf8 = json.JSONDecoder(), codecs.getincrementaldecoder("utf-8-sig")(errors="surrogateescape")
     buf, pos, index, line, state, eof = "", 0, 0, 1, "start", False  # state: start, first, value, sep, end
     with open(path, "rb") as f:
 
@@ -86,11 +92,7 @@ def iter_json_array(path, hasher, chunk_size=1 << 20):
             nonlocal buf, pos
             raw = f.read(chunk_size)
             hasher.update(raw)
-            try:
-                buf, pos = buf[pos:] + utf8.decode(raw, final=not raw), 0
-            except UnicodeDecodeError as e:
-                raise InputError(f"{path}[{index}] (line {line}): invalid UTF-8 near byte "
-                                 f"{f.tell() - len(raw) + e.start}") from None
+            buf, pos = buf[pos:] + utf8.decode(raw, final=not raw), 0
             return bool(raw)
 
         while True:
@@ -130,7 +132,8 @@ def iter_json_array(path, hasher, chunk_size=1 << 20):
                     eof = not read_more()
                     continue
                 line += buf.count("\n", pos, end)
-                yield where, record
+                bad = _ESCAPED_BYTE.search(buf, pos, end)
+                yield where, RecordError(where, "invalid UTF-8 in the record", "invalid UTF-8") if bad else record
                 index, pos, state = index + 1, end, "sep"
     if state != "end":
         raise InputError(f"{path}: {'empty file' if state == 'start' else 'the array is not closed'}: "

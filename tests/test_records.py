@@ -9,7 +9,7 @@ import pytest
 from chat_gpt2 import dataset, records
 from chat_gpt2.dataset import build_dataset
 from chat_gpt2.errors import InputError, RecordError
-from chat_gpt2.records import iter_json_array
+from chat_gpt2.records import iter_json_array, iter_records
 from helpers import GOOD, all_texts, expected, numbered, prepared, rendered, state, write_records
 
 SCHEMAS = {
@@ -234,3 +234,16 @@ def test_oversized_record_is_refused_without_reading_it_whole(tmp_path, monkeypa
 def test_a_directory_given_as_input(tmp_path):
     with pytest.raises(InputError, match="is a directory"):
         read_all(tmp_path)
+
+
+def test_invalid_utf8_in_a_json_array_is_that_records_error_and_skippable(tmp_path):
+    from chat_gpt2.dataset import build_dataset
+    path = tmp_path / "mixed.json"
+    good = [b'{"user": "q%d", "assistant": "a%d"}' % (i, i) for i in range(6)]
+    path.write_bytes(b"[" + b",\n".join(good[:3] + [b'{"user": "bad \xff byte", "assistant": "x"}'] + good[3:]) + b"]")
+    items = list(iter_records(str(path), hashlib.sha256()))
+    assert [w for w, r in items if isinstance(r, RecordError)] == [f"{path}[3] (line 4)"]
+    with pytest.raises(RecordError, match=r"mixed.json\[3\] \(line 4\): invalid UTF-8"):
+        build_dataset([str(path)], out_dir=str(tmp_path / "out"))
+    meta = build_dataset([str(path)], out_dir=str(tmp_path / "out"), skip_invalid=True)
+    assert meta["skipped"] == {"invalid UTF-8": 1} and sum(meta["conversations"].values()) == 6

@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 import helpers
 import sample
@@ -307,3 +308,13 @@ def test_pseudo_terminal_streaming_ctrl_c_and_ctrl_d(tiny_ckpt):
             os.kill(pid, 9)
             os.waitpid(pid, 0)
         os.close(fd)
+
+
+def test_a_prompt_without_prompt_and_a_malformed_checkpoint(tmp_path, tiny_ckpt):
+    p = run([script("sample.py"), "How are you?"], tmp_path, check=False)
+    assert p.returncode == 2 and "options go as --key=value" in p.stderr and "Traceback" not in p.stderr
+    ckpt = torch.load(tiny_ckpt, weights_only=True)
+    del ckpt["model_args"]
+    torch.save(ckpt, tmp_path / "broken.pt")
+    p = run([script("sample.py"), f"--ckpt={tmp_path / 'broken.pt'}", "--prompt=Hi"], tmp_path, check=False)
+    assert p.returncode == 1 and p.stderr.strip() == "error: not a model checkpoint: it lacks model_args"

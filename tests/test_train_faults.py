@@ -121,3 +121,34 @@ def test_a_malformed_training_state_is_a_one_line_error(tmp_path, tiny_dataset, 
     with pytest.raises(CheckpointError) as e:
         train.main([f"--out_dir={out}", "--init_from=resume", "--max_iters=2"])
     assert "\n" not in str(e.value)
+
+
+KILL_AT_SAVE = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+real = os.replace
+def replace(src, dst):  # the rename that would complete a checkpoint: die just before it
+    if ".tmp" in src and dst.endswith(".pt"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(src, dst)
+os.replace = replace
+import train
+train.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_killed_during_a_save(tmp_path, tiny_dataset):
+    """SIGKILL while the first checkpoint is being written: no torn checkpoint, and the next start removes the
+    half-written file and trains."""
+    from helpers import REPO
+    killer = tmp_path / "kill_at_save.py"
+    killer.write_text(KILL_AT_SAVE.format(repo=REPO))
+    out = str(tmp_path / "out")
+    args = tiny_train_args(tiny_dataset, out, max_iters=2, eval_interval=1)
+    p = run([str(killer), *args], tmp_path, check=False)
+    assert p.returncode == -signal.SIGKILL
+    assert checkpoints(out) == [] and len([n for n in os.listdir(out) if ".pt.tmp" in n]) == 1
+    p = run([script("train.py"), *args], tmp_path)
+    assert "removed 1 leftover(s) of interrupted runs" in p.stdout
+    assert not [n for n in os.listdir(out) if ".tmp" in n] and len(checkpoints(out)) == 2
