@@ -9,6 +9,7 @@ Imports point one way: scripts -> this package; inside it, each module imports o
     device         device, dtype, autocast, the CPU allocator, free memory, peak FLOP/s
     model          the GPT-2 model
     lora           LoRA adapters and training only the last blocks
+    classifier     a GPT with a classification head (last real token), its loss, predictions, accuracy / P / R / F1
     hf_gpt2        Hugging Face GPT-2 weights in and out
     hf_tokenizer   GPT-2's tokenizer files for an export
     checkpoint     checkpoint names, atomic save, weights-only load, model rebuild (LoRA merged)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from . import chat
+from .classifier import pad_batch
 from .dataset import (BUILD_PREFIX, CLASSIFY_SPLITS, _read, clean_out_dir, dataset_folder, load_dataset, publish,
                       read_meta)
 from .errors import ConfigError, InputError, RecordError
@@ -185,6 +186,40 @@ def read_examples(path, text_column="", label_column="", labels=(), skip_invalid
     return examples, columns, hasher.hexdigest()
 
 
+def column_flags(columns):
+    """The --text_column / --label_column values that read a file as the dataset was read (a checkpoint's
+    "classify"["columns"])."""
+    return ",".join(columns["text"]), columns["label"]
+
+
+def read_labelled(path, columns, labels):
+    """(texts, label indexes into labels) of a labelled file read with the columns the model was trained on; a row
+    whose label is not one of labels is an error naming file:line."""
+    examples, _, _ = read_examples(path, *column_flags(columns), labels=labels)
+    if not examples:
+        raise InputError(f"{path}: no rows")
+    index = {label: i for i, label in enumerate(labels)}
+    return [t for t, _ in examples], np.asarray([index[label] for _, label in examples], dtype=np.int64)
+
+
+def read_texts(path, columns):
+    """The texts of a file to classify: a .txt holds one per non-empty line; a .jsonl / .json holds records with
+    the text column(s) the model was trained on (joined the same way); a table is read as in training."""
+    check_input_file(path)
+    if path.endswith(".txt"):
+        with open(path, encoding="utf-8-sig") as f:
+            return [line.rstrip("\r\n") for line in f if line.strip()]
+    if path.endswith(TABLES):  # read as in training, the label column included (and ignored)
+        return [text for text, _ in read_examples(path, *column_flags(columns))[0]]
+    texts = []
+    for where, record, _ in record_examples(path, columns["text"], "", hashlib.sha256()):
+        missing = [k for k in columns["text"] if not isinstance(record.get(k), str)]
+        if missing:
+            raise RecordError(where, f"column {missing[0]!r}: missing or not a string", "missing column")
+        texts.append(JOIN.join(record[k] for k in columns["text"]))
+    return texts
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The split and the prepared dataset
 
@@ -311,15 +346,6 @@ class ClassifyData:
         target of each example's last real token, the only position whose mask is 1."""
         indexes = torch.randint(len(self), (batch_size,), generator=generator).tolist()
         return as_targets(*self.batch(indexes, block_size))
-
-
-def pad_batch(texts):
-    """Token id sequences -> (ids (B, T) right-padded with <|endoftext|>, lengths (B,))."""
-    lengths = torch.as_tensor([len(t) for t in texts], dtype=torch.long)
-    x = torch.full((len(texts), int(lengths.max())), chat.EOT, dtype=torch.long)
-    for row, t in enumerate(texts):
-        x[row, :len(t)] = torch.as_tensor(np.asarray(t, dtype=np.int64))
-    return x, lengths
 
 
 def as_targets(x, lengths, labels):
