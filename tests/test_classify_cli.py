@@ -119,6 +119,15 @@ def test_classify_as_a_command(classifier_ckpt, tmp_path):
     assert p.returncode == 1 and p.stderr.startswith("error: no checkpoint") and len(p.stderr.splitlines()) == 1
 
 
+def test_export_refuses_a_classifier(classifier_ckpt, tmp_path):
+    import export
+    from chat_gpt2.errors import ConfigError
+    _, path = classifier_ckpt
+    with pytest.raises(ConfigError, match="is a classifier"):
+        export.main([f"--ckpt={path}", f"--out={tmp_path / 'hf'}"])
+    assert not (tmp_path / "hf").exists()
+
+
 def test_spam_config_is_not_two_class_specific():
     text = open(os.path.join(helpers.REPO, "config", "classify_spam.py")).read()
     code = "\n".join(line.split("#")[0] for line in text.splitlines())
