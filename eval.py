@@ -17,6 +17,9 @@ are greedy by default and stop at the checkpoint's default stop. Metrics, averag
                  for a 1-10 score
 Rows {prompt, reference, response, exact_match, f1[, judge_score]} go to --out (JSONL, written atomically); the run
 ends with one JSON summary line.
+
+A classifier's checkpoint (docs/classification.md) with --data=FILE (labelled, read with the columns it was trained
+on): `accuracy: 71.2% (1140/1600)`, then precision / recall / F1 per class and the confusion matrix.
 """
 import json
 import math
@@ -24,6 +27,8 @@ import os
 import time
 
 from chat_gpt2 import chat, configurator
+from chat_gpt2.classifier import classify_texts, metrics, report_lines
+from chat_gpt2.classify_data import read_labelled
 from chat_gpt2.engine import load_engine, sampling_params
 from chat_gpt2.errors import ConfigError
 from chat_gpt2.evaluation import generate_all, load_heldout, score_rows, val_loss
@@ -80,11 +85,27 @@ def evaluate_replies(engine, ckpt, cfg):
     return summary
 
 
+def evaluate_classifier(engine, ckpt, cfg):
+    if cfg["dataset"] or not cfg["data"]:
+        raise ConfigError("a classifier is evaluated on a labelled file: pass --data=FILE (no --dataset; train.py "
+                          "reports the prepared test split)")
+    model, labels = engine.model, ckpt["classify"]["labels"]
+    texts, true = read_labelled(cfg["data"], ckpt["classify"]["columns"], labels)
+    pred = classify_texts(model, texts, engine.device, cfg["batch_size"]).argmax(1)
+    m = metrics(true, pred, len(labels))
+    print("\n".join(report_lines(m, labels)))
+    summary = {"n": m["total"], "accuracy": m["accuracy"], "f1": dict(zip(labels, m["f1"]))}
+    print(json.dumps(summary))
+    return summary
+
+
 def main(argv=None):
     cfg, _ = configurator.load(DEFAULTS, argv, prog="eval.py")
     if not cfg["dataset"] and not cfg["data"]:
         raise ConfigError("nothing to evaluate: pass --dataset=NAME_OR_DIR (val loss) and/or --data=FILE (replies)")
     engine, ckpt = load_engine(cfg)
+    if "classify" in ckpt:
+        return evaluate_classifier(engine, ckpt, cfg)
     summary = {}
     if cfg["dataset"]:
         loss, n_tokens = val_loss(engine.model, cfg["dataset"], cfg["batch_size"], engine.device, engine.dtype)

@@ -176,6 +176,9 @@ def main(argv=None):
               + ("" if os.path.isdir(base) or not os.path.exists(base) else
                  ": one of our checkpoints, export it too and load the adapters onto that") + ")")
         return
+    if "classify" in ckpt:  # its head and tokenizer need GPT2ForSequenceClassification's config, not written yet
+        raise ConfigError(f"{path} is a classifier (labels {ckpt['classify']['labels']}): export.py writes language "
+                          f"models only; use classify.py / eval.py with the checkpoint (docs/classification.md)")
     model = model_from_checkpoint(ckpt).eval()
     ckpt.pop("model"), ckpt.pop("optimizer", None)  # free them: the export makes its own copies of the weights
     export(model, cfg["out"], ckpt.get("template", chat.TEMPLATE), ckpt.get("tokenizer", chat.TOKENIZER),

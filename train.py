@@ -20,7 +20,8 @@ from chat_gpt2 import chat, configurator
 from chat_gpt2.checkpoint import (CKPT_PATTERN, SHAPE_KEYS, checkpoint_path, describe_base, find_checkpoint,
                                   init_checkpoint, load_checkpoint, model_from_checkpoint, save_checkpoint,
                                   training_checkpoint, unused_stamp)
-from chat_gpt2.dataset import load_dataset
+from chat_gpt2.classifier import attach_head, classify_evaluate, metrics, predict_batches, report_lines, split_batches
+from chat_gpt2.classify_data import load_prepared
 from chat_gpt2.device import peak_flops, resolve_compile, resolve_device, resolve_dtype, tune_cpu_allocator
 from chat_gpt2.engine import Engine, SamplingParams
 from chat_gpt2.errors import CheckpointError, ConfigError, DivergedError, MissingFileError
@@ -29,7 +30,7 @@ from chat_gpt2.hf_gpt2 import from_pretrained, pretrained_config, resolve_pretra
 from chat_gpt2.lora import apply_lora, freeze_layers, lora_settings
 from chat_gpt2.memory import check_memory, count_trainable
 from chat_gpt2.model import GPT, GPTConfig
-from chat_gpt2.run_log import Logger, plot_losses
+from chat_gpt2.run_log import Logger, plot_accuracy, plot_losses
 from chat_gpt2.training import DEFAULT_GRAD_CLIP, EarlyStopping, evaluate, get_lr, train_step
 
 DEFAULTS = dict(  # one key a line, its meaning beside it: `python train.py --help` prints these comments
@@ -215,14 +216,19 @@ class Trainer:
 
     def __init__(self, cfg, run, resume_from, explicit=()):
         self.cfg, self.run = cfg, run
-        self.data, self.meta = load_dataset(cfg["dataset"])
+        self.data, self.meta = load_prepared(cfg["dataset"])
         self.tokens_per_iter = cfg["gradient_accumulation_steps"] * cfg["batch_size"] * cfg["block_size"] * run["world"]
         self.train_tokens = max(1, int(self.meta["tokens"]["train"]))
+        self.classify = self.meta["kind"] == "classify"
+        if self.classify:  # one example per window: an epoch is every example once (docs/classification.md)
+            self.train_tokens = len(self.data["train"]) * cfg["block_size"]
         if cfg["epochs"] > 0:
             cfg["max_iters"] = math.ceil(cfg["epochs"] * self.train_tokens / self.tokens_per_iter)
         ckpt = load_checkpoint(resume_from, run["device"]) if resume_from else None
         torch.manual_seed(cfg["seed"] + run["rank"])
         self.raw_model = build_model(cfg, ckpt, run, explicit)
+        if self.classify:
+            self.raw_model = attach_head(self.raw_model, self.meta["labels"], lora_settings(cfg))
         self.optimizer = self.raw_model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"],
                                                              (cfg["beta1"], cfg["beta2"]), run["device"].split(":")[0])
         self.scaler = torch.amp.GradScaler(run["device"].split(":")[0],
@@ -274,10 +280,11 @@ class Trainer:
 
     def eval_and_checkpoint(self):
         """Evaluate, keep the best model, save the latest state. Returns True when early stopping fires."""
-        self.losses = evaluate(self.model, self.data, self.cfg, self.run)
-        for split, loss in self.losses.items():
-            self.check_finite(loss, f"{split} loss (eval)")
+        self.losses = (classify_evaluate if self.classify else evaluate)(self.model, self.data, self.cfg, self.run)
+        for split in ("train", "val"):
+            self.check_finite(self.losses[split], f"{split} loss (eval)")
         self.evaluated_at = self.iter_num
+        accuracy = {f"{s}_accuracy": self.losses[f"{s}_acc"] for s in ("train", "val") if f"{s}_acc" in self.losses}
         is_best, stop = self.stopper.update(self.losses["val"])
         if self.run["master"]:
             if is_best:
@@ -285,10 +292,11 @@ class Trainer:
             self.save(self.last_path, with_optimizer=True)
         line = (f"eval iter {self.iter_num}: train loss {self.losses['train']:.4f}, val loss {self.losses['val']:.4f}"
                 f" (best {self.stopper.best:.4f}{', saved' if is_best else ''}; {self.stopper.stale}/"
-                f"{self.cfg['patience']} evals without improvement >= {self.cfg['min_delta']})")
+                f"{self.cfg['patience']} evals without improvement >= {self.cfg['min_delta']})"
+                + "".join(f", {k.replace('_', ' ')} {v:.1%}" for k, v in accuracy.items()))
         self.logger.log({"event": "eval", "iter": self.iter_num, "train_loss": self.losses["train"],
-                         "val_loss": self.losses["val"], "best_val_loss": self.stopper.best}, line)
-        if self.run["master"] and self.cfg["sample_max_tokens"] > 0:
+                         "val_loss": self.losses["val"], "best_val_loss": self.stopper.best, **accuracy}, line)
+        if self.run["master"] and self.cfg["sample_max_tokens"] > 0 and not self.classify:
             prompt = self.data["val"].first_prompt()
             params = SamplingParams(temperature=0.0, max_new_tokens=self.cfg["sample_max_tokens"],
                                     stop=(self.meta["default_stop"],))
@@ -379,6 +387,17 @@ class Trainer:
                          "tokens_per_s": self.tokens_per_iter / dt, "mfu": mfu}, line)
 
 
+def print_test_results(trainer):
+    """The best checkpoint on the test split: accuracy first, then precision / recall / F1 and the confusion."""
+    model = model_from_checkpoint(load_checkpoint(trainer.best_path), trainer.run["device"])
+    if not len(trainer.data["test"]):
+        print("no test split (prepared with --test_fraction=0)")
+        return
+    batches, true = split_batches(trainer.data["test"], trainer.cfg["block_size"])
+    pred = predict_batches(model, batches, trainer.run["device"]).argmax(1)
+    print("\n".join(report_lines(metrics(true, pred, len(model.labels)), model.labels, "test accuracy")))
+
+
 def describe_training(cfg):
     lora = lora_settings(cfg)
     if lora:
@@ -411,10 +430,12 @@ def main(argv=None):
         if run["master"]:
             print(f"stopped: {reason} after {trainer.iter_num} iters in {seconds / 60:.1f} min; best val loss "
                   f"{trainer.stopper.best:.4f}")
+            if trainer.classify:
+                print_test_results(trainer)
             print(f"best model: {trainer.best_path}\nlatest state: {trainer.last_path}")
-            plot = plot_losses(cfg["out_dir"])
-            if plot:
-                print(f"loss curve: {plot}")
+            for name, plot in (("loss", plot_losses(cfg["out_dir"])), ("accuracy", plot_accuracy(cfg["out_dir"]))):
+                if plot:
+                    print(f"{name} curve: {plot}")
         trainer.logger.close()
         if trainer.signal is not None and run["master"]:
             print(f"to continue: python train.py --init_from=resume --out_dir={cfg['out_dir']}", flush=True)

@@ -2,24 +2,26 @@
 
 Imports point one way: scripts -> this package; inside it, each module imports only the ones listed above it.
 
-    errors        the project's own error types (one-line messages for the user)
-    files         atomic writes (temp file + rename), temporary folders, leftovers of killed runs
-    configurator  config files and --key=value overrides
-    chat          the chat templates: token ids and the training mask in one place; the Jinja chat_template
-    device        device, dtype, autocast, the CPU allocator, free memory, peak FLOP/s
-    model         the GPT-2 model
-    lora          LoRA adapters and training only the last blocks
-    hf_gpt2       Hugging Face GPT-2 weights in and out
-    hf_tokenizer  GPT-2's tokenizer files for an export
-    checkpoint    checkpoint names, atomic save, weights-only load, model rebuild (LoRA merged)
-    engine        generation: KV cache, SamplingParams, batched streaming replies
-    batcher       one worker thread that decodes queued requests in batches (serve.py)
-    server        the HTTP app: OpenAI-compatible API, /chat, the chat page (serve.py)
-    records       reading chat records (.jsonl / .json, their schemas) and plain text (.txt, {"text"})
-    dataset       the prepared dataset (chat or text): build it (memmaps + masks) and read it
-    memory        a training run's memory estimate and check
-    training      LR schedule, early stopping, the train step, evaluation of the loss
-    run_log       metrics.jsonl, wandb and the loss plot
-    evaluation    val loss, replies to held-out conversations, exact match and F1
-    judge         the optional external judge
+    errors         the project's own error types (one-line messages for the user)
+    files          atomic writes (temp file + rename), temporary folders, leftovers of killed runs
+    configurator   config files and --key=value overrides
+    chat           the chat templates: token ids and the training mask in one place; the Jinja chat_template
+    device         device, dtype, autocast, the CPU allocator, free memory, peak FLOP/s
+    model          the GPT-2 model
+    lora           LoRA adapters and training only the last blocks
+    classifier     a GPT with a classification head (last real token), its loss, predictions, accuracy / P / R / F1
+    hf_gpt2        Hugging Face GPT-2 weights in and out
+    hf_tokenizer   GPT-2's tokenizer files for an export
+    checkpoint     checkpoint names, atomic save, weights-only load, model rebuild (LoRA merged)
+    engine         generation: KV cache, SamplingParams, batched streaming replies
+    batcher        one worker thread that decodes queued requests in batches (serve.py)
+    server         the HTTP app: OpenAI-compatible API, /chat, the chat page (serve.py)
+    records        reading chat records (.jsonl / .json, their schemas) and plain text (.txt, {"text"})
+    dataset        the prepared dataset (chat or text): build it (memmaps + masks) and read it
+    classify_data  labelled text (.csv/.tsv/.jsonl/.json): columns, stratified split, the classify dataset, batches
+    memory         a training run's memory estimate and check
+    training       LR schedule, early stopping, the train step, evaluation of the loss
+    run_log        metrics.jsonl, wandb and the loss plot
+    evaluation     val loss, replies to held-out conversations, exact match and F1
+    judge          the optional external judge
 """

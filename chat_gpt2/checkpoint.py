@@ -17,6 +17,7 @@ import torch
 from . import chat
 from .errors import CheckpointError, ConfigError, MissingFileError, UserError
 from .files import atomic_write
+from .classifier import attach_head
 from .hf_gpt2 import from_pretrained
 from .lora import adapter_state, apply_lora, fingerprint, load_adapters, merge_lora
 from .model import GPT, GPTConfig
@@ -109,6 +110,8 @@ def training_checkpoint(raw_model, cfg, meta, state, optimizer=None, scaler=None
     }
     if lora:
         ckpt["lora"], ckpt["base"] = dict(lora), dict(raw_model.lora_base)
+    if getattr(raw_model, "labels", None):  # a classifier (classifier.py): its classes and the data's columns
+        ckpt["classify"] = {"labels": list(raw_model.labels), "columns": meta.get("columns")}
     if torch.cuda.is_available():
         ckpt["rng"]["cuda"] = torch.cuda.get_rng_state()
     if optimizer is not None:
@@ -132,6 +135,8 @@ def model_from_checkpoint(ckpt, device="cpu", merge=True, **overrides):
         return _lora_model(ckpt, merge, overrides).to(device)
     try:
         model = GPT(GPTConfig.from_dict({**ckpt["model_args"], **overrides}))
+        if "classify" in ckpt:
+            model = attach_head(model, ckpt["classify"]["labels"])
         model.load_state_dict(clean_state_dict(ckpt["model"]))
     except (RuntimeError, TypeError, ValueError, AssertionError) as e:
         raise CheckpointError(f"the checkpoint's weights do not fit its model_args: {str(e).splitlines()[0]}") \
@@ -202,3 +207,12 @@ def load_model(out_dir="out", ckpt="", init_from="", device="cpu"):
         info = load_checkpoint(path, device)
         model = model_from_checkpoint(info, device)
     return model.eval(), info
+
+
+def load_classifier(out_dir="out", ckpt="", device="cpu"):
+    """(GPTClassifier in eval mode, checkpoint) of a classification checkpoint (see load_model for the choice)."""
+    model, info = load_model(out_dir, ckpt, device=device)
+    if "classify" not in info:
+        raise CheckpointError(f"{ckpt or find_checkpoint(out_dir)} is not a classifier: train one on a dataset "
+                              f"prepared with --task=classify (docs/classification.md)")
+    return model, info

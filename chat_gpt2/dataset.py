@@ -34,6 +34,11 @@ SPLITS = ("train", "val")
 SPLIT_FILES = (".bin", "_mask.bin", "_turns.npy", "_convs.npy")  # per split: train.bin, train_mask.bin, ...
 DATASET_FILES = tuple(f"{s}{suffix}" for s in SPLITS for suffix in SPLIT_FILES) + ("meta.json",)
 OPTIONAL_FILES = ("test.jsonl",)  # held-out conversations (--test_fraction), for eval.py --data
+# a classification dataset (kind "classify", classify_data.py): per split the texts' tokens, where each starts, labels
+CLASSIFY_SPLITS = ("train", "val", "test")
+CLASSIFY_FILES = tuple(f"{s}{suffix}" for s in CLASSIFY_SPLITS for suffix in (".bin", "_offsets.npy", "_labels.npy")) \
+    + ("meta.json",)
+ALL_FILES = tuple(dict.fromkeys(DATASET_FILES + CLASSIFY_FILES + OPTIONAL_FILES))  # every name a build may publish
 CURRENT = ".dataset"  # symlink to the build folder the names point into
 BUILD_PREFIX = ".prepare-"
 BLOCK_SIZES = (128, 256, 512, 1024)
@@ -352,8 +357,8 @@ def publish(build, out_dir):
     try:
         os.symlink(os.path.basename(build), temp_name(link))
     except OSError:  # no symlinks here (e.g. Windows without the privilege): move the files, meta.json last
-        for name in OPTIONAL_FILES + DATASET_FILES:
-            if name in OPTIONAL_FILES and not os.path.exists(os.path.join(build, name)):
+        for name in sorted(ALL_FILES, key="meta.json".__eq__):
+            if not os.path.exists(os.path.join(build, name)):
                 continue
             os.replace(os.path.join(build, name), os.path.join(out_dir, name))
         shutil.rmtree(build, ignore_errors=True)
@@ -365,10 +370,11 @@ def publish(build, out_dir):
 
 
 def link_names(out_dir):
-    """Each dataset file name in out_dir a symlink to CURRENT/name (replacing old regular files, one rename each)."""
-    for name in DATASET_FILES + OPTIONAL_FILES:
+    """Each dataset file name in out_dir a symlink to CURRENT/name (replacing old regular files, one rename each).
+    A name the current build lacks (test.jsonl; a chat build's files after a classification one) loses its link."""
+    for name in ALL_FILES:
         path, target = os.path.join(out_dir, name), os.path.join(CURRENT, name)
-        if name in OPTIONAL_FILES and not os.path.exists(os.path.join(out_dir, target)):
+        if not os.path.exists(os.path.join(out_dir, target)):
             if os.path.islink(path):  # the previous build had one, this one has none
                 os.remove(path)
             continue
@@ -383,7 +389,7 @@ def clean_out_dir(out_dir):
     build, never a live run's) and finish linking the current build if a kill interrupted that. Says what it did."""
     link = os.path.join(out_dir, CURRENT)
     current = os.readlink(link) if os.path.islink(link) else None
-    ours = set(DATASET_FILES + OPTIONAL_FILES) | {CURRENT}
+    ours = set(ALL_FILES) | {CURRENT}
     removed = remove_dead_leftovers(out_dir, (BUILD_PREFIX,), temp_of=ours.__contains__, keep=(current,))
     if current and os.path.isdir(os.path.join(out_dir, current)):
         link_names(out_dir)
@@ -475,24 +481,33 @@ def dataset_folder(dataset):
     return dataset if os.path.isdir(dataset) or os.sep in dataset else os.path.join("data", dataset)
 
 
-def load_dataset(dataset):
-    """({split: ChatData}, meta) of a prepared dataset; a missing or malformed one is an error naming the file."""
-    folder = dataset_folder(dataset)
+def read_meta(folder, names=None):
+    """A prepared dataset's meta.json, checked to be one build's with all of names (default: those of its kind)."""
     meta_path = os.path.join(folder, "meta.json")
     if not os.path.isfile(meta_path):
         raise MissingFileError(f"no prepared dataset at {folder!r} (missing meta.json): run "
                                f"`python prepare.py YOUR_DATA.jsonl --out_dir={folder}` first")
-    homes = {os.path.dirname(os.path.realpath(os.path.join(folder, name))) for name in DATASET_FILES}
-    if len(homes) > 1:
-        raise InputError(f"{folder}: the dataset's files come from {len(homes)} different builds (an interrupted "
-                         f"or mixed copy): run prepare.py again")
     try:
         with open(meta_path) as f:
             meta = json.load(f)
-        tokens = {split: int(meta["tokens"][split]) for split in SPLITS}
+        {split: int(meta["tokens"][split]) for split in SPLITS}
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise InputError(f"{meta_path}: not a prepared dataset's meta.json ({type(e).__name__}: {e}): run "
                          f"prepare.py again") from None
-    kind = meta.get("kind") or "chat"  # datasets prepared before plain text existed are chat
-    return {split: ChatData(folder, split, tokens[split], kind) for split in SPLITS}, meta
+    names = names or (CLASSIFY_FILES if meta.get("kind") == "classify" else DATASET_FILES)
+    homes = {os.path.dirname(os.path.realpath(os.path.join(folder, name))) for name in names}
+    if len(homes) > 1:
+        raise InputError(f"{folder}: the dataset's files come from {len(homes)} different builds (an interrupted "
+                         f"or mixed copy): run prepare.py again")
+    return meta
 
+
+def load_dataset(dataset):
+    """({split: ChatData}, meta) of a prepared dataset; a missing or malformed one is an error naming the file."""
+    folder = dataset_folder(dataset)
+    meta = read_meta(folder)
+    kind = meta.get("kind") or "chat"  # datasets prepared before plain text existed are chat
+    if kind == "classify":
+        raise InputError(f"{folder}: a classification dataset (kind classify): read it with "
+                         f"classify_data.load_prepared")
+    return {split: ChatData(folder, split, int(meta["tokens"][split]), kind) for split in SPLITS}, meta

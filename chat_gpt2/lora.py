@@ -128,7 +128,8 @@ def freeze_layers(model, n):
         raise ConfigError(f"--trainable_layers={n} exceeds the model's {n_layer} layers (n_layer)")
     for p in model.parameters():
         p.requires_grad_(False)
-    for module in [*model.transformer.h[n_layer - n:], model.transformer.ln_f]:
+    head = [model.score] if hasattr(model, "score") else []  # a classifier's head (classifier.py) always trains
+    for module in [*model.transformer.h[n_layer - n:], model.transformer.ln_f, *head]:
         for p in module.parameters():
             p.requires_grad_(True)
     return model

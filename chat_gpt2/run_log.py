@@ -75,3 +75,27 @@ def plot_losses(out_dir):
     plt.close(fig)
     return path
 
+
+
+def plot_accuracy(out_dir):
+    """A classifier's train / val accuracy at each eval as accuracy.png (None without accuracies or matplotlib)."""
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        evals = [r for r in map(json.loads, f) if r["event"] == "eval" and "val_accuracy" in r]
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    if not evals:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for split in ("train", "val"):
+        ax.plot([r["iter"] for r in evals], [r[f"{split}_accuracy"] for r in evals], marker="o", label=split)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("accuracy")
+    ax.legend()
+    path = os.path.join(out_dir, "accuracy.png")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path

@@ -85,3 +85,10 @@ def test_prepare_killed_at_every_rename_leaves_old_or_new_never_a_mix(tmp_path, 
         assert [n for n in os.listdir(out) if n.startswith(".prepare-")] == current
         assert not [n for n in os.listdir(out) if ".tmp" in n]
     assert outcomes == {"killed", "finished"}  # some k hit a rename, the largest ran past all of them
+
+
+def test_help_shows_defaults_and_a_misspelt_option_gets_a_suggestion(tmp_path):
+    p = run([script("prepare.py"), "--help"], tmp_path)
+    assert "(default: data/chat)" in p.stdout and "(default: 0.1)" in p.stdout
+    p = run([script("prepare.py"), "x.jsonl", "--val_fractoin=0.2"], tmp_path, check=False)
+    assert p.returncode == 2 and "unknown option --val_fractoin (did you mean --val_fraction?)" in p.stderr

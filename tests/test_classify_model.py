@@ -1,0 +1,127 @@
+"""The classifier: the head reads each example's last real token (right padding never read), the metrics' arithmetic,
+and train.py on a classification dataset (a tiny model learns a separable task to 100%, the test report, accuracy
+logs and plot, checkpoints that keep the label names, --trainable_layers, resume)."""
+import contextlib
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import helpers
+import prepare
+from chat_gpt2.checkpoint import load_checkpoint, model_from_checkpoint
+from chat_gpt2.classifier import GPTClassifier, attach_head, metrics, report_lines
+from chat_gpt2.classify_data import as_targets
+from chat_gpt2.errors import ConfigError
+from chat_gpt2.lora import freeze_layers
+
+LABELS = ["neg", "pos"]
+
+
+def test_head_reads_the_last_real_token_and_never_the_padding():
+    torch.manual_seed(0)
+    model = attach_head(helpers.tiny_model(residual_scale=1), ["a", "b", "c"]).eval()
+    a, b = torch.randint(0, 50000, (7,)), torch.randint(0, 50000, (3,))
+    alone = torch.cat([model.classify(a[None], torch.tensor([7])), model.classify(b[None], torch.tensor([3]))])
+    for pad in (0, 123, 49999):  # whatever the padding holds
+        x = torch.full((2, 7), pad)
+        x[0], x[1, :3] = a, b
+        x[1, 3:] = torch.randint(0, 50000, (4,))
+        batched = model.classify(x, torch.tensor([7, 3]))
+        assert torch.allclose(batched, alone, atol=1e-5)
+        # reading the last position of the padded row would give something else
+        assert not torch.allclose(model.classify(x, torch.tensor([7, 7]))[1], alone[1], atol=1e-3)
+    labels = torch.tensor([2, 0])
+    logits, loss = model(*as_targets(x, torch.tensor([7, 3]), labels))
+    assert torch.allclose(loss, F.cross_entropy(alone, labels), atol=1e-5)
+    with pytest.raises(TypeError):
+        model(x)
+
+
+def test_metrics_arithmetic_by_hand():
+    true = [0, 0, 0, 1, 1, 2]
+    pred = [0, 0, 1, 1, 2, 2]
+    m = metrics(true, pred, 3)
+    assert m["confusion"] == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
+    assert (m["correct"], m["total"]) == (4, 6) and m["accuracy"] == pytest.approx(4 / 6)
+    assert m["precision"] == pytest.approx([1.0, 0.5, 0.5])
+    assert m["recall"] == pytest.approx([2 / 3, 0.5, 1.0])
+    assert m["f1"] == pytest.approx([0.8, 0.5, 2 / 3])
+    empty = metrics([0, 0], [0, 0], 2)  # class 1: no examples, no predictions: 0, not NaN
+    assert empty["precision"][1] == empty["recall"][1] == empty["f1"][1] == 0.0
+    lines = report_lines(metrics([0] * 288 + [1] * 11, [0] * 299, 2), ["ham", "spam"], "test accuracy")
+    assert lines[0] == "test accuracy: 96.3% (288/299)"
+    assert lines[-2].split() == ["ham", "288", "0"] and lines[-1].split() == ["spam", "11", "0"]
+
+
+def test_the_head_always_trains():
+    model = freeze_layers(attach_head(helpers.tiny_model(residual_scale=1), LABELS), 1)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "score.weight" in trainable and "transformer.h.0.attn.c_attn.weight" not in trainable
+    frozen_first = attach_head(freeze_layers(helpers.tiny_model(residual_scale=1), 0), LABELS)
+    assert {n for n, p in frozen_first.named_parameters() if p.requires_grad} == {
+        "transformer.ln_f.weight", "transformer.ln_f.bias", "score.weight"}
+    with pytest.raises(ConfigError, match="LoRA"):
+        attach_head(helpers.tiny_model(), LABELS, lora={"rank": 4})
+
+
+def separable_csv(tmp_path, n=80):
+    """A task a tiny model gets right every time: the text's words say its class."""
+    rows = ["text,label"] + [f"{'apple banana cherry' if i % 2 else 'zebra yak walrus'} {i % 7},"
+                             f"{LABELS[i % 2]}" for i in range(n)]
+    path = tmp_path / "data.csv"
+    path.write_text("\n".join(rows) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def classify_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cls")
+    data, out = str(tmp / "data"), str(tmp / "out")
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert prepare.main([separable_csv(tmp), "--task=classify", f"--out_dir={data}"]) == 0
+    stdout = helpers.train_inprocess(helpers.tiny_train_args(data, out, max_iters=40, eval_interval=20,
+                                                             batch_size=8, learning_rate=3e-3, warmup_iters=5))
+    return data, out, stdout
+
+
+def test_train_learns_a_separable_task_and_reports_the_test_split(classify_run):
+    data, out, stdout = classify_run
+    lines = stdout.splitlines()
+    first = next(i for i, line in enumerate(lines) if "test" in line and "acc" in line)
+    assert lines[first] == "test accuracy: 100.0% (16/16)"
+    assert lines[first + 1].split() == ["class", "precision", "recall", "F1", "support"]
+    assert lines[first + 2].split() == ["neg", "1.000", "1.000", "1.000", "8"]
+    assert lines[first + 6].split() == ["neg", "8", "0"] and lines[first + 7].split() == ["pos", "0", "8"]
+    evals = [r for r in helpers.read_metrics(out) if r["event"] == "eval"]
+    assert all(0 <= r["train_accuracy"] <= 1 and 0 <= r["val_accuracy"] <= 1 for r in evals)
+    assert evals[-1]["val_accuracy"] == 1.0 and "val accuracy 100.0%" in stdout
+    assert os.path.exists(os.path.join(out, "accuracy.png")) and os.path.exists(os.path.join(out, "loss.png"))
+
+
+def test_checkpoint_round_trip_keeps_label_names(classify_run):
+    data, out, _ = classify_run
+    best = os.path.join(out, helpers.checkpoints(out)[0])
+    ckpt = load_checkpoint(best)
+    assert ckpt["classify"]["labels"] == LABELS
+    assert ckpt["classify"]["columns"]["text"] == ["text"] and ckpt["classify"]["columns"]["label"] == "label"
+    model = model_from_checkpoint(ckpt).eval()
+    assert isinstance(model, GPTClassifier) and model.labels == LABELS
+    ids = torch.tensor([[50256, 50256]])
+    assert model.classify(ids, torch.tensor([1])).shape == (1, 2)
+
+
+def test_resume_and_init_from_a_classifier(classify_run, tmp_path):
+    data, out, _ = classify_run
+    resumed = helpers.train_inprocess(["--init_from=resume", f"--out_dir={out}", "--max_iters=44"])
+    assert "test accuracy: " in resumed and "after 44 iters" in resumed
+    # a new run from the classifier with only the last block (and the head) training
+    stdout = helpers.train_inprocess(helpers.tiny_train_args(data, str(tmp_path / "o2"), max_iters=2, eval_interval=2,
+                                                             init_from=out, trainable_layers=1))
+    assert "(the last 1 blocks + ln_f)" in stdout and "test accuracy: " in stdout
+    with pytest.raises(ConfigError, match="LoRA"):
+        helpers.train_inprocess(helpers.tiny_train_args(data, str(tmp_path / "o3"), lora_rank=2))
