@@ -11,7 +11,7 @@ import pytest
 import helpers
 import prepare
 from chat_gpt2 import dataset
-from helpers import GOOD, dataset_text, make_legacy, read_meta, records_file, state, write_records
+from helpers import GOOD, dataset_text, make_legacy, read_meta, records_file, run, script, state, write_records
 
 
 @pytest.mark.slow
@@ -88,7 +88,7 @@ def test_prepare_killed_at_every_rename_leaves_old_or_new_never_a_mix(tmp_path, 
 
 
 def test_help_shows_defaults_and_a_misspelt_option_gets_a_suggestion(tmp_path):
-    p = run([script("prepare.py"), "--help"], tmp_path)
-    assert "(default: data/chat)" in p.stdout and "(default: 0.1)" in p.stdout
+    text = " ".join(run([script("prepare.py"), "--help"], tmp_path).stdout.split())  # argparse wraps lines
+    assert "(default: data/chat)" in text and "(default: 0.1)" in text
     p = run([script("prepare.py"), "x.jsonl", "--val_fractoin=0.2"], tmp_path, check=False)
     assert p.returncode == 2 and "unknown option --val_fractoin (did you mean --val_fraction?)" in p.stderr
