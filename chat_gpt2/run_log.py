@@ -51,51 +51,53 @@ class Logger:
             self.wandb.finish()
 
 
-def plot_losses(out_dir):
-    """Loss curves from metrics.jsonl as loss.png (skipped quietly when matplotlib is missing)."""
+def _pyplot():
+    """matplotlib's pyplot drawing to files, or None when matplotlib is missing (plots are then skipped)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    return plt
+
+
+def _read_metrics(out_dir):
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        records = [json.loads(line) for line in f]
+        return [json.loads(line) for line in f]
+
+
+def _save(plt, fig, ax, ylabel, path):
+    ax.set_xlabel("iteration")
+    ax.set_ylabel(ylabel)
+    ax.legend()
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_losses(out_dir):
+    """Loss curves from metrics.jsonl as loss.png (None when matplotlib is missing)."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    records = _read_metrics(out_dir)
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = [r for r in records if r["event"] == "step"]
     evals = [r for r in records if r["event"] == "eval"]
     ax.plot([r["iter"] for r in steps], [r["loss"] for r in steps], alpha=0.4, label="train (per log step)")
     for split in ("train", "val"):
         ax.plot([r["iter"] for r in evals], [r[f"{split}_loss"] for r in evals], marker="o", label=f"{split} (eval)")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("loss on assistant tokens")
-    ax.legend()
-    path = os.path.join(out_dir, "loss.png")
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
+    return _save(plt, fig, ax, "loss on the learned tokens", os.path.join(out_dir, "loss.png"))
 
 
 def plot_accuracy(out_dir):
     """A classifier's train / val accuracy at each eval as accuracy.png (None without accuracies or matplotlib)."""
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        evals = [r for r in map(json.loads, f) if r["event"] == "eval" and "val_accuracy" in r]
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    if not evals:
+    evals = [r for r in _read_metrics(out_dir) if r["event"] == "eval" and "val_accuracy" in r]
+    plt = _pyplot()
+    if plt is None or not evals:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
     for split in ("train", "val"):
         ax.plot([r["iter"] for r in evals], [r[f"{split}_accuracy"] for r in evals], marker="o", label=split)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("accuracy")
-    ax.legend()
-    path = os.path.join(out_dir, "accuracy.png")
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(plt, fig, ax, "accuracy", os.path.join(out_dir, "accuracy.png"))
