@@ -56,7 +56,7 @@ def judge_with_endpoint(url, model, row, timeout):
 
 
 def key_may_go_to(url):
-    """The API key is sent only over https, or over plain http to this machine (a local server)."""
+    """The API key is sent only over https, or over plain http to the loopback host (a local server)."""
     parts = urllib.parse.urlsplit(url)
     return parts.scheme == "https" or (parts.scheme == "http" and parts.hostname in ("localhost", "127.0.0.1", "::1"))
 
