@@ -79,6 +79,44 @@ def _why(error):
 _ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of a byte that is not UTF-8
 
 
+def _decode_one(decoder, buf, pos, where):
+    """(record, end) for the JSON value at buf[pos]; a RecordError in place of the record when it cannot be used
+    (invalid UTF-8, nested too deeply, a number over 4,300 digits), so that it alone is refused or skipped; (why,
+    None) when such a value runs past the end of buf. json.JSONDecodeError propagates: perhaps just incomplete."""
+    try:
+        record, end = decoder.raw_decode(buf, pos)
+    except json.JSONDecodeError:
+        raise
+    except (ValueError, RecursionError) as e:
+        end = _value_end(buf, pos)
+        return (_why(e) if end is None else RecordError(where, f"unreadable JSON: {_why(e)}", "invalid JSON")), end
+    if _ESCAPED_BYTE.search(buf, pos, end):
+        return RecordError(where, "invalid UTF-8 in the record", "invalid UTF-8"), end
+    return record, end
+
+
+def _value_end(buf, pos):
+    """Where the JSON value starting at buf[pos] ends (brackets and strings followed, nothing decoded), or None
+    when it runs past the end of buf."""
+    depth, i = 0, pos
+    while i < len(buf):
+        char = buf[i]
+        if depth == 0 and char in ",]" and i > pos:  # a bare value (a long number) ends at the next separator
+            return i
+        if char == '"':
+            i += 1
+            while i < len(buf) and buf[i] != '"':
+                i += 2 if buf[i] == "\\" else 1
+        elif char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        i += 1
+    return None
+
+
 def iter_json_array(path, hasher, chunk_size=1 << 20):
     """Records of a JSON array, decoded incrementally so a large file never sits in memory whole.
     Structural errors (not an array, broken JSON) end the file: there is no record boundary to resume from."""
@@ -119,21 +157,20 @@ def iter_json_array(path, hasher, chunk_size=1 << 20):
                 if len(buf) - pos > MAX_RECORD_BYTES:
                     raise InputError(f"{where}: record larger than {MAX_RECORD_BYTES >> 20} MiB")
                 try:
-                    record, end = decoder.raw_decode(buf, pos)
-                except (ValueError, RecursionError) as e:
-                    if not isinstance(e, json.JSONDecodeError):  # no record boundary to resume from: fatal
-                        raise InputError(f"{where}: unreadable JSON: {_why(e)}") from None
+                    record, end = _decode_one(decoder, buf, pos, where)
+                except json.JSONDecodeError as e:
                     if eof:
                         error_line = line + e.lineno - 1 - buf.count("\n", 0, pos)
                         raise InputError(f"{where}: invalid JSON: {e.msg} (line {error_line})") from None
                     eof = not read_more()  # the record may just be incomplete
                     continue
-                if end == len(buf) and not eof:  # a record at the very end of buf may continue in the next chunk
+                if end is None or end == len(buf) and not eof:  # the record may continue in the next chunk
+                    if eof:
+                        raise InputError(f"{where}: unreadable JSON: {record}") from None
                     eof = not read_more()
                     continue
                 line += buf.count("\n", pos, end)
-                bad = _ESCAPED_BYTE.search(buf, pos, end)
-                yield where, RecordError(where, "invalid UTF-8 in the record", "invalid UTF-8") if bad else record
+                yield where, record
                 index, pos, state = index + 1, end, "sep"
     if state != "end":
         raise InputError(f"{path}: {'empty file' if state == 'start' else 'the array is not closed'}: "

@@ -216,9 +216,12 @@ def test_deep_nesting_and_huge_integers_are_record_errors(tmp_path):
     meta = dataset.build_dataset([str(path)], out_dir=str(out), skip_invalid=True)
     assert meta["skipped"] == {"invalid JSON": 2} and sum(meta["conversations"].values()) == 2
     array = tmp_path / "bad.json"
-    array.write_text(f"[{good},\n" + '{"user": "x", "assistant": "y", "n": ' + "9" * 5000 + "}]")
-    with pytest.raises(InputError, match=r"bad.json\[1\] \(line 2\): unreadable JSON: Exceeds the limit"):
+    array.write_text(f"[{good},\n" + '{"user": "x", "assistant": "y", "n": ' + "9" * 5000 + "},\n" + "[" * 100_000
+                     + "]" * 100_000 + f",\n{good}, {good}]")
+    with pytest.raises(RecordError, match=r"bad.json\[1\] \(line 2\): unreadable JSON: Exceeds the limit"):
         read_all(array)
+    meta = build_dataset([str(array)], out_dir=str(tmp_path / "out2"), skip_invalid=True)  # skipped, as in .jsonl
+    assert meta["skipped"] == {"invalid JSON": 2} and sum(meta["conversations"].values()) == 3
 
 
 def test_oversized_record_is_refused_without_reading_it_whole(tmp_path, monkeypatch):
