@@ -224,6 +224,12 @@ def tiny_train_args(dataset, out_dir, **overrides):
     return [f"--{k}={v}" for k, v in cfg.items()]
 
 
+def train_ddp(tmp_path, dataset, out_dir, **overrides):
+    """A tiny run on 2 CPU processes under torchrun (gloo); returns the CompletedProcess."""
+    return run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script("train.py"),
+                *tiny_train_args(dataset, out_dir, batch_size=2, **overrides)], cwd=tmp_path, timeout=300)
+
+
 def train_inprocess(argv):
     """Run train.main(argv) in this process and return what it printed. The SIGINT/SIGTERM handlers the training
     loop installs are put back afterwards, so Ctrl-C still reaches pytest."""

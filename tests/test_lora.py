@@ -249,9 +249,7 @@ def test_lora_on_a_scratch_base_rebuilds_it_from_the_seed(tmp_path, tiny_dataset
 @pytest.mark.slow
 def test_trainable_layers_with_ddp(tmp_path, tiny_dataset):
     out = str(tmp_path / "out")
-    p = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script("train.py"),
-             *tiny_train_args(tiny_dataset, out, max_iters=2, eval_interval=2, batch_size=2, trainable_layers=1)],
-            cwd=tmp_path, timeout=300)
+    p = helpers.train_ddp(tmp_path, tiny_dataset, out, max_iters=2, eval_interval=2, trainable_layers=1)
     assert "2 process(es)" in p.stdout and "(the last 1 blocks + ln_f)" in p.stdout
     final = last_ckpt(out)["model"]
     torch.manual_seed(1337)  # rank 0's initial model, which DDP broadcasts

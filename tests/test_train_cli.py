@@ -18,7 +18,7 @@ import train
 from chat_gpt2 import dataset
 from chat_gpt2.checkpoint import save_checkpoint
 from chat_gpt2.errors import ConfigError
-from helpers import checkpoints, env, load_ckpt, read_meta, read_metrics, run, script, tiny_train_args, train_inprocess
+from helpers import checkpoints, env, load_ckpt, read_meta, read_metrics, script, tiny_train_args, train_inprocess
 
 RUN_PATTERN = re.compile(r"^finetuned_\d{8}_\d{6}(_last)?\.pt$")
 
@@ -324,9 +324,7 @@ def test_sigint_saves_last_checkpoint_then_exits(tmp_path, tiny_dataset):
 @pytest.mark.slow
 def test_ddp_torchrun_on_cpu(tmp_path, tiny_dataset):
     out = str(tmp_path / "out")
-    p = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script("train.py"),
-             *tiny_train_args(tiny_dataset, out, max_iters=4, eval_interval=2, n_layer=1, batch_size=2)],
-            cwd=tmp_path, timeout=300)
+    p = helpers.train_ddp(tmp_path, tiny_dataset, out, max_iters=4, eval_interval=2, n_layer=1)
     assert "2 process(es)" in p.stdout and "reached max_iters=4" in p.stdout
     last = [n for n in checkpoints(out) if n.endswith("_last.pt")]
     assert len(last) == 1 and len(checkpoints(out)) == 2
