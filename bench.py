@@ -500,11 +500,11 @@ def _finetune_variant(cfg):
     p = {**FINETUNE, **{k: cfg[k] for k in ("batch_size", "block_size", "steps", "warmup") if cfg[k]}}
     device = resolve_device(cfg["device"])
     run = {"device": device, "dtype": resolve_dtype(cfg["dtype"], device), "ddp": False}
-    tune_cpu_allocator(device)
+    settings = VARIANTS[cfg["variant"]]
+    tune_cpu_allocator(device, lean=settings.get("grad_checkpointing", False))  # as train.py does
     torch.manual_seed(cfg["seed"])
     model = GPT(GPTConfig(n_layer=p["n_layer"], n_head=p["n_head"], n_embd=p["n_embd"], block_size=p["block_size"],
                           vocab_size=50304, dropout=0.0))
-    settings = VARIANTS[cfg["variant"]]
     if settings.get("lora_rank"):
         apply_lora(model, {"rank": settings["lora_rank"], "alpha": float(settings["lora_rank"]), "dropout": 0.0,
                            "targets": list(TARGETS)})

@@ -144,7 +144,7 @@ def setup_processes(cfg):
         backend = cfg["backend"] if cfg["backend"] != "auto" else ("nccl" if device.startswith("cuda") else "gloo")
         dist.init_process_group(backend=backend)
     dtype = resolve_dtype(cfg["dtype"], device)
-    tune_cpu_allocator(device)
+    tune_cpu_allocator(device, lean=cfg["grad_checkpointing"])
     if dtype == "bfloat16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
         raise ConfigError("dtype=bfloat16 is not supported on this GPU: use --dtype=float16")
     return {"device": device, "dtype": dtype, "rank": max(rank, 0), "world": world, "ddp": rank >= 0,

@@ -153,3 +153,14 @@ def test_token_lengths_gpt2(data):
             assert len(enc.encode_ordinary(" " + r["assistant"])) == 1, r
             n = len(enc.encode_ordinary(f"Human: {r['user']}\nAssistant: {r['assistant']}\n\n"))
             assert n <= 25, (n, r)
+
+
+def test_families_select_records_without_changing_them(data, tmp_path):
+    """--families keeps a subset; each family's records are those of the full set (the same draws), in order."""
+    train, held = gen.generate(1337, ["capital", "add"])
+    assert len(train) == 2 * gen.TRAIN_PER_FAMILY and len(held) == 2 * gen.HELDOUT_PER_FAMILY
+    assert train == [r for r in data[0] if r in train] and held == [r for r in data[1] if r in held]
+    assert any("capital" in r["user"] for r in held) and not any("opposite" in r["user"] for r in held)
+    res = subprocess.run([sys.executable, SCRIPT, f"--out_dir={tmp_path}", "--families=capitol"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "unknown families ['capitol']" in res.stderr

@@ -1,8 +1,12 @@
 """chat_gpt2/device.py: the dtype and compile defaults per device, autocast, and the peak FLOP/s behind MFU."""
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 
+import helpers
 from chat_gpt2 import device
 from chat_gpt2.device import autocast, cpu_has_bf16, known_peak_flops, peak_flops, resolve_compile, resolve_dtype
 
@@ -60,3 +64,33 @@ def test_peak_measurement_leaves_the_global_rng_alone():
     device.measure_matmul_peak("cpu", "float32", sizes=(64,), repeats=1)
     assert torch.equal(torch.get_rng_state(), state)
     assert np.isfinite(device.measure_matmul_peak("cpu", "float32", sizes=(64,), repeats=1))
+
+
+_ALLOCATOR_CHILD = """
+import sys
+import torch
+from chat_gpt2.device import tune_cpu_allocator
+
+def rss_mb():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+tune_cpu_allocator("cpu", lean=sys.argv[1] == "lean")
+before = rss_mb()
+x = torch.ones(64 * 2 ** 20 // 4)  # 64 MiB, touched
+x = None
+print(rss_mb() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+def test_cpu_allocator_modes_keep_or_return_freed_memory():
+    """Fast mode keeps a freed 64 MiB tensor in the process (no page faults next step); lean mode, for
+    --grad_checkpointing, gives it back to the OS at once (a lower peak when activations come and go)."""
+    kept = {}
+    for mode in ("fast", "lean"):
+        p = subprocess.run([sys.executable, "-c", _ALLOCATOR_CHILD, mode], capture_output=True, text=True,
+                           cwd=helpers.REPO, check=True)
+        kept[mode] = float(p.stdout)
+    assert kept["fast"] > 48, kept
+    assert kept["lean"] < 16, kept

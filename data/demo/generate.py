@@ -8,7 +8,7 @@ Writes, in the basic chat schema (one JSON object per line,
     heldout.jsonl  200 held-out prompts (assistant = the expected answer)
 
 Usage:
-    python data/demo/generate.py [--out_dir=data/demo] [--seed=1337]
+    python data/demo/generate.py [--out_dir=data/demo] [--seed=1337] [--families=add,capital,...]
 
 Design
 ------
@@ -151,8 +151,12 @@ def _wrap(rng, text):
     return text
 
 
-def generate(seed: int = 1337):
-    """Return (train_records, heldout_records); records are {"user", "assistant"} dicts."""
+def generate(seed: int = 1337, families=None):
+    """Return (train_records, heldout_records); records are {"user", "assistant"} dicts. families: keep only
+    these (the records of the others are drawn all the same, so a family's records do not depend on the choice)."""
+    unknown = set(families or ()) - set(_families())
+    if unknown:
+        raise ValueError(f"unknown families {sorted(unknown)}: choose from {','.join(_families())}")
     rng = random.Random(seed)
     train, heldout = [], []
     for fam, (templates, items) in _families().items():
@@ -173,7 +177,7 @@ def generate(seed: int = 1337):
         assert len(held) == HELDOUT_PER_FAMILY
         for i, t in sorted(held, key=lambda it: (it[1], it[0])):
             fields, ans = items[i]
-            heldout.append({"user": templates[t].format(**fields), "assistant": ans})
+            heldout.append({"user": templates[t].format(**fields), "assistant": ans, "family": fam})
         # training combos: everything not held out
         combos = [(i, t) for i in range(n_i) for t in range(n_t) if (i, t) not in held]
         # every training combo at least once, then fill uniformly at random
@@ -182,21 +186,32 @@ def generate(seed: int = 1337):
             picks += [rng.choice(combos) for _ in range(TRAIN_PER_FAMILY - len(picks))]
         for i, t in picks:
             fields, ans = items[i]
-            train.append({"user": _wrap(rng, templates[t].format(**fields)), "assistant": ans})
+            train.append({"user": _wrap(rng, templates[t].format(**fields)), "assistant": ans, "family": fam})
     rng.shuffle(train)
     rng.shuffle(heldout)
-    return train, heldout
+    return _keep(train, families), _keep(heldout, families)
+
+
+def _keep(records, families):
+    """The records of the wanted families (all when None), without their family tag."""
+    return [{"user": r["user"], "assistant": r["assistant"]} for r in records
+            if not families or r["family"] in families]
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file__)))
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--families", default=",".join(_families()), help="comma-separated subset of the families")
     args = p.parse_args(argv)
-    train, heldout = generate(args.seed)
+    families = [f for f in args.families.split(",") if f]
+    try:
+        train, heldout = generate(args.seed, families)
+    except ValueError as e:
+        p.error(str(e))
     write_jsonl(os.path.join(args.out_dir, "train.jsonl"), train)
     write_jsonl(os.path.join(args.out_dir, "heldout.jsonl"), heldout)
-    fams = ",".join(_families())
+    fams = ",".join(families)
     print(f"demo data: train.jsonl={len(train)} heldout.jsonl={len(heldout)} "
           f"families={fams} seed={args.seed} out_dir={args.out_dir}")
 
