@@ -1,4 +1,4 @@
-"""Export a fine-tuned checkpoint as a Hugging Face GPT-2 model directory.
+"""Export a fine-tuned checkpoint (a chat / text model, or a classifier) as a Hugging Face GPT-2 model directory.
 
     python export.py --out=hf-model                          # newest run's best checkpoint in out_dir
     python export.py --ckpt=out/finetuned_20260101_120000.pt --out=hf-model --check
@@ -18,6 +18,11 @@ if it holds nothing but a previous export; --force writes into any directory (ot
 --check compares the logits of the export with the checkpoint's (ours, and transformers' when installed).
 Push it to the Hub with `hf upload USER/REPO DIR` (see the README).
 
+A classifier's checkpoint (train.py on a dataset prepared with --task=classify) exports as transformers'
+GPT2ForSequenceClassification: config.json with id2label / label2id (our label names) and pad_token_id, the head
+as `score`, no generation_config.json, and a tokenizer that encodes as training did (each text's tokens then
+<|endoftext|>, padded with an added <|pad|> token, a long text keeping its end); docs/classification.md#export.
+
 A LoRA checkpoint exports its merged model the same way. With --adapter_only it writes only the adapters, as a PEFT
 adapter directory (adapter_config.json + adapter_model.safetensors) that loads onto the base with
 `peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(BASE), DIR)`.
@@ -33,7 +38,7 @@ from chat_gpt2 import chat, configurator
 from chat_gpt2.checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
 from chat_gpt2.errors import ConfigError, OutputExistsError
 from chat_gpt2.files import atomic_write, disk_error, temporary_dir
-from chat_gpt2.hf_gpt2 import from_pretrained, hf_config, hf_state_dict
+from chat_gpt2.hf_gpt2 import HF_CLASSIFIER, PAD_ID, from_pretrained, hf_config, hf_state_dict
 from chat_gpt2.hf_tokenizer import tokenizer_files
 from chat_gpt2.lora import peft_adapter
 
@@ -90,8 +95,11 @@ def export(model, out, template=chat.TEMPLATE, tokenizer=chat.TOKENIZER, force=F
                     os.rmdir(out)
                 os.replace(tmp, out)
             elif not _is_previous_export(out):  # --force: keep the directory's other files (README, .git, ...)
-                for name in EXPORT_FILES:
-                    os.replace(os.path.join(tmp, name), os.path.join(out, name))
+                for name in EXPORT_FILES:  # and no export file of an earlier export that this one does not write
+                    if os.path.exists(os.path.join(tmp, name)):
+                        os.replace(os.path.join(tmp, name), os.path.join(out, name))
+                    elif os.path.isfile(os.path.join(out, name)):
+                        os.remove(os.path.join(out, name))
             else:  # a previous export: swap the directories, then delete the old one
                 old = f"{tmp}.old"
                 os.replace(out, old)
@@ -105,16 +113,18 @@ def export(model, out, template=chat.TEMPLATE, tokenizer=chat.TOKENIZER, force=F
 
 
 def _write_export(model, folder, template, tokenizer):
+    labels = getattr(model, "labels", None)  # a classifier (classifier.GPTClassifier)
     save_file(hf_state_dict(model), os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
     umask = os.umask(0o022)
     os.umask(umask)
     os.chmod(os.path.join(folder, "model.safetensors"), 0o666 & ~umask)  # safetensors writes it 0600
     files = {
-        "config.json": hf_config(model.config),
-        "generation_config.json": {"bos_token_id": chat.EOT, "eos_token_id": chat.EOT, "pad_token_id": chat.EOT},
-        **tokenizer_files(chat.get_encoder(tokenizer), template, model.config.block_size),
-        MARKER: {"format": "chat_gpt2 export", "files": list(EXPORT_FILES)},
+        "config.json": hf_config(model.config, labels),
+        **({} if labels else {"generation_config.json": {"bos_token_id": chat.EOT, "eos_token_id": chat.EOT,
+                                                         "pad_token_id": chat.EOT}}),
+        **tokenizer_files(chat.get_encoder(tokenizer), template, model.config.block_size, classify=bool(labels)),
     }
+    files[MARKER] = {"format": "chat_gpt2 export", "files": [MARKER, "model.safetensors", *files]}
     for name, content in files.items():
         with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
             if isinstance(content, str):
@@ -153,6 +163,8 @@ def check_export(model, out, seed=0):
     transformers, on random tokens. Returns {name: difference}."""
     T = min(64, model.config.block_size)
     idx = torch.randint(0, chat.VOCAB_SIZE, (2, T), generator=torch.Generator().manual_seed(seed))
+    if getattr(model, "labels", None):
+        return check_classifier_export(model, out, idx)
     ours = model(idx, all_logits=True)[0][..., :chat.VOCAB_SIZE]
     diffs = {"init_from=DIR": (from_pretrained(out).eval()(idx, all_logits=True)[0] - ours).abs().max().item()}
     try:
@@ -162,6 +174,22 @@ def check_export(model, out, seed=0):
     hf = GPT2LMHeadModel.from_pretrained(out).eval()
     diffs["transformers"] = (hf(idx).logits - ours).abs().max().item()
     return diffs
+
+
+@torch.no_grad()
+def check_classifier_export(model, out, idx):
+    """check_export for a classifier: class logits of the rows of idx cut to different lengths and right-padded
+    with the pad token, ours vs transformers' GPT2ForSequenceClassification (the export loads nowhere else)."""
+    try:
+        from transformers import GPT2ForSequenceClassification
+    except ImportError:
+        return {}
+    lengths = torch.tensor([idx.size(1), max(1, idx.size(1) // 3)])
+    real = torch.arange(idx.size(1)) < lengths[:, None]
+    padded = idx.masked_fill(~real, PAD_ID)
+    hf = GPT2ForSequenceClassification.from_pretrained(out).eval()
+    logits = hf(input_ids=padded, attention_mask=real.long()).logits
+    return {"transformers": (logits - model.classify(idx, lengths)).abs().max().item()}
 
 
 def main(argv=None):
@@ -176,18 +204,20 @@ def main(argv=None):
               + ("" if os.path.isdir(base) or not os.path.exists(base) else
                  ": one of our checkpoints, export it too and load the adapters onto that") + ")")
         return
-    if "classify" in ckpt:  # its head and tokenizer need GPT2ForSequenceClassification's config, not written yet
-        raise ConfigError(f"{path} is a classifier (labels {ckpt['classify']['labels']}): export.py writes language "
-                          f"models only; use classify.py / eval.py with the checkpoint (docs/classification.md)")
     model = model_from_checkpoint(ckpt).eval()
     ckpt.pop("model"), ckpt.pop("optimizer", None)  # free them: the export makes its own copies of the weights
     export(model, cfg["out"], ckpt.get("template", chat.TEMPLATE), ckpt.get("tokenizer", chat.TOKENIZER),
            cfg["force"])
+    labels = getattr(model, "labels", None)
     print(f"exported {path} -> {cfg['out']} ({model.get_num_params(non_embedding=False) / 1e6:.2f}M parameters, "
-          f"block_size {model.config.block_size})")
+          f"block_size {model.config.block_size}"
+          + (f"; {HF_CLASSIFIER}, labels {', '.join(labels)})" if labels else ")"))
     if cfg["check"]:
-        for name, diff in check_export(model, cfg["out"]).items():
+        figures = check_export(model, cfg["out"])
+        for name, diff in figures.items():
             print(f"check: max abs logit difference, checkpoint vs export loaded by {name}: {diff:.3g}")
+        if not figures:
+            print("check: transformers is not installed: nothing loads a classifier export to compare with")
 
 
 if __name__ == "__main__":

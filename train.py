@@ -250,10 +250,8 @@ class Trainer:
         self.best_path = checkpoint_path(cfg["out_dir"], self.stamp)
         self.last_path = checkpoint_path(cfg["out_dir"], self.stamp, last=True)
         self.logger = Logger(cfg, run, resume_iter=self.iter_num if ckpt is not None else None)
-        # MFU: nanoGPT's 6N + 12LHQT FLOPs per token (less the head's share on masked tokens, see _mfu) against a
-        # GPU's data-sheet peak for the training dtype, else this device's matmul peak measured now (~0.5 s): never
-        # a hard-coded A100
-        self.flops_per_token = self.raw_model.flops_per_token(cfg["block_size"])
+        # MFU: nanoGPT's 6N + 12LHQT FLOPs per token, counting what runs (see _mfu), against a GPU's data-sheet peak
+        # for the training dtype, else this device's matmul peak measured now (~0.5 s): never a hard-coded A100
         self.peak_flops, self.peak_source = peak_flops(run["device"], run["dtype"]) if run["master"] else (0, "")
 
     def _restore(self, ckpt):
@@ -361,30 +359,33 @@ class Trainer:
                             f"--dtype=float32 (now {self.run['dtype']})")
 
     def _start_window(self):
-        self.window_t0, self.window_iter, self.window = time.time(), self.iter_num, {"learned_tokens": 0.0}
+        self.window_t0, self.window_iter = time.time(), self.iter_num
+        self.window = {"learned_tokens": 0.0, "tokens": 0, "context": 0}  # train_step's counts
 
-    def _mfu(self, dt, learned_per_iter):
-        """FLOPs computed per second over the peak. Off CUDA the LM head (6 * vocab * n_embd FLOPs per token) runs
-        only on learned tokens (GPT._masked_loss), so only those count: on chat data nanoGPT's formula, which counts
-        the head on every token, would overstate the work done (and could pass 100%)."""
-        if not self.peak_flops:
+    def _mfu(self, dt, iters):
+        """This process's FLOPs per second over its peak: train_flops of the tokens its steps ran (a classifier's
+        batches end at their longest example), the output head counted where it runs. A classifier's head runs on
+        one token per example, the learned one, and never the LM head; off CUDA the LM head runs only on learned
+        tokens (GPT._masked_loss): on chat data nanoGPT's formula, which counts the head on every token, would
+        overstate the work done (and could pass 100%)."""
+        w = self.window
+        if not self.peak_flops or not w["tokens"]:
             return 0.0
-        head = 6 * self.raw_model.config.vocab_size * self.raw_model.config.n_embd
-        rows = self.tokens_per_iter if self.run["device"].startswith("cuda") else learned_per_iter * self.run["world"]
-        flops = self.tokens_per_iter * (self.flops_per_token - head) + rows * head
-        return flops / dt / (self.peak_flops * self.run["world"])
+        head_tokens = w["learned_tokens"] if self.classify or not self.run["device"].startswith("cuda") else w["tokens"]
+        flops = self.raw_model.train_flops(w["tokens"], w["context"] / w["tokens"], head_tokens)
+        return flops / iters / dt / self.peak_flops
 
     def _log_step(self, loss, lr):
         iters = self.iter_num - self.window_iter
         dt = (time.time() - self.window_t0) / iters
         remaining = (self.cfg["max_iters"] - self.iter_num) * dt
-        mfu = self._mfu(dt, self.window["learned_tokens"] / iters)
+        mfu = self._mfu(dt, iters)
+        tokens_per_s = self.window["tokens"] * self.run["world"] / iters / dt  # what ran: no padding to block_size
         epoch = self.iter_num * self.tokens_per_iter / self.train_tokens  # passes over the train split's tokens
         line = (f"iter {self.iter_num} (epoch {epoch:.2f}): loss {loss:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
-                f"{self.tokens_per_iter / dt:,.0f} tokens/s, MFU {mfu:.1%}, ETA {remaining / 60:.1f} min")
+                f"{tokens_per_s:,.0f} tokens/s, MFU {mfu:.1%}, ETA {remaining / 60:.1f} min")
         self.logger.log({"event": "step", "iter": self.iter_num, "epoch": epoch, "loss": loss, "lr": lr,
-                         "ms_per_iter": dt * 1000,
-                         "tokens_per_s": self.tokens_per_iter / dt, "mfu": mfu}, line)
+                         "ms_per_iter": dt * 1000, "tokens_per_s": tokens_per_s, "mfu": mfu}, line)
 
 
 def print_test_results(trainer):

@@ -52,6 +52,12 @@ class GPTClassifier(GPT):
         logits = self.classify(idx, last + 1)
         return logits, F.cross_entropy(logits, targets[rows, last])
 
+    def matmul_weights(self):
+        """(weights every token runs through, the head's): wte is a lookup here (the LM head never runs), and
+        `score` runs on one token per example."""
+        head = self.score.weight.numel()
+        return self.get_num_params() - self.transformer.wte.weight.numel() - head, head
+
 
 def attach_head(model, labels, lora=None):
     """model (a GPT) made a GPTClassifier for labels, in place: the same parameters, trainable or frozen, on their

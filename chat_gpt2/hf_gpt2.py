@@ -3,7 +3,8 @@
 In: init_from names a Hugging Face GPT-2 checkpoint: 'gpt2' .. 'gpt2-xl', any Hub repo id of a GPT-2 model, or a
 local directory with config.json + model.safetensors (or pytorch_model.bin, or their sharded *.index.json forms).
 Files come through huggingface_hub (its cache; HF_HUB_OFFLINE=1 honoured); transformers is not needed.
-Out: hf_config and hf_state_dict give transformers' GPT2LMHeadModel config and weights for export.py.
+Out: hf_config and hf_state_dict give transformers' GPT2LMHeadModel config and weights for export.py, or for a
+classifier (classifier.GPTClassifier) GPT2ForSequenceClassification's.
 
 Hugging Face stores the attention and MLP matmuls as Conv1D, (in, out): they are transposed to and from our
 nn.Linear (out, in) by the one name list HF_CONV1D.
@@ -24,6 +25,8 @@ HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch
 HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 PRETRAINED_SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "vocab_size", "bias")  # fixed by the weights
 PRETRAINED_TUNABLE_KEYS = ("dropout", "block_size", "flash")  # may differ from the checkpoint (block_size: crop)
+HF_CLASSIFIER = "GPT2ForSequenceClassification"  # what export.py writes for a classifier
+PAD_ID = chat.VOCAB_SIZE  # a classifier export's <|pad|>: the first id past GPT-2's vocabulary
 INIT_FROM_HELP = (f"init_from takes 'scratch', 'resume', a GPT-2 name ({', '.join(OPENAI_GPT2)}), a Hugging Face "
                   f"repo id, or a local Hugging Face GPT-2 checkpoint directory")
 
@@ -161,6 +164,9 @@ def pretrained_config(files, overrides=None):
     if hf.get("model_type") != "gpt2":
         raise PretrainedError(f"{src}: config.json has model_type {hf.get('model_type')!r}, not 'gpt2': only GPT-2 "
                               f"checkpoints can be loaded into this model")
+    if HF_CLASSIFIER in (hf.get("architectures") or ()):  # a classifier export: its pad row, no language-model head
+        raise PretrainedError(f"{src} is a text classifier ({HF_CLASSIFIER}): start a run from its checkpoint "
+                              f"file instead (--init_from=PATH/finetuned_*.pt)")
     try:
         n_layer, n_head, n_embd = int(hf["n_layer"]), int(hf["n_head"]), int(hf["n_embd"])
         n_positions, vocab_size = int(hf.get("n_positions", hf.get("n_ctx", 1024))), int(hf.get("vocab_size", 50257))
@@ -275,9 +281,12 @@ def from_pretrained(name_or_dir, overrides=None):
 # Out: our GPT as transformers' GPT2LMHeadModel (export.py)
 
 
-def hf_config(config):
-    """config.json for transformers' GPT2LMHeadModel from our GPTConfig."""
-    return {
+def hf_config(config, labels=None):
+    """config.json for transformers' GPT2LMHeadModel from our GPTConfig; with labels (a classifier's class names in
+    head order), for GPT2ForSequenceClassification: id2label / label2id, and a pad token of its own, PAD_ID (one
+    embedding row more). transformers reads each row's last token that is not pad_token_id: that must be the
+    <|endoftext|> our head reads, so the pad cannot be <|endoftext|> as in the language-model export."""
+    hf = {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
         "vocab_size": chat.VOCAB_SIZE, "n_positions": config.block_size, "n_ctx": config.block_size,
         "n_embd": config.n_embd, "n_layer": config.n_layer, "n_head": config.n_head, "n_inner": None,
@@ -287,14 +296,23 @@ def hf_config(config):
         "tie_word_embeddings": True, "use_cache": True, "torch_dtype": "float32",
         "bos_token_id": chat.EOT, "eos_token_id": chat.EOT,
     }
+    if labels is not None:
+        hf.update({"architectures": [HF_CLASSIFIER], "vocab_size": PAD_ID + 1, "pad_token_id": PAD_ID,
+                   "id2label": {str(i): label for i, label in enumerate(labels)},
+                   "label2id": {label: i for i, label in enumerate(labels)},
+                   "problem_type": "single_label_classification"})
+    return hf
 
 
 def hf_state_dict(model):
     """Our weights under transformers' GPT-2 names: Conv1D weights transposed to (in, out), the token embedding
-    cut to GPT-2's 50257 rows, zero biases for a bias=False model; no lm_head.weight (tied to wte)."""
+    cut to GPT-2's 50257 rows, zero biases for a bias=False model; no lm_head.weight (tied to wte). A classifier's
+    `score` keeps its name (GPT2ForSequenceClassification's, bias-free too) and wte gets a zero row for PAD_ID: the
+    padding's embedding is never read (it follows the last real token, and attention is causal)."""
     if model.config.vocab_size < chat.VOCAB_SIZE:
         raise ValueError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than GPT-2's "
                          f"{chat.VOCAB_SIZE}: it cannot be exported as a GPT-2 model")
+    classifier = getattr(model, "labels", None) is not None
     state = {}
     for name, p in model.named_parameters():  # the tied head appears once, as transformer.wte.weight
         p = p.detach()
@@ -302,6 +320,8 @@ def hf_state_dict(model):
             p = p.t()
         elif name == "transformer.wte.weight":
             p = p[:chat.VOCAB_SIZE]
+            if classifier:
+                p = torch.cat([p, p.new_zeros(PAD_ID + 1 - chat.VOCAB_SIZE, p.size(1))])
         state[name] = p.contiguous()
     if not model.config.bias:
         C = model.config.n_embd
@@ -311,4 +331,3 @@ def hf_state_dict(model):
                 state[f"transformer.h.{i}.{module}.bias"] = torch.zeros(width)
         state["transformer.ln_f.bias"] = torch.zeros(C)
     return state
-

@@ -3,8 +3,10 @@ own ranks: an export needs no download, and AutoTokenizer.from_pretrained(DIR) l
 import functools
 
 from . import chat
+from .hf_gpt2 import PAD_ID
 
 EOT_TEXT = "<|endoftext|>"
+PAD_TEXT = "<|pad|>"  # a classifier export's pad token (PAD_ID)
 
 
 def bytes_to_unicode():
@@ -64,8 +66,9 @@ def gpt2_vocab_and_merges(enc):
     return vocab, merges
 
 
-def tokenizer_files(enc, template, block_size):
-    """{filename: JSON-able object or text} for a GPT-2 tokenizer that AutoTokenizer loads without a download."""
+def tokenizer_files(enc, template, block_size, classify=False):
+    """{filename: JSON-able object or text} for a GPT-2 tokenizer that AutoTokenizer loads without a download: a
+    language model's, whose chat_template renders template, or with classify a classifier's (classify_tokenizer)."""
     vocab, merges = gpt2_vocab_and_merges(enc)
     eot = {"content": EOT_TEXT, "single_word": False, "lstrip": False, "rstrip": False, "normalized": True,
            "special": True}
@@ -84,14 +87,40 @@ def tokenizer_files(enc, template, block_size):
         "bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT, "pad_token": EOT_TEXT,
         "model_max_length": block_size, "clean_up_tokenization_spaces": False,
         "added_tokens_decoder": {str(chat.EOT): eot},
-        "chat_template": chat.chat_template(template),
     }
     special = {"bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT, "pad_token": EOT_TEXT}
-    return {
+    files = {
         "vocab.json": vocab,
         "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n",
         "tokenizer.json": tokenizer_json,
         "tokenizer_config.json": tokenizer_config,
         "special_tokens_map.json": special,
     }
+    if classify:
+        classify_tokenizer(files)
+    else:
+        tokenizer_config["chat_template"] = chat.chat_template(template)
+    return files
 
+
+def classify_tokenizer(files):
+    """Make tokenizer_files' files a classifier's, in place. A text is encoded as classify_data encodes it: its tokens
+    then <|endoftext|>, the token the head reads (a TemplateProcessing post-processor in tokenizer.json, and
+    add_eos_token for transformers' own GPT-2 tokenizer class), special tokens' text in it read as plain text
+    (split_special_tokens: tiktoken's encode_ordinary); one longer than model_max_length keeps its end when
+    truncated (truncation_side left); padding goes on the right with <|pad|> (PAD_ID), not <|endoftext|>:
+    GPT2ForSequenceClassification reads each row's last token that is not the pad token."""
+    tokenizer_json, config = files["tokenizer.json"], files["tokenizer_config.json"]
+    eot = config["added_tokens_decoder"][str(chat.EOT)]
+    pad = {**eot, "content": PAD_TEXT, "normalized": False}
+
+    def seq(name, type_id):
+        return [{"Sequence": {"id": name, "type_id": type_id}}, {"SpecialToken": {"id": EOT_TEXT, "type_id": type_id}}]
+
+    tokenizer_json["added_tokens"] = tokenizer_json["added_tokens"] + [{"id": PAD_ID, **pad}]
+    tokenizer_json["post_processor"] = {
+        "type": "TemplateProcessing", "single": seq("A", 0), "pair": seq("A", 0) + seq("B", 1),
+        "special_tokens": {EOT_TEXT: {"id": EOT_TEXT, "ids": [chat.EOT], "tokens": [EOT_TEXT]}}}
+    config.update(pad_token=PAD_TEXT, add_eos_token=True, split_special_tokens=True, padding_side="right",
+                  truncation_side="left", added_tokens_decoder={str(chat.EOT): eot, str(PAD_ID): pad})
+    files["special_tokens_map.json"]["pad_token"] = PAD_TEXT

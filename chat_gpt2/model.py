@@ -263,8 +263,21 @@ class GPT(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
     def flops_per_token(self, seq_len=None):
-        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 * L * H * Q * T."""
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 * L * H * Q * T, the output head
+        counted on every token (train_flops counts what a step runs)."""
+        return self.train_flops(1, seq_len or self.config.block_size, 1)
+
+    def train_flops(self, tokens, seq_len, head_tokens):
+        """Training FLOPs (forward + backward) of `tokens` tokens in sequences of seq_len (a mean is fine), the
+        output head run on head_tokens of them: 6 per weight and token (matmul_weights), 12 * L * H * Q * T per
+        token for attention (PaLM appendix B)."""
         cfg = self.config
-        T = seq_len or cfg.block_size
-        N = self.get_num_params()
-        return 6 * N + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * T
+        body, head = self.matmul_weights()
+        attention = 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * seq_len
+        return 6 * body * tokens + 6 * head * head_tokens + attention * tokens
+
+    def matmul_weights(self):
+        """(weights every token runs through, the output head's): the LM head is wte (tied), which counts once,
+        as a matmul; biases and norms count like nanoGPT's 6N."""
+        head = self.lm_head.weight.numel()
+        return self.get_num_params() - head, head

@@ -54,13 +54,17 @@ def to_device(batch, device):
 def train_step(model, optimizer, scaler, data, generator, cfg, run, stats=None):
     """One optimizer step over gradient_accumulation_steps micro-batches. The loss is the token-weighted mean over
     the learned tokens of all micro-batches (not the last micro-batch's); it stays on the device (no sync).
-    stats: a dict whose "learned_tokens" is increased by this step's count (for the log's FLOP count)."""
+    stats: a dict whose counts (for the log's FLOP count) are increased by this step's: "learned_tokens", "tokens"
+    (the batches' positions: a classifier's batches are as long as their longest example) and "context" (the sum
+    of each position's sequence length)."""
     steps = cfg["gradient_accumulation_steps"]
     batches = [data.get_batch(cfg["batch_size"], cfg["block_size"], generator) for _ in range(steps)]
     learned = float(sum(m.sum() for _, _, m in batches))  # counted on the host: no device sync
     total = max(1.0, learned)
     if stats is not None:
-        stats["learned_tokens"] = stats.get("learned_tokens", 0.0) + learned
+        for key, n in (("learned_tokens", learned), ("tokens", sum(x.numel() for x, _, _ in batches)),
+                       ("context", sum(x.numel() * x.size(1) for x, _, _ in batches))):
+            stats[key] = stats.get(key, 0) + n
     loss_sum = torch.zeros((), device=run["device"])
     for micro, batch in enumerate(batches):
         weight = float(batch[2].sum()) / total

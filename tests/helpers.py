@@ -296,6 +296,19 @@ def save_tiny_checkpoint(path, model=None, default_stop="\n"):
     return str(path)
 
 
+def save_tiny_classifier(path, labels, model=None):
+    """A classifier checkpoint with the keys train.py writes (those read back): model (default: a tiny random GPT,
+    GPT-2's init) with a fresh head for labels, read from the columns text / label. Returns the path."""
+    from chat_gpt2.checkpoint import save_checkpoint
+    from chat_gpt2.classifier import attach_head
+    model = attach_head(model or tiny_model(residual_scale=1), labels)
+    save_checkpoint(str(path), {"model": model.state_dict(), "model_args": asdict(model.config), "tokenizer": "gpt2",
+                                "template": None, "default_stop": None, "multiline_replies": False,
+                                "classify": {"labels": list(labels), "columns": {"text": ["text"], "label": "label",
+                                                                                  "header": True, "join": "\n"}}})
+    return str(path)
+
+
 def model_of(ckpt_path):
     """The GPT a checkpoint file holds, rebuilt by hand (not by chat_gpt2.checkpoint), in eval mode."""
     from chat_gpt2.model import GPT, GPTConfig

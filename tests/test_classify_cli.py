@@ -9,8 +9,6 @@ import sys
 import pytest
 
 import helpers
-from chat_gpt2.checkpoint import save_checkpoint
-from chat_gpt2.classifier import attach_head
 
 LABELS = ["neg", "pos"]
 
@@ -18,15 +16,8 @@ LABELS = ["neg", "pos"]
 @pytest.fixture(scope="module")
 def classifier_ckpt(tmp_path_factory):
     """A saved classifier checkpoint: a tiny random model with a head, as train.py writes it (the keys used)."""
-    from dataclasses import asdict
     out = tmp_path_factory.mktemp("clf")
-    model = attach_head(helpers.tiny_model(residual_scale=1), LABELS)
-    path = str(out / "finetuned_20260101_000000.pt")
-    save_checkpoint(path, {"model": model.state_dict(), "model_args": asdict(model.config), "tokenizer": "gpt2",
-                           "template": None, "default_stop": None, "multiline_replies": False,
-                           "classify": {"labels": LABELS, "columns": {"text": ["text"], "label": "label",
-                                                                        "header": True, "join": "\n"}}})
-    return str(out), path
+    return str(out), helpers.save_tiny_classifier(out / "finetuned_20260101_000000.pt", LABELS)
 
 
 class Result:
@@ -117,15 +108,6 @@ def test_classify_as_a_command(classifier_ckpt, tmp_path):
     p = subprocess.run([sys.executable, helpers.script("classify.py"), "--out_dir=nowhere", "--text=x"],
                        cwd=tmp_path, env=helpers.env(), capture_output=True, text=True, timeout=240)
     assert p.returncode == 1 and p.stderr.startswith("error: no checkpoint") and len(p.stderr.splitlines()) == 1
-
-
-def test_export_refuses_a_classifier(classifier_ckpt, tmp_path):
-    import export
-    from chat_gpt2.errors import ConfigError
-    _, path = classifier_ckpt
-    with pytest.raises(ConfigError, match="is a classifier"):
-        export.main([f"--ckpt={path}", f"--out={tmp_path / 'hf'}"])
-    assert not (tmp_path / "hf").exists()
 
 
 def test_spam_config_is_not_two_class_specific():

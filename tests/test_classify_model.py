@@ -1,12 +1,10 @@
 """The classifier: the head reads each example's last real token (right padding never read), the metrics' arithmetic,
 and train.py on a classification dataset (a tiny model learns a separable task to 100%, the test report, accuracy
-logs and plot, checkpoints that keep the label names, --trainable_layers, resume)."""
+logs and plot, checkpoints that keep the label names, --trainable_layers, resume, the logged MFU, DDP)."""
 import contextlib
 import io
-import json
 import os
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -79,11 +77,17 @@ def separable_csv(tmp_path, n=80):
 
 
 @pytest.fixture(scope="module")
-def classify_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("cls")
-    data, out = str(tmp / "data"), str(tmp / "out")
+def classify_data(tmp_path_factory):
+    """A prepared classification dataset of separable_csv (folder path): read it, never write to it."""
+    tmp = tmp_path_factory.mktemp("clsdata")
     with contextlib.redirect_stdout(io.StringIO()):
-        assert prepare.main([separable_csv(tmp), "--task=classify", f"--out_dir={data}"]) == 0
+        assert prepare.main([separable_csv(tmp), "--task=classify", f"--out_dir={tmp / 'data'}"]) == 0
+    return str(tmp / "data")
+
+
+@pytest.fixture(scope="module")
+def classify_run(tmp_path_factory, classify_data):
+    data, out = classify_data, str(tmp_path_factory.mktemp("cls") / "out")
     stdout = helpers.train_inprocess(helpers.tiny_train_args(data, out, max_iters=40, eval_interval=20,
                                                              batch_size=8, learning_rate=3e-3, warmup_iters=5))
     return data, out, stdout
@@ -125,3 +129,47 @@ def test_resume_and_init_from_a_classifier(classify_run, tmp_path):
     assert "(the last 1 blocks + ln_f)" in stdout and "test accuracy: " in stdout
     with pytest.raises(ConfigError, match="LoRA"):
         helpers.train_inprocess(helpers.tiny_train_args(data, str(tmp_path / "o3"), lora_rank=2))
+
+
+def test_logged_mfu_counts_what_a_classifier_runs(classify_data, tmp_path, monkeypatch):
+    """The step's FLOPs, recomputed from the replayed batches: 6 per weight and token for the transformer's
+    matmuls, 12LHQT attention with T the batch's length (the longest example, not block_size), the head on one
+    token per example; the token embedding is a lookup, and the LM head (6 * vocab * n_embd per token) never runs."""
+    import train
+    from chat_gpt2.classify_data import ClassifyData
+    monkeypatch.setattr(train, "peak_flops", lambda *args: (1e9, "fixed"))
+    out = str(tmp_path / "out")
+    helpers.train_inprocess(helpers.tiny_train_args(classify_data, out, max_iters=3, eval_interval=3, eval_iters=1,
+                                                    block_size=64))
+    steps = [r for r in helpers.read_metrics(out) if r["event"] == "step"]
+    state = helpers.load_ckpt(os.path.join(out, helpers.checkpoints(out)[0]))["model"]
+    body = sum(t.numel() for k, t in state.items() if k not in ("transformer.wte.weight", "lm_head.weight",
+                                                                 "transformer.wpe.weight", "score.weight"))
+    L, C, batch_size = 2, 32, 4  # tiny_train_args
+    generator = torch.Generator().manual_seed(train.DEFAULTS["seed"])
+    data = ClassifyData(classify_data, "train")
+    assert [r["iter"] for r in steps] == [1, 2, 3]
+    for r in steps:
+        x, _, _ = data.get_batch(batch_size, 64, generator)
+        B, T = x.shape
+        assert T < 64  # the texts are short: no padding to block_size is computed
+        flops = 6 * body * B * T + 6 * C * len(LABELS) * B + 12 * L * C * T * B * T
+        seconds = r["ms_per_iter"] / 1000
+        assert r["mfu"] == pytest.approx(flops / seconds / 1e9, rel=1e-6)
+        assert r["tokens_per_s"] == pytest.approx(B * T / seconds, rel=1e-6)
+        nanogpt = helpers.tiny_model(block_size=64).flops_per_token() * B * 64  # the LM head on every position
+        assert flops < nanogpt / 100
+
+
+@pytest.mark.slow
+def test_train_a_classifier_with_ddp(classify_data, tmp_path):
+    """torchrun, 2 CPU processes (gloo): training and the evaluations (all-reduced) run on both ranks, rank 0
+    logs, saves and reports the test split once."""
+    out = str(tmp_path / "out")
+    p = helpers.train_ddp(tmp_path, classify_data, out, max_iters=4, eval_interval=2, learning_rate=3e-3)
+    assert "2 process(es)" in p.stdout and p.stdout.count("test accuracy: ") == 1
+    evals = [r for r in helpers.read_metrics(out) if r["event"] == "eval"]
+    assert [r["iter"] for r in evals] == [0, 2, 4]
+    assert all(0 <= r[f"{s}_accuracy"] <= 1 for r in evals for s in ("train", "val"))
+    best = load_checkpoint(os.path.join(out, helpers.checkpoints(out)[0]))
+    assert best["classify"]["labels"] == LABELS and "score.weight" in best["model"]
