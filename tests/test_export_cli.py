@@ -152,3 +152,39 @@ def test_finetune_sample_export_end_to_end(tiny_dataset, tmp_path, capsys):
     assert export_chat == ours_chat and export_raw == ours_raw
     assert chat_reply == helpers.cut_reply(helpers.decode(export_chat), [stop])
     assert raw_reply == helpers.decode(export_raw).strip()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Replies through transformers
+
+
+CONVERSATIONS = {
+    "one turn": [{"role": "user", "content": "Give three tips for staying healthy."}],
+    "system": [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 2 plus 3?"}],
+}
+
+
+@pytest.mark.parametrize("template_name", ["human_assistant", "alpaca", "chatml"])
+def test_transformers_gives_our_greedy_reply(tmp_path, template_name):
+    """What a transformers user runs on the export (apply_chat_template, generate, cut at the template's stop)
+    gives the reply sample.py gives: same prompt ids, same greedy tokens, same text."""
+    from chat_gpt2 import chat
+    from chat_gpt2.engine import Engine, SamplingParams
+    template = chat.load_template(template_name)
+    model = helpers.tiny_model(seed=5)
+    out = str(tmp_path / "hf")
+    export.export(model, out, template)
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    stop = chat.default_stop(False, template)
+    params = SamplingParams(temperature=0, max_new_tokens=12, stop=(stop,))
+    for name, messages in CONVERSATIONS.items():
+        prompt = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        assert prompt["input_ids"][0].tolist() == chat.render_prompt(messages, template), name
+        with torch.no_grad():
+            ids = hf.generate(**prompt, max_new_tokens=12, do_sample=False, eos_token_id=chat.EOT,
+                              pad_token_id=chat.EOT)[0, prompt["input_ids"].size(1):].tolist()
+        theirs = tok.decode(ids, skip_special_tokens=True).split(stop)[0].strip()
+        ours = Engine(model).complete_batch([chat.render_prompt(messages, template)], params)[0]
+        assert theirs == ours.text.strip() and len(ours.tokens) >= 3, (name, theirs, ours.tokens)
+        assert ids[:len(ours.tokens)] == ours.tokens, name
