@@ -58,6 +58,9 @@ class GPTClassifier(GPT):
         head = self.score.weight.numel()
         return self.get_num_params() - self.transformer.wte.weight.numel() - head, head
 
+    def head_weight(self):
+        return self.score.weight
+
 
 def attach_head(model, labels, lora=None):
     """model (a GPT) made a GPTClassifier for labels, in place: the same parameters, trainable or frozen, on their

@@ -269,12 +269,33 @@ class GPT(nn.Module):
 
     def train_flops(self, tokens, seq_len, head_tokens):
         """Training FLOPs (forward + backward) of `tokens` tokens in sequences of seq_len (a mean is fine), the
-        output head run on head_tokens of them: 6 per weight and token (matmul_weights), 12 * L * H * Q * T per
-        token for attention (PaLM appendix B)."""
+        output head run on head_tokens of them: 2 per weight and token forward, 2 backward for the input gradient
+        and 2 for the weight's own (matmul_weights), 4 * L * C * T per token for attention forward and 8 backward
+        (PaLM appendix B: 6N + 12 * L * H * Q * T in all). A frozen weight (LoRA, trainable_layers) has no weight
+        gradient, and below the lowest block that trains nothing runs backward at all."""
         cfg = self.config
         body, head = self.matmul_weights()
-        attention = 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * seq_len
-        return 6 * body * tokens + 6 * head * head_tokens + attention * tokens
+        frozen_body, head_trains = self._frozen_weights()
+        trains = [any(p.requires_grad for p in block.parameters()) for block in self.transformer.h]
+        first = trains.index(True) if any(trains) else cfg.n_layer  # backward stops below this block
+        below = sum(p.numel() for block in self.transformer.h[:first] for p in block.parameters())
+        attention = 4 * cfg.n_embd * seq_len  # a layer's, forward, per token
+        forward = 2 * body * tokens + 2 * head * head_tokens + attention * cfg.n_layer * tokens
+        input_grads = (2 * (body - below) * tokens + 2 * head * head_tokens
+                       + 2 * attention * (cfg.n_layer - first) * tokens)
+        weight_grads = 2 * (body - frozen_body) * tokens + (2 * head * head_tokens if head_trains else 0)
+        return forward + input_grads + weight_grads
+
+    def _frozen_weights(self):
+        """(frozen weights among matmul_weights' body, whether the output head trains)."""
+        head = self.head_weight()
+        skip = {id(self.transformer.wpe.weight), id(self.transformer.wte.weight), id(head)}
+        frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad and id(p) not in skip)
+        return frozen, head.requires_grad
+
+    def head_weight(self):
+        """The output head's weight (the LM head, tied to wte)."""
+        return self.lm_head.weight
 
     def matmul_weights(self):
         """(weights every token runs through, the output head's): the LM head is wte (tied), which counts once,

@@ -266,3 +266,22 @@ def test_compiled_forward_matches_eager():
         eager, _ = model(idx, all_logits=True)
         compiled, _ = torch.compile(model)(idx, all_logits=True)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_train_flops_count_only_what_a_frozen_run_computes():
+    """LoRA: no weight gradient for the base, 4 of 6 FLOPs per weight (the adapters' own 6); trainable_layers=1:
+    the lower blocks run forward only, the last block and the head also backward."""
+    from chat_gpt2.lora import TARGETS, apply_lora, freeze_layers
+    cfg = tiny_gpt().config
+    L, C, T = cfg.n_layer, cfg.n_embd, cfg.block_size
+    full = tiny_gpt()
+    body, head = full.matmul_weights()
+    lora = apply_lora(tiny_gpt(), {"rank": 2, "alpha": 2.0, "dropout": 0.0, "targets": list(TARGETS)})
+    adapters = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    assert lora.train_flops(1, T, 1) == 4 * (body + adapters) + 2 * adapters + 4 * head + 12 * L * C * T
+    last = freeze_layers(tiny_gpt(), 1)
+    block = sum(p.numel() for p in last.transformer.h[-1].parameters())
+    ln_f = sum(p.numel() for p in last.transformer.ln_f.parameters())
+    lower = body - block - ln_f
+    assert last.train_flops(1, T, 1) == 2 * lower + 6 * (block + ln_f) + 4 * head + 4 * L * C * T + 8 * C * T
+    assert full.train_flops(1, T, 1) == full.flops_per_token()
