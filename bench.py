@@ -8,11 +8,13 @@
     python bench.py --mode=generate --gen_preset=full  # the same at GPT-2 124M shape: 32 + 256 tokens, batch 1 and 8
     python bench.py --mode=half --ckpt=out/finetuned_X.pt --dataset=data/chat   # bf16 vs fp32: same tokens? perplexity?
     python bench.py --mode=finetune                  # GPT-2 medium shape: full vs trainable_layers=1 vs LoRA rank 8
+    python bench.py --mode=prepare                   # prepare.py end to end vs a bare tokenise-and-write loop (~25 MB)
 
 Every run ends with one machine-readable JSON line.
 """
 import copy
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -24,12 +26,13 @@ import tempfile
 import time
 import types
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from chat_gpt2 import chat, configurator
 from chat_gpt2.checkpoint import load_model
-from chat_gpt2.dataset import load_dataset
+from chat_gpt2.dataset import BATCH, TEXT_BATCH, load_dataset
 from chat_gpt2.device import (autocast, known_peak_flops, measure_matmul_peak, resolve_compile, resolve_device,
                               resolve_dtype, sync, tune_cpu_allocator)
 from chat_gpt2.engine import SamplingParams, generate
@@ -41,7 +44,7 @@ from chat_gpt2.model import GPT, GPTConfig
 from chat_gpt2.training import DEFAULT_GRAD_CLIP, to_device, train_step
 
 DEFAULTS = dict(  # `python bench.py --help` prints these comments
-    mode="train",  # train | generate | half | finetune
+    mode="train",  # train | generate | half | finetune | prepare
     preset="tiny",  # --mode=train: tiny (seconds) | 6x384 (batch 8) | 124m (GPT-2 124M shape, batch 4)
     device="auto",  # auto, cpu, cuda, cuda:N or mps
     dtype="auto",  # auto (bf16 where the device has it), float32, bfloat16 or float16
@@ -65,6 +68,9 @@ DEFAULTS = dict(  # `python bench.py --help` prints these comments
     half_new_tokens=64,  # --mode=half: greedy tokens per prompt
     variants="full,layers1,lora8,lora8ckpt",  # --mode=finetune: the variants to compare, each in its own process
     variant="",  # --mode=finetune: run just this one, in this process
+    prepare_chat="../shared/data/prompt-completion-mlx-wwdc25/train.jsonl",  # --mode=prepare: prompt/completion .jsonl
+    prepare_text="../shared/data/tinyshakespeare-text/input.txt",  # --mode=prepare: a .txt (paths from the repo root)
+    prepare_mb=25,  # --mode=prepare: each file is repeated to about this many MB ("" skips it: --prepare_text=)
 )
 
 
@@ -538,13 +544,102 @@ def _finetune_variant(cfg):
             "load_avg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# prepare.py: end to end (a subprocess: wall, CPU, peak RSS) against a bare loop doing only the work every
+# tokeniser must do: JSON decoding, the template's text, tiktoken's batch encoder, uint16 writes
+
+
+def bench_prepare(cfg):
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-prepare-") as tmp:
+        for kind, source in (("chat", cfg["prepare_chat"]), ("text", cfg["prepare_text"])):
+            if not source:
+                continue
+            path = os.path.join(tmp, f"big_{kind}{os.path.splitext(source)[1]}")
+            copies = _repeat_file(source, path, cfg["prepare_mb"] * 10 ** 6)
+            bare_loop = _bare_chat if kind == "chat" else _bare_text
+            wall, cpu = time.perf_counter(), time.process_time()
+            n_tokens = bare_loop(path, os.path.join(tmp, "bare.bin"))
+            bare = {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
+            prep = _run_prepare(path, os.path.join(tmp, f"out_{kind}"))
+            rows.append({"kind": kind, "source": source, "copies": copies, "mb": round(os.path.getsize(path) / 1e6, 1),
+                         "tokens_bare": n_tokens, "bare_s": round(bare["wall_s"], 2),
+                         "bare_cpu_s": round(bare["cpu_s"], 2), **prep,
+                         "ratio": round(bare["wall_s"] / prep["prepare_s"], 3)})
+    print(f"prepare: {os.cpu_count()} CPUs, load avg {os.getloadavg()[0]:.2f}; ratio = bare wall / prepare.py wall "
+          f"(1 = as fast as the bare loop)")
+    for r in rows:
+        print(f"  {r['kind']:<5}{r['mb']:>6.1f} MB ({r['copies']} copies): bare {r['bare_s']:.2f}s wall / "
+              f"{r['bare_cpu_s']:.2f}s CPU; prepare.py {r['prepare_s']:.2f}s wall / {r['prepare_cpu_s']:.2f}s CPU, "
+              f"peak RSS {r['prepare_peak_rss_mb']:.0f} MB, {r['tokens']:,} tokens; ratio {r['ratio']:.2f}")
+    return {"mode": "prepare", "rows": rows, "load_avg_1min": round(os.getloadavg()[0], 2)}
+
+
+def _repeat_file(source, path, size):
+    """Write source repeated until path holds about size bytes; returns the number of copies."""
+    with open(source, "rb") as f:
+        data = f.read()
+    if data and not data.endswith(b"\n"):
+        data += b"\n"
+    copies = max(1, round(size / max(1, len(data))))
+    with open(path, "wb") as f:
+        for _ in range(copies):
+            f.write(data)
+    return copies
+
+
+def _bare_chat(path, out_path):
+    """json.loads, the template's text, encode_ordinary_batch and uint16 writes of {prompt, completion} records."""
+    enc, n_tokens = chat.get_encoder(), 0
+    with open(path, encoding="utf-8") as f, open(out_path, "wb") as out:
+        while lines := list(itertools.islice(f, BATCH)):
+            records = [json.loads(line) for line in lines]
+            texts = [chat.render_text([{"role": "user", "content": r["prompt"]},
+                                       {"role": "assistant", "content": r["completion"]}]) for r in records]
+            ids = np.fromiter(itertools.chain.from_iterable(t + [chat.EOT] for t in enc.encode_ordinary_batch(texts)),
+                              dtype=np.uint16)
+            out.write(ids.data)
+            n_tokens += len(ids)
+    return n_tokens
+
+
+def _bare_text(path, out_path):
+    """1 MiB pieces of text, TEXT_BATCH at a time through encode_ordinary_batch, uint16 writes."""
+    enc, n_tokens = chat.get_encoder(), 0
+    with open(path, encoding="utf-8") as f, open(out_path, "wb") as out:
+        while pieces := [p for p in (f.read(1 << 20) for _ in range(TEXT_BATCH)) if p]:
+            ids = np.fromiter(itertools.chain.from_iterable(enc.encode_ordinary_batch(pieces)), dtype=np.uint16)
+            out.write(ids.data)
+            n_tokens += len(ids)
+    return n_tokens
+
+
+def _run_prepare(path, out_dir):
+    """prepare.py on path as a subprocess: its wall time, CPU time and peak RSS (os.wait4: that child alone)."""
+    start = time.perf_counter()
+    p = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepare.py"),
+                          path, f"--out_dir={out_dir}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output = p.stdout.read().decode()
+    _, status, usage = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - start
+    p.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
+    if p.returncode != 0:
+        raise SystemExit(f"error: prepare.py failed:\n{output}")
+    with open(os.path.join(out_dir, "meta.json")) as f:
+        tokens = sum(json.load(f)["tokens"].values())
+    rss = usage.ru_maxrss / 2 ** 20 if sys.platform == "darwin" else usage.ru_maxrss / 2 ** 10
+    return {"prepare_s": round(wall, 2), "prepare_cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+            "prepare_peak_rss_mb": round(rss, 1), "tokens": tokens}
+
+
 def _has_transformers():
     return importlib.util.find_spec("transformers") is not None
 
 
 def main(argv=None):
     cfg, _ = configurator.load(DEFAULTS, argv, prog="bench.py")
-    modes = {"train": bench_train, "generate": bench_generate, "half": bench_half, "finetune": bench_finetune}
+    modes = {"train": bench_train, "generate": bench_generate, "half": bench_half, "finetune": bench_finetune,
+             "prepare": bench_prepare}
     if cfg["mode"] not in modes:
         raise SystemExit(f"error: unknown --mode={cfg['mode']!r}: use one of {sorted(modes)}")
     result = modes[cfg["mode"]](cfg)

@@ -14,9 +14,11 @@ disagree on the format: the mask is 1 exactly on what the assistant must learn t
 with the space after `Assistant:`, the turn's closing `\\n\\n`, and the final `<|endoftext|>`), 0 elsewhere.
 User-supplied text is tokenised with `encode_ordinary`, so a literal `<|endoftext|>` typed by a user stays text.
 """
+import itertools
 import json
 import os
 
+import numpy as np
 import tiktoken
 
 from .errors import ConfigError, MissingFileError
@@ -73,7 +75,7 @@ BUILTIN_TEMPLATES = {"human_assistant": TEMPLATE, "alpaca": ALPACA, "chatml": CH
 NEWLINE_STOP = TEMPLATE["stop"]  # default stop: the design's single-line replies
 TURN_STOP = TEMPLATE["stop_multiline"]  # default stop when training replies span several lines (plus <|endoftext|>)
 
-_encoders = {}
+_encoders, _token_bytes = {}, {}
 
 
 def get_encoder(name=TOKENIZER):
@@ -162,38 +164,153 @@ def _segments(messages, template, add_generation_prompt):
         yield template["assistant_label"], False, "assistant"
 
 
-def render_conversations(conversations, template=TEMPLATE, enc=None):
-    """Training rendering of many conversations at once (tiktoken's batch encoder uses threads).
+class Rendered:
+    """Conversations (or documents) rendered back to back: ids (uint16) and mask (uint8) of them all, tokens
+    starts[i]:starts[i + 1] are conversation i, turns the offsets where a turn starts (a conversation's first turn
+    at its start)."""
 
-    Returns one (ids, mask, turn_starts) per conversation. turn_starts are the offsets of each user turn (the
-    first is 0: a system message belongs to the first turn) so training windows can start on a turn boundary."""
+    def __init__(self, ids, mask, starts, turns):
+        self.ids, self.mask, self.starts, self.turns = ids, mask, starts, turns
+
+    def __len__(self):
+        return len(self.starts) - 1
+
+    def conversation(self, i):
+        """(ids, mask, turn_starts) of conversation i, as lists; turn_starts relative to its start."""
+        a, b = self.starts[i], self.starts[i + 1]
+        turns = self.turns[np.searchsorted(self.turns, a):np.searchsorted(self.turns, b)] - a
+        return self.ids[a:b].tolist(), self.mask[a:b].tolist(), turns.tolist()
+
+    def select(self, keep):
+        """Only the conversations i with keep[i]."""
+        keep = np.asarray(keep, dtype=bool)
+        lengths = np.diff(self.starts)
+        tokens = np.repeat(keep, lengths)
+        conv_of_turn = np.searchsorted(self.starts, self.turns, side="right") - 1
+        shift = self.starts[:-1] - np.concatenate([[0], np.cumsum(lengths * keep)[:-1]])  # tokens dropped before
+        return Rendered(self.ids[tokens], self.mask[tokens], np.concatenate([[0], np.cumsum(lengths[keep])]),
+                        (self.turns - shift[conv_of_turn])[keep[conv_of_turn]])
+
+
+def documents(encoded):
+    """Plain-text documents (token lists): every token learned, each closed by <|endoftext|>."""
+    ids, starts = _close(encoded)
+    return Rendered(ids, np.ones(len(ids), dtype=np.uint8), starts, starts[:-1])
+
+
+def _close(encoded):
+    """The token lists back to back, each followed by <|endoftext|>: (uint16 ids, conversation starts)."""
+    lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)) + 1
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    ids = np.fromiter(itertools.chain.from_iterable(t + [EOT] for t in encoded), dtype=np.uint16, count=starts[-1])
+    return ids, starts
+
+
+def _layout(segments):
+    """(text, its UTF-8 length, the byte offsets where a learned run starts and ends (alternating), the char offsets
+    of those same places, the byte offsets where a user turn starts (the first one at 0)) of a conversation."""
+    texts, bounds, chars, turns, n_bytes, n_chars, learning = [], [], [], [], 0, 0, False
+    for text, learned, role in segments:
+        if not text:
+            continue
+        if learned != learning:
+            bounds.append(n_bytes)
+            chars.append(n_chars)
+            learning = learned
+        if role == "user" and not learned:
+            turns.append(n_bytes if turns else 0)
+        texts.append(text)
+        n_bytes += len(text) if text.isascii() else len(text.encode("utf-8"))
+        n_chars += len(text)
+    if learning:
+        bounds.append(n_bytes)
+        chars.append(n_chars)
+    return "".join(texts), n_bytes, bounds, chars, turns or [0]
+
+
+def token_bytes(enc):
+    """The length in bytes of each token of enc, as an array indexed by token id (cached)."""
+    if enc.name not in _token_bytes:
+        _token_bytes[enc.name] = np.fromiter((len(enc.decode_single_token_bytes(t)) for t in range(enc.n_vocab)),
+                                             dtype=np.int64, count=enc.n_vocab)
+    return _token_bytes[enc.name]
+
+
+def _crossing(enc, ids, bounds):
+    """The indexes of bounds (byte offsets) that fall inside a token of ids rather than between two."""
+    ends = np.cumsum(token_bytes(enc)[np.asarray(ids, dtype=np.int64)])
+    return [i for i, b in enumerate(bounds) if b and b not in ends]
+
+
+def _encode(enc, layout, ids=None):
+    """The ids of a conversation's text: those of the whole text (ids, when already encoded), as a Hugging Face
+    tokenizer gives them for the export's chat_template; where a token would cross into or out of a learned run
+    (possible with a custom template), the text is cut there and the pieces encoded one by one."""
+    text, _, bounds, chars, _ = layout
+    ids = enc.encode_ordinary(text) if ids is None else ids
+    cuts = set()
+    while True:
+        crossed = _crossing(enc, ids, bounds)
+        if not crossed:
+            return ids
+        cuts.update(chars[i] for i in crossed)
+        edges = [0, *sorted(cuts), len(text)]
+        ids = [t for a, b in zip(edges, edges[1:]) for t in enc.encode_ordinary(text[a:b])]
+
+
+def render_batch(conversations, template=TEMPLATE, enc=None):
+    """Training rendering of many conversations at once (tiktoken's batch encoder uses threads): a Rendered,
+    each conversation closed by <|endoftext|> (learned). Turns start at each user message (the first at 0: a system
+    message belongs to the first turn) so training windows can start on a turn boundary."""
     enc = enc or get_encoder()
-    pieces = [list(_segments(messages, template, False)) for messages in conversations]
-    encoded = iter(enc.encode_ordinary_batch([text for conv in pieces for text, _, _ in conv]))
-    rendered = []
-    for conv in pieces:
-        ids, mask, turn_starts = [], [], []
-        for _, learned, role in conv:
-            if role == "user":
-                turn_starts.append(len(ids) if turn_starts else 0)
-            toks = next(encoded)
-            ids += toks
-            mask += [int(learned)] * len(toks)
-        rendered.append((ids + [EOT], mask + [1], turn_starts or [0]))
+    layouts = [_layout(_segments(messages, template, False)) for messages in conversations]
+    encoded = enc.encode_ordinary_batch([layout[0] for layout in layouts])
+    rendered, crossed = _assemble(encoded, layouts, enc)
+    if crossed:  # a token crosses a learned run's edge (a custom template): those conversations are cut there
+        for i in crossed:
+            encoded[i] = _encode(enc, layouts[i], encoded[i])
+        rendered, _ = _assemble(encoded, layouts, enc)
     return rendered
+
+
+def _assemble(encoded, layouts, enc):
+    """(Rendered, []) of the conversations' token lists, the mask found from the byte offsets where each token
+    starts; (None, indexes of the conversations where a token crosses a learned run's edge) if there are any."""
+    ids, starts = _close(encoded)
+    sizes = token_bytes(enc)[ids]
+    sizes[starts[1:] - 1] = 0  # <|endoftext|> is not part of the text
+    token_at = np.cumsum(sizes) - sizes  # where each token starts, in bytes of all the texts back to back
+    text_at = np.concatenate([[0], np.cumsum([layout[1] for layout in layouts], dtype=np.int64)])
+    bounds = np.fromiter((text_at[i] + b for i, layout in enumerate(layouts) for b in layout[2]), dtype=np.int64)
+    aligned = token_at[np.minimum(np.searchsorted(token_at, bounds), len(ids) - 1)] == bounds
+    if not aligned.all():
+        return None, sorted({int(i) for i in np.searchsorted(text_at, bounds[~aligned], side="right") - 1})
+    mask = (np.searchsorted(bounds, token_at, side="right") & 1).astype(np.uint8)  # inside a learned run: odd
+    mask[starts[1:] - 1] = 1  # <|endoftext|>
+    turn_at = np.fromiter((text_at[i] + t for i, layout in enumerate(layouts) for t in layout[4]), dtype=np.int64)
+    return Rendered(ids, mask, starts, np.searchsorted(token_at, turn_at, side="right") - 1), []
+
+
+def render_conversations(conversations, template=TEMPLATE, enc=None):
+    """(ids, mask, turn_starts) lists per conversation: render_batch's, one by one."""
+    rendered = render_batch(conversations, template, enc)
+    return [rendered.conversation(i) for i in range(len(rendered))]
 
 
 def render_conversation(messages, template=TEMPLATE, enc=None):
     return render_conversations([messages], template, enc)[0]
 
 
+def render_text(messages, template=TEMPLATE, add_generation_prompt=False):
+    """The conversation as text (without the closing <|endoftext|>): what the export's chat_template renders."""
+    return "".join(text for text, _, _ in _segments(messages, template, add_generation_prompt))
+
+
 def render_prompt(messages, template=TEMPLATE, enc=None):
-    """Generation rendering: the conversation so far (ending with a user message) plus `Assistant:`."""
+    """Generation rendering: the conversation so far (ending with a user message) plus `Assistant:`; the very ids
+    the same conversation has in training, up to where the reply starts."""
     enc = enc or get_encoder()
-    ids = []
-    for text, _, _ in _segments(messages, template, True):
-        ids += enc.encode_ordinary(text)
-    return ids
+    return _encode(enc, _layout(_segments(messages, template, True)))
 
 
 def fit_context(system, history, template, enc, budget):
