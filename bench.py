@@ -14,7 +14,6 @@ Every run ends with one machine-readable JSON line.
 """
 import copy
 import importlib.util
-import itertools
 import json
 import math
 import os
@@ -26,13 +25,12 @@ import tempfile
 import time
 import types
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from chat_gpt2 import chat, configurator
 from chat_gpt2.checkpoint import load_model
-from chat_gpt2.dataset import BATCH, TEXT_BATCH, load_dataset
+from chat_gpt2.dataset import load_dataset
 from chat_gpt2.device import (autocast, known_peak_flops, measure_matmul_peak, resolve_compile, resolve_device,
                               resolve_dtype, sync, tune_cpu_allocator)
 from chat_gpt2.engine import SamplingParams, generate
@@ -545,11 +543,12 @@ def _finetune_variant(cfg):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# prepare.py: end to end (a subprocess: wall, CPU, peak RSS) against a bare loop doing only the work every
-# tokeniser must do: JSON decoding, the template's text, tiktoken's batch encoder, uint16 writes
+# prepare.py end to end against tools/prepare_bare.py, the work every tokeniser must do (JSON decoding, the template's
+# text, tiktoken's batch encoder, uint16 writes): both as processes (wall, CPU, peak RSS)
 
 
 def bench_prepare(cfg):
+    here = os.path.dirname(os.path.abspath(__file__))
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-prepare-") as tmp:
         for kind, source in (("chat", cfg["prepare_chat"]), ("text", cfg["prepare_text"])):
@@ -557,21 +556,22 @@ def bench_prepare(cfg):
                 continue
             path = os.path.join(tmp, f"big_{kind}{os.path.splitext(source)[1]}")
             copies = _repeat_file(source, path, cfg["prepare_mb"] * 10 ** 6)
-            bare_loop = _bare_chat if kind == "chat" else _bare_text
-            wall, cpu = time.perf_counter(), time.process_time()
-            n_tokens = bare_loop(path, os.path.join(tmp, "bare.bin"))
-            bare = {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
-            prep = _run_prepare(path, os.path.join(tmp, f"out_{kind}"))
+            bare, bare_out = _run_child([os.path.join(here, "tools", "prepare_bare.py"), kind, path,
+                                         os.path.join(tmp, "bare.bin")])
+            prep, _ = _run_child([os.path.join(here, "prepare.py"), path, f"--out_dir={os.path.join(tmp, kind)}"])
+            with open(os.path.join(tmp, kind, "meta.json")) as f:
+                tokens = sum(json.load(f)["tokens"].values())
             rows.append({"kind": kind, "source": source, "copies": copies, "mb": round(os.path.getsize(path) / 1e6, 1),
-                         "tokens_bare": n_tokens, "bare_s": round(bare["wall_s"], 2),
-                         "bare_cpu_s": round(bare["cpu_s"], 2), **prep,
-                         "ratio": round(bare["wall_s"] / prep["prepare_s"], 3)})
+                         "tokens": tokens, "tokens_bare": int(bare_out.split()[-1]),
+                         **{f"bare_{k}": v for k, v in bare.items()}, **{f"prepare_{k}": v for k, v in prep.items()},
+                         "ratio": round(bare["s"] / prep["s"], 3)})
     print(f"prepare: {os.cpu_count()} CPUs, load avg {os.getloadavg()[0]:.2f}; ratio = bare wall / prepare.py wall "
-          f"(1 = as fast as the bare loop)")
+          f"(1 = as fast as the bare loop; both are whole processes)")
     for r in rows:
-        print(f"  {r['kind']:<5}{r['mb']:>6.1f} MB ({r['copies']} copies): bare {r['bare_s']:.2f}s wall / "
-              f"{r['bare_cpu_s']:.2f}s CPU; prepare.py {r['prepare_s']:.2f}s wall / {r['prepare_cpu_s']:.2f}s CPU, "
-              f"peak RSS {r['prepare_peak_rss_mb']:.0f} MB, {r['tokens']:,} tokens; ratio {r['ratio']:.2f}")
+        print(f"  {r['kind']:<5}{r['mb']:>6.1f} MB ({r['copies']} copies), {r['tokens']:,} tokens: bare "
+              f"{r['bare_s']:.2f}s wall / {r['bare_cpu_s']:.2f}s CPU / {r['bare_peak_rss_mb']:.0f} MB; prepare.py "
+              f"{r['prepare_s']:.2f}s wall / {r['prepare_cpu_s']:.2f}s CPU / {r['prepare_peak_rss_mb']:.0f} MB; "
+              f"ratio {r['ratio']:.2f}")
     return {"mode": "prepare", "rows": rows, "load_avg_1min": round(os.getloadavg()[0], 2)}
 
 
@@ -588,48 +588,28 @@ def _repeat_file(source, path, size):
     return copies
 
 
-def _bare_chat(path, out_path):
-    """json.loads, the template's text, encode_ordinary_batch and uint16 writes of {prompt, completion} records."""
-    enc, n_tokens = chat.get_encoder(), 0
-    with open(path, encoding="utf-8") as f, open(out_path, "wb") as out:
-        while lines := list(itertools.islice(f, BATCH)):
-            records = [json.loads(line) for line in lines]
-            texts = [chat.render_text([{"role": "user", "content": r["prompt"]},
-                                       {"role": "assistant", "content": r["completion"]}]) for r in records]
-            ids = np.fromiter(itertools.chain.from_iterable(t + [chat.EOT] for t in enc.encode_ordinary_batch(texts)),
-                              dtype=np.uint16)
-            out.write(ids.data)
-            n_tokens += len(ids)
-    return n_tokens
+# Runs `python ARGS` from a fresh small process and reports its rusage: a child of bench.py itself would count
+# bench.py's own memory (torch) in its peak RSS, which Linux carries over a fork and exec.
+MEASURE_CHILD = """import json, os, sys, time
+start = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.executable, [sys.executable] + sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+print(json.dumps([os.waitstatus_to_exitcode(status), time.perf_counter() - start,
+                  usage.ru_utime + usage.ru_stime, usage.ru_maxrss]), file=sys.stderr)
+"""
 
 
-def _bare_text(path, out_path):
-    """1 MiB pieces of text, TEXT_BATCH at a time through encode_ordinary_batch, uint16 writes."""
-    enc, n_tokens = chat.get_encoder(), 0
-    with open(path, encoding="utf-8") as f, open(out_path, "wb") as out:
-        while pieces := [p for p in (f.read(1 << 20) for _ in range(TEXT_BATCH)) if p]:
-            ids = np.fromiter(itertools.chain.from_iterable(enc.encode_ordinary_batch(pieces)), dtype=np.uint16)
-            out.write(ids.data)
-            n_tokens += len(ids)
-    return n_tokens
-
-
-def _run_prepare(path, out_dir):
-    """prepare.py on path as a subprocess: its wall time, CPU time and peak RSS (os.wait4: that child alone)."""
-    start = time.perf_counter()
-    p = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepare.py"),
-                          path, f"--out_dir={out_dir}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    output = p.stdout.read().decode()
-    _, status, usage = os.wait4(p.pid, 0)
-    wall = time.perf_counter() - start
-    p.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
-    if p.returncode != 0:
-        raise SystemExit(f"error: prepare.py failed:\n{output}")
-    with open(os.path.join(out_dir, "meta.json")) as f:
-        tokens = sum(json.load(f)["tokens"].values())
-    rss = usage.ru_maxrss / 2 ** 20 if sys.platform == "darwin" else usage.ru_maxrss / 2 ** 10
-    return {"prepare_s": round(wall, 2), "prepare_cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
-            "prepare_peak_rss_mb": round(rss, 1), "tokens": tokens}
+def _run_child(args):
+    """({s, cpu_s, peak_rss_mb}, stdout) of `python *args`: wall and CPU time and peak RSS of that process alone,
+    interpreter start and imports included."""
+    p = subprocess.run([sys.executable, "-c", MEASURE_CHILD, *args], capture_output=True, text=True)
+    code, wall, cpu, rss = json.loads(p.stderr.strip().splitlines()[-1])
+    if code != 0:
+        raise SystemExit(f"error: {' '.join(args)} failed:\n{p.stdout}{p.stderr}")
+    rss = rss / 2 ** 20 if sys.platform == "darwin" else rss / 2 ** 10  # bytes on macOS, KiB on Linux
+    return {"s": round(wall, 2), "cpu_s": round(cpu, 2), "peak_rss_mb": round(rss, 1)}, p.stdout
 
 
 def _has_transformers():

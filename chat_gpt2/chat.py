@@ -25,6 +25,7 @@ from .errors import ConfigError, MissingFileError
 
 TOKENIZER = "gpt2"
 EOT = 50256  # <|endoftext|>
+EOT_TEXT = "<|endoftext|>"
 VOCAB_SIZE = 50257  # real GPT-2 vocabulary; the model may pad its embedding beyond this
 NEWLINE_TOKENS = (198, 628, 44320)  # every GPT-2 token that contains a newline: "\n", "\n\n", "\n\xa0"
 
@@ -192,14 +193,25 @@ class Rendered:
                         (self.turns - shift[conv_of_turn])[keep[conv_of_turn]])
 
 
-def documents(encoded):
-    """Plain-text documents (token lists): every token learned, each closed by <|endoftext|>."""
-    ids, starts = _close(encoded)
+def documents(ids, starts):
+    """Plain-text documents (encode_closed's ids and starts): every token learned."""
     return Rendered(ids, np.ones(len(ids), dtype=np.uint8), starts, starts[:-1])
 
 
+def encode_closed(enc, texts, chunk=64):
+    """(uint16 ids, starts): encode_ordinary(text) + [<|endoftext|>] for each text, back to back, text i at
+    ids[starts[i]:starts[i + 1]]. Encoded `chunk` texts at a time, joined by <|endoftext|> (which BPE never merges
+    across), in tiktoken's threads: a thread task per short text would cost more than its encoding."""
+    if any(EOT_TEXT in text for text in texts):  # typed by a user, it stays text: encode one by one
+        return _close(enc.encode_ordinary_batch(texts))
+    joined = [EOT_TEXT.join(texts[i:i + chunk]) + EOT_TEXT for i in range(0, len(texts), chunk)]
+    encoded = enc.encode_batch(joined, allowed_special={EOT_TEXT})
+    ids = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.uint16, count=sum(map(len, encoded)))
+    return ids, np.concatenate([[0], np.flatnonzero(ids == EOT) + 1])
+
+
 def _close(encoded):
-    """The token lists back to back, each followed by <|endoftext|>: (uint16 ids, conversation starts)."""
+    """The token lists back to back, each followed by <|endoftext|>: (uint16 ids, starts)."""
     lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)) + 1
     starts = np.concatenate([[0], np.cumsum(lengths)])
     ids = np.fromiter(itertools.chain.from_iterable(t + [EOT] for t in encoded), dtype=np.uint16, count=starts[-1])
@@ -209,23 +221,22 @@ def _close(encoded):
 def _layout(segments):
     """(text, its UTF-8 length, the byte offsets where a learned run starts and ends (alternating), the char offsets
     of those same places, the byte offsets where a user turn starts (the first one at 0)) of a conversation."""
-    texts, bounds, chars, turns, n_bytes, n_chars, learning = [], [], [], [], 0, 0, False
+    texts, chars, turns, n, learning = [], [], [], 0, False
     for text, learned, role in segments:
-        if not text:
-            continue
-        if learned != learning:
-            bounds.append(n_bytes)
-            chars.append(n_chars)
+        if learned != learning and text:
+            chars.append(n)
             learning = learned
-        if role == "user" and not learned:
-            turns.append(n_bytes if turns else 0)
+        if role == "user":
+            turns.append(n if turns else 0)
         texts.append(text)
-        n_bytes += len(text) if text.isascii() else len(text.encode("utf-8"))
-        n_chars += len(text)
+        n += len(text)
     if learning:
-        bounds.append(n_bytes)
-        chars.append(n_chars)
-    return "".join(texts), n_bytes, bounds, chars, turns or [0]
+        chars.append(n)
+    text, turns = "".join(texts), turns or [0]
+    if text.isascii():
+        return text, n, chars, chars, turns
+    return (text, len(text.encode("utf-8")), [len(text[:c].encode("utf-8")) for c in chars], chars,
+            [len(text[:c].encode("utf-8")) for c in turns])
 
 
 def token_bytes(enc):
@@ -259,24 +270,24 @@ def _encode(enc, layout, ids=None):
 
 
 def render_batch(conversations, template=TEMPLATE, enc=None):
-    """Training rendering of many conversations at once (tiktoken's batch encoder uses threads): a Rendered,
-    each conversation closed by <|endoftext|> (learned). Turns start at each user message (the first at 0: a system
-    message belongs to the first turn) so training windows can start on a turn boundary."""
+    """Training rendering of many conversations at once: a Rendered, each conversation closed by <|endoftext|>
+    (learned). Turns start at each user message (the first at 0: a system message belongs to the first turn) so
+    training windows can start on a turn boundary."""
     enc = enc or get_encoder()
     layouts = [_layout(_segments(messages, template, False)) for messages in conversations]
-    encoded = enc.encode_ordinary_batch([layout[0] for layout in layouts])
-    rendered, crossed = _assemble(encoded, layouts, enc)
+    ids, starts = encode_closed(enc, [layout[0] for layout in layouts])
+    rendered, crossed = _assemble(ids, starts, layouts, enc)
     if crossed:  # a token crosses a learned run's edge (a custom template): those conversations are cut there
+        encoded = [ids[a:b - 1].tolist() for a, b in zip(starts[:-1], starts[1:])]
         for i in crossed:
             encoded[i] = _encode(enc, layouts[i], encoded[i])
-        rendered, _ = _assemble(encoded, layouts, enc)
+        rendered, _ = _assemble(*_close(encoded), layouts, enc)
     return rendered
 
 
-def _assemble(encoded, layouts, enc):
-    """(Rendered, []) of the conversations' token lists, the mask found from the byte offsets where each token
-    starts; (None, indexes of the conversations where a token crosses a learned run's edge) if there are any."""
-    ids, starts = _close(encoded)
+def _assemble(ids, starts, layouts, enc):
+    """(Rendered, []) of the conversations' ids (encode_closed's), the mask found from the byte offsets where each
+    token starts; (None, indexes of the conversations where a token crosses a learned run's edge) if there are any."""
     sizes = token_bytes(enc)[ids]
     sizes[starts[1:] - 1] = 0  # <|endoftext|> is not part of the text
     token_at = np.cumsum(sizes) - sizes  # where each token starts, in bytes of all the texts back to back

@@ -24,7 +24,6 @@ import time
 from collections import Counter
 
 import numpy as np
-import torch
 
 from . import chat
 from .errors import ConfigError, InputError, MissingFileError, RecordError
@@ -139,7 +138,7 @@ def tokenize_inputs(paths, writer, skip_invalid, stats, progress):
     def flush():
         if batch:
             if stats["kind"] == "text":  # every token learned; <|endoftext|> closes each document
-                write_new(chat.documents(chat.get_encoder().encode_ordinary_batch(batch)), writer, stats)
+                write_new(chat.documents(*chat.encode_closed(chat.get_encoder(), batch)), writer, stats)
             else:
                 write_new(chat.render_batch(batch, stats["template"]), writer, stats)
         batch.clear()
@@ -487,6 +486,7 @@ class ChatData:
                              f"{expected_tokens}: the dataset is incomplete, run prepare.py again")
 
     def get_batch(self, batch_size, block_size, generator):
+        import torch  # here, not at the top: prepare.py (building datasets) runs without torch's seconds of import
         if self.kind == "text":
             starts = torch.randint(max(1, len(self.ids) - block_size), (batch_size,), generator=generator).numpy()
         else:
