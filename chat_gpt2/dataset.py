@@ -22,6 +22,7 @@ import shutil
 import sys
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -44,7 +45,7 @@ BUILD_PREFIX = ".prepare-"
 BLOCK_SIZES = (128, 256, 512, 1024)
 BATCH = 512  # conversations (or {"text"} documents) tokenised per call of tiktoken's threaded batch encoder
 TEXT_BATCH = 4  # pieces of a .txt file (about 1 MiB each) tokenised per call of the batch encoder
-SPLIT_TOKENS = 1 << 22  # tokens of the stream copied into train and val at a time (whole conversations)
+SPLIT_TOKENS = 1 << 20  # tokens of the stream copied into train and val at a time (whole conversations)
 PROGRESS_SECONDS = 3  # a progress line this often, once a build has taken this long
 SCAN_TOKENS = 1 << 24  # tokens of the mask summed at a time when finding windows with something to learn
 
@@ -132,41 +133,53 @@ class ReadCounter:
 
 def tokenize_inputs(paths, writer, skip_invalid, stats, progress):
     """Read, validate and render every record (or .txt document) of paths into writer. Returns the sha256 of each
-    source. stats["kind"] becomes "chat" or "text" with the first input; the other kind later is an error."""
-    hashes, batch = {}, []
+    source. stats["kind"] becomes "chat" or "text" with the first input; the other kind later is an error.
+    A batch is rendered in a second thread while the next one is read (tiktoken's encoder releases the GIL), and
+    written in order: at most two batches in memory."""
+    hashes, batch, pending = {}, [], []
 
-    def flush():
-        if batch:
-            if stats["kind"] == "text":  # every token learned; <|endoftext|> closes each document
-                write_new(chat.documents(*chat.encode_closed(chat.get_encoder(), batch)), writer, stats)
-            else:
-                write_new(chat.render_batch(batch, stats["template"]), writer, stats)
+    def flush(wait_only=False):  # write the batch being rendered, then start rendering this one
+        if pending:
+            write_new(*pending.pop().result(), writer, stats)
+            progress.update(writer.n_convs, writer.n_tokens)
+        if batch and not wait_only:
+            pending.append(pool.submit(render, list(batch), stats["kind"], stats["template"]))
         batch.clear()
-        progress.update(writer.n_convs, writer.n_tokens)
 
-    for path in paths:
-        hasher = ReadCounter(progress)
-        if path.endswith(".txt"):
-            set_kind(stats, "text", path)
-            tokenize_text_file(path, hasher, writer, progress)
-        for where, kind, content in usable_records(path, hasher, skip_invalid, stats):
-            set_kind(stats, kind, where)
-            if held_out(content, stats):
-                continue
-            batch.append(content)
-            if len(batch) >= BATCH:
-                flush()
+    with ThreadPoolExecutor(1) as pool:
+        for path in paths:
+            hasher = ReadCounter(progress)
+            if path.endswith(".txt"):
+                set_kind(stats, "text", path)
+                flush(wait_only=True)
+                tokenize_text_file(path, hasher, writer, progress)
+            for where, kind, content in usable_records(path, hasher, skip_invalid, stats):
+                set_kind(stats, kind, where)
+                if held_out(content, stats):
+                    continue
+                batch.append(content)
+                if len(batch) >= BATCH:
+                    flush()
+            hashes[path] = hasher.hexdigest()
         flush()
-        hashes[path] = hasher.hexdigest()
+        flush(wait_only=True)
     progress.update(writer.n_convs, writer.n_tokens, final=True)
     return hashes
 
 
-def write_new(rendered, writer, stats):
+def render(batch, kind, template):
+    """(chat.Rendered, the digest of each conversation's tokens) of a batch of conversations or "text" documents
+    (every token learned, <|endoftext|> closing each)."""
+    if kind == "text":
+        rendered = chat.documents(*chat.encode_closed(chat.get_encoder(), batch))
+    else:
+        rendered = chat.render_batch(batch, template)
+    raw, starts = memoryview(rendered.ids).cast("B"), rendered.starts
+    return rendered, [hashlib.blake2b(raw[2 * a:2 * b], digest_size=16).digest() for a, b in zip(starts, starts[1:])]
+
+
+def write_new(rendered, digests, writer, stats):
     """Write a chat.Rendered batch, less the repeats of an earlier conversation when stats["dedupe"]."""
-    starts = rendered.starts
-    raw = memoryview(rendered.ids).cast("B")
-    digests = [hashlib.blake2b(raw[2 * a:2 * b], digest_size=16).digest() for a, b in zip(starts[:-1], starts[1:])]
     keep = [first_time(d, stats) for d in digests]
     if not all(keep):
         rendered = rendered.select(keep)
