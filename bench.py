@@ -68,7 +68,7 @@ DEFAULTS = dict(  # `python bench.py --help` prints these comments
     variant="",  # --mode=finetune: run just this one, in this process
     prepare_chat="../shared/data/prompt-completion-mlx-wwdc25/train.jsonl",  # --mode=prepare: prompt/completion .jsonl
     prepare_text="../shared/data/tinyshakespeare-text/input.txt",  # --mode=prepare: a .txt (paths from the repo root)
-    prepare_mb=25,  # --mode=prepare: each file is repeated to about this many MB ("" skips it: --prepare_text=)
+    prepare_mb=25.0,  # --mode=prepare: each file is repeated to about this many MB ("" skips it: --prepare_text=)
     prepare_runs=2,  # --mode=prepare: runs of each (bare loop, prepare.py), alternately; the faster one counts
 )
 
