@@ -13,6 +13,8 @@ message text with surrounding whitespace stripped):
 disagree on the format: the mask is 1 exactly on what the assistant must learn to produce (its reply, which starts
 with the space after `Assistant:`, the turn's closing `\\n\\n`, and the final `<|endoftext|>`), 0 elsewhere.
 User-supplied text is tokenised with `encode_ordinary`, so a literal `<|endoftext|>` typed by a user stays text.
+The ids are BPE's over the whole rendered text (as a Hugging Face tokenizer encodes the export's chat_template, multi-
+turn included), the mask found from where each token starts; a prompt's ids are the conversation's up to its reply.
 """
 import itertools
 import json
