@@ -138,20 +138,21 @@ def tokenize_inputs(paths, writer, skip_invalid, stats, progress):
     written in order: at most two batches in memory."""
     hashes, batch, pending = {}, [], []
 
-    def flush(wait_only=False):  # write the batch being rendered, then start rendering this one
+    def flush():  # write the batch being rendered, then start rendering this one (twice: both written)
         if pending:
             write_new(*pending.pop().result(), writer, stats)
             progress.update(writer.n_convs, writer.n_tokens)
-        if batch and not wait_only:
+        if batch:
             pending.append(pool.submit(render, list(batch), stats["kind"], stats["template"]))
-        batch.clear()
+            batch.clear()
 
     with ThreadPoolExecutor(1) as pool:
         for path in paths:
             hasher = ReadCounter(progress)
             if path.endswith(".txt"):
                 set_kind(stats, "text", path)
-                flush(wait_only=True)
+                flush()
+                flush()  # the documents before this file are written before it
                 tokenize_text_file(path, hasher, writer, progress)
             for where, kind, content in usable_records(path, hasher, skip_invalid, stats):
                 set_kind(stats, kind, where)
@@ -162,7 +163,7 @@ def tokenize_inputs(paths, writer, skip_invalid, stats, progress):
                     flush()
             hashes[path] = hasher.hexdigest()
         flush()
-        flush(wait_only=True)
+        flush()
     progress.update(writer.n_convs, writer.n_tokens, final=True)
     return hashes
 
