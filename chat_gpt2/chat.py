@@ -237,8 +237,10 @@ def _layout(segments):
     text, turns = "".join(texts), turns or [0]
     if text.isascii():
         return text, n, chars, chars, turns
-    return (text, len(text.encode("utf-8")), [len(text[:c].encode("utf-8")) for c in chars], chars,
-            [len(text[:c].encode("utf-8")) for c in turns])
+
+    def size(end):  # UTF-8 bytes of text[:end]; a lone surrogate counts 3, as the U+FFFD tiktoken encodes for it
+        return len(text[:end].encode("utf-8", "surrogatepass"))
+    return text, size(n), [size(c) for c in chars], chars, [size(c) for c in turns]
 
 
 def token_bytes(enc):
