@@ -555,6 +555,9 @@ def bench_prepare(cfg):
         for kind, source in (("chat", cfg["prepare_chat"]), ("text", cfg["prepare_text"])):
             if not source:
                 continue
+            source = source if os.path.isfile(source) else os.path.join(here, source)  # relative to the repo
+            if not os.path.isfile(source):
+                raise SystemExit(f"error: --prepare_{kind}={cfg[f'prepare_{kind}']}: no such file")
             path = os.path.join(tmp, f"big_{kind}{os.path.splitext(source)[1]}")
             copies = _repeat_file(source, path, cfg["prepare_mb"] * 10 ** 6)
             runs = {"bare": [], "prepare": []}
