@@ -38,7 +38,7 @@ from chat_gpt2.judge import make_judge
 DEFAULTS = dict(  # `python eval.py --help` prints these comments
     out_dir="out",  # the run's folder: its newest best checkpoint is used unless --ckpt says which
     ckpt="",  # a checkpoint file (finetuned_*.pt); "" = the newest best one in out_dir
-    init_from="",  # instead of a checkpoint: gpt2..gpt2-xl, a Hugging Face repo id or a local HF directory
+    init_from="",  # instead: our .pt file or a run's out_dir, or gpt2..gpt2-xl, a HF repo id or a local HF dir
     dataset="",  # a prepared dataset (name under data/ or folder): val loss and perplexity
     data="",  # held-out conversations (.jsonl / .json, any prepare.py schema): replies and their metrics
     out="",  # where the replies go; "" = eval_replies.jsonl in out_dir

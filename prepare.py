@@ -29,7 +29,6 @@ import difflib
 import sys
 
 from chat_gpt2 import configurator
-from chat_gpt2.classify_data import build_classify_dataset
 from chat_gpt2.dataset import build_dataset
 from chat_gpt2.errors import RecordError, UserError
 
@@ -143,6 +142,7 @@ def main(argv=None):
 
 
 def prepare_classify(args):
+    from chat_gpt2.classify_data import build_classify_dataset  # imports torch (seconds): only this task needs it
     if args.val_file:
         print("error: --val_file is for chat data: --task=classify splits train/val/test by class", file=sys.stderr)
         return 1

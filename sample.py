@@ -24,7 +24,7 @@ from chat_gpt2.errors import ConfigError
 DEFAULTS = dict(  # `python sample.py --help` prints these comments
     out_dir="out",  # the run's folder: its newest best checkpoint is used unless --ckpt says which
     ckpt="",  # a checkpoint file (finetuned_*.pt); "" = the newest best one in out_dir
-    init_from="",  # instead of a checkpoint: gpt2..gpt2-xl, a Hugging Face repo id or a local HF directory
+    init_from="",  # instead: our .pt file or a run's out_dir, or gpt2..gpt2-xl, a HF repo id or a local HF dir
     prompt="",  # the user's message (or, with --raw, the text to continue)
     system="",  # a system message before the conversation
     raw=False,  # continue plain text: no chat template, no stop string by default

@@ -13,16 +13,21 @@ message text with surrounding whitespace stripped):
 disagree on the format: the mask is 1 exactly on what the assistant must learn to produce (its reply, which starts
 with the space after `Assistant:`, the turn's closing `\\n\\n`, and the final `<|endoftext|>`), 0 elsewhere.
 User-supplied text is tokenised with `encode_ordinary`, so a literal `<|endoftext|>` typed by a user stays text.
+The ids are BPE's over the whole rendered text (as a Hugging Face tokenizer encodes the export's chat_template, multi-
+turn included), the mask found from where each token starts; a prompt's ids are the conversation's up to its reply.
 """
+import itertools
 import json
 import os
 
+import numpy as np
 import tiktoken
 
 from .errors import ConfigError, MissingFileError
 
 TOKENIZER = "gpt2"
 EOT = 50256  # <|endoftext|>
+EOT_TEXT = "<|endoftext|>"
 VOCAB_SIZE = 50257  # real GPT-2 vocabulary; the model may pad its embedding beyond this
 NEWLINE_TOKENS = (198, 628, 44320)  # every GPT-2 token that contains a newline: "\n", "\n\n", "\n\xa0"
 
@@ -73,7 +78,7 @@ BUILTIN_TEMPLATES = {"human_assistant": TEMPLATE, "alpaca": ALPACA, "chatml": CH
 NEWLINE_STOP = TEMPLATE["stop"]  # default stop: the design's single-line replies
 TURN_STOP = TEMPLATE["stop_multiline"]  # default stop when training replies span several lines (plus <|endoftext|>)
 
-_encoders = {}
+_encoders, _token_bytes = {}, {}
 
 
 def get_encoder(name=TOKENIZER):
@@ -162,38 +167,165 @@ def _segments(messages, template, add_generation_prompt):
         yield template["assistant_label"], False, "assistant"
 
 
-def render_conversations(conversations, template=TEMPLATE, enc=None):
-    """Training rendering of many conversations at once (tiktoken's batch encoder uses threads).
+class Rendered:
+    """Conversations (or documents) rendered back to back: ids (uint16) and mask (uint8) of them all, tokens
+    starts[i]:starts[i + 1] are conversation i, turns the offsets where a turn starts (a conversation's first turn
+    at its start)."""
 
-    Returns one (ids, mask, turn_starts) per conversation. turn_starts are the offsets of each user turn (the
-    first is 0: a system message belongs to the first turn) so training windows can start on a turn boundary."""
+    def __init__(self, ids, mask, starts, turns):
+        self.ids, self.mask, self.starts, self.turns = ids, mask, starts, turns
+
+    def __len__(self):
+        return len(self.starts) - 1
+
+    def conversation(self, i):
+        """(ids, mask, turn_starts) of conversation i, as lists; turn_starts relative to its start."""
+        a, b = self.starts[i], self.starts[i + 1]
+        turns = self.turns[np.searchsorted(self.turns, a):np.searchsorted(self.turns, b)] - a
+        return self.ids[a:b].tolist(), self.mask[a:b].tolist(), turns.tolist()
+
+    def select(self, keep):
+        """Only the conversations i with keep[i]."""
+        keep = np.asarray(keep, dtype=bool)
+        lengths = np.diff(self.starts)
+        tokens = np.repeat(keep, lengths)
+        conv_of_turn = np.searchsorted(self.starts, self.turns, side="right") - 1
+        shift = self.starts[:-1] - np.concatenate([[0], np.cumsum(lengths * keep)[:-1]])  # tokens dropped before
+        return Rendered(self.ids[tokens], self.mask[tokens], np.concatenate([[0], np.cumsum(lengths[keep])]),
+                        (self.turns - shift[conv_of_turn])[keep[conv_of_turn]])
+
+
+def documents(ids, starts):
+    """Plain-text documents (encode_closed's ids and starts): every token learned."""
+    return Rendered(ids, np.ones(len(ids), dtype=np.uint8), starts, starts[:-1])
+
+
+def encode_closed(enc, texts, chunk=64):
+    """(uint16 ids, starts): encode_ordinary(text) + [<|endoftext|>] for each text, back to back, text i at
+    ids[starts[i]:starts[i + 1]]. Encoded `chunk` texts at a time, joined by <|endoftext|> (which BPE never merges
+    across), in tiktoken's threads: a thread task per short text would cost more than its encoding."""
+    if any(EOT_TEXT in text for text in texts):  # typed by a user, it stays text: encode one by one
+        return _close(enc.encode_ordinary_batch(texts))
+    joined = [EOT_TEXT.join(texts[i:i + chunk]) + EOT_TEXT for i in range(0, len(texts), chunk)]
+    encoded = enc.encode_batch(joined, allowed_special={EOT_TEXT})
+    ids = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.uint16, count=sum(map(len, encoded)))
+    return ids, np.concatenate([[0], np.flatnonzero(ids == EOT) + 1])
+
+
+def _close(encoded):
+    """The token lists back to back, each followed by <|endoftext|>: (uint16 ids, starts)."""
+    lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)) + 1
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    ids = np.fromiter(itertools.chain.from_iterable(t + [EOT] for t in encoded), dtype=np.uint16, count=starts[-1])
+    return ids, starts
+
+
+def _layout(segments):
+    """(text, its UTF-8 length, the byte offsets where a learned run starts and ends (alternating), the char offsets
+    of those same places, the byte offsets where a user turn starts (the first one at 0)) of a conversation."""
+    texts, chars, turns, n, learning = [], [], [], 0, False
+    for text, learned, role in segments:
+        if learned != learning and text:
+            chars.append(n)
+            learning = learned
+        if role == "user":
+            turns.append(n if turns else 0)
+        texts.append(text)
+        n += len(text)
+    if learning:
+        chars.append(n)
+    text, turns = "".join(texts), turns or [0]
+    if text.isascii():
+        return text, n, chars, chars, turns
+
+    def size(end):  # UTF-8 bytes of text[:end]; a lone surrogate counts 3, as the U+FFFD tiktoken encodes for it
+        return len(text[:end].encode("utf-8", "surrogatepass"))
+    return text, size(n), [size(c) for c in chars], chars, [size(c) for c in turns]
+
+
+def token_bytes(enc):
+    """The length in bytes of each token of enc, as an array indexed by token id (cached)."""
+    if enc.name not in _token_bytes:
+        _token_bytes[enc.name] = np.fromiter((len(enc.decode_single_token_bytes(t)) for t in range(enc.n_vocab)),
+                                             dtype=np.int64, count=enc.n_vocab)
+    return _token_bytes[enc.name]
+
+
+def _crossing(enc, ids, bounds):
+    """The indexes of bounds (byte offsets) that fall inside a token of ids rather than between two."""
+    ends = np.cumsum(token_bytes(enc)[np.asarray(ids, dtype=np.int64)])
+    return [i for i, b in enumerate(bounds) if b and b not in ends]
+
+
+def _encode(enc, layout, ids=None):
+    """The ids of a conversation's text: those of the whole text (ids, when already encoded), as a Hugging Face
+    tokenizer gives them for the export's chat_template; where a token would cross into or out of a learned run
+    (possible with a custom template), the text is cut there and the pieces encoded one by one."""
+    text, _, bounds, chars, _ = layout
+    ids = enc.encode_ordinary(text) if ids is None else ids
+    cuts = set()
+    while True:
+        crossed = _crossing(enc, ids, bounds)
+        if not crossed:
+            return ids
+        cuts.update(chars[i] for i in crossed)
+        edges = [0, *sorted(cuts), len(text)]
+        ids = [t for a, b in zip(edges, edges[1:]) for t in enc.encode_ordinary(text[a:b])]
+
+
+def render_batch(conversations, template=TEMPLATE, enc=None):
+    """Training rendering of many conversations at once: a Rendered, each conversation closed by <|endoftext|>
+    (learned). Turns start at each user message (the first at 0: a system message belongs to the first turn) so
+    training windows can start on a turn boundary."""
     enc = enc or get_encoder()
-    pieces = [list(_segments(messages, template, False)) for messages in conversations]
-    encoded = iter(enc.encode_ordinary_batch([text for conv in pieces for text, _, _ in conv]))
-    rendered = []
-    for conv in pieces:
-        ids, mask, turn_starts = [], [], []
-        for _, learned, role in conv:
-            if role == "user":
-                turn_starts.append(len(ids) if turn_starts else 0)
-            toks = next(encoded)
-            ids += toks
-            mask += [int(learned)] * len(toks)
-        rendered.append((ids + [EOT], mask + [1], turn_starts or [0]))
+    layouts = [_layout(_segments(messages, template, False)) for messages in conversations]
+    ids, starts = encode_closed(enc, [layout[0] for layout in layouts])
+    rendered, crossed = _assemble(ids, starts, layouts, enc)
+    if crossed:  # a token crosses a learned run's edge (a custom template): those conversations are cut there
+        encoded = [ids[a:b - 1].tolist() for a, b in zip(starts[:-1], starts[1:])]
+        for i in crossed:
+            encoded[i] = _encode(enc, layouts[i], encoded[i])
+        rendered, _ = _assemble(*_close(encoded), layouts, enc)
     return rendered
+
+
+def _assemble(ids, starts, layouts, enc):
+    """(Rendered, []) of the conversations' ids (encode_closed's), the mask found from the byte offsets where each
+    token starts; (None, indexes of the conversations where a token crosses a learned run's edge) if there are any."""
+    sizes = token_bytes(enc)[ids]
+    sizes[starts[1:] - 1] = 0  # <|endoftext|> is not part of the text
+    token_at = np.cumsum(sizes) - sizes  # where each token starts, in bytes of all the texts back to back
+    text_at = np.concatenate([[0], np.cumsum([layout[1] for layout in layouts], dtype=np.int64)])
+    bounds = np.fromiter((text_at[i] + b for i, layout in enumerate(layouts) for b in layout[2]), dtype=np.int64)
+    aligned = token_at[np.minimum(np.searchsorted(token_at, bounds), len(ids) - 1)] == bounds
+    if not aligned.all():
+        return None, sorted({int(i) for i in np.searchsorted(text_at, bounds[~aligned], side="right") - 1})
+    mask = (np.searchsorted(bounds, token_at, side="right") & 1).astype(np.uint8)  # inside a learned run: odd
+    mask[starts[1:] - 1] = 1  # <|endoftext|>
+    turn_at = np.fromiter((text_at[i] + t for i, layout in enumerate(layouts) for t in layout[4]), dtype=np.int64)
+    return Rendered(ids, mask, starts, np.searchsorted(token_at, turn_at, side="right") - 1), []
+
+
+def render_conversations(conversations, template=TEMPLATE, enc=None):
+    """(ids, mask, turn_starts) lists per conversation: render_batch's, one by one."""
+    rendered = render_batch(conversations, template, enc)
+    return [rendered.conversation(i) for i in range(len(rendered))]
 
 
 def render_conversation(messages, template=TEMPLATE, enc=None):
     return render_conversations([messages], template, enc)[0]
 
 
+def render_text(messages, template=TEMPLATE, add_generation_prompt=False):
+    """The conversation as text (without the closing <|endoftext|>): what the export's chat_template renders."""
+    return "".join(text for text, _, _ in _segments(messages, template, add_generation_prompt))
+
+
 def render_prompt(messages, template=TEMPLATE, enc=None):
-    """Generation rendering: the conversation so far (ending with a user message) plus `Assistant:`."""
+    """Generation rendering: the conversation so far (ending with a user message) plus `Assistant:`; the very ids
+    the same conversation has in training, up to where the reply starts."""
     enc = enc or get_encoder()
-    ids = []
-    for text, _, _ in _segments(messages, template, True):
-        ids += enc.encode_ordinary(text)
-    return ids
+    return _encode(enc, _layout(_segments(messages, template, True)))
 
 
 def fit_context(system, history, template, enc, budget):

@@ -193,9 +193,11 @@ def _lora_model(ckpt, merge, overrides):
 
 def load_model(out_dir="out", ckpt="", init_from="", device="cpu"):
     """A model to generate with, in eval mode on device, and the checkpoint's chat settings (template, tokenizer,
-    default_stop). From init_from when given (Hugging Face GPT-2 weights: the default template and stop), else
-    from the ckpt file, else the newest run's best checkpoint in out_dir."""
-    if init_from:
+    default_stop). From init_from when given (one of our .pt files or a run's out_dir, as train.py's; else Hugging
+    Face GPT-2 weights: the default template and stop), else from the ckpt file, else the newest run's best
+    checkpoint in out_dir."""
+    path = checkpoint_for_init(init_from) if init_from else None
+    if init_from and path is None:
         if init_from in ("scratch", "resume"):
             raise CheckpointError(f"init_from={init_from!r} means nothing to sample from: name pretrained weights "
                                   f"(e.g. gpt2 or a local directory), or leave init_from empty to use --ckpt / the "
@@ -203,7 +205,7 @@ def load_model(out_dir="out", ckpt="", init_from="", device="cpu"):
         model = from_pretrained(init_from).to(device)
         info = {"template": chat.TEMPLATE, "tokenizer": chat.TOKENIZER, "default_stop": chat.NEWLINE_STOP}
     else:
-        path = ckpt or find_checkpoint(out_dir)
+        path = path or ckpt or find_checkpoint(out_dir)
         info = load_checkpoint(path, device)
         model = model_from_checkpoint(info, device)
     return model.eval(), info

@@ -15,15 +15,16 @@ the old dataset or the new one, never a mix, whenever the process is killed. Lef
 the next start. (Where symlinks are unavailable the files are moved into place one by one, meta.json last.)
 """
 import hashlib
+import itertools
 import json
 import os
 import shutil
 import sys
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import torch
 
 from . import chat
 from .errors import ConfigError, InputError, MissingFileError, RecordError
@@ -42,8 +43,10 @@ ALL_FILES = tuple(dict.fromkeys(DATASET_FILES + CLASSIFY_FILES + OPTIONAL_FILES)
 CURRENT = ".dataset"  # symlink to the build folder the names point into
 BUILD_PREFIX = ".prepare-"
 BLOCK_SIZES = (128, 256, 512, 1024)
-BATCH = 512  # conversations tokenised per call of tiktoken's threaded batch encoder
-COPY_TOKENS = 1 << 24  # tokens copied at a time when a single document is split by position
+BATCH = 512  # conversations (or {"text"} documents) tokenised per call of tiktoken's threaded batch encoder
+TEXT_BATCH = 4  # pieces of a .txt file (about 1 MiB each) tokenised per call of the batch encoder
+SPLIT_TOKENS = 1 << 20  # tokens of the stream copied into train and val at a time (whole conversations)
+PROGRESS_SECONDS = 3  # a progress line this often, once a build has taken this long
 SCAN_TOKENS = 1 << 24  # tokens of the mask summed at a time when finding windows with something to learn
 
 
@@ -52,78 +55,137 @@ SCAN_TOKENS = 1 << 24  # tokens of the mask summed at a time when finding window
 
 
 class TokenWriter:
-    """Appends rendered conversations (or documents) to flat files (ids, mask) and remembers turn/conversation
-    offsets. continues=True appends to the previous conversation (a long document written piece by piece)."""
+    """Appends rendered conversations (or documents) to flat files (ids, mask), remembering where each
+    conversation and turn starts and each conversation's digest (for repeats). continues=True appends to the
+    previous conversation (a long document written piece by piece)."""
 
     def __init__(self, folder, name):
         self.ids = open(os.path.join(folder, f"{name}.bin"), "wb")
         self.mask = open(os.path.join(folder, f"{name}_mask.bin"), "wb")
-        self.n_tokens, self.convs, self.turns, self.lengths, self.learned = 0, [], [], [], 0
+        self.n_tokens, self.n_convs, self.learned, self.digests = 0, 0, 0, []
+        self._convs, self._turns = [], []  # int64 arrays, one per write
 
     def add(self, ids, mask, turn_starts, continues=False):
-        if not continues:
-            self.convs.append(self.n_tokens)
-            self.lengths.append(0)
-        self.turns += [self.n_tokens + t for t in turn_starts]
-        self.ids.write(np.asarray(ids, dtype=np.uint16).tobytes())
-        self.mask.write(np.asarray(mask, dtype=np.uint8).tobytes())
+        self.add_batch(ids, mask, [] if continues else [0], turn_starts)
+
+    def add_batch(self, ids, mask, conv_starts, turn_starts, digests=()):
+        """ids, mask: conversations back to back; conv_starts, turn_starts: offsets into them."""
+        ids, mask = np.ascontiguousarray(ids, dtype=np.uint16), np.ascontiguousarray(mask, dtype=np.uint8)
+        self._convs.append(self.n_tokens + np.asarray(conv_starts, dtype=np.int64))
+        self._turns.append(self.n_tokens + np.asarray(turn_starts, dtype=np.int64))
+        self.ids.write(ids.data)
+        self.mask.write(mask.data)
         self.n_tokens += len(ids)
-        self.lengths[-1] += len(ids)
+        self.n_convs += len(conv_starts)
         self.learned += int(np.sum(mask, dtype=np.int64))
+        self.digests += digests
+
+    def offsets(self):
+        """(conversation starts, turn starts) so far, int64 arrays."""
+        return tuple(np.concatenate(parts or [np.zeros(0, dtype=np.int64)]) for parts in (self._convs, self._turns))
+
+    def lengths(self):
+        convs, _ = self.offsets()
+        return np.diff(np.append(convs, self.n_tokens))
 
     def close(self, folder, name):
         self.ids.close()
         self.mask.close()
-        np.save(os.path.join(folder, f"{name}_convs.npy"), np.asarray(self.convs, dtype=np.int64))
-        np.save(os.path.join(folder, f"{name}_turns.npy"), np.asarray(self.turns, dtype=np.int64))
+        convs, turns = self.offsets()
+        np.save(os.path.join(folder, f"{name}_convs.npy"), convs)
+        np.save(os.path.join(folder, f"{name}_turns.npy"), turns)
 
 
 class Progress:
-    """Prints a progress line every few seconds, only for inputs slow enough to need one."""
+    """A progress line on stderr every PROGRESS_SECONDS, for inputs slow enough to need one: bytes read of all the
+    inputs, the rate, the time left."""
 
-    def __init__(self):
+    def __init__(self, paths):
         self.start = self.last = time.time()
+        self.total = sum(os.path.getsize(p) for p in paths if os.path.isfile(p))
+        self.read = 0  # bytes, counted by ReadCounter
 
-    def update(self, n_convs, n_tokens, force=False):
+    def update(self, n_convs, n_tokens, final=False):
         now = time.time()
-        if force and now - self.start > 3 or now - self.last > 3:
-            self.last = now
-            print(f"  ... {n_convs:,} conversations, {n_tokens:,} tokens, {now - self.start:.0f}s", file=sys.stderr)
+        if now - self.last < PROGRESS_SECONDS and not (final and now - self.start > PROGRESS_SECONDS):
+            return
+        self.last, elapsed = now, now - self.start
+        rate = self.read / max(elapsed, 1e-9)
+        where = (f"read {self.read / 1e6:,.1f} MB in {elapsed:.0f}s ({rate / 1e6:.1f} MB/s)" if final else
+                 f"{self.read / 1e6:,.1f} / {self.total / 1e6:,.1f} MB ({self.read / max(self.total, 1):.0%}), "
+                 f"{rate / 1e6:.1f} MB/s, ETA {max(0, self.total - self.read) / max(rate, 1):.0f}s")
+        print(f"  ... {where}; {n_convs:,} conversations, {n_tokens:,} tokens", file=sys.stderr, flush=True)
+
+
+class ReadCounter:
+    """A sha256 of a source that also counts, for the progress line, the bytes records.py feeds it as it reads."""
+
+    def __init__(self, progress):
+        self.sha, self.progress = hashlib.sha256(), progress
+
+    def update(self, data):
+        self.sha.update(data)
+        self.progress.read += len(data)
+
+    def hexdigest(self):
+        return self.sha.hexdigest()
 
 
 def tokenize_inputs(paths, writer, skip_invalid, stats, progress):
     """Read, validate and render every record (or .txt document) of paths into writer. Returns the sha256 of each
-    source. stats["kind"] becomes "chat" or "text" with the first input; the other kind later is an error."""
-    hashes, batch = {}, []
+    source. stats["kind"] becomes "chat" or "text" with the first input; the other kind later is an error.
+    A batch is rendered in a second thread while the next one is read (tiktoken's encoder releases the GIL), and
+    written in order: at most two batches in memory."""
+    hashes, batch, pending = {}, [], []
 
-    def flush():
-        if stats["kind"] == "text":  # every token learned; <|endoftext|> closes each document
-            for ids in chat.get_encoder().encode_ordinary_batch(batch):
-                if first_time(ids + [chat.EOT], stats):
-                    writer.add(ids + [chat.EOT], np.ones(len(ids) + 1, dtype=np.uint8), [0])
-        else:
-            for ids, mask, turns in chat.render_conversations(batch, stats["template"]):
-                if first_time(ids, stats):
-                    writer.add(ids, mask, turns)
-        batch.clear()
-        progress.update(len(writer.convs), writer.n_tokens)
+    def flush():  # write the batch being rendered, then start rendering this one (twice: both written)
+        if pending:
+            write_new(*pending.pop().result(), writer, stats)
+            progress.update(writer.n_convs, writer.n_tokens)
+        if batch:
+            pending.append(pool.submit(render, list(batch), stats["kind"], stats["template"]))
+            batch.clear()
 
-    for path in paths:
-        hasher = hashlib.sha256()
-        if path.endswith(".txt"):
-            set_kind(stats, "text", path)
-            tokenize_text_file(path, hasher, writer, progress)
-        for where, kind, content in usable_records(path, hasher, skip_invalid, stats):
-            set_kind(stats, kind, where)
-            if held_out(content, stats):
-                continue
-            batch.append(content)
-            if len(batch) >= BATCH:
+    with ThreadPoolExecutor(1) as pool:
+        for path in paths:
+            hasher = ReadCounter(progress)
+            if path.endswith(".txt"):
+                set_kind(stats, "text", path)
                 flush()
+                flush()  # the documents before this file are written before it
+                tokenize_text_file(path, hasher, writer, progress)
+            for where, kind, content in usable_records(path, hasher, skip_invalid, stats):
+                set_kind(stats, kind, where)
+                if held_out(content, stats):
+                    continue
+                batch.append(content)
+                if len(batch) >= BATCH:
+                    flush()
+            hashes[path] = hasher.hexdigest()
         flush()
-        hashes[path] = hasher.hexdigest()
-    progress.update(len(writer.convs), writer.n_tokens, force=True)
+        flush()
+    progress.update(writer.n_convs, writer.n_tokens, final=True)
     return hashes
+
+
+def render(batch, kind, template):
+    """(chat.Rendered, the digest of each conversation's tokens) of a batch of conversations or "text" documents
+    (every token learned, <|endoftext|> closing each)."""
+    if kind == "text":
+        rendered = chat.documents(*chat.encode_closed(chat.get_encoder(), batch))
+    else:
+        rendered = chat.render_batch(batch, template)
+    raw, starts = memoryview(rendered.ids).cast("B"), rendered.starts
+    return rendered, [hashlib.blake2b(raw[2 * a:2 * b], digest_size=16).digest() for a, b in zip(starts, starts[1:])]
+
+
+def write_new(rendered, digests, writer, stats):
+    """Write a chat.Rendered batch, less the repeats of an earlier conversation when stats["dedupe"]."""
+    keep = [first_time(d, stats) for d in digests]
+    if not all(keep):
+        rendered = rendered.select(keep)
+        digests = [d for d, k in zip(digests, keep) if k]
+    writer.add_batch(rendered.ids, rendered.mask, rendered.starts[:-1], rendered.turns, digests)
 
 
 def held_out(messages, stats):
@@ -136,14 +198,9 @@ def held_out(messages, stats):
     return True
 
 
-def digest(ids):
-    return hashlib.blake2b(np.asarray(ids, dtype=np.uint16).tobytes(), digest_size=16).digest()
-
-
-def first_time(ids, stats):
-    """Counts exact repeats (the same tokens) of an earlier conversation or document; False for a repeat that
-    --dedupe drops. (A .txt document is streamed, not compared.)"""
-    key = digest(ids)
+def first_time(key, stats):
+    """Counts exact repeats (the same tokens: key, their digest) of an earlier conversation or document; False for
+    a repeat that --dedupe drops. (A .txt document is streamed, not compared.)"""
     if key not in stats["seen"]:
         stats["seen"].add(key)
         return True
@@ -151,16 +208,10 @@ def first_time(ids, stats):
     return not stats["dedupe"]
 
 
-def val_in_train(folder, writers):
+def val_in_train(writers):
     """How many val conversations (documents) are exact copies of a train one: a val loss that flatters."""
-    def digests(split):
-        if not writers[split].n_tokens:
-            return []
-        ids = np.memmap(os.path.join(folder, f"{split}.bin"), dtype=np.uint16, mode="r")
-        ends = writers[split].convs[1:] + [writers[split].n_tokens]
-        return [digest(ids[a:b]) for a, b in zip(writers[split].convs, ends)]
-    train = set(digests("train"))
-    return sum(d in train for d in digests("val"))
+    train = set(writers["train"].digests)
+    return sum(d in train for d in writers["val"].digests)
 
 
 def usable_records(path, hasher, skip_invalid, stats):
@@ -206,16 +257,21 @@ def set_kind(stats, kind, where):
 
 
 def tokenize_text_file(path, hasher, writer, progress):
-    """A .txt file as one document, streamed: pieces cut where the tokenizer cuts anyway (records.iter_text)."""
-    enc, first = chat.get_encoder(), True
-    for piece in iter_text(path, hasher):
-        ids = enc.encode_ordinary(piece)
+    """A .txt file as one document, streamed: pieces cut where the tokenizer cuts anyway (records.iter_text),
+    TEXT_BATCH of them encoded at a time (tiktoken's threads)."""
+    enc, pieces, digest, first = chat.get_encoder(), iter_text(path, hasher), hashlib.blake2b(digest_size=16), True
+    while batch := list(itertools.islice(pieces, TEXT_BATCH)):
+        ids = np.fromiter(itertools.chain.from_iterable(enc.encode_ordinary_batch(batch)), dtype=np.uint16)
+        digest.update(ids.data)
         writer.add(ids, np.ones(len(ids), dtype=np.uint8), [0] if first else [], continues=not first)
         first = False
-        progress.update(len(writer.convs), writer.n_tokens)
+        progress.update(writer.n_convs, writer.n_tokens)
     if first:
         raise InputError(f"{path}: empty file: a .txt input is one document of plain text")
-    writer.add([chat.EOT], [1], [], continues=True)
+    eot = np.array([chat.EOT], dtype=np.uint16)
+    digest.update(eot.data)
+    writer.add(eot, [1], [], continues=True)
+    writer.digests.append(digest.digest())
 
 
 def choose_val(n_convs, val_fraction, seed):
@@ -228,14 +284,32 @@ def choose_val(n_convs, val_fraction, seed):
 
 
 def split_stream(folder, stream, val, writers):
-    """Copy each conversation of the tokenised stream into the train or val writer, whole."""
-    ids = np.memmap(os.path.join(folder, "all.bin"), dtype=np.uint16, mode="r")
-    mask = np.memmap(os.path.join(folder, "all_mask.bin"), dtype=np.uint8, mode="r")
-    turns = np.asarray(stream.turns, dtype=np.int64)
-    ends = stream.convs[1:] + [stream.n_tokens]
-    for i, (a, b) in enumerate(zip(stream.convs, ends)):
-        conv_turns = turns[np.searchsorted(turns, a):np.searchsorted(turns, b)] - a
-        writers["val" if i in val else "train"].add(ids[a:b], mask[a:b], conv_turns.tolist())
+    """Copy each conversation of the tokenised stream into the train or val writer, whole: SPLIT_TOKENS of the
+    stream at a time (whole conversations), each split's part in one write."""
+    convs, turns = stream.offsets()
+    ends = np.append(convs[1:], stream.n_tokens)
+    is_val = np.zeros(len(convs), dtype=bool)
+    is_val[list(val)] = True
+    a = 0
+    while a < len(convs):
+        b = max(a + 1, int(np.searchsorted(convs, convs[a] + SPLIT_TOKENS)))  # conversations a..b-1
+        lo, hi = convs[a], ends[b - 1]
+        part_turns = turns[np.searchsorted(turns, lo):np.searchsorted(turns, hi)]
+        turn_conv = np.searchsorted(convs, part_turns, side="right") - 1
+        tokens_val = np.repeat(is_val[a:b], ends[a:b] - convs[a:b])
+        ids, mask = read_stream(folder, lo, hi)
+        for split, chosen in (("train", ~is_val), ("val", is_val)):
+            picked = chosen[a:b]
+            lengths = (ends[a:b] - convs[a:b])[picked]
+            new_starts = np.cumsum(lengths) - lengths
+            shift = np.zeros(b - a, dtype=np.int64)  # old offset - new offset, per picked conversation
+            shift[picked] = convs[a:b][picked] - lo - new_starts
+            keep = chosen[turn_conv]
+            tokens = tokens_val if split == "val" else ~tokens_val
+            writers[split].add_batch(ids[tokens], mask[tokens], new_starts,
+                                     part_turns[keep] - lo - shift[turn_conv[keep] - a],
+                                     [stream.digests[i] for i in np.flatnonzero(picked) + a])
+        a = b
 
 
 def split_by_position(folder, stream, val_fraction, writers):
@@ -244,20 +318,25 @@ def split_by_position(folder, stream, val_fraction, writers):
     n_val = max(2, round(n * val_fraction))  # a split needs 2 tokens for one (input, target) pair
     if n - n_val < 2:
         raise InputError(f"the only document has {n} token(s): too short to split train/val (or pass --val_file)")
-    ids = np.memmap(os.path.join(folder, "all.bin"), dtype=np.uint16, mode="r")
-    mask = np.memmap(os.path.join(folder, "all_mask.bin"), dtype=np.uint8, mode="r")
     for split, a, b in (("train", 0, n - n_val), ("val", n - n_val, n)):
-        for start in range(a, b, COPY_TOKENS):  # in pieces: a corpus larger than memory is fine
-            end = min(b, start + COPY_TOKENS)
-            writers[split].add(ids[start:end], mask[start:end], [0] if start == a else [], continues=start > a)
+        for start in range(a, b, SPLIT_TOKENS):  # in pieces: a corpus larger than memory is fine
+            end = min(b, start + SPLIT_TOKENS)
+            writers[split].add(*read_stream(folder, start, end), [0] if start == a else [], continues=start > a)
+
+
+def read_stream(folder, lo, hi):
+    """Tokens lo:hi of the tokenised stream: (ids, mask), read (not memory-mapped: the memory is freed after)."""
+    return tuple(np.fromfile(os.path.join(folder, name), dtype=dtype, count=hi - lo,
+                             offset=lo * np.dtype(dtype).itemsize)
+                 for name, dtype in (("all.bin", np.uint16), ("all_mask.bin", np.uint8)))
 
 
 def summarize(writers, stats):
-    lengths = np.asarray(writers["train"].lengths + writers["val"].lengths)
+    lengths = np.concatenate([writers[s].lengths() for s in SPLITS])
     tokens = {s: writers[s].n_tokens for s in SPLITS}
     learned = sum(writers[s].learned for s in SPLITS)
     return {
-        "conversations": {s: len(writers[s].convs) for s in SPLITS},
+        "conversations": {s: writers[s].n_convs for s in SPLITS},
         "tokens": tokens,
         "skipped": dict(stats["skipped"]),
         "length_percentiles": {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 99, 100)},
@@ -304,7 +383,7 @@ def _build(tmp, inputs, val_fraction, val_file, seed, skip_invalid, options):
     template = options["template"]
     stats = {"skipped": Counter(), "multiline_replies": False, "kind": None, "warned_preference": False,
              "seen": set(), "repeats": 0, **options}
-    progress = Progress()
+    progress = Progress(list(inputs) + ([val_file] if val_file else []))
     writers = {s: TokenWriter(tmp, s) for s in SPLITS}
     if options["test_fraction"]:
         stats.update(test=open(os.path.join(tmp, "test.jsonl"), "w", encoding="utf-8"), n_test=0,
@@ -313,10 +392,10 @@ def _build(tmp, inputs, val_fraction, val_file, seed, skip_invalid, options):
         stream = TokenWriter(tmp, "all")
         hashes = tokenize_inputs(inputs, stream, skip_invalid, stats, progress)
         stream.close(tmp, "all")
-        if stats["kind"] == "text" and len(stream.convs) == 1:
+        if stats["kind"] == "text" and stream.n_convs == 1:
             split_by_position(tmp, stream, val_fraction, writers)
         else:
-            split_stream(tmp, stream, choose_val(len(stream.convs), val_fraction, seed), writers)
+            split_stream(tmp, stream, choose_val(stream.n_convs, val_fraction, seed), writers)
     else:
         hashes = tokenize_inputs(inputs, writers["train"], skip_invalid, stats, progress)
         test, stats["test"] = stats.get("test"), None  # the val file is val: nothing of it is held out
@@ -328,17 +407,17 @@ def _build(tmp, inputs, val_fraction, val_file, seed, skip_invalid, options):
             raise ConfigError("--test_fraction holds out conversations for eval.py --data: not for plain text")
     for s in SPLITS:
         writers[s].close(tmp, s)
-        if not writers[s].convs:
+        if not writers[s].n_convs:
             raise InputError(f"no usable conversations for the {s} split")
     text = stats["kind"] == "text"
-    n_docs = len(stream.convs) if val_file is None else len(writers["train"].convs) + len(writers["val"].convs)
+    n_docs = stream.n_convs if val_file is None else writers["train"].n_convs + writers["val"].n_convs
     meta = {"kind": stats["kind"], **({"documents": n_docs} if text else {}), "tokenizer": chat.TOKENIZER,
             "vocab_size": chat.VOCAB_SIZE, "template": template, "multiline_replies": stats["multiline_replies"],
             "default_stop": None if text else chat.default_stop(stats["multiline_replies"], template),  # text: none
             **summarize(writers, stats), "sources": hashes, "seed": seed,
             "val_fraction": None if val_file else val_fraction,
             "duplicates": {"repeats": stats["repeats"], "removed": stats["repeats"] if stats["dedupe"] else 0,
-                           "val_in_train": val_in_train(tmp, writers)},
+                           "val_in_train": val_in_train(writers)},
             **({"test": {"file": "test.jsonl", "conversations": stats["n_test"],
                          "fraction": options["test_fraction"]}} if options["test_fraction"] else {})}
     for name in os.listdir(tmp):
@@ -421,6 +500,7 @@ class ChatData:
                              f"{expected_tokens}: the dataset is incomplete, run prepare.py again")
 
     def get_batch(self, batch_size, block_size, generator):
+        import torch  # here, not at the top: prepare.py (building datasets) runs without torch's seconds of import
         if self.kind == "text":
             starts = torch.randint(max(1, len(self.ids) - block_size), (batch_size,), generator=generator).numpy()
         else:

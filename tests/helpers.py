@@ -324,15 +324,13 @@ def model_of(ckpt_path):
 
 def prompt(user, system=None, history=()):
     """The generation prompt ids, written out from the template in the spec. history: earlier (user, reply) pairs.
-    Each piece (a system or user line, the `Assistant:` label, a reply, the turn's closing blank line) is tokenised
-    on its own, as in training: "\n\n" stays one token before the next "Human:"."""
+    The whole text is tokenised at once, as in training (and by a Hugging Face tokenizer): the "\n\n" closing a
+    turn becomes "\n", "\n" before the next "Human:"."""
     from chat_gpt2 import chat
-    pieces = [f"System: {system}\n"] if system else []
+    text = f"System: {system}\n" if system else ""
     for question, reply in history:
-        pieces += [f"Human: {question}\n", "Assistant:", f" {reply}", "\n\n"]
-    pieces += [f"Human: {user}\n", "Assistant:"]
-    enc = chat.get_encoder()
-    return [t for piece in pieces for t in enc.encode_ordinary(piece)]
+        text += f"Human: {question}\nAssistant: {reply}\n\n"
+    return chat.get_encoder().encode_ordinary(text + f"Human: {user}\nAssistant:")
 
 
 @torch.no_grad()

@@ -2,10 +2,13 @@
 
 Speed itself is measured by `python bench.py --mode=train --preset=...`, not here: these tests check the report."""
 import json
+import os
+import tempfile
 
 import pytest
 
 import bench
+from helpers import write_records
 
 BENCH_FIELDS = {
     "mode", "preset", "device", "dtype", "compile", "threads", "torch", "n_layer", "n_head", "n_embd", "batch_size",
@@ -61,3 +64,25 @@ def test_bench_generate_quick_preset(capsys):
     assert set(result["speedups"]) == {"1", "2"} and "cache_vs_no_cache" in result["speedups"]["1"]
     assert all("half_vs_fp32" in result["speedups"][b] for b in ("1", "2"))
     assert "tokens/s" in out  # the table
+
+
+@pytest.mark.slow
+def test_bench_prepare_measures_both_and_cleans_up(tmp_path, monkeypatch, capsys):
+    """--mode=prepare: the bare loop and prepare.py on the same repeated files give the same chat tokens (the bare
+    text loop has no closing <|endoftext|>), and nothing is left in the temporary folder."""
+    chat_src = write_records(tmp_path / "pc.jsonl", [{"prompt": f"Question {i}?", "completion": f"Answer {i}.\nMore."}
+                                                     for i in range(50)])
+    text_src = tmp_path / "t.txt"
+    text_src.write_text("To be, or not to be: that is the question.\n" * 40, encoding="utf-8")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    os.mkdir(tmp_path / "tmp")
+    bench.main(["--mode=prepare", f"--prepare_chat={chat_src}", f"--prepare_text={text_src}", "--prepare_mb=0.02",
+                "--prepare_runs=1"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    chat_row, text_row = result["rows"]
+    assert chat_row["kind"] == "chat" and chat_row["copies"] == round(0.02e6 / os.path.getsize(chat_src))
+    assert chat_row["tokens"] == chat_row["tokens_bare"] and text_row["tokens"] == text_row["tokens_bare"] + 1
+    for row in (chat_row, text_row):
+        assert row["bare_s"] > 0 and row["prepare_s"] > 0 and row["prepare_peak_rss_mb"] > 10
+        assert row["ratio"] == round(row["bare_s"] / row["prepare_s"], 3)
+    assert os.listdir(tmp_path / "tmp") == []

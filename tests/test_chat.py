@@ -29,3 +29,31 @@ def test_chat_template_follows_a_custom_template():
         messages=messages, add_generation_prompt=False)
     enc = chat.get_encoder()
     assert rendered == enc.decode(chat.render_conversation(messages, template)[0])
+
+
+def test_a_batch_less_some_conversations_is_the_batch_of_the_others():
+    """Rendered.select (how --dedupe drops repeats): ids, mask, conversation and turn offsets exactly those of
+    rendering the kept conversations alone; and a batch renders each conversation as it renders alone."""
+    a = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+         {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye!"}]
+    b = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+         {"role": "assistant", "content": "4"}]
+    c = [{"role": "user", "content": "ünïcödé 😀?"}, {"role": "assistant", "content": "Yes: 😀."},
+         {"role": "user", "content": "More"}, {"role": "assistant", "content": "No"}]
+    batch = chat.render_batch([a, b, a, c, b])
+    assert [batch.conversation(i) for i in range(5)] == [chat.render_conversation(m) for m in (a, b, a, c, b)]
+    kept, alone = batch.select([True, False, False, True, True]), chat.render_batch([a, c, b])
+    for field in ("ids", "mask", "starts", "turns"):
+        assert getattr(kept, field).tolist() == getattr(alone, field).tolist(), field
+
+
+def test_unicode_and_lone_surrogates_keep_the_mask_exact():
+    """The mask comes from byte offsets: multi-byte characters, and a lone surrogate (valid JSON, "\\ud800"), which
+    tiktoken encodes as U+FFFD, leave it exactly on the reply."""
+    messages = [{"role": "user", "content": "ünï \ud800 😀"}, {"role": "assistant", "content": "é\udfffz 😀"},
+                {"role": "user", "content": "ok"}, {"role": "assistant", "content": "ß"}]
+    ids, mask, turns = chat.render_conversation(messages)
+    assert runs(ids, mask)[0] == [" é\ufffdz 😀\n\n", " ß\n\n<|endoftext|>"]
+    assert decode(ids[turns[1]:]).startswith("Human: ok")
+    prompt = chat.render_prompt(messages[:3])
+    assert ids[:len(prompt)] == prompt and mask[len(prompt) - 1:len(prompt) + 1] == [0, 1]

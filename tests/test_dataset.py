@@ -43,7 +43,7 @@ def test_turn_and_conversation_offsets(tmp_path):
         # turns start at each conversation and at every "Human:" that follows a finished turn
         convs = set(d["convs"].tolist())
         human = {i for i in range(1, len(d["ids"])) if decode(d["ids"][i:i + 2]) == "Human:"
-                 and i not in convs and decode(d["ids"][i - 1:i]).endswith("\n\n")}
+                 and i not in convs and decode(d["ids"][i - 2:i]).endswith("\n\n")}
         assert sorted(human | convs) == d["turns"].tolist()
         assert len(human) == sum(1 for ids, _ in conversations(out, split) if "And double" in decode(ids))
 
@@ -295,3 +295,19 @@ def test_real_datasets(tmp_path, path):
         assert np.all(d["mask"][d["convs"]] == 0)  # and starts with unlearned System:/Human:
         assert int((d["ids"] == EOT).sum()) == len(d["convs"])  # no other 50256 anywhere
         assert 0 < d["mask"].mean() < 1
+
+
+def test_progress_lines_say_how_far_and_how_long(tmp_path, monkeypatch, capsys):
+    """Large inputs (here: every update, as if each took PROGRESS_SECONDS) print bytes read of the total, the rate
+    and the time left; a quick build prints none."""
+    src = write_records(tmp_path / "d.jsonl", numbered(dataset.BATCH * 2 + 5))
+    build_dataset([src], out_dir=str(tmp_path / "quick"))
+    assert "  ... " not in capsys.readouterr().err
+    monkeypatch.setattr(dataset, "PROGRESS_SECONDS", 0)
+    build_dataset([src], out_dir=str(tmp_path / "out"))
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("  ... ")]
+    mb = os.path.getsize(src) / 1e6
+    assert len(lines) == 4  # after each of the 3 batches, then the total
+    assert all(f" / {mb:,.1f} MB (" in line and " MB/s, ETA " in line for line in lines[:-1])
+    assert lines[1].split(";")[1].startswith(f" {2 * dataset.BATCH:,} conversations")
+    assert lines[-1].startswith(f"  ... read {mb:,.1f} MB in ")

@@ -2,6 +2,7 @@
 hook end to end. tiny_ckpt here is a random tiny model with a 128-token window."""
 import json
 import math
+import shutil
 import sys
 
 import pytest
@@ -78,6 +79,20 @@ def test_replies_from_the_model(tmp_path, tiny_ckpt, capsys):
     again = eval_py.main(["--device=cpu", f"--ckpt={tiny_ckpt}", f"--data={data}", f"--out={out_path}",
                           "--max_new_tokens=8", "--stop=['\\n']", "--batch_size=1"])
     assert [json.loads(line) for line in out_path.read_text().splitlines()] == rows and again["n"] == 3
+
+
+def test_init_from_our_checkpoint_or_a_run_folder(tmp_path, tiny_ckpt, capsys):
+    """--init_from takes one of our .pt files or a run's out_dir, as train.py does: the same replies as --ckpt."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copy(tiny_ckpt, run_dir / "finetuned_20260101_000000.pt")
+    data = helpers.write_records(tmp_path / "heldout.jsonl", HANDMADE)
+    rows = []
+    for source in (f"--ckpt={tiny_ckpt}", f"--init_from={tiny_ckpt}", f"--init_from={run_dir}"):
+        out_path = tmp_path / "replies.jsonl"
+        run_eval(capsys, source, f"--data={data}", f"--out={out_path}", "--max_new_tokens=4")
+        rows.append(out_path.read_text())
+    assert rows[0] and rows == [rows[0]] * 3
 
 
 def test_bad_record_names_file_and_line(tmp_path, tiny_ckpt):

@@ -5,6 +5,7 @@ cli_run / untrained_ckpt (conftest.py) are a checkpoint trained by the commands;
 import io
 import os
 import select
+import shutil
 import subprocess
 import sys
 import time
@@ -118,6 +119,19 @@ def test_sample_main_num_samples_and_options(tiny_ckpt, capsys):
     sample.main(args + options)
     uncached, cached = capsys.readouterr().out.splitlines()
     assert uncached == cached  # the seed fixes the sample, with or without the cache
+
+
+def test_sample_init_from_our_checkpoint_or_a_run_folder(tiny_ckpt, tmp_path, capsys):
+    """--init_from takes one of our .pt files or a run's out_dir (its newest best checkpoint), as train.py does."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copy(tiny_ckpt, run_dir / "finetuned_20260101_000000.pt")
+    args = ["--prompt=What is 2 plus 3?", "--device=cpu", "--dtype=float32", "--max_new_tokens=6", "--temperature=0"]
+    replies = []
+    for source in (f"--ckpt={tiny_ckpt}", f"--init_from={tiny_ckpt}", f"--init_from={run_dir}"):
+        assert sample.main([source, *args]) in (0, None)
+        replies.append(capsys.readouterr().out)
+    assert replies[0] and replies == [replies[0]] * 3
 
 
 @pytest.mark.slow

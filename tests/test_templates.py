@@ -208,7 +208,59 @@ def test_export_chat_template_matches_ours(tmp_path, name, monkeypatch):
             prompt = messages[:end + (messages[0]["role"] == "system")]
             assert tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) == \
                 decode(chat.render_prompt(prompt, template))
-    for prompt in (ONE_TURN[:1], SYSTEM_TWO_TURNS[:2]):  # single-turn prompts: the very ids we sample with
-        ids = tok.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True)
-        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-        assert list(ids) == chat.render_prompt(prompt, template)
+    if name != "custom":
+        assert_same_ids_as_transformers(tok, template)
+
+
+# every prompt of a three-turn conversation, with and without a system message, in both tokenisations
+THREE_TURNS = SYSTEM_TWO_TURNS + [{"role": "user", "content": "And 3+3?"}, {"role": "assistant", "content": "6."}]
+
+
+def assert_same_ids_as_transformers(tok, template):
+    """apply_chat_template's text tokenised by the export's tokenizer (and apply_chat_template(tokenize=True)) gives
+    exactly our prompt ids, multi-turn included; they are the training ids up to where the reply starts."""
+    for messages in (THREE_TURNS, THREE_TURNS[1:]):
+        ids, mask, _ = chat.render_conversation(messages, template)
+        replies = [i for i in range(1, len(ids)) if mask[i] and not mask[i - 1]]
+        users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+        assert len(replies) == len(users) == 3
+        for end, reply in zip(users, replies):
+            prompt = messages[:end + 1]
+            ours = chat.render_prompt(prompt, template)
+            text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            assert tok(text, add_special_tokens=False)["input_ids"] == ours, (prompt, text)
+            direct = tok.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True)
+            assert list(direct["input_ids"] if hasattr(direct, "keys") else direct) == ours
+            assert ids[:reply] == ours
+        assert tok(tok.apply_chat_template(messages, tokenize=False))["input_ids"] == ids
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_multi_turn_ids_are_those_of_the_whole_text(name):
+    """The ids are BPE's for the whole rendered text (a turn's end and the next "Human:" are not cut apart) and the
+    mask is 1 exactly on the replies, their turn ends and the final <|endoftext|>."""
+    template = chat.load_template(name)
+    enc = chat.get_encoder()
+    ids, mask, _ = chat.render_conversation(SYSTEM_TWO_TURNS, template)
+    text, learned, other = EXPECTED[name][0]
+    assert ids == enc.encode_ordinary(text[:-len("<|endoftext|>")]) + [EOT]
+    assert runs(ids, mask) == (learned, other)
+
+
+def test_a_token_across_a_reply_edge_is_cut_there():
+    """A custom template whose label would share a token with the reply ("<bot>" + ".NET": ">." is one GPT-2
+    token): the text is cut at that edge, so the mask is still exactly the reply, and the prompt's ids are still
+    the training ids up to the reply."""
+    template = CUSTOM
+    messages = [{"role": "user", "content": "Hm"}, {"role": "assistant", "content": ".NET, yes."},
+                {"role": "user", "content": "So?"}, {"role": "assistant", "content": ">> no."}]
+    enc = chat.get_encoder()
+    assert enc.encode_ordinary("<bot>.NET") != enc.encode_ordinary("<bot>") + enc.encode_ordinary(".NET")
+    ids, mask, _ = chat.render_conversation(messages, template)
+    assert runs(ids, mask)[0] == [".NET, yes.</bot>\n", ">> no.</bot>\n<|endoftext|>"]
+    for end in (1, 3):
+        prompt = chat.render_prompt(messages[:end], template)
+        assert ids[:len(prompt)] == prompt and mask[len(prompt) - 1:len(prompt) + 1] == [0, 1]
+    batch = chat.render_conversations([ONE_TURN, messages, ONE_TURN], template)  # one cut among plain ones
+    assert batch[1] == (ids, mask, chat.render_conversation(messages, template)[2])
+    assert batch[0] == batch[2] == chat.render_conversation(ONE_TURN, template)

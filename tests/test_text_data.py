@@ -119,6 +119,20 @@ def test_text_records_are_documents(tmp_path, ext):
     assert meta["kind"] == "text" and meta["conversations"]["val"] == 2
 
 
+def test_text_records_and_txt_files_in_input_order(tmp_path):
+    """{"text"} records, then a .txt file, then records again: every document in input order (a batch of records
+    still being tokenised is written before the .txt file); a val copy of the .txt counts as a copy of train."""
+    whole = "A whole file.\nOf text.\n"
+    txt = write_text(tmp_path / "t.txt", whole)
+    inputs = [write_records(tmp_path / "a.jsonl", [{"text": f"Record {i}."} for i in range(3)]), txt,
+              write_records(tmp_path / "b.jsonl", [{"text": f"Record {i}."} for i in range(3, 5)])]
+    out = str(tmp_path / "out")
+    meta = build_dataset(inputs, out_dir=out, val_file=write_records(tmp_path / "v.jsonl", [{"text": whole}]))
+    texts = [f"Record {i}." for i in range(3)] + [whole] + [f"Record {i}." for i in range(3, 5)]
+    assert [ids for ids, _ in conversations(out, "train")] == [enc().encode_ordinary(t) + [EOT] for t in texts]
+    assert meta["documents"] == 7 and meta["duplicates"]["val_in_train"] == 1
+
+
 def test_text_val_file(tmp_path):
     out = str(tmp_path / "out")
     build_dataset([write_text(tmp_path / "a.txt", "Train text.\n")], out_dir=out,

@@ -1,0 +1,49 @@
+"""The least work any tokeniser of this data must do, for bench.py --mode=prepare to compare prepare.py with:
+
+    python tools/prepare_bare.py chat RECORDS.jsonl OUT.bin   # {prompt, completion} records: json.loads, the
+                                                              # template's text, encode_ordinary_batch, uint16 writes
+    python tools/prepare_bare.py text INPUT.txt OUT.bin       # 1 MiB pieces, encode_ordinary_batch, uint16 writes
+
+No validation, no mask, no split, no hashes: prints the number of tokens written.
+"""
+import itertools
+import json
+import os
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from chat_gpt2 import chat  # noqa: E402
+from chat_gpt2.dataset import BATCH, TEXT_BATCH  # noqa: E402
+
+
+def bare_chat(path, out_path):
+    enc, n_tokens = chat.get_encoder(), 0
+    with open(path, encoding="utf-8") as f, open(out_path, "wb") as out:
+        while lines := list(itertools.islice(f, BATCH)):
+            texts = [chat.render_text([{"role": "user", "content": r["prompt"]},
+                                       {"role": "assistant", "content": r["completion"]}])
+                     for r in map(json.loads, lines)]
+            ids = np.fromiter(itertools.chain.from_iterable(t + [chat.EOT] for t in enc.encode_ordinary_batch(texts)),
+                              dtype=np.uint16)
+            out.write(ids.data)
+            n_tokens += len(ids)
+    return n_tokens
+
+
+def bare_text(path, out_path):
+    enc, n_tokens = chat.get_encoder(), 0
+    with open(path, encoding="utf-8") as f, open(out_path, "wb") as out:
+        while pieces := [p for p in (f.read(1 << 20) for _ in range(TEXT_BATCH)) if p]:
+            ids = np.fromiter(itertools.chain.from_iterable(enc.encode_ordinary_batch(pieces)), dtype=np.uint16)
+            out.write(ids.data)
+            n_tokens += len(ids)
+    return n_tokens
+
+
+if __name__ == "__main__":
+    kind, path, out_path = sys.argv[1:]
+    print((bare_chat if kind == "chat" else bare_text)(path, out_path))
