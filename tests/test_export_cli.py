@@ -161,6 +161,8 @@ def test_finetune_sample_export_end_to_end(tiny_dataset, tmp_path, capsys):
 CONVERSATIONS = {
     "one turn": [{"role": "user", "content": "Give three tips for staying healthy."}],
     "system": [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 2 plus 3?"}],
+    "two turns": [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello. How can I help?"},
+                  {"role": "user", "content": "Name a colour.\n\nJust one."}],
 }
 
 
@@ -171,7 +173,7 @@ def test_transformers_gives_our_greedy_reply(tmp_path, template_name):
     from chat_gpt2 import chat
     from chat_gpt2.engine import Engine, SamplingParams
     template = chat.load_template(template_name)
-    model = helpers.tiny_model(seed=5)
+    model = helpers.tiny_model(seed=5, block_size=128)  # alpaca's two turns: 90 tokens
     out = str(tmp_path / "hf")
     export.export(model, out, template)
     tok = transformers.AutoTokenizer.from_pretrained(out)
