@@ -430,8 +430,8 @@ class Decoder:
             slots.sort(key=lambda slot: self.rows[slot].choice)
             request = self.rows[slots[0]].request
             history = self._history(slots) if request.params.repetition_penalty != 1.0 else None
-            for slot, token in zip(slots, sample_next(logits[slots], request.params, history,
-                                                      request.generator).tolist()):
+            rows = logits if slots == list(range(len(self.rows))) else logits[slots]  # one group: no copy
+            for slot, token in zip(slots, sample_next(rows, request.params, history, request.generator).tolist()):
                 tokens[slot] = token
         return tokens
 
