@@ -103,7 +103,9 @@ class RowsLayerKVCache:
         self.k[rows, :, lengths] = k[:, :, 0]
         self.v[rows, :, lengths] = v[:, :, 0]
         lengths += 1
-        n = int(lengths.max())
+        shortest, n = (int(x) for x in lengths.aminmax())
+        if shortest == n:  # rows of one length (one row, say) see every key: no mask, as in LayerKVCache
+            return self.k[:B, :, :n], self.v[:B, :, :n], None
         mask = torch.arange(n, device=k.device) < lengths[:, None]  # (B, n): each row sees its own tokens only
         return self.k[:B, :, :n], self.v[:B, :, :n], mask[:, None, None, :]
 
