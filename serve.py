@@ -6,7 +6,8 @@
 then open http://127.0.0.1:8000/ or point an OpenAI client at http://127.0.0.1:8000/v1.
 
 The sampling options are the defaults for requests that do not set them; the stop string defaults to the
-checkpoint's, as in sample.py. One worker thread decodes the queued requests in batches (chat_gpt2/batcher.py).
+checkpoint's, as in sample.py. One worker thread decodes the requests together, each joining the running batch
+at the next token (continuous batching, chat_gpt2/batcher.py).
 """
 import os
 
@@ -33,6 +34,7 @@ DEFAULTS = dict(  # `python serve.py --help` prints these comments; the sampling
     max_messages=Limits.max_messages,  # the most messages in one request (400 above)
     max_chars=Limits.max_chars,  # the most characters of content in one request (400 above)
     max_waiting=Limits.max_waiting,  # requests that may wait for the model; more get 503 with Retry-After
+    max_rows=Limits.max_rows,  # rows decoded together, joining and leaving at every token (n choices = n rows)
 )
 
 
@@ -40,7 +42,7 @@ def build_app(cfg):
     """The app for a script's cfg: the model loaded, the engine and the limits set."""
     engine, ckpt = load_engine(cfg)
     name = cfg["init_from"] or os.path.splitext(os.path.basename(cfg["ckpt"]))[0] or "chat-gpt2"
-    limits = Limits(cfg["max_body_bytes"], cfg["max_messages"], cfg["max_chars"], cfg["max_waiting"])
+    limits = Limits(*(cfg[key] for key in ("max_body_bytes", "max_messages", "max_chars", "max_waiting", "max_rows")))
     return create_app(engine, ckpt, cfg, model_name=name, limits=limits)
 
 

@@ -13,8 +13,8 @@ Imports point one way: scripts -> this package; inside it, each module imports o
     hf_gpt2        Hugging Face GPT-2 weights in and out
     hf_tokenizer   GPT-2's tokenizer files for an export
     checkpoint     checkpoint names, atomic save, weights-only load, model rebuild (LoRA merged)
-    engine         generation: KV cache, SamplingParams, batched streaming replies
-    batcher        one worker thread that decodes queued requests in batches (serve.py)
+    engine         generation: KV caches, SamplingParams, a Decoder of rows of any lengths, streaming replies
+    batcher        one worker thread: queued requests join the running batch (serve.py)
     server         the HTTP app: OpenAI-compatible API, /chat, the chat page (serve.py)
     records        reading chat records (.jsonl / .json, their schemas) and plain text (.txt, {"text"})
     dataset        the prepared dataset (chat or text): build it (memmaps + masks) and read it

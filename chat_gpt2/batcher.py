@@ -1,20 +1,21 @@
 """Serving many requests with one model: a bounded queue and one worker thread that owns the model.
 
-Requests (Job: prompt ids, SamplingParams, n choices) wait in a FIFO queue. The worker takes the oldest job and,
-with it, every other waiting job that can share its batch: the same prompt length and the same SamplingParams,
-and greedy or unseeded (a seeded sampler draws from one generator per batch, so a seeded request batched with
-others would not repeat what it gives alone). The batch is decoded by Engine.complete_batch, step by step for all
-its rows together; new requests wait for the next batch. Greedy rows give the same tokens alone or batched: rows
-of one length need no padding or mask, so a row sees exactly the context it sees alone (tests/test_serve.py checks
-the replies; a batched matmul may sum in another order, which could only matter on a near-tie of two logits).
+Requests (Job: prompt ids, SamplingParams, n choices) wait in a FIFO queue. The worker decodes the running jobs
+together with an engine.Decoder (continuous batching): before every step, the oldest waiting jobs join as long as
+their rows fit (max_rows rows in all; a job's n choices are n rows), whatever their prompt lengths and sampling
+options; after it, every job whose replies are all done leaves, freeing its rows. A job that arrives while others
+decode starts at the next step, not when they end. Each row gives what it gives alone: the Decoder masks the other
+rows' keys, and a seeded request draws from its own generator (tests/test_serve.py checks greedy and seeded
+replies alone and batched; a batched matmul may sum in another order, which could only matter on a near-tie).
 
 Events go to each job's emit callback from the worker thread: ("text", choice, text) while generating, then
 ("done", [Completion, ...]) or ("error", message). A job whose client left is cancelled: dropped from the queue,
-or, when decoding, its batch ends at the next step once every job in it is cancelled.
+or, when decoding, its rows leave before the next step.
 """
 import collections
 import threading
 
+from .engine import Decoder, Request
 from .errors import UserError
 
 
@@ -22,16 +23,16 @@ class QueueFull(UserError):
     """Too many requests waiting: the client should retry later."""
 
 
-class Job:
-    def __init__(self, prompt, params, n, emit):
-        self.prompt, self.params, self.n, self.emit = list(prompt), params, n, emit
-        self.cancelled = False
+class Job(Request):
+    """A client's request: its events go to emit; cancelled once the client left."""
 
-    def key(self):
-        """Jobs with equal keys can be decoded as one batch; None: this job runs alone."""
-        if self.params.temperature > 0 and self.params.seed is not None:
-            return None
-        return len(self.prompt), self.params
+    def __init__(self, prompt, params, n, emit):
+        super().__init__(prompt, params, n, on_text=self._text)
+        self.emit, self.cancelled = emit, False
+
+    def _text(self, choice, text):
+        if not self.cancelled:
+            self.emit("text", choice, text)
 
 
 class Batcher:
@@ -39,8 +40,9 @@ class Batcher:
         self.engine, self.max_waiting, self.max_rows = engine, max_waiting, max_rows
         self.cond = threading.Condition()
         self.waiting = collections.deque()
-        self.running = []  # the jobs of the batch being decoded
-        self.batch_sizes = collections.deque(maxlen=100)  # jobs per recent batch, shown by /health
+        self.running = []  # the jobs being decoded
+        self.rows = 0  # their rows
+        self.batch_sizes = collections.deque(maxlen=100)  # jobs decoded together, each time one joined (/health)
         self.closing = False
         self.thread = threading.Thread(target=self._work, name="batcher", daemon=True)
 
@@ -75,59 +77,50 @@ class Batcher:
 
     def stats(self):
         with self.cond:
-            return {"waiting": len(self.waiting), "running": len(self.running),
-                    "recent_batch_sizes": list(self.batch_sizes)[-10:]}
+            return {"waiting": len(self.waiting), "running": len(self.running), "rows": self.rows,
+                    "max_rows": self.max_rows, "recent_batch_sizes": list(self.batch_sizes)[-10:]}
 
-    def _take_batch(self):
-        """The oldest waiting job and those that can join it (up to max_rows rows); None when closing."""
+    def _admit(self):
+        """Wait for work, then move the oldest waiting jobs that fit into running (in order: none overtakes a job
+        that waits for room). The jobs that joined; None when closing."""
         with self.cond:
-            while not self.waiting and not self.closing:
+            while not self.waiting and not self.running and not self.closing:
                 self.cond.wait()
             if self.closing:
                 return None
-            first = self.waiting.popleft()
-            jobs, rows = [first], first.n
-            if first.key() is not None:
-                for job in list(self.waiting):
-                    if job.key() == first.key() and rows + job.n <= self.max_rows:
-                        self.waiting.remove(job)
-                        jobs.append(job)
-                        rows += job.n
-            self.running = jobs
-            self.batch_sizes.append(len(jobs))
-            return jobs
+            joining = []
+            while self.waiting and self.rows + self.waiting[0].n <= self.max_rows:
+                joining.append(self.waiting.popleft())
+                self.rows += joining[-1].n
+            self.running += joining
+            if joining:
+                self.batch_sizes.append(len(self.running))
+            return joining
 
     def _work(self):
-        while True:
-            jobs = self._take_batch()
-            if jobs is None:
-                return
+        decoder = Decoder(self.engine, self.max_rows)
+        self.engine.model.eval()
+        while (joining := self._admit()) is not None:
             try:
-                self._decode(jobs)
-            finally:
-                with self.cond:
-                    self.running = []
+                for job in joining:
+                    decoder.add(job)
+                for job in self.running:
+                    if job.cancelled:
+                        decoder.remove(job)
+                ended = decoder.step() if decoder.rows else []
+            except Exception as e:  # noqa: BLE001  (the worker must outlive a failed step; the clients hear why)
+                decoder, ended = Decoder(self.engine, self.max_rows), list(self.running)
+                for job in ended:
+                    job.emit("error", f"generation failed: {type(e).__name__}: {e}")
+            else:
+                for job in ended:
+                    if not job.cancelled:
+                        job.emit("done", job.replies)
+            self._forget(ended)
 
-    def _decode(self, jobs):
-        """Decode the jobs as one batch and send each its events."""
-        owners = [(job, choice) for job in jobs for choice in range(job.n)]  # batch row -> (job, choice index)
-
-        def on_text(row, text):
-            job, choice = owners[row]
-            if not job.cancelled:
-                job.emit("text", choice, text)
-
-        params = jobs[0].params
-        generator = params.generator(self.engine.device) if len(jobs) == 1 else None
-        try:
-            rows = self.engine.complete_batch([job.prompt for job, _ in owners], params, on_text, generator,
-                                              cancelled=lambda: all(job.cancelled for job in jobs))
-        except Exception as e:  # noqa: BLE001  (the worker must outlive a failed batch; the clients hear why)
-            for job in jobs:
-                job.emit("error", f"generation failed: {type(e).__name__}: {e}")
-            return
-        start = 0
-        for job in jobs:
-            if not job.cancelled:
-                job.emit("done", rows[start:start + job.n])
-            start += job.n
+    def _forget(self, ended):
+        """Jobs that ended or were cancelled leave running; their rows are free for the next ones."""
+        with self.cond:
+            gone = set(ended) | {job for job in self.running if job.cancelled and job.left == 0}
+            self.running = [job for job in self.running if job not in gone]
+            self.rows = sum(job.n for job in self.running)

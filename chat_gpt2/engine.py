@@ -1,10 +1,14 @@
 """Generation: the one engine that sample.py, eval.py, train.py's eval-time sample reply and a server call.
 
-1. KVCache: the explicit inference state, so each generated token costs one position's work.
+1. KVCache: the explicit inference state, so each generated token costs one position's work; RowsKVCache: the
+   same for rows of different lengths (a slot per row, a mask per row).
 2. SamplingParams: temperature, top-k, top-p, repetition penalty, length, stop strings and seed, validated once.
-3. adjust_logits / sample_next / generate: token-level sampling, streaming one token per row and step.
-4. Engine: a model with its tokenizer, device and dtype; batched replies that stop per row on <|endoftext|> or a
-   stop string (which may span several tokens) and stream their text as it becomes final.
+3. adjust_logits / sample_next / generate: token-level sampling, streaming one token per row and step (rows of one
+   prompt length, one generator: the plain reference loop, which bench.py times).
+4. Request / Decoder / Engine: replies that stop per row on <|endoftext|> or a stop string (which may span several
+   tokens) and stream their text as it becomes final. A Decoder decodes requests of any prompt lengths and
+   sampling options together, each joining and leaving at any step (continuous batching: batcher.py); an Engine
+   (a model with its tokenizer, device and dtype) runs one to completion for a script.
 """
 from dataclasses import dataclass, field
 
@@ -14,6 +18,7 @@ from . import chat
 from .checkpoint import load_model
 from .device import autocast, resolve_device, resolve_dtype
 from .errors import ConfigError
+from .model import causal_mask
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -32,10 +37,13 @@ class LayerKVCache:
         if self.k is None or self.k.dtype != k.dtype or self.k.size(0) != B:
             self.k = k.new_empty(B, H, self.max_len, D)
             self.v = v.new_empty(B, H, self.max_len, D)
-        self.k[:, :, self.length:self.length + T] = k
-        self.v[:, :, self.length:self.length + T] = v
+        past = self.length
+        self.k[:, :, past:past + T] = k
+        self.v[:, :, past:past + T] = v
         self.length += T
-        return self.k[:, :, :self.length], self.v[:, :, :self.length]
+        # the queries sit at positions past..past+T-1 and see the keys up to their own (None: all, or causal at 0)
+        mask = None if past == 0 or T == 1 else causal_mask(T, past + T, k.device)
+        return self.k[:, :, :self.length], self.v[:, :, :self.length], mask
 
 
 class KVCache:
@@ -51,6 +59,82 @@ class KVCache:
     def reset(self):
         for layer in self.layers:
             layer.length = 0
+
+
+class RowsLayerKVCache:
+    """One layer's keys and values for rows of different lengths: row r's tokens sit at 0..lengths[r]-1 of its
+    slot (max_rows slots of max_len positions, zeroed: a masked key must not be NaN); the mask hides the rest."""
+
+    def __init__(self, max_rows, max_len, device):
+        self.max_rows, self.max_len = max_rows, max_len
+        self.lengths = torch.zeros(max_rows, dtype=torch.long, device=device)
+        self.k = self.v = None
+
+    def _allocate(self, like):  # on first use, in the dtype the attention runs in (as LayerKVCache)
+        if self.k is None or self.k.dtype != like.dtype:
+            _, H, _, D = like.shape
+            self.k = like.new_zeros(self.max_rows, H, self.max_len, D)
+            self.v = like.new_zeros(self.max_rows, H, self.max_len, D)
+
+    def put(self, slot, layer):
+        """The slot takes the keys and values of a one-row LayerKVCache."""
+        n = layer.length
+        if n:
+            self._allocate(layer.k)
+            self.k[slot, :, :n] = layer.k[0, :, :n]
+            self.v[slot, :, :n] = layer.v[0, :, :n]
+        self.lengths[slot] = n
+
+    def move(self, src, dst):
+        n = int(self.lengths[src])
+        if n and src != dst:
+            self.k[dst, :, :n] = self.k[src, :, :n]
+            self.v[dst, :, :n] = self.v[src, :, :n]
+        self.lengths[dst] = n
+
+    def append(self, k, v):
+        """One new token per row (k, v: (B, H, 1, D)), each written at its row's own length."""
+        B, _, T, _ = k.shape
+        if T != 1:
+            raise ValueError(f"rows of different lengths continue one token at a time, got {T}")
+        self._allocate(k)
+        lengths = self.lengths[:B]
+        rows = torch.arange(B, device=k.device)
+        self.k[rows, :, lengths] = k[:, :, 0]
+        self.v[rows, :, lengths] = v[:, :, 0]
+        lengths += 1
+        shortest, n = (int(x) for x in lengths.aminmax())
+        if shortest == n:  # rows of one length (one row, say) see every key: no mask, as in LayerKVCache
+            return self.k[:B, :, :n], self.v[:B, :, :n], None
+        mask = torch.arange(n, device=k.device) < lengths[:, None]  # (B, n): each row sees its own tokens only
+        return self.k[:B, :, :n], self.v[:B, :, :n], mask[:, None, None, :]
+
+
+class RowsKVCache:
+    """The cache of a Decoder's rows, which hold sequences of different lengths: one slot per row, rows 0..rows-1
+    in use. A row is prefilled alone in a KVCache and put in its slot; then all rows continue one token per step
+    together (GPT.forward with idx (rows, 1): each at its own position, its keys masked to its own)."""
+
+    def __init__(self, config, max_rows, device):
+        self.layers = [RowsLayerKVCache(max_rows, config.block_size, device) for _ in range(config.n_layer)]
+        self.rows = 0
+
+    @property
+    def length(self):
+        """Each row's length, (rows, 1)."""
+        return self.layers[0].lengths[:self.rows, None]
+
+    def put(self, slot, cache):
+        """A row (an existing slot, or the next free one) takes a one-row KVCache's keys and values."""
+        for mine, theirs in zip(self.layers, cache.layers):
+            mine.put(slot, theirs)
+        self.rows = max(self.rows, slot + 1)
+
+    def remove(self, slot):
+        """Free a row's slot: the last row moves into it, so that rows 0..rows-1 stay the ones in use."""
+        self.rows -= 1
+        for layer in self.layers:
+            layer.move(self.rows, slot)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -224,52 +308,189 @@ class Completion:
         return self.text[start:visible]
 
 
+class Request:
+    """n replies to one prompt with one SamplingParams: what a Decoder decodes. generator: the one its draws come
+    from (None: params.generator(), a fresh one from the seed, or the global RNG without a seed). on_text(choice,
+    text) streams each reply's text as it becomes final; replies holds their Completions once decoding started."""
+
+    def __init__(self, prompt, params, n=1, generator=None, on_text=None):
+        if not len(prompt):
+            raise ConfigError("empty prompt: generation needs at least one token to start from")
+        self.prompt, self.params, self.n, self.generator, self.on_text = list(prompt), params, n, generator, on_text
+        self.replies, self.left = [], 0  # left: its rows still decoding
+
+
+class _Row:
+    """One reply being decoded: its request and choice, all its tokens (prompt + generated), where its context
+    window starts, and its Completion."""
+
+    def __init__(self, request, choice, start):
+        self.request, self.choice, self.start = request, choice, start
+        self.reply, self.tokens = request.replies[choice], list(request.prompt)
+
+
+class Decoder:
+    """Continuous batching: rows of any prompt lengths and sampling options decoded together, one token per step.
+    A request joins between two steps (add: its prompt runs alone, then its keys and values are copied into a slot
+    per reply) and each row leaves, freeing its slot, as soon as it is done (step) or dropped (remove).
+
+    A row gives the tokens it gives alone: it sees only its own keys at its own positions (RowsKVCache), a row
+    whose context is full runs alone again on its cropped window (crop_start, as in generate), and a seeded
+    request draws with its own generator. The cache holds a row's window but its last token, which the next step
+    feeds: a request that joins mid-way is decoded exactly as one that starts a batch."""
+
+    def __init__(self, engine, max_rows):
+        self.engine, self.max_rows, self.rows = engine, max_rows, []  # rows[i] is in the cache's slot i
+        self.block_size = engine.model.config.block_size
+        self.cache = RowsKVCache(engine.model.config, max_rows, engine.device) if engine.use_cache else None
+
+    @torch.inference_mode()
+    def add(self, request):
+        """Prefill the request's prompt and give each of its replies a row."""
+        if len(self.rows) + request.n > self.max_rows:
+            raise ConfigError(f"{request.n} more rows do not fit: {len(self.rows)} of {self.max_rows} in use")
+        if request.generator is None:
+            request.generator = request.params.generator(self.engine.device)
+        request.replies = [Completion(self.engine.enc, request.params.stop) for _ in range(request.n)]
+        request.left = request.n
+        start = crop_start(len(request.prompt), 0, self.block_size)
+        self._fill(range(len(self.rows), len(self.rows) + request.n), request.prompt[start:-1])
+        self.rows += [_Row(request, choice, start) for choice in range(request.n)]
+
+    @torch.inference_mode()
+    def step(self):
+        """Feed every row its last token, draw its next one and stream the replies' new text. Returns the
+        requests that ended (all their replies done); their rows have left."""
+        for slot, row in enumerate(self.rows):
+            start = crop_start(len(row.tokens), row.start, self.block_size)
+            if start != row.start:  # positions are absolute: the row's cache is rebuilt for the new window
+                row.start = start
+                self._fill([slot], row.tokens[start:-1])
+        if self.cache is not None:
+            logits = self._logits([[row.tokens[-1]] for row in self.rows], self.cache)
+        else:  # no cache: every row runs its whole window, alone
+            logits = torch.cat([self._logits([row.tokens[row.start:]], None) for row in self.rows])
+        for row, token in zip(self.rows, self._sample(logits)):
+            row.tokens.append(token)
+            row.reply.add(token)
+            _emit(row.request.on_text, row.choice, row.reply.new_text())
+        ended = []
+        for slot in reversed(range(len(self.rows))):
+            row = self.rows[slot]
+            if row.reply.done or len(row.tokens) - len(row.request.prompt) == row.request.params.max_new_tokens:
+                self._leave(slot)
+                if row.request.left == 0:
+                    ended.append(row.request)
+        return ended
+
+    @torch.inference_mode()
+    def remove(self, request):
+        """Drop a request's rows that still decode (a client that left); their replies end as "length"."""
+        for slot in reversed(range(len(self.rows))):
+            if self.rows[slot].request is request:
+                self._leave(slot)
+
+    def _leave(self, slot):
+        row = self.rows[slot]
+        if not row.reply.done:  # out of tokens: the held-back tail was no stop string after all
+            row.reply.finish_reason = "length"
+        _emit(row.request.on_text, row.choice, row.reply.new_text(final=True))
+        row.request.left -= 1
+        if self.cache is not None:
+            self.cache.remove(slot)
+        self.rows[slot] = self.rows[-1]
+        self.rows.pop()
+
+    def _fill(self, slots, tokens):
+        """Run tokens (a row's window but its last token) alone and put their keys and values in these slots."""
+        if self.cache is None:
+            return
+        cache = KVCache(self.engine.model.config)
+        if tokens:
+            self._logits([tokens], cache)
+        for slot in slots:
+            self.cache.put(slot, cache)
+
+    def _logits(self, ids, cache):
+        """The float32 next-token logits (B, V) after rows of ids; the padded vocabulary is never sampled."""
+        with autocast(self.engine.device, self.engine.dtype):
+            logits, _ = self.engine.model(torch.tensor(ids, device=self.engine.device), kv_cache=cache)
+        logits = logits[:, -1, :].float()
+        logits[:, chat.VOCAB_SIZE:] = float("-inf")
+        return logits
+
+    def _sample(self, logits):
+        """The next token of every row. Rows draw together by group: a sampling request with a generator alone
+        (its rows in choice order: the draws it makes alone), other rows with the same params together."""
+        groups = {}
+        for slot, row in enumerate(self.rows):
+            request = row.request
+            own = request.params.temperature > 0 and request.generator is not None
+            groups.setdefault(request if own else request.params, []).append(slot)
+        tokens = [0] * len(self.rows)
+        for slots in groups.values():
+            slots.sort(key=lambda slot: self.rows[slot].choice)
+            request = self.rows[slots[0]].request
+            history = self._history(slots) if request.params.repetition_penalty != 1.0 else None
+            rows = logits if slots == list(range(len(self.rows))) else logits[slots]  # one group: no copy
+            for slot, token in zip(slots, sample_next(rows, request.params, history, request.generator).tolist()):
+                tokens[slot] = token
+        return tokens
+
+    def _history(self, slots):
+        """The rows' tokens for the repetition penalty, (len(slots), longest); a shorter row is padded with its own
+        first token (penalised once all the same)."""
+        seqs = [self.rows[slot].tokens for slot in slots]
+        width = max(len(seq) for seq in seqs)
+        return torch.tensor([seq + seq[:1] * (width - len(seq)) for seq in seqs], device=self.engine.device)
+
+
 class Engine:
     """A model ready to generate: its tokenizer, device and compute dtype (autocast). The per-call state (the KV
-    cache, the rows' text) lives in each call, so one engine serves any number of calls."""
+    cache, the rows' text) lives in each call (or Decoder), so one engine serves any number of them."""
 
     def __init__(self, model, enc=None, device="cpu", dtype="float32", use_cache=True):
         self.model, self.device, self.dtype, self.use_cache = model, device, dtype, use_cache
         self.enc = enc or chat.get_encoder()
 
-    def complete_batch(self, prompts, params, on_text=None, generator=None, cancelled=None):
-        """One Completion per prompt, generated as one batch (the prompts must have the same length: there is no
-        padding). Each row stops on its own at <|endoftext|> or at the first of params.stop, which is cut off.
-        on_text(row, new_text) streams text as it becomes final. generator: defaults to params.generator().
-        cancelled(): checked after every step; True ends the batch there (a server whose clients all left)."""
-        if not prompts or len({len(p) for p in prompts}) != 1 or not prompts[0]:
-            raise ConfigError("generation needs non-empty prompts of one length")
-        generator = generator if generator is not None else params.generator(self.device)
-        rows = [Completion(self.enc, params.stop) for _ in prompts]
-        idx = torch.tensor(prompts, dtype=torch.long, device=self.device)
+    def complete(self, requests, cancelled=None):
+        """Decode the requests together to their end (a Decoder); their Completions are in request.replies.
+        cancelled(): checked after every step; True ends them all there (a caller that gave up)."""
+        decoder = Decoder(self, sum(request.n for request in requests))
         was_training = self.model.training
         self.model.eval()
-        steps = generate(self.model, idx, params, self.use_cache, generator, vocab_limit=chat.VOCAB_SIZE)
         try:
-            with autocast(self.device, self.dtype):
-                for step in steps:
-                    for i, (row, token) in enumerate(zip(rows, step.tolist())):
-                        if not row.done:
-                            row.add(token)
-                            _emit(on_text, i, row.new_text())
-                    if all(row.done for row in rows) or (cancelled is not None and cancelled()):
-                        break
+            for request in requests:
+                decoder.add(request)
+            while decoder.rows and not (cancelled is not None and cancelled()):
+                decoder.step()
         finally:
-            steps.close()
+            for request in requests:
+                decoder.remove(request)
             self.model.train(was_training)
-        for i, row in enumerate(rows):  # out of tokens: the held-back tail was no stop string after all
-            if not row.done:
-                row.finish_reason = "length"
-            _emit(on_text, i, row.new_text(final=True))
-        return rows
+
+    def complete_batch(self, prompts, params, on_text=None, generator=None, cancelled=None):
+        """One Completion per prompt (of any lengths), generated as one batch. Each row stops on its own at
+        <|endoftext|> or at the first of params.stop, which is cut off. on_text(row, new_text) streams text as it
+        becomes final. generator: the draws of every row (default params.generator()). cancelled: see complete."""
+        generator = generator if generator is not None else params.generator(self.device)
+        requests = [Request(prompt, params, 1, generator, _for_row(on_text, i)) for i, prompt in enumerate(prompts)]
+        self.complete(requests, cancelled)
+        return [request.replies[0] for request in requests]
 
     def generate_batch(self, prompts, params, on_text=None, generator=None):
-        """The replies (stripped text) to prompts of one length, generated as one batch; see complete_batch."""
+        """The replies (stripped text) to prompts, generated as one batch; see complete_batch."""
         return [row.text.strip() for row in self.complete_batch(prompts, params, on_text, generator)]
 
     def replies(self, prompt_ids, params, num_samples=1, on_text=None, generator=None):
-        """num_samples replies to one prompt, generated as one batch."""
-        return self.generate_batch([list(prompt_ids)] * num_samples, params, on_text, generator)
+        """num_samples replies to one prompt (prefilled once), generated as one batch."""
+        request = Request(prompt_ids, params, num_samples, generator, on_text)
+        self.complete([request])
+        return [row.text.strip() for row in request.replies]
+
+
+def _for_row(on_text, row):
+    return None if on_text is None else lambda choice, text: on_text(row, text)
 
 
 def _emit(on_text, row, text):

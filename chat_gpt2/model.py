@@ -72,26 +72,25 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        past = 0
+        mask = None  # None: causal among these T tokens, the only keys (with T = 1: the one key, or all cached)
         if layer_cache is not None:  # append this step's keys/values and attend over everything cached so far
-            past = layer_cache.length
-            k, v = layer_cache.append(k, v)
-        # queries sit at positions past..past+T-1 and see keys 0..their own position
-        mask = None if past == 0 or T == 1 else _causal_mask(T, past + T, x.device)
+            k, v, mask = layer_cache.append(k, v)  # mask (True = visible) when the queries see some keys only
         if self.flash:
             dropout = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                               is_causal=(past == 0 and T > 1))
+                                               is_causal=(mask is None and T > 1))
         else:
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
-            if T > 1:
-                att = att.masked_fill(~_causal_mask(T, past + T, x.device), float("-inf"))
+            if mask is None and T > 1:
+                mask = causal_mask(T, T, x.device)
+            if mask is not None:
+                att = att.masked_fill(~mask, float("-inf"))
             y = self.attn_dropout(F.softmax(att, dim=-1)) @ v
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
 
-def _causal_mask(n_query, n_key, device):
+def causal_mask(n_query, n_key, device):
     """Boolean (n_query, n_key) mask, True where attention is allowed; queries are the last n_query positions."""
     return torch.ones(n_query, n_key, dtype=torch.bool, device=device).tril(diagonal=n_key - n_query)
 
@@ -211,13 +210,15 @@ class GPT(nn.Module):
         With targets: (None, loss), the mean cross-entropy over the positions where loss_mask is 1 (token-weighted;
         targets of -1 are ignored too; an all-masked batch gives loss 0, not NaN).
         Without targets: (logits, None), for the last position only (what generation needs) unless all_logits.
-        kv_cache: an engine.KVCache; idx then continues the cached sequence and the cache grows by T.
+        kv_cache: an engine.KVCache; idx then continues the cached sequence and the cache grows by T. Or an
+        engine.RowsKVCache, whose rows hold sequences of different lengths: idx (B, 1) continues each row.
         """
         B, T = idx.size()
-        past = kv_cache.length if kv_cache is not None else 0
-        if past + T > self.config.block_size:
-            raise ValueError(f"sequence of {past + T} tokens exceeds block_size {self.config.block_size}")
-        pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
+        past = kv_cache.length if kv_cache is not None else 0  # an int, or per-row lengths (B, 1) (RowsKVCache)
+        longest = past if isinstance(past, int) else int(past.max())
+        if longest + T > self.config.block_size:
+            raise ValueError(f"sequence of {longest + T} tokens exceeds block_size {self.config.block_size}")
+        pos = past + torch.arange(T, dtype=torch.long, device=idx.device)  # (T,), or (B, T) per row
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for i, block in enumerate(self.transformer.h):
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():

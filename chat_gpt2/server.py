@@ -39,7 +39,8 @@ class Limits:
     max_body_bytes: int = 256 * 1024
     max_messages: int = 64
     max_chars: int = 32_000  # all messages' (or the prompt's) characters together
-    max_waiting: int = 64  # requests queued behind the running batch; more get 503
+    max_waiting: int = 64  # requests queued for a place in the running batch; more get 503
+    max_rows: int = 16  # rows decoded together (a request's n choices are n rows); at least MAX_N
 
 
 class ApiError(Exception):
@@ -136,7 +137,10 @@ class Service:
         self.template = ckpt_info.get("template", chat.TEMPLATE)
         self.default_stop = ckpt_info.get("default_stop", chat.NEWLINE_STOP)
         self.block_size = engine.model.config.block_size
-        self.batcher = Batcher(engine, max_waiting=limits.max_waiting, max_rows=MAX_N)
+        if limits.max_rows < MAX_N:
+            raise ConfigError(f"max_rows must be at least {MAX_N} (a request may ask for n={MAX_N} choices), "
+                              f"got {limits.max_rows}")
+        self.batcher = Batcher(engine, max_waiting=limits.max_waiting, max_rows=limits.max_rows)
 
     def params(self, req, chat_stop):
         """SamplingParams: the server's defaults (as sample.py's), overridden by what the request sets. max_tokens

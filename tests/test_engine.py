@@ -5,8 +5,8 @@ import torch
 
 import helpers
 from chat_gpt2 import chat
-from chat_gpt2.engine import (Engine, KVCache, SamplingParams, adjust_logits, crop_start, generate, load_engine,
-                              sample_next)
+from chat_gpt2.engine import (Decoder, Engine, KVCache, Request, RowsKVCache, SamplingParams, adjust_logits,
+                              crop_start, generate, load_engine, sample_next)
 from chat_gpt2.model import GPTConfig
 
 NEG_INF = float("-inf")
@@ -201,7 +201,9 @@ def test_sampling_draws_only_kept_tokens_with_their_probabilities():
 
 
 class ScriptedModel(torch.nn.Module):
-    """Row r's i-th new token is scripts[r][i], then <|endoftext|>. Works with and without the KV cache."""
+    """Row r (its prompt starts with token r) says scripts[r], one token a step, then <|endoftext|>. Each token fed
+    is also its own key, so the KV cache (generate's KVCache or a Decoder's RowsKVCache, masked per row) hands it
+    the row's whole history, as attention would see it; without the cache it is fed the whole window."""
 
     def __init__(self, prompt_len, scripts):
         super().__init__()
@@ -209,14 +211,15 @@ class ScriptedModel(torch.nn.Module):
         self.prompt_len, self.scripts = prompt_len, scripts
 
     def forward(self, idx, kv_cache=None):
-        past = 0
+        histories = idx.tolist()
         if kv_cache is not None:
-            past = kv_cache.length
-            for layer in kv_cache.layers:
-                layer.length += idx.size(1)
-        i = past + idx.size(1) - self.prompt_len
+            keys = idx[:, None, :, None].float()  # (B, heads 1, T, 1)
+            seen, _, mask = kv_cache.layers[0].append(keys, keys)
+            visible = torch.ones(seen.shape[0], seen.shape[2], dtype=torch.bool) if mask is None else mask[:, 0, -1]
+            histories = [row[0, :, 0][v].long().tolist() for row, v in zip(seen, visible)]
         logits = torch.full((idx.size(0), 1, self.config.vocab_size), -1e4)
-        for row, script in enumerate(self.scripts):
+        for row, history in enumerate(histories):
+            script, i = self.scripts[history[0]], len(history) - self.prompt_len
             logits[row, 0, script[i] if i < len(script) else chat.EOT] = 0.0
         return logits, None
 
@@ -230,8 +233,9 @@ def stream(texts, stop, max_new_tokens=100, use_cache=True):
     """(replies, streamed text per row, every streamed chunk) of generate_batch on scripted texts."""
     model = scripted(texts)
     chunks = []
-    replies = generate_batch(model, [[1, 2, 3]] * len(texts), max_new_tokens, stop, use_cache=use_cache,
-                             temperature=0.0, on_text=lambda row, text: chunks.append((row, text)))
+    prompts = [[row, 2, 3] for row in range(len(texts))]  # the first token picks the row's script
+    replies = generate_batch(model, prompts, max_new_tokens, stop, use_cache=use_cache, temperature=0.0,
+                             on_text=lambda row, text: chunks.append((row, text)))
     shown = ["".join(t for r, t in chunks if r == row) for row in range(len(texts))]
     return replies, shown, chunks
 
@@ -284,10 +288,102 @@ def test_greedy_batch_equals_one_by_one(model):
     assert len(set(sampled)) > 1  # rows of a batch are sampled independently
 
 
-def test_batch_needs_prompts_of_one_length(model):
-    with pytest.raises(ValueError, match="one length"):
-        generate_batch(model, [[1, 2], [3]], 4)
+# ---------------------------------------------------------------------------------------------------------------
+# Rows of different lengths and sampling options, joining and leaving (the Decoder behind Engine and serve.py)
 
+LENGTHS = (1, 3, 9, 20, 30, 45)  # block_size 32: 30 + 12 new tokens crops mid-way, 45 crops from the start
+MIXED = [dict(temperature=0.0), dict(temperature=0.0, repetition_penalty=1.5),
+         dict(temperature=1.0, seed=5), dict(temperature=0.8, top_k=50, top_p=0.9, seed=6),
+         dict(temperature=1.0, seed=7, repetition_penalty=1.3)]
+
+
+def requests(specs, new=12):
+    """Fresh engine Requests from (prompt, sampling, n) triples; each seeded one draws from its own seed."""
+    return [Request(prompt, SamplingParams(max_new_tokens=new, stop=(), **sampling), n)
+            for prompt, sampling, n in specs]
+
+
+def tokens_after(engine, specs, new=12):
+    """Each request's replies' tokens, decoded together by one Engine.complete call."""
+    reqs = requests(specs, new)
+    engine.complete(reqs)
+    return [[reply.tokens for reply in request.replies] for request in reqs]
+
+
+def test_greedy_rows_of_different_lengths_equal_alone_and_generate(model):
+    rows = [prompts(1, n, seed=n)[0].tolist() for n in LENGTHS]
+    engine = Engine(model)
+    batched = tokens_after(engine, [(row, dict(temperature=0.0), 1) for row in rows])
+    for row, got in zip(rows, batched):
+        assert got == tokens_after(engine, [(row, dict(temperature=0.0), 1)])[0]
+        reference = tokens_of(model, torch.tensor([row]), 12, temperature=0.0, vocab_limit=chat.VOCAB_SIZE)
+        assert got[0] == reference[0].tolist()  # generate(), the reference loop (one crop_start policy)
+    assert len({tuple(got[0]) for got in batched}) == len(rows)
+
+
+def test_mixed_sampling_options_and_seeds_equal_alone(model):
+    sampling = [MIXED[i % len(MIXED)] for i in range(len(LENGTHS))]
+    specs = [(prompts(1, n, seed=n)[0].tolist(), s, 2 if "seed" in s else 1) for n, s in zip(LENGTHS, sampling)]
+    specs.append((prompts(1, 11, seed=11)[0].tolist(), MIXED[2], 1))  # the same options and seed as another row
+    engine = Engine(model)
+    batched = tokens_after(engine, specs)
+    assert batched == [tokens_after(engine, [spec])[0] for spec in specs]
+    assert batched[2][0] != batched[2][1]  # a seeded request's choices are drawn apart
+    assert tokens_after(Engine(model, use_cache=False), specs) == batched  # the uncached path, row by row
+
+
+def test_a_request_joins_mid_decode_and_rows_leave_at_once(model):
+    engine = Engine(model)
+    first, second = [(prompts(1, n, seed=n)[0].tolist(), MIXED[i], 1) for i, n in enumerate((4, 17))]
+    decoder = Decoder(engine, max_rows=2)
+    long_one, short_one = requests([first], new=30)[0], requests([second], new=5)[0]
+    decoder.add(long_one)
+    for _ in range(7):
+        assert decoder.step() == []
+    decoder.add(short_one)  # joins the running batch
+    with pytest.raises(ValueError, match="do not fit"):
+        decoder.add(requests([second])[0])
+    ended = [decoder.step() for _ in range(5)]
+    assert ended[-1] == [short_one] and len(decoder.rows) == 1  # it left at once, the long one goes on
+    decoder.add(requests([second])[0])  # its slot is free again
+    while decoder.rows:
+        decoder.step()
+    assert [r.tokens for r in long_one.replies] == tokens_after(engine, [first], new=30)[0]
+    assert [r.tokens for r in short_one.replies] == tokens_after(engine, [second], new=5)[0]
+
+
+def test_removed_request_frees_its_rows(model):
+    decoder = Decoder(Engine(model), max_rows=3)
+    spec = (prompts(1, 5)[0].tolist(), dict(temperature=0.0), 2)
+    kept, dropped = requests([(spec[0], spec[1], 1), spec], new=20)
+    decoder.add(kept)
+    decoder.add(dropped)
+    decoder.step()
+    decoder.remove(dropped)  # the first of its rows moved: the kept row must go on undisturbed
+    assert len(decoder.rows) == 1 and dropped.left == 0
+    assert [r.finish_reason for r in dropped.replies] == ["length", "length"]
+    while decoder.rows:
+        decoder.step()
+    assert kept.replies[0].tokens == tokens_after(Engine(model), [(spec[0], spec[1], 1)], new=20)[0][0]
+
+
+def test_rows_cache_logits_match_each_row_alone(model):
+    """One decode step of rows of different lengths through RowsKVCache == each row's own cached forward."""
+    rows = [prompts(1, n, seed=n)[0].tolist() for n in (2, 7, 13)]
+    alone = []
+    with torch.no_grad():
+        for row in rows:
+            cache = KVCache(model.config)
+            model(torch.tensor([row[:-1]]), kv_cache=cache)
+            alone.append(model(torch.tensor([row[-1:]]), kv_cache=cache)[0][0, -1])
+        together = RowsKVCache(model.config, max_rows=4, device="cpu")
+        for slot, row in enumerate(rows):
+            cache = KVCache(model.config)
+            model(torch.tensor([row[:-1]]), kv_cache=cache)
+            together.put(slot, cache)
+        logits, _ = model(torch.tensor([row[-1:] for row in rows]), kv_cache=together)
+    assert together.length.flatten().tolist() == [len(row) for row in rows]
+    assert torch.allclose(logits[:, -1], torch.stack(alone), atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -74,14 +74,14 @@ def test_sample_newest_checkpoint_literal_endoftext_and_sampling(cli_run):
 
 
 class Spy:
-    """Wraps engine.generate to record the prompt ids it is given."""
+    """Wraps engine.Decoder.add to record the prompt ids of each request, once per reply asked for."""
 
     def __init__(self, real):
         self.real, self.prompts = real, []
 
-    def __call__(self, model, idx, *args, **kwargs):
-        self.prompts.append(idx.tolist())
-        return self.real(model, idx, *args, **kwargs)
+    def __call__(self, decoder, request):
+        self.prompts.append([request.prompt] * request.n)
+        return self.real(decoder, request)
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -91,8 +91,8 @@ class Spy:
     (["--prompt=Once upon", "--raw"], chat.get_encoder().encode_ordinary("Once upon")),
 ])
 def test_sample_prompt_ids(tiny_ckpt, monkeypatch, capsys, args, expected):
-    spy = Spy(engine.generate)
-    monkeypatch.setattr(engine, "generate", spy)
+    spy = Spy(engine.Decoder.add)
+    monkeypatch.setattr(engine.Decoder, "add", lambda decoder, request: spy(decoder, request))  # a method
     sample.main([f"--ckpt={tiny_ckpt}", "--device=cpu", "--dtype=float32", "--max_new_tokens=2", "--num_samples=2", *args])
     assert spy.prompts == [[expected, expected]]
     assert EOT not in expected

@@ -14,6 +14,7 @@ import pytest
 
 import serve
 from chat_gpt2 import chat, configurator
+from chat_gpt2.engine import Decoder, SamplingParams
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -74,20 +75,33 @@ def client(server):
 
 
 @contextlib.contextmanager
-def gated(service):
-    """Hold the worker before its next batch until the block ends, so that requests pile up in the queue."""
-    gate, original = threading.Event(), service.engine.complete_batch
+def gated(monkeypatch):
+    """Hold the worker before its next step until the block ends, so that requests pile up in the queue."""
+    gate, original = threading.Event(), Decoder.step
 
-    def complete_batch(*args, **kwargs):
+    def step(decoder):
         gate.wait(30)
-        return original(*args, **kwargs)
+        return original(decoder)
 
-    service.engine.complete_batch = complete_batch
+    monkeypatch.setattr(Decoder, "step", step)
     try:
         yield gate
     finally:
         gate.set()
-        del service.engine.complete_batch  # the class's method again
+
+
+def hold_when(monkeypatch, condition):
+    """Hold the worker before a step once condition(decoder) is true, until the returned event is set."""
+    held, release, original = threading.Event(), threading.Event(), Decoder.step
+
+    def step(decoder):
+        if not release.is_set() and condition(decoder):
+            held.set()
+            release.wait(30)
+        return original(decoder)
+
+    monkeypatch.setattr(Decoder, "step", step)
+    return held, release
 
 
 def wait_for(condition, timeout=20):
@@ -242,7 +256,7 @@ def test_queue_limit_returns_503(server, service, monkeypatch):
     monkeypatch.setattr(service.batcher, "max_waiting", 1)
     body = {"prompt": "Hello", "max_tokens": 2, **GREEDY}
     results = []
-    with gated(service):
+    with gated(monkeypatch):
         threads = [threading.Thread(target=lambda: results.append(post(server, "/v1/completions", body)))
                    for _ in range(2)]
         threads[0].start()
@@ -280,28 +294,95 @@ def test_disconnect_mid_stream_frees_the_slot(server, service, monkeypatch):
     assert len(calls) == steps  # nothing decodes any more
 
 
-def test_greedy_batched_equals_alone(server, service):
+def test_batched_equals_alone_for_any_lengths_and_seeds(server, service, monkeypatch):
     enc = chat.get_encoder()
-    prompts = ["The cat sat on", "A dog ran to", "My friend went to"]
-    assert len({len(enc.encode_ordinary(p)) for p in prompts}) == 1  # one length: they can share a batch
-    body = lambda p: {"prompt": p, "max_tokens": 16, **GREEDY}  # noqa: E731
-    alone = [post(server, "/v1/completions", body(p)).json()["choices"][0]["text"] for p in prompts]
+    bodies = [{"prompt": p, "max_tokens": 16, **GREEDY} for p in ("The cat", "A dog ran to the park and then",
+                                                                   "My friend went to the market to buy some")]
+    bodies.append({"prompt": "Once upon a time", "max_tokens": 16, "temperature": 1.0, "seed": 7, "n": 2, "stop": []})
+    assert len({len(enc.encode_ordinary(b["prompt"])) for b in bodies}) == 4
+    texts = lambda r: [c["text"] for c in r.json()["choices"]]  # noqa: E731
+    alone = [texts(post(server, "/v1/completions", body)) for body in bodies]
     results = {}
-    with gated(service) as gate:
-        blocker = threading.Thread(target=lambda: post(server, "/v1/completions", body("Hi")))
+    with gated(monkeypatch) as gate:
+        blocker = threading.Thread(target=lambda: post(server, "/v1/completions", {"prompt": "Hi", **GREEDY}))
         blocker.start()
         wait_for(lambda: service.batcher.stats()["running"] == 1)
-        threads = [threading.Thread(target=lambda p=p: results.__setitem__(p, post(server, "/v1/completions",
-                                                                                  body(p))))
-                   for p in prompts]
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, post(server, "/v1/completions",
+                                                                                  bodies[i])))
+                   for i in range(len(bodies))]
         for t in threads:
             t.start()
-        wait_for(lambda: service.batcher.stats()["waiting"] == 3)
+        wait_for(lambda: service.batcher.stats()["waiting"] == len(bodies))
         gate.set()
         for t in threads + [blocker]:
             t.join(60)
-    assert 3 in service.batcher.stats()["recent_batch_sizes"]  # the three were decoded as one batch
-    assert [results[p].json()["choices"][0]["text"] for p in prompts] == alone
+    assert 5 in service.batcher.stats()["recent_batch_sizes"]  # the four joined the blocker's batch at once
+    assert [texts(results[i]) for i in range(len(bodies))] == alone
+
+
+def run_job(batcher, prompt, params, n=1, log=None, name=None):
+    """Submit a job straight to the batcher: (the job, its events as they come, an Event set when it ended).
+    log: also gets (name, kind) of every event, in the order the worker sent them."""
+    events, done = [], threading.Event()
+
+    def emit(*event):
+        events.append(event)
+        if log is not None:
+            log.append((name, event[0]))
+        if event[0] != "text":
+            done.set()
+
+    return batcher.submit(prompt, params, n, emit), events, done
+
+
+def reply_tokens(events):
+    assert events[-1][0] == "done", events[-1]
+    return [row.tokens for row in events[-1][1]]
+
+
+def test_a_request_joins_the_running_batch_and_finishes_first(service, monkeypatch):
+    enc, batcher = chat.get_encoder(), service.batcher
+    long_prompt, short_prompt = enc.encode_ordinary("Once upon a time there was a"), enc.encode_ordinary("Hi")
+    long_params = SamplingParams(temperature=0, max_new_tokens=80)
+    short_params = SamplingParams(temperature=0, max_new_tokens=4)
+    alone = []
+    for prompt, params in ((long_prompt, long_params), (short_prompt, short_params)):
+        _, events, done = run_job(batcher, prompt, params)
+        assert done.wait(60)
+        alone.append(reply_tokens(events))
+    log = []
+    generated = lambda decoder: max(len(row.reply.tokens) for row in decoder.rows)  # noqa: E731
+    held, release = hold_when(monkeypatch, lambda decoder: generated(decoder) >= 3)
+    _, long_events, long_done = run_job(batcher, long_prompt, long_params, log=log, name="long")
+    assert held.wait(60)  # the long one runs, three tokens in
+    _, short_events, short_done = run_job(batcher, short_prompt, short_params, log=log, name="short")
+    wait_for(lambda: batcher.stats()["waiting"] == 1)
+    release.set()
+    assert short_done.wait(60) and long_done.wait(60)
+    ends = [name for name, kind in log if kind == "done"]
+    assert ends == ["short", "long"]  # it joined the long one's batch and finished first ...
+    assert ("long", "text") in log[log.index(("short", "done")):]  # ... while the long one still decoded
+    assert [reply_tokens(short_events), reply_tokens(long_events)] == alone[::-1]
+    assert 2 in batcher.stats()["recent_batch_sizes"]
+
+
+def test_cancelled_job_frees_its_rows_for_a_waiting_one(service, monkeypatch):
+    enc, batcher = chat.get_encoder(), service.batcher
+    monkeypatch.setattr(batcher, "max_rows", 2)
+    params = SamplingParams(temperature=0, max_new_tokens=100)
+    held, release = hold_when(monkeypatch, lambda decoder: len(decoder.rows[0].reply.tokens) >= 2)
+    first, _, first_done = run_job(batcher, enc.encode_ordinary("Tell me a story"), params, n=2)
+    assert held.wait(60)
+    prompt = enc.encode_ordinary("Hello")
+    second, events, done = run_job(batcher, prompt, SamplingParams(temperature=0, max_new_tokens=6))
+    wait_for(lambda: batcher.stats()["waiting"] == 1)  # no room: the first job holds both rows
+    batcher.cancel(first)
+    release.set()
+    assert done.wait(60)
+    assert len(first.replies[0].tokens) < 100 and not first_done.is_set()  # dropped, never finished
+    _, alone, alone_done = run_job(batcher, prompt, SamplingParams(temperature=0, max_new_tokens=6))
+    assert alone_done.wait(60) and reply_tokens(events) == reply_tokens(alone)
+    wait_for(lambda: batcher.stats()["rows"] == 0)
 
 
 @pytest.mark.slow
