@@ -450,7 +450,7 @@ def bench_half(cfg):
     half = copy.deepcopy(model).to(getattr(torch, cfg["gen_half"]))
     val = load_dataset(cfg["dataset"])[0]["val"]
     starts = torch.linspace(0, max(0, len(val.ids) - 33), cfg["half_prompts"]).long().tolist()
-    prompts = torch.tensor([val.ids[s:s + 32].astype("int64") for s in starts], device=device)
+    prompts = torch.stack([torch.from_numpy(val.ids[s:s + 32].astype("int64")) for s in starts]).to(device)
     params = SamplingParams(temperature=0.0, max_new_tokens=cfg["half_new_tokens"])
     tokens = [torch.stack(list(generate(m, prompts, params, vocab_limit=chat.VOCAB_SIZE)), dim=1)
               for m in (model, half)]
