@@ -2,7 +2,8 @@
 
 1. A base model is trained from scratch (config/demo.py) on four of the demo's five families.
 2. A LoRA adapter is trained on top of that frozen base on the fifth family, plus a replay of --replay records
-   of the old families (without them an adapter trained on one family answers every prompt in its style).
+   of the old families (an adapter trained on one family alone, at a higher learning rate, took the old ones from
+   100% to 0-5%: nothing in its data asks it to keep them).
 3. Both are scored on every family's held-out prompts (eval.py's exact match): the new family should go from near
    0 to most of it right, while the old families stay where they were.
 
