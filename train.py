@@ -5,6 +5,7 @@
 
 Config keys and their meaning follow nanoGPT; `python train.py --help` lists them all with their defaults.
 """
+import gc
 import math
 import os
 import signal
@@ -416,6 +417,7 @@ def main(argv=None):
         removed = remove_dead_leftovers(cfg["out_dir"], temp_of=lambda name: bool(CKPT_PATTERN.match(name)))
         if removed:
             print(f"removed {len(removed)} leftover(s) of interrupted runs: {', '.join(removed)}")
+    trainer = None
     try:
         trainer = Trainer(cfg, run, resume_from, explicit)
         n_params = trainer.raw_model.get_num_params()
@@ -445,10 +447,15 @@ def main(argv=None):
             # tearing the group down (which joins that thread while holding the GIL) could then hang a rank
             dist.barrier()
     finally:
+        stopped_by = trainer.signal if trainer is not None else None
         if run["ddp"]:
+            # the DDP wrapper holds the group too: were it freed after the group's teardown, at interpreter exit,
+            # gloo's worker threads would be destroyed there and abort the process ("terminate called ...")
+            trainer = None
+            gc.collect()
             dist.destroy_process_group()
-    if trainer.signal is not None:
-        sys.exit(128 + trainer.signal)  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM
+    if stopped_by is not None:
+        sys.exit(128 + stopped_by)  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM
 
 
 if __name__ == "__main__":
