@@ -7,12 +7,14 @@
     python bench.py --mode=generate                  # generation tokens/s, KV cache on/off, vs transformers (quick)
     python bench.py --mode=generate --gen_preset=full  # the same at GPT-2 124M shape: 32 + 256 tokens, batch 1 and 8
     python bench.py --mode=half --ckpt=out/finetuned_X.pt --dataset=data/chat   # bf16 vs fp32: same tokens? perplexity?
+    python bench.py --mode=sample --gen_preset=full  # sample.py end to end, fp32 and bf16, vs transformers (124M)
     python bench.py --mode=finetune                  # GPT-2 medium shape: full vs trainable_layers=1 vs LoRA rank 8
     python bench.py --mode=prepare                   # prepare.py end to end vs a bare tokenise-and-write loop (~25 MB)
 
 Every run ends with one machine-readable JSON line.
 """
 import copy
+import dataclasses
 import importlib.util
 import json
 import math
@@ -29,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from chat_gpt2 import chat, configurator
-from chat_gpt2.checkpoint import load_model
+from chat_gpt2.checkpoint import load_model, save_checkpoint
 from chat_gpt2.dataset import load_dataset
 from chat_gpt2.device import (autocast, known_peak_flops, measure_matmul_peak, resolve_compile, resolve_device,
                               resolve_dtype, sync, tune_cpu_allocator)
@@ -42,7 +44,7 @@ from chat_gpt2.model import GPT, GPTConfig
 from chat_gpt2.training import DEFAULT_GRAD_CLIP, to_device, train_step
 
 DEFAULTS = dict(  # `python bench.py --help` prints these comments
-    mode="train",  # train | generate | half | finetune | prepare
+    mode="train",  # train | generate | half | sample | finetune | prepare
     preset="tiny",  # --mode=train: tiny (seconds) | 6x384 (batch 8) | 124m (GPT-2 124M shape, batch 4)
     device="auto",  # auto, cpu, cuda, cuda:N or mps
     dtype="auto",  # auto (bf16 where the device has it), float32, bfloat16 or float16
@@ -60,10 +62,13 @@ DEFAULTS = dict(  # `python bench.py --help` prints these comments
     gen_batch_sizes=None,  # override the preset's batch sizes, e.g. [1]
     gen_hf=True,  # also time transformers' GPT2LMHeadModel.generate(use_cache=True) on the same weights
     gen_half="bfloat16",  # also time our decoding with the weights in this dtype ("" = no)
+    gen_prefill_tokens=256,  # also time one forward pass over a prompt this long (capped at block_size; 0 = no)
     ckpt="",  # --mode=half: a trained checkpoint
     dataset="",  # --mode=half: its prepared dataset (prompts and val perplexity)
     half_prompts=20,  # --mode=half: prompts, taken evenly over the val split
     half_new_tokens=64,  # --mode=half: greedy tokens per prompt
+    sample_short=16,  # --mode=sample: the short run's new tokens (the long run's: the --gen_preset's new_tokens)
+    sample_runs=2,  # --mode=sample: runs of each sample.py process, alternately; the fastest counts
     variants="full,layers1,lora8,lora8ckpt",  # --mode=finetune: the variants to compare, each in its own process
     variant="",  # --mode=finetune: run just this one, in this process
     prepare_chat="../shared/data/prompt-completion-mlx-wwdc25/train.jsonl",  # --mode=prepare: prompt/completion .jsonl
@@ -390,7 +395,7 @@ def bench_generate(cfg):
     dtype = "float32" if cfg["dtype"] == "auto" else resolve_dtype(cfg["dtype"], device)
     preset, model = _gen_setup(cfg)
     model.to(device)
-    half = copy.deepcopy(model).to(getattr(torch, cfg["gen_half"])) if cfg["gen_half"] else None
+    half = copy.deepcopy(model).to_half(getattr(torch, cfg["gen_half"])) if cfg["gen_half"] else None
     hf = _hf_model(model) if cfg["gen_hf"] and _has_transformers() and dtype == "float32" else None
     n_new, rows = preset["new_tokens"], []
     print(f"generate: preset {cfg['gen_preset']}, {model.get_num_params() / 1e6:.1f}M parameters, device {device}, "
@@ -418,9 +423,35 @@ def bench_generate(cfg):
                          "tokens_per_s": round(batch * n_new / seconds, 2), "same_tokens": same == 1.0,
                          "same_token_share": round(same, 4)})
             print(f"{name:<34}{batch:>6}{seconds:>10.2f}{batch * n_new / seconds:>11.1f}{same:>13.1%}", flush=True)
+    prefill = _time_prefill(model, half, cfg, device, dtype)
     return {"mode": "generate", "preset": cfg["gen_preset"], "device": device, "dtype": dtype,
             "prompt_tokens": preset["prompt_tokens"], "new_tokens": n_new, "rows": rows,
-            "speedups": _speedups(rows)}
+            "speedups": _speedups(rows), "prefill": prefill}
+
+
+@torch.no_grad()
+def _time_prefill(model, half, cfg, device, dtype):
+    """Prompt tokens/s of one forward pass over a gen_prefill_tokens prompt (batch 1; the best of 2, after a
+    warm-up), ours in dtype and with the weights in gen_half: the compute-bound side of generation."""
+    n = min(cfg["gen_prefill_tokens"], model.config.block_size)
+    if n <= 0:
+        return {}
+    prompt = torch.randint(0, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(cfg["seed"]))
+    speeds = {}
+    for name, m, run_dtype in ((dtype, model, dtype), (f"{cfg['gen_half']} weights", half, "float32")):
+        if m is None:
+            continue
+        seconds = []
+        for _ in range(3):
+            sync(device)
+            t0 = time.perf_counter()
+            with autocast(device, run_dtype):
+                m(prompt.to(device))
+            sync(device)
+            seconds.append(time.perf_counter() - t0)
+        speeds[name] = round(n / min(seconds[1:]), 1)
+    print(f"prompt of {n} tokens (prefill), tokens/s: " + ", ".join(f"{k} {v:.1f}" for k, v in speeds.items()))
+    return {"tokens": n, "tokens_per_s": speeds}
 
 
 def _speedups(rows):
@@ -441,13 +472,15 @@ def _speedups(rows):
 
 
 def bench_half(cfg):
-    """A trained model in fp32 and with its weights in gen_half: the share of greedy tokens that agree (prompts of
-    32 tokens taken evenly over the val split, half_new_tokens each) and the val loss / perplexity of each."""
+    """A trained model in fp32 and with its weights in gen_half (GPT.to_half): the share of greedy tokens that agree
+    (prompts of 32 tokens taken evenly over the val split, half_new_tokens each; a row that flips once then
+    continues from a different text, so also the step of each row's first difference, and the share of steps
+    where both pick the same token after fp32's own tokens), and the val loss / perplexity of each."""
     if not cfg["ckpt"] or not cfg["dataset"]:
         raise ConfigError("--mode=half needs --ckpt=PATH (a trained checkpoint) and --dataset=DIR (its data)")
     device = resolve_device(cfg["device"])
     model, _ = load_model(ckpt=cfg["ckpt"], device=device)
-    half = copy.deepcopy(model).to(getattr(torch, cfg["gen_half"]))
+    half = copy.deepcopy(model).to_half(getattr(torch, cfg["gen_half"]))
     val = load_dataset(cfg["dataset"])[0]["val"]
     starts = torch.linspace(0, max(0, len(val.ids) - 33), cfg["half_prompts"]).long().tolist()
     prompts = torch.stack([torch.from_numpy(val.ids[s:s + 32].astype("int64")) for s in starts]).to(device)
@@ -455,17 +488,116 @@ def bench_half(cfg):
     tokens = [torch.stack(list(generate(m, prompts, params, vocab_limit=chat.VOCAB_SIZE)), dim=1)
               for m in (model, half)]
     agree = (tokens[0] == tokens[1]).float().mean().item()
-    losses = [val_loss(m, cfg["dataset"], 16, device, "float32")[0] for m in (model, half)]
+    differ = tokens[0] != tokens[1]
+    first = [int(row.nonzero()[0]) if row.any() else None for row in differ]
+    forced = _same_next_tokens(model, half, torch.cat([prompts, tokens[0]], dim=1), prompts.size(1))
+    losses = [val_loss(m, cfg["dataset"], 16, device, dtype)[0]  # as eval.py --dtype runs them
+              for m, dtype in ((model, "float32"), (half, cfg["gen_half"]))]
     ppl = [math.exp(loss) for loss in losses]
     result = {"mode": "half", "ckpt": cfg["ckpt"], "half": cfg["gen_half"], "prompts": len(starts),
               "new_tokens": cfg["half_new_tokens"], "same_token_share": round(agree, 4),
+              "first_difference": first, "same_next_token_share": round(forced, 4),
               "val_loss_fp32": round(losses[0], 5), "val_loss_half": round(losses[1], 5),
               "perplexity_fp32": round(ppl[0], 4), "perplexity_half": round(ppl[1], 4),
               "perplexity_change": round(ppl[1] / ppl[0] - 1, 5)}
     print(f"greedy tokens, {cfg['gen_half']} vs fp32: {agree:.1%} the same over {len(starts)} prompts x "
           f"{cfg['half_new_tokens']} tokens; val perplexity {ppl[0]:.4f} (fp32) vs {ppl[1]:.4f} "
           f"({result['perplexity_change']:+.3%})")
+    print(f"  rows that differ: {sum(f is not None for f in first)} of {len(first)}, first at steps "
+          f"{sorted(f for f in first if f is not None)}; the same next token after fp32's tokens: {forced:.2%}")
     return result
+
+
+@torch.no_grad()
+def _same_next_tokens(model, half, seq, prompt_len):
+    """The share of steps after prompt_len at which both models' greedy next token is the same, given seq (each
+    step sees at most the last block_size tokens)."""
+    same = []
+    for end in range(prompt_len, seq.size(1)):
+        window = seq[:, max(0, end - model.config.block_size):end]
+        picks = [m(window)[0][:, -1, :chat.VOCAB_SIZE].argmax(-1) for m in (model, half)]
+        same.append(picks[0] == picks[1])
+    return torch.stack(same).float().mean().item()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sample.py end to end, fp32 and half precision, against transformers
+
+SAMPLE_PROMPT = ("The old lighthouse keeper climbed the winding stairs every evening at dusk, carrying a lantern, "
+                 "a flask of tea and a notebook in which he wrote down the ships that passed the rocks below.")
+
+
+def bench_sample(cfg):
+    """sample.py as a user runs it (process start, imports, checkpoint load, prompt, decoding) on a random-weight
+    model of the preset's shape, in fp32 and with --dtype=gen_half, batch 1, greedy. A token's time is (seconds
+    for the preset's new_tokens - seconds for sample_short) / their difference: the start-up cancels out. Each
+    process runs sample_runs times, alternately, the fastest counting. Against transformers' generate (fp32, in
+    this process, after a warm-up) on the same weights."""
+    device = resolve_device(cfg["device"])
+    preset, model = _gen_setup(cfg)
+    short, long = cfg["sample_short"], preset["new_tokens"]
+    enc = chat.get_encoder()
+    prompt = torch.tensor([enc.encode(SAMPLE_PROMPT)[:preset["prompt_tokens"]]])
+    text = enc.decode(prompt[0].tolist())
+    dtypes = ["float32"] + ([cfg["gen_half"]] if cfg["gen_half"] else [])
+    _check_no_early_end(model, prompt, long, dtypes)
+    print(f"sample: preset {cfg['gen_preset']}, {model.get_num_params() / 1e6:.1f}M parameters, device {device}, "
+          f"{os.environ.get('OMP_NUM_THREADS', torch.get_num_threads())} threads, prompt {prompt.size(1)} tokens, "
+          f"{short} vs {long} new tokens, best of {cfg['sample_runs']}, load avg {os.getloadavg()[0]:.2f}")
+    seconds = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = os.path.join(tmp, "random.pt")
+        save_checkpoint(ckpt, {"model": model.state_dict(), "model_args": dataclasses.asdict(model.config),
+                               "template": chat.TEMPLATE, "tokenizer": chat.TOKENIZER, "default_stop": None,
+                               "multiline_replies": False})
+        for _ in range(cfg["sample_runs"]):
+            for dtype in dtypes:
+                for n in (short, long):
+                    t = _time_sample(ckpt, text, n, dtype, device)
+                    seconds[dtype, n] = min(seconds.get((dtype, n), t), t)
+    rows = [{"impl": f"sample.py --dtype={dtype}", "seconds_short": round(seconds[dtype, short], 3),
+             "seconds_long": round(seconds[dtype, long], 3),
+             "tokens_per_s": round((long - short) / (seconds[dtype, long] - seconds[dtype, short]), 2)}
+            for dtype in dtypes]
+    if cfg["gen_hf"] and _has_transformers():
+        hf = _hf_model(model.to(device))
+        _time_hf(hf, prompt.to(device), 2, device)
+        rows.append({"impl": "transformers generate, fp32, in process",
+                     "tokens_per_s": round(long / _time_hf(hf, prompt.to(device), long, device)[0], 2)})
+    return _sample_report(rows, cfg, short, long)
+
+
+def _check_no_early_end(model, prompt, new_tokens, dtypes):
+    """sample.py stops at <|endoftext|>: a random model's greedy text must not reach it, or a run would be short."""
+    for dtype in dtypes:
+        m = model if dtype == "float32" else copy.deepcopy(model).to_half(getattr(torch, dtype))
+        params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens)
+        if any(int(t) == chat.EOT for t in generate(m, prompt, params, vocab_limit=chat.VOCAB_SIZE)):
+            raise ConfigError(f"the random model's greedy text ends within {new_tokens} tokens in {dtype}: "
+                              "try another --seed")
+
+
+def _time_sample(ckpt, text, new_tokens, dtype, device):
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample.py"),
+                    f"--ckpt={ckpt}", "--raw", f"--prompt={text}", "--temperature=0",
+                    f"--max_new_tokens={new_tokens}", f"--dtype={dtype}", f"--device={device}"],
+                   check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def _sample_report(rows, cfg, short, long):
+    hf = next((r["tokens_per_s"] for r in rows if r["impl"].startswith("transformers")), None)
+    print(f"{'implementation':<42}{'s, ' + str(short):>10}{'s, ' + str(long):>10}{'tokens/s':>10}"
+          f"{'vs transformers':>17}")
+    for r in rows:
+        if hf:
+            r["vs_transformers"] = round(r["tokens_per_s"] / hf, 2)
+        timed = f"{r['seconds_short']:>10.2f}{r['seconds_long']:>10.2f}" if "seconds_long" in r else " " * 20
+        ratio = f"{r['vs_transformers']:>16.2f}x" if hf else ""
+        print(f"{r['impl']:<42}{timed}{r['tokens_per_s']:>10.1f}{ratio}")
+    return {"mode": "sample", "preset": cfg["gen_preset"], "short": short, "long": long, "rows": rows,
+            "load_avg_1min": round(os.getloadavg()[0], 2)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -626,8 +758,8 @@ def _has_transformers():
 
 def main(argv=None):
     cfg, _ = configurator.load(DEFAULTS, argv, prog="bench.py")
-    modes = {"train": bench_train, "generate": bench_generate, "half": bench_half, "finetune": bench_finetune,
-             "prepare": bench_prepare}
+    modes = {"train": bench_train, "generate": bench_generate, "half": bench_half, "sample": bench_sample,
+             "finetune": bench_finetune, "prepare": bench_prepare}
     if cfg["mode"] not in modes:
         raise SystemExit(f"error: unknown --mode={cfg['mode']!r}: use one of {sorted(modes)}")
     result = modes[cfg["mode"]](cfg)

@@ -413,7 +413,7 @@ class Decoder:
 
     def _logits(self, ids, cache):
         """The float32 next-token logits (B, V) after rows of ids; the padded vocabulary is never sampled."""
-        with autocast(self.engine.device, self.engine.dtype):
+        with autocast(self.engine.device, self.engine.autocast_dtype):
             logits, _ = self.engine.model(torch.tensor(ids, device=self.engine.device), kv_cache=cache)
         logits = logits[:, -1, :].float()
         logits[:, chat.VOCAB_SIZE:] = float("-inf")
@@ -446,11 +446,14 @@ class Decoder:
 
 
 class Engine:
-    """A model ready to generate: its tokenizer, device and compute dtype (autocast). The per-call state (the KV
-    cache, the rows' text) lives in each call (or Decoder), so one engine serves any number of them."""
+    """A model ready to generate: its tokenizer, device and compute dtype (the weights' own after GPT.to_half,
+    otherwise autocast over fp32 weights). The per-call state (the KV cache, the rows' text) lives in each call (or
+    Decoder), so one engine serves any number of them."""
 
     def __init__(self, model, enc=None, device="cpu", dtype="float32", use_cache=True):
         self.model, self.device, self.dtype, self.use_cache = model, device, dtype, use_cache
+        weights = next((p.dtype for p in model.parameters() if p.dim() == 2), torch.float32)
+        self.autocast_dtype = dtype if weights == torch.float32 else "float32"  # to_half's weights: no autocast
         self.enc = enc or chat.get_encoder()
 
     def complete(self, requests, cancelled=None):
@@ -507,13 +510,13 @@ SAMPLING_KEYS = ("temperature", "top_k", "top_p", "repetition_penalty", "max_new
 
 def load_engine(cfg):
     """(Engine, checkpoint info) for a script's options: out_dir, ckpt, init_from (see checkpoint.load_model),
-    device, dtype, use_cache. In bfloat16 / float16 the weights themselves are converted (and with them the KV
-    cache), not just autocast: batch-1 decoding is bound by reading the weights once per token."""
+    device, dtype, use_cache. In bfloat16 / float16 the matmul weights themselves are converted (and with them the
+    KV cache), not just autocast: batch-1 decoding is bound by reading the weights once per token (GPT.to_half)."""
     device = resolve_device(cfg["device"])
     model, info = load_model(cfg["out_dir"], cfg["ckpt"], cfg.get("init_from", ""), device)
     dtype = resolve_dtype(cfg["dtype"], device)
     if dtype != "float32":
-        model.to(getattr(torch, dtype))
+        model.to_half(getattr(torch, dtype))
     enc = chat.get_encoder(info.get("tokenizer", chat.TOKENIZER))
     return Engine(model, enc, device, dtype, cfg.get("use_cache", True)), info
 

@@ -8,6 +8,7 @@ import tempfile
 import pytest
 
 import bench
+from chat_gpt2.errors import ConfigError
 from helpers import write_records
 
 BENCH_FIELDS = {
@@ -63,6 +64,9 @@ def test_bench_generate_quick_preset(capsys):
     assert all(r["tokens_per_s"] > 0 and 0 <= r["same_token_share"] <= 1 for r in result["rows"] if r["impl"] == half)
     assert set(result["speedups"]) == {"1", "2"} and "cache_vs_no_cache" in result["speedups"]["1"]
     assert all("half_vs_fp32" in result["speedups"][b] for b in ("1", "2"))
+    prefill = result["prefill"]  # capped at the quick model's block_size
+    assert prefill["tokens"] == 128 and set(prefill["tokens_per_s"]) == {"float32", "bfloat16 weights"}
+    assert all(v > 0 for v in prefill["tokens_per_s"].values()) and "(prefill)" in out
     assert "tokens/s" in out  # the table
 
 
@@ -86,3 +90,38 @@ def test_bench_prepare_measures_both_and_cleans_up(tmp_path, monkeypatch, capsys
         assert row["bare_s"] > 0 and row["prepare_s"] > 0 and row["prepare_peak_rss_mb"] > 10
         assert row["ratio"] == round(row["bare_s"] / row["prepare_s"], 3)
     assert os.listdir(tmp_path / "tmp") == []
+
+
+def test_bench_half_reports_agreement_and_perplexity(tiny_ckpt, tiny_dataset, capsys):
+    """--mode=half: a trained model in fp32 vs its to_half copy, on prompts from the val split."""
+    bench.main(["--mode=half", f"--ckpt={tiny_ckpt}", f"--dataset={tiny_dataset}", "--device=cpu",
+                "--half_prompts=3", "--half_new_tokens=5"])
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["mode"] == "half" and result["prompts"] == 3 and result["new_tokens"] == 5
+    assert 0 <= result["same_token_share"] <= 1 and 0 <= result["same_next_token_share"] <= 1
+    assert len(result["first_difference"]) == 3
+    assert all(f is None or 0 <= f < 5 for f in result["first_difference"])
+    assert abs(result["perplexity_change"]) < 0.01 and result["perplexity_fp32"] > 1
+    assert "greedy tokens, bfloat16 vs fp32" in out and "the same next token after fp32's tokens" in out
+
+
+def test_bench_half_needs_a_checkpoint_and_its_data():
+    with pytest.raises(ConfigError, match="--mode=half needs --ckpt=PATH"):
+        bench.main(["--mode=half", "--device=cpu"])
+
+
+@pytest.mark.slow
+def test_bench_sample_times_sample_py_end_to_end(capsys):
+    """--mode=sample: sample.py as processes, fp32 and bf16, short and long, against transformers."""
+    bench.main(["--mode=sample", "--device=cpu", "--sample_short=2", "--gen_new_tokens=6", "--sample_runs=1"])
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["mode"] == "sample" and (result["short"], result["long"]) == (2, 6)
+    impls = [r["impl"] for r in result["rows"]]
+    assert impls[:2] == ["sample.py --dtype=float32", "sample.py --dtype=bfloat16"]
+    for row in result["rows"][:2]:
+        assert row["seconds_long"] > 0 and row["seconds_short"] > 0 and "tokens_per_s" in row
+    if bench._has_transformers():
+        assert impls[2].startswith("transformers") and result["rows"][2]["vs_transformers"] == 1.0
+    assert "vs transformers" in out

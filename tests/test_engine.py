@@ -7,7 +7,7 @@ import helpers
 from chat_gpt2 import chat
 from chat_gpt2.engine import (Decoder, Engine, KVCache, Request, RowsKVCache, SamplingParams, adjust_logits,
                               crop_start, generate, load_engine, sample_next)
-from chat_gpt2.model import GPTConfig
+from chat_gpt2.model import GPT, REFINE_TOP, GPTConfig
 
 NEG_INF = float("-inf")
 
@@ -397,7 +397,12 @@ def engine_for(ckpt, dtype):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_weights_and_cache_are_converted(tiny_ckpt, dtype):
     engine = engine_for(tiny_ckpt, dtype)
-    assert {p.dtype for p in engine.model.parameters()} == {getattr(torch, dtype)}
+    model, half = engine.model, getattr(torch, dtype)
+    matmuls = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    for name, p in model.named_parameters():  # the tied wte is lm_head's weight: named once, as wte
+        in_matmul = name.rsplit(".", 1)[0] in matmuls or name == "transformer.wte.weight"
+        assert p.dtype == (half if in_matmul else torch.float32), name  # norms, wpe: fp32
+    assert model.transformer.wte.weight is model.lm_head.weight
     prompt = torch.tensor([[1, 2, 3, 4]])
     params = SamplingParams(temperature=0.0, max_new_tokens=12)
     cached = torch.stack(list(generate(engine.model, prompt, params, use_cache=True)), dim=1)
@@ -415,3 +420,55 @@ def test_half_replies_agree_with_fp32_on_most_tokens(tiny_ckpt):
     params = SamplingParams(temperature=0.0, max_new_tokens=16)
     a, b = (torch.stack(list(generate(e.model, prompts, params)), dim=1) for e in (full, half))
     assert (a[:, 0] == b[:, 0]).float().mean() >= 0.75  # the first token rarely flips; later ones may diverge
+
+
+def test_half_weights_keep_the_residual_stream_and_logits_in_fp32(tiny_ckpt):
+    """Between blocks the hidden states stay fp32 (each block's rounded output is added to an fp32 sum), inside
+    them the matmuls and attention run in the weights' dtype, and the logits come out fp32."""
+    model = engine_for(tiny_ckpt, "bfloat16").model
+    seen = {}
+    for name, module in [("block", model.transformer.h[0]), ("qkv", model.transformer.h[0].attn.c_attn),
+                         ("ln_f", model.transformer.ln_f)]:
+        module.register_forward_hook(lambda m, args, out, name=name: seen.update({name: out.dtype}))
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([[1, 2, 3, 4]]))
+    assert seen == {"block": torch.float32, "qkv": torch.bfloat16, "ln_f": torch.float32}
+    assert logits.dtype == torch.float32
+
+
+def test_half_logits_settle_a_near_tie_as_fp32_would():
+    """Two logits 8.0 and 8.01 both round to bf16's 8.0 (its steps there are 0.0625): the plain bf16 head ties
+    them and argmax takes the first; GPT.logits recomputes the top ones in fp32 and picks the larger."""
+    model = GPT(GPTConfig(block_size=8, vocab_size=64, n_layer=1, n_head=1, n_embd=8))
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[10, 0] = 1.0
+        model.lm_head.weight[20, 1] = 1.0
+    model.to_half(torch.bfloat16)
+    x = torch.zeros(1, 1, 8)
+    x[0, 0, :2] = torch.tensor([8.0, 8.01])
+    plain = model.lm_head(x).float()
+    assert plain[0, 0, 10] == plain[0, 0, 20] and plain[0, 0].argmax() == 10
+    with torch.no_grad():
+        logits = model.logits(x)
+    assert logits.dtype == torch.float32 and logits[0, 0].argmax() == 20
+    assert logits[0, 0, 20].item() == pytest.approx(8.01, abs=1e-6)
+    rest = torch.ones(64, dtype=torch.bool)
+    rest[[10, 20]] = False
+    assert torch.equal(logits[0, 0, rest], plain[0, 0, rest])  # zeros, exact in bf16 too
+
+
+def test_half_logits_top_are_fp32_sums_of_the_half_weights(tiny_ckpt):
+    """The REFINE_TOP largest logits are exactly the fp32 products of the (rounded) weights with ln_f's fp32
+    output; every other logit is within bf16 rounding of it."""
+    model = engine_for(tiny_ckpt, "bfloat16").model
+    hidden = {}
+    model.transformer.ln_f.register_forward_hook(lambda m, args, out: hidden.update(x=out))
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([[5, 6, 7], [8, 9, 10]]))
+        x = hidden["x"][:, [-1], :]
+        exact = x @ model.lm_head.weight.float().t()
+        top = model.lm_head(x).topk(REFINE_TOP, dim=-1).indices  # the plain bf16 head's top
+    assert torch.allclose(logits.gather(-1, top), exact.gather(-1, top), rtol=0, atol=1e-5)
+    assert torch.allclose(logits, exact, rtol=2 ** -8, atol=1e-3)
+    assert torch.equal(logits.argmax(-1), exact.argmax(-1))

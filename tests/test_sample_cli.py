@@ -18,7 +18,7 @@ import sample
 from chat_gpt2 import chat, engine
 from chat_gpt2.checkpoint import load_model
 from chat_gpt2.engine import Engine
-from helpers import EOT, greedy_reply, prompt, run, script
+from helpers import EOT, REPO, greedy_reply, prompt, run, script
 
 QUESTION = "What is 3 plus 4?"
 
@@ -332,3 +332,10 @@ def test_a_prompt_without_prompt_and_a_malformed_checkpoint(tmp_path, tiny_ckpt)
     torch.save(ckpt, tmp_path / "broken.pt")
     p = run([script("sample.py"), f"--ckpt={tmp_path / 'broken.pt'}", "--prompt=Hi"], tmp_path, check=False)
     assert p.returncode == 1 and p.stderr.strip() == "error: not a model checkpoint: it lacks model_args"
+
+
+def test_scripts_start_without_the_compiler():
+    """Importing what sample.py and serve.py import must not import torch._dynamo (~2 s at every start)."""
+    code = "import sys, sample, serve, eval; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr
