@@ -11,7 +11,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from . import chat
 from .device import autocast
@@ -22,20 +21,6 @@ from .model import GPT, Linear
 class GPTClassifier(GPT):
     """GPT + `score`; `labels` are the class names in head order. Training calls forward(x, y, m) like the language
     model (training.train_step / evaluate): y holds the label at the one position per row where m is 1."""
-
-    def hidden_states(self, idx):
-        """The final-LayerNorm hidden state of every position, (B, T, n_embd)."""
-        T = idx.size(1)
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
-        pos = torch.arange(T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        for block in self.transformer.h:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
-        return self.transformer.ln_f(x)
 
     def classify(self, idx, lengths):
         """Class logits (B, n_classes), float32, read at position lengths - 1 of each row of idx (B, T)."""

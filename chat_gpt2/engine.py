@@ -407,7 +407,8 @@ class Decoder:
             return
         cache = KVCache(self.engine.model.config)
         if tokens:
-            self._logits([tokens], cache)
+            with autocast(self.engine.device, self.engine.autocast_dtype):  # the keys and values only: no logits
+                self.engine.model.hidden_states(torch.tensor([tokens], device=self.engine.device), kv_cache=cache)
         for slot in slots:
             self.cache.put(slot, cache)
 

@@ -221,10 +221,19 @@ class GPT(nn.Module):
         With targets: (None, loss), the mean cross-entropy over the positions where loss_mask is 1 (token-weighted;
         targets of -1 are ignored too; an all-masked batch gives loss 0, not NaN).
         Without targets: (logits, None), for the last position only (what generation needs) unless all_logits.
-        kv_cache: an engine.KVCache; idx then continues the cached sequence and the cache grows by T. Or an
-        engine.RowsKVCache, whose rows hold sequences of different lengths: idx (B, 1) continues each row.
+        kv_cache: see hidden_states.
         """
         B, T = idx.size()
+        x = self.hidden_states(idx, kv_cache)
+        if targets is None:
+            return self.logits(x if all_logits else x[:, [-1], :]), None
+        return None, self._masked_loss(x.reshape(B * T, -1), targets.reshape(-1), loss_mask)
+
+    def hidden_states(self, idx, kv_cache=None):
+        """The final-LayerNorm hidden state of every position of idx (B, T): (B, T, n_embd).
+        kv_cache: an engine.KVCache; idx then continues the cached sequence and the cache grows by T. Or an
+        engine.RowsKVCache, whose rows hold sequences of different lengths: idx (B, 1) continues each row."""
+        T = idx.size(1)
         past = kv_cache.length if kv_cache is not None else 0  # an int, or per-row lengths (B, 1) (RowsKVCache)
         longest = past if isinstance(past, int) else int(past.max())
         if longest + T > self.config.block_size:
@@ -236,10 +245,7 @@ class GPT(nn.Module):
                 x = checkpoint(block, x, use_reentrant=False)  # keeps x only; dropout masks are replayed exactly
             else:
                 x = block(x, kv_cache.layers[i] if kv_cache is not None else None)
-        x = self.transformer.ln_f(x)
-        if targets is None:
-            return self.logits(x if all_logits else x[:, [-1], :]), None
-        return None, self._masked_loss(x.reshape(B * T, -1), targets.reshape(-1), loss_mask)
+        return self.transformer.ln_f(x)
 
     def logits(self, x):
         """The LM head's logits for hidden states x (..., C), in fp32 whenever the head runs in half precision

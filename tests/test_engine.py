@@ -223,6 +223,9 @@ class ScriptedModel(torch.nn.Module):
             logits[row, 0, script[i] if i < len(script) else chat.EOT] = 0.0
         return logits, None
 
+    def hidden_states(self, idx, kv_cache=None):  # a prefill: the keys go in the cache; nothing reads the result
+        return self.forward(idx, kv_cache)[0]
+
 
 def scripted(texts, prompt_len=3):
     enc = chat.get_encoder()
@@ -350,6 +353,19 @@ def test_a_request_joins_mid_decode_and_rows_leave_at_once(model):
         decoder.step()
     assert [r.tokens for r in long_one.replies] == tokens_after(engine, [first], new=30)[0]
     assert [r.tokens for r in short_one.replies] == tokens_after(engine, [second], new=5)[0]
+
+
+def test_a_joining_prompt_computes_no_logits_until_its_first_step(model, monkeypatch):
+    """add() only fills the cache (GPT.hidden_states): the LM head, most of a small model's cost per position, runs
+    once per step, for the rows' last tokens."""
+    heads = []
+    real = model.logits
+    monkeypatch.setattr(model, "logits", lambda x: heads.append(tuple(x.shape[:2])) or real(x))
+    decoder = Decoder(Engine(model), max_rows=3)
+    decoder.add(requests([(prompts(1, 9)[0].tolist(), dict(temperature=0.0), 2)], new=3)[0])
+    assert heads == []
+    decoder.step()
+    assert heads == [(2, 1)]  # both rows, one position each
 
 
 def test_removed_request_frees_its_rows(model):

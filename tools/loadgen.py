@@ -163,7 +163,7 @@ def parse_args(argv):
     p.add_argument("--requests", type=int, default=200, help="requests per concurrency")
     p.add_argument("--concurrency", default="1,4,16", help="numbers of concurrent clients, comma-separated")
     p.add_argument("--max_tokens", type=int, default=64, help="new tokens per request (no stop string)")
-    p.add_argument("--max_seconds", type=float, default=120, help="per concurrency: no new request after this")
+    p.add_argument("--max_seconds", type=float, default=300, help="per concurrency: no new request after this")
     p.add_argument("--max_rows", type=int, default=16, help="serve.py's --max_rows")
     p.add_argument("--device", default="cpu", help="serve.py's --device")
     p.add_argument("--dtype", default="float32", help="serve.py's --dtype")
