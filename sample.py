@@ -13,6 +13,7 @@ had multi-line replies, as recorded in the checkpoint; a model trained on plain 
 it, and <|endoftext|> always stops. With --raw there is no template and no stop string unless --stop gives one.
 """
 import dataclasses
+import signal
 import sys
 
 import torch
@@ -159,6 +160,9 @@ def main(argv=None):
     if cfg["interactive"]:
         if sys.stdin.isatty():
             import readline  # noqa: F401  (line editing and history for input())
+            # Ctrl-C stops a reply. Python raises KeyboardInterrupt only if SIGINT was not ignored when it
+            # started, and a shell starts its background jobs (and what they run) with SIGINT ignored.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         chat_loop(engine, ckpt, cfg)
         return
     messages = ([{"role": "system", "content": cfg["system"]}] if cfg["system"] else []) + \
