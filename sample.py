@@ -19,7 +19,7 @@ import sys
 import torch
 
 from chat_gpt2 import chat, configurator
-from chat_gpt2.engine import SAMPLING_KEYS, load_engine, sampling_params
+from chat_gpt2.engine import SAMPLING_KEYS, PromptCache, Request, load_engine, sampling_params
 from chat_gpt2.errors import ConfigError
 
 DEFAULTS = dict(  # `python sample.py --help` prints these comments
@@ -89,15 +89,15 @@ def run_command(line, params, output):
 EMPTY_REPLY = "(empty reply: the model ended its turn at once)"
 
 
-def stream_reply(engine, ids, params, generator, output, raw=False):
+def stream_reply(engine, ids, params, generator, output, raw=False, prompt_cache=None):
     """Generate one reply, writing it to output as it comes. Returns the reply, or None when Ctrl-C stopped it.
-    raw: the continuation as generated, not stripped (its leading space or newline belongs to the text)."""
-    write = lambda row, text: (output.write(text), output.flush())  # noqa: E731
+    raw: the continuation as generated, not stripped (its leading space or newline belongs to the text).
+    prompt_cache: an engine.PromptCache holding the conversation's earlier turns."""
+    write = lambda choice, text: (output.write(text), output.flush())  # noqa: E731
+    request = Request(ids, params, 1, generator, write, prompt_cache)
     try:
-        if raw:
-            reply = engine.complete_batch([ids], params, on_text=write, generator=generator)[0].text
-        else:
-            reply = engine.replies(ids, params, on_text=write, generator=generator)[0]
+        engine.complete([request])
+        reply = request.replies[0].text if raw else request.replies[0].text.strip()
     except KeyboardInterrupt:
         output.write(" [interrupted]\n")
         return None
@@ -119,6 +119,7 @@ def chat_loop(engine, ckpt, cfg, input_fn=input, output=sys.stdout):
     template = ckpt.get("template", chat.TEMPLATE)
     params = sampling_params(cfg, None if cfg["raw"] else ckpt.get("default_stop", chat.NEWLINE_STOP))
     generator = torch.Generator(device=engine.device).manual_seed(cfg["seed"])  # one stream for the whole chat
+    prompt_cache = PromptCache(engine.model.config)  # a turn runs only what is new since the last one
     history = []
     output.write(("text: each line continues the text" if cfg["raw"] else "chat: type a message") +
                  ", /help for commands, /quit or Ctrl-D to leave\n")
@@ -146,7 +147,7 @@ def chat_loop(engine, ckpt, cfg, input_fn=input, output=sys.stdout):
             chat.fit_context(cfg["system"], new, template, engine.enc, budget)
         if len(kept) < len(history) + 1:
             output.write(f"(dropped the {(len(history) + 1 - len(kept)) // 2} oldest turn(s) to fit the context)\n")
-        reply = stream_reply(engine, ids, params, generator, output, cfg["raw"])
+        reply = stream_reply(engine, ids, params, generator, output, cfg["raw"], prompt_cache)
         history = (kept + [{"role": "assistant", "content": reply}]) if reply is not None else kept[:-1]
 
 

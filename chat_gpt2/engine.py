@@ -137,6 +137,31 @@ class RowsKVCache:
             layer.move(self.rows, slot)
 
 
+class PromptCache:
+    """One conversation's keys and values, kept from one turn to the next (sample.py --interactive): a prompt runs
+    only its tokens after the longest prefix it shares with the last one, not the whole history again. A turn's
+    prompt starts with the previous one unless the conversation was trimmed to fit the context (then it runs
+    whole). Holds the last prompt's window but its last token, as a Decoder's rows do."""
+
+    def __init__(self, config):
+        self.cache, self.ids = KVCache(config), []
+
+    def fill(self, tokens, run):
+        """The KVCache of tokens: the shared prefix kept, the rest run(new_tokens, cache) after it."""
+        same = 0
+        for mine, theirs in zip(self.ids, tokens):
+            if mine != theirs:
+                break
+            same += 1
+        self.ids = []  # until the run completes: a Ctrl-C midway leaves layers of different lengths
+        for layer in self.cache.layers:
+            layer.length = same
+        if len(tokens) > same:
+            run(tokens[same:], self.cache)
+        self.ids = list(tokens)
+        return self.cache
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 2. Sampling parameters
 
@@ -313,10 +338,11 @@ class Request:
     from (None: params.generator(), a fresh one from the seed, or the global RNG without a seed). on_text(choice,
     text) streams each reply's text as it becomes final; replies holds their Completions once decoding started."""
 
-    def __init__(self, prompt, params, n=1, generator=None, on_text=None):
+    def __init__(self, prompt, params, n=1, generator=None, on_text=None, prompt_cache=None):
         if not len(prompt):
             raise ConfigError("empty prompt: generation needs at least one token to start from")
         self.prompt, self.params, self.n, self.generator, self.on_text = list(prompt), params, n, generator, on_text
+        self.prompt_cache = prompt_cache  # a PromptCache: the conversation's earlier turns are not run again
         self.replies, self.left = [], 0  # left: its rows still decoding
 
 
@@ -354,7 +380,8 @@ class Decoder:
         request.replies = [Completion(self.engine.enc, request.params.stop) for _ in range(request.n)]
         request.left = request.n
         start = crop_start(len(request.prompt), 0, self.block_size)
-        self._fill(range(len(self.rows), len(self.rows) + request.n), request.prompt[start:-1])
+        slots = range(len(self.rows), len(self.rows) + request.n)
+        self._fill(slots, request.prompt[start:-1], request.prompt_cache)
         self.rows += [_Row(request, choice, start) for choice in range(request.n)]
 
     @torch.inference_mode()
@@ -401,16 +428,24 @@ class Decoder:
         self.rows[slot] = self.rows[-1]
         self.rows.pop()
 
-    def _fill(self, slots, tokens):
-        """Run tokens (a row's window but its last token) alone and put their keys and values in these slots."""
+    def _fill(self, slots, tokens, prompt_cache=None):
+        """Run tokens (a row's window but its last token) alone and put their keys and values in these slots;
+        with a PromptCache, only those after the prefix it shares with its last prompt."""
         if self.cache is None:
             return
-        cache = KVCache(self.engine.model.config)
-        if tokens:
-            with autocast(self.engine.device, self.engine.autocast_dtype):  # the keys and values only: no logits
-                self.engine.model.hidden_states(torch.tensor([tokens], device=self.engine.device), kv_cache=cache)
+        if prompt_cache is not None:
+            cache = prompt_cache.fill(tokens, self._prefill)
+        else:
+            cache = KVCache(self.engine.model.config)
+            if tokens:
+                self._prefill(tokens, cache)
         for slot in slots:
             self.cache.put(slot, cache)
+
+    def _prefill(self, tokens, cache):
+        """Append tokens' keys and values to a one-row KVCache (the blocks only: nobody reads these logits)."""
+        with autocast(self.engine.device, self.engine.autocast_dtype):
+            self.engine.model.hidden_states(torch.tensor([tokens], device=self.engine.device), kv_cache=cache)
 
     def _logits(self, ids, cache):
         """The float32 next-token logits (B, V) after rows of ids; the padded vocabulary is never sampled."""

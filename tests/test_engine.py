@@ -5,8 +5,8 @@ import torch
 
 import helpers
 from chat_gpt2 import chat
-from chat_gpt2.engine import (Decoder, Engine, KVCache, Request, RowsKVCache, SamplingParams, adjust_logits,
-                              crop_start, generate, load_engine, sample_next)
+from chat_gpt2.engine import (Decoder, Engine, KVCache, PromptCache, Request, RowsKVCache, SamplingParams,
+                              adjust_logits, crop_start, generate, load_engine, sample_next)
 from chat_gpt2.model import GPT, REFINE_TOP, GPTConfig
 
 NEG_INF = float("-inf")
@@ -488,3 +488,63 @@ def test_half_logits_top_are_fp32_sums_of_the_half_weights(tiny_ckpt):
     assert torch.allclose(logits.gather(-1, top), exact.gather(-1, top), rtol=0, atol=1e-5)
     assert torch.allclose(logits, exact, rtol=2 ** -8, atol=1e-3)
     assert torch.equal(logits.argmax(-1), exact.argmax(-1))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# PromptCache: a conversation's earlier turns are not run again
+
+
+def counting_prefills(model, monkeypatch):
+    """The positions each prefill runs: GPT.hidden_states calls into a one-row KVCache (a Decoder's steps go
+    through it too, into its RowsKVCache)."""
+    runs = []
+    real = model.hidden_states
+
+    def hidden_states(idx, kv_cache=None):
+        if isinstance(kv_cache, KVCache):
+            runs.append(idx.size(1))
+        return real(idx, kv_cache)
+    monkeypatch.setattr(model, "hidden_states", hidden_states)
+    return runs
+
+
+def test_prompt_cache_runs_only_new_tokens_and_replies_as_without(model, monkeypatch):
+    engine, cache = Engine(model), PromptCache(model.config)
+    params = SamplingParams(temperature=0.0, max_new_tokens=5, top_k=None)
+
+    def turn(prompt, prompt_cache):
+        request = Request(prompt, params, 1, None, None, prompt_cache)
+        engine.complete([request])
+        return request.replies[0].tokens
+
+    first = prompts(1, 9, seed=1)[0].tolist()
+    runs = counting_prefills(model, monkeypatch)
+    reply = turn(first, cache)
+    second = first + reply + prompts(1, 4, seed=2)[0].tolist()  # the next turn starts with the last one
+    assert turn(second, cache) == turn(second, None)
+    assert runs[0] == len(first) - 1  # the window but its last token, as always
+    assert runs[1] == len(second) - len(first)  # from the first prompt's last token on: the rest was kept
+    assert runs[2] == len(second) - 1  # without the cache: all of it
+    other = [first[0] + 1] + second[1:]  # differs from the first token: nothing to keep
+    assert turn(other, cache) == turn(other, None)
+    assert runs[3] == runs[4] == len(other) - 1
+
+
+def test_prompt_cache_after_an_interrupted_prefill_runs_it_all(model):
+    cache, tokens = PromptCache(model.config), prompts(1, 8)[0].tolist()
+
+    def interrupted(new, kv_cache):
+        with torch.no_grad():
+            model.transformer.h[0](torch.zeros(1, len(new), model.config.n_embd), kv_cache.layers[0])  # one layer
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        cache.fill(tokens, interrupted)
+    assert cache.ids == []
+    runs = []
+    with torch.no_grad():
+        kv = cache.fill(tokens, lambda new, c: runs.append(len(new)) or model.hidden_states(torch.tensor([new]), c))
+        fresh = KVCache(model.config)
+        model.hidden_states(torch.tensor([tokens]), fresh)
+    assert runs == [len(tokens)] and kv.length == len(tokens)
+    assert all(torch.equal(a.k[:, :, :a.length], b.k[:, :, :b.length]) for a, b in zip(kv.layers, fresh.layers))

@@ -181,10 +181,17 @@ class FakeGenerate:
         on_text(0, reply)
         return [reply]
 
+    def complete(self, instance, requests, cancelled=None):
+        """Replaces Engine.complete (what the interactive chat calls): the request's one reply, as above."""
+        request = requests[0]
+        row = engine.Completion(instance.enc, request.params.stop)
+        row.text = self(instance, request.prompt, request.params, request.n, request.on_text, request.generator)[0]
+        request.replies = [row]
+
 
 def run_loop(monkeypatch, lines, replies, ckpt_path, **cfg):
     fake = FakeGenerate(replies)
-    monkeypatch.setattr(Engine, "replies", lambda engine, *args, **kwargs: fake(engine, *args, **kwargs))
+    monkeypatch.setattr(Engine, "complete", lambda engine, *args, **kwargs: fake.complete(engine, *args, **kwargs))
     model, ckpt = load_model(ckpt=ckpt_path)
     out = io.StringIO()
     history = sample.chat_loop(Engine(model), ckpt, {**sample.DEFAULTS, **cfg}, scripted_input(lines), out)
@@ -339,3 +346,25 @@ def test_scripts_start_without_the_compiler():
     code = "import sys, sample, serve, eval; print('torch._dynamo' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_interactive_turns_run_only_what_is_new_and_reply_as_a_fresh_prompt(tiny_ckpt, monkeypatch):
+    """The chat keeps the conversation's keys and values between turns (engine.PromptCache): each turn's greedy
+    reply is the one its whole prompt gives in a fresh run, and its prefill covers less than that prompt."""
+    model, ckpt = load_model(ckpt=tiny_ckpt)
+    prefilled, real = [], model.hidden_states
+
+    def hidden_states(idx, kv_cache=None):
+        if isinstance(kv_cache, engine.KVCache):
+            prefilled.append(idx.size(1))
+        return real(idx, kv_cache)
+    monkeypatch.setattr(model, "hidden_states", hidden_states)
+    cfg = {**sample.DEFAULTS, "temperature": 0.0, "max_new_tokens": 6, "stop": []}
+    history = sample.chat_loop(Engine(model), ckpt, cfg, scripted_input(["Hi there", "And then?", "Why?"]),
+                               io.StringIO())
+    monkeypatch.setattr(model, "hidden_states", real)
+    enc, template = chat.get_encoder(), ckpt["template"]
+    for turn in range(3):
+        ids = chat.render_prompt(history[:2 * turn + 1], template, enc)
+        assert history[2 * turn + 1]["content"] == greedy_reply(model, ids, 6, ())
+        assert prefilled[turn] < len(ids) - 1 if turn else prefilled[turn] == len(ids) - 1

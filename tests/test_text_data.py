@@ -338,6 +338,11 @@ class Capture:
         row.text = self(engine, prompts[0], params, 1, on_text, generator)[0]
         return [row]
 
+    def complete(self, engine, requests, cancelled=None):  # the interactive chat's call
+        request = requests[0]
+        request.replies = self.complete_batch(engine, [request.prompt], request.params, request.on_text,
+                                              request.generator)
+
 
 @pytest.fixture
 def capture(monkeypatch):
@@ -347,6 +352,7 @@ def capture(monkeypatch):
         fake = Capture(replies)
         monkeypatch.setattr(Engine, "replies", lambda engine, *a, **kw: fake(engine, *a, **kw))
         monkeypatch.setattr(Engine, "complete_batch", lambda engine, *a, **kw: fake.complete_batch(engine, *a, **kw))
+        monkeypatch.setattr(Engine, "complete", lambda engine, *a, **kw: fake.complete(engine, *a, **kw))
         return fake
     return install
 
