@@ -35,7 +35,7 @@ from chat_gpt2.checkpoint import load_model, save_checkpoint
 from chat_gpt2.dataset import load_dataset
 from chat_gpt2.device import (autocast, known_peak_flops, measure_matmul_peak, resolve_compile, resolve_device,
                               resolve_dtype, sync, tune_cpu_allocator)
-from chat_gpt2.engine import SamplingParams, generate
+from chat_gpt2.engine import SamplingParams, generate, to_half
 from chat_gpt2.errors import ConfigError
 from chat_gpt2.evaluation import val_loss
 from chat_gpt2.hf_gpt2 import hf_config, hf_state_dict
@@ -395,7 +395,7 @@ def bench_generate(cfg):
     dtype = "float32" if cfg["dtype"] == "auto" else resolve_dtype(cfg["dtype"], device)
     preset, model = _gen_setup(cfg)
     model.to(device)
-    half = copy.deepcopy(model).to_half(getattr(torch, cfg["gen_half"])) if cfg["gen_half"] else None
+    half = to_half(copy.deepcopy(model), cfg["gen_half"], device) if cfg["gen_half"] else None
     hf = _hf_model(model) if cfg["gen_hf"] and _has_transformers() and dtype == "float32" else None
     n_new, rows = preset["new_tokens"], []
     print(f"generate: preset {cfg['gen_preset']}, {model.get_num_params() / 1e6:.1f}M parameters, device {device}, "
@@ -480,7 +480,7 @@ def bench_half(cfg):
         raise ConfigError("--mode=half needs --ckpt=PATH (a trained checkpoint) and --dataset=DIR (its data)")
     device = resolve_device(cfg["device"])
     model, _ = load_model(ckpt=cfg["ckpt"], device=device)
-    half = copy.deepcopy(model).to_half(getattr(torch, cfg["gen_half"]))
+    half = to_half(copy.deepcopy(model), cfg["gen_half"], device)
     val = load_dataset(cfg["dataset"])[0]["val"]
     starts = torch.linspace(0, max(0, len(val.ids) - 33), cfg["half_prompts"]).long().tolist()
     prompts = torch.stack([torch.from_numpy(val.ids[s:s + 32].astype("int64")) for s in starts]).to(device)
@@ -570,7 +570,7 @@ def bench_sample(cfg):
 def _check_no_early_end(model, prompt, new_tokens, dtypes):
     """sample.py stops at <|endoftext|>: a random model's greedy text must not reach it, or a run would be short."""
     for dtype in dtypes:
-        m = model if dtype == "float32" else copy.deepcopy(model).to_half(getattr(torch, dtype))
+        m = model if dtype == "float32" else to_half(copy.deepcopy(model), dtype, "cpu")
         params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens)
         if any(int(t) == chat.EOT for t in generate(m, prompt, params, vocab_limit=chat.VOCAB_SIZE)):
             raise ConfigError(f"the random model's greedy text ends within {new_tokens} tokens in {dtype}: "

@@ -38,7 +38,7 @@ DEFAULTS = dict(  # `python sample.py --help` prints these comments
     seed=1337,  # makes sampling reproducible
     stop=None,  # a string or a list of strings that end a reply; None = the checkpoint's default stop
     device="auto",  # auto, cpu, cuda, cuda:N or mps
-    dtype="auto",  # auto (bf16 where the device has it), float32, bfloat16 or float16: the weights are converted
+    dtype="auto",  # auto (bf16 where it decodes faster), float32, bfloat16 or float16: the weights are converted
     use_cache=True,  # the KV cache: each new token costs one position's work
     interactive=False,  # a multi-turn chat on the terminal (or piped stdin) instead of one --prompt
 )
@@ -157,7 +157,7 @@ def main(argv=None):
         raise ConfigError("nothing to answer: pass --prompt \"...\" (or --interactive)")
     if cfg["raw"] and cfg["system"]:
         raise ConfigError("--system needs the chat template: leave it out with --raw (plain text has no roles)")
-    engine, ckpt = load_engine(cfg)
+    engine, ckpt = load_engine(cfg, one_row=cfg["num_samples"] == 1)
     if cfg["interactive"]:
         if sys.stdin.isatty():
             import readline  # noqa: F401  (line editing and history for input())

@@ -28,7 +28,7 @@ DEFAULTS = dict(  # `python serve.py --help` prints these comments; the sampling
     max_new_tokens=150,  # the longest reply, in tokens
     seed=None,  # a default seed would make unseeded requests repeat themselves; None = fresh draws
     device="auto",  # auto, cpu, cuda, cuda:N or mps
-    dtype="auto",  # auto (bf16 where the device has it), float32, bfloat16 or float16: the weights are converted
+    dtype="auto",  # auto (bf16 where the device has native bf16), float32, bfloat16 or float16: weights converted
     use_cache=True,  # the KV cache
     max_body_bytes=Limits.max_body_bytes,  # the largest request body (413 above)
     max_messages=Limits.max_messages,  # the most messages in one request (400 above)

@@ -21,20 +21,28 @@ def resolve_device(device):
     return "cpu"
 
 
-def resolve_dtype(dtype, device):
+def resolve_dtype(dtype, device, one_row=False):
     """'auto': bf16 on CUDA where supported, else fp16 (with a GradScaler when training); fp32 on MPS. On CPU: bf16
     where the CPU has bf16 matmul instructions (training: autocast over fp32 master weights, ~3x the fp32 speed with
     the same loss curve, docs/performance.md; inference: weights converted, decoding reads half the bytes), else
-    fp32, since emulated bf16 is slower than fp32."""
+    fp32, since emulated bf16 is slower than fp32 for batches. one_row (decoding one sequence at a time, as
+    sample.py does): bf16 also where cpu_decodes_bf16_faster()."""
     if dtype != "auto":
         if dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
         return dtype
     if device.startswith("cuda"):
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    if device == "cpu" and cpu_has_bf16():
+    if device == "cpu" and (cpu_has_bf16() or one_row and cpu_decodes_bf16_faster()):
         return "bfloat16"
     return "float32"
+
+
+def cpu_decodes_bf16_faster():
+    """True where one sequence decodes faster with bf16 weights than fp32 ones on this CPU: with native bf16, and on
+    x86 CPUs with AVX2 or AVX-512, which convert bf16 in software but read half the bytes per token (2.2x fp32 end
+    to end, docs/performance.md). Elsewhere (e.g. ARM) unmeasured: fp32."""
+    return cpu_has_bf16() or torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
 def cpu_has_bf16():

@@ -16,7 +16,7 @@ import torch
 
 from . import chat
 from .checkpoint import load_model
-from .device import autocast, resolve_device, resolve_dtype
+from .device import autocast, cpu_has_bf16, resolve_device, resolve_dtype
 from .errors import ConfigError
 from .model import causal_mask
 
@@ -544,17 +544,25 @@ def _emit(on_text, row, text):
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")
 
 
-def load_engine(cfg):
+def load_engine(cfg, one_row=False):
     """(Engine, checkpoint info) for a script's options: out_dir, ckpt, init_from (see checkpoint.load_model),
     device, dtype, use_cache. In bfloat16 / float16 the matmul weights themselves are converted (and with them the
-    KV cache), not just autocast: batch-1 decoding is bound by reading the weights once per token (GPT.to_half)."""
+    KV cache), not just autocast: batch-1 decoding is bound by reading the weights once per token (GPT.to_half).
+    one_row: the script decodes one sequence at a time (dtype auto: see resolve_dtype)."""
     device = resolve_device(cfg["device"])
     model, info = load_model(cfg["out_dir"], cfg["ckpt"], cfg.get("init_from", ""), device)
-    dtype = resolve_dtype(cfg["dtype"], device)
+    dtype = resolve_dtype(cfg["dtype"], device, one_row)
     if dtype != "float32":
-        model.to_half(getattr(torch, dtype))
+        to_half(model, dtype, device)
     enc = chat.get_encoder(info.get("tokenizer", chat.TOKENIZER))
     return Engine(model, enc, device, dtype, cfg.get("use_cache", True)), info
+
+
+def to_half(model, dtype, device):
+    """GPT.to_half for inference on device ("bfloat16" / "float16"). On a CPU without that dtype's instructions,
+    prompts and batches of rows multiply in fp32 (upcast); one row keeps the half-precision bytes."""
+    native = device != "cpu" or (dtype == "bfloat16" and cpu_has_bf16())
+    return model.to_half(getattr(torch, dtype), upcast=not native)
 
 
 def unescape(text):

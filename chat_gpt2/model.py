@@ -48,11 +48,15 @@ class Linear(nn.Linear):
     --mode=generate). Training and prompts (many rows) take F.linear as before."""
 
     FEW_ROWS = 16
+    upcast = False  # GPT.to_half(upcast=True): half-precision weights multiplied in fp32 beyond FEW_ROWS rows
 
     def forward(self, x):
         if x.dtype != self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.weight.dtype)  # half-precision weights (GPT.to_half) under the fp32 residual stream
         rows = x.numel() // max(1, x.size(-1))
+        if self.upcast and rows > self.FEW_ROWS:
+            bias = None if self.bias is None else self.bias.float()
+            return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
         if x.device.type != "cpu" or not 0 < rows <= self.FEW_ROWS:
             return F.linear(x, self.weight, self.bias)
         columns = x.reshape(rows, x.size(-1)).t()
@@ -264,16 +268,23 @@ class GPT(nn.Module):
             exact = (rows @ x.float().unsqueeze(-1)).squeeze(-1)
         return logits.scatter_(-1, top, exact)
 
-    def to_half(self, dtype):
+    def to_half(self, dtype, upcast=False):
         """Weights for inference at the memory limit (batch-1 decoding reads every weight once per token): the
         matmul weights (the blocks' Linears and the tied embedding / LM head) in dtype (torch.bfloat16 / float16),
         and with them the attention and its KV cache. The residual stream, the norms and the position embeddings
         stay fp32 (Linear casts its input): adding each block's rounded output to a bf16 residual compounds the
         rounding over the layers; kept in fp32, greedy tokens of a 6-layer model went from 72.5% to 94.2% the same
-        as fp32's (with the logits above; docs/inference.md). A few casts of (B, C) per layer: no measurable cost."""
+        as fp32's (with the logits above; docs/inference.md). A few casts of (B, C) per layer: no measurable cost.
+        upcast: for a CPU that multiplies half-precision numbers in software. Decoding one sequence reads the
+        weights in half the bytes, 2x fp32's speed there, but a prompt is compute-bound and ran 5x slower than in
+        fp32: beyond FEW_ROWS rows each weight is converted to fp32 and multiplied there, as fast as fp32. (A few
+        rows, a batch of decoded sequences, stay in half precision: converting every weight at every step cost
+        more than it saved; docs/performance.md.)"""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 module.to(dtype)
+                if upcast:
+                    module.upcast = True
         return self
 
     def _masked_loss(self, x, targets, loss_mask):

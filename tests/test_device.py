@@ -26,6 +26,18 @@ def test_auto_dtype_follows_the_cpu(monkeypatch):
         device.resolve_dtype("bf16", "cpu")
 
 
+def test_auto_dtype_for_one_row_also_takes_bf16_where_the_cpu_converts_it(monkeypatch):
+    """Decoding one sequence reads the weights once per token: bf16 halves the bytes even where the CPU converts
+    it in software (AVX2 / AVX-512), while batches and training stay fp32 there."""
+    monkeypatch.setattr(device, "cpu_has_bf16", lambda: False)
+    for capability, one_row in (("AVX2", "bfloat16"), ("AVX512", "bfloat16"), ("DEFAULT", "float32")):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        assert device.resolve_dtype("auto", "cpu", one_row=True) == one_row, capability
+        assert device.resolve_dtype("auto", "cpu") == "float32"
+        assert device.resolve_dtype("float32", "cpu", one_row=True) == "float32"  # an explicit dtype wins
+    assert device.resolve_dtype("auto", "mps", one_row=True) == "float32"
+
+
 def test_resolve_compile():
     assert resolve_compile(None, "cuda") and not resolve_compile(None, "cpu") and not resolve_compile(None, "mps")
     assert resolve_compile("true", "cpu") and not resolve_compile(False, "cuda") and resolve_compile("off", "cuda") is False

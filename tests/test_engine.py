@@ -2,9 +2,11 @@
 and streaming, batches, half precision (weights and KV cache converted)."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import helpers
 from chat_gpt2 import chat
+from chat_gpt2 import engine as engine_module
 from chat_gpt2.engine import (Decoder, Engine, KVCache, PromptCache, Request, RowsKVCache, SamplingParams,
                               adjust_logits, crop_start, generate, load_engine, sample_next)
 from chat_gpt2.model import GPT, REFINE_TOP, GPTConfig
@@ -548,3 +550,27 @@ def test_prompt_cache_after_an_interrupted_prefill_runs_it_all(model):
         model.hidden_states(torch.tensor([tokens]), fresh)
     assert runs == [len(tokens)] and kv.length == len(tokens)
     assert all(torch.equal(a.k[:, :, :a.length], b.k[:, :, :b.length]) for a, b in zip(kv.layers, fresh.layers))
+
+
+def test_upcast_multiplies_prompts_in_fp32_and_decoding_steps_in_half():
+    """to_half(upcast=True), for CPUs that convert bf16 in software: a prompt (more than FEW_ROWS rows) multiplies
+    each weight in fp32 (it ran 5x slower in emulated bf16); a decoding step keeps the bf16 matmul (half the bytes
+    to read)."""
+    model = helpers.tiny_model().to_half(torch.bfloat16, upcast=True)
+    layer = model.transformer.h[0].mlp.c_fc
+    x = torch.randn(1, layer.FEW_ROWS + 1, model.config.n_embd)
+    with torch.no_grad():
+        many, one = layer(x), layer(x[:, :1])
+        want = F.linear(x.bfloat16().float(), layer.weight.float(), layer.bias.float()).bfloat16()
+        plain = torch.addmm(layer.bias[:, None], layer.weight, x[0, :1].bfloat16().t()).t()
+    assert many.dtype == one.dtype == torch.bfloat16
+    assert torch.equal(many, want) and torch.equal(one[0], plain)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_load_engine_upcasts_only_where_the_cpu_lacks_bf16(tiny_ckpt, monkeypatch, native):
+    monkeypatch.setattr(engine_module, "cpu_has_bf16", lambda: native)
+    model = engine_for(tiny_ckpt, "bfloat16").model
+    assert all(m.upcast is not native for m in model.modules() if isinstance(m, torch.nn.Linear))
+    fp16 = engine_for(tiny_ckpt, "float16").model  # a CPU converts fp16 in software: always upcast
+    assert all(m.upcast for m in fp16.modules() if isinstance(m, torch.nn.Linear))
