@@ -39,9 +39,9 @@ def resolve_dtype(dtype, device, one_row=False):
 
 
 def cpu_decodes_bf16_faster():
-    """True where one sequence decodes faster with bf16 weights than fp32 ones on the host CPU: with native bf16, and on
-    x86 CPUs with AVX2 or AVX-512, which convert bf16 in software but read half the bytes per token (2.2x fp32 end
-    to end, docs/performance.md). Elsewhere (e.g. ARM) unmeasured: fp32."""
+    """True where the host CPU decodes one sequence faster with bf16 weights than with fp32 ones: with native bf16,
+    and on x86 CPUs with AVX2 or AVX-512, which convert bf16 in software but read half the bytes per token (1.7-2.2x
+    fp32 end to end, docs/performance.md). Elsewhere (e.g. ARM) unmeasured: fp32."""
     return cpu_has_bf16() or torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
