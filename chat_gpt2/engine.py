@@ -560,7 +560,8 @@ def load_engine(cfg, one_row=False):
 
 def to_half(model, dtype, device):
     """GPT.to_half for inference on device ("bfloat16" / "float16"). On a CPU without that dtype's instructions,
-    prompts and batches of rows multiply in fp32 (upcast); one row keeps the half-precision bytes."""
+    prompts (more than Linear.FEW_ROWS rows) multiply in fp32 (upcast); decoding steps keep the half-precision
+    bytes."""
     native = device != "cpu" or (dtype == "bfloat16" and cpu_has_bf16())
     return model.to_half(getattr(torch, dtype), upcast=not native)
 
