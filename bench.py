@@ -30,7 +30,8 @@ import types
 import torch
 import torch.nn.functional as F
 
-from chat_gpt2 import chat, configurator
+import configurator
+from chat_gpt2 import chat
 from chat_gpt2.checkpoint import load_model, save_checkpoint
 from chat_gpt2.dataset import load_dataset
 from chat_gpt2.device import (autocast, known_peak_flops, measure_matmul_peak, resolve_compile, resolve_device,
@@ -40,7 +41,7 @@ from chat_gpt2.errors import ConfigError
 from chat_gpt2.evaluation import val_loss
 from chat_gpt2.hf_gpt2 import hf_config, hf_state_dict
 from chat_gpt2.lora import TARGETS, adapter_state, apply_lora, freeze_layers
-from chat_gpt2.model import GPT, GPTConfig
+from model import GPT, GPTConfig
 from chat_gpt2.training import DEFAULT_GRAD_CLIP, to_device, train_step
 
 DEFAULTS = dict(  # `python bench.py --help` prints these comments

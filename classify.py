@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-from chat_gpt2 import configurator
+import configurator
 from chat_gpt2.checkpoint import load_classifier
 from chat_gpt2.classifier import classify_texts
 from chat_gpt2.classify_data import read_texts

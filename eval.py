@@ -26,7 +26,8 @@ import math
 import os
 import time
 
-from chat_gpt2 import chat, configurator
+import configurator
+from chat_gpt2 import chat
 from chat_gpt2.classifier import classify_texts, metrics, report_lines
 from chat_gpt2.classify_data import read_labelled
 from chat_gpt2.engine import load_engine, sampling_params

@@ -34,7 +34,8 @@ import shutil
 import torch
 from safetensors.torch import save, save_file
 
-from chat_gpt2 import chat, configurator
+import configurator
+from chat_gpt2 import chat
 from chat_gpt2.checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
 from chat_gpt2.errors import ConfigError, OutputExistsError
 from chat_gpt2.files import atomic_write, disk_error, temporary_dir

@@ -28,7 +28,7 @@ import argparse
 import difflib
 import sys
 
-from chat_gpt2 import configurator
+import configurator
 from chat_gpt2.dataset import build_dataset
 from chat_gpt2.errors import RecordError, UserError
 

@@ -18,7 +18,8 @@ import sys
 
 import torch
 
-from chat_gpt2 import chat, configurator
+import configurator
+from chat_gpt2 import chat
 from chat_gpt2.engine import SAMPLING_KEYS, PromptCache, Request, load_engine, sampling_params
 from chat_gpt2.errors import ConfigError
 

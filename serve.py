@@ -11,7 +11,7 @@ at the next token (continuous batching, chat_gpt2/batcher.py).
 """
 import os
 
-from chat_gpt2 import configurator
+import configurator
 from chat_gpt2.engine import load_engine
 from chat_gpt2.server import Limits, create_app
 

@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from chat_gpt2 import chat, configurator
+import configurator
+from chat_gpt2 import chat
 from chat_gpt2.checkpoint import (CKPT_PATTERN, SHAPE_KEYS, checkpoint_path, describe_base, find_checkpoint,
                                   init_checkpoint, load_checkpoint, model_from_checkpoint, save_checkpoint,
                                   training_checkpoint, unused_stamp)
@@ -30,7 +31,7 @@ from chat_gpt2.files import remove_dead_leftovers
 from chat_gpt2.hf_gpt2 import from_pretrained, pretrained_config, resolve_pretrained
 from chat_gpt2.lora import apply_lora, freeze_layers, lora_settings
 from chat_gpt2.memory import check_memory, count_trainable
-from chat_gpt2.model import GPT, GPTConfig
+from model import GPT, GPTConfig
 from chat_gpt2.run_log import Logger, plot_accuracy, plot_losses
 from chat_gpt2.training import DEFAULT_GRAD_CLIP, EarlyStopping, evaluate, get_lr, train_step
 

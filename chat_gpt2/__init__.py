@@ -1,13 +1,15 @@
-"""The library behind the scripts (prepare.py, train.py, sample.py, eval.py, export.py, bench.py).
+"""The library behind the scripts (prepare.py, train.py, sample.py, eval.py, export.py, serve.py, classify.py,
+bench.py), with the two top-level modules that are the project's face: model.py (the GPT) and configurator.py.
 
-Imports point one way: scripts -> this package; inside it, each module imports only the ones listed above it.
+Imports point one way: scripts -> this package (and the two top-level modules); each module imports only the ones
+listed above it. `model` and `configurator` live at the top level of the repository, the others in chat_gpt2/.
 
     errors         the project's own error types (one-line messages for the user)
     files          atomic writes (temp file + rename), temporary folders, leftovers of killed runs
-    configurator   config files and --key=value overrides
+    configurator   (top level) config files and --key=value overrides
     chat           the chat templates: token ids and the training mask in one place; the Jinja chat_template
     device         device, dtype, autocast, the CPU allocator, free memory, peak FLOP/s
-    model          the GPT-2 model
+    model          (top level) the GPT-2 model
     lora           LoRA adapters and training only the last blocks
     classifier     a GPT with a classification head (last real token), its loss, predictions, accuracy / P / R / F1
     hf_gpt2        Hugging Face GPT-2 weights in and out

@@ -20,7 +20,7 @@ from .files import atomic_write
 from .classifier import attach_head
 from .hf_gpt2 import from_pretrained
 from .lora import adapter_state, apply_lora, fingerprint, load_adapters, merge_lora
-from .model import GPT, GPTConfig
+from model import GPT, GPTConfig
 
 CKPT_PATTERN = re.compile(r"^finetuned_(\d{8}_\d{6})(_last)?\.pt$")
 

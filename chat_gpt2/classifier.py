@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from . import chat
 from .device import autocast
 from .errors import ConfigError
-from .model import GPT, Linear
+from model import GPT, Linear
 
 
 class GPTClassifier(GPT):

@@ -7,7 +7,7 @@ from contextlib import nullcontext
 
 import torch
 
-from .configurator import parse_bool
+from configurator import parse_bool
 from .errors import ConfigError
 
 

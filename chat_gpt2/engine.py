@@ -18,7 +18,7 @@ from . import chat
 from .checkpoint import load_model
 from .device import autocast, cpu_has_bf16, resolve_device, resolve_dtype
 from .errors import ConfigError
-from .model import causal_mask
+from model import causal_mask
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import torch
 
 from . import chat
 from .errors import PretrainedError
-from .model import GPT, GPTConfig
+from model import GPT, GPTConfig
 
 OPENAI_GPT2 = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",

@@ -16,7 +16,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from .errors import ConfigError
-from .model import Linear
+from model import Linear
 
 TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # the Linear layers of a Block
 LORA_KEYS = ("lora_A", "lora_B")

@@ -144,7 +144,7 @@ def untrained_ckpt(cli_run):
     briefly trained model tends to answer <|endoftext|> at once, which would make reply comparisons vacuous)."""
     import torch
 
-    from chat_gpt2.model import GPT, GPTConfig
+    from model import GPT, GPTConfig
     ckpt = helpers.load_ckpt(cli_run["best"])
     torch.manual_seed(0)
     ckpt["model"] = GPT(GPTConfig(**ckpt["model_args"])).state_dict()

@@ -273,7 +273,7 @@ def tiny_model(seed=0, residual_scale=10.0, train=False, **config):
     tests: with GPT-2's init a random model mostly repeats the token it was fed (tied embeddings), and tests of
     cached vs uncached generation need outputs that depend on the whole context. residual_scale=1 keeps GPT-2's
     init (model and training tests)."""
-    from chat_gpt2.model import GPT, GPTConfig
+    from model import GPT, GPTConfig
     torch.manual_seed(seed)
     model = GPT(GPTConfig(**{**TINY_GPT, **config}))
     if residual_scale != 1:
@@ -311,7 +311,7 @@ def save_tiny_classifier(path, labels, model=None):
 
 def model_of(ckpt_path):
     """The GPT a checkpoint file holds, rebuilt by hand (not by chat_gpt2.checkpoint), in eval mode."""
-    from chat_gpt2.model import GPT, GPTConfig
+    from model import GPT, GPTConfig
     ckpt = load_ckpt(ckpt_path)
     model = GPT(GPTConfig(**ckpt["model_args"]))
     model.load_state_dict(ckpt["model"])

@@ -10,7 +10,7 @@ import helpers
 from chat_gpt2.checkpoint import (checkpoint_path, clean_state_dict, find_checkpoint, load_checkpoint, load_model,
                                   model_from_checkpoint, save_checkpoint, unused_stamp)
 from chat_gpt2.errors import CheckpointError, MissingFileError
-from chat_gpt2.model import GPT, GPTConfig
+from model import GPT, GPTConfig
 from helpers import checkpoints, load_ckpt
 
 

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from chat_gpt2.configurator import ConfigError, load, parse  # noqa: E402
+from configurator import ConfigError, load, parse  # noqa: E402
 from helpers import REPO  # noqa: E402
 
 DEFAULTS = {
@@ -369,7 +369,7 @@ def test_load_bad_config_file_exits_two(tmp_path, capsys):
 def test_every_key_has_a_meaning_in_help(name):
     """--help shows each key's meaning, taken from the comment beside its default in the script."""
     import importlib
-    from chat_gpt2.configurator import key_meanings
+    from configurator import key_meanings
     script = os.path.join(REPO, f"{name}.py")
     defaults = importlib.import_module(name).DEFAULTS
     meanings = key_meanings(script)

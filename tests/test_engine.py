@@ -9,7 +9,7 @@ from chat_gpt2 import chat
 from chat_gpt2 import engine as engine_module
 from chat_gpt2.engine import (Decoder, Engine, KVCache, PromptCache, Request, RowsKVCache, SamplingParams,
                               adjust_logits, crop_start, generate, load_engine, sample_next)
-from chat_gpt2.model import GPT, REFINE_TOP, GPTConfig
+from model import GPT, REFINE_TOP, GPTConfig
 
 NEG_INF = float("-inf")
 

@@ -12,7 +12,7 @@ import torch
 import helpers
 from chat_gpt2.errors import PretrainedError
 from chat_gpt2.hf_gpt2 import from_pretrained, pretrained_config, resolve_pretrained
-from chat_gpt2.model import GPT
+from model import GPT
 from helpers import max_logit_diff, save_hf
 
 pytest.importorskip("transformers")

@@ -1,10 +1,11 @@
 """The repository's shape, from the source alone (ast, nothing imported): no import cycles among the project's
-modules, nobody imports a script, model.py stays pure math, no library module is named like a script, imports in
+modules, nobody imports a script, the top level holds the scripts plus model.py and configurator.py, model.py
+stays pure math, no library module is named like a script, imports in
 chat_gpt2/ follow the module map of chat_gpt2/__init__.py, and no function is longer than MAX_FUNCTION_LINES.
 
 Every import counts, function-level ones included (a lazy import still ties the modules together). The project's
 files are every .py under the repository but tests/, virtual environments and hidden folders: the root scripts,
-chat_gpt2/, config/, data/demo/generate.py, tools/."""
+model.py, configurator.py, chat_gpt2/, config/, data/demo/generate.py, tools/."""
 import ast
 import os
 import re
@@ -14,6 +15,7 @@ import pytest
 from helpers import REPO
 
 SCRIPTS = ("prepare", "train", "sample", "eval", "export", "bench", "serve", "classify")
+TOP_LEVEL = ("model", "configurator")  # library modules at the top, the project's face; the rest is in PACKAGE
 PACKAGE = "chat_gpt2"
 MAX_FUNCTION_LINES = 60  # from the `def` line to the function's last line
 # model.py is the network alone: no downloads, file formats, temporary files or operating-system reads
@@ -23,7 +25,7 @@ SKIP_DIRS = {"tests", "__pycache__", "node_modules", "venv", "env"}
 
 
 def project_files(root=REPO):
-    """{module name: path}: `train`, `chat_gpt2.model`, `chat_gpt2` (its __init__), `data.demo.generate`, ..."""
+    """{module name: path}: `train`, `model`, `chat_gpt2.engine`, `chat_gpt2` (its __init__), `data.demo.generate`, ..."""
     modules = {}
     for folder, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.startswith("."))
@@ -132,10 +134,12 @@ def describe(graph, group):
 
 
 def module_map():
-    """The chat_gpt2 modules in the order chat_gpt2/__init__.py's docstring lists them."""
+    """The library's modules (`model`, `chat_gpt2.engine`, ...) in the order chat_gpt2/__init__.py's docstring
+    lists them."""
     with open(os.path.join(REPO, PACKAGE, "__init__.py"), encoding="utf-8") as f:
         doc = ast.get_docstring(ast.parse(f.read())) or ""
-    return [m.group(1) for m in re.finditer(r"^    (\w+)\s{2,}\S", doc, re.M)]
+    names = [m.group(1) for m in re.finditer(r"^    (\w+)\s{2,}\S", doc, re.M)]
+    return [name if name in TOP_LEVEL else f"{PACKAGE}.{name}" for name in names]
 
 
 def long_functions(limit=MAX_FUNCTION_LINES):
@@ -157,7 +161,7 @@ def long_functions(limit=MAX_FUNCTION_LINES):
 @pytest.fixture(scope="module")
 def modules():
     found = project_files()
-    assert {PACKAGE, f"{PACKAGE}.model", "train", "sample", "prepare"} <= set(found)  # the walk sees the project
+    assert {PACKAGE, "model", "configurator", "train", "sample", "prepare"} <= set(found)  # the walk sees the project
     return found
 
 
@@ -187,12 +191,17 @@ def test_no_module_imports_a_script(modules):
         + "\n".join(offenders)
 
 
+def test_top_level_holds_the_scripts_model_and_configurator():
+    names = {n[:-3] for n in os.listdir(REPO) if n.endswith(".py")}
+    assert names == set(SCRIPTS) | set(TOP_LEVEL), f"top-level modules: {sorted(names)}"
+
+
 def test_model_is_pure_math(modules):
-    path = modules[f"{PACKAGE}.model"]
+    path = modules["model"]
     with open(path, encoding="utf-8") as f:
         source = f.read()
     tree = ast.parse(source, path)
-    found = {t for t, _, _ in imports(tree, f"{PACKAGE}.model", PACKAGE, modules)}
+    found = {t for t, _, _ in imports(tree, "model", "", modules)}
     assert not found & set(MODEL_FORBIDDEN), f"model.py imports {sorted(found & set(MODEL_FORBIDDEN))}"
     opens = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
              and n.func.id == "open"]
@@ -208,10 +217,11 @@ def test_no_library_module_is_named_like_a_script():
 
 def test_library_imports_follow_the_module_map(graph):
     order = module_map()
-    assert len(order) >= 15 and "model" in order and "engine" in order  # the map was read
-    rank = {f"{PACKAGE}.{name}": i for i, name in enumerate(order)}
+    assert len(order) >= 15 and "model" in order and f"{PACKAGE}.engine" in order  # the map was read
+    rank = {name: i for i, name in enumerate(order)}
     problems = [f"{m} is missing from the map in {PACKAGE}/__init__.py" for m in sorted(graph)
-                if m.startswith(f"{PACKAGE}.") and m not in rank]
+                if (m.startswith(f"{PACKAGE}.") or m in TOP_LEVEL) and m not in rank]
+    problems += [f"{m} is in the map but not in the repository" for m in order if m not in graph]
     problems += [f"{a}:{line} -> {b} (listed below it)" for a in sorted(rank) for b, line, _ in graph.get(a, ())
                  if b in rank and rank[b] >= rank[a]]
     assert not problems, "\n".join(problems)

@@ -17,7 +17,7 @@ from chat_gpt2 import chat
 from chat_gpt2.checkpoint import load_checkpoint, load_model, model_from_checkpoint
 from chat_gpt2.errors import CheckpointError, ConfigError
 from chat_gpt2.lora import LORA_KEYS, TARGETS, apply_lora, freeze_layers, merge_lora
-from chat_gpt2.model import GPT, GPTConfig
+from model import GPT, GPTConfig
 
 LORA = {"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": list(TARGETS)}
 

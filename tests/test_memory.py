@@ -4,7 +4,7 @@ import pytest
 
 from chat_gpt2 import memory
 from chat_gpt2.lora import TARGETS, apply_lora, freeze_layers, lora_settings
-from chat_gpt2.model import GPT, GPTConfig
+from model import GPT, GPTConfig
 
 
 def test_count_params_matches_the_model():

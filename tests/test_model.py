@@ -1,4 +1,4 @@
-"""chat_gpt2/model.py: attention paths, the masked loss, the fused head loss, the CPU Linear path, the KV cache,
+"""model.py: attention paths, the masked loss, the fused head loss, the CPU Linear path, the KV cache,
 the optimizer groups, the size/FLOP counts, and torch.compile."""
 import math
 from functools import partial
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import helpers
 from chat_gpt2.engine import KVCache
-from chat_gpt2.model import GPT, GPTConfig, Linear, head_loss
+from model import GPT, GPTConfig, Linear, head_loss
 
 TINY = dict(block_size=16, vocab_size=96, n_layer=2, n_head=4, n_embd=32)
 tiny_gpt = partial(helpers.tiny_model, residual_scale=1, train=True, **TINY)  # GPT-2's init, as constructed

@@ -13,7 +13,8 @@ import httpx
 import pytest
 
 import serve
-from chat_gpt2 import chat, configurator
+import configurator
+from chat_gpt2 import chat
 from chat_gpt2.engine import Decoder, SamplingParams
 
 openai = pytest.importorskip("openai")

@@ -6,7 +6,7 @@ import torch
 
 import helpers
 from chat_gpt2 import dataset, training
-from chat_gpt2.model import GPT, GPTConfig
+from model import GPT, GPTConfig
 
 # ---------------------------------------------------------------------------------------------------------------
 # Learning-rate schedule

@@ -120,7 +120,7 @@ def random_checkpoint(folder):
 
     from chat_gpt2 import chat
     from chat_gpt2.checkpoint import save_checkpoint
-    from chat_gpt2.model import GPT, GPTConfig
+    from model import GPT, GPTConfig
     torch.manual_seed(0)
     model = GPT(GPTConfig(**RANDOM_MODEL))
     path = os.path.join(folder, "random.pt")

@@ -26,7 +26,7 @@ import os
 import sys
 import tokenize
 
-from .errors import ConfigError, UserError
+from chat_gpt2.errors import ConfigError, UserError
 
 _BOOLS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
 
