@@ -29,7 +29,7 @@ import difflib
 import sys
 
 import configurator
-from chat_gpt2.dataset import build_dataset
+from chat_gpt2.build import build_dataset
 from chat_gpt2.errors import RecordError, UserError
 
 

@@ -19,7 +19,8 @@ listed above it. `model` and `configurator` live at the top level of the reposit
     batcher        one worker thread: queued requests join the running batch (serve.py)
     server         the HTTP app: OpenAI-compatible API, /chat, the chat page (serve.py)
     records        reading chat records (.jsonl / .json, their schemas) and plain text (.txt, {"text"})
-    dataset        the prepared dataset (chat or text): build it (memmaps + masks) and read it
+    dataset        the prepared dataset (chat or text) read: its file names, meta.json, batches of windows
+    build          the prepared dataset built: tokenised, split train/val, published all or nothing
     classify_data  labelled text (.csv/.tsv/.jsonl/.json): columns, stratified split, the classify dataset, batches
     memory         a training run's memory estimate and check
     training       LR schedule, early stopping, the train step, evaluation of the loss

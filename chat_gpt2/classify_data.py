@@ -7,7 +7,7 @@ text and label (any case); else a two-column table is label then text. A table h
 holds a column named text or label (any case) or one of the names given. .csv is quoted the usual way; .tsv has no
 quoting (a tab-separated value may start with a quote). UTF-8, with or without a BOM, any line ending.
 
-The prepared folder, per split (train, val, test), published all or nothing like chat data (dataset.publish):
+The prepared folder, per split (train, val, test), published all or nothing like chat data (build.publish):
     <split>.bin           uint16 GPT-2 ids: each text's tokens followed by <|endoftext|>
     <split>_offsets.npy   int64, n + 1 positions: example i is ids[offsets[i]:offsets[i + 1]]
     <split>_labels.npy    int64 class index into meta["labels"] (sorted, or the order of --labels)
@@ -25,8 +25,8 @@ import torch
 
 from . import chat
 from .classifier import pad_batch
-from .dataset import (BUILD_PREFIX, CLASSIFY_SPLITS, _read, clean_out_dir, dataset_folder, load_dataset, publish,
-                      read_meta)
+from .build import BUILD_PREFIX, clean_out_dir, publish
+from .dataset import CLASSIFY_SPLITS, dataset_folder, load_dataset, read_array, read_meta
 from .errors import ConfigError, InputError, RecordError
 from .files import make_temp_dir
 from .records import check_input_file, iter_records
@@ -325,9 +325,9 @@ class ClassifyData:
 
     def __init__(self, folder, split):
         path = os.path.join(folder, f"{split}.bin")
-        self.ids = _read(path, np.uint16)
-        self.offsets = _read(os.path.join(folder, f"{split}_offsets.npy"))
-        self.labels = _read(os.path.join(folder, f"{split}_labels.npy"))
+        self.ids = read_array(path, np.uint16)
+        self.offsets = read_array(os.path.join(folder, f"{split}_offsets.npy"))
+        self.labels = read_array(os.path.join(folder, f"{split}_labels.npy"))
         if len(self.offsets) != len(self.labels) + 1 or (len(self.offsets) and self.offsets[-1] != len(self.ids)):
             raise InputError(f"{path}: {len(self.ids)} tokens, {len(self.offsets)} offsets and {len(self.labels)} "
                              f"labels do not agree: the dataset is incomplete, run prepare.py again")

@@ -1,5 +1,6 @@
-"""The prepared dataset: chat records or plain text -> token memmaps (build_dataset, for prepare.py) and back
-(load_dataset, for train.py and eval.py). Its files, all aligned token for token, in one folder:
+"""The prepared dataset (chat or text), read back for train.py and eval.py: load_dataset -> one ChatData per split,
+memory-mapped, whose batches are windows that start on a turn boundary. build.py builds it (prepare.py). Its files,
+all aligned token for token, in one folder (their names are defined here):
 
     train.bin / val.bin               uint16 GPT-2 token ids (np.memmap(path, dtype=np.uint16, mode="r"))
     train_mask.bin / val_mask.bin     uint8, 1 where the assistant's output is learned (see chat.py)
@@ -7,479 +8,28 @@
     train_convs.npy / val_convs.npy   int64 offsets where a conversation starts
     meta.json                         kind ("chat" or "text"), tokenizer, vocab size, template, counts, sources
 Plain text (kind "text": .txt files, {"text"} records) is every token learned, each document closed by
-<|endoftext|>; its "conversations" are the documents, and its windows start anywhere.
-
-Replacing a dataset is all or nothing: a build is written to its own folder `.prepare-<PID>-<random>`, then one
-rename switches the symlink `.dataset` to it; each name above is a symlink `name -> .dataset/name`, so readers see
-the old dataset or the new one, never a mix, whenever the process is killed. Leftovers of killed runs are removed at
-the next start. (Where symlinks are unavailable the files are moved into place one by one, meta.json last.)
+<|endoftext|>; its "conversations" are the documents, and its windows start anywhere. Each name is a symlink into
+the build folder `.dataset` points to (build.py); a folder of plain files (an older or copied dataset) reads the same.
 """
-import hashlib
-import itertools
 import json
 import os
-import shutil
-import sys
-import time
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from . import chat
-from .errors import ConfigError, InputError, MissingFileError, RecordError
-from .files import disk_error, make_temp_dir, remove_dead_leftovers, temp_name
-from .records import PREFERENCE_KEYS, document_text, is_document, iter_records, iter_text, to_conversations
+from .errors import InputError, MissingFileError
 
 SPLITS = ("train", "val")
 SPLIT_FILES = (".bin", "_mask.bin", "_turns.npy", "_convs.npy")  # per split: train.bin, train_mask.bin, ...
 DATASET_FILES = tuple(f"{s}{suffix}" for s in SPLITS for suffix in SPLIT_FILES) + ("meta.json",)
 OPTIONAL_FILES = ("test.jsonl",)  # held-out conversations (--test_fraction), for eval.py --data
-# a classification dataset (kind "classify", classify_data.py): per split the texts' tokens, where each starts, labels
+# a classification dataset (kind "classify", classify_data.py): per split its tokens, text offsets and labels
 CLASSIFY_SPLITS = ("train", "val", "test")
-CLASSIFY_FILES = tuple(f"{s}{suffix}" for s in CLASSIFY_SPLITS for suffix in (".bin", "_offsets.npy", "_labels.npy")) \
-    + ("meta.json",)
+CLASSIFY_FILES = tuple(f"{s}{suffix}" for s in CLASSIFY_SPLITS
+                       for suffix in (".bin", "_offsets.npy", "_labels.npy")) + ("meta.json",)
 ALL_FILES = tuple(dict.fromkeys(DATASET_FILES + CLASSIFY_FILES + OPTIONAL_FILES))  # every name a build may publish
 CURRENT = ".dataset"  # symlink to the build folder the names point into
-BUILD_PREFIX = ".prepare-"
-BLOCK_SIZES = (128, 256, 512, 1024)
-BATCH = 512  # conversations (or {"text"} documents) tokenised per call of tiktoken's threaded batch encoder
-TEXT_BATCH = 4  # pieces of a .txt file (about 1 MiB each) tokenised per call of the batch encoder
-SPLIT_TOKENS = 1 << 20  # tokens of the stream copied into train and val at a time (whole conversations)
-PROGRESS_SECONDS = 3  # a progress line this often, once a build has taken this long
 SCAN_TOKENS = 1 << 24  # tokens of the mask summed at a time when finding windows with something to learn
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Writing: tokenise into one temporary stream, then split by conversation
-
-
-class TokenWriter:
-    """Appends rendered conversations (or documents) to flat files (ids, mask), remembering where each
-    conversation and turn starts and each conversation's digest (for repeats). continues=True appends to the
-    previous conversation (a long document written piece by piece)."""
-
-    def __init__(self, folder, name):
-        self.ids = open(os.path.join(folder, f"{name}.bin"), "wb")
-        self.mask = open(os.path.join(folder, f"{name}_mask.bin"), "wb")
-        self.n_tokens, self.n_convs, self.learned, self.digests = 0, 0, 0, []
-        self._convs, self._turns = [], []  # int64 arrays, one per write
-
-    def add(self, ids, mask, turn_starts, continues=False):
-        self.add_batch(ids, mask, [] if continues else [0], turn_starts)
-
-    def add_batch(self, ids, mask, conv_starts, turn_starts, digests=()):
-        """ids, mask: conversations back to back; conv_starts, turn_starts: offsets into them."""
-        ids, mask = np.ascontiguousarray(ids, dtype=np.uint16), np.ascontiguousarray(mask, dtype=np.uint8)
-        self._convs.append(self.n_tokens + np.asarray(conv_starts, dtype=np.int64))
-        self._turns.append(self.n_tokens + np.asarray(turn_starts, dtype=np.int64))
-        self.ids.write(ids.data)
-        self.mask.write(mask.data)
-        self.n_tokens += len(ids)
-        self.n_convs += len(conv_starts)
-        self.learned += int(np.sum(mask, dtype=np.int64))
-        self.digests += digests
-
-    def offsets(self):
-        """(conversation starts, turn starts) so far, int64 arrays."""
-        return tuple(np.concatenate(parts or [np.zeros(0, dtype=np.int64)]) for parts in (self._convs, self._turns))
-
-    def lengths(self):
-        convs, _ = self.offsets()
-        return np.diff(np.append(convs, self.n_tokens))
-
-    def close(self, folder, name):
-        self.ids.close()
-        self.mask.close()
-        convs, turns = self.offsets()
-        np.save(os.path.join(folder, f"{name}_convs.npy"), convs)
-        np.save(os.path.join(folder, f"{name}_turns.npy"), turns)
-
-
-class Progress:
-    """A progress line on stderr every PROGRESS_SECONDS, for inputs slow enough to need one: bytes read of all the
-    inputs, the rate, the time left."""
-
-    def __init__(self, paths):
-        self.start = self.last = time.time()
-        self.total = sum(os.path.getsize(p) for p in paths if os.path.isfile(p))
-        self.read = 0  # bytes, counted by ReadCounter
-
-    def update(self, n_convs, n_tokens, final=False):
-        now = time.time()
-        if now - self.last < PROGRESS_SECONDS and not (final and now - self.start > PROGRESS_SECONDS):
-            return
-        self.last, elapsed = now, now - self.start
-        rate = self.read / max(elapsed, 1e-9)
-        where = (f"read {self.read / 1e6:,.1f} MB in {elapsed:.0f}s ({rate / 1e6:.1f} MB/s)" if final else
-                 f"{self.read / 1e6:,.1f} / {self.total / 1e6:,.1f} MB ({self.read / max(self.total, 1):.0%}), "
-                 f"{rate / 1e6:.1f} MB/s, ETA {max(0, self.total - self.read) / max(rate, 1):.0f}s")
-        print(f"  ... {where}; {n_convs:,} conversations, {n_tokens:,} tokens", file=sys.stderr, flush=True)
-
-
-class ReadCounter:
-    """A sha256 of a source that also counts, for the progress line, the bytes records.py feeds it as it reads."""
-
-    def __init__(self, progress):
-        self.sha, self.progress = hashlib.sha256(), progress
-
-    def update(self, data):
-        self.sha.update(data)
-        self.progress.read += len(data)
-
-    def hexdigest(self):
-        return self.sha.hexdigest()
-
-
-def tokenize_inputs(paths, writer, skip_invalid, stats, progress):
-    """Read, validate and render every record (or .txt document) of paths into writer. Returns the sha256 of each
-    source. stats["kind"] becomes "chat" or "text" with the first input; the other kind later is an error.
-    A batch is rendered in a second thread while the next one is read (tiktoken's encoder releases the GIL), and
-    written in order: at most two batches in memory."""
-    hashes, batch, pending = {}, [], []
-
-    def flush():  # write the batch being rendered, then start rendering this one (twice: both written)
-        if pending:
-            write_new(*pending.pop().result(), writer, stats)
-            progress.update(writer.n_convs, writer.n_tokens)
-        if batch:
-            pending.append(pool.submit(render, list(batch), stats["kind"], stats["template"]))
-            batch.clear()
-
-    with ThreadPoolExecutor(1) as pool:
-        for path in paths:
-            hasher = ReadCounter(progress)
-            if path.endswith(".txt"):
-                set_kind(stats, "text", path)
-                flush()
-                flush()  # the documents before this file are written before it
-                tokenize_text_file(path, hasher, writer, progress)
-            for where, kind, content in usable_records(path, hasher, skip_invalid, stats):
-                set_kind(stats, kind, where)
-                if held_out(content, stats):
-                    continue
-                batch.append(content)
-                if len(batch) >= BATCH:
-                    flush()
-            hashes[path] = hasher.hexdigest()
-        flush()
-        flush()
-    progress.update(writer.n_convs, writer.n_tokens, final=True)
-    return hashes
-
-
-def render(batch, kind, template):
-    """(chat.Rendered, the digest of each conversation's tokens) of a batch of conversations or "text" documents
-    (every token learned, <|endoftext|> closing each)."""
-    if kind == "text":
-        rendered = chat.documents(*chat.encode_closed(chat.get_encoder(), batch))
-    else:
-        rendered = chat.render_batch(batch, template)
-    raw, starts = memoryview(rendered.ids).cast("B"), rendered.starts
-    return rendered, [hashlib.blake2b(raw[2 * a:2 * b], digest_size=16).digest() for a, b in zip(starts, starts[1:])]
-
-
-def write_new(rendered, digests, writer, stats):
-    """Write a chat.Rendered batch, less the repeats of an earlier conversation when stats["dedupe"]."""
-    keep = [first_time(d, stats) for d in digests]
-    if not all(keep):
-        rendered = rendered.select(keep)
-        digests = [d for d, k in zip(digests, keep) if k]
-    writer.add_batch(rendered.ids, rendered.mask, rendered.starts[:-1], rendered.turns, digests)
-
-
-def held_out(messages, stats):
-    """--test_fraction: about that share of the conversations (a seeded draw per conversation, in input order) go
-    to test.jsonl as {"messages"} records instead of the dataset."""
-    if stats.get("test") is None or stats["test_rng"].random() >= stats["test_fraction"]:
-        return False
-    stats["test"].write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
-    stats["n_test"] += 1
-    return True
-
-
-def first_time(key, stats):
-    """Counts exact repeats (the same tokens: key, their digest) of an earlier conversation or document; False for
-    a repeat that --dedupe drops. (A .txt document is streamed, not compared.)"""
-    if key not in stats["seen"]:
-        stats["seen"].add(key)
-        return True
-    stats["repeats"] += 1
-    return not stats["dedupe"]
-
-
-def val_in_train(writers):
-    """How many val conversations (documents) are exact copies of a train one: a val loss that flatters."""
-    train = set(writers["train"].digests)
-    return sum(d in train for d in writers["val"].digests)
-
-
-def usable_records(path, hasher, skip_invalid, stats):
-    """(where, "text" or "chat", the text or the messages) per usable record of a .jsonl / .json file; a bad record
-    raises RecordError, or with skip_invalid is counted in stats["skipped"] by its reason."""
-    if path.endswith(".txt"):
-        return
-    records = iter_records(path, hasher)
-    while True:
-        try:
-            where, record = next(records)
-            if isinstance(record, RecordError):
-                raise record
-            if is_document(record):
-                yield where, "text", document_text(record, where)
-                continue
-            found = to_conversations(record, where, stats["template"], stats["oasst_paths"])
-        except StopIteration:
-            return
-        except RecordError as e:
-            if not skip_invalid:
-                raise
-            stats["skipped"][e.reason] += 1
-            continue
-        if PREFERENCE_KEYS & record.keys() and not stats["warned_preference"]:
-            stats["warned_preference"] = True  # once: a preference file would repeat it for every record
-            print(f"warning: {where}: preference data: 'chosen' / 'rejected' are ignored here (and in every other "
-                  f"record); the reply learned is 'output' / 'completion'", file=sys.stderr)
-        for messages in found:
-            stats["multiline_replies"] |= any("\n" in m["content"].strip() for m in messages
-                                              if m["role"] == "assistant")
-            yield where, "chat", messages
-
-
-def set_kind(stats, kind, where):
-    """The dataset is text or chat, never both: the first input decides, a later one of the other kind is refused."""
-    if stats["kind"] is None:
-        stats["kind"], stats["kind_where"] = kind, where
-    elif stats["kind"] != kind:
-        raise InputError(f"{where}: {kind} data, but {stats['kind_where']} is {stats['kind']} data: plain text "
-                         f"(.txt files, {{\"text\": ...}} records) and chat records cannot be mixed in one dataset; "
-                         f"prepare them into separate folders (pretrain on the text, then fine-tune on the chat)")
-
-
-def tokenize_text_file(path, hasher, writer, progress):
-    """A .txt file as one document, streamed: pieces cut where the tokenizer cuts anyway (records.iter_text),
-    TEXT_BATCH of them encoded at a time (tiktoken's threads)."""
-    enc, pieces, digest, first = chat.get_encoder(), iter_text(path, hasher), hashlib.blake2b(digest_size=16), True
-    while batch := list(itertools.islice(pieces, TEXT_BATCH)):
-        ids = np.fromiter(itertools.chain.from_iterable(enc.encode_ordinary_batch(batch)), dtype=np.uint16)
-        digest.update(ids.data)
-        writer.add(ids, np.ones(len(ids), dtype=np.uint8), [0] if first else [], continues=not first)
-        first = False
-        progress.update(writer.n_convs, writer.n_tokens)
-    if first:
-        raise InputError(f"{path}: empty file: a .txt input is one document of plain text")
-    eot = np.array([chat.EOT], dtype=np.uint16)
-    digest.update(eot.data)
-    writer.add(eot, [1], [], continues=True)
-    writer.digests.append(digest.digest())
-
-
-def choose_val(n_convs, val_fraction, seed):
-    """Indices of the val conversations: deterministic from the seed, at least one, never all."""
-    if n_convs < 2:
-        raise InputError(f"only {n_convs} usable conversation(s) or document(s): at least 2 are needed to split "
-                         "train/val (or pass --val_file)")
-    n_val = min(n_convs - 1, max(1, round(n_convs * val_fraction)))
-    return set(np.random.default_rng(seed).permutation(n_convs)[:n_val].tolist())
-
-
-def split_stream(folder, stream, val, writers):
-    """Copy each conversation of the tokenised stream into the train or val writer, whole: SPLIT_TOKENS of the
-    stream at a time (whole conversations), each split's part in one write."""
-    convs, turns = stream.offsets()
-    ends = np.append(convs[1:], stream.n_tokens)
-    is_val = np.zeros(len(convs), dtype=bool)
-    is_val[list(val)] = True
-    a = 0
-    while a < len(convs):
-        b = max(a + 1, int(np.searchsorted(convs, convs[a] + SPLIT_TOKENS)))  # conversations a..b-1
-        lo, hi = convs[a], ends[b - 1]
-        part_turns = turns[np.searchsorted(turns, lo):np.searchsorted(turns, hi)]
-        turn_conv = np.searchsorted(convs, part_turns, side="right") - 1
-        tokens_val = np.repeat(is_val[a:b], ends[a:b] - convs[a:b])
-        ids, mask = read_stream(folder, lo, hi)
-        for split, chosen in (("train", ~is_val), ("val", is_val)):
-            picked = chosen[a:b]
-            lengths = (ends[a:b] - convs[a:b])[picked]
-            new_starts = np.cumsum(lengths) - lengths
-            shift = np.zeros(b - a, dtype=np.int64)  # old offset - new offset, per picked conversation
-            shift[picked] = convs[a:b][picked] - lo - new_starts
-            keep = chosen[turn_conv]
-            tokens = tokens_val if split == "val" else ~tokens_val
-            writers[split].add_batch(ids[tokens], mask[tokens], new_starts,
-                                     part_turns[keep] - lo - shift[turn_conv[keep] - a],
-                                     [stream.digests[i] for i in np.flatnonzero(picked) + a])
-        a = b
-
-
-def split_by_position(folder, stream, val_fraction, writers):
-    """A single document (one .txt corpus): the first 1 - val_fraction of its tokens train, the rest val."""
-    n = stream.n_tokens
-    n_val = max(2, round(n * val_fraction))  # a split needs 2 tokens for one (input, target) pair
-    if n - n_val < 2:
-        raise InputError(f"the only document has {n} token(s): too short to split train/val (or pass --val_file)")
-    for split, a, b in (("train", 0, n - n_val), ("val", n - n_val, n)):
-        for start in range(a, b, SPLIT_TOKENS):  # in pieces: a corpus larger than memory is fine
-            end = min(b, start + SPLIT_TOKENS)
-            writers[split].add(*read_stream(folder, start, end), [0] if start == a else [], continues=start > a)
-
-
-def read_stream(folder, lo, hi):
-    """Tokens lo:hi of the tokenised stream: (ids, mask), read (not memory-mapped: the memory is freed after)."""
-    return tuple(np.fromfile(os.path.join(folder, name), dtype=dtype, count=hi - lo,
-                             offset=lo * np.dtype(dtype).itemsize)
-                 for name, dtype in (("all.bin", np.uint16), ("all_mask.bin", np.uint8)))
-
-
-def summarize(writers, stats):
-    lengths = np.concatenate([writers[s].lengths() for s in SPLITS])
-    tokens = {s: writers[s].n_tokens for s in SPLITS}
-    learned = sum(writers[s].learned for s in SPLITS)
-    return {
-        "conversations": {s: writers[s].n_convs for s in SPLITS},
-        "tokens": tokens,
-        "skipped": dict(stats["skipped"]),
-        "length_percentiles": {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 99, 100)},
-        "longer_than_block_size": {str(b): int((lengths > b + 1).sum()) for b in BLOCK_SIZES},
-        "learned_token_share": round(learned / max(1, sum(tokens.values())), 4),
-    }
-
-
-def build_dataset(inputs, out_dir="data/chat", val_fraction=0.1, val_file=None, seed=1337, skip_invalid=False,
-                  template="human_assistant", oasst_paths="best", dedupe=False, test_fraction=0.0):
-    """Build the dataset in a folder of its own inside out_dir, then make it the dataset (publish). Returns meta.
-    template: a built-in template's name, a JSON template file, or a template dict (see chat.load_template).
-    oasst_paths: "best" (an OpenAssistant tree's best-ranked branch) or "all" (every path ending on a reply).
-    dedupe: drop exact repeats of a conversation (same tokens); they are counted either way.
-    test_fraction: about this share of the conversations is held out to out_dir/test.jsonl (chat data only)."""
-    if not 0 <= test_fraction < 1:
-        raise ConfigError(f"--test_fraction must be at least 0 and below 1, got {test_fraction}")
-    if not 0 < val_fraction < 1 and val_file is None:
-        raise InputError(f"--val_fraction must be between 0 and 1, got {val_fraction}")
-    if oasst_paths not in ("best", "all"):
-        raise ConfigError(f"--oasst_paths must be best or all, got {oasst_paths!r}")
-    if isinstance(template, dict):
-        chat.check_template(template, "template")
-    else:
-        template = chat.load_template(template)
-    clean_out_dir(out_dir)
-    tmp = make_temp_dir(out_dir, BUILD_PREFIX)
-    try:
-        meta = _build(tmp, inputs, val_fraction, val_file, seed, skip_invalid,
-                      {"template": template, "oasst_paths": oasst_paths, "dedupe": dedupe,
-                       "test_fraction": test_fraction})
-        publish(tmp, out_dir)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        full = disk_error(e, f"writing the dataset in {out_dir}") if isinstance(e, OSError) else None
-        if full is not None:
-            raise full from None
-        raise
-    return meta
-
-
-def _build(tmp, inputs, val_fraction, val_file, seed, skip_invalid, options):
-    """Write every file of the dataset into the folder tmp. Returns meta. options: template, oasst_paths, dedupe."""
-    template = options["template"]
-    stats = {"skipped": Counter(), "multiline_replies": False, "kind": None, "warned_preference": False,
-             "seen": set(), "repeats": 0, **options}
-    progress = Progress(list(inputs) + ([val_file] if val_file else []))
-    writers = {s: TokenWriter(tmp, s) for s in SPLITS}
-    if options["test_fraction"]:
-        stats.update(test=open(os.path.join(tmp, "test.jsonl"), "w", encoding="utf-8"), n_test=0,
-                     test_rng=np.random.default_rng(seed + 1))
-    if val_file is None:
-        stream = TokenWriter(tmp, "all")
-        hashes = tokenize_inputs(inputs, stream, skip_invalid, stats, progress)
-        stream.close(tmp, "all")
-        if stats["kind"] == "text" and stream.n_convs == 1:
-            split_by_position(tmp, stream, val_fraction, writers)
-        else:
-            split_stream(tmp, stream, choose_val(stream.n_convs, val_fraction, seed), writers)
-    else:
-        hashes = tokenize_inputs(inputs, writers["train"], skip_invalid, stats, progress)
-        test, stats["test"] = stats.get("test"), None  # the val file is val: nothing of it is held out
-        hashes.update(tokenize_inputs([val_file], writers["val"], skip_invalid, stats, progress))
-        stats["test"] = test
-    if stats.get("test") is not None:
-        stats["test"].close()
-        if stats["kind"] == "text":
-            raise ConfigError("--test_fraction holds out conversations for eval.py --data: not for plain text")
-    for s in SPLITS:
-        writers[s].close(tmp, s)
-        if not writers[s].n_convs:
-            raise InputError(f"no usable conversations for the {s} split")
-    text = stats["kind"] == "text"
-    n_docs = stream.n_convs if val_file is None else writers["train"].n_convs + writers["val"].n_convs
-    meta = {"kind": stats["kind"], **({"documents": n_docs} if text else {}), "tokenizer": chat.TOKENIZER,
-            "vocab_size": chat.VOCAB_SIZE, "template": template, "multiline_replies": stats["multiline_replies"],
-            "default_stop": None if text else chat.default_stop(stats["multiline_replies"], template),  # text: none
-            **summarize(writers, stats), "sources": hashes, "seed": seed,
-            "val_fraction": None if val_file else val_fraction,
-            "duplicates": {"repeats": stats["repeats"], "removed": stats["repeats"] if stats["dedupe"] else 0,
-                           "val_in_train": val_in_train(writers)},
-            **({"test": {"file": "test.jsonl", "conversations": stats["n_test"],
-                         "fraction": options["test_fraction"]}} if options["test_fraction"] else {})}
-    for name in os.listdir(tmp):
-        if name.startswith("all"):  # the tokenised stream before the split
-            os.remove(os.path.join(tmp, name))
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=2)
-    return meta
-
-
-def publish(build, out_dir):
-    """Make the complete folder build the dataset at out_dir: one rename of the CURRENT symlink, then each name a
-    link into it (already so after the first build: nothing else changes), then the previous build is deleted."""
-    link = os.path.join(out_dir, CURRENT)
-    previous = os.readlink(link) if os.path.islink(link) else None
-    try:
-        os.symlink(os.path.basename(build), temp_name(link))
-    except OSError:  # no symlinks here (e.g. Windows without the privilege): move the files, meta.json last
-        for name in sorted(ALL_FILES, key="meta.json".__eq__):
-            if not os.path.exists(os.path.join(build, name)):
-                continue
-            os.replace(os.path.join(build, name), os.path.join(out_dir, name))
-        shutil.rmtree(build, ignore_errors=True)
-        return
-    os.replace(temp_name(link), link)
-    link_names(out_dir)
-    if previous and previous != os.path.basename(build):
-        shutil.rmtree(os.path.join(out_dir, previous), ignore_errors=True)
-
-
-def link_names(out_dir):
-    """Each dataset file name in out_dir a symlink to CURRENT/name (replacing old regular files, one rename each).
-    A name the current build lacks (test.jsonl; a chat build's files after a classification one) loses its link."""
-    for name in ALL_FILES:
-        path, target = os.path.join(out_dir, name), os.path.join(CURRENT, name)
-        if not os.path.exists(os.path.join(out_dir, target)):
-            if os.path.islink(path):  # the previous build had one, this one has none
-                os.remove(path)
-            continue
-        if os.path.islink(path) and os.readlink(path) == target:
-            continue
-        os.symlink(target, temp_name(path))
-        os.replace(temp_name(path), path)
-
-
-def clean_out_dir(out_dir):
-    """Before a build: delete what killed runs left (their build folders and temporary links; never the current
-    build, never a live run's) and finish linking the current build if a kill interrupted that. Says what it did."""
-    link = os.path.join(out_dir, CURRENT)
-    current = os.readlink(link) if os.path.islink(link) else None
-    ours = set(ALL_FILES) | {CURRENT}
-    removed = remove_dead_leftovers(out_dir, (BUILD_PREFIX,), temp_of=ours.__contains__, keep=(current,))
-    if current and os.path.isdir(os.path.join(out_dir, current)):
-        link_names(out_dir)
-    if removed:
-        print(f"removed {len(removed)} leftover(s) of interrupted runs in {out_dir}: {', '.join(removed)}",
-              file=sys.stderr)
-    return removed
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Reading: windows that start on a conversation or turn boundary
 
 
 class ChatData:
@@ -491,10 +41,10 @@ class ChatData:
     def __init__(self, folder, split, expected_tokens, kind="chat"):
         self.kind, self._useful = kind, {}
         path = os.path.join(folder, f"{split}.bin")
-        self.ids = _read(path, np.uint16)
-        self.mask = _read(os.path.join(folder, f"{split}_mask.bin"), np.uint8)
-        self.starts = _read(os.path.join(folder, f"{split}_turns.npy"))
-        self.convs = _read(os.path.join(folder, f"{split}_convs.npy"))
+        self.ids = read_array(path, np.uint16)
+        self.mask = read_array(os.path.join(folder, f"{split}_mask.bin"), np.uint8)
+        self.starts = read_array(os.path.join(folder, f"{split}_turns.npy"))
+        self.convs = read_array(os.path.join(folder, f"{split}_convs.npy"))
         if len(self.ids) != expected_tokens or len(self.mask) != expected_tokens:
             raise InputError(f"{path}: {len(self.ids)} tokens / {len(self.mask)} mask entries but meta.json says "
                              f"{expected_tokens}: the dataset is incomplete, run prepare.py again")
@@ -542,8 +92,8 @@ class ChatData:
         return self.ids[:learned[0] if len(learned) else end].astype(np.int64).tolist()
 
 
-def _read(path, dtype=None):
-    """A .bin memory-mapped as dtype, or a .npy loaded; any failure is an error naming the file."""
+def read_array(path, dtype=None):
+    """A .bin memory-mapped as dtype, or a .npy loaded; any failure is an error naming the file (InputError)."""
     try:
         if dtype is None:
             return np.load(path)

@@ -77,7 +77,7 @@ def tiny_ckpt(make_tiny_ckpt):
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory):
     """A prepared dataset (folder path) from helpers.chat_records(): read it, never write to it."""
-    from chat_gpt2.dataset import build_dataset
+    from chat_gpt2.build import build_dataset
     root = tmp_path_factory.mktemp("tiny")
     src = helpers.write_records(root / "chat.jsonl", helpers.chat_records())
     build_dataset([str(src)], out_dir=str(root / "data"), val_fraction=0.2, seed=1)
@@ -87,7 +87,7 @@ def tiny_dataset(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_val_dataset(tmp_path_factory):
     """A prepared dataset whose val split is one short conversation, far fewer tokens than a training window."""
-    from chat_gpt2.dataset import build_dataset
+    from chat_gpt2.build import build_dataset
     root = tmp_path_factory.mktemp("tinyval")
     train = helpers.write_records(root / "train.jsonl", helpers.chat_records())
     val = helpers.write_records(root / "val.jsonl", [{"user": "Hi", "assistant": "Hello"}])
@@ -98,7 +98,7 @@ def tiny_val_dataset(tmp_path_factory):
 @pytest.fixture
 def existing_dataset(tmp_path):
     """out_dir already holding a prepared dataset; returns (out_dir, its helpers.state: names and files)."""
-    from chat_gpt2.dataset import build_dataset
+    from chat_gpt2.build import build_dataset
     src = helpers.write_records(tmp_path / "good.jsonl", helpers.numbered(5))
     out = str(tmp_path / "out")
     build_dataset([src], out_dir=out)

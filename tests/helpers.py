@@ -85,7 +85,7 @@ def expected(messages):
 
 def prepared(tmp_path, records, name="data.jsonl", **kw):
     """records written to tmp_path/name and built into tmp_path/out. Returns (out_dir, meta)."""
-    from chat_gpt2.dataset import build_dataset
+    from chat_gpt2.build import build_dataset
     src = write_records(tmp_path / name, records)
     out = str(tmp_path / "out")
     meta = build_dataset([src], out_dir=out, **kw)

@@ -1,5 +1,6 @@
-"""chat_gpt2/dataset.py: the prepared dataset. Building it (token offsets, the split, meta.json, the val file, an
-interrupted build) and reading it (turn-aligned training windows, load errors); real data in ../shared/data."""
+"""The prepared dataset: building it (chat_gpt2/build.py: token offsets, the split, meta.json, the val file, an
+interrupted build) and reading it (chat_gpt2/dataset.py: turn-aligned training windows, load errors); real data
+in ../shared/data."""
 import glob
 import hashlib
 import json
@@ -10,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from chat_gpt2 import chat, dataset
-from chat_gpt2.dataset import build_dataset
+from chat_gpt2 import build, chat, dataset
+from chat_gpt2.build import build_dataset
 from chat_gpt2.errors import InputError
 from helpers import (EOT, GOOD, SHARED_DATA, all_texts, chat_records, conversations, decode, expected, make_legacy,
                      numbered, prepared, read_meta, read_split, records_file, snapshot, state,
@@ -136,7 +137,7 @@ def test_interrupted_run_leaves_existing_dataset(tmp_path, existing_dataset, mon
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(dataset, "split_stream", interrupted)
+    monkeypatch.setattr(build, "split_stream", interrupted)
     with pytest.raises(KeyboardInterrupt):
         build_dataset([src], out_dir=out)
     assert state(out) == before  # the same names (no temporary folder left) and the same files
@@ -144,8 +145,8 @@ def test_interrupted_run_leaves_existing_dataset(tmp_path, existing_dataset, mon
 
 def test_a_mixed_dataset_is_refused(tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    dataset.build_dataset([records_file(tmp_path / "a.jsonl", 10, "a")], out_dir=a)
-    dataset.build_dataset([records_file(tmp_path / "b.jsonl", 10, "b")], out_dir=b)
+    build_dataset([records_file(tmp_path / "a.jsonl", 10, "a")], out_dir=a)
+    build_dataset([records_file(tmp_path / "b.jsonl", 10, "b")], out_dir=b)
     make_legacy(a)
     make_legacy(b)
     shutil.copy(f"{b}/train_turns.npy", f"{a}/train_turns.npy")  # sizes may match: the copy is still refused
@@ -161,7 +162,7 @@ def test_a_live_runs_build_folder_is_kept(tmp_path):
     live, dead = out / f".prepare-{os.getpid()}-abc", out / ".prepare-999999999-abc"
     live.mkdir(), dead.mkdir()
     (out / "notes.tmp999999999").write_text("a user's file, not ours")
-    assert dataset.clean_out_dir(str(out)) == [dead.name]
+    assert build.clean_out_dir(str(out)) == [dead.name]
     assert live.is_dir() and (out / "notes.tmp999999999").exists()
 
 
@@ -236,7 +237,7 @@ def test_load_dataset_errors(tmp_path, tiny_dataset):
 @pytest.fixture
 def legacy_dataset(tmp_path):
     out = tmp_path / "data"
-    dataset.build_dataset([records_file(tmp_path / "a.jsonl", 10, "a")], out_dir=str(out))
+    build_dataset([records_file(tmp_path / "a.jsonl", 10, "a")], out_dir=str(out))
     make_legacy(str(out))
     return out
 
@@ -300,14 +301,14 @@ def test_real_datasets(tmp_path, path):
 def test_progress_lines_say_how_far_and_how_long(tmp_path, monkeypatch, capsys):
     """Large inputs (here: every update, as if each took PROGRESS_SECONDS) print bytes read of the total, the rate
     and the time left; a quick build prints none."""
-    src = write_records(tmp_path / "d.jsonl", numbered(dataset.BATCH * 2 + 5))
+    src = write_records(tmp_path / "d.jsonl", numbered(build.BATCH * 2 + 5))
     build_dataset([src], out_dir=str(tmp_path / "quick"))
     assert "  ... " not in capsys.readouterr().err
-    monkeypatch.setattr(dataset, "PROGRESS_SECONDS", 0)
+    monkeypatch.setattr(build, "PROGRESS_SECONDS", 0)
     build_dataset([src], out_dir=str(tmp_path / "out"))
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("  ... ")]
     mb = os.path.getsize(src) / 1e6
     assert len(lines) == 4  # after each of the 3 batches, then the total
     assert all(f" / {mb:,.1f} MB (" in line and " MB/s, ETA " in line for line in lines[:-1])
-    assert lines[1].split(";")[1].startswith(f" {2 * dataset.BATCH:,} conversations")
+    assert lines[1].split(";")[1].startswith(f" {2 * build.BATCH:,} conversations")
     assert lines[-1].startswith(f"  ... read {mb:,.1f} MB in ")

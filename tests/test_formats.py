@@ -5,7 +5,7 @@ import os
 import pytest
 
 import prepare
-from chat_gpt2.dataset import build_dataset
+from chat_gpt2.build import build_dataset
 from chat_gpt2.errors import RecordError
 from chat_gpt2.records import to_conversations, to_messages
 from helpers import SHARED_DATA, all_texts, write_records

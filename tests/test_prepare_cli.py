@@ -10,7 +10,7 @@ import pytest
 
 import helpers
 import prepare
-from chat_gpt2 import dataset
+from chat_gpt2 import build, dataset
 from helpers import GOOD, dataset_text, make_legacy, read_meta, records_file, run, script, state, write_records
 
 
@@ -65,13 +65,13 @@ def test_prepare_killed_at_every_rename_leaves_old_or_new_never_a_mix(tmp_path, 
     killer.write_text(KILLER.format(repo=helpers.REPO))
     reference = {}
     for name, src in (("old", old_src), ("new", new_src)):
-        dataset.build_dataset([src], out_dir=str(tmp_path / name))
+        build.build_dataset([src], out_dir=str(tmp_path / name))
         reference[name] = dataset_text(str(tmp_path / name))
     outcomes = set()
     # renames: the .dataset switch, then (converting a legacy folder only) one per file name
     for k in range(1, 2 + (1 + len(dataset.DATASET_FILES) if legacy else 1)):
         out = str(tmp_path / f"run{k}")
-        dataset.build_dataset([old_src], out_dir=out)
+        build.build_dataset([old_src], out_dir=out)
         if legacy:
             make_legacy(out)
         p = subprocess.run([sys.executable, str(killer), str(k), new_src, f"--out_dir={out}"], env=helpers.env(),
@@ -79,7 +79,7 @@ def test_prepare_killed_at_every_rename_leaves_old_or_new_never_a_mix(tmp_path, 
         seen = dataset_text(out)
         assert seen in (reference["old"], reference["new"]) or seen.startswith("refused: ") and "builds" in seen, k
         outcomes.add("killed" if p.returncode == -signal.SIGKILL else "finished")
-        dataset.clean_out_dir(out)  # the next start: leftovers removed, an interrupted switch completed
+        build.clean_out_dir(out)  # the next start: leftovers removed, an interrupted switch completed
         assert dataset_text(out) in (reference["old"], reference["new"]), k
         current = [os.readlink(f"{out}/.dataset")] if os.path.islink(f"{out}/.dataset") else []  # [] : legacy kept
         assert [n for n in os.listdir(out) if n.startswith(".prepare-")] == current

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from chat_gpt2 import dataset, records
-from chat_gpt2.dataset import build_dataset
+from chat_gpt2 import records
+from chat_gpt2.build import build_dataset
 from chat_gpt2.errors import InputError, RecordError
 from chat_gpt2.records import iter_json_array, iter_records
 from helpers import GOOD, all_texts, expected, numbered, prepared, rendered, state, write_records
@@ -213,7 +213,7 @@ def test_deep_nesting_and_huge_integers_are_record_errors(tmp_path):
     with pytest.raises(RecordError, match=r"bad.jsonl:2: unreadable JSON: nested too deeply"):
         read_all(path)
     out = tmp_path / "out"
-    meta = dataset.build_dataset([str(path)], out_dir=str(out), skip_invalid=True)
+    meta = build_dataset([str(path)], out_dir=str(out), skip_invalid=True)
     assert meta["skipped"] == {"invalid JSON": 2} and sum(meta["conversations"].values()) == 2
     array = tmp_path / "bad.json"
     array.write_text(f"[{good},\n" + '{"user": "x", "assistant": "y", "n": ' + "9" * 5000 + "},\n" + "[" * 100_000
@@ -240,7 +240,7 @@ def test_a_directory_given_as_input(tmp_path):
 
 
 def test_invalid_utf8_in_a_json_array_is_that_records_error_and_skippable(tmp_path):
-    from chat_gpt2.dataset import build_dataset
+    from chat_gpt2.build import build_dataset
     path = tmp_path / "mixed.json"
     good = [b'{"user": "q%d", "assistant": "a%d"}' % (i, i) for i in range(6)]
     path.write_bytes(b"[" + b",\n".join(good[:3] + [b'{"user": "bad \xff byte", "assistant": "x"}'] + good[3:]) + b"]")

@@ -9,7 +9,7 @@ import pytest
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
-from chat_gpt2.dataset import build_dataset  # noqa: E402
+from chat_gpt2.build import build_dataset  # noqa: E402
 from chat_gpt2.errors import UserError  # noqa: E402
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "150"))

@@ -7,7 +7,7 @@ import pytest
 
 import prepare
 from chat_gpt2 import chat
-from chat_gpt2.dataset import build_dataset
+from chat_gpt2.build import build_dataset
 from chat_gpt2.errors import ConfigError
 from helpers import EOT, SHARED_DATA, conversations, decode, read_meta, runs, write_records
 

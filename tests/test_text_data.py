@@ -9,7 +9,8 @@ from hypothesis import given, settings, strategies as st
 
 import prepare
 from chat_gpt2 import chat, records
-from chat_gpt2.dataset import build_dataset, load_dataset
+from chat_gpt2.build import build_dataset
+from chat_gpt2.dataset import load_dataset
 from chat_gpt2.errors import InputError
 from helpers import EOT, SHARED_DATA, conversations, read_meta, read_split, snapshot, write_records
 

@@ -24,7 +24,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from chat_gpt2 import dataset  # noqa: E402
+from chat_gpt2 import build, dataset  # noqa: E402
 from chat_gpt2.errors import UserError  # noqa: E402
 
 
@@ -59,9 +59,9 @@ def check_prepare(inputs, kills, rng, work):
     out = os.path.join(work, "data")
     references = []
     for i, src in enumerate(inputs):
-        dataset.build_dataset([src], out_dir=os.path.join(work, f"ref{i}"))
+        build.build_dataset([src], out_dir=os.path.join(work, f"ref{i}"))
         references.append(contents(os.path.join(work, f"ref{i}")))
-    dataset.build_dataset([inputs[0]], out_dir=out)
+    build.build_dataset([inputs[0]], out_dir=out)
     full = 600.0
     for src in inputs:  # a whole run's time (the faster of two): kill delays are drawn below it
         t0 = time.time()
@@ -73,7 +73,7 @@ def check_prepare(inputs, kills, rng, work):
         killed = run_killed([os.path.join(ROOT, "prepare.py"), inputs[k % 2], f"--out_dir={out}"], delay, work)
         killed_count += killed
         seen = contents(out)
-        dataset.clean_out_dir(out)  # what the next prepare.py does first
+        build.clean_out_dir(out)  # what the next prepare.py does first
         left = leftovers(out)
         ok = seen in references and contents(out) in references and not left
         bad += not ok
@@ -99,7 +99,7 @@ def check_checkpoints(out):
 
 def check_train(data, kills, rng, work):
     folder = os.path.join(work, "train-data")
-    dataset.build_dataset([data], out_dir=folder)
+    build.build_dataset([data], out_dir=folder)
     args = [os.path.join(ROOT, "train.py"), f"--dataset={folder}", "--init_from=scratch", "--n_layer=2", "--n_head=2",
             "--n_embd=64", "--block_size=64", "--batch_size=8", "--max_iters=100000", "--eval_interval=5",
             "--eval_iters=2", "--log_interval=5", "--sample_max_tokens=0", "--device=cpu", "--dtype=float32",

@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from chat_gpt2 import chat  # noqa: E402
-from chat_gpt2.dataset import BATCH, TEXT_BATCH  # noqa: E402
+from chat_gpt2.build import BATCH, TEXT_BATCH  # noqa: E402
 
 
 def bare_chat(path, out_path):
