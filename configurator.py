@@ -8,6 +8,9 @@ left to right, later items overriding earlier ones:
 * A positional argument (not starting with ``--``) is a config file: a Python file executed in a fresh
   namespace. Every name it assigns must be a key of the defaults, except names starting with ``_`` and
   imported modules / functions / classes, which are ignored.
+* A script that reads input files names the list key that holds them (``inputs="inputs"``, prepare.py): then a
+  positional argument that does not end in ``.py`` is an input file, appended to that list in order
+  (``python prepare.py a.jsonl b.json --out_dir=data/chat``); one ending in ``.py`` is still a config file.
 * ``--key=value`` or ``--key value`` overrides one key (the value is split off at the first ``=``, so
   ``--prompt=a=b`` gives ``"a=b"``). A bare ``--flag`` sets a bool key to True; ``--flag value`` only
   consumes ``value`` if it is a bool literal. A value that itself starts with ``--`` needs the ``=`` form.
@@ -144,15 +147,20 @@ def _read_flag(argv, i, defaults):
     return key, _convert(key, text, defaults, f"--{key}", from_cli=True), i
 
 
-def parse(defaults: dict, argv: list[str]) -> tuple[dict, dict]:
+def parse(defaults: dict, argv: list[str], inputs: str | None = None) -> tuple[dict, dict]:
     """Return (config, explicit) where config = defaults updated by argv, and explicit = the keys->values
-    that config files or command-line flags set (in order applied). Raises ConfigError on bad input."""
+    that config files or command-line flags set (in order applied). Raises ConfigError on bad input.
+    inputs: the key (a list in defaults) that collects the positional arguments not ending in .py, in order."""
+    if inputs is not None and not isinstance(defaults.get(inputs), (list, tuple)):
+        raise TypeError(f"inputs={inputs!r} must name a list key of the defaults")
     config, explicit = dict(defaults), {}
     i = 0
     while i < len(argv):
         if argv[i].startswith("--"):
             key, value, i = _read_flag(argv, i, defaults)
             items = {key: value}
+        elif inputs is not None and not argv[i].endswith(".py"):
+            items, i = {inputs: [*config[inputs], argv[i]]}, i + 1
         else:
             items, i = _read_config_file(argv[i], defaults), i + 1
         for key, value in items.items():
@@ -194,6 +202,8 @@ def key_meanings(path, name="DEFAULTS"):
                 tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT}
     meanings = {}
     for kw in call.keywords:
+        if kw.arg is None:  # **OTHER_DEFAULTS: their comments are in their own file
+            continue
         line = kw.value.end_lineno
         trailing = comments.get(line) if not lines[line - 1].lstrip().startswith("#") else None
         above = next((comments[n] for n in range(kw.lineno - 1, call.lineno - 1, -1)
@@ -203,11 +213,13 @@ def key_meanings(path, name="DEFAULTS"):
     return meanings
 
 
-def _help_text(defaults, prog, meanings=None):
+def _help_text(defaults, prog, meanings=None, inputs=None):
+    files = f" [{inputs.upper()} ...]" if inputs else ""
     lines = [
-        f"usage: {prog} [config.py ...] [--key=value | --key value | --flag ...]",
+        f"usage: {prog} [config.py ...]{files} [--key=value | --key value | --flag ...]",
         "",
-        "Config files and --key=value overrides are applied left to right. Keys, defaults and meanings:",
+        "Config files (.py) and --key=value overrides are applied left to right"
+        + (f"; the other positional arguments are --{inputs}" if inputs else "") + ". Keys, defaults, meanings:",
     ]
     for key, default in defaults.items():
         meaning = (meanings or {}).get(key)
@@ -215,18 +227,22 @@ def _help_text(defaults, prog, meanings=None):
     return "\n".join(lines)
 
 
-def load(defaults: dict, argv: list[str] | None = None, prog: str = "") -> tuple[dict, dict]:
-    """CLI wrapper: argv defaults to sys.argv[1:]. `--help`/`-h` prints every key with its default and type and
-    exits 0. A ConfigError is printed to stderr as `error: ...` (no traceback) and exits with status 2."""
+def load(defaults: dict, argv: list[str] | None = None, prog: str = "", inputs: str | None = None,
+         meanings: dict | None = None) -> tuple[dict, dict]:
+    """CLI wrapper: argv defaults to sys.argv[1:]. `--help`/`-h` prints every key with its default, type and
+    meaning (meanings, else the comments of the running script's DEFAULTS) and exits 0. A ConfigError is printed
+    to stderr as `error: ...` (no traceback) and exits with status 2. inputs: as in parse."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if not prog and sys.argv:
         prog = os.path.basename(sys.argv[0])
     if "--help" in argv or "-h" in argv:
         script = getattr(sys.modules.get("__main__"), "__file__", None)
-        print(_help_text(defaults, prog, key_meanings(script) if script else {}))
+        if meanings is None:
+            meanings = key_meanings(script) if script else {}
+        print(_help_text(defaults, prog, meanings, inputs))
         sys.exit(0)
     try:
-        return parse(defaults, argv)
+        return parse(defaults, argv, inputs)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -24,13 +24,30 @@ a text and a label column (--text_column, --label_column, --labels, --balance), 
 Everything is written to a temporary folder first and moved into place at the end, so a failed or interrupted run
 never leaves a half-written dataset or damages one that was there.
 """
-import argparse
-import difflib
 import sys
 
 import configurator
 from chat_gpt2.build import build_dataset
-from chat_gpt2.errors import RecordError, UserError
+from chat_gpt2.errors import ConfigError, RecordError, UserError
+
+DEFAULTS = dict(  # `python prepare.py --help` prints these comments
+    inputs=[],  # the input files (positional arguments): .jsonl / .json records, .txt; classify: .csv, .tsv
+    out_dir="data/chat",  # the dataset folder to write (train.py --dataset)
+    val_fraction=0.1,  # the share of conversations (or text) for val
+    val_file="",  # take val from this file instead of splitting ("" = split the inputs)
+    seed=1337,  # seed of the train/val/test split
+    template="human_assistant",  # human_assistant, alpaca, chatml, or a JSON file with the same fields
+    oasst_paths="best",  # OpenAssistant trees: best (the best-ranked branch) or all (every path to a reply)
+    test_fraction=None,  # chat: share held out to OUT_DIR/test.jsonl (None: 0); classify: test split (0.2)
+    task="chat",  # chat (chat records or plain text) or classify (labelled text, docs/classification.md)
+    text_column="",  # classify: the text column(s), names or 0-based indexes, comma-separated
+    label_column="",  # classify: the label column, a name or 0-based index
+    labels="",  # classify: the allowed labels, comma-separated (in this order)
+    balance=False,  # classify: downsample every class to the smallest
+    dedupe=False,  # drop exact repeats of a conversation (counted either way)
+    skip_invalid=False,  # skip bad records (counted) instead of failing
+)
+TASKS = ("chat", "classify")
 
 
 def print_summary(meta):
@@ -78,85 +95,53 @@ def print_duplicates(meta):
               + f"; {d['val_in_train']:,} val conversation(s) also in train")
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and every option's default."""
-
-
-def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
-    parser.add_argument("inputs", nargs="+", metavar="INPUT",
-                        help=".jsonl or .json records (chat, or {\"text\"} documents), or .txt plain text")
-    parser.add_argument("--out_dir", default="data/chat", help="the dataset folder to write (train.py --dataset)")
-    parser.add_argument("--val_fraction", type=float, default=0.1, help="the share of conversations (or text) for val")
-    parser.add_argument("--val_file", default=None, help="take val from this file instead of splitting")
-    parser.add_argument("--seed", type=int, default=1337, help="seed of the train/val/test split")
-    parser.add_argument("--template", default="human_assistant",
-                        help="human_assistant, alpaca, chatml, or a JSON file with the same fields")
-    parser.add_argument("--oasst_paths", default="best", choices=("best", "all"),
-                        help="OpenAssistant trees: the best-ranked branch, or every path ending on a reply")
-    parser.add_argument("--test_fraction", type=float, default=None,
-                        help="chat: hold out about this share of the conversations to OUT_DIR/test.jsonl (eval.py "
-                             "--data), 0 if not given; classify: the test split's share, 0.2 if not given")
-    parser.add_argument("--task", default="chat", choices=("chat", "classify"),
-                        help="chat (chat records or plain text) or classify (labelled text: .csv/.tsv/.jsonl/.json)")
-    parser.add_argument("--text_column", default="", help="classify: the text column(s), names or 0-based indexes")
-    parser.add_argument("--label_column", default="", help="classify: the label column, a name or 0-based index")
-    parser.add_argument("--labels", default="", help="classify: the allowed labels, comma-separated (in this order)")
-    parser.add_argument("--balance", action="store_true", help="classify: downsample every class to the smallest")
-    parser.add_argument("--dedupe", action="store_true", help="drop exact repeats of a conversation (counted)")
-    parser.add_argument("--skip_invalid", action="store_true", help="skip bad records (counted) instead of failing")
-    return parser
-
-
-def parse_args(argv):
-    """Options as argparse reads them, with the closest known option suggested for a misspelt one."""
-    parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:
-        known = [o for action in parser._actions for o in action.option_strings]
-        name = unknown[0].partition("=")[0]
-        close = difflib.get_close_matches(name, known, n=1)
-        parser.error(f"unknown option {name}" + (f" (did you mean {close[0]}?)" if close else ""))
-    return args
-
-
 def main(argv=None):
-    args = parse_args(argv)
-    if args.task == "classify":
-        return prepare_classify(args)
+    cfg, _ = configurator.load(DEFAULTS, argv, prog="prepare.py", inputs="inputs")
+    if not cfg["inputs"]:
+        print("error: no input files: python prepare.py INPUT [INPUT ...] [--key=value ...] (see --help)",
+              file=sys.stderr)
+        return 2
     try:
-        meta = build_dataset(args.inputs, args.out_dir, args.val_fraction, args.val_file, args.seed, args.skip_invalid,
-                             args.template, args.oasst_paths, args.dedupe, args.test_fraction or 0.0)
+        check_options(cfg)
+        if cfg["task"] == "classify":
+            return prepare_classify(cfg)
+        meta = build_dataset(cfg["inputs"], cfg["out_dir"], cfg["val_fraction"], cfg["val_file"] or None,
+                             cfg["seed"], cfg["skip_invalid"], cfg["template"], cfg["oasst_paths"], cfg["dedupe"],
+                             cfg["test_fraction"] or 0.0)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         if isinstance(e, RecordError):
-            print("(pass --skip_invalid to skip such records; nothing was written)", file=sys.stderr)
+            rows = "rows" if cfg["task"] == "classify" else "records"
+            print(f"(pass --skip_invalid to skip such {rows}; nothing was written)", file=sys.stderr)
         return 1
     print_summary(meta)
     print_duplicates(meta)
     if "test" in meta:
-        print(f"held out {meta['test']['conversations']:,} conversation(s) to {args.out_dir}/test.jsonl "
-              f"(eval.py --data={args.out_dir}/test.jsonl)")
-    print(f"wrote {args.out_dir}/{{train,val}}.bin and their masks, offsets and meta.json")
+        print(f"held out {meta['test']['conversations']:,} conversation(s) to {cfg['out_dir']}/test.jsonl "
+              f"(eval.py --data={cfg['out_dir']}/test.jsonl)")
+    print(f"wrote {cfg['out_dir']}/{{train,val}}.bin and their masks, offsets and meta.json")
     return 0
 
 
-def prepare_classify(args):
+def check_options(cfg):
+    """What the types alone do not settle: --task's choices, --test_fraction a number when given."""
+    if cfg["task"] not in TASKS:
+        raise ConfigError(f"--task must be {' or '.join(TASKS)}, got {cfg['task']!r}")
+    fraction = cfg["test_fraction"]
+    if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float))):
+        raise ConfigError(f"--test_fraction must be a number, got {fraction!r}")
+    if cfg["task"] == "classify" and cfg["val_file"]:
+        raise ConfigError("--val_file is for chat data: --task=classify splits train/val/test by class")
+
+
+def prepare_classify(cfg):
+    """--task=classify: build the classification dataset and print its summary (0), or raise UserError."""
     from chat_gpt2.classify_data import build_classify_dataset  # imports torch (seconds): only this task needs it
-    if args.val_file:
-        print("error: --val_file is for chat data: --task=classify splits train/val/test by class", file=sys.stderr)
-        return 1
-    try:
-        meta = build_classify_dataset(args.inputs, args.out_dir, args.text_column, args.label_column, args.labels,
-                                      args.balance, args.val_fraction,
-                                      0.2 if args.test_fraction is None else args.test_fraction, args.seed,
-                                      args.skip_invalid)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        if isinstance(e, RecordError):
-            print("(pass --skip_invalid to skip such rows; nothing was written)", file=sys.stderr)
-        return 1
-    print_classify_summary(meta, args.out_dir)
+    meta = build_classify_dataset(cfg["inputs"], cfg["out_dir"], cfg["text_column"], cfg["label_column"],
+                                  cfg["labels"], cfg["balance"], cfg["val_fraction"],
+                                  0.2 if cfg["test_fraction"] is None else cfg["test_fraction"], cfg["seed"],
+                                  cfg["skip_invalid"])
+    print_classify_summary(meta, cfg["out_dir"])
     return 0
 
 

@@ -318,6 +318,55 @@ def test_config_error_is_value_error():
     assert issubclass(ConfigError, ValueError)
 
 
+# ---------------------------------------------------------------- positional input files (inputs=KEY)
+
+FILE_DEFAULTS = {"inputs": [], "out_dir": "data/chat", "seed": 1337, "skip_invalid": False, "dedupe": False}
+
+
+def test_inputs_collect_the_positional_arguments_in_order():
+    argv = ["a.jsonl", "--out_dir=data/x", "b.json", "--seed", "3", "c.txt"]
+    config, explicit = parse(FILE_DEFAULTS, argv, inputs="inputs")
+    assert config["inputs"] == ["a.jsonl", "b.json", "c.txt"] and FILE_DEFAULTS["inputs"] == []
+    assert config["out_dir"] == "data/x" and config["seed"] == 3
+    assert list(explicit) == ["out_dir", "seed", "inputs"] and explicit["inputs"] == ["a.jsonl", "b.json", "c.txt"]
+
+
+def test_inputs_a_py_positional_is_still_a_config_file(tmp_path):
+    cfg = write(tmp_path, "prep.py", "seed = 7\ninputs = ['from_config.jsonl']\n")
+    config, _ = parse(FILE_DEFAULTS, [cfg, "more.jsonl"], inputs="inputs")
+    assert config["seed"] == 7 and config["inputs"] == ["from_config.jsonl", "more.jsonl"]
+
+
+def test_inputs_bare_bool_flags_do_not_consume_an_input():
+    config, _ = parse(FILE_DEFAULTS, ["--skip_invalid", "a.jsonl", "--dedupe"], inputs="inputs")
+    assert config["skip_invalid"] is True and config["dedupe"] is True and config["inputs"] == ["a.jsonl"]
+    config, _ = parse(FILE_DEFAULTS, ["--skip_invalid", "false", "a.jsonl"], inputs="inputs")
+    assert config["skip_invalid"] is False and config["inputs"] == ["a.jsonl"]
+
+
+def test_without_inputs_every_positional_is_a_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file 'a.jsonl'.*config files are .py files"):
+        parse(FILE_DEFAULTS, ["a.jsonl"])
+    cfg = write(tmp_path, "c.py", "seed = 2\n")
+    assert parse(FILE_DEFAULTS, [cfg])[0]["seed"] == 2  # train.py's `config/x.py` positionals
+
+
+def test_inputs_must_name_a_list_key():
+    with pytest.raises(TypeError, match="list key"):
+        parse(FILE_DEFAULTS, ["a.jsonl"], inputs="out_dir")
+
+
+def test_load_help_with_inputs_names_them_in_the_usage(capsys):
+    with pytest.raises(SystemExit) as e:
+        load(FILE_DEFAULTS, ["--help"], prog="prepare.py", inputs="inputs",
+             meanings={"inputs": "the files to read", "seed": "the seed"})
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: prepare.py [config.py ...] [INPUTS ...] [--key=value")
+    assert "  --inputs=[]  (list)  the files to read" in out and "  --seed=1337  (int)  the seed" in out
+    assert "  --dedupe=False  (bool)\n" in out  # no meaning given: none shown
+
+
 # ---------------------------------------------------------------- load()
 
 def test_load_success_uses_given_argv():
@@ -365,7 +414,7 @@ def test_load_bad_config_file_exits_two(tmp_path, capsys):
     assert err.startswith("error: ") and "typo.py" in err and "batch_size" in err
 
 
-@pytest.mark.parametrize("name", ["train", "sample", "eval", "export", "serve", "bench"])
+@pytest.mark.parametrize("name", ["train", "sample", "eval", "export", "serve", "bench", "prepare"])
 def test_every_key_has_a_meaning_in_help(name):
     """--help shows each key's meaning, taken from the comment beside its default in the script."""
     import importlib

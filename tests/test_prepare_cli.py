@@ -88,7 +88,37 @@ def test_prepare_killed_at_every_rename_leaves_old_or_new_never_a_mix(tmp_path, 
 
 
 def test_help_shows_defaults_and_a_misspelt_option_gets_a_suggestion(tmp_path):
-    text = " ".join(run([script("prepare.py"), "--help"], tmp_path).stdout.split())  # argparse wraps lines
-    assert "(default: data/chat)" in text and "(default: 0.1)" in text
+    """prepare.py is parsed by the configurator: --help lists every key with its default and meaning (from the
+    comments of prepare.DEFAULTS), a misspelt key is refused with the closest one (exit 2, nothing written)."""
+    p = run([script("prepare.py"), "--help"], tmp_path)
+    assert p.stdout.startswith("usage: prepare.py [config.py ...] [INPUTS ...]")
+    for key, default in prepare.DEFAULTS.items():
+        assert f"  --{key}={default!r}  (" in p.stdout, key
+    assert "--out_dir='data/chat'  (str)  the dataset folder to write" in p.stdout
+    assert "--val_fraction=0.1  (float)" in p.stdout and "--skip_invalid=False  (bool)" in p.stdout
     p = run([script("prepare.py"), "x.jsonl", "--val_fractoin=0.2"], tmp_path, check=False)
-    assert p.returncode == 2 and "unknown option --val_fractoin (did you mean --val_fraction?)" in p.stderr
+    assert p.returncode == 2 and "unknown config key 'val_fractoin' (did you mean 'val_fraction'?)" in p.stderr
+    p = run([script("prepare.py"), "--out_dir=data/x"], tmp_path, check=False)
+    assert p.returncode == 2 and "error: no input files" in p.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_positional_inputs_and_bare_flags_as_before(tmp_path, capsys):
+    """Every spelling the argparse version took: inputs anywhere among the options, `--key value`, bare boolean
+    flags before an input, --val_file, an empty --test_fraction meaning 0."""
+    a = write_records(tmp_path / "a.jsonl", [GOOD] * 3 + [{"user": 1, "assistant": "bad"}])
+    b = write_records(tmp_path / "b.json", [{"user": f"q{i}", "assistant": f"a{i}"} for i in range(6)])
+    out = str(tmp_path / "out")
+    assert prepare.main(["--skip_invalid", a, "--out_dir", out, b, "--dedupe", "--seed=5"]) == 0
+    meta = read_meta(out)
+    assert list(meta["sources"]) == [a, b] and meta["seed"] == 5 and meta["skipped"] == {"wrong type": 1}
+    assert meta["duplicates"] == {"repeats": 2, "removed": 2, "val_in_train": 0}
+    assert sum(meta["conversations"].values()) == 7 and "test" not in meta
+    val = write_records(tmp_path / "val.jsonl", [GOOD, {"user": "v", "assistant": "w"}])
+    assert prepare.main([b, f"--out_dir={out}", f"--val_file={val}"]) == 0
+    assert read_meta(out)["conversations"] == {"train": 6, "val": 2} and read_meta(out)["val_fraction"] is None
+    capsys.readouterr()
+    assert prepare.main([b, f"--out_dir={out}", "--test_fraction=x"]) == 1
+    assert prepare.main([b, f"--out_dir={out}", "--task=clasify"]) == 1
+    err = capsys.readouterr().err
+    assert "error: --test_fraction must be a number, got 'x'" in err and "error: --task must be chat or classify" in err
