@@ -1,4 +1,4 @@
-"""bench.py: --mode=train (the JSON fields, --profile's breakdown and MFU ceilings) and --mode=generate.
+"""bench.py and its modes (benchmarks/): the JSON fields and report of each --mode, dispatched by bench.py.
 
 Speed itself is measured by `python bench.py --mode=train --preset=...`, not here: these tests check the report."""
 import json
@@ -8,6 +8,7 @@ import tempfile
 import pytest
 
 import bench
+from benchmarks.generate_speed import has_transformers
 from chat_gpt2.errors import ConfigError
 from helpers import write_records
 
@@ -57,7 +58,7 @@ def test_bench_generate_quick_preset(capsys):
     result = json.loads(out.strip().splitlines()[-1])
     assert result["mode"] == "generate" and result["preset"] == "quick" and result["new_tokens"] == 8
     half = "ours, KV cache, bfloat16"  # --gen_half's default: the weights converted
-    impls = {"ours, KV cache", "ours, no cache"} | ({"transformers, use_cache"} if bench._has_transformers() else set())
+    impls = {"ours, KV cache", "ours, no cache"} | ({"transformers, use_cache"} if has_transformers() else set())
     assert {(r["impl"], r["batch"]) for r in result["rows"]} == {(i, b) for i in impls | {half} for b in (1, 2)}
     full = [r for r in result["rows"] if r["impl"] != half]
     assert all(r["tokens_per_s"] > 0 and r["same_tokens"] for r in full)  # greedy fp32 paths: identical tokens
@@ -122,6 +123,19 @@ def test_bench_sample_times_sample_py_end_to_end(capsys):
     assert impls[:2] == ["sample.py --dtype=float32", "sample.py --dtype=bfloat16"]
     for row in result["rows"][:2]:
         assert row["seconds_long"] > 0 and row["seconds_short"] > 0 and "tokens_per_s" in row
-    if bench._has_transformers():
+    if has_transformers():
         assert impls[2].startswith("transformers") and result["rows"][2]["vs_transformers"] == 1.0
     assert "vs transformers" in out
+
+
+def test_each_mode_is_a_module_whose_keys_bench_py_parses():
+    """--mode=X runs benchmarks/X's bench(cfg); every mode's keys are bench.py's keys (with --help meanings), and
+    the keys shared by all modes (device, dtype, seed) are bench.py's own."""
+    assert set(bench.MODES) == {"train", "generate", "half", "sample", "finetune", "prepare"}
+    for module in bench.MODES.values():
+        assert callable(module.bench) and set(module.DEFAULTS) <= set(bench.DEFAULTS)
+        assert not {"mode", "device", "dtype", "seed"} & set(module.DEFAULTS)
+    assert len(bench.DEFAULTS) == 4 + sum(len(m.DEFAULTS) for m in bench.MODES.values())  # no key defined twice
+    assert set(bench.key_meanings()) == set(bench.DEFAULTS)
+    with pytest.raises(SystemExit, match="unknown --mode='nope'"):
+        bench.main(["--mode=nope"])

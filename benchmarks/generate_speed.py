@@ -1,0 +1,171 @@
+"""--mode=generate: new tokens/s of our decoding with and without the KV cache, with the weights in half precision,
+and transformers' cached generate on the same weights; the prompt's forward pass (prefill) too.
+
+    python bench.py --mode=generate                    # quick: a tiny model, seconds
+    python bench.py --mode=generate --gen_preset=full  # GPT-2 124M shape: 32 + 256 tokens, batch 1 and 8
+
+The engine's decode loop is called in one place, greedy_tokens (--mode=half and --mode=sample use it too).
+"""
+import copy
+import importlib.util
+import time
+
+import torch
+
+from chat_gpt2.device import autocast, resolve_device, resolve_dtype, sync
+from chat_gpt2.engine import SamplingParams, generate, to_half
+from chat_gpt2.hf_gpt2 import hf_config, hf_state_dict
+from model import GPT, GPTConfig
+
+DEFAULTS = dict(  # `python bench.py --help` prints these comments
+    gen_preset="quick",  # --mode=generate/sample: quick (a tiny model, seconds) | full (GPT-2 124M shape, random)
+    gen_prompt_tokens=0,  # override the preset's prompt length (0 = the preset's)
+    gen_new_tokens=0,  # override the preset's new tokens (0 = the preset's)
+    gen_batch_sizes=None,  # override the preset's batch sizes, e.g. [1]
+    gen_hf=True,  # also time transformers' GPT2LMHeadModel.generate(use_cache=True) on the same weights
+    gen_half="bfloat16",  # also time our decoding with the weights in this dtype ("" = no); --mode=half's dtype
+    gen_prefill_tokens=256,  # also time one forward pass over a prompt this long (capped at block_size; 0 = no)
+)
+
+GEN_PRESETS = {
+    "quick": dict(model=dict(n_layer=2, n_head=2, n_embd=64, vocab_size=50257, block_size=128),
+                  prompt_tokens=16, new_tokens=32, batch_sizes=[1, 4]),
+    "full": dict(model=dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024),
+                 prompt_tokens=32, new_tokens=256, batch_sizes=[1, 8]),
+}
+
+
+def gen_setup(cfg):
+    """The preset with cfg's overrides applied, and a random-weight model of its shape (seeded)."""
+    if cfg["gen_preset"] not in GEN_PRESETS:
+        raise SystemExit(f"error: unknown --gen_preset={cfg['gen_preset']!r}: use one of {sorted(GEN_PRESETS)}")
+    preset = dict(GEN_PRESETS[cfg["gen_preset"]])
+    for key in ("prompt_tokens", "new_tokens", "batch_sizes"):
+        preset[key] = cfg[f"gen_{key}"] or preset[key]
+    torch.manual_seed(cfg["seed"])
+    model = GPT(GPTConfig(**preset["model"], dropout=0.0)).eval()
+    return preset, model
+
+
+
+def greedy_tokens(model, prompt, new_tokens, use_cache=True, vocab_limit=None):
+    """Exactly new_tokens greedy tokens after prompt (B, T), as (B, new_tokens): the engine's decode loop (it does
+    not stop at <|endoftext|>). vocab_limit: never pick ids at or above it (the embedding's padding)."""
+    params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens)
+    return torch.stack(list(generate(model, prompt, params, use_cache=use_cache, vocab_limit=vocab_limit)), dim=1)
+
+
+def _time_ours(model, prompt, new_tokens, use_cache, device, dtype):
+    """Greedy generation of exactly new_tokens tokens; returns (seconds, the tokens (B, new_tokens))."""
+    sync(device)
+    t0 = time.perf_counter()
+    with autocast(device, dtype):
+        tokens = greedy_tokens(model, prompt, new_tokens, use_cache)
+    sync(device)
+    return time.perf_counter() - t0, tokens
+
+
+def hf_model(model):
+    """transformers' GPT2LMHeadModel holding our weights, converted as an export converts them."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    hf = GPT2LMHeadModel(GPT2Config.from_dict(hf_config(model.config)))
+    missing, unexpected = hf.load_state_dict(hf_state_dict(model), strict=False)
+    assert not unexpected and all(k == "lm_head.weight" or k.endswith(".attn.bias") for k in missing), missing
+    return hf.to(next(model.parameters()).device).eval()
+
+
+def time_hf(hf, prompt, new_tokens, device):
+    sync(device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, use_cache=True,
+                          max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+    sync(device)
+    return time.perf_counter() - t0, out[:, prompt.size(1):]
+
+
+def bench(cfg):
+    """Table of new tokens/s per (implementation, batch size); returns the rows for the JSON line. The model runs in
+    --dtype (default fp32 here: the reference), and again with its weights converted to --gen_half."""
+    device = resolve_device(cfg["device"])
+    dtype = "float32" if cfg["dtype"] == "auto" else resolve_dtype(cfg["dtype"], device)
+    preset, model = gen_setup(cfg)
+    model.to(device)
+    half = to_half(copy.deepcopy(model), cfg["gen_half"], device) if cfg["gen_half"] else None
+    hf = hf_model(model) if cfg["gen_hf"] and has_transformers() and dtype == "float32" else None
+    n_new, rows = preset["new_tokens"], []
+    print(f"generate: preset {cfg['gen_preset']}, {model.get_num_params() / 1e6:.1f}M parameters, device {device}, "
+          f"dtype {dtype}, {torch.get_num_threads()} threads, prompt {preset['prompt_tokens']} + {n_new} new tokens")
+    print(f"{'implementation':<34}{'batch':>6}{'seconds':>10}{'tokens/s':>11}{'same tokens':>13}")
+    for batch in preset["batch_sizes"]:
+        prompt = torch.randint(0, model.config.vocab_size, (batch, preset["prompt_tokens"]),
+                               generator=torch.Generator().manual_seed(cfg["seed"])).to(device)
+        _time_ours(model, prompt, 2, True, device, dtype)  # warm-up: first-call allocations and kernel choice
+        reference = None
+        runs = [("ours, KV cache", lambda: _time_ours(model, prompt, n_new, True, device, dtype)),
+                ("ours, no cache", lambda: _time_ours(model, prompt, n_new, False, device, dtype))]
+        if half is not None:
+            _time_ours(half, prompt, 2, True, device, "float32")
+            runs.append((f"ours, KV cache, {cfg['gen_half']}",
+                         lambda: _time_ours(half, prompt, n_new, True, device, "float32")))
+        if hf is not None:
+            time_hf(hf, prompt, 2, device)
+            runs.append(("transformers, use_cache", lambda: time_hf(hf, prompt, n_new, device)))
+        for name, run in runs:
+            seconds, tokens = run()
+            reference = tokens if reference is None else reference
+            same = (tokens.cpu() == reference.cpu()).float().mean().item()  # greedy fp32 paths: all the same
+            rows.append({"impl": name, "batch": batch, "seconds": round(seconds, 3),
+                         "tokens_per_s": round(batch * n_new / seconds, 2), "same_tokens": same == 1.0,
+                         "same_token_share": round(same, 4)})
+            print(f"{name:<34}{batch:>6}{seconds:>10.2f}{batch * n_new / seconds:>11.1f}{same:>13.1%}", flush=True)
+    prefill = _time_prefill(model, half, cfg, device, dtype)
+    return {"mode": "generate", "preset": cfg["gen_preset"], "device": device, "dtype": dtype,
+            "prompt_tokens": preset["prompt_tokens"], "new_tokens": n_new, "rows": rows,
+            "speedups": _speedups(rows), "prefill": prefill}
+
+
+@torch.no_grad()
+def _time_prefill(model, half, cfg, device, dtype):
+    """Prompt tokens/s of one forward pass over a gen_prefill_tokens prompt (batch 1; the best of 2, after a
+    warm-up), ours in dtype and with the weights in gen_half: the compute-bound side of generation."""
+    n = min(cfg["gen_prefill_tokens"], model.config.block_size)
+    if n <= 0:
+        return {}
+    prompt = torch.randint(0, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(cfg["seed"]))
+    speeds = {}
+    for name, m, run_dtype in ((dtype, model, dtype), (f"{cfg['gen_half']} weights", half, "float32")):
+        if m is None:
+            continue
+        seconds = []
+        for _ in range(3):
+            sync(device)
+            t0 = time.perf_counter()
+            with autocast(device, run_dtype):
+                m(prompt.to(device))
+            sync(device)
+            seconds.append(time.perf_counter() - t0)
+        speeds[name] = round(n / min(seconds[1:]), 1)
+    print(f"prompt of {n} tokens (prefill), tokens/s: " + ", ".join(f"{k} {v:.1f}" for k, v in speeds.items()))
+    return {"tokens": n, "tokens_per_s": speeds}
+
+
+def _speedups(rows):
+    """Per batch size: the KV cache's speed-up over no cache, and over transformers' cached generate."""
+    out = {}
+    for batch in sorted({r["batch"] for r in rows}):
+        speed = {r["impl"]: r["tokens_per_s"] for r in rows if r["batch"] == batch}
+        cached = speed["ours, KV cache"]
+        out[str(batch)] = {"cache_vs_no_cache": round(cached / speed["ours, no cache"], 2)}
+        for name, value in speed.items():
+            if name == "transformers, use_cache":
+                out[str(batch)]["cache_vs_transformers"] = round(cached / value, 2)
+            elif name.startswith("ours, KV cache, "):
+                out[str(batch)]["half_vs_fp32"] = round(value / cached, 2)
+                if "transformers, use_cache" in speed:
+                    out[str(batch)]["half_vs_transformers"] = round(value / speed["transformers, use_cache"], 2)
+    return out
+
+
+def has_transformers():
+    return importlib.util.find_spec("transformers") is not None
