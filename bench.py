@@ -1,5 +1,6 @@
-"""Benchmarks that print numbers (speed and memory targets live here, not in timed unit tests). Each mode is a
-module of benchmarks/ with its own keys; this script parses them all and runs the one --mode names.
+"""Benchmarks that print numbers (speed and memory targets live here, not in timed unit tests). Each
+mode is a module of benchmarks/ with its own keys; this script parses them all and runs the one
+--mode names.
 
     python bench.py --mode=train --preset=tiny       # training throughput, MFU (benchmarks/train_speed.py)
     python bench.py --mode=train --preset=124m       # GPT-2 124M shape, batch 4 (also: 6x384, batch 8)

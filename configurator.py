@@ -1,25 +1,29 @@
-"""Command-line / config-file configuration shared by every script (train.py, sample.py, eval.py, ...).
+"""Command-line / config-file configuration shared by every script (train.py, sample.py, prepare.py, ...).
 
-Convention (as in nanoGPT): a script defines a dict of defaults, then the command line is applied to it
-left to right, later items overriding earlier ones:
+Convention (as in nanoGPT): a script defines a dict of defaults, then the command line is applied to
+it left to right, later items overriding earlier ones:
 
     python train.py config/finetune.py --batch_size=8 --compile false
 
-* A positional argument (not starting with ``--``) is a config file: a Python file executed in a fresh
-  namespace. Every name it assigns must be a key of the defaults, except names starting with ``_`` and
-  imported modules / functions / classes, which are ignored.
-* A script that reads input files names the list key that holds them (``inputs="inputs"``, prepare.py): then a
-  positional argument that does not end in ``.py`` is an input file, appended to that list in order
-  (``python prepare.py a.jsonl b.json --out_dir=data/chat``); one ending in ``.py`` is still a config file.
-* ``--key=value`` or ``--key value`` overrides one key (the value is split off at the first ``=``, so
-  ``--prompt=a=b`` gives ``"a=b"``). A bare ``--flag`` sets a bool key to True; ``--flag value`` only
-  consumes ``value`` if it is a bool literal. A value that itself starts with ``--`` needs the ``=`` form.
-* Values are converted to the type of the default: str is taken raw, bool accepts true/false/1/0/yes/no/
-  on/off, int accepts integral numbers (``1e4``), float accepts any number (``0``), and None / list /
-  tuple / dict defaults go through ``ast.literal_eval`` (falling back to the raw string).
+* A positional argument (not starting with ``--``) is a config file: a Python file executed in a
+  fresh namespace. Every name it assigns must be a key of the defaults, except names starting with
+  ``_`` and imported modules / functions / classes, which are ignored.
+* A script that reads input files names the list key that holds them (``inputs="inputs"``,
+  prepare.py): then a positional argument that does not end in ``.py`` is an input file, appended to
+  that list in order (``python prepare.py a.jsonl b.json --out_dir=data/chat``); one ending in
+  ``.py`` is still a config file.
+* ``--key=value`` or ``--key value`` overrides one key (the value is split off at the first ``=``,
+  so ``--prompt=a=b`` gives ``"a=b"``). A bare ``--flag`` sets a bool key to True; ``--flag value``
+  only consumes ``value`` if it is a bool literal. A value that itself starts with ``--`` needs the
+  ``=`` form.
+* Values are converted to the type of the default: str is taken raw, bool accepts
+  true/false/1/0/yes/no/on/off, int accepts integral numbers (``1e4``), float accepts any number
+  (``0``), and None / list / tuple / dict defaults go through ``ast.literal_eval`` (falling back to
+  the raw string).
 
-Unlike nanoGPT's configurator, unknown keys (with a "did you mean" hint), bad values and broken config
-files raise ConfigError instead of being silently accepted, and nothing is printed while parsing.
+Unlike nanoGPT's configurator, unknown keys (with a "did you mean" hint), bad values and broken
+config files raise ConfigError instead of being silently accepted, and nothing is printed while
+parsing.
 """
 import ast
 import difflib
@@ -148,9 +152,10 @@ def _read_flag(argv, i, defaults):
 
 
 def parse(defaults: dict, argv: list[str], inputs: str | None = None) -> tuple[dict, dict]:
-    """Return (config, explicit) where config = defaults updated by argv, and explicit = the keys->values
-    that config files or command-line flags set (in order applied). Raises ConfigError on bad input.
-    inputs: the key (a list in defaults) that collects the positional arguments not ending in .py, in order."""
+    """Return (config, explicit) where config = defaults updated by argv, and explicit = the
+    keys->values that config files or command-line flags set (in order applied). Raises ConfigError
+    on bad input. inputs: the key (a list in defaults) that collects the positional arguments not
+    ending in .py, in order."""
     if inputs is not None and not isinstance(defaults.get(inputs), (list, tuple)):
         raise TypeError(f"inputs={inputs!r} must name a list key of the defaults")
     config, explicit = dict(defaults), {}
@@ -171,8 +176,9 @@ def parse(defaults: dict, argv: list[str], inputs: str | None = None) -> tuple[d
 
 
 def check_saved(defaults, saved, where):
-    """A config stored earlier (a checkpoint's), checked like a config file: every value must fit its default's type
-    (ConfigError naming `where` and the key otherwise). Keys this version does not know are dropped, with a note."""
+    """A config stored earlier (a checkpoint's), checked like a config file: every value must fit
+    its default's type (ConfigError naming `where` and the key otherwise). Keys this version does
+    not know are dropped, with a note."""
     if not isinstance(saved, dict):
         raise ConfigError(f"{where} is not a dict of settings")
     unknown = sorted(k for k in saved if k not in defaults)
@@ -184,9 +190,9 @@ def check_saved(defaults, saved, where):
 
 
 def key_meanings(path, name="DEFAULTS"):
-    """{key: meaning} from the comments beside `NAME = dict(key=value, ...)` in a script's source: a key's meaning
-    is the comment ending its line, else the nearest comment line above it. The defaults document themselves once,
-    in the code, and --help shows them."""
+    """{key: meaning} from the comments beside `NAME = dict(key=value, ...)` in a script's source: a
+    key's meaning is the comment ending its line, else the nearest comment line above it. The
+    defaults document themselves once, in the code, and --help shows them."""
     try:
         with open(path, encoding="utf-8") as f:
             source = f.read()
@@ -229,9 +235,10 @@ def _help_text(defaults, prog, meanings=None, inputs=None):
 
 def load(defaults: dict, argv: list[str] | None = None, prog: str = "", inputs: str | None = None,
          meanings: dict | None = None) -> tuple[dict, dict]:
-    """CLI wrapper: argv defaults to sys.argv[1:]. `--help`/`-h` prints every key with its default, type and
-    meaning (meanings, else the comments of the running script's DEFAULTS) and exits 0. A ConfigError is printed
-    to stderr as `error: ...` (no traceback) and exits with status 2. inputs: as in parse."""
+    """CLI wrapper: argv defaults to sys.argv[1:]. `--help`/`-h` prints every key with its default,
+    type and meaning (meanings, else the comments of the running script's DEFAULTS) and exits 0. A
+    ConfigError is printed to stderr as `error: ...` (no traceback) and exits with status 2. inputs:
+    as in parse."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if not prog and sys.argv:
         prog = os.path.basename(sys.argv[0])
@@ -249,9 +256,9 @@ def load(defaults: dict, argv: list[str] | None = None, prog: str = "", inputs: 
 
 
 def run(main):
-    """Entry-point wrapper for the scripts: the project's own errors (errors.UserError: bad config, input, files,
-    checkpoints) end in a one-line `error: ...` on stderr with exit status 1; anything else is a bug and keeps its
-    traceback. Ctrl-C exits with 130."""
+    """Entry-point wrapper for the scripts: the project's own errors (errors.UserError: bad config,
+    input, files, checkpoints) end in a one-line `error: ...` on stderr with exit status 1; anything
+    else is a bug and keeps its traceback. Ctrl-C exits with 130."""
     try:
         return main()
     except UserError as e:

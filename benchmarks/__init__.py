@@ -1,5 +1,5 @@
-"""bench.py's modes, one module each (`python bench.py --mode=X`); each defines the DEFAULTS only it reads and one
-bench(cfg) that prints a report and returns the JSON line's dict.
+"""bench.py's modes, one module each (`python bench.py --mode=X`); each defines the DEFAULTS only it
+reads and one bench(cfg) that prints a report and returns the JSON line's dict.
 
     train_speed      --mode=train     train.py's train_step on random tokens: tokens/s, MFU, --profile's breakdown
     generate_speed   --mode=generate  decoding tokens/s, KV cache on/off, half-precision weights, vs transformers

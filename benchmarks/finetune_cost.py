@@ -1,5 +1,5 @@
-"""--mode=finetune: full fine-tuning vs the last block only vs LoRA at GPT-2 medium shape, each variant in a fresh
-process: tokens/s, peak memory, trainable parameters, checkpoint sizes.
+"""--mode=finetune: full fine-tuning vs the last block only vs LoRA at GPT-2 medium shape, each
+variant in a fresh process: tokens/s, peak memory, trainable parameters, checkpoint sizes.
 
     python bench.py --mode=finetune                  # GPT-2 medium shape: full vs trainable_layers=1 vs LoRA rank 8
 """
@@ -30,8 +30,9 @@ VARIANTS = {"full": {}, "layers1": {"trainable_layers": 1}, "lora8": {"lora_rank
 
 
 def bench(cfg):
-    """Each variant in a fresh process (so its peak RSS is its own): tokens/s, peak memory, trainable parameters and
-    the size of its best (weights) and _last (weights + AdamW state) checkpoints."""
+    """Each variant in a fresh process (so its peak RSS is its own): tokens/s, peak memory,
+    trainable parameters and the size of its best (weights) and _last (weights + AdamW state)
+    checkpoints."""
     if cfg["variant"]:
         return _finetune_variant(cfg)
     rows = []

@@ -1,10 +1,12 @@
-"""--mode=generate: new tokens/s of our decoding with and without the KV cache, with the weights in half precision,
-and transformers' cached generate on the same weights; the prompt's forward pass (prefill) too.
+"""--mode=generate: new tokens/s of our decoding with and without the KV cache, with the weights in
+half precision, and transformers' cached generate on the same weights; the prompt's forward pass
+(prefill) too.
 
     python bench.py --mode=generate                    # quick: a tiny model, seconds
     python bench.py --mode=generate --gen_preset=full  # GPT-2 124M shape: 32 + 256 tokens, batch 1 and 8
 
-The engine's decode loop is called in one place, greedy_tokens (--mode=half and --mode=sample use it too).
+The engine's decode loop is called in one place, greedy_tokens (--mode=half and --mode=sample use it
+too).
 """
 import copy
 import importlib.util
@@ -47,10 +49,10 @@ def gen_setup(cfg):
     return preset, model
 
 
-
 def greedy_tokens(model, prompt, new_tokens, use_cache=True, vocab_limit=None):
-    """Exactly new_tokens greedy tokens after prompt (B, T), as (B, new_tokens): the engine's decode loop (it does
-    not stop at <|endoftext|>). vocab_limit: never pick ids at or above it (the embedding's padding)."""
+    """Exactly new_tokens greedy tokens after prompt (B, T), as (B, new_tokens): the engine's decode
+    loop (it does not stop at <|endoftext|>). vocab_limit: never pick ids at or above it (the
+    embedding's padding)."""
     params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens)
     return torch.stack(list(generate(model, prompt, params, use_cache=use_cache, vocab_limit=vocab_limit)), dim=1)
 
@@ -85,8 +87,9 @@ def time_hf(hf, prompt, new_tokens, device):
 
 
 def bench(cfg):
-    """Table of new tokens/s per (implementation, batch size); returns the rows for the JSON line. The model runs in
-    --dtype (default fp32 here: the reference), and again with its weights converted to --gen_half."""
+    """Table of new tokens/s per (implementation, batch size); returns the rows for the JSON line.
+    The model runs in --dtype (default fp32 here: the reference), and again with its weights
+    converted to --gen_half."""
     device = resolve_device(cfg["device"])
     dtype = "float32" if cfg["dtype"] == "auto" else resolve_dtype(cfg["dtype"], device)
     preset, model = gen_setup(cfg)
@@ -127,8 +130,9 @@ def bench(cfg):
 
 @torch.no_grad()
 def _time_prefill(model, half, cfg, device, dtype):
-    """Prompt tokens/s of one forward pass over a gen_prefill_tokens prompt (batch 1; the best of 2, after a
-    warm-up), ours in dtype and with the weights in gen_half: the compute-bound side of generation."""
+    """Prompt tokens/s of one forward pass over a gen_prefill_tokens prompt (batch 1; the best of 2,
+    after a warm-up), ours in dtype and with the weights in gen_half: the compute-bound side of
+    generation."""
     n = min(cfg["gen_prefill_tokens"], model.config.block_size)
     if n <= 0:
         return {}

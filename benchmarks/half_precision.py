@@ -1,5 +1,5 @@
-"""--mode=half: a trained model in fp32 and with its weights in --gen_half (engine.to_half): how many greedy tokens
-agree, and the val loss / perplexity of each.
+"""--mode=half: a trained model in fp32 and with its weights in --gen_half (engine.to_half): how
+many greedy tokens agree, and the val loss / perplexity of each.
 
     python bench.py --mode=half --ckpt=out/finetuned_X.pt --dataset=data/chat   # bf16 vs fp32: same tokens?
 """
@@ -25,10 +25,11 @@ DEFAULTS = dict(  # `python bench.py --help` prints these comments (the half dty
 )
 
 def bench(cfg):
-    """A trained model in fp32 and with its weights in gen_half (GPT.to_half): the share of greedy tokens that agree
-    (prompts of 32 tokens taken evenly over the val split, half_new_tokens each; a row that flips once then
-    continues from a different text, so also the step of each row's first difference, and the share of steps
-    where both pick the same token after fp32's own tokens), and the val loss / perplexity of each."""
+    """A trained model in fp32 and with its weights in gen_half (GPT.to_half): the share of greedy
+    tokens that agree (prompts of 32 tokens taken evenly over the val split, half_new_tokens each; a
+    row that flips once then continues from a different text, so also the step of each row's first
+    difference, and the share of steps where both pick the same token after fp32's own tokens), and
+    the val loss / perplexity of each."""
     if not cfg["ckpt"] or not cfg["dataset"]:
         raise ConfigError("--mode=half needs --ckpt=PATH (a trained checkpoint) and --dataset=DIR (its data)")
     device = resolve_device(cfg["device"])
@@ -61,8 +62,8 @@ def bench(cfg):
 
 @torch.no_grad()
 def _same_next_tokens(model, half, seq, prompt_len):
-    """The share of steps after prompt_len at which both models' greedy next token is the same, given seq (each
-    step sees at most the last block_size tokens)."""
+    """The share of steps after prompt_len at which both models' greedy next token is the same,
+    given seq (each step sees at most the last block_size tokens)."""
     same = []
     for end in range(prompt_len, seq.size(1)):
         window = seq[:, max(0, end - model.config.block_size):end]

@@ -1,5 +1,6 @@
-"""--mode=prepare: prepare.py end to end against tools/prepare_bare.py, the work every tokeniser must do (JSON
-decoding, the template's text, tiktoken's batch encoder, uint16 writes): both as processes (wall, CPU, peak RSS).
+"""--mode=prepare: prepare.py end to end against tools/prepare_bare.py, the work every tokeniser
+must do (JSON decoding, the template's text, tiktoken's batch encoder, uint16 writes): both as
+processes (wall, CPU, peak RSS).
 
     python bench.py --mode=prepare                   # prepare.py end to end vs a bare tokenise-and-write loop (~25 MB)
 """
@@ -64,8 +65,9 @@ def _repeat_file(source, path, size):
     return copies
 
 
-# Runs `python ARGS` from a fresh small process and reports its rusage: a child of bench.py itself would count
-# bench.py's own memory (torch) in its peak RSS, which Linux carries over a fork and exec.
+# Runs `python ARGS` from a fresh small process and reports its rusage: a child of bench.py itself
+# would count bench.py's own memory (torch) in its peak RSS, which Linux carries over a fork and
+# exec.
 MEASURE_CHILD = """import json, os, sys, time
 start = time.perf_counter()
 pid = os.fork()
@@ -78,8 +80,8 @@ print(json.dumps([os.waitstatus_to_exitcode(status), time.perf_counter() - start
 
 
 def _run_child(args):
-    """({s, cpu_s, peak_rss_mb}, stdout) of `python *args`: wall and CPU time and peak RSS of that process alone,
-    interpreter start and imports included."""
+    """({s, cpu_s, peak_rss_mb}, stdout) of `python *args`: wall and CPU time and peak RSS of that
+    process alone, interpreter start and imports included."""
     p = subprocess.run([sys.executable, "-c", MEASURE_CHILD, *args], capture_output=True, text=True)
     code, wall, cpu, rss = json.loads(p.stderr.strip().splitlines()[-1])
     if code != 0:

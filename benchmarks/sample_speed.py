@@ -1,4 +1,5 @@
-"""--mode=sample: sample.py end to end as a user runs it, fp32 and half precision, against transformers' generate.
+"""--mode=sample: sample.py end to end as a user runs it, fp32 and half precision, against
+transformers' generate.
 
     python bench.py --mode=sample --gen_preset=full  # sample.py end to end, fp32 and bf16, vs transformers (124M)
 """
@@ -30,11 +31,12 @@ SAMPLE_PROMPT = ("The old lighthouse keeper climbed the winding stairs every eve
 
 
 def bench(cfg):
-    """sample.py as a user runs it (process start, imports, checkpoint load, prompt, decoding) on a random-weight
-    model of the preset's shape, in fp32 and with --dtype=gen_half, batch 1, greedy. A token's time is (seconds
-    for the preset's new_tokens - seconds for sample_short) / their difference: the start-up cancels out. Each
-    process runs sample_runs times, alternately, the fastest counting. Against transformers' generate (fp32, in
-    this process, after a warm-up) on the same weights."""
+    """sample.py as a user runs it (process start, imports, checkpoint load, prompt, decoding) on a
+    random-weight model of the preset's shape, in fp32 and with --dtype=gen_half, batch 1, greedy. A
+    token's time is (seconds for the preset's new_tokens - seconds for sample_short) / their
+    difference: the start-up cancels out. Each process runs sample_runs times, alternately, the
+    fastest counting. Against transformers' generate (fp32, in this process, after a warm-up) on the
+    same weights."""
     device = resolve_device(cfg["device"])
     preset, model = gen_setup(cfg)
     short, long = cfg["sample_short"], preset["new_tokens"]

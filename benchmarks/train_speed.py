@@ -1,5 +1,6 @@
-"""--mode=train: train.py's own train_step on random tokens; steps/s, tokens/s, achieved FLOP/s and MFU against the
-matmul peak measured in the same run, peak memory; --profile adds where a step's time goes.
+"""--mode=train: train.py's own train_step on random tokens; steps/s, tokens/s, achieved FLOP/s and
+MFU against the matmul peak measured in the same run, peak memory; --profile adds where a step's
+time goes.
 
     python bench.py --mode=train --preset=tiny       # training throughput, MFU against the measured peak
     python bench.py --mode=train --preset=124m       # GPT-2 124M shape, batch 4 (also: 6x384, batch 8)
@@ -33,7 +34,8 @@ DEFAULTS = dict(  # `python bench.py --help` prints these comments (--device, --
 )
 PRESET_OVERRIDES = ("batch_size", "block_size", "steps", "warmup")  # the keys above that override a preset
 
-# Shapes of the reference figures in docs/performance.md: vocab 50304, no bias, no dropout, one micro-step, block 256.
+# Shapes of the reference figures in docs/performance.md: vocab 50304, no bias, no dropout, one
+# micro-step, block 256.
 TRAIN_PRESETS = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=128, batch_size=4, block_size=64, steps=5, warmup=2,
                  peak_sizes=(512, 1024), peak_repeats=2),
@@ -45,8 +47,9 @@ TRAIN_PRESETS = {
 
 
 class RandomTokens:
-    """Stands in for dataset.ChatData: uniform random tokens, every position learned (mask 1), so the LM head runs
-    on every position as in nanoGPT and the FLOP count 6N + 12LHQT is the work actually done."""
+    """Stands in for dataset.ChatData: uniform random tokens, every position learned (mask 1), so
+    the LM head runs on every position as in nanoGPT and the FLOP count 6N + 12LHQT is the work
+    actually done."""
 
     def __init__(self, vocab_size):
         self.vocab_size = vocab_size
@@ -57,8 +60,8 @@ class RandomTokens:
 
 
 def _train_setup(cfg):
-    """The preset with cfg's overrides; the model, the module that runs (compiled or the model), the optimizer, and
-    one train.py step as a function."""
+    """The preset with cfg's overrides; the model, the module that runs (compiled or the model), the
+    optimizer, and one train.py step as a function."""
     if cfg["preset"] not in TRAIN_PRESETS:
         raise SystemExit(f"error: unknown --preset={cfg['preset']!r}: use one of {sorted(TRAIN_PRESETS)}")
     p = dict(TRAIN_PRESETS[cfg["preset"]])
@@ -86,9 +89,9 @@ def _train_setup(cfg):
 
 
 def _baseline(model, optimizer):
-    """nanoGPT's CPU recipe, to compare against on the same machine: PyTorch's default (unfused, for-loop on CPU)
-    AdamW, and F.cross_entropy over the full fp32 logits instead of model.head_loss (fp32 and glibc's default
-    allocator are set by the caller)."""
+    """nanoGPT's CPU recipe, to compare against on the same machine: PyTorch's default (unfused,
+    for-loop on CPU) AdamW, and F.cross_entropy over the full fp32 logits instead of model.head_loss
+    (fp32 and glibc's default allocator are set by the caller)."""
 
     def plain_loss(self, x, targets, loss_mask):  # every position is learned here (RandomTokens)
         return F.cross_entropy(self.lm_head(x).float(), targets, ignore_index=-1)
@@ -104,9 +107,9 @@ def peak_rss_mb():
 
 
 def time_steps(step, data, gen, n, device):
-    """Run n steps, syncing once per step. Returns (wall seconds per step, process CPU seconds per step, the loss
-    of each step). CPU time is what a step costs whatever else the machine runs; wall time well above CPU time /
-    threads means other processes took the cores."""
+    """Run n steps, syncing once per step. Returns (wall seconds per step, process CPU seconds per
+    step, the loss of each step). CPU time is what a step costs whatever else the machine runs; wall
+    time well above CPU time / threads means other processes took the cores."""
     times, cpu, losses = [], [], []
     for _ in range(n):
         t0, c0 = time.perf_counter(), time.process_time()
@@ -119,8 +122,9 @@ def time_steps(step, data, gen, n, device):
 
 
 def _measure_peaks(device, dtype, p, peaks=None):
-    """{dtype: FLOP/s} for fp32 and the training dtype, the best of this and any earlier measurement (bench
-    measures before and after training: a second chance for a moment when other processes leave the cores)."""
+    """{dtype: FLOP/s} for fp32 and the training dtype, the best of this and any earlier measurement
+    (bench measures before and after training: a second chance for a moment when other processes
+    leave the cores)."""
     peaks = dict(peaks or {})
     for d in {"float32", dtype}:
         peaks[d] = max(peaks.get(d, 0.0), measure_matmul_peak(device, d, p["peak_sizes"], p["peak_repeats"]))
@@ -141,9 +145,10 @@ def _median_ms(fn, device, repeats=5):
 
 
 def kernel_ms(model, batch_size, block_size, dtype, device):
-    """The step's matmul-bound work timed alone at the model's shapes in dtype, in ms: the linear layers' matmuls
-    (every Linear and the tied LM head on all tokens; forward x @ W.T, backward g @ W and g.T @ x: the 6N of the
-    FLOP count) and attention (SDPA, causal) forward and forward + backward, times n_layer."""
+    """The step's matmul-bound work timed alone at the model's shapes in dtype, in ms: the linear
+    layers' matmuls (every Linear and the tied LM head on all tokens; forward x @ W.T, backward g @
+    W and g.T @ x: the 6N of the FLOP count) and attention (SDPA, causal) forward and forward +
+    backward, times n_layer."""
     dt, tokens, cfg = getattr(torch, dtype), batch_size * block_size, model.config
     shapes = [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)]
     out = {"matmul_fwd": 0.0, "matmul_bwd": 0.0}
@@ -166,10 +171,11 @@ def kernel_ms(model, batch_size, block_size, dtype, device):
 
 
 def phase_ms(model, optimizer, data, gen, p, run, steps=3):
-    """Median wall ms of each phase of a training step (forward with the loss, backward, grad-norm clipping, AdamW
-    step and zero_grad), with a device sync between phases. Not torch.profiler: on CPU its bookkeeping fragments
-    the heap, so the large-tensor ops page-fault and show up many times slower than they run. Timing only: a
-    float16 run's GradScaler is left out here (no accumulation or DDP either, as in the bench's own steps)."""
+    """Median wall ms of each phase of a training step (forward with the loss, backward, grad-norm
+    clipping, AdamW step and zero_grad), with a device sync between phases. Not torch.profiler: on
+    CPU its bookkeeping fragments the heap, so the large-tensor ops page-fault and show up many
+    times slower than they run. Timing only: a float16 run's GradScaler is left out here (no
+    accumulation or DDP either, as in the bench's own steps)."""
     names = ("forward", "backward", "clip", "optimizer")
     times = {name: [] for name in names}
     for _ in range(steps):
@@ -196,11 +202,11 @@ def _synced_clock(device):
 
 
 def breakdown(model, compiled, optimizer, data, gen, p, run, flops_per_step, peak):
-    """Where a step's time goes (phase_ms), how much of it the matmul-bound work takes when timed alone
-    (kernel_ms), and the MFU ceilings that follow: if everything but the matmuls were free; if everything but the
-    matmuls and attention were; and if only the elementwise ops (casts, GELU, LayerNorm, adds, embedding, the loss's
-    softmax) were free, with clipping and AdamW as measured. compiled: the module the step runs (model or its
-    torch.compile wrapper)."""
+    """Where a step's time goes (phase_ms), how much of it the matmul-bound work takes when timed
+    alone (kernel_ms), and the MFU ceilings that follow: if everything but the matmuls were free; if
+    everything but the matmuls and attention were; and if only the elementwise ops (casts, GELU,
+    LayerNorm, adds, embedding, the loss's softmax) were free, with clipping and AdamW as measured.
+    compiled: the module the step runs (model or its torch.compile wrapper)."""
     phases = phase_ms(compiled, optimizer, data, gen, p, run)
     kernels = kernel_ms(model, p["batch_size"], p["block_size"], run["dtype"], run["device"])
     matmuls = kernels["matmul_fwd"] + kernels["matmul_bwd"]

@@ -1,11 +1,13 @@
-"""Building the prepared dataset (prepare.py): chat records or plain text -> the token memmaps, masks and
-offsets that dataset.py reads (its docstring lists the files). The records are tokenised into one temporary stream,
-which is then split train/val by whole conversation (a single .txt document: by position).
+"""Building the prepared dataset (prepare.py): chat records or plain text -> the token memmaps,
+masks and offsets that dataset.py reads (its docstring lists the files). The records are tokenised
+into one temporary stream, which is then split train/val by whole conversation (a single .txt
+document: by position).
 
-Replacing a dataset is all or nothing: a build is written to its own folder `.prepare-<PID>-<random>`, then one
-rename switches the symlink `.dataset` to it; each file name is a symlink `name -> .dataset/name`, so readers see
-the old dataset or the new one, never a mix, whenever the process is killed. Leftovers of killed runs are removed at
-the next start. (Where symlinks are unavailable the files are moved into place one by one, meta.json last.)
+Replacing a dataset is all or nothing: a build is written to its own folder
+`.prepare-<PID>-<random>`, then one rename switches the symlink `.dataset` to it; each file name is
+a symlink `name -> .dataset/name`, so readers see the old dataset or the new one, never a mix,
+whenever the process is killed. Leftovers of killed runs are removed at the next start. (Where
+symlinks are unavailable the files are moved into place one by one, meta.json last.)
 classify_data.py publishes its datasets the same way (publish, clean_out_dir).
 """
 import hashlib
@@ -39,9 +41,9 @@ PROGRESS_SECONDS = 3  # a progress line this often, once a build has taken this 
 
 
 class TokenWriter:
-    """Appends rendered conversations (or documents) to flat files (ids, mask), remembering where each
-    conversation and turn starts and each conversation's digest (for repeats). continues=True appends to the
-    previous conversation (a long document written piece by piece)."""
+    """Appends rendered conversations (or documents) to flat files (ids, mask), remembering where
+    each conversation and turn starts and each conversation's digest (for repeats). continues=True
+    appends to the previous conversation (a long document written piece by piece)."""
 
     def __init__(self, folder, name):
         self.ids = open(os.path.join(folder, f"{name}.bin"), "wb")
@@ -81,8 +83,8 @@ class TokenWriter:
 
 
 class Progress:
-    """A progress line on stderr every PROGRESS_SECONDS, for inputs slow enough to need one: bytes read of all the
-    inputs, the rate, the time left."""
+    """A progress line on stderr every PROGRESS_SECONDS, for inputs slow enough to need one: bytes
+    read of all the inputs, the rate, the time left."""
 
     def __init__(self, paths):
         self.start = self.last = time.time()
@@ -116,10 +118,10 @@ class ReadCounter:
 
 
 def tokenize_inputs(paths, writer, skip_invalid, stats, progress):
-    """Read, validate and render every record (or .txt document) of paths into writer. Returns the sha256 of each
-    source. stats["kind"] becomes "chat" or "text" with the first input; the other kind later is an error.
-    A batch is rendered in a second thread while the next one is read (tiktoken's encoder releases the GIL), and
-    written in order: at most two batches in memory."""
+    """Read, validate and render every record (or .txt document) of paths into writer. Returns the
+    sha256 of each source. stats["kind"] becomes "chat" or "text" with the first input; the other
+    kind later is an error. A batch is rendered in a second thread while the next one is read
+    (tiktoken's encoder releases the GIL), and written in order: at most two batches in memory."""
     hashes, batch, pending = {}, [], []
 
     def flush():  # write the batch being rendered, then start rendering this one (twice: both written)
@@ -153,8 +155,8 @@ def tokenize_inputs(paths, writer, skip_invalid, stats, progress):
 
 
 def render(batch, kind, template):
-    """(chat.Rendered, the digest of each conversation's tokens) of a batch of conversations or "text" documents
-    (every token learned, <|endoftext|> closing each)."""
+    """(chat.Rendered, the digest of each conversation's tokens) of a batch of conversations or
+    "text" documents (every token learned, <|endoftext|> closing each)."""
     if kind == "text":
         rendered = chat.documents(*chat.encode_closed(chat.get_encoder(), batch))
     else:
@@ -173,8 +175,8 @@ def write_new(rendered, digests, writer, stats):
 
 
 def held_out(messages, stats):
-    """--test_fraction: about that share of the conversations (a seeded draw per conversation, in input order) go
-    to test.jsonl as {"messages"} records instead of the dataset."""
+    """--test_fraction: about that share of the conversations (a seeded draw per conversation, in
+    input order) go to test.jsonl as {"messages"} records instead of the dataset."""
     if stats.get("test") is None or stats["test_rng"].random() >= stats["test_fraction"]:
         return False
     stats["test"].write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
@@ -183,8 +185,9 @@ def held_out(messages, stats):
 
 
 def first_time(key, stats):
-    """Counts exact repeats (the same tokens: key, their digest) of an earlier conversation or document; False for
-    a repeat that --dedupe drops. (A .txt document is streamed, not compared.)"""
+    """Counts exact repeats (the same tokens: key, their digest) of an earlier conversation or
+    document; False for a repeat that --dedupe drops. (A .txt document is streamed, not
+    compared.)"""
     if key not in stats["seen"]:
         stats["seen"].add(key)
         return True
@@ -199,8 +202,9 @@ def val_in_train(writers):
 
 
 def usable_records(path, hasher, skip_invalid, stats):
-    """(where, "text" or "chat", the text or the messages) per usable record of a .jsonl / .json file; a bad record
-    raises RecordError, or with skip_invalid is counted in stats["skipped"] by its reason."""
+    """(where, "text" or "chat", the text or the messages) per usable record of a .jsonl / .json
+    file; a bad record raises RecordError, or with skip_invalid is counted in stats["skipped"] by
+    its reason."""
     if path.endswith(".txt"):
         return
     records = iter_records(path, hasher)
@@ -241,8 +245,8 @@ def set_kind(stats, kind, where):
 
 
 def tokenize_text_file(path, hasher, writer, progress):
-    """A .txt file as one document, streamed: pieces cut where the tokenizer cuts anyway (records.iter_text),
-    TEXT_BATCH of them encoded at a time (tiktoken's threads)."""
+    """A .txt file as one document, streamed: pieces cut where the tokenizer cuts anyway
+    (records.iter_text), TEXT_BATCH of them encoded at a time (tiktoken's threads)."""
     enc, pieces, digest, first = chat.get_encoder(), iter_text(path, hasher), hashlib.blake2b(digest_size=16), True
     while batch := list(itertools.islice(pieces, TEXT_BATCH)):
         ids = np.fromiter(itertools.chain.from_iterable(enc.encode_ordinary_batch(batch)), dtype=np.uint16)
@@ -268,8 +272,8 @@ def choose_val(n_convs, val_fraction, seed):
 
 
 def split_stream(folder, stream, val, writers):
-    """Copy each conversation of the tokenised stream into the train or val writer, whole: SPLIT_TOKENS of the
-    stream at a time (whole conversations), each split's part in one write."""
+    """Copy each conversation of the tokenised stream into the train or val writer, whole:
+    SPLIT_TOKENS of the stream at a time (whole conversations), each split's part in one write."""
     convs, turns = stream.offsets()
     ends = np.append(convs[1:], stream.n_tokens)
     is_val = np.zeros(len(convs), dtype=bool)
@@ -331,11 +335,12 @@ def summarize(writers, stats):
 
 def build_dataset(inputs, out_dir="data/chat", val_fraction=0.1, val_file=None, seed=1337, skip_invalid=False,
                   template="human_assistant", oasst_paths="best", dedupe=False, test_fraction=0.0):
-    """Build the dataset in a folder of its own inside out_dir, then make it the dataset (publish). Returns meta.
-    template: a built-in template's name, a JSON template file, or a template dict (see chat.load_template).
-    oasst_paths: "best" (an OpenAssistant tree's best-ranked branch) or "all" (every path ending on a reply).
-    dedupe: drop exact repeats of a conversation (same tokens); they are counted either way.
-    test_fraction: about this share of the conversations is held out to out_dir/test.jsonl (chat data only)."""
+    """Build the dataset in a folder of its own inside out_dir, then make it the dataset (publish).
+    Returns meta. template: a built-in template's name, a JSON template file, or a template dict
+    (see chat.load_template). oasst_paths: "best" (an OpenAssistant tree's best-ranked branch) or
+    "all" (every path ending on a reply). dedupe: drop exact repeats of a conversation (same
+    tokens); they are counted either way. test_fraction: about this share of the conversations is
+    held out to out_dir/test.jsonl (chat data only)."""
     if not 0 <= test_fraction < 1:
         raise ConfigError(f"--test_fraction must be at least 0 and below 1, got {test_fraction}")
     if not 0 < val_fraction < 1 and val_file is None:
@@ -413,8 +418,9 @@ def _build(tmp, inputs, val_fraction, val_file, seed, skip_invalid, options):
 
 
 def publish(build, out_dir):
-    """Make the complete folder build the dataset at out_dir: one rename of the CURRENT symlink, then each name a
-    link into it (already so after the first build: nothing else changes), then the previous build is deleted."""
+    """Make the complete folder build the dataset at out_dir: one rename of the CURRENT symlink,
+    then each name a link into it (already so after the first build: nothing else changes), then the
+    previous build is deleted."""
     link = os.path.join(out_dir, CURRENT)
     previous = os.readlink(link) if os.path.islink(link) else None
     try:
@@ -433,8 +439,9 @@ def publish(build, out_dir):
 
 
 def link_names(out_dir):
-    """Each dataset file name in out_dir a symlink to CURRENT/name (replacing old regular files, one rename each).
-    A name the current build lacks (test.jsonl; a chat build's files after a classification one) loses its link."""
+    """Each dataset file name in out_dir a symlink to CURRENT/name (replacing old regular files, one
+    rename each). A name the current build lacks (test.jsonl; a chat build's files after a
+    classification one) loses its link."""
     for name in ALL_FILES:
         path, target = os.path.join(out_dir, name), os.path.join(CURRENT, name)
         if not os.path.exists(os.path.join(out_dir, target)):
@@ -448,8 +455,9 @@ def link_names(out_dir):
 
 
 def clean_out_dir(out_dir):
-    """Before a build: delete what killed runs left (their build folders and temporary links; never the current
-    build, never a live run's) and finish linking the current build if a kill interrupted that. Says what it did."""
+    """Before a build: delete what killed runs left (their build folders and temporary links; never
+    the current build, never a live run's) and finish linking the current build if a kill
+    interrupted that. Says what it did."""
     link = os.path.join(out_dir, CURRENT)
     current = os.readlink(link) if os.path.islink(link) else None
     ours = set(ALL_FILES) | {CURRENT}

@@ -1,15 +1,17 @@
-"""The prepared dataset (chat or text), read back for train.py and eval.py: load_dataset -> one ChatData per split,
-memory-mapped, whose batches are windows that start on a turn boundary. build.py builds it (prepare.py). Its files,
-all aligned token for token, in one folder (their names are defined here):
+"""The prepared dataset (chat or text), read back for train.py and eval.py: load_dataset -> one
+ChatData per split, memory-mapped, whose batches are windows that start on a turn boundary. build.py
+builds it (prepare.py). Its files, all aligned token for token, in one folder (their names are
+defined here):
 
     train.bin / val.bin               uint16 GPT-2 token ids (np.memmap(path, dtype=np.uint16, mode="r"))
     train_mask.bin / val_mask.bin     uint8, 1 where the assistant's output is learned (see chat.py)
     train_turns.npy / val_turns.npy   int64 offsets where a turn starts (training windows start only there)
     train_convs.npy / val_convs.npy   int64 offsets where a conversation starts
     meta.json                         kind ("chat" or "text"), tokenizer, vocab size, template, counts, sources
-Plain text (kind "text": .txt files, {"text"} records) is every token learned, each document closed by
-<|endoftext|>; its "conversations" are the documents, and its windows start anywhere. Each name is a symlink into
-the build folder `.dataset` points to (build.py); a folder of plain files (an older or copied dataset) reads the same.
+Plain text (kind "text": .txt files, {"text"} records) is every token learned, each document closed
+by <|endoftext|>; its "conversations" are the documents, and its windows start anywhere. Each name
+is a symlink into the build folder `.dataset` points to (build.py); a folder of plain files (an
+older or copied dataset) reads the same.
 """
 import json
 import os
@@ -23,7 +25,8 @@ SPLITS = ("train", "val")
 SPLIT_FILES = (".bin", "_mask.bin", "_turns.npy", "_convs.npy")  # per split: train.bin, train_mask.bin, ...
 DATASET_FILES = tuple(f"{s}{suffix}" for s in SPLITS for suffix in SPLIT_FILES) + ("meta.json",)
 OPTIONAL_FILES = ("test.jsonl",)  # held-out conversations (--test_fraction), for eval.py --data
-# a classification dataset (kind "classify", classify_data.py): per split its tokens, text offsets and labels
+# a classification dataset (kind "classify", classify_data.py): per split its tokens, text offsets
+# and labels
 CLASSIFY_SPLITS = ("train", "val", "test")
 CLASSIFY_FILES = tuple(f"{s}{suffix}" for s in CLASSIFY_SPLITS
                        for suffix in (".bin", "_offsets.npy", "_labels.npy")) + ("meta.json",)
@@ -33,10 +36,11 @@ SCAN_TOKENS = 1 << 24  # tokens of the mask summed at a time when finding window
 
 
 class ChatData:
-    """One split of a prepared dataset, memory-mapped. Batches are windows of block_size + 1 tokens starting at a
-    turn boundary (so an answer is never trained without its question); a window may run into the following
-    conversations and is padded (target -1, mask 0) at the end of the split. Plain-text data (kind "text") has no
-    questions to keep: its windows start anywhere, as in nanoGPT."""
+    """One split of a prepared dataset, memory-mapped. Batches are windows of block_size + 1 tokens
+    starting at a turn boundary (so an answer is never trained without its question); a window may
+    run into the following conversations and is padded (target -1, mask 0) at the end of the split.
+    Plain-text data (kind "text") has no questions to keep: its windows start anywhere, as in
+    nanoGPT."""
 
     def __init__(self, folder, split, expected_tokens, kind="chat"):
         self.kind, self._useful = kind, {}
@@ -68,8 +72,9 @@ class ChatData:
         return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(m)
 
     def useful_starts(self, block_size):
-        """The turn starts whose window has a learned token among its block_size targets: a window of a long
-        conversation whose reply lies beyond it would train nothing (all of them when none has one)."""
+        """The turn starts whose window has a learned token among its block_size targets: a window
+        of a long conversation whose reply lies beyond it would train nothing (all of them when none
+        has one)."""
         if block_size not in self._useful:
             keep = np.zeros(len(self.starts), dtype=bool)
             for a in range(0, len(self.ids), SCAN_TOKENS):  # in pieces: a cumulative sum of the whole mask is large
