@@ -22,21 +22,22 @@ import configurator
 from benchmarks import finetune_cost, generate_speed, half_precision, prepare_speed, sample_speed, train_speed
 
 # --mode=X runs MODES[X].bench(cfg): the module holds the benchmark and the keys only it reads
-MODES = {"train": train_speed, "generate": generate_speed, "half": half_precision, "sample": sample_speed,
-         "finetune": finetune_cost, "prepare": prepare_speed}
+MODES = {"train": train_speed, "generate": generate_speed, "half": half_precision,
+         "sample": sample_speed, "finetune": finetune_cost, "prepare": prepare_speed}
 
 DEFAULTS = dict(  # `python bench.py --help` prints these comments and those of each mode's DEFAULTS
     mode="train",  # train | generate | half | sample | finetune | prepare
     device="auto",  # auto, cpu, cuda, cuda:N or mps
-    dtype="auto",  # auto (bf16 where the device has it; --mode=generate: fp32), float32, bfloat16 or float16
+    # auto (bf16 where the device has it; --mode=generate: fp32), float32, bfloat16 or float16
+    dtype="auto",
     seed=1337,  # seed of the random weights and tokens
-    **train_speed.DEFAULTS, **generate_speed.DEFAULTS, **half_precision.DEFAULTS, **sample_speed.DEFAULTS,
-    **finetune_cost.DEFAULTS, **prepare_speed.DEFAULTS,
+    **train_speed.DEFAULTS, **generate_speed.DEFAULTS, **half_precision.DEFAULTS,
+    **sample_speed.DEFAULTS, **finetune_cost.DEFAULTS, **prepare_speed.DEFAULTS,
 )
 
 
 def key_meanings():
-    """{key: meaning} for --help: the comments beside this file's DEFAULTS and each mode module's."""
+    """{key: meaning} for --help: the comments of this file's DEFAULTS and each mode's."""
     files = [__file__] + [module.__file__ for module in MODES.values()]
     return {key: text for path in files for key, text in configurator.key_meanings(path).items()}
 

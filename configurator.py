@@ -35,7 +35,8 @@ import tokenize
 
 from chat_gpt2.errors import ConfigError, UserError
 
-_BOOLS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+_BOOLS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False,
+          "no": False, "off": False}
 
 
 def _type_name(default):
@@ -49,12 +50,12 @@ def _unknown_key(key, defaults, where=""):
 
 
 def parse_bool(text):
-    """True/False for a boolean word (true/false/1/0/yes/no/on/off, any case), None for anything else."""
+    """True/False for a boolean word (true/false/1/0/yes/no/on/off, any case), else None."""
     return _BOOLS.get(text.strip().lower())
 
 
 def _from_text(text, default):
-    """Parse command-line text into a Python value guided by the default's type (checked by _fit later)."""
+    """Command-line text as a Python value guided by the default's type (checked by _fit later)."""
     if isinstance(default, bool):
         value = parse_bool(text)
         if value is None:
@@ -88,7 +89,7 @@ def _fit(value, default):
         value = float(value) if ok else value
     elif isinstance(default, str):
         ok = isinstance(value, str)
-    else:  # None / list / tuple / dict / anything else: free-form, but keep list vs tuple consistent
+    else:  # None / list / tuple / dict / anything else: free-form, keep list vs tuple as given
         ok = True
         if isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
             value = type(default)(value)
@@ -106,7 +107,7 @@ def _convert(key, value, defaults, where, from_cli):
 
 
 def _read_config_file(path, defaults):
-    """Exec a config file in a fresh namespace; return the {key: value} pairs it assigns, in order."""
+    """Exec a config file in a fresh namespace; the {key: value} pairs it assigns, in order."""
     try:
         with open(path) as f:
             source = f.read()
@@ -124,7 +125,8 @@ def _read_config_file(path, defaults):
             continue
         if name not in defaults:
             raise _unknown_key(name, defaults, f" in config file '{path}'")
-        items[name] = _convert(name, value, defaults, f"'{name}' in config file '{path}'", from_cli=False)
+        items[name] = _convert(name, value, defaults, f"'{name}' in config file '{path}'",
+                               from_cli=False)
     return items
 
 

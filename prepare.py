@@ -34,15 +34,20 @@ from chat_gpt2.build import build_dataset
 from chat_gpt2.errors import ConfigError, RecordError, UserError
 
 DEFAULTS = dict(  # `python prepare.py --help` prints these comments
-    inputs=[],  # the input files (positional arguments): .jsonl / .json records, .txt; classify: .csv, .tsv
+    # the input files (positional arguments): .jsonl / .json records, .txt; classify: .csv, .tsv
+    inputs=[],
     out_dir="data/chat",  # the dataset folder to write (train.py --dataset)
     val_fraction=0.1,  # the share of conversations (or text) for val
     val_file="",  # take val from this file instead of splitting ("" = split the inputs)
     seed=1337,  # seed of the train/val/test split
-    template="human_assistant",  # human_assistant, alpaca, chatml, or a JSON file with the same fields
-    oasst_paths="best",  # OpenAssistant trees: best (the best-ranked branch) or all (every path to a reply)
-    test_fraction=None,  # chat: share held out to OUT_DIR/test.jsonl (None: 0); classify: test split (0.2)
-    task="chat",  # chat (chat records or plain text) or classify (labelled text, docs/classification.md)
+    # human_assistant, alpaca, chatml, or a JSON file with the same fields
+    template="human_assistant",
+    # OpenAssistant trees: best (the best-ranked branch) or all (every path to a reply)
+    oasst_paths="best",
+    # chat: share held out to OUT_DIR/test.jsonl (None: 0); classify: test split (0.2)
+    test_fraction=None,
+    # chat (chat records or plain text) or classify (labelled text, docs/classification.md)
+    task="chat",
     text_column="",  # classify: the text column(s), names or 0-based indexes, comma-separated
     label_column="",  # classify: the label column, a name or 0-based index
     labels="",  # classify: the allowed labels, comma-separated (in this order)
@@ -56,12 +61,13 @@ TASKS = ("chat", "classify")
 def print_summary(meta):
     c, t = meta["conversations"], meta["tokens"]
     skipped = ", ".join(f"{n} {reason}" for reason, n in meta["skipped"].items()) or "none"
-    if meta.get("kind") == "text":  # every token learned, windows start anywhere: lengths do not matter
+    # every token learned, windows start anywhere: lengths do not matter
+    if meta.get("kind") == "text":
         print(f"plain text: {meta['documents']:,} document(s) read, skipped: {skipped}; tokens: "
               f"{t['train']:,} train / {t['val']:,} val (every token learned)")
         return
-    print(f"conversations: {c['train'] + c['val']:,} read ({c['train']:,} train / {c['val']:,} val), "
-          f"skipped: {skipped}")
+    print(f"conversations: {c['train'] + c['val']:,} read ({c['train']:,} train / {c['val']:,} "
+          f"val), skipped: {skipped}")
     print(f"tokens: {t['train']:,} train / {t['val']:,} val; conversation length "
           + ", ".join(f"{k} {v}" for k, v in meta["length_percentiles"].items()))
     print("conversations longer than block_size: "
@@ -71,8 +77,9 @@ def print_summary(meta):
     total, too_long = c["train"] + c["val"], meta["longer_than_block_size"]
     if too_long["128"] * 2 > total:  # train.py's default block_size would cut most conversations
         fits = [b for b, n in too_long.items() if n * 10 <= total]
-        print(f"note: {too_long['128']:,} of {total:,} conversations are longer than block_size 128 (train.py's "
-              f"default): windows cut them, and a reply beyond the window is not learned; "
+        print(f"note: {too_long['128']:,} of {total:,} conversations are longer than block_size "
+              "128 (train.py's default): windows cut them, and a reply beyond the window is not "
+              "learned; "
               + (f"train with --block_size={fits[0]} (90% fit)" if fits else "even 1024 cuts more than 10%"))
 
 
@@ -80,8 +87,8 @@ def print_classify_summary(meta, out_dir):
     skipped = ", ".join(f"{n} {reason}" for reason, n in meta["skipped"].items()) or "none"
     print(f"rows: {meta['rows']['read']:,} read, {meta['rows']['used']:,} used, skipped: {skipped}"
           + ("; classes downsampled to the smallest (--balance)" if meta["balanced"] else ""))
-    print(f"columns: text {meta['columns']['text']} (joined with {meta['columns']['join']!r}), label "
-          f"{meta['columns']['label']!r}; labels: {', '.join(meta['labels'])}")
+    print(f"columns: text {meta['columns']['text']} (joined with {meta['columns']['join']!r}), "
+          f"label {meta['columns']['label']!r}; labels: {', '.join(meta['labels'])}")
     for split, counts in meta["class_counts"].items():
         print(f"  {split}: {meta['examples'][split]:,} examples ("
               + ", ".join(f"{label} {n:,}" for label, n in counts.items()) + f"), {meta['tokens'][split]:,} tokens")
@@ -108,20 +115,22 @@ def main(argv=None):
         check_options(cfg)
         if cfg["task"] == "classify":
             return prepare_classify(cfg)
-        meta = build_dataset(cfg["inputs"], cfg["out_dir"], cfg["val_fraction"], cfg["val_file"] or None,
-                             cfg["seed"], cfg["skip_invalid"], cfg["template"], cfg["oasst_paths"], cfg["dedupe"],
-                             cfg["test_fraction"] or 0.0)
+        meta = build_dataset(cfg["inputs"], cfg["out_dir"], cfg["val_fraction"],
+                             cfg["val_file"] or None,
+                             cfg["seed"], cfg["skip_invalid"], cfg["template"], cfg["oasst_paths"],
+                             cfg["dedupe"], cfg["test_fraction"] or 0.0)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         if isinstance(e, RecordError):
             rows = "rows" if cfg["task"] == "classify" else "records"
-            print(f"(pass --skip_invalid to skip such {rows}; nothing was written)", file=sys.stderr)
+            print(f"(pass --skip_invalid to skip such {rows}; nothing was written)",
+                  file=sys.stderr)
         return 1
     print_summary(meta)
     print_duplicates(meta)
     if "test" in meta:
-        print(f"held out {meta['test']['conversations']:,} conversation(s) to {cfg['out_dir']}/test.jsonl "
-              f"(eval.py --data={cfg['out_dir']}/test.jsonl)")
+        print(f"held out {meta['test']['conversations']:,} conversation(s) to "
+              f"{cfg['out_dir']}/test.jsonl (eval.py --data={cfg['out_dir']}/test.jsonl)")
     print(f"wrote {cfg['out_dir']}/{{train,val}}.bin and their masks, offsets and meta.json")
     return 0
 
@@ -138,12 +147,14 @@ def check_options(cfg):
 
 
 def prepare_classify(cfg):
-    """--task=classify: build the classification dataset and print its summary (0), or raise UserError."""
-    from chat_gpt2.classify_data import build_classify_dataset  # imports torch (seconds): only this task needs it
-    meta = build_classify_dataset(cfg["inputs"], cfg["out_dir"], cfg["text_column"], cfg["label_column"],
+    """--task=classify: build the classification dataset, print its summary, return 0."""
+    # imports torch (seconds): only this task needs it
+    from chat_gpt2.classify_data import build_classify_dataset
+    meta = build_classify_dataset(cfg["inputs"], cfg["out_dir"], cfg["text_column"],
+                                  cfg["label_column"],
                                   cfg["labels"], cfg["balance"], cfg["val_fraction"],
-                                  0.2 if cfg["test_fraction"] is None else cfg["test_fraction"], cfg["seed"],
-                                  cfg["skip_invalid"])
+                                  0.2 if cfg["test_fraction"] is None else cfg["test_fraction"],
+                                  cfg["seed"], cfg["skip_invalid"])
     print_classify_summary(meta, cfg["out_dir"])
     return 0
 

@@ -20,13 +20,17 @@ from chat_gpt2.hf_gpt2 import hf_config, hf_state_dict
 from model import GPT, GPTConfig
 
 DEFAULTS = dict(  # `python bench.py --help` prints these comments
-    gen_preset="quick",  # --mode=generate/sample: quick (a tiny model, seconds) | full (GPT-2 124M shape, random)
+    # --mode=generate/sample: quick (a tiny model, seconds) | full (GPT-2 124M shape, random)
+    gen_preset="quick",
     gen_prompt_tokens=0,  # override the preset's prompt length (0 = the preset's)
     gen_new_tokens=0,  # override the preset's new tokens (0 = the preset's)
     gen_batch_sizes=None,  # override the preset's batch sizes, e.g. [1]
-    gen_hf=True,  # also time transformers' GPT2LMHeadModel.generate(use_cache=True) on the same weights
-    gen_half="bfloat16",  # also time our decoding with the weights in this dtype ("" = no); --mode=half's dtype
-    gen_prefill_tokens=256,  # also time one forward pass over a prompt this long (capped at block_size; 0 = no)
+    # also time transformers' GPT2LMHeadModel.generate(use_cache=True) on the same weights
+    gen_hf=True,
+    # also time our decoding with the weights in this dtype ("" = no); --mode=half's dtype
+    gen_half="bfloat16",
+    # also time one forward pass over a prompt this long (capped at block_size; 0 = no)
+    gen_prefill_tokens=256,
 )
 
 GEN_PRESETS = {
@@ -54,11 +58,12 @@ def greedy_tokens(model, prompt, new_tokens, use_cache=True, vocab_limit=None):
     loop (it does not stop at <|endoftext|>). vocab_limit: never pick ids at or above it (the
     embedding's padding)."""
     params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens)
-    return torch.stack(list(generate(model, prompt, params, use_cache=use_cache, vocab_limit=vocab_limit)), dim=1)
+    return torch.stack(list(generate(model, prompt, params, use_cache=use_cache,
+                                     vocab_limit=vocab_limit)), dim=1)
 
 
 def _time_ours(model, prompt, new_tokens, use_cache, device, dtype):
-    """Greedy generation of exactly new_tokens tokens; returns (seconds, the tokens (B, new_tokens))."""
+    """Greedy generation of exactly new_tokens tokens: (seconds, the tokens (B, new_tokens))."""
     sync(device)
     t0 = time.perf_counter()
     with autocast(device, dtype):
@@ -80,8 +85,9 @@ def time_hf(hf, prompt, new_tokens, device):
     sync(device)
     t0 = time.perf_counter()
     with torch.inference_mode():
-        out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, use_cache=True,
-                          max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+        out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                          use_cache=True, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                          pad_token_id=0)
     sync(device)
     return time.perf_counter() - t0, out[:, prompt.size(1):]
 
@@ -97,13 +103,15 @@ def bench(cfg):
     half = to_half(copy.deepcopy(model), cfg["gen_half"], device) if cfg["gen_half"] else None
     hf = hf_model(model) if cfg["gen_hf"] and has_transformers() and dtype == "float32" else None
     n_new, rows = preset["new_tokens"], []
-    print(f"generate: preset {cfg['gen_preset']}, {model.get_num_params() / 1e6:.1f}M parameters, device {device}, "
-          f"dtype {dtype}, {torch.get_num_threads()} threads, prompt {preset['prompt_tokens']} + {n_new} new tokens")
+    print(f"generate: preset {cfg['gen_preset']}, {model.get_num_params() / 1e6:.1f}M parameters, "
+          f"device {device}, dtype {dtype}, {torch.get_num_threads()} threads, prompt "
+          f"{preset['prompt_tokens']} + {n_new} new tokens")
     print(f"{'implementation':<34}{'batch':>6}{'seconds':>10}{'tokens/s':>11}{'same tokens':>13}")
     for batch in preset["batch_sizes"]:
         prompt = torch.randint(0, model.config.vocab_size, (batch, preset["prompt_tokens"]),
                                generator=torch.Generator().manual_seed(cfg["seed"])).to(device)
-        _time_ours(model, prompt, 2, True, device, dtype)  # warm-up: first-call allocations and kernel choice
+        # warm-up: first-call allocations and kernel choice
+        _time_ours(model, prompt, 2, True, device, dtype)
         reference = None
         runs = [("ours, KV cache", lambda: _time_ours(model, prompt, n_new, True, device, dtype)),
                 ("ours, no cache", lambda: _time_ours(model, prompt, n_new, False, device, dtype))]
@@ -117,7 +125,8 @@ def bench(cfg):
         for name, run in runs:
             seconds, tokens = run()
             reference = tokens if reference is None else reference
-            same = (tokens.cpu() == reference.cpu()).float().mean().item()  # greedy fp32 paths: all the same
+            # greedy fp32 paths: all the same
+            same = (tokens.cpu() == reference.cpu()).float().mean().item()
             rows.append({"impl": name, "batch": batch, "seconds": round(seconds, 3),
                          "tokens_per_s": round(batch * n_new / seconds, 2), "same_tokens": same == 1.0,
                          "same_token_share": round(same, 4)})
@@ -136,9 +145,11 @@ def _time_prefill(model, half, cfg, device, dtype):
     n = min(cfg["gen_prefill_tokens"], model.config.block_size)
     if n <= 0:
         return {}
-    prompt = torch.randint(0, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(cfg["seed"]))
+    prompt = torch.randint(0, model.config.vocab_size, (1, n),
+                           generator=torch.Generator().manual_seed(cfg["seed"]))
     speeds = {}
-    for name, m, run_dtype in ((dtype, model, dtype), (f"{cfg['gen_half']} weights", half, "float32")):
+    for name, m, run_dtype in ((dtype, model, dtype),
+                               (f"{cfg['gen_half']} weights", half, "float32")):
         if m is None:
             continue
         seconds = []
@@ -155,7 +166,7 @@ def _time_prefill(model, half, cfg, device, dtype):
 
 
 def _speedups(rows):
-    """Per batch size: the KV cache's speed-up over no cache, and over transformers' cached generate."""
+    """Per batch size: the KV cache's speed-up over no cache and over transformers' generate."""
     out = {}
     for batch in sorted({r["batch"] for r in rows}):
         speed = {r["impl"]: r["tokens_per_s"] for r in rows if r["batch"] == batch}

@@ -38,7 +38,8 @@ def bench(cfg):
     val = load_dataset(cfg["dataset"])[0]["val"]
     starts = torch.linspace(0, max(0, len(val.ids) - 33), cfg["half_prompts"]).long().tolist()
     prompts = torch.stack([torch.from_numpy(val.ids[s:s + 32].astype("int64")) for s in starts]).to(device)
-    tokens = [greedy_tokens(m, prompts, cfg["half_new_tokens"], vocab_limit=chat.VOCAB_SIZE) for m in (model, half)]
+    tokens = [greedy_tokens(m, prompts, cfg["half_new_tokens"],
+                            vocab_limit=chat.VOCAB_SIZE) for m in (model, half)]
     agree = (tokens[0] == tokens[1]).float().mean().item()
     differ = tokens[0] != tokens[1]
     first = [int(row.nonzero()[0]) if row.any() else None for row in differ]
@@ -52,11 +53,12 @@ def bench(cfg):
               "val_loss_fp32": round(losses[0], 5), "val_loss_half": round(losses[1], 5),
               "perplexity_fp32": round(ppl[0], 4), "perplexity_half": round(ppl[1], 4),
               "perplexity_change": round(ppl[1] / ppl[0] - 1, 5)}
-    print(f"greedy tokens, {cfg['gen_half']} vs fp32: {agree:.1%} the same over {len(starts)} prompts x "
-          f"{cfg['half_new_tokens']} tokens; val perplexity {ppl[0]:.4f} (fp32) vs {ppl[1]:.4f} "
-          f"({result['perplexity_change']:+.3%})")
-    print(f"  rows that differ: {sum(f is not None for f in first)} of {len(first)}, first at steps "
-          f"{sorted(f for f in first if f is not None)}; the same next token after fp32's tokens: {forced:.2%}")
+    print(f"greedy tokens, {cfg['gen_half']} vs fp32: {agree:.1%} the same over {len(starts)} "
+          f"prompts x {cfg['half_new_tokens']} tokens; val perplexity {ppl[0]:.4f} (fp32) vs "
+          f"{ppl[1]:.4f} ({result['perplexity_change']:+.3%})")
+    print(f"  rows that differ: {sum(f is not None for f in first)} of {len(first)}, first at "
+          f"steps {sorted(f for f in first if f is not None)}; the same next token after fp32's "
+          f"tokens: {forced:.2%}")
     return result
 
 

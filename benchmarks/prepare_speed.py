@@ -12,10 +12,14 @@ import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULTS = dict(  # `python bench.py --help` prints these comments
-    prepare_chat="../shared/data/prompt-completion-mlx-wwdc25/train.jsonl",  # --mode=prepare: prompt/completion .jsonl
-    prepare_text="../shared/data/tinyshakespeare-text/input.txt",  # --mode=prepare: a .txt (paths from the repo root)
-    prepare_mb=25.0,  # --mode=prepare: each file is repeated to about this many MB ("" skips it: --prepare_text=)
-    prepare_runs=2,  # --mode=prepare: runs of each (bare loop, prepare.py), alternately; the faster one counts
+    # --mode=prepare: prompt/completion .jsonl
+    prepare_chat="../shared/data/prompt-completion-mlx-wwdc25/train.jsonl",
+    # --mode=prepare: a .txt (paths from the repo root)
+    prepare_text="../shared/data/tinyshakespeare-text/input.txt",
+    # --mode=prepare: each file is repeated to about this many MB ("" skips it: --prepare_text=)
+    prepare_mb=25.0,
+    # --mode=prepare: runs of each (bare loop, prepare.py), alternately; the faster one counts
+    prepare_runs=2,
 )
 
 def bench(cfg):
@@ -24,31 +28,38 @@ def bench(cfg):
         for kind, source in (("chat", cfg["prepare_chat"]), ("text", cfg["prepare_text"])):
             if not source:
                 continue
-            source = source if os.path.isfile(source) else os.path.join(REPO, source)  # relative to the repo
+            # relative to the repo
+            source = source if os.path.isfile(source) else os.path.join(REPO, source)
             if not os.path.isfile(source):
                 raise SystemExit(f"error: --prepare_{kind}={cfg[f'prepare_{kind}']}: no such file")
             path = os.path.join(tmp, f"big_{kind}{os.path.splitext(source)[1]}")
             copies = _repeat_file(source, path, cfg["prepare_mb"] * 10 ** 6)
             runs = {"bare": [], "prepare": []}
-            for _ in range(cfg["prepare_runs"]):  # alternately: a load that comes and goes hits both alike
-                runs["bare"].append(_run_child([os.path.join(REPO, "tools", "prepare_bare.py"), kind, path,
-                                                os.path.join(tmp, "bare.bin")]))
+            # alternately: a load that comes and goes hits both alike
+            for _ in range(cfg["prepare_runs"]):
+                runs["bare"].append(_run_child([os.path.join(REPO, "tools", "prepare_bare.py"),
+                                                kind, path, os.path.join(tmp, "bare.bin")]))
                 runs["prepare"].append(_run_child([os.path.join(REPO, "prepare.py"), path,
                                                    f"--out_dir={os.path.join(tmp, kind)}"]))
-            (bare, bare_out), (prep, _) = (min(runs[k], key=lambda r: r[0]["s"]) for k in ("bare", "prepare"))
+            (bare, bare_out), (prep, _) = (min(runs[k], key=lambda r: r[0]["s"])
+                                           for k in ("bare", "prepare"))
             with open(os.path.join(tmp, kind, "meta.json")) as f:
                 tokens = sum(json.load(f)["tokens"].values())
-            rows.append({"kind": kind, "source": source, "copies": copies, "mb": round(os.path.getsize(path) / 1e6, 1),
+            rows.append({"kind": kind, "source": source, "copies": copies,
+                         "mb": round(os.path.getsize(path) / 1e6, 1),
                          "tokens": tokens, "tokens_bare": int(bare_out.split()[-1]),
-                         **{f"bare_{k}": v for k, v in bare.items()}, **{f"prepare_{k}": v for k, v in prep.items()},
+                         **{f"bare_{k}": v for k, v in bare.items()},
+                         **{f"prepare_{k}": v for k, v in prep.items()},
                          "ratio": round(bare["s"] / prep["s"], 3)})
-    print(f"prepare: {os.cpu_count()} CPUs, load avg {os.getloadavg()[0]:.2f}; the faster of {cfg['prepare_runs']} "
-          f"run(s) each; ratio = bare wall / prepare.py wall (1 = as fast as the bare loop; both whole processes)")
+    print(f"prepare: {os.cpu_count()} CPUs, load avg {os.getloadavg()[0]:.2f}; the faster of "
+          f"{cfg['prepare_runs']} run(s) each; ratio = bare wall / prepare.py wall (1 = as fast as "
+          "the bare loop; both whole processes)")
     for r in rows:
-        print(f"  {r['kind']:<5}{r['mb']:>6.1f} MB ({r['copies']} copies), {r['tokens']:,} tokens: bare "
-              f"{r['bare_s']:.2f}s wall / {r['bare_cpu_s']:.2f}s CPU / {r['bare_peak_rss_mb']:.0f} MB; prepare.py "
-              f"{r['prepare_s']:.2f}s wall / {r['prepare_cpu_s']:.2f}s CPU / {r['prepare_peak_rss_mb']:.0f} MB; "
-              f"ratio {r['ratio']:.2f}")
+        print(f"  {r['kind']:<5}{r['mb']:>6.1f} MB ({r['copies']} copies), {r['tokens']:,} tokens: "
+              f"bare {r['bare_s']:.2f}s wall / {r['bare_cpu_s']:.2f}s CPU / "
+              f"{r['bare_peak_rss_mb']:.0f} MB; prepare.py {r['prepare_s']:.2f}s wall / "
+              f"{r['prepare_cpu_s']:.2f}s CPU / {r['prepare_peak_rss_mb']:.0f} MB; ratio "
+              f"{r['ratio']:.2f}")
     return {"mode": "prepare", "rows": rows, "load_avg_1min": round(os.getloadavg()[0], 2)}
 
 
@@ -86,5 +97,6 @@ def _run_child(args):
     code, wall, cpu, rss = json.loads(p.stderr.strip().splitlines()[-1])
     if code != 0:
         raise SystemExit(f"error: {' '.join(args)} failed:\n{p.stdout}{p.stderr}")
-    rss = rss / 2 ** 20 if sys.platform == "darwin" else rss / 2 ** 10  # bytes on macOS, KiB on Linux
+    # bytes on macOS, KiB on Linux
+    rss = rss / 2 ** 20 if sys.platform == "darwin" else rss / 2 ** 10
     return {"s": round(wall, 2), "cpu_s": round(cpu, 2), "peak_rss_mb": round(rss, 1)}, p.stdout

@@ -17,22 +17,28 @@ import types
 import torch
 import torch.nn.functional as F
 
-from chat_gpt2.device import (autocast, known_peak_flops, measure_matmul_peak, resolve_compile, resolve_device,
-                              resolve_dtype, sync, tune_cpu_allocator)
+from chat_gpt2.device import (autocast, known_peak_flops, measure_matmul_peak, resolve_compile,
+                              resolve_device, resolve_dtype, sync, tune_cpu_allocator)
 from chat_gpt2.training import DEFAULT_GRAD_CLIP, to_device, train_step
 from model import GPT, GPTConfig
 
-DEFAULTS = dict(  # `python bench.py --help` prints these comments (--device, --dtype, --seed: bench.py's)
-    preset="tiny",  # --mode=train: tiny (seconds) | 6x384 (batch 8) | 124m (GPT-2 124M shape, batch 4)
+# `python bench.py --help` prints these comments (--device, --dtype, --seed: bench.py's)
+DEFAULTS = dict(
+    # --mode=train: tiny (seconds) | 6x384 (batch 8) | 124m (GPT-2 124M shape, batch 4)
+    preset="tiny",
     batch_size=0,  # --mode=train/finetune: override the preset's batch size (0 = the preset's)
     block_size=0,  # --mode=train/finetune: override the preset's block size (0 = the preset's)
     steps=0,  # --mode=train/finetune: override the preset's timed steps (0 = the preset's)
-    warmup=0,  # --mode=train/finetune: override the preset's untimed warm-up steps (0 = the preset's)
+    # --mode=train/finetune: override the preset's untimed warm-up steps (0 = the preset's)
+    warmup=0,
     compile=None,  # --mode=train: torch.compile as train.py's --compile
-    baseline=False,  # --mode=train: nanoGPT's CPU recipe instead of ours (fp32, unfused AdamW, full-logits loss)
-    profile=False,  # --mode=train: also where a step's time goes (phases; matmuls, attention alone; MFU ceilings)
+    # --mode=train: nanoGPT's CPU recipe instead of ours (fp32, unfused AdamW, full-logits loss)
+    baseline=False,
+    # --mode=train: also where a step's time goes (phases; matmuls, attention alone; MFU ceilings)
+    profile=False,
 )
-PRESET_OVERRIDES = ("batch_size", "block_size", "steps", "warmup")  # the keys above that override a preset
+# the keys above that override a preset
+PRESET_OVERRIDES = ("batch_size", "block_size", "steps", "warmup")
 
 # Shapes of the reference figures in docs/performance.md: vocab 50304, no bias, no dropout, one
 # micro-step, block 256.
@@ -69,18 +75,20 @@ def _train_setup(cfg):
     p["grad_clip"] = DEFAULT_GRAD_CLIP
     device = resolve_device(cfg["device"])
     dtype = "float32" if cfg["baseline"] else resolve_dtype(cfg["dtype"], device)
-    run = {"device": device, "dtype": dtype, "ddp": False, "compile": resolve_compile(cfg["compile"], device)}
+    run = {"device": device, "dtype": dtype, "ddp": False,
+           "compile": resolve_compile(cfg["compile"], device)}
     if not cfg["baseline"]:
         tune_cpu_allocator(device)
     torch.manual_seed(cfg["seed"])
-    model = GPT(GPTConfig(n_layer=p["n_layer"], n_head=p["n_head"], n_embd=p["n_embd"], block_size=p["block_size"],
+    model = GPT(GPTConfig(n_layer=p["n_layer"], n_head=p["n_head"], n_embd=p["n_embd"],
+                          block_size=p["block_size"],
                           vocab_size=50304, bias=False, dropout=0.0)).to(device)
     optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device.split(":")[0])
     if cfg["baseline"]:
         optimizer = _baseline(model, optimizer)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=run["dtype"] == "float16")
-    step_cfg = {"gradient_accumulation_steps": 1, "batch_size": p["batch_size"], "block_size": p["block_size"],
-                "grad_clip": p["grad_clip"]}
+    step_cfg = {"gradient_accumulation_steps": 1, "batch_size": p["batch_size"],
+                "block_size": p["block_size"], "grad_clip": p["grad_clip"]}
     compiled = torch.compile(model) if run["compile"] else model
 
     def step(data, gen):
@@ -97,13 +105,15 @@ def _baseline(model, optimizer):
         return F.cross_entropy(self.lm_head(x).float(), targets, ignore_index=-1)
 
     model._masked_loss = types.MethodType(plain_loss, model)
-    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
+    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]}
+              for g in optimizer.param_groups]
     return torch.optim.AdamW(groups, lr=optimizer.defaults["lr"], betas=optimizer.defaults["betas"])
 
 
 def peak_rss_mb():
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2 ** 20 if sys.platform == "darwin" else rss / 2 ** 10  # bytes on macOS, KiB on Linux
+    # bytes on macOS, KiB on Linux
+    return rss / 2 ** 20 if sys.platform == "darwin" else rss / 2 ** 10
 
 
 def time_steps(step, data, gen, n, device):
@@ -118,7 +128,8 @@ def time_steps(step, data, gen, n, device):
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
         losses.append(loss)
-    return times, cpu, [float(x) for x in losses]  # .item() after the clock: no host sync inside the timed steps
+    # .item() after the clock: no host sync inside the timed steps
+    return times, cpu, [float(x) for x in losses]
 
 
 def _measure_peaks(device, dtype, p, peaks=None):
@@ -127,7 +138,8 @@ def _measure_peaks(device, dtype, p, peaks=None):
     leave the cores)."""
     peaks = dict(peaks or {})
     for d in {"float32", dtype}:
-        peaks[d] = max(peaks.get(d, 0.0), measure_matmul_peak(device, d, p["peak_sizes"], p["peak_repeats"]))
+        peaks[d] = max(peaks.get(d, 0.0),
+                       measure_matmul_peak(device, d, p["peak_sizes"], p["peak_repeats"]))
     return peaks
 
 
@@ -157,7 +169,8 @@ def kernel_ms(model, batch_size, block_size, dtype, device):
         count = shapes.count((k, n))
         out["matmul_fwd"] += count * _median_ms(lambda: x @ w.t(), device)
         out["matmul_bwd"] += count * (_median_ms(lambda: g @ w, device) + _median_ms(lambda: g.t() @ x, device))
-    q, k, v = (torch.randn(batch_size, cfg.n_head, block_size, cfg.n_embd // cfg.n_head, device=device)
+    q, k, v = (torch.randn(batch_size, cfg.n_head, block_size, cfg.n_embd // cfg.n_head,
+                           device=device)
                .to(dt).requires_grad_() for _ in range(3))
     grad = torch.randn_like(q)
 
@@ -212,15 +225,18 @@ def breakdown(model, compiled, optimizer, data, gen, p, run, flops_per_step, pea
     matmuls = kernels["matmul_fwd"] + kernels["matmul_bwd"]
     attention = kernels["attention_fwd"] + kernels["attention_bwd"]
     floors = {"matmuls": matmuls, "matmuls_attention": matmuls + attention,
-              "matmuls_attention_clip_adamw": matmuls + attention + phases["clip"] + phases["optimizer"]}
-    rest = {phase: round(phases[phase] - kernels[f"matmul_{short}"] - kernels[f"attention_{short}"], 1)
+              "matmuls_attention_clip_adamw":
+                  matmuls + attention + phases["clip"] + phases["optimizer"]}
+    rest = {phase: round(phases[phase] - kernels[f"matmul_{short}"] - kernels[f"attention_{short}"],
+                         1)
             for phase, short in (("forward", "fwd"), ("backward", "bwd"))}
+    ceilings = {k: round(flops_per_step / (ms / 1000) / peak, 4) for k, ms in floors.items()}
     return {"phase_ms": phases, "kernel_ms": kernels, "elementwise_ms": rest,
-            "mfu_ceiling": {k: round(flops_per_step / (ms / 1000) / peak, 4) for k, ms in floors.items()}}
+            "mfu_ceiling": ceilings}
 
 
 def bench(cfg):
-    """Train steps/s, tokens/s, achieved FLOP/s and MFU against the peaks measured in the same run, peak memory."""
+    """Train steps/s, tokens/s, FLOP/s, MFU against the peaks measured in this run, peak memory."""
     p, run, model, compiled, optimizer, step = _train_setup(cfg)
     device, dtype = run["device"], run["dtype"]
     peaks = _measure_peaks(device, dtype, p)
@@ -228,12 +244,14 @@ def bench(cfg):
     data = RandomTokens(model.config.vocab_size)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
-    print(f"train: preset {cfg['preset']}, {model.get_num_params() / 1e6:.1f}M parameters, device {device}, dtype "
-          f"{dtype}, compile {run['compile']}, {'BASELINE (nanoGPT recipe), ' if cfg['baseline'] else ''}"
-          f"{torch.get_num_threads()} threads, batch {p['batch_size']} x block "
-          f"{p['block_size']}; matmul peak " + ", ".join(f"{d} {v / 1e9:,.0f} GFLOP/s" for d, v in peaks.items()))
+    print(f"train: preset {cfg['preset']}, {model.get_num_params() / 1e6:.1f}M parameters, device "
+          f"{device}, dtype {dtype}, compile {run['compile']}, "
+          f"{'BASELINE (nanoGPT recipe), ' if cfg['baseline'] else ''}{torch.get_num_threads()} "
+          f"threads, batch {p['batch_size']} x block {p['block_size']}; matmul peak "
+          + ", ".join(f"{d} {v / 1e9:,.0f} GFLOP/s" for d, v in peaks.items()))
     gen = torch.Generator().manual_seed(cfg["seed"])
-    warm_times, _, _ = time_steps(step, data, gen, p["warmup"], device)  # compile, allocations, kernel choice
+    # compile, allocations, kernel choice
+    warm_times, _, _ = time_steps(step, data, gen, p["warmup"], device)
     times, cpu, losses = time_steps(step, data, gen, p["steps"], device)
     peaks = _measure_peaks(device, dtype, p, peaks)
     tokens = p["batch_size"] * p["block_size"]
@@ -241,18 +259,22 @@ def bench(cfg):
     median, best = statistics.median(times), min(times)
     achieved = flops_per_token * tokens / median
     result = {
-        "mode": "train", "preset": cfg["preset"], "device": device, "dtype": dtype, "compile": run["compile"],
-        "baseline": cfg["baseline"],
+        "mode": "train", "preset": cfg["preset"], "device": device, "dtype": dtype,
+        "compile": run["compile"], "baseline": cfg["baseline"],
         "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "n_layer": p["n_layer"], "n_head": p["n_head"], "n_embd": p["n_embd"], "batch_size": p["batch_size"],
-        "block_size": p["block_size"], "n_params": model.get_num_params(), "flops_per_token": flops_per_token,
+        "n_layer": p["n_layer"], "n_head": p["n_head"], "n_embd": p["n_embd"],
+        "batch_size": p["batch_size"],
+        "block_size": p["block_size"], "n_params": model.get_num_params(),
+        "flops_per_token": flops_per_token,
         "steps": p["steps"], "warmup_steps": p["warmup"], "warmup_s": round(sum(warm_times), 2),
         "ms_per_iter": round(median * 1000, 1), "ms_per_iter_best": round(best * 1000, 1),
         "cpu_ms_per_iter": round(statistics.median(cpu) * 1000, 1),
         "tokens_per_s": round(tokens / median, 1), "tokens_per_s_best": round(tokens / best, 1),
         "achieved_gflops": round(achieved / 1e9, 1),
-        "peak_gflops_fp32": round(peaks["float32"] / 1e9, 1), "peak_gflops_dtype": round(peaks[dtype] / 1e9, 1),
-        "mfu": round(achieved / peaks[dtype], 4), "mfu_vs_fp32_peak": round(achieved / peaks["float32"], 4),
+        "peak_gflops_fp32": round(peaks["float32"] / 1e9, 1),
+        "peak_gflops_dtype": round(peaks[dtype] / 1e9, 1),
+        "mfu": round(achieved / peaks[dtype], 4),
+        "mfu_vs_fp32_peak": round(achieved / peaks["float32"], 4),
         "gpu": torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else None,
         "known_peak_gflops": round(known / 1e9, 1) if known else None,
         "mfu_vs_known_peak": round(achieved / known, 4) if known else None,
@@ -260,34 +282,40 @@ def bench(cfg):
         "max_memory_allocated_mb": round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
         if device.startswith("cuda") else None,
         "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4),
-        "load_avg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,  # others' work
+        # others' work
+        "load_avg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
     if cfg["profile"]:
-        result["breakdown"] = breakdown(model, compiled, optimizer, data, gen, p, run, flops_per_token * tokens,
-                                        peaks[dtype])
+        result["breakdown"] = breakdown(model, compiled, optimizer, data, gen, p, run,
+                                        flops_per_token * tokens, peaks[dtype])
     _print_train(result)
     return result
 
 
 def _print_train(r):
     print(f"{r['ms_per_iter']:.1f} ms/iter (best {r['ms_per_iter_best']:.1f}; process CPU time "
-          f"{r['cpu_ms_per_iter']:.1f} ms), {r['tokens_per_s']:,.1f} tokens/s (best {r['tokens_per_s_best']:,.1f}), "
-          f"{r['achieved_gflops']:,.1f} GFLOP/s achieved")
-    print(f"MFU {r['mfu']:.1%} of the measured {r['dtype']} peak ({r['peak_gflops_dtype']:,.0f} GFLOP/s), "
-          f"{r['mfu_vs_fp32_peak']:.1%} of the fp32 peak ({r['peak_gflops_fp32']:,.0f} GFLOP/s)"
-          + (f", {r['mfu_vs_known_peak']:.1%} of the {r['gpu']} data sheet" if r["mfu_vs_known_peak"] else ""))
+          f"{r['cpu_ms_per_iter']:.1f} ms), {r['tokens_per_s']:,.1f} tokens/s (best "
+          f"{r['tokens_per_s_best']:,.1f}), {r['achieved_gflops']:,.1f} GFLOP/s achieved")
+    print(f"MFU {r['mfu']:.1%} of the measured {r['dtype']} peak ({r['peak_gflops_dtype']:,.0f} "
+          f"GFLOP/s), {r['mfu_vs_fp32_peak']:.1%} of the fp32 peak ({r['peak_gflops_fp32']:,.0f} "
+          "GFLOP/s)" + (f", {r['mfu_vs_known_peak']:.1%} of the {r['gpu']} data sheet"
+                        if r["mfu_vs_known_peak"] else ""))
     memory = (f"max_memory_allocated {r['max_memory_allocated_mb']:,.0f} MB, "
               if r["max_memory_allocated_mb"] is not None else "")
-    print(f"peak memory: {memory}RSS {r['peak_rss_mb']:,.0f} MB; loss {r['loss_first']:.4f} -> {r['loss_last']:.4f}"
-          f"; warm-up {r['warmup_s']:.1f} s for {r['warmup_steps']} steps; load average {r['load_avg_1min']}")
+    print(f"peak memory: {memory}RSS {r['peak_rss_mb']:,.0f} MB; loss {r['loss_first']:.4f} -> "
+          f"{r['loss_last']:.4f}; warm-up {r['warmup_s']:.1f} s for {r['warmup_steps']} steps; "
+          f"load average {r['load_avg_1min']}")
     if "breakdown" in r:
         b, ph, k = r["breakdown"], r["breakdown"]["phase_ms"], r["breakdown"]["kernel_ms"]
-        print(f"step phases (ms): forward {ph['forward']:,.1f}, backward {ph['backward']:,.1f}, grad clipping "
-              f"{ph['clip']:,.1f}, AdamW + zero_grad {ph['optimizer']:,.1f}")
-        print(f"timed alone at the model's shapes (ms): linear matmuls forward {k['matmul_fwd']:,.1f} / backward "
-              f"{k['matmul_bwd']:,.1f}; attention forward {k['attention_fwd']:,.1f} / backward "
-              f"{k['attention_bwd']:,.1f}; the rest (casts, GELU, LayerNorm, adds, embedding, loss softmax) forward "
-              f"{b['elementwise_ms']['forward']:,.1f} / backward {b['elementwise_ms']['backward']:,.1f}")
+        print(f"step phases (ms): forward {ph['forward']:,.1f}, backward {ph['backward']:,.1f}, "
+              f"grad clipping {ph['clip']:,.1f}, AdamW + zero_grad {ph['optimizer']:,.1f}")
+        print("timed alone at the model's shapes (ms): linear matmuls forward "
+              f"{k['matmul_fwd']:,.1f} / backward {k['matmul_bwd']:,.1f}; attention forward "
+              f"{k['attention_fwd']:,.1f} / backward {k['attention_bwd']:,.1f}; the rest (casts, "
+              "GELU, LayerNorm, adds, embedding, loss softmax) forward "
+              f"{b['elementwise_ms']['forward']:,.1f} / backward "
+              f"{b['elementwise_ms']['backward']:,.1f}")
         c = b["mfu_ceiling"]
-        print(f"MFU ceiling if only the matmuls took time: {c['matmuls']:.1%}; matmuls + attention: "
-              f"{c['matmuls_attention']:.1%}; + grad clipping and AdamW: {c['matmuls_attention_clip_adamw']:.1%}")
+        print(f"MFU ceiling if only the matmuls took time: {c['matmuls']:.1%}; matmuls + "
+              f"attention: {c['matmuls_attention']:.1%}; + grad clipping and AdamW: "
+              f"{c['matmuls_attention_clip_adamw']:.1%}")

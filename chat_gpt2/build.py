@@ -30,9 +30,11 @@ from .records import PREFERENCE_KEYS, document_text, is_document, iter_records, 
 
 BUILD_PREFIX = ".prepare-"  # a build's own folder: .prepare-<PID>-<random>
 BLOCK_SIZES = (128, 256, 512, 1024)  # meta.json counts the conversations longer than each
-BATCH = 512  # conversations (or {"text"} documents) tokenised per call of tiktoken's threaded batch encoder
+# conversations (or {"text"} documents) tokenised per call of tiktoken's threaded batch encoder
+BATCH = 512
 TEXT_BATCH = 4  # pieces of a .txt file (about 1 MiB each) tokenised per call of the batch encoder
-SPLIT_TOKENS = 1 << 20  # tokens of the stream copied into train and val at a time (whole conversations)
+# tokens of the stream copied into train and val at a time (whole conversations)
+SPLIT_TOKENS = 1 << 20
 PROGRESS_SECONDS = 3  # a progress line this often, once a build has taken this long
 
 
@@ -98,13 +100,15 @@ class Progress:
         self.last, elapsed = now, now - self.start
         rate = self.read / max(elapsed, 1e-9)
         where = (f"read {self.read / 1e6:,.1f} MB in {elapsed:.0f}s ({rate / 1e6:.1f} MB/s)" if final else
-                 f"{self.read / 1e6:,.1f} / {self.total / 1e6:,.1f} MB ({self.read / max(self.total, 1):.0%}), "
-                 f"{rate / 1e6:.1f} MB/s, ETA {max(0, self.total - self.read) / max(rate, 1):.0f}s")
-        print(f"  ... {where}; {n_convs:,} conversations, {n_tokens:,} tokens", file=sys.stderr, flush=True)
+                 f"{self.read / 1e6:,.1f} / {self.total / 1e6:,.1f} MB "
+                 f"({self.read / max(self.total, 1):.0%}), {rate / 1e6:.1f} MB/s, ETA "
+                 f"{max(0, self.total - self.read) / max(rate, 1):.0f}s")
+        print(f"  ... {where}; {n_convs:,} conversations, {n_tokens:,} tokens", file=sys.stderr,
+              flush=True)
 
 
 class ReadCounter:
-    """A sha256 of a source that also counts, for the progress line, the bytes records.py feeds it as it reads."""
+    """A source's sha256 that also counts the bytes records.py feeds it (for the progress line)."""
 
     def __init__(self, progress):
         self.sha, self.progress = hashlib.sha256(), progress
@@ -124,7 +128,8 @@ def tokenize_inputs(paths, writer, skip_invalid, stats, progress):
     (tiktoken's encoder releases the GIL), and written in order: at most two batches in memory."""
     hashes, batch, pending = {}, [], []
 
-    def flush():  # write the batch being rendered, then start rendering this one (twice: both written)
+    # write the batch being rendered, then start rendering this one (twice: both written)
+    def flush():
         if pending:
             write_new(*pending.pop().result(), writer, stats)
             progress.update(writer.n_convs, writer.n_tokens)
@@ -166,7 +171,7 @@ def render(batch, kind, template):
 
 
 def write_new(rendered, digests, writer, stats):
-    """Write a chat.Rendered batch, less the repeats of an earlier conversation when stats["dedupe"]."""
+    """Write a chat.Rendered batch, less repeats of an earlier conversation if stats["dedupe"]."""
     keep = [first_time(d, stats) for d in digests]
     if not all(keep):
         rendered = rendered.select(keep)
@@ -196,7 +201,7 @@ def first_time(key, stats):
 
 
 def val_in_train(writers):
-    """How many val conversations (documents) are exact copies of a train one: a val loss that flatters."""
+    """How many val conversations (documents) copy a train one exactly: a val loss that flatters."""
     train = set(writers["train"].digests)
     return sum(d in train for d in writers["val"].digests)
 
@@ -225,9 +230,11 @@ def usable_records(path, hasher, skip_invalid, stats):
             stats["skipped"][e.reason] += 1
             continue
         if PREFERENCE_KEYS & record.keys() and not stats["warned_preference"]:
-            stats["warned_preference"] = True  # once: a preference file would repeat it for every record
-            print(f"warning: {where}: preference data: 'chosen' / 'rejected' are ignored here (and in every other "
-                  f"record); the reply learned is 'output' / 'completion'", file=sys.stderr)
+            # once: a preference file would repeat it for every record
+            stats["warned_preference"] = True
+            print(f"warning: {where}: preference data: 'chosen' / 'rejected' are ignored here (and "
+                  "in every other record); the reply learned is 'output' / "
+                  "'completion'", file=sys.stderr)
         for messages in found:
             stats["multiline_replies"] |= any("\n" in m["content"].strip() for m in messages
                                               if m["role"] == "assistant")
@@ -235,13 +242,14 @@ def usable_records(path, hasher, skip_invalid, stats):
 
 
 def set_kind(stats, kind, where):
-    """The dataset is text or chat, never both: the first input decides, a later one of the other kind is refused."""
+    """Text or chat, never both: the first input decides, a later one of the other kind fails."""
     if stats["kind"] is None:
         stats["kind"], stats["kind_where"] = kind, where
     elif stats["kind"] != kind:
-        raise InputError(f"{where}: {kind} data, but {stats['kind_where']} is {stats['kind']} data: plain text "
-                         f"(.txt files, {{\"text\": ...}} records) and chat records cannot be mixed in one dataset; "
-                         f"prepare them into separate folders (pretrain on the text, then fine-tune on the chat)")
+        raise InputError(f"{where}: {kind} data, but {stats['kind_where']} is {stats['kind']} "
+                         f"data: plain text (.txt files, {{\"text\": ...}} records) and chat "
+                         "records cannot be mixed in one dataset; prepare them into separate "
+                         "folders (pretrain on the text, then fine-tune on the chat)")
 
 
 def tokenize_text_file(path, hasher, writer, progress):
@@ -249,9 +257,11 @@ def tokenize_text_file(path, hasher, writer, progress):
     (records.iter_text), TEXT_BATCH of them encoded at a time (tiktoken's threads)."""
     enc, pieces, digest, first = chat.get_encoder(), iter_text(path, hasher), hashlib.blake2b(digest_size=16), True
     while batch := list(itertools.islice(pieces, TEXT_BATCH)):
-        ids = np.fromiter(itertools.chain.from_iterable(enc.encode_ordinary_batch(batch)), dtype=np.uint16)
+        ids = np.fromiter(itertools.chain.from_iterable(enc.encode_ordinary_batch(batch)),
+                          dtype=np.uint16)
         digest.update(ids.data)
-        writer.add(ids, np.ones(len(ids), dtype=np.uint8), [0] if first else [], continues=not first)
+        writer.add(ids, np.ones(len(ids), dtype=np.uint8), [0] if first else [],
+                   continues=not first)
         first = False
         progress.update(writer.n_convs, writer.n_tokens)
     if first:
@@ -265,8 +275,8 @@ def tokenize_text_file(path, hasher, writer, progress):
 def choose_val(n_convs, val_fraction, seed):
     """Indices of the val conversations: deterministic from the seed, at least one, never all."""
     if n_convs < 2:
-        raise InputError(f"only {n_convs} usable conversation(s) or document(s): at least 2 are needed to split "
-                         "train/val (or pass --val_file)")
+        raise InputError(f"only {n_convs} usable conversation(s) or document(s): at least 2 are "
+                         "needed to split train/val (or pass --val_file)")
     n_val = min(n_convs - 1, max(1, round(n_convs * val_fraction)))
     return set(np.random.default_rng(seed).permutation(n_convs)[:n_val].tolist())
 
@@ -290,7 +300,8 @@ def split_stream(folder, stream, val, writers):
             picked = chosen[a:b]
             lengths = (ends[a:b] - convs[a:b])[picked]
             new_starts = np.cumsum(lengths) - lengths
-            shift = np.zeros(b - a, dtype=np.int64)  # old offset - new offset, per picked conversation
+            # old offset - new offset, per picked conversation
+            shift = np.zeros(b - a, dtype=np.int64)
             shift[picked] = convs[a:b][picked] - lo - new_starts
             keep = chosen[turn_conv]
             tokens = tokens_val if split == "val" else ~tokens_val
@@ -301,7 +312,7 @@ def split_stream(folder, stream, val, writers):
 
 
 def split_by_position(folder, stream, val_fraction, writers):
-    """A single document (one .txt corpus): the first 1 - val_fraction of its tokens train, the rest val."""
+    """A single document (one .txt corpus): the first 1 - val_fraction of it trains, the rest val."""
     n = stream.n_tokens
     n_val = max(2, round(n * val_fraction))  # a split needs 2 tokens for one (input, target) pair
     if n - n_val < 2:
@@ -309,11 +320,12 @@ def split_by_position(folder, stream, val_fraction, writers):
     for split, a, b in (("train", 0, n - n_val), ("val", n - n_val, n)):
         for start in range(a, b, SPLIT_TOKENS):  # in pieces: a corpus larger than memory is fine
             end = min(b, start + SPLIT_TOKENS)
-            writers[split].add(*read_stream(folder, start, end), [0] if start == a else [], continues=start > a)
+            writers[split].add(*read_stream(folder, start, end), [0] if start == a else [],
+                               continues=start > a)
 
 
 def read_stream(folder, lo, hi):
-    """Tokens lo:hi of the tokenised stream: (ids, mask), read (not memory-mapped: the memory is freed after)."""
+    """Tokens lo:hi of the tokenised stream: (ids, mask), read (not memory-mapped: freed after)."""
     return tuple(np.fromfile(os.path.join(folder, name), dtype=dtype, count=hi - lo,
                              offset=lo * np.dtype(dtype).itemsize)
                  for name, dtype in (("all.bin", np.uint16), ("all_mask.bin", np.uint8)))
@@ -333,8 +345,9 @@ def summarize(writers, stats):
     }
 
 
-def build_dataset(inputs, out_dir="data/chat", val_fraction=0.1, val_file=None, seed=1337, skip_invalid=False,
-                  template="human_assistant", oasst_paths="best", dedupe=False, test_fraction=0.0):
+def build_dataset(inputs, out_dir="data/chat", val_fraction=0.1, val_file=None, seed=1337,
+                  skip_invalid=False, template="human_assistant", oasst_paths="best", dedupe=False,
+                  test_fraction=0.0):
     """Build the dataset in a folder of its own inside out_dir, then make it the dataset (publish).
     Returns meta. template: a built-in template's name, a JSON template file, or a template dict
     (see chat.load_template). oasst_paths: "best" (an OpenAssistant tree's best-ranked branch) or
@@ -360,18 +373,18 @@ def build_dataset(inputs, out_dir="data/chat", val_fraction=0.1, val_file=None, 
         publish(tmp, out_dir)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        full = disk_error(e, f"writing the dataset in {out_dir}") if isinstance(e, OSError) else None
-        if full is not None:
+        full = isinstance(e, OSError) and disk_error(e, f"writing the dataset in {out_dir}")
+        if full:
             raise full from None
         raise
     return meta
 
 
 def _build(tmp, inputs, val_fraction, val_file, seed, skip_invalid, options):
-    """Write every file of the dataset into the folder tmp. Returns meta. options: template, oasst_paths, dedupe."""
+    """Write every file of the dataset into the folder tmp; returns meta."""
     template = options["template"]
-    stats = {"skipped": Counter(), "multiline_replies": False, "kind": None, "warned_preference": False,
-             "seen": set(), "repeats": 0, **options}
+    stats = {"skipped": Counter(), "multiline_replies": False, "kind": None,
+             "warned_preference": False, "seen": set(), "repeats": 0, **options}
     progress = Progress(list(inputs) + ([val_file] if val_file else []))
     writers = {s: TokenWriter(tmp, s) for s in SPLITS}
     if options["test_fraction"]:
@@ -387,7 +400,8 @@ def _build(tmp, inputs, val_fraction, val_file, seed, skip_invalid, options):
             split_stream(tmp, stream, choose_val(stream.n_convs, val_fraction, seed), writers)
     else:
         hashes = tokenize_inputs(inputs, writers["train"], skip_invalid, stats, progress)
-        test, stats["test"] = stats.get("test"), None  # the val file is val: nothing of it is held out
+        # the val file is val: nothing of it is held out
+        test, stats["test"] = stats.get("test"), None
         hashes.update(tokenize_inputs([val_file], writers["val"], skip_invalid, stats, progress))
         stats["test"] = test
     if stats.get("test") is not None:
@@ -400,12 +414,15 @@ def _build(tmp, inputs, val_fraction, val_file, seed, skip_invalid, options):
             raise InputError(f"no usable conversations for the {s} split")
     text = stats["kind"] == "text"
     n_docs = stream.n_convs if val_file is None else writers["train"].n_convs + writers["val"].n_convs
-    meta = {"kind": stats["kind"], **({"documents": n_docs} if text else {}), "tokenizer": chat.TOKENIZER,
-            "vocab_size": chat.VOCAB_SIZE, "template": template, "multiline_replies": stats["multiline_replies"],
-            "default_stop": None if text else chat.default_stop(stats["multiline_replies"], template),  # text: none
+    multiline = stats["multiline_replies"]
+    meta = {"kind": stats["kind"], **({"documents": n_docs} if text else {}),
+            "tokenizer": chat.TOKENIZER, "vocab_size": chat.VOCAB_SIZE, "template": template,
+            "multiline_replies": multiline,
+            "default_stop": None if text else chat.default_stop(multiline, template),  # text: none
             **summarize(writers, stats), "sources": hashes, "seed": seed,
             "val_fraction": None if val_file else val_fraction,
-            "duplicates": {"repeats": stats["repeats"], "removed": stats["repeats"] if stats["dedupe"] else 0,
+            "duplicates": {"repeats": stats["repeats"],
+                           "removed": stats["repeats"] if stats["dedupe"] else 0,
                            "val_in_train": val_in_train(writers)},
             **({"test": {"file": "test.jsonl", "conversations": stats["n_test"],
                          "fraction": options["test_fraction"]}} if options["test_fraction"] else {})}
@@ -425,7 +442,8 @@ def publish(build, out_dir):
     previous = os.readlink(link) if os.path.islink(link) else None
     try:
         os.symlink(os.path.basename(build), temp_name(link))
-    except OSError:  # no symlinks here (e.g. Windows without the privilege): move the files, meta.json last
+    # no symlinks here (e.g. Windows without the privilege): move the files, meta.json last
+    except OSError:
         for name in sorted(ALL_FILES, key="meta.json".__eq__):
             if not os.path.exists(os.path.join(build, name)):
                 continue
@@ -461,7 +479,8 @@ def clean_out_dir(out_dir):
     link = os.path.join(out_dir, CURRENT)
     current = os.readlink(link) if os.path.islink(link) else None
     ours = set(ALL_FILES) | {CURRENT}
-    removed = remove_dead_leftovers(out_dir, (BUILD_PREFIX,), temp_of=ours.__contains__, keep=(current,))
+    removed = remove_dead_leftovers(out_dir, (BUILD_PREFIX,), temp_of=ours.__contains__,
+                                    keep=(current,))
     if current and os.path.isdir(os.path.join(out_dir, current)):
         link_names(out_dir)
     if removed:

@@ -22,7 +22,8 @@ from . import chat
 from .errors import InputError, MissingFileError
 
 SPLITS = ("train", "val")
-SPLIT_FILES = (".bin", "_mask.bin", "_turns.npy", "_convs.npy")  # per split: train.bin, train_mask.bin, ...
+# per split: train.bin, train_mask.bin, ...
+SPLIT_FILES = (".bin", "_mask.bin", "_turns.npy", "_convs.npy")
 DATASET_FILES = tuple(f"{s}{suffix}" for s in SPLITS for suffix in SPLIT_FILES) + ("meta.json",)
 OPTIONAL_FILES = ("test.jsonl",)  # held-out conversations (--test_fraction), for eval.py --data
 # a classification dataset (kind "classify", classify_data.py): per split its tokens, text offsets
@@ -30,9 +31,11 @@ OPTIONAL_FILES = ("test.jsonl",)  # held-out conversations (--test_fraction), fo
 CLASSIFY_SPLITS = ("train", "val", "test")
 CLASSIFY_FILES = tuple(f"{s}{suffix}" for s in CLASSIFY_SPLITS
                        for suffix in (".bin", "_offsets.npy", "_labels.npy")) + ("meta.json",)
-ALL_FILES = tuple(dict.fromkeys(DATASET_FILES + CLASSIFY_FILES + OPTIONAL_FILES))  # every name a build may publish
+# every name a build may publish
+ALL_FILES = tuple(dict.fromkeys(DATASET_FILES + CLASSIFY_FILES + OPTIONAL_FILES))
 CURRENT = ".dataset"  # symlink to the build folder the names point into
-SCAN_TOKENS = 1 << 24  # tokens of the mask summed at a time when finding windows with something to learn
+# tokens of the mask summed at a time when finding windows with something to learn
+SCAN_TOKENS = 1 << 24
 
 
 class ChatData:
@@ -50,13 +53,16 @@ class ChatData:
         self.starts = read_array(os.path.join(folder, f"{split}_turns.npy"))
         self.convs = read_array(os.path.join(folder, f"{split}_convs.npy"))
         if len(self.ids) != expected_tokens or len(self.mask) != expected_tokens:
-            raise InputError(f"{path}: {len(self.ids)} tokens / {len(self.mask)} mask entries but meta.json says "
-                             f"{expected_tokens}: the dataset is incomplete, run prepare.py again")
+            raise InputError(f"{path}: {len(self.ids)} tokens / {len(self.mask)} mask entries but "
+                             f"meta.json says {expected_tokens}: the dataset is incomplete, run "
+                             "prepare.py again")
 
     def get_batch(self, batch_size, block_size, generator):
-        import torch  # here, not at the top: prepare.py (building datasets) runs without torch's seconds of import
+        # here, not at the top: prepare.py (building datasets) runs without torch's seconds of import
+        import torch
         if self.kind == "text":
-            starts = torch.randint(max(1, len(self.ids) - block_size), (batch_size,), generator=generator).numpy()
+            starts = torch.randint(max(1, len(self.ids) - block_size), (batch_size,),
+                                   generator=generator).numpy()
         else:
             starts = self.useful_starts(block_size)
             starts = starts[torch.randint(len(starts), (batch_size,), generator=generator).numpy()]
@@ -77,19 +83,20 @@ class ChatData:
         has one)."""
         if block_size not in self._useful:
             keep = np.zeros(len(self.starts), dtype=bool)
-            for a in range(0, len(self.ids), SCAN_TOKENS):  # in pieces: a cumulative sum of the whole mask is large
+            # in pieces: a cumulative sum of the whole mask is large
+            for a in range(0, len(self.ids), SCAN_TOKENS):
                 lo, hi = np.searchsorted(self.starts, [a, a + SCAN_TOKENS])
                 if lo == hi:
                     continue
-                learned = np.concatenate([[0], np.cumsum(self.mask[a + 1:a + SCAN_TOKENS + block_size + 1],
-                                                         dtype=np.int64)])
+                window = self.mask[a + 1:a + SCAN_TOKENS + block_size + 1]
+                learned = np.concatenate([[0], np.cumsum(window, dtype=np.int64)])
                 s = np.asarray(self.starts[lo:hi]) - a
                 keep[lo:hi] = learned[np.minimum(s + block_size, len(learned) - 1)] > learned[s]
             self._useful[block_size] = self.starts[keep] if keep.any() else self.starts
         return self._useful[block_size]
 
     def first_prompt(self):
-        """Token ids of the first val conversation up to where its first reply starts (for sample replies)."""
+        """Token ids of the first val conversation up to its first reply (for sample replies)."""
         end = self.convs[1] if len(self.convs) > 1 else len(self.ids)
         if self.kind == "text":  # everything is learned: a few words to continue
             return self.ids[:min(8, end - 1)].astype(np.int64).tolist()
@@ -98,7 +105,7 @@ class ChatData:
 
 
 def read_array(path, dtype=None):
-    """A .bin memory-mapped as dtype, or a .npy loaded; any failure is an error naming the file (InputError)."""
+    """A .bin memory-mapped as dtype, or a .npy loaded; a failure is an InputError naming it."""
     try:
         if dtype is None:
             return np.load(path)
@@ -117,7 +124,7 @@ def dataset_folder(dataset):
 
 
 def read_meta(folder, names=None):
-    """A prepared dataset's meta.json, checked to be one build's with all of names (default: those of its kind)."""
+    """A dataset's meta.json, checked: all of names (default: its kind's) come from one build."""
     meta_path = os.path.join(folder, "meta.json")
     if not os.path.isfile(meta_path):
         raise MissingFileError(f"no prepared dataset at {folder!r} (missing meta.json): run "
@@ -127,18 +134,18 @@ def read_meta(folder, names=None):
             meta = json.load(f)
         {split: int(meta["tokens"][split]) for split in SPLITS}
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise InputError(f"{meta_path}: not a prepared dataset's meta.json ({type(e).__name__}: {e}): run "
-                         f"prepare.py again") from None
+        raise InputError(f"{meta_path}: not a prepared dataset's meta.json ({type(e).__name__}: "
+                         f"{e}): run prepare.py again") from None
     names = names or (CLASSIFY_FILES if meta.get("kind") == "classify" else DATASET_FILES)
     homes = {os.path.dirname(os.path.realpath(os.path.join(folder, name))) for name in names}
     if len(homes) > 1:
-        raise InputError(f"{folder}: the dataset's files come from {len(homes)} different builds (an interrupted "
-                         f"or mixed copy): run prepare.py again")
+        raise InputError(f"{folder}: the dataset's files come from {len(homes)} different builds "
+                         "(an interrupted or mixed copy): run prepare.py again")
     return meta
 
 
 def load_dataset(dataset):
-    """({split: ChatData}, meta) of a prepared dataset; a missing or malformed one is an error naming the file."""
+    """({split: ChatData}, meta) of a prepared dataset; a missing or broken file is an error."""
     folder = dataset_folder(dataset)
     meta = read_meta(folder)
     kind = meta.get("kind") or "chat"  # datasets prepared before plain text existed are chat
