@@ -19,7 +19,8 @@ import json
 import sys
 
 import configurator
-from benchmarks import finetune_cost, generate_speed, half_precision, prepare_speed, sample_speed, train_speed
+from benchmarks import (finetune_cost, generate_speed, half_precision, prepare_speed, sample_speed,
+                        train_speed)
 
 # --mode=X runs MODES[X].bench(cfg): the module holds the benchmark and the keys only it reads
 MODES = {"train": train_speed, "generate": generate_speed, "half": half_precision,

@@ -1,4 +1,4 @@
-"""Command-line / config-file configuration shared by every script (train.py, sample.py, prepare.py, ...).
+"""Command-line / config-file configuration shared by every script (train.py, prepare.py, ...).
 
 Convention (as in nanoGPT): a script defines a dict of defaults, then the command line is applied to
 it left to right, later items overriding earlier ones:
@@ -103,7 +103,8 @@ def _convert(key, value, defaults, where, from_cli):
     try:
         return _fit(_from_text(value, default) if from_cli else value, default)
     except (ValueError, OverflowError):
-        raise ConfigError(f"invalid value {value!r} for {where} (expected {_type_name(default)})") from None
+        expected = _type_name(default)
+        raise ConfigError(f"invalid value {value!r} for {where} (expected {expected})") from None
 
 
 def _read_config_file(path, defaults):
@@ -112,7 +113,8 @@ def _read_config_file(path, defaults):
         with open(path) as f:
             source = f.read()
     except OSError as e:
-        hint = "" if path.endswith(".py") else " (config files are .py files; options go as --key=value)"
+        hint = ("" if path.endswith(".py")
+                else " (config files are .py files; options go as --key=value)")
         raise ConfigError(f"cannot read config file '{path}': {e.strerror or e}{hint}") from None
     namespace = {"__file__": path, "__name__": "__config__"}
     try:
@@ -121,7 +123,8 @@ def _read_config_file(path, defaults):
         raise ConfigError(f"error in config file '{path}': {type(e).__name__}: {e}") from e
     items = {}
     for name, value in namespace.items():
-        if name.startswith("_") or inspect.ismodule(value) or inspect.isroutine(value) or inspect.isclass(value):
+        code = inspect.ismodule(value) or inspect.isroutine(value) or inspect.isclass(value)
+        if name.startswith("_") or code:
             continue
         if name not in defaults:
             raise _unknown_key(name, defaults, f" in config file '{path}'")
@@ -185,10 +188,10 @@ def check_saved(defaults, saved, where):
         raise ConfigError(f"{where} is not a dict of settings")
     unknown = sorted(k for k in saved if k not in defaults)
     if unknown:
-        print(f"note: ignoring settings unknown to this version in {where}: {', '.join(map(str, unknown))}",
-              file=sys.stderr)
-    return {k: _convert(k, v, defaults, f"'{k}' in {where}", from_cli=False) for k, v in saved.items()
-            if k in defaults}
+        print(f"note: ignoring settings unknown to this version in {where}: "
+              f"{', '.join(map(str, unknown))}", file=sys.stderr)
+    return {k: _convert(k, v, defaults, f"'{k}' in {where}", from_cli=False)
+            for k, v in saved.items() if k in defaults}
 
 
 def key_meanings(path, name="DEFAULTS"):
@@ -201,13 +204,15 @@ def key_meanings(path, name="DEFAULTS"):
         tree = ast.parse(source)
     except (OSError, SyntaxError, ValueError):
         return {}
-    call = next((node.value for node in tree.body if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call)
+    call = next((node.value for node in tree.body
+                 if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call)
                  and any(getattr(t, "id", None) == name for t in node.targets)), None)
     if call is None:
         return {}
     lines = source.splitlines()
-    comments = {t.start[0]: t.string.lstrip("# ").strip() for t in
-                tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT}
+    tokens = tokenize.generate_tokens(io.StringIO(source).readline)
+    comments = {t.start[0]: t.string.lstrip("# ").strip()
+                for t in tokens if t.type == tokenize.COMMENT}
     meanings = {}
     for kw in call.keywords:
         if kw.arg is None:  # **OTHER_DEFAULTS: their comments are in their own file
@@ -227,11 +232,13 @@ def _help_text(defaults, prog, meanings=None, inputs=None):
         f"usage: {prog} [config.py ...]{files} [--key=value | --key value | --flag ...]",
         "",
         "Config files (.py) and --key=value overrides are applied left to right"
-        + (f"; the other positional arguments are --{inputs}" if inputs else "") + ". Keys, defaults, meanings:",
+        + (f"; the other positional arguments are --{inputs}" if inputs else "")
+        + ". Keys, defaults, meanings:",
     ]
     for key, default in defaults.items():
         meaning = (meanings or {}).get(key)
-        lines.append(f"  --{key}={default!r}  ({_type_name(default)})" + (f"  {meaning}" if meaning else ""))
+        lines.append(f"  --{key}={default!r}  ({_type_name(default)})"
+                     + (f"  {meaning}" if meaning else ""))
     return "\n".join(lines)
 
 

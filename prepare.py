@@ -80,7 +80,8 @@ def print_summary(meta):
         print(f"note: {too_long['128']:,} of {total:,} conversations are longer than block_size "
               "128 (train.py's default): windows cut them, and a reply beyond the window is not "
               "learned; "
-              + (f"train with --block_size={fits[0]} (90% fit)" if fits else "even 1024 cuts more than 10%"))
+              + (f"train with --block_size={fits[0]} (90% fit)" if fits
+                 else "even 1024 cuts more than 10%"))
 
 
 def print_classify_summary(meta, out_dir):
@@ -90,10 +91,11 @@ def print_classify_summary(meta, out_dir):
     print(f"columns: text {meta['columns']['text']} (joined with {meta['columns']['join']!r}), "
           f"label {meta['columns']['label']!r}; labels: {', '.join(meta['labels'])}")
     for split, counts in meta["class_counts"].items():
-        print(f"  {split}: {meta['examples'][split]:,} examples ("
-              + ", ".join(f"{label} {n:,}" for label, n in counts.items()) + f"), {meta['tokens'][split]:,} tokens")
-    print("tokens per example (with <|endoftext|>): " + ", ".join(f"{k} {v}" for k, v in
-                                                                   meta["length_percentiles"].items()))
+        per_class = ", ".join(f"{label} {n:,}" for label, n in counts.items())
+        print(f"  {split}: {meta['examples'][split]:,} examples ({per_class}), "
+              f"{meta['tokens'][split]:,} tokens")
+    print("tokens per example (with <|endoftext|>): "
+          + ", ".join(f"{k} {v}" for k, v in meta["length_percentiles"].items()))
     print(f"wrote {out_dir}/{{train,val,test}}.bin, their offsets and labels, and meta.json")
 
 
@@ -108,8 +110,8 @@ def print_duplicates(meta):
 def main(argv=None):
     cfg, _ = configurator.load(DEFAULTS, argv, prog="prepare.py", inputs="inputs")
     if not cfg["inputs"]:
-        print("error: no input files: python prepare.py INPUT [INPUT ...] [--key=value ...] (see --help)",
-              file=sys.stderr)
+        print("error: no input files: python prepare.py INPUT [INPUT ...] [--key=value ...] "
+              "(see --help)", file=sys.stderr)
         return 2
     try:
         check_options(cfg)
@@ -140,10 +142,12 @@ def check_options(cfg):
     if cfg["task"] not in TASKS:
         raise ConfigError(f"--task must be {' or '.join(TASKS)}, got {cfg['task']!r}")
     fraction = cfg["test_fraction"]
-    if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float))):
+    if fraction is not None and (isinstance(fraction, bool)
+                                 or not isinstance(fraction, (int, float))):
         raise ConfigError(f"--test_fraction must be a number, got {fraction!r}")
     if cfg["task"] == "classify" and cfg["val_file"]:
-        raise ConfigError("--val_file is for chat data: --task=classify splits train/val/test by class")
+        raise ConfigError("--val_file is for chat data: --task=classify splits train/val/test by "
+                          "class")
 
 
 def prepare_classify(cfg):

@@ -53,10 +53,12 @@ def bench(cfg):
           f"{rows[0]['batch_size']} x block {rows[0]['block_size']}, device {rows[0]['device']}, "
           f"dtype {rows[0]['dtype']}, {rows[0]['threads']} threads, load avg "
           f"{rows[0]['load_avg_1min']}")
-    print(f"  {'variant':<9}{'trainable':>16}{'tokens/s':>10}{'peak RSS':>11}{'best ckpt':>12}{'_last ckpt':>12}")
+    print(f"  {'variant':<9}{'trainable':>16}{'tokens/s':>10}{'peak RSS':>11}{'best ckpt':>12}"
+          f"{'_last ckpt':>12}")
     for r in rows:
-        print(f"  {r['variant']:<9}{r['trainable_params']:>16,}{r['tokens_per_s']:>10,.0f}{r['peak_rss_mb']:>8,.0f} MB"
-              f"{r['best_ckpt_mb']:>9,.1f} MB{r['last_ckpt_mb']:>9,.1f} MB")
+        print(f"  {r['variant']:<9}{r['trainable_params']:>16,}{r['tokens_per_s']:>10,.0f}"
+              f"{r['peak_rss_mb']:>8,.0f} MB{r['best_ckpt_mb']:>9,.1f} MB"
+              f"{r['last_ckpt_mb']:>9,.1f} MB")
     return {"mode": "finetune", "variants": rows}
 
 

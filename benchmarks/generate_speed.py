@@ -44,7 +44,8 @@ GEN_PRESETS = {
 def gen_setup(cfg):
     """The preset with cfg's overrides applied, and a random-weight model of its shape (seeded)."""
     if cfg["gen_preset"] not in GEN_PRESETS:
-        raise SystemExit(f"error: unknown --gen_preset={cfg['gen_preset']!r}: use one of {sorted(GEN_PRESETS)}")
+        raise SystemExit(f"error: unknown --gen_preset={cfg['gen_preset']!r}: use one of "
+                         f"{sorted(GEN_PRESETS)}")
     preset = dict(GEN_PRESETS[cfg["gen_preset"]])
     for key in ("prompt_tokens", "new_tokens", "batch_sizes"):
         preset[key] = cfg[f"gen_{key}"] or preset[key]
@@ -77,7 +78,8 @@ def hf_model(model):
     from transformers import GPT2Config, GPT2LMHeadModel
     hf = GPT2LMHeadModel(GPT2Config.from_dict(hf_config(model.config)))
     missing, unexpected = hf.load_state_dict(hf_state_dict(model), strict=False)
-    assert not unexpected and all(k == "lm_head.weight" or k.endswith(".attn.bias") for k in missing), missing
+    tied_or_buffers = all(k == "lm_head.weight" or k.endswith(".attn.bias") for k in missing)
+    assert not unexpected and tied_or_buffers, (missing, unexpected)
     return hf.to(next(model.parameters()).device).eval()
 
 
@@ -127,10 +129,11 @@ def bench(cfg):
             reference = tokens if reference is None else reference
             # greedy fp32 paths: all the same
             same = (tokens.cpu() == reference.cpu()).float().mean().item()
+            speed = batch * n_new / seconds
             rows.append({"impl": name, "batch": batch, "seconds": round(seconds, 3),
-                         "tokens_per_s": round(batch * n_new / seconds, 2), "same_tokens": same == 1.0,
+                         "tokens_per_s": round(speed, 2), "same_tokens": same == 1.0,
                          "same_token_share": round(same, 4)})
-            print(f"{name:<34}{batch:>6}{seconds:>10.2f}{batch * n_new / seconds:>11.1f}{same:>13.1%}", flush=True)
+            print(f"{name:<34}{batch:>6}{seconds:>10.2f}{speed:>11.1f}{same:>13.1%}", flush=True)
     prefill = _time_prefill(model, half, cfg, device, dtype)
     return {"mode": "generate", "preset": cfg["gen_preset"], "device": device, "dtype": dtype,
             "prompt_tokens": preset["prompt_tokens"], "new_tokens": n_new, "rows": rows,
@@ -161,7 +164,8 @@ def _time_prefill(model, half, cfg, device, dtype):
             sync(device)
             seconds.append(time.perf_counter() - t0)
         speeds[name] = round(n / min(seconds[1:]), 1)
-    print(f"prompt of {n} tokens (prefill), tokens/s: " + ", ".join(f"{k} {v:.1f}" for k, v in speeds.items()))
+    print(f"prompt of {n} tokens (prefill), tokens/s: "
+          + ", ".join(f"{k} {v:.1f}" for k, v in speeds.items()))
     return {"tokens": n, "tokens_per_s": speeds}
 
 
@@ -170,15 +174,15 @@ def _speedups(rows):
     out = {}
     for batch in sorted({r["batch"] for r in rows}):
         speed = {r["impl"]: r["tokens_per_s"] for r in rows if r["batch"] == batch}
-        cached = speed["ours, KV cache"]
-        out[str(batch)] = {"cache_vs_no_cache": round(cached / speed["ours, no cache"], 2)}
+        cached, hf = speed["ours, KV cache"], speed.get("transformers, use_cache")
+        row = out[str(batch)] = {"cache_vs_no_cache": round(cached / speed["ours, no cache"], 2)}
         for name, value in speed.items():
             if name == "transformers, use_cache":
-                out[str(batch)]["cache_vs_transformers"] = round(cached / value, 2)
+                row["cache_vs_transformers"] = round(cached / value, 2)
             elif name.startswith("ours, KV cache, "):
-                out[str(batch)]["half_vs_fp32"] = round(value / cached, 2)
-                if "transformers, use_cache" in speed:
-                    out[str(batch)]["half_vs_transformers"] = round(value / speed["transformers, use_cache"], 2)
+                row["half_vs_fp32"] = round(value / cached, 2)
+                if hf:
+                    row["half_vs_transformers"] = round(value / hf, 2)
     return out
 
 

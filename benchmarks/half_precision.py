@@ -31,13 +31,15 @@ def bench(cfg):
     difference, and the share of steps where both pick the same token after fp32's own tokens), and
     the val loss / perplexity of each."""
     if not cfg["ckpt"] or not cfg["dataset"]:
-        raise ConfigError("--mode=half needs --ckpt=PATH (a trained checkpoint) and --dataset=DIR (its data)")
+        raise ConfigError("--mode=half needs --ckpt=PATH (a trained checkpoint) and --dataset=DIR "
+                          "(its data)")
     device = resolve_device(cfg["device"])
     model, _ = load_model(ckpt=cfg["ckpt"], device=device)
     half = to_half(copy.deepcopy(model), cfg["gen_half"], device)
     val = load_dataset(cfg["dataset"])[0]["val"]
     starts = torch.linspace(0, max(0, len(val.ids) - 33), cfg["half_prompts"]).long().tolist()
-    prompts = torch.stack([torch.from_numpy(val.ids[s:s + 32].astype("int64")) for s in starts]).to(device)
+    prompts = torch.stack([torch.from_numpy(val.ids[s:s + 32].astype("int64")) for s in starts])
+    prompts = prompts.to(device)
     tokens = [greedy_tokens(m, prompts, cfg["half_new_tokens"],
                             vocab_limit=chat.VOCAB_SIZE) for m in (model, half)]
     agree = (tokens[0] == tokens[1]).float().mean().item()

@@ -103,7 +103,8 @@ def _sample_report(rows, cfg, short, long):
     for r in rows:
         if hf:
             r["vs_transformers"] = round(r["tokens_per_s"] / hf, 2)
-        timed = f"{r['seconds_short']:>10.2f}{r['seconds_long']:>10.2f}" if "seconds_long" in r else " " * 20
+        timed = (f"{r['seconds_short']:>10.2f}{r['seconds_long']:>10.2f}" if "seconds_long" in r
+                 else " " * 20)
         ratio = f"{r['vs_transformers']:>16.2f}x" if hf else ""
         print(f"{r['impl']:<42}{timed}{r['tokens_per_s']:>10.1f}{ratio}")
     return {"mode": "sample", "preset": cfg["gen_preset"], "short": short, "long": long,

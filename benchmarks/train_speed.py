@@ -69,7 +69,8 @@ def _train_setup(cfg):
     """The preset with cfg's overrides; the model, the module that runs (compiled or the model), the
     optimizer, and one train.py step as a function."""
     if cfg["preset"] not in TRAIN_PRESETS:
-        raise SystemExit(f"error: unknown --preset={cfg['preset']!r}: use one of {sorted(TRAIN_PRESETS)}")
+        raise SystemExit(f"error: unknown --preset={cfg['preset']!r}: use one of "
+                         f"{sorted(TRAIN_PRESETS)}")
     p = dict(TRAIN_PRESETS[cfg["preset"]])
     p.update({k: cfg[k] for k in PRESET_OVERRIDES if cfg[k]})
     p["grad_clip"] = DEFAULT_GRAD_CLIP
@@ -162,13 +163,16 @@ def kernel_ms(model, batch_size, block_size, dtype, device):
     W and g.T @ x: the 6N of the FLOP count) and attention (SDPA, causal) forward and forward +
     backward, times n_layer."""
     dt, tokens, cfg = getattr(torch, dtype), batch_size * block_size, model.config
-    shapes = [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    shapes = [(m.in_features, m.out_features) for m in model.modules()
+              if isinstance(m, torch.nn.Linear)]
     out = {"matmul_fwd": 0.0, "matmul_bwd": 0.0}
     for k, n in sorted(set(shapes)):
-        x, w, g = (torch.randn(*s, device=device).to(dt) for s in ((tokens, k), (n, k), (tokens, n)))
+        x, w, g = (torch.randn(*s, device=device).to(dt)
+                   for s in ((tokens, k), (n, k), (tokens, n)))
         count = shapes.count((k, n))
         out["matmul_fwd"] += count * _median_ms(lambda: x @ w.t(), device)
-        out["matmul_bwd"] += count * (_median_ms(lambda: g @ w, device) + _median_ms(lambda: g.t() @ x, device))
+        out["matmul_bwd"] += count * (_median_ms(lambda: g @ w, device)
+                                      + _median_ms(lambda: g.t() @ x, device))
     q, k, v = (torch.randn(batch_size, cfg.n_head, block_size, cfg.n_embd // cfg.n_head,
                            device=device)
                .to(dt).requires_grad_() for _ in range(3))
@@ -239,10 +243,11 @@ def bench(cfg):
     """Train steps/s, tokens/s, FLOP/s, MFU against the peaks measured in this run, peak memory."""
     p, run, model, compiled, optimizer, step = _train_setup(cfg)
     device, dtype = run["device"], run["dtype"]
+    cuda = device.startswith("cuda")
     peaks = _measure_peaks(device, dtype, p)
     known = known_peak_flops(device, dtype)
     data = RandomTokens(model.config.vocab_size)
-    if device.startswith("cuda"):
+    if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     print(f"train: preset {cfg['preset']}, {model.get_num_params() / 1e6:.1f}M parameters, device "
           f"{device}, dtype {dtype}, compile {run['compile']}, "
@@ -275,12 +280,12 @@ def bench(cfg):
         "peak_gflops_dtype": round(peaks[dtype] / 1e9, 1),
         "mfu": round(achieved / peaks[dtype], 4),
         "mfu_vs_fp32_peak": round(achieved / peaks["float32"], 4),
-        "gpu": torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else None,
+        "gpu": torch.cuda.get_device_name(torch.device(device)) if cuda else None,
         "known_peak_gflops": round(known / 1e9, 1) if known else None,
         "mfu_vs_known_peak": round(achieved / known, 4) if known else None,
         "peak_rss_mb": round(peak_rss_mb(), 1),
-        "max_memory_allocated_mb": round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
-        if device.startswith("cuda") else None,
+        "max_memory_allocated_mb":
+            round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1) if cuda else None,
         "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4),
         # others' work
         "load_avg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,

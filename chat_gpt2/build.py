@@ -26,7 +26,8 @@ from . import chat
 from .dataset import ALL_FILES, CURRENT, SPLITS
 from .errors import ConfigError, InputError, RecordError
 from .files import disk_error, make_temp_dir, remove_dead_leftovers, temp_name
-from .records import PREFERENCE_KEYS, document_text, is_document, iter_records, iter_text, to_conversations
+from .records import (PREFERENCE_KEYS, document_text, is_document, iter_records, iter_text,
+                      to_conversations)
 
 BUILD_PREFIX = ".prepare-"  # a build's own folder: .prepare-<PID>-<random>
 BLOCK_SIZES = (128, 256, 512, 1024)  # meta.json counts the conversations longer than each
@@ -58,7 +59,8 @@ class TokenWriter:
 
     def add_batch(self, ids, mask, conv_starts, turn_starts, digests=()):
         """ids, mask: conversations back to back; conv_starts, turn_starts: offsets into them."""
-        ids, mask = np.ascontiguousarray(ids, dtype=np.uint16), np.ascontiguousarray(mask, dtype=np.uint8)
+        ids = np.ascontiguousarray(ids, dtype=np.uint16)
+        mask = np.ascontiguousarray(mask, dtype=np.uint8)
         self._convs.append(self.n_tokens + np.asarray(conv_starts, dtype=np.int64))
         self._turns.append(self.n_tokens + np.asarray(turn_starts, dtype=np.int64))
         self.ids.write(ids.data)
@@ -70,7 +72,8 @@ class TokenWriter:
 
     def offsets(self):
         """(conversation starts, turn starts) so far, int64 arrays."""
-        return tuple(np.concatenate(parts or [np.zeros(0, dtype=np.int64)]) for parts in (self._convs, self._turns))
+        none = [np.zeros(0, dtype=np.int64)]
+        return tuple(np.concatenate(parts or none) for parts in (self._convs, self._turns))
 
     def lengths(self):
         convs, _ = self.offsets()
@@ -95,11 +98,13 @@ class Progress:
 
     def update(self, n_convs, n_tokens, final=False):
         now = time.time()
-        if now - self.last < PROGRESS_SECONDS and not (final and now - self.start > PROGRESS_SECONDS):
+        slow = now - self.start > PROGRESS_SECONDS
+        if now - self.last < PROGRESS_SECONDS and not (final and slow):
             return
         self.last, elapsed = now, now - self.start
         rate = self.read / max(elapsed, 1e-9)
-        where = (f"read {self.read / 1e6:,.1f} MB in {elapsed:.0f}s ({rate / 1e6:.1f} MB/s)" if final else
+        where = (f"read {self.read / 1e6:,.1f} MB in {elapsed:.0f}s ({rate / 1e6:.1f} MB/s)"
+                 if final else
                  f"{self.read / 1e6:,.1f} / {self.total / 1e6:,.1f} MB "
                  f"({self.read / max(self.total, 1):.0%}), {rate / 1e6:.1f} MB/s, ETA "
                  f"{max(0, self.total - self.read) / max(rate, 1):.0f}s")
@@ -167,7 +172,8 @@ def render(batch, kind, template):
     else:
         rendered = chat.render_batch(batch, template)
     raw, starts = memoryview(rendered.ids).cast("B"), rendered.starts
-    return rendered, [hashlib.blake2b(raw[2 * a:2 * b], digest_size=16).digest() for a, b in zip(starts, starts[1:])]
+    return rendered, [hashlib.blake2b(raw[2 * a:2 * b], digest_size=16).digest()
+                      for a, b in zip(starts, starts[1:])]
 
 
 def write_new(rendered, digests, writer, stats):
@@ -255,7 +261,8 @@ def set_kind(stats, kind, where):
 def tokenize_text_file(path, hasher, writer, progress):
     """A .txt file as one document, streamed: pieces cut where the tokenizer cuts anyway
     (records.iter_text), TEXT_BATCH of them encoded at a time (tiktoken's threads)."""
-    enc, pieces, digest, first = chat.get_encoder(), iter_text(path, hasher), hashlib.blake2b(digest_size=16), True
+    enc, pieces, first = chat.get_encoder(), iter_text(path, hasher), True
+    digest = hashlib.blake2b(digest_size=16)
     while batch := list(itertools.islice(pieces, TEXT_BATCH)):
         ids = np.fromiter(itertools.chain.from_iterable(enc.encode_ordinary_batch(batch)),
                           dtype=np.uint16)
@@ -312,11 +319,12 @@ def split_stream(folder, stream, val, writers):
 
 
 def split_by_position(folder, stream, val_fraction, writers):
-    """A single document (one .txt corpus): the first 1 - val_fraction of it trains, the rest val."""
+    """A single document (one .txt corpus): its first 1 - val_fraction trains, the rest is val."""
     n = stream.n_tokens
     n_val = max(2, round(n * val_fraction))  # a split needs 2 tokens for one (input, target) pair
     if n - n_val < 2:
-        raise InputError(f"the only document has {n} token(s): too short to split train/val (or pass --val_file)")
+        raise InputError(f"the only document has {n} token(s): too short to split train/val "
+                         "(or pass --val_file)")
     for split, a, b in (("train", 0, n - n_val), ("val", n - n_val, n)):
         for start in range(a, b, SPLIT_TOKENS):  # in pieces: a corpus larger than memory is fine
             end = min(b, start + SPLIT_TOKENS)
@@ -407,13 +415,14 @@ def _build(tmp, inputs, val_fraction, val_file, seed, skip_invalid, options):
     if stats.get("test") is not None:
         stats["test"].close()
         if stats["kind"] == "text":
-            raise ConfigError("--test_fraction holds out conversations for eval.py --data: not for plain text")
+            raise ConfigError("--test_fraction holds out conversations for eval.py --data: not for "
+                              "plain text")
     for s in SPLITS:
         writers[s].close(tmp, s)
         if not writers[s].n_convs:
             raise InputError(f"no usable conversations for the {s} split")
     text = stats["kind"] == "text"
-    n_docs = stream.n_convs if val_file is None else writers["train"].n_convs + writers["val"].n_convs
+    n_docs = stream.n_convs if val_file is None else sum(writers[s].n_convs for s in SPLITS)
     multiline = stats["multiline_replies"]
     meta = {"kind": stats["kind"], **({"documents": n_docs} if text else {}),
             "tokenizer": chat.TOKENIZER, "vocab_size": chat.VOCAB_SIZE, "template": template,
@@ -425,7 +434,8 @@ def _build(tmp, inputs, val_fraction, val_file, seed, skip_invalid, options):
                            "removed": stats["repeats"] if stats["dedupe"] else 0,
                            "val_in_train": val_in_train(writers)},
             **({"test": {"file": "test.jsonl", "conversations": stats["n_test"],
-                         "fraction": options["test_fraction"]}} if options["test_fraction"] else {})}
+                         "fraction": options["test_fraction"]}}
+               if options["test_fraction"] else {})}
     for name in os.listdir(tmp):
         if name.startswith("all"):  # the tokenised stream before the split
             os.remove(os.path.join(tmp, name))
@@ -484,6 +494,6 @@ def clean_out_dir(out_dir):
     if current and os.path.isdir(os.path.join(out_dir, current)):
         link_names(out_dir)
     if removed:
-        print(f"removed {len(removed)} leftover(s) of interrupted runs in {out_dir}: {', '.join(removed)}",
-              file=sys.stderr)
+        print(f"removed {len(removed)} leftover(s) of interrupted runs in {out_dir}: "
+              f"{', '.join(removed)}", file=sys.stderr)
     return removed

@@ -58,7 +58,7 @@ class ChatData:
                              "prepare.py again")
 
     def get_batch(self, batch_size, block_size, generator):
-        # here, not at the top: prepare.py (building datasets) runs without torch's seconds of import
+        # here, not at the top: prepare.py (building datasets) runs without torch's slow import
         import torch
         if self.kind == "text":
             starts = torch.randint(max(1, len(self.ids) - block_size), (batch_size,),
@@ -115,7 +115,8 @@ def read_array(path, dtype=None):
             return np.zeros(0, dtype=dtype)
         return np.memmap(path, dtype=dtype, mode="r")
     except (OSError, ValueError, EOFError) as e:
-        raise InputError(f"{path}: unreadable ({type(e).__name__}: {e}): run prepare.py again") from None
+        why = f"{type(e).__name__}: {e}"
+        raise InputError(f"{path}: unreadable ({why}): run prepare.py again") from None
 
 
 def dataset_folder(dataset):
@@ -152,4 +153,5 @@ def load_dataset(dataset):
     if kind == "classify":
         raise InputError(f"{folder}: a classification dataset (kind classify): read it with "
                          f"classify_data.load_prepared")
-    return {split: ChatData(folder, split, int(meta["tokens"][split]), kind) for split in SPLITS}, meta
+    data = {split: ChatData(folder, split, int(meta["tokens"][split]), kind) for split in SPLITS}
+    return data, meta
