@@ -117,10 +117,11 @@ def main(argv=None):
         check_options(cfg)
         if cfg["task"] == "classify":
             return prepare_classify(cfg)
-        meta = build_dataset(cfg["inputs"], cfg["out_dir"], cfg["val_fraction"],
-                             cfg["val_file"] or None,
-                             cfg["seed"], cfg["skip_invalid"], cfg["template"], cfg["oasst_paths"],
-                             cfg["dedupe"], cfg["test_fraction"] or 0.0)
+        meta = build_dataset(cfg["inputs"], cfg["out_dir"], val_fraction=cfg["val_fraction"],
+                             val_file=cfg["val_file"] or None, seed=cfg["seed"],
+                             skip_invalid=cfg["skip_invalid"], template=cfg["template"],
+                             oasst_paths=cfg["oasst_paths"], dedupe=cfg["dedupe"],
+                             test_fraction=cfg["test_fraction"] or 0.0)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         if isinstance(e, RecordError):
@@ -154,11 +155,12 @@ def prepare_classify(cfg):
     """--task=classify: build the classification dataset, print its summary, return 0."""
     # imports torch (seconds): only this task needs it
     from chat_gpt2.classify_data import build_classify_dataset
-    meta = build_classify_dataset(cfg["inputs"], cfg["out_dir"], cfg["text_column"],
-                                  cfg["label_column"],
-                                  cfg["labels"], cfg["balance"], cfg["val_fraction"],
-                                  0.2 if cfg["test_fraction"] is None else cfg["test_fraction"],
-                                  cfg["seed"], cfg["skip_invalid"])
+    test_fraction = 0.2 if cfg["test_fraction"] is None else cfg["test_fraction"]
+    meta = build_classify_dataset(cfg["inputs"], cfg["out_dir"], text_column=cfg["text_column"],
+                                  label_column=cfg["label_column"], labels=cfg["labels"],
+                                  balance=cfg["balance"], val_fraction=cfg["val_fraction"],
+                                  test_fraction=test_fraction, seed=cfg["seed"],
+                                  skip_invalid=cfg["skip_invalid"])
     print_classify_summary(meta, cfg["out_dir"])
     return 0
 
