@@ -1,22 +1,25 @@
-"""The chat template, shared by the prepared data (training), the engine's prompts (sample, eval) and export.
+"""The chat template, shared by the prepared data (training), the
+engine's prompts (sample, eval) and export.
 
-A template is a dict of strings (TEMPLATE_FIELDS); prepare.py picks one (--template: human_assistant, alpaca,
-chatml, or a JSON file with the same fields, see load_template and docs/data.md), and it travels in meta.json and
-every checkpoint. The default, human_assistant, renders a conversation as (the exact bytes, `{...}` replaced by
-the message text with surrounding whitespace stripped):
+A template is a dict of strings (TEMPLATE_FIELDS); prepare.py picks one (--template:
+human_assistant, alpaca, chatml, or a JSON file with the same fields, see load_template and
+docs/data.md), and it travels in meta.json and every checkpoint. The default, human_assistant,
+renders a conversation as (the exact bytes, `{...}` replaced by the message text with surrounding
+whitespace stripped):
 
     System: {system}\\n                       <- only when the conversation has a system message
     Human: {user}\\nAssistant: {assistant}\\n\\n  <- one block per turn
     <|endoftext|>                            <- token 50256, once at the end of the conversation
 
-`render_conversation` is the definition of the training data, ids and mask in one place, so training and
-sampling can never disagree on the format: the text rendered with its learned spans marked, encoded whole (BPE
-over the whole text, as a Hugging Face tokenizer encodes the export's chat_template, multi-turn included), the
-spans mapped to tokens. The mask is 1 exactly on what the assistant must learn to produce (its reply, which
-starts with the space after `Assistant:`, the turn's closing `\\n\\n`, and the final `<|endoftext|>`), 0
-elsewhere. User text is tokenised with `encode_ordinary`, so a literal `<|endoftext|>` typed by a user stays
-text. A prompt's ids (render_prompt) are the conversation's up to its reply. `render_batch` is the fast path
-prepare.py uses (many conversations at once, numpy); tests/test_render.py checks it against the definition.
+`render_conversation` is the definition of the training data, ids and mask in one place, so training
+and sampling can never disagree on the format: the text rendered with its learned spans marked,
+encoded whole (BPE over the whole text, as a Hugging Face tokenizer encodes the export's
+chat_template, multi-turn included), the spans mapped to tokens. The mask is 1 exactly on what the
+assistant must learn to produce (its reply, which starts with the space after `Assistant:`, the
+turn's closing `\\n\\n`, and the final `<|endoftext|>`), 0 elsewhere. User text is tokenised with
+`encode_ordinary`, so a literal `<|endoftext|>` typed by a user stays text. A prompt's ids
+(render_prompt) are the conversation's up to its reply. `render_batch` is the fast path prepare.py
+uses (many conversations at once, numpy); tests/test_render.py checks it against the definition.
 """
 import bisect
 import itertools
@@ -49,8 +52,8 @@ TEMPLATE = {
 }
 TEMPLATE_FIELDS = tuple(TEMPLATE)
 WITH_CONTENT = ("system", "user", "assistant", "input")  # the fields that hold "{content}" (exactly once)
-# Alpaca (Stanford's prompt, exactly); a record's input joins the instruction as its "### Input:" section.
-# Several turns are successive instruction/response blocks; only the last reply is closed (by <|endoftext|>).
+# Alpaca (Stanford's prompt, exactly); a record's input joins the instruction as its "### Input:"
+# section. Several turns are successive instruction/response blocks; only the last reply is closed.
 ALPACA = {
     "system": "{content}",
     "user": "\n\n### Instruction:\n{content}",
@@ -64,7 +67,8 @@ ALPACA = {
     "stop": "\n",
     "stop_multiline": "\n\n### Instruction:",
 }
-# ChatML's markers as plain text (GPT-2's vocabulary has no such special tokens: they are several tokens each).
+# ChatML's markers as plain text (GPT-2's vocabulary has no such
+# special tokens: they are several tokens each).
 CHATML = {
     "system": "<|im_start|>system\n{content}<|im_end|>\n",
     "user": "<|im_start|>user\n{content}<|im_end|>\n",
@@ -85,7 +89,8 @@ _encoders, _token_bytes = {}, {}
 
 
 def get_encoder(name=TOKENIZER):
-    """tiktoken encoder, cached. Offline, point TIKTOKEN_CACHE_DIR at a folder holding the GPT-2 BPE files."""
+    """tiktoken encoder, cached. Offline, point TIKTOKEN_CACHE_DIR at
+    a folder holding the GPT-2 BPE files."""
     if name not in _encoders:
         try:
             _encoders[name] = tiktoken.get_encoding(name)
@@ -105,13 +110,15 @@ def default_stop(multiline_replies, template=TEMPLATE):
 
 
 def fill(field, content):
-    """A template field with its {content} replaced (not str.format: other braces in a template stay text)."""
+    """A template field with its {content} replaced (not str.format:
+    other braces in a template stay text)."""
     before, _, after = field.partition("{content}")
     return before + content + after
 
 
 def load_template(name):
-    """A template: a built-in one by name, or a JSON file (an object with exactly TEMPLATE_FIELDS, all strings)."""
+    """A template: a built-in one by name, or a JSON file (an object
+    with exactly TEMPLATE_FIELDS, all strings)."""
     if name in BUILTIN_TEMPLATES:
         return dict(BUILTIN_TEMPLATES[name])
     if not os.path.isfile(name):
@@ -129,7 +136,8 @@ def load_template(name):
 
 
 def check_template(template, path, text=""):
-    """Every field present, known and a string; {content} exactly where it belongs; <|endoftext|> as eot."""
+    """Every field present, known and a string; {content} exactly
+    where it belongs; <|endoftext|> as eot."""
     def where(key):  # file:line of the key, when it can be found
         at = text.find(json.dumps(key))
         return f"{path}:{text.count(chr(10), 0, at) + 1}" if at >= 0 else path
@@ -154,7 +162,8 @@ def check_template(template, path, text=""):
 
 
 def _segments(messages, template, add_generation_prompt):
-    """Yield (text, learned, role) pieces of a conversation in order. messages: [{'role', 'content'}]."""
+    """Yield (text, learned, role) pieces of a conversation in order.
+    messages: [{'role', 'content'}]."""
     default_system = template.get("default_system", "")
     if default_system and not (messages and messages[0]["role"] == "system"):
         yield fill(template["system"], default_system), False, "system"
@@ -171,14 +180,15 @@ def _segments(messages, template, add_generation_prompt):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The definition of a conversation's ids and mask (render_conversation), and the prompt's ids (render_prompt)
+# The definition of a conversation's ids and mask (render_conversation), and a prompt's ids
 
 
 def marked_text(messages, template=TEMPLATE, add_generation_prompt=False):
-    """(text, learned, turns) of a conversation: its text as the export's chat_template renders it (without the
-    closing <|endoftext|>); the spans of it the model learns, [(start, end)]: each reply with its turn end, adjacent
-    ones merged; where each user turn starts, the first at 0 (a system message belongs to the first turn).
-    Offsets are UTF-8 bytes, as tokens are bytes; a lone surrogate counts 3, as the U+FFFD tiktoken encodes."""
+    """(text, learned, turns) of a conversation: its text as the export's chat_template renders it
+    (without the closing <|endoftext|>); the spans of it the model learns, [(start, end)]: each
+    reply with its turn end, adjacent ones merged; where each user turn starts, the first at 0 (a
+    system message belongs to the first turn). Offsets are UTF-8 bytes, as tokens are bytes; a lone
+    surrogate counts 3, as the U+FFFD tiktoken encodes."""
     pieces, learned, turns, at = [], [], [], 0
     for text, is_learned, role in _segments(messages, template, add_generation_prompt):
         size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
@@ -211,10 +221,10 @@ def token_starts(enc, ids):
 
 
 def encode_text(enc, text, learned, ids=None):
-    """text's ids: BPE over the whole text (`ids`, when already encoded), as a Hugging Face tokenizer encodes the
-    export's chat_template. One exception: where a token would cross the edge of a learned span (a custom template
-    whose label shares a token with the reply: "<bot>" + ".NET"), the text is cut there and the pieces encoded
-    one by one, so no token is half learned."""
+    """text's ids: BPE over the whole text (`ids`, when already encoded), as a Hugging Face
+    tokenizer encodes the export's chat_template. One exception: where a token would cross the edge
+    of a learned span (a custom template whose label shares a token with the reply, "<bot>" and
+    ".NET"), the text is cut there and the pieces encoded one by one: no token is half learned."""
     data = text.encode("utf-8", "surrogatepass")
     edges = {edge for span in learned for edge in span} - {0, len(data)}
     ids = enc.encode_ordinary(text) if ids is None else list(ids)
@@ -230,10 +240,11 @@ def encode_text(enc, text, learned, ids=None):
 def render_conversation(messages, template=TEMPLATE, enc=None):
     """The definition of the training data: (ids, mask, turn_starts) of one conversation.
 
-    The text is rendered with its learned spans marked (marked_text), encoded whole as the export's chat_template
-    is (encode_text), and closed by <|endoftext|>; a token is learned (mask 1) when it starts inside a learned
-    span, and <|endoftext|> is learned; a turn starts at the token holding its first byte. prepare.py renders
-    through render_batch, the same for many conversations at once; tests/test_render.py checks they agree."""
+    The text is rendered with its learned spans marked (marked_text), encoded whole as the export's
+    chat_template is (encode_text), and closed by <|endoftext|>; a token is learned (mask 1) when it
+    starts inside a learned span, and <|endoftext|> is learned; a turn starts at the token holding
+    its first byte. prepare.py renders through render_batch, the same for many conversations at
+    once; tests/test_render.py checks they agree."""
     enc = enc or get_encoder()
     text, learned, turns = marked_text(messages, template)
     ids = encode_text(enc, text, learned) + [EOT]
@@ -243,20 +254,22 @@ def render_conversation(messages, template=TEMPLATE, enc=None):
 
 
 def render_prompt(messages, template=TEMPLATE, enc=None):
-    """Generation rendering: the conversation so far (ending with a user message) plus `Assistant:`; the very ids
-    the same conversation has in training, up to where the reply starts."""
+    """Generation rendering: the conversation so far (ending with a user message) plus `Assistant:`;
+    the very ids the same conversation has in training, up to where the reply starts."""
     text, learned, _ = marked_text(messages, template, add_generation_prompt=True)
     return encode_text(enc or get_encoder(), text, learned)
 
 
 def render_text(messages, template=TEMPLATE, add_generation_prompt=False):
-    """The conversation as text (without the closing <|endoftext|>): what the export's chat_template renders."""
+    """The conversation as text (without the closing <|endoftext|>):
+    what the export's chat_template renders."""
     return marked_text(messages, template, add_generation_prompt)[0]
 
 
 def fit_context(system, history, template, enc, budget):
-    """Prompt ids for the conversation: the oldest turns are dropped until it fits budget tokens (the system
-    message always stays; a single message too long to fit keeps its end). Returns (ids, kept history)."""
+    """Prompt ids for the conversation: the oldest turns are dropped until it fits budget tokens
+    (the system message always stays; a single message too long to fit keeps its end). Returns (ids,
+    kept history)."""
     head = [{"role": "system", "content": system}] if system else []
     while True:
         ids = render_prompt(head + history, template, enc)
@@ -266,8 +279,8 @@ def fit_context(system, history, template, enc, budget):
 
 
 def chat_template(template=TEMPLATE):
-    """A Jinja chat_template (for a Hugging Face tokenizer_config.json) rendering exactly what render_prompt and
-    render_conversation render with `template` (contents stripped, the
+    """A Jinja chat_template (for a Hugging Face tokenizer_config.json) rendering exactly what
+    render_prompt and render_conversation render with `template` (contents stripped, the
     `<|endoftext|>` closing a finished conversation, `Assistant:` as the generation prompt)."""
     def lit(text):  # a Jinja string literal
         return json.dumps(text, ensure_ascii=False)
@@ -297,12 +310,12 @@ def chat_template(template=TEMPLATE):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The fast path: many conversations (or documents) at once, back to back in numpy arrays (prepare.py)
+# The fast path: many conversations (or documents) at once, back to back in numpy (prepare.py)
 
 class Rendered:
-    """Conversations (or documents) rendered back to back: ids (uint16) and mask (uint8) of them all, tokens
-    starts[i]:starts[i + 1] are conversation i, turns the offsets where a turn starts (a conversation's first turn
-    at its start)."""
+    """Conversations (or documents) rendered back to back: ids (uint16) and mask (uint8) of them
+    all, tokens starts[i]:starts[i + 1] are conversation i, turns the offsets where a turn starts (a
+    conversation's first turn at its start)."""
 
     def __init__(self, ids, mask, starts, turns):
         self.ids, self.mask, self.starts, self.turns = ids, mask, starts, turns
@@ -311,7 +324,8 @@ class Rendered:
         return len(self.starts) - 1
 
     def conversation(self, i):
-        """(ids, mask, turn_starts) of conversation i, as lists; turn_starts relative to its start."""
+        """(ids, mask, turn_starts) of conversation i, as lists;
+        turn_starts relative to its start."""
         a, b = self.starts[i], self.starts[i + 1]
         turns = self.turns[np.searchsorted(self.turns, a):np.searchsorted(self.turns, b)] - a
         return self.ids[a:b].tolist(), self.mask[a:b].tolist(), turns.tolist()
@@ -333,9 +347,10 @@ def documents(ids, starts):
 
 
 def encode_closed(enc, texts, chunk=64):
-    """(uint16 ids, starts): encode_ordinary(text) + [<|endoftext|>] for each text, back to back, text i at
-    ids[starts[i]:starts[i + 1]]. Encoded `chunk` texts at a time, joined by <|endoftext|> (which BPE never merges
-    across), in tiktoken's threads: a thread task per short text would cost more than its encoding."""
+    """(uint16 ids, starts): encode_ordinary(text) + [<|endoftext|>] for each text, back to back,
+    text i at ids[starts[i]:starts[i + 1]]. Encoded `chunk` texts at a time, joined by <|endoftext|>
+    (which BPE never merges across), in tiktoken's threads: a thread task per short text would cost
+    more than its encoding."""
     if any(EOT_TEXT in text for text in texts):  # typed by a user, it stays text: encode one by one
         return _close(enc.encode_ordinary_batch(texts))
     joined = [EOT_TEXT.join(texts[i:i + chunk]) + EOT_TEXT for i in range(0, len(texts), chunk)]
@@ -354,8 +369,9 @@ def _close(encoded):
 
 
 def render_batch(conversations, template=TEMPLATE, enc=None):
-    """render_conversation of many conversations at once, as one Rendered: the texts encoded in tiktoken's
-    threads (encode_closed), the mask and turns found with numpy from where each token starts."""
+    """render_conversation of many conversations at once, as one Rendered: the texts encoded in
+    tiktoken's threads (encode_closed), the mask and turns found with numpy from where each token
+    starts."""
     enc = enc or get_encoder()
     marked = [marked_text(messages, template) for messages in conversations]
     ids, starts = encode_closed(enc, [text for text, _, _ in marked])
@@ -369,8 +385,8 @@ def render_batch(conversations, template=TEMPLATE, enc=None):
 
 
 def _assemble(ids, starts, marked, enc):
-    """(Rendered, []) of the conversations' ids (encode_closed's) and marked texts; (None, the indexes of the
-    conversations where a token crosses a learned span's edge) if there are any."""
+    """(Rendered, []) of the conversations' ids (encode_closed's) and marked texts; (None, the
+    indexes of the conversations where a token crosses a learned span's edge) if there are any."""
     sizes = token_bytes(enc)[ids]
     sizes[starts[1:] - 1] = 0  # <|endoftext|> is not part of the text
     token_at = np.cumsum(sizes) - sizes  # where each token starts, in bytes of all the texts back to back
