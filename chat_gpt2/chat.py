@@ -35,7 +35,7 @@ TOKENIZER = "gpt2"
 EOT = 50256  # <|endoftext|>
 EOT_TEXT = "<|endoftext|>"
 VOCAB_SIZE = 50257  # real GPT-2 vocabulary; the model may pad its embedding beyond this
-NEWLINE_TOKENS = (198, 628, 44320)  # every GPT-2 token that contains a newline: "\n", "\n\n", "\n\xa0"
+NEWLINE_TOKENS = (198, 628, 44320)  # the GPT-2 tokens that hold a newline: "\n", "\n\n", "\n\xa0"
 
 # Stored in meta.json and every checkpoint; `export.py` turns it into a Hugging Face chat_template.
 TEMPLATE = {
@@ -45,13 +45,13 @@ TEMPLATE = {
     "assistant": " {content}",  # the reply, learned
     "turn_end": "\n\n",  # closes an assistant turn, learned
     "eot": "<|endoftext|>",  # closes a conversation, learned
-    "default_system": "",  # rendered as the system message of a conversation that has none ("" = nothing)
-    "input": "\n{content}",  # appended to an instruction record's instruction when its "input" is not empty
+    "default_system": "",  # the system message of a conversation that has none ("" = none)
+    "input": "\n{content}",  # joins an instruction record's non-empty "input" to its instruction
     "stop": "\n",  # the default stop when every reply of the data is one line
     "stop_multiline": "\nHuman:",  # the default stop when some replies span lines
 }
 TEMPLATE_FIELDS = tuple(TEMPLATE)
-WITH_CONTENT = ("system", "user", "assistant", "input")  # the fields that hold "{content}" (exactly once)
+WITH_CONTENT = ("system", "user", "assistant", "input")  # the fields holding "{content}", once
 # Alpaca (Stanford's prompt, exactly); a record's input joins the instruction as its "### Input:"
 # section. Several turns are successive instruction/response blocks; only the last reply is closed.
 ALPACA = {
@@ -83,7 +83,7 @@ CHATML = {
 }
 BUILTIN_TEMPLATES = {"human_assistant": TEMPLATE, "alpaca": ALPACA, "chatml": CHATML}
 NEWLINE_STOP = TEMPLATE["stop"]  # default stop: the design's single-line replies
-TURN_STOP = TEMPLATE["stop_multiline"]  # default stop when training replies span several lines (plus <|endoftext|>)
+TURN_STOP = TEMPLATE["stop_multiline"]  # default stop when some training replies span lines
 
 _encoders, _token_bytes = {}, {}
 
@@ -94,7 +94,7 @@ def get_encoder(name=TOKENIZER):
     if name not in _encoders:
         try:
             _encoders[name] = tiktoken.get_encoding(name)
-        except Exception as e:  # no network and no cache: say what to do instead of a long traceback
+        except Exception as e:  # no network and no cache: say what to do, not a long traceback
             raise MissingFileError(
                 f"could not load the {name!r} tokenizer ({type(e).__name__}: {e}). Offline, export "
                 f"TIKTOKEN_CACHE_DIR=/abs/path/to/tiktoken_cache (currently {os.environ.get('TIKTOKEN_CACHE_DIR')!r})"
@@ -179,7 +179,7 @@ def _segments(messages, template, add_generation_prompt):
         yield template["assistant_label"], False, "assistant"
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The definition of a conversation's ids and mask (render_conversation), and a prompt's ids
 
 
@@ -194,7 +194,7 @@ def marked_text(messages, template=TEMPLATE, add_generation_prompt=False):
         size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
         if role == "user":
             turns.append(at if turns else 0)
-        if is_learned and size and learned and learned[-1][1] == at:  # a reply's turn end: the same span
+        if is_learned and size and learned and learned[-1][1] == at:  # a turn end: its reply's span
             learned[-1] = (learned[-1][0], at + size)
         elif is_learned and size:
             learned.append((at, at + size))
@@ -229,7 +229,8 @@ def encode_text(enc, text, learned, ids=None):
     edges = {edge for span in learned for edge in span} - {0, len(data)}
     ids = enc.encode_ordinary(text) if ids is None else list(ids)
     cuts = set()
-    while crossed := edges - set(token_starts(enc, ids)):  # cutting at one edge may move a token onto another
+    # a loop: cutting at one edge may move a token onto another
+    while crossed := edges - set(token_starts(enc, ids)):
         cuts |= crossed
         bounds = [0, *sorted(cuts), len(data)]
         ids = [t for a, b in zip(bounds, bounds[1:])
@@ -309,7 +310,7 @@ def chat_template(template=TEMPLATE):
     )
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The fast path: many conversations (or documents) at once, back to back in numpy (prepare.py)
 
 class Rendered:
@@ -336,7 +337,8 @@ class Rendered:
         lengths = np.diff(self.starts)
         tokens = np.repeat(keep, lengths)
         conv_of_turn = np.searchsorted(self.starts, self.turns, side="right") - 1
-        shift = self.starts[:-1] - np.concatenate([[0], np.cumsum(lengths * keep)[:-1]])  # tokens dropped before
+        # the tokens dropped before each conversation
+        shift = self.starts[:-1] - np.concatenate([[0], np.cumsum(lengths * keep)[:-1]])
         return Rendered(self.ids[tokens], self.mask[tokens], np.concatenate([[0], np.cumsum(lengths[keep])]),
                         (self.turns - shift[conv_of_turn])[keep[conv_of_turn]])
 
@@ -376,7 +378,7 @@ def render_batch(conversations, template=TEMPLATE, enc=None):
     marked = [marked_text(messages, template) for messages in conversations]
     ids, starts = encode_closed(enc, [text for text, _, _ in marked])
     rendered, crossed = _assemble(ids, starts, marked, enc)
-    if crossed:  # a token crosses a learned span's edge (a custom template): encode_text cuts it there
+    if crossed:  # a token crosses a learned edge (a custom template): encode_text cuts it there
         encoded = [ids[a:b - 1].tolist() for a, b in zip(starts[:-1], starts[1:])]
         for i in crossed:
             encoded[i] = encode_text(enc, *marked[i][:2], encoded[i])
@@ -389,14 +391,16 @@ def _assemble(ids, starts, marked, enc):
     indexes of the conversations where a token crosses a learned span's edge) if there are any."""
     sizes = token_bytes(enc)[ids]
     sizes[starts[1:] - 1] = 0  # <|endoftext|> is not part of the text
-    token_at = np.cumsum(sizes) - sizes  # where each token starts, in bytes of all the texts back to back
+    token_at = np.cumsum(sizes) - sizes  # where each token starts, in bytes of the texts back to back
     text_at = token_at[starts[:-1]]  # where each conversation's text starts
+    # the learned spans' edges, ascending: start, end, start, ...
     bounds = np.fromiter((text_at[i] + edge for i, (_, learned, _) in enumerate(marked)
-                          for span in learned for edge in span), dtype=np.int64)  # ascending: start, end, ...
+                          for span in learned for edge in span), dtype=np.int64)
     aligned = token_at[np.minimum(np.searchsorted(token_at, bounds), len(ids) - 1)] == bounds
     if not aligned.all():
         return None, sorted({int(i) for i in np.searchsorted(text_at, bounds[~aligned], side="right") - 1})
-    mask = (np.searchsorted(bounds, token_at, side="right") & 1).astype(np.uint8)  # inside a learned span: odd
+    # a token inside a learned span has an odd number of edges at or before its start
+    mask = (np.searchsorted(bounds, token_at, side="right") & 1).astype(np.uint8)
     mask[starts[1:] - 1] = 1  # <|endoftext|>
     turn_at = np.fromiter((text_at[i] + t for i, (_, _, turns) in enumerate(marked) for t in turns),
                           dtype=np.int64)

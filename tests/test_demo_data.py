@@ -171,8 +171,9 @@ def doc_questions():
     """The questions README.md and docs/*.md put to a model: `--prompt "..."`, a chat message's "content",
     and the lines piped to `sample.py --interactive` by printf."""
     found = []
+    docs = os.path.join(ROOT, "docs")
     for path in [os.path.join(ROOT, "README.md")] + sorted(
-            os.path.join(ROOT, "docs", n) for n in os.listdir(os.path.join(ROOT, "docs")) if n.endswith(".md")):
+            os.path.join(docs, name) for name in os.listdir(docs) if name.endswith(".md")):
         with open(path, encoding="utf-8") as f:
             text = f.read()
         found += re.findall(r'--prompt[ =]"([^"]+)"', text) + re.findall(r'"content": "([^"]+)"', text)

@@ -28,7 +28,8 @@ def assistant(text):
 TRICKY = [  # edges a fast path could get wrong
     [user("Hi"), assistant("Hello.")],
     [{"role": "system", "content": "Be brief."}, user("2+2?"), assistant("4"), user("3+3?"), assistant("6")],
-    [user("ünï \ud800 😀"), assistant("é\udfffz 😀"), user("ok"), assistant("ß")],  # multi-byte, lone surrogates
+    # multi-byte characters, lone surrogates (valid JSON: "\ud800")
+    [user("ünï \ud800 😀"), assistant("é\udfffz 😀"), user("ok"), assistant("ß")],
     [user("Hm"), assistant(".NET, yes."), user("So?"), assistant(">> no.")],  # tokens across the reply's edge
     [user("say <|endoftext|>"), assistant("<|endoftext|> said")],  # typed by a user, it stays text
     [user(""), assistant("")],  # empty messages
@@ -73,7 +74,7 @@ def test_fast_path_is_the_definition_on_shared_data(tmp_path, name, path):
     if path is None:
         pytest.skip(f"no shared datasets in {SHARED_DATA}")
     template = template_of(name, tmp_path)
-    conversations = [messages for _, messages in
-                     itertools.islice(records.read_conversations(path, template=template), RECORDS_PER_DATASET)]
+    read = records.read_conversations(path, template=template)
+    conversations = [messages for _, messages in itertools.islice(read, RECORDS_PER_DATASET)]
     assert conversations
     assert_same(conversations, template)
