@@ -4,9 +4,11 @@ load, the newest one, a model rebuilt.
 A run started at YYYYMMDD_HHMMSS writes two files into out_dir:
     finetuned_YYYYMMDD_HHMMSS.pt        the best model so far (lowest val loss): weights and what sampling needs
     finetuned_YYYYMMDD_HHMMSS_last.pt   the latest state, with the optimizer, scaler and RNG states for resume
-Both are plain dicts of Python values and tensors, loaded with torch.load(weights_only=True): no pickled classes.
-A LoRA run's `model` holds only the adapter tensors; `lora` says what they are and `base` which weights they
-belong to (init_from, a fingerprint, model_args): model_from_checkpoint rebuilds that base and merges them in.
+
+Both are plain dicts of Python values and tensors, loaded with torch.load(weights_only=True): no
+pickled classes. A LoRA run's `model` holds only the adapter tensors; `lora` says what they are and
+`base` which weights they belong to (init_from, a fingerprint, model_args): model_from_checkpoint
+rebuilds that base and merges them in.
 """
 import os
 import re

@@ -116,7 +116,7 @@ def available_memory(device):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Peak FLOP/s, for MFU (train.py's log, bench.py): a CUDA GPU's data sheet, or measured on the device
+# Peak FLOP/s for MFU (train.py's log, bench.py): a CUDA GPU's data sheet, or measured on the device
 
 # Dense (no sparsity) peak TFLOP/s by dtype, matched as a substring of torch.cuda.get_device_name(),
 # first match wins. fp32 is the plain (non-TF32) rate, as nothing here turns TF32 on; bf16 on
