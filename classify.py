@@ -1,12 +1,14 @@
-"""Classify text with a trained classifier (a checkpoint of train.py on a dataset prepared with --task=classify).
+"""Classify text with a trained classifier (a checkpoint of train.py
+on a dataset prepared with --task=classify).
 
     python classify.py --out_dir=out-spam --text "WINNER!! Claim your prize now"    # prints: spam 0.993
     python classify.py --out_dir=out-spam --file=messages.txt [--out=predictions.jsonl]
     python classify.py --out_dir=out-spam --interactive                           # type a text, see its class
 
---file: a .txt (one text per non-empty line), or a .csv / .tsv / .jsonl / .json read with the columns the model
-was trained on. Each prediction is a JSON line {"text", "label", "probability", "probabilities": {label: p}} in
---out (default: the input's name with .predictions.jsonl, written atomically). See docs/classification.md.
+--file: a .txt (one text per non-empty line), or a .csv / .tsv / .jsonl / .json read with the
+columns the model was trained on. Each prediction is a JSON line {"text", "label", "probability",
+"probabilities": {label: p}} in --out (default: the input's name with .predictions.jsonl, written
+atomically). See docs/classification.md.
 """
 import json
 import os
@@ -35,7 +37,8 @@ def predictions(model, texts, device, batch_size):
 
 
 def interactive(model, device):
-    """One text per line (stdin or the terminal) -> its label and probability; /quit or end of input leaves."""
+    """One text per line (stdin or the terminal) -> its label and
+    probability; /quit or end of input leaves."""
     tty = sys.stdin.isatty()
     while True:
         if tty:

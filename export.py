@@ -1,4 +1,5 @@
-"""Export a fine-tuned checkpoint (a chat / text model, or a classifier) as a Hugging Face GPT-2 model directory.
+"""Export a fine-tuned checkpoint (a chat / text model, or a
+classifier) as a Hugging Face GPT-2 model directory.
 
     python export.py --out=hf-model                          # newest run's best checkpoint in out_dir
     python export.py --ckpt=out/finetuned_20260101_120000.pt --out=hf-model --check
@@ -12,20 +13,22 @@ The directory loads as it is with `transformers.GPT2LMHeadModel.from_pretrained(
     tokenizer_config.json                    with a chat_template that renders exactly this project's template
     special_tokens_map.json
 
-Padded vocabulary rows (50257..50303) are dropped, a bias=False model gets zero biases (exactly equivalent), and
-the directory is written beside --out first and moved into place at the end. An existing --out is replaced only
-if it holds nothing but a previous export; --force writes into any directory (other files there are kept).
---check compares the logits of the export with the checkpoint's (ours, and transformers' when installed).
-Push it to the Hub with `hf upload USER/REPO DIR` (see the README).
+Padded vocabulary rows (50257..50303) are dropped, a bias=False model gets zero biases (exactly
+equivalent), and the directory is written beside --out first and moved into place at the end. An
+existing --out is replaced only if it holds nothing but a previous export; --force writes into any
+directory (other files there are kept). --check compares the logits of the export with the
+checkpoint's (ours, and transformers' when installed). Push it to the Hub with `hf upload USER/REPO
+DIR` (see the README).
 
-A classifier's checkpoint (train.py on a dataset prepared with --task=classify) exports as transformers'
-GPT2ForSequenceClassification: config.json with id2label / label2id (our label names) and pad_token_id, the head
-as `score`, no generation_config.json, and a tokenizer that encodes as training did (each text's tokens then
-<|endoftext|>, padded with an added <|pad|> token, a long text keeping its end); docs/classification.md#export.
+A classifier's checkpoint (train.py on a dataset prepared with --task=classify) exports as
+transformers' GPT2ForSequenceClassification: config.json with id2label / label2id (our label names)
+and pad_token_id, the head as `score`, no generation_config.json, and a tokenizer that encodes as
+training did (each text's tokens then <|endoftext|>, padded with an added <|pad|> token, a long text
+keeping its end); docs/classification.md#export.
 
-A LoRA checkpoint exports its merged model the same way. With --adapter_only it writes only the adapters, as a PEFT
-adapter directory (adapter_config.json + adapter_model.safetensors) that loads onto the base with
-`peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(BASE), DIR)`.
+A LoRA checkpoint exports its merged model the same way. With --adapter_only it writes only the
+adapters, as a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) that loads
+onto the base with `peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(BASE), DIR)`.
 """
 import json
 import os
@@ -69,7 +72,8 @@ def _is_previous_export(path):
 
 
 def resolve_out(out, force):
-    """The real directory to write (a symlink to a folder: that folder) and whether something is there already."""
+    """The real directory to write (a symlink to a folder: that
+    folder) and whether something is there already."""
     out = os.path.abspath(out)
     if os.path.islink(out) and not os.path.exists(out):
         raise OutputExistsError(f"--out {out} is a symlink to {os.readlink(out)}, which does not exist")
@@ -85,8 +89,9 @@ def resolve_out(out, force):
 
 
 def export(model, out, template=chat.TEMPLATE, tokenizer=chat.TOKENIZER, force=False):
-    """Write model (our GPT) as a Hugging Face GPT-2 directory at out, with the tokenizer and chat template. It is
-    built beside out and moved into place whole: a failure (a full disk) leaves what was there untouched."""
+    """Write model (our GPT) as a Hugging Face GPT-2 directory at out, with the tokenizer and chat
+    template. It is built beside out and moved into place whole: a failure (a full disk) leaves what
+    was there untouched."""
     out, replace = resolve_out(out, force)
     try:
         with temporary_dir(os.path.dirname(out), f".{os.path.basename(out)}.tmp") as tmp:
@@ -136,7 +141,8 @@ def _write_export(model, folder, template, tokenizer):
 
 
 def export_adapter(ckpt, out, force=False):
-    """Write a LoRA checkpoint's adapters as a PEFT adapter directory at out. Returns the base's name or path."""
+    """Write a LoRA checkpoint's adapters as a PEFT adapter directory
+    at out. Returns the base's name or path."""
     if "lora" not in ckpt:
         raise ConfigError("--adapter_only needs a LoRA checkpoint (trained with --lora_rank > 0); this one holds a "
                           "full model: export it without --adapter_only")
@@ -160,8 +166,8 @@ def export_adapter(ckpt, out, force=False):
 
 @torch.no_grad()
 def check_export(model, out, seed=0):
-    """Max abs logit difference between our model and the export, loaded back by init_from and (if installed) by
-    transformers, on random tokens. Returns {name: difference}."""
+    """Max abs logit difference between our model and the export, loaded back by init_from
+    and (if installed) by transformers, on random tokens. Returns {name: difference}."""
     T = min(64, model.config.block_size)
     idx = torch.randint(0, chat.VOCAB_SIZE, (2, T), generator=torch.Generator().manual_seed(seed))
     if getattr(model, "labels", None):
@@ -179,8 +185,9 @@ def check_export(model, out, seed=0):
 
 @torch.no_grad()
 def check_classifier_export(model, out, idx):
-    """check_export for a classifier: class logits of the rows of idx cut to different lengths and right-padded
-    with the pad token, ours vs transformers' GPT2ForSequenceClassification (the export loads nowhere else)."""
+    """check_export for a classifier: class logits of the rows of idx cut to different lengths and
+    right-padded with the pad token, ours vs transformers' GPT2ForSequenceClassification (the export
+    loads nowhere else)."""
     try:
         from transformers import GPT2ForSequenceClassification
     except ImportError:

@@ -1,7 +1,9 @@
-"""A GPT-2 compatible transformer in one file, read top to bottom: GPTConfig, then the modules (LayerNorm, Linear,
-CausalSelfAttention, MLP, Block), the fused LM-head loss, and GPT with its optimizer groups and FLOP count.
+"""A GPT-2 compatible transformer in one file, read top to bottom: GPTConfig, then the modules
+(LayerNorm, Linear, CausalSelfAttention, MLP, Block), the fused LM-head loss, and GPT with its
+optimizer groups and FLOP count.
 
-Generation and its KV cache live in engine.py, Hugging Face weights in hf_gpt2.py, checkpoints in checkpoint.py.
+Generation and its KV cache live in engine.py, Hugging Face weights in
+hf_gpt2.py, checkpoints in checkpoint.py.
 """
 import math
 from dataclasses import dataclass, fields
@@ -30,7 +32,8 @@ class GPTConfig:
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1 and we keep the GPT-2 names)."""
+    """LayerNorm with an optional bias (PyTorch's has no bias=False
+    before 2.1 and we keep the GPT-2 names)."""
 
     def __init__(self, ndim, bias):
         super().__init__()
@@ -42,10 +45,10 @@ class LayerNorm(nn.Module):
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters, same state dict) with a faster CPU path for a few rows, which is what generation
-    with the KV cache runs: for, say, 8 rows MKL's x @ W.T repacks the whole weight at every call, while W @ x.T
-    streams it once (batched cached generation ~20% faster, on par with transformers' Conv1D layout; bench.py
-    --mode=generate). Training and prompts (many rows) take F.linear as before."""
+    """nn.Linear (same parameters, same state dict) with a faster CPU path for the few rows that
+    cached generation multiplies: for, say, 8 rows MKL's x @ W.T repacks the whole weight at every
+    call, while W @ x.T streams it once (docs/performance.md). Training and prompts (many rows) take
+    F.linear."""
 
     FEW_ROWS = 16
     upcast = False  # GPT.to_half(upcast=True): half-precision weights multiplied in fp32 beyond FEW_ROWS rows
@@ -97,7 +100,8 @@ class CausalSelfAttention(nn.Module):
 
 
 def causal_mask(n_query, n_key, device):
-    """Boolean (n_query, n_key) mask, True where attention is allowed; queries are the last n_query positions."""
+    """Boolean (n_query, n_key) mask, True where attention is allowed;
+    queries are the last n_query positions."""
     return torch.ones(n_query, n_key, dtype=torch.bool, device=device).tril(diagonal=n_key - n_query)
 
 
@@ -126,24 +130,26 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-# the largest half-precision logits computed again in fp32 (GPT.logits): enough to hold every token that rounding
-# could have put ahead of the true top one
+# the largest half-precision logits computed again in fp32 (GPT.logits): enough
+# to hold every token that rounding could have put ahead of the true top one
 REFINE_TOP = 16
 
-# rows of logits turned into gradients at a time: as fast as 8 rows (which fit a core's L2) on an idle CPU, and
-# 4x fewer parallel regions, each of which can stall for a time slice when other processes share the cores
+# rows of logits turned into gradients at a time: as fast as 8 rows (which fit a core's L2) on an
+# idle CPU, and fewer parallel regions, each of which can stall when other processes share the cores
 HEAD_CHUNK = 32
 
 
 class _HeadLoss(torch.autograd.Function):
-    """Mean cross-entropy of the LM head, x @ weight.T, without (N, V) fp32 logits and their gradient in memory.
+    """Mean cross-entropy of the LM head, x @ weight.T, without (N, V)
+    fp32 logits and their gradient in memory.
 
-    The logits' gradient, softmax - onehot, is formed in the forward pass a few rows at a time while they are in
-    cache, and written over the logits: backward is then just its two matmuls (which also apply the 1/N). The same
-    math as F.cross_entropy (fp32 log-softmax), but on CPU the vocabulary-sized passes of cross_entropy, its
-    backward and the .float() copies cost more than the head's matmuls; this halves them (docs/performance.md). Two
-    vocabulary-sized ops per chunk: each is a parallel region, and with other processes on the cores every one
-    can wait for a descheduled thread."""
+    The logits' gradient, softmax - onehot, is formed in the forward pass a few rows at a time while
+    they are in cache, and written over the logits: backward is then just its two matmuls (which
+    also apply the 1/N). The same math as F.cross_entropy (fp32 log-softmax), but on CPU the
+    vocabulary-sized passes of cross_entropy, its backward and the .float() copies cost more than
+    the head's matmuls; this halves them (docs/performance.md). Two vocabulary-sized ops per chunk:
+    each is a parallel region, and with other processes on the cores every one can wait for a
+    descheduled thread."""
 
     @staticmethod
     def forward(ctx, x, weight, targets, want_grad):
@@ -165,20 +171,22 @@ class _HeadLoss(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, grad_logits = ctx.saved_tensors
         scale = grad / ctx.n
-        # a frozen head (LoRA, trainable_layers) skips its (V, C) gradient: a third of the head's matmuls
+        # a frozen head (LoRA, trainable_layers) skips its (V, C) gradient: a third of its matmuls
         grad_weight = (grad_logits.t() @ x).mul_(scale) if ctx.needs_input_grad[1] else None
         grad_x = (grad_logits @ weight).mul_(scale) if ctx.needs_input_grad[0] else None
         return grad_x, grad_weight, None, None
 
 
-# torch.compiler.disable imports torch._dynamo where it decorates, ~2 s at the start of every script (sample.py,
-# serve.py); torch's own lazy variant (what its optimizers use) imports it at the first call, in training only
+# torch.compiler.disable imports torch._dynamo where it decorates, ~2 s at the start of every script
+# (sample.py, serve.py); torch's own lazy variant (what its optimizers use) imports it at the first
+# call, in training only
 _disable_compile = getattr(torch, "_disable_dynamo", torch.compiler.disable)
 
 
 @_disable_compile  # a Python loop over a data-dependent row count: compiling it would only recompile
 def head_loss(x, weight, targets):
-    """Mean cross-entropy of logits x @ weight.T (N, V) against targets (N,), in the autocast dtype if on."""
+    """Mean cross-entropy of logits x @ weight.T (N, V) against
+    targets (N,), in the autocast dtype if on."""
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
     want_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
@@ -199,7 +207,7 @@ class GPT(nn.Module):
         ))
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # tied embeddings, as in GPT-2
-        # recompute each block's activations in backward instead of keeping them (train.py --grad_checkpointing)
+        # recompute each block's activations in backward, not keep them (--grad_checkpointing)
         self.grad_checkpointing = False
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
@@ -215,7 +223,8 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def get_num_params(self, non_embedding=True):
-        """Parameter count; the position embeddings are excluded by default (the token ones are tied to the head)."""
+        """Parameter count; the position embeddings are excluded by
+        default (the token ones are tied to the head)."""
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
@@ -252,12 +261,12 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def logits(self, x):
-        """The LM head's logits for hidden states x (..., C), in fp32 whenever the head runs in half precision
-        (to_half, autocast): there the matmul's fp32 sums are rounded to bf16, whose steps near a logit of 8 are
-        0.06, larger than the gap between the top two tokens at ~5% of a small model's greedy steps, so greedy
-        decoding flipped on rounding. The REFINE_TOP largest are computed again in fp32 from the same weights,
-        which settles the top token (and top-k / top-p's candidates) as fp32 arithmetic would; the rest keep
-        their rounding (a 0.4% relative error, too small to matter to sampling)."""
+        """The LM head's logits for hidden states x (..., C), in fp32 whenever the head runs in half
+        precision (to_half, autocast). There the matmul's sums are rounded to bf16, whose steps can
+        exceed the gap between the top two tokens, so greedy decoding would flip on rounding: the
+        REFINE_TOP largest are computed again in fp32 from the same weights, which settles the top
+        token (and top-k / top-p's candidates) as fp32 arithmetic would; the rest keep their small
+        rounding (figures: docs/inference.md#half-precision)."""
         logits = self.lm_head(x)
         if logits.dtype == torch.float32:
             return logits
@@ -269,17 +278,18 @@ class GPT(nn.Module):
         return logits.scatter_(-1, top, exact)
 
     def to_half(self, dtype, upcast=False):
-        """Weights for inference at the memory limit (batch-1 decoding reads every weight once per token): the
-        matmul weights (the blocks' Linears and the tied embedding / LM head) in dtype (torch.bfloat16 / float16),
-        and with them the attention and its KV cache. The residual stream, the norms and the position embeddings
-        stay fp32 (Linear casts its input): adding each block's rounded output to a bf16 residual compounds the
-        rounding over the layers; kept in fp32, greedy tokens of a 6-layer model went from 72.5% to 94.4% the same
-        as fp32's (with the logits above; docs/inference.md). A few casts of (B, C) per layer: no measurable cost.
-        upcast: for a CPU that multiplies half-precision numbers in software. Decoding one sequence reads the
-        weights in half the bytes, 2x fp32's speed there, but a prompt is compute-bound and ran 5x slower than in
-        fp32: beyond FEW_ROWS rows each weight is converted to fp32 and multiplied there, as fast as fp32. (A few
-        rows, a batch of decoded sequences, stay in half precision: converting every weight at every step cost
-        more than it saved; docs/performance.md.)"""
+        """Weights for inference at the memory limit (batch-1 decoding reads every weight once per
+        token): the matmul weights (the blocks' Linears and the tied embedding / LM head) in dtype
+        (torch.bfloat16 / float16), and with them the attention and its KV cache. The residual
+        stream, the norms and the position embeddings stay fp32 (Linear casts its input, a few
+        (B, C) casts per layer): adding each block's rounded output to a bf16 residual would
+        compound the rounding over the layers.
+
+        upcast: for a CPU that multiplies half-precision numbers in software, where decoding one
+        sequence gains from reading half the bytes but a compute-bound prompt loses: beyond FEW_ROWS
+        rows each weight is converted to fp32 and multiplied there. A few rows (a batch of decoded
+        sequences) stay in half precision, since converting every weight at every step costs more
+        than it saves. Figures: docs/inference.md and docs/performance.md."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 module.to(dtype)
@@ -292,8 +302,9 @@ class GPT(nn.Module):
         if loss_mask is not None:
             keep &= loss_mask.reshape(-1) > 0
         if not x.is_cuda:
-            # run the head only where the loss looks: exact, and most of a small model's cost in chat data. On CUDA
-            # the boolean index would cost a host sync every step, which is worth more than the saved FLOPs.
+            # run the head only where the loss looks: exact, and most of a small model's cost in
+            # chat data. On CUDA the boolean index would cost a host sync every step, which is worth
+            # more than the saved FLOPs.
             rows = keep.nonzero().squeeze(1)
             x, targets, keep = x[rows], targets[rows], keep[rows]
             if x.device.type == "cpu":
@@ -303,34 +314,37 @@ class GPT(nn.Module):
         return (losses * keep).sum() / keep.sum().clamp(min=1.0)
 
     def crop_block_size(self, block_size):
-        """Use a smaller context than the weights were trained with (e.g. GPT-2's 1024 -> 256 to fine-tune)."""
+        """Use a smaller context than the weights were trained with
+        (e.g. GPT-2's 1024 -> 256 to fine-tune)."""
         assert block_size <= self.config.block_size
         self.config.block_size = block_size
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW with weight decay on 2-D weights (matmuls, embeddings) only; biases and norms are not decayed."""
+        """AdamW with weight decay on 2-D weights (matmuls,
+        embeddings) only; biases and norms are not decayed."""
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        # fused: one pass that reads and writes each parameter once. Without it PyTorch runs, on CPU, a loop of ~7
-        # elementwise passes per tensor: 18% of a bf16 124M step (docs/performance.md); on CUDA, one launch each
+        # fused: one pass that reads and writes each parameter once, instead of ~7 elementwise
+        # passes per tensor on CPU (docs/performance.md) or a kernel launch each on CUDA
         fused = device_type in ("cuda", "cpu", "mps", "xpu")  # the devices torch >= 2.4 has the fused AdamW for
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
     def flops_per_token(self, seq_len=None):
-        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 * L * H * Q * T, the output head
-        counted on every token (train_flops counts what a step runs)."""
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 * L * H * Q * T,
+        the output head counted on every token (train_flops counts what a step runs)."""
         return self.train_flops(1, seq_len or self.config.block_size, 1)
 
     def train_flops(self, tokens, seq_len, head_tokens):
-        """Training FLOPs (forward + backward) of `tokens` tokens in sequences of seq_len (a mean is fine), the
-        output head run on head_tokens of them: 2 per weight and token forward, 2 backward for the input gradient
-        and 2 for the weight's own (matmul_weights), 4 * L * C * T per token for attention forward and 8 backward
-        (PaLM appendix B: 6N + 12 * L * H * Q * T in all). A frozen weight (LoRA, trainable_layers) has no weight
-        gradient, and below the lowest block that trains nothing runs backward at all."""
+        """Training FLOPs (forward + backward) of `tokens` tokens in sequences of seq_len (a mean is
+        fine), the output head run on head_tokens of them: 2 per weight and token forward, 2
+        backward for the input gradient and 2 for the weight's own (matmul_weights), 4 * L * C * T
+        per token for attention forward and 8 backward (PaLM appendix B: 6N + 12 * L * H * Q * T in
+        all). A frozen weight (LoRA, trainable_layers) has no weight gradient, and below the lowest
+        block that trains nothing runs backward at all."""
         cfg = self.config
         body, head = self.matmul_weights()
         frozen_body, head_trains = self._frozen_weights()
@@ -356,7 +370,7 @@ class GPT(nn.Module):
         return self.lm_head.weight
 
     def matmul_weights(self):
-        """(weights every token runs through, the output head's): the LM head is wte (tied), which counts once,
-        as a matmul; biases and norms count like nanoGPT's 6N."""
+        """(weights every token runs through, the output head's): the LM head is wte (tied),
+        which counts once, as a matmul; biases and norms count like nanoGPT's 6N."""
         head = self.lm_head.weight.numel()
         return self.get_num_params() - head, head

@@ -1,21 +1,27 @@
-"""The chat template, shared by the prepared data (training), the engine's prompts (sample, eval) and export.
+"""The chat template, shared by the prepared data (training), the
+engine's prompts (sample, eval) and export.
 
-A template is a dict of strings (TEMPLATE_FIELDS); prepare.py picks one (--template: human_assistant, alpaca,
-chatml, or a JSON file with the same fields, see load_template and docs/data.md), and it travels in meta.json and
-every checkpoint. The default, human_assistant, renders a conversation as (the exact bytes, `{...}` replaced by the
-message text with surrounding whitespace stripped):
+A template is a dict of strings (TEMPLATE_FIELDS); prepare.py picks one (--template:
+human_assistant, alpaca, chatml, or a JSON file with the same fields, see load_template and
+docs/data.md), and it travels in meta.json and every checkpoint. The default, human_assistant,
+renders a conversation as (the exact bytes, `{...}` replaced by the message text with surrounding
+whitespace stripped):
 
     System: {system}\\n                       <- only when the conversation has a system message
     Human: {user}\\nAssistant: {assistant}\\n\\n  <- one block per turn
     <|endoftext|>                            <- token 50256, once at the end of the conversation
 
-`render_conversation` returns the token ids *and* the loss mask in one pass, so training and sampling can never
-disagree on the format: the mask is 1 exactly on what the assistant must learn to produce (its reply, which starts
-with the space after `Assistant:`, the turn's closing `\\n\\n`, and the final `<|endoftext|>`), 0 elsewhere.
-User-supplied text is tokenised with `encode_ordinary`, so a literal `<|endoftext|>` typed by a user stays text.
-The ids are BPE's over the whole rendered text (as a Hugging Face tokenizer encodes the export's chat_template, multi-
-turn included), the mask found from where each token starts; a prompt's ids are the conversation's up to its reply.
+`render_conversation` is the definition of the training data, ids and mask in one place, so training
+and sampling can never disagree on the format: the text rendered with its learned spans marked,
+encoded whole (BPE over the whole text, as a Hugging Face tokenizer encodes the export's
+chat_template, multi-turn included), the spans mapped to tokens. The mask is 1 exactly on what the
+assistant must learn to produce (its reply, which starts with the space after `Assistant:`, the
+turn's closing `\\n\\n`, and the final `<|endoftext|>`), 0 elsewhere. User text is tokenised with
+`encode_ordinary`, so a literal `<|endoftext|>` typed by a user stays text. A prompt's ids
+(render_prompt) are the conversation's up to its reply. `render_batch` is the fast path prepare.py
+uses (many conversations at once, numpy); tests/test_render.py checks it against the definition.
 """
+import bisect
 import itertools
 import json
 import os
@@ -29,7 +35,7 @@ TOKENIZER = "gpt2"
 EOT = 50256  # <|endoftext|>
 EOT_TEXT = "<|endoftext|>"
 VOCAB_SIZE = 50257  # real GPT-2 vocabulary; the model may pad its embedding beyond this
-NEWLINE_TOKENS = (198, 628, 44320)  # every GPT-2 token that contains a newline: "\n", "\n\n", "\n\xa0"
+NEWLINE_TOKENS = (198, 628, 44320)  # the GPT-2 tokens that hold a newline: "\n", "\n\n", "\n\xa0"
 
 # Stored in meta.json and every checkpoint; `export.py` turns it into a Hugging Face chat_template.
 TEMPLATE = {
@@ -39,15 +45,15 @@ TEMPLATE = {
     "assistant": " {content}",  # the reply, learned
     "turn_end": "\n\n",  # closes an assistant turn, learned
     "eot": "<|endoftext|>",  # closes a conversation, learned
-    "default_system": "",  # rendered as the system message of a conversation that has none ("" = nothing)
-    "input": "\n{content}",  # appended to an instruction record's instruction when its "input" is not empty
+    "default_system": "",  # the system message of a conversation that has none ("" = none)
+    "input": "\n{content}",  # joins an instruction record's non-empty "input" to its instruction
     "stop": "\n",  # the default stop when every reply of the data is one line
     "stop_multiline": "\nHuman:",  # the default stop when some replies span lines
 }
 TEMPLATE_FIELDS = tuple(TEMPLATE)
-WITH_CONTENT = ("system", "user", "assistant", "input")  # the fields that hold "{content}" (exactly once)
-# Alpaca (Stanford's prompt, exactly); a record's input joins the instruction as its "### Input:" section.
-# Several turns are successive instruction/response blocks; only the last reply is closed (by <|endoftext|>).
+WITH_CONTENT = ("system", "user", "assistant", "input")  # the fields holding "{content}", once
+# Alpaca (Stanford's prompt, exactly); a record's input joins the instruction as its "### Input:"
+# section. Several turns are successive instruction/response blocks; only the last reply is closed.
 ALPACA = {
     "system": "{content}",
     "user": "\n\n### Instruction:\n{content}",
@@ -61,7 +67,8 @@ ALPACA = {
     "stop": "\n",
     "stop_multiline": "\n\n### Instruction:",
 }
-# ChatML's markers as plain text (GPT-2's vocabulary has no such special tokens: they are several tokens each).
+# ChatML's markers as plain text (GPT-2's vocabulary has no such
+# special tokens: they are several tokens each).
 CHATML = {
     "system": "<|im_start|>system\n{content}<|im_end|>\n",
     "user": "<|im_start|>user\n{content}<|im_end|>\n",
@@ -76,17 +83,18 @@ CHATML = {
 }
 BUILTIN_TEMPLATES = {"human_assistant": TEMPLATE, "alpaca": ALPACA, "chatml": CHATML}
 NEWLINE_STOP = TEMPLATE["stop"]  # default stop: the design's single-line replies
-TURN_STOP = TEMPLATE["stop_multiline"]  # default stop when training replies span several lines (plus <|endoftext|>)
+TURN_STOP = TEMPLATE["stop_multiline"]  # default stop when some training replies span lines
 
 _encoders, _token_bytes = {}, {}
 
 
 def get_encoder(name=TOKENIZER):
-    """tiktoken encoder, cached. Offline, point TIKTOKEN_CACHE_DIR at a folder holding the GPT-2 BPE files."""
+    """tiktoken encoder, cached. Offline, point TIKTOKEN_CACHE_DIR at
+    a folder holding the GPT-2 BPE files."""
     if name not in _encoders:
         try:
             _encoders[name] = tiktoken.get_encoding(name)
-        except Exception as e:  # no network and no cache: say what to do instead of a long traceback
+        except Exception as e:  # no network and no cache: say what to do, not a long traceback
             raise MissingFileError(
                 f"could not load the {name!r} tokenizer ({type(e).__name__}: {e}). Offline, export "
                 f"TIKTOKEN_CACHE_DIR=/abs/path/to/tiktoken_cache (currently {os.environ.get('TIKTOKEN_CACHE_DIR')!r})"
@@ -102,13 +110,15 @@ def default_stop(multiline_replies, template=TEMPLATE):
 
 
 def fill(field, content):
-    """A template field with its {content} replaced (not str.format: other braces in a template stay text)."""
+    """A template field with its {content} replaced (not str.format:
+    other braces in a template stay text)."""
     before, _, after = field.partition("{content}")
     return before + content + after
 
 
 def load_template(name):
-    """A template: a built-in one by name, or a JSON file (an object with exactly TEMPLATE_FIELDS, all strings)."""
+    """A template: a built-in one by name, or a JSON file (an object
+    with exactly TEMPLATE_FIELDS, all strings)."""
     if name in BUILTIN_TEMPLATES:
         return dict(BUILTIN_TEMPLATES[name])
     if not os.path.isfile(name):
@@ -126,7 +136,8 @@ def load_template(name):
 
 
 def check_template(template, path, text=""):
-    """Every field present, known and a string; {content} exactly where it belongs; <|endoftext|> as eot."""
+    """Every field present, known and a string; {content} exactly
+    where it belongs; <|endoftext|> as eot."""
     def where(key):  # file:line of the key, when it can be found
         at = text.find(json.dumps(key))
         return f"{path}:{text.count(chr(10), 0, at) + 1}" if at >= 0 else path
@@ -151,7 +162,8 @@ def check_template(template, path, text=""):
 
 
 def _segments(messages, template, add_generation_prompt):
-    """Yield (text, learned, role) pieces of a conversation in order. messages: [{'role', 'content'}]."""
+    """Yield (text, learned, role) pieces of a conversation in order.
+    messages: [{'role', 'content'}]."""
     default_system = template.get("default_system", "")
     if default_system and not (messages and messages[0]["role"] == "system"):
         yield fill(template["system"], default_system), False, "system"
@@ -167,80 +179,28 @@ def _segments(messages, template, add_generation_prompt):
         yield template["assistant_label"], False, "assistant"
 
 
-class Rendered:
-    """Conversations (or documents) rendered back to back: ids (uint16) and mask (uint8) of them all, tokens
-    starts[i]:starts[i + 1] are conversation i, turns the offsets where a turn starts (a conversation's first turn
-    at its start)."""
-
-    def __init__(self, ids, mask, starts, turns):
-        self.ids, self.mask, self.starts, self.turns = ids, mask, starts, turns
-
-    def __len__(self):
-        return len(self.starts) - 1
-
-    def conversation(self, i):
-        """(ids, mask, turn_starts) of conversation i, as lists; turn_starts relative to its start."""
-        a, b = self.starts[i], self.starts[i + 1]
-        turns = self.turns[np.searchsorted(self.turns, a):np.searchsorted(self.turns, b)] - a
-        return self.ids[a:b].tolist(), self.mask[a:b].tolist(), turns.tolist()
-
-    def select(self, keep):
-        """Only the conversations i with keep[i]."""
-        keep = np.asarray(keep, dtype=bool)
-        lengths = np.diff(self.starts)
-        tokens = np.repeat(keep, lengths)
-        conv_of_turn = np.searchsorted(self.starts, self.turns, side="right") - 1
-        shift = self.starts[:-1] - np.concatenate([[0], np.cumsum(lengths * keep)[:-1]])  # tokens dropped before
-        return Rendered(self.ids[tokens], self.mask[tokens], np.concatenate([[0], np.cumsum(lengths[keep])]),
-                        (self.turns - shift[conv_of_turn])[keep[conv_of_turn]])
+# --------------------------------------------------------------------------------------------------
+# The definition of a conversation's ids and mask (render_conversation), and a prompt's ids
 
 
-def documents(ids, starts):
-    """Plain-text documents (encode_closed's ids and starts): every token learned."""
-    return Rendered(ids, np.ones(len(ids), dtype=np.uint8), starts, starts[:-1])
-
-
-def encode_closed(enc, texts, chunk=64):
-    """(uint16 ids, starts): encode_ordinary(text) + [<|endoftext|>] for each text, back to back, text i at
-    ids[starts[i]:starts[i + 1]]. Encoded `chunk` texts at a time, joined by <|endoftext|> (which BPE never merges
-    across), in tiktoken's threads: a thread task per short text would cost more than its encoding."""
-    if any(EOT_TEXT in text for text in texts):  # typed by a user, it stays text: encode one by one
-        return _close(enc.encode_ordinary_batch(texts))
-    joined = [EOT_TEXT.join(texts[i:i + chunk]) + EOT_TEXT for i in range(0, len(texts), chunk)]
-    encoded = enc.encode_batch(joined, allowed_special={EOT_TEXT})
-    ids = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.uint16, count=sum(map(len, encoded)))
-    return ids, np.concatenate([[0], np.flatnonzero(ids == EOT) + 1])
-
-
-def _close(encoded):
-    """The token lists back to back, each followed by <|endoftext|>: (uint16 ids, starts)."""
-    lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)) + 1
-    starts = np.concatenate([[0], np.cumsum(lengths)])
-    ids = np.fromiter(itertools.chain.from_iterable(t + [EOT] for t in encoded), dtype=np.uint16, count=starts[-1])
-    return ids, starts
-
-
-def _layout(segments):
-    """(text, its UTF-8 length, the byte offsets where a learned run starts and ends (alternating), the char offsets
-    of those same places, the byte offsets where a user turn starts (the first one at 0)) of a conversation."""
-    texts, chars, turns, n, learning = [], [], [], 0, False
-    for text, learned, role in segments:
-        if learned != learning and text:
-            chars.append(n)
-            learning = learned
+def marked_text(messages, template=TEMPLATE, add_generation_prompt=False):
+    """(text, learned, turns) of a conversation: its text as the export's chat_template renders it
+    (without the closing <|endoftext|>); the spans of it the model learns, [(start, end)]: each
+    reply with its turn end, adjacent ones merged; where each user turn starts, the first at 0 (a
+    system message belongs to the first turn). Offsets are UTF-8 bytes, as tokens are bytes; a lone
+    surrogate counts 3, as the U+FFFD tiktoken encodes."""
+    pieces, learned, turns, at = [], [], [], 0
+    for text, is_learned, role in _segments(messages, template, add_generation_prompt):
+        size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
         if role == "user":
-            turns.append(n if turns else 0)
-        texts.append(text)
-        n += len(text)
-    if learning:
-        chars.append(n)
-    text, turns = "".join(texts), turns or [0]
-    if text.isascii():
-        return text, n, chars, chars, turns
-
-    def size(end):  # UTF-8 bytes of text[:end]; a lone surrogate counts 3, as the U+FFFD tiktoken encodes for it
-        return len(text[:end].encode("utf-8", "surrogatepass"))
-    return text, size(n), [size(c) for c in chars], chars, [size(c) for c in turns]
+            turns.append(at if turns else 0)
+        if is_learned and size and learned and learned[-1][1] == at:  # a turn end: its reply's span
+            learned[-1] = (learned[-1][0], at + size)
+        elif is_learned and size:
+            learned.append((at, at + size))
+        pieces.append(text)
+        at += size
+    return "".join(pieces), learned, turns or [0]
 
 
 def token_bytes(enc):
@@ -251,86 +211,66 @@ def token_bytes(enc):
     return _token_bytes[enc.name]
 
 
-def _crossing(enc, ids, bounds):
-    """The indexes of bounds (byte offsets) that fall inside a token of ids rather than between two."""
-    ends = np.cumsum(token_bytes(enc)[np.asarray(ids, dtype=np.int64)])
-    return [i for i, b in enumerate(bounds) if b and b not in ends]
+def token_starts(enc, ids):
+    """Where each token of ids starts, in bytes of the text they encode."""
+    sizes, starts, at = token_bytes(enc), [], 0
+    for t in ids:
+        starts.append(at)
+        at += int(sizes[t])
+    return starts
 
 
-def _encode(enc, layout, ids=None):
-    """The ids of a conversation's text: those of the whole text (ids, when already encoded), as a Hugging Face
-    tokenizer gives them for the export's chat_template; where a token would cross into or out of a learned run
-    (possible with a custom template), the text is cut there and the pieces encoded one by one."""
-    text, _, bounds, chars, _ = layout
-    ids = enc.encode_ordinary(text) if ids is None else ids
+def encode_text(enc, text, learned, ids=None):
+    """text's ids: BPE over the whole text (`ids`, when already encoded), as a Hugging Face
+    tokenizer encodes the export's chat_template. One exception: where a token would cross the edge
+    of a learned span (a custom template whose label shares a token with the reply, "<bot>" and
+    ".NET"), the text is cut there and the pieces encoded one by one: no token is half learned."""
+    data = text.encode("utf-8", "surrogatepass")
+    edges = {edge for span in learned for edge in span} - {0, len(data)}
+    ids = enc.encode_ordinary(text) if ids is None else list(ids)
     cuts = set()
-    while True:
-        crossed = _crossing(enc, ids, bounds)
-        if not crossed:
-            return ids
-        cuts.update(chars[i] for i in crossed)
-        edges = [0, *sorted(cuts), len(text)]
-        ids = [t for a, b in zip(edges, edges[1:]) for t in enc.encode_ordinary(text[a:b])]
-
-
-def render_batch(conversations, template=TEMPLATE, enc=None):
-    """Training rendering of many conversations at once: a Rendered, each conversation closed by <|endoftext|>
-    (learned). Turns start at each user message (the first at 0: a system message belongs to the first turn) so
-    training windows can start on a turn boundary."""
-    enc = enc or get_encoder()
-    layouts = [_layout(_segments(messages, template, False)) for messages in conversations]
-    ids, starts = encode_closed(enc, [layout[0] for layout in layouts])
-    rendered, crossed = _assemble(ids, starts, layouts, enc)
-    if crossed:  # a token crosses a learned run's edge (a custom template): those conversations are cut there
-        encoded = [ids[a:b - 1].tolist() for a, b in zip(starts[:-1], starts[1:])]
-        for i in crossed:
-            encoded[i] = _encode(enc, layouts[i], encoded[i])
-        rendered, _ = _assemble(*_close(encoded), layouts, enc)
-    return rendered
-
-
-def _assemble(ids, starts, layouts, enc):
-    """(Rendered, []) of the conversations' ids (encode_closed's), the mask found from the byte offsets where each
-    token starts; (None, indexes of the conversations where a token crosses a learned run's edge) if there are any."""
-    sizes = token_bytes(enc)[ids]
-    sizes[starts[1:] - 1] = 0  # <|endoftext|> is not part of the text
-    token_at = np.cumsum(sizes) - sizes  # where each token starts, in bytes of all the texts back to back
-    text_at = np.concatenate([[0], np.cumsum([layout[1] for layout in layouts], dtype=np.int64)])
-    bounds = np.fromiter((text_at[i] + b for i, layout in enumerate(layouts) for b in layout[2]), dtype=np.int64)
-    aligned = token_at[np.minimum(np.searchsorted(token_at, bounds), len(ids) - 1)] == bounds
-    if not aligned.all():
-        return None, sorted({int(i) for i in np.searchsorted(text_at, bounds[~aligned], side="right") - 1})
-    mask = (np.searchsorted(bounds, token_at, side="right") & 1).astype(np.uint8)  # inside a learned run: odd
-    mask[starts[1:] - 1] = 1  # <|endoftext|>
-    turn_at = np.fromiter((text_at[i] + t for i, layout in enumerate(layouts) for t in layout[4]), dtype=np.int64)
-    return Rendered(ids, mask, starts, np.searchsorted(token_at, turn_at, side="right") - 1), []
-
-
-def render_conversations(conversations, template=TEMPLATE, enc=None):
-    """(ids, mask, turn_starts) lists per conversation: render_batch's, one by one."""
-    rendered = render_batch(conversations, template, enc)
-    return [rendered.conversation(i) for i in range(len(rendered))]
+    # a loop: cutting at one edge may move a token onto another
+    while crossed := edges - set(token_starts(enc, ids)):
+        cuts |= crossed
+        bounds = [0, *sorted(cuts), len(data)]
+        ids = [t for a, b in zip(bounds, bounds[1:])
+               for t in enc.encode_ordinary(data[a:b].decode("utf-8", "surrogatepass"))]
+    return ids
 
 
 def render_conversation(messages, template=TEMPLATE, enc=None):
-    return render_conversations([messages], template, enc)[0]
+    """The definition of the training data: (ids, mask, turn_starts) of one conversation.
 
-
-def render_text(messages, template=TEMPLATE, add_generation_prompt=False):
-    """The conversation as text (without the closing <|endoftext|>): what the export's chat_template renders."""
-    return "".join(text for text, _, _ in _segments(messages, template, add_generation_prompt))
+    The text is rendered with its learned spans marked (marked_text), encoded whole as the export's
+    chat_template is (encode_text), and closed by <|endoftext|>; a token is learned (mask 1) when it
+    starts inside a learned span, and <|endoftext|> is learned; a turn starts at the token holding
+    its first byte. prepare.py renders through render_batch, the same for many conversations at
+    once; tests/test_render.py checks they agree."""
+    enc = enc or get_encoder()
+    text, learned, turns = marked_text(messages, template)
+    ids = encode_text(enc, text, learned) + [EOT]
+    starts = token_starts(enc, ids)  # <|endoftext|> starts where the text ends
+    mask = [int(any(a <= s < b for a, b in learned)) for s in starts[:-1]] + [1]
+    return ids, mask, [bisect.bisect_right(starts, t) - 1 for t in turns]
 
 
 def render_prompt(messages, template=TEMPLATE, enc=None):
-    """Generation rendering: the conversation so far (ending with a user message) plus `Assistant:`; the very ids
-    the same conversation has in training, up to where the reply starts."""
-    enc = enc or get_encoder()
-    return _encode(enc, _layout(_segments(messages, template, True)))
+    """Generation rendering: the conversation so far (ending with a user message) plus `Assistant:`;
+    the very ids the same conversation has in training, up to where the reply starts."""
+    text, learned, _ = marked_text(messages, template, add_generation_prompt=True)
+    return encode_text(enc or get_encoder(), text, learned)
+
+
+def render_text(messages, template=TEMPLATE, add_generation_prompt=False):
+    """The conversation as text (without the closing <|endoftext|>):
+    what the export's chat_template renders."""
+    return marked_text(messages, template, add_generation_prompt)[0]
 
 
 def fit_context(system, history, template, enc, budget):
-    """Prompt ids for the conversation: the oldest turns are dropped until it fits budget tokens (the system
-    message always stays; a single message too long to fit keeps its end). Returns (ids, kept history)."""
+    """Prompt ids for the conversation: the oldest turns are dropped until it fits budget tokens
+    (the system message always stays; a single message too long to fit keeps its end). Returns (ids,
+    kept history)."""
     head = [{"role": "system", "content": system}] if system else []
     while True:
         ids = render_prompt(head + history, template, enc)
@@ -340,8 +280,8 @@ def fit_context(system, history, template, enc, budget):
 
 
 def chat_template(template=TEMPLATE):
-    """A Jinja chat_template (for a Hugging Face tokenizer_config.json) rendering exactly what render_prompt and
-    render_conversation render with `template` (contents stripped, the
+    """A Jinja chat_template (for a Hugging Face tokenizer_config.json) rendering exactly what
+    render_prompt and render_conversation render with `template` (contents stripped, the
     `<|endoftext|>` closing a finished conversation, `Assistant:` as the generation prompt)."""
     def lit(text):  # a Jinja string literal
         return json.dumps(text, ensure_ascii=False)
@@ -368,3 +308,100 @@ def chat_template(template=TEMPLATE):
         f"{{%- if add_generation_prompt -%}}{{{{ {lit(template['assistant_label'])} }}}}"
         f"{{%- else -%}}{{{{ {lit(template['eot'])} }}}}{{%- endif -%}}"
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# The fast path: many conversations (or documents) at once, back to back in numpy (prepare.py)
+
+class Rendered:
+    """Conversations (or documents) rendered back to back: ids (uint16) and mask (uint8) of them
+    all, tokens starts[i]:starts[i + 1] are conversation i, turns the offsets where a turn starts (a
+    conversation's first turn at its start)."""
+
+    def __init__(self, ids, mask, starts, turns):
+        self.ids, self.mask, self.starts, self.turns = ids, mask, starts, turns
+
+    def __len__(self):
+        return len(self.starts) - 1
+
+    def conversation(self, i):
+        """(ids, mask, turn_starts) of conversation i, as lists;
+        turn_starts relative to its start."""
+        a, b = self.starts[i], self.starts[i + 1]
+        turns = self.turns[np.searchsorted(self.turns, a):np.searchsorted(self.turns, b)] - a
+        return self.ids[a:b].tolist(), self.mask[a:b].tolist(), turns.tolist()
+
+    def select(self, keep):
+        """Only the conversations i with keep[i]."""
+        keep = np.asarray(keep, dtype=bool)
+        lengths = np.diff(self.starts)
+        tokens = np.repeat(keep, lengths)
+        conv_of_turn = np.searchsorted(self.starts, self.turns, side="right") - 1
+        # the tokens dropped before each conversation
+        shift = self.starts[:-1] - np.concatenate([[0], np.cumsum(lengths * keep)[:-1]])
+        return Rendered(self.ids[tokens], self.mask[tokens], np.concatenate([[0], np.cumsum(lengths[keep])]),
+                        (self.turns - shift[conv_of_turn])[keep[conv_of_turn]])
+
+
+def documents(ids, starts):
+    """Plain-text documents (encode_closed's ids and starts): every token learned."""
+    return Rendered(ids, np.ones(len(ids), dtype=np.uint8), starts, starts[:-1])
+
+
+def encode_closed(enc, texts, chunk=64):
+    """(uint16 ids, starts): encode_ordinary(text) + [<|endoftext|>] for each text, back to back,
+    text i at ids[starts[i]:starts[i + 1]]. Encoded `chunk` texts at a time, joined by <|endoftext|>
+    (which BPE never merges across), in tiktoken's threads: a thread task per short text would cost
+    more than its encoding."""
+    if any(EOT_TEXT in text for text in texts):  # typed by a user, it stays text: encode one by one
+        return _close(enc.encode_ordinary_batch(texts))
+    joined = [EOT_TEXT.join(texts[i:i + chunk]) + EOT_TEXT for i in range(0, len(texts), chunk)]
+    encoded = enc.encode_batch(joined, allowed_special={EOT_TEXT})
+    ids = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.uint16, count=sum(map(len, encoded)))
+    return ids, np.concatenate([[0], np.flatnonzero(ids == EOT) + 1])
+
+
+def _close(encoded):
+    """The token lists back to back, each followed by <|endoftext|>: (uint16 ids, starts)."""
+    lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)) + 1
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    ids = np.fromiter(itertools.chain.from_iterable(t + [EOT] for t in encoded), dtype=np.uint16, count=starts[-1])
+    return ids, starts
+
+
+
+def render_batch(conversations, template=TEMPLATE, enc=None):
+    """render_conversation of many conversations at once, as one Rendered: the texts encoded in
+    tiktoken's threads (encode_closed), the mask and turns found with numpy from where each token
+    starts."""
+    enc = enc or get_encoder()
+    marked = [marked_text(messages, template) for messages in conversations]
+    ids, starts = encode_closed(enc, [text for text, _, _ in marked])
+    rendered, crossed = _assemble(ids, starts, marked, enc)
+    if crossed:  # a token crosses a learned edge (a custom template): encode_text cuts it there
+        encoded = [ids[a:b - 1].tolist() for a, b in zip(starts[:-1], starts[1:])]
+        for i in crossed:
+            encoded[i] = encode_text(enc, *marked[i][:2], encoded[i])
+        rendered, _ = _assemble(*_close(encoded), marked, enc)
+    return rendered
+
+
+def _assemble(ids, starts, marked, enc):
+    """(Rendered, []) of the conversations' ids (encode_closed's) and marked texts; (None, the
+    indexes of the conversations where a token crosses a learned span's edge) if there are any."""
+    sizes = token_bytes(enc)[ids]
+    sizes[starts[1:] - 1] = 0  # <|endoftext|> is not part of the text
+    token_at = np.cumsum(sizes) - sizes  # where each token starts, in bytes of the texts back to back
+    text_at = token_at[starts[:-1]]  # where each conversation's text starts
+    # the learned spans' edges, ascending: start, end, start, ...
+    bounds = np.fromiter((text_at[i] + edge for i, (_, learned, _) in enumerate(marked)
+                          for span in learned for edge in span), dtype=np.int64)
+    aligned = token_at[np.minimum(np.searchsorted(token_at, bounds), len(ids) - 1)] == bounds
+    if not aligned.all():
+        return None, sorted({int(i) for i in np.searchsorted(text_at, bounds[~aligned], side="right") - 1})
+    # a token inside a learned span has an odd number of edges at or before its start
+    mask = (np.searchsorted(bounds, token_at, side="right") & 1).astype(np.uint8)
+    mask[starts[1:] - 1] = 1  # <|endoftext|>
+    turn_at = np.fromiter((text_at[i] + t for i, (_, _, turns) in enumerate(marked) for t in turns),
+                          dtype=np.int64)
+    return Rendered(ids, mask, starts, np.searchsorted(token_at, turn_at, side="right") - 1), []

@@ -1,11 +1,14 @@
-"""Checkpoints: their names, what they hold, atomic save, weights-only load, the newest one, a model rebuilt.
+"""Checkpoints: their names, what they hold, atomic save, weights-only
+load, the newest one, a model rebuilt.
 
 A run started at YYYYMMDD_HHMMSS writes two files into out_dir:
     finetuned_YYYYMMDD_HHMMSS.pt        the best model so far (lowest val loss): weights and what sampling needs
     finetuned_YYYYMMDD_HHMMSS_last.pt   the latest state, with the optimizer, scaler and RNG states for resume
-Both are plain dicts of Python values and tensors, loaded with torch.load(weights_only=True): no pickled classes.
-A LoRA run's `model` holds only the adapter tensors; `lora` says what they are and `base` which weights they
-belong to (init_from, a fingerprint, model_args): model_from_checkpoint rebuilds that base and merges them in.
+
+Both are plain dicts of Python values and tensors, loaded with torch.load(weights_only=True): no
+pickled classes. A LoRA run's `model` holds only the adapter tensors; `lora` says what they are and
+`base` which weights they belong to (init_from, a fingerprint, model_args): model_from_checkpoint
+rebuilds that base and merges them in.
 """
 import os
 import re
@@ -30,7 +33,8 @@ def checkpoint_path(out_dir, stamp, last=False):
 
 
 def unused_stamp(out_dir):
-    """The run's start time, YYYYMMDD_HHMMSS; a run started in the same second as another gets the next second."""
+    """The run's start time, YYYYMMDD_HHMMSS; a run started in the
+    same second as another gets the next second."""
     t = time.time()
     while os.path.exists(checkpoint_path(out_dir, time.strftime("%Y%m%d_%H%M%S", time.localtime(t)), last=True)):
         t += 1
@@ -51,8 +55,8 @@ SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "bias")  # fixed by the weights; bl
 
 
 def checkpoint_for_init(init_from):
-    """The checkpoint file an init_from names, or None when it names none of ours ('scratch', 'resume', Hugging
-    Face weights): a .pt file, or a run's out_dir (its newest best checkpoint)."""
+    """The checkpoint file an init_from names, or None when it names none of ours ('scratch',
+    'resume', Hugging Face weights): a .pt file, or a run's out_dir (its newest best checkpoint)."""
     if init_from.endswith(".pt"):
         return init_from
     if os.path.isdir(init_from) and any(map(CKPT_PATTERN.match, os.listdir(init_from))):
@@ -61,8 +65,9 @@ def checkpoint_for_init(init_from):
 
 
 def init_checkpoint(init_from, shape):
-    """The checkpoint a new run starts from (init_from: see checkpoint_for_init), or None. shape: the SHAPE_KEYS
-    the run set explicitly; one that differs from the checkpoint's is refused, as for pretrained GPT-2."""
+    """The checkpoint a new run starts from (init_from: see checkpoint_for_init), or None. shape:
+    the SHAPE_KEYS the run set explicitly; one that differs from the checkpoint's is refused, as for
+    pretrained GPT-2."""
     path = checkpoint_for_init(init_from)
     if path is None:
         return None
@@ -79,7 +84,8 @@ def init_checkpoint(init_from, shape):
 
 
 def save_checkpoint(path, ckpt):
-    """Write atomically (temp file + rename): a crash mid-save never leaves a torn or truncated checkpoint."""
+    """Write atomically (temp file + rename): a crash mid-save never
+    leaves a torn or truncated checkpoint."""
     with atomic_write(path, "wb") as f:  # a full disk: an OutputError naming the file, the old ones untouched
         torch.save(ckpt, f)
 
@@ -94,12 +100,13 @@ def load_checkpoint(path, map_location="cpu"):
 
 
 def training_checkpoint(raw_model, cfg, meta, state, optimizer=None, scaler=None):
-    """What train.py saves: the weights, the model's shape, the data's template and stop, the run's config and
-    progress (state), the RNG states, and with an optimizer its state and the scaler's (the _last file)."""
+    """What train.py saves: the weights, the model's shape, the data's template and stop, the run's
+    config and progress (state), the RNG states, and with an optimizer its state and the scaler's
+    (the _last file)."""
     state = dict(state)
     lora = getattr(raw_model, "lora", None)
     ckpt = {
-        # the uncompiled, unwrapped module: no _orig_mod. / module. prefixes; a LoRA model: its adapters only
+        # the unwrapped, uncompiled module (no _orig_mod. / module. prefix); LoRA: its adapters only
         "model": adapter_state(raw_model) if lora else raw_model.state_dict(),
         "model_args": asdict(raw_model.config),
         "template": meta["template"], "tokenizer": meta["tokenizer"],
@@ -120,14 +127,15 @@ def training_checkpoint(raw_model, cfg, meta, state, optimizer=None, scaler=None
 
 
 def clean_state_dict(state_dict):
-    """Drop wrappers' prefixes (torch.compile's _orig_mod., DDP's module.) so any state dict loads into GPT."""
+    """Drop wrappers' prefixes (torch.compile's _orig_mod., DDP's
+    module.) so any state dict loads into GPT."""
     return {re.sub(r"^(_orig_mod\.|module\.)+", "", k): v for k, v in state_dict.items()}
 
 
 def model_from_checkpoint(ckpt, device="cpu", merge=True, **overrides):
-    """The GPT a checkpoint holds, on device; overrides replace model_args (e.g. dropout for a resumed run). A LoRA
-    checkpoint's base is rebuilt and checked, and its adapters merged in (a plain GPT), or with merge=False kept
-    apart and trainable (resume, export --adapter_only)."""
+    """The GPT a checkpoint holds, on device; overrides replace model_args (e.g. dropout for a
+    resumed run). A LoRA checkpoint's base is rebuilt and checked, and its adapters merged in (a
+    plain GPT), or with merge=False kept apart and trainable (resume, export --adapter_only)."""
     missing = [key for key in ("model", "model_args") if key not in ckpt]
     if missing:
         raise CheckpointError(f"not a model checkpoint: it lacks {', '.join(missing)}")
@@ -145,8 +153,9 @@ def model_from_checkpoint(ckpt, device="cpu", merge=True, **overrides):
 
 
 def describe_base(model, init_from, seed):
-    """The `base` record of a LoRA run on model (before its adapters are added): how to rebuild it and its
-    fingerprint. A local directory or file is stored as an absolute path (sampling may run from elsewhere)."""
+    """The `base` record of a LoRA run on model (before its adapters are added): how to rebuild it
+    and its fingerprint. A local directory or file is stored as an absolute path (sampling may run
+    from elsewhere)."""
     if init_from != "scratch" and os.path.exists(os.path.expanduser(init_from)):
         init_from = os.path.abspath(os.path.expanduser(init_from))
     return {"init_from": init_from, "seed": seed, "fingerprint": fingerprint(model),
@@ -154,8 +163,9 @@ def describe_base(model, init_from, seed):
 
 
 def build_base(base, overrides=None):
-    """The base model a `base` record describes, rebuilt on the CPU: a scratch model from its seed, our own
-    checkpoint file (itself possibly LoRA, merged), or Hugging Face GPT-2 weights; cropped to its block_size."""
+    """The base model a `base` record describes, rebuilt on the CPU: a scratch model from its seed,
+    our own checkpoint file (itself possibly LoRA, merged), or Hugging Face GPT-2 weights; cropped
+    to its block_size."""
     args = {**base["model_args"], **(overrides or {})}
     init_from = base["init_from"]
     if init_from == "scratch":  # the same draws as train.py's: seed, then GPT(config) on the CPU
@@ -192,10 +202,10 @@ def _lora_model(ckpt, merge, overrides):
 
 
 def load_model(out_dir="out", ckpt="", init_from="", device="cpu"):
-    """A model to generate with, in eval mode on device, and the checkpoint's chat settings (template, tokenizer,
-    default_stop). From init_from when given (one of our .pt files or a run's out_dir, as train.py's; else Hugging
-    Face GPT-2 weights: the default template and stop), else from the ckpt file, else the newest run's best
-    checkpoint in out_dir."""
+    """A model to generate with, in eval mode on device, and the checkpoint's chat settings
+    (template, tokenizer, default_stop). From init_from when given (one of our .pt files or a run's
+    out_dir, as train.py's; else Hugging Face GPT-2 weights: the default template and stop), else
+    from the ckpt file, else the newest run's best checkpoint in out_dir."""
     path = checkpoint_for_init(init_from) if init_from else None
     if init_from and path is None:
         if init_from in ("scratch", "resume"):
@@ -212,7 +222,8 @@ def load_model(out_dir="out", ckpt="", init_from="", device="cpu"):
 
 
 def load_classifier(out_dir="out", ckpt="", device="cpu"):
-    """(GPTClassifier in eval mode, checkpoint) of a classification checkpoint (see load_model for the choice)."""
+    """(GPTClassifier in eval mode, checkpoint) of a classification
+    checkpoint (see load_model for the choice)."""
     model, info = load_model(out_dir, ckpt, device=device)
     if "classify" not in info:
         raise CheckpointError(f"{ckpt or find_checkpoint(out_dir)} is not a classifier: train one on a dataset "

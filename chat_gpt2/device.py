@@ -1,5 +1,6 @@
-"""Where and how fast the computation runs: device and dtype choice, mixed precision, the CPU allocator, free
-memory, and the peak FLOP/s that MFU is measured against (a GPU's data sheet, or a matmul timed on the device)."""
+"""Where and how fast the computation runs: device and dtype choice, mixed precision, the CPU
+allocator, free memory, and the peak FLOP/s that MFU is measured against (a GPU's data sheet, or a
+matmul timed on the device)."""
 import os
 import sys
 import time
@@ -22,11 +23,12 @@ def resolve_device(device):
 
 
 def resolve_dtype(dtype, device, one_row=False):
-    """'auto': bf16 on CUDA where supported, else fp16 (with a GradScaler when training); fp32 on MPS. On CPU: bf16
-    where the CPU has bf16 matmul instructions (training: autocast over fp32 master weights, ~3x the fp32 speed with
-    the same loss curve, docs/performance.md; inference: weights converted, decoding reads half the bytes), else
-    fp32, since emulated bf16 is slower than fp32 for batches. one_row (decoding one sequence at a time, as
-    sample.py does): bf16 also where cpu_decodes_bf16_faster()."""
+    """'auto': bf16 on CUDA where supported, else fp16 (with a GradScaler when training); fp32 on
+    MPS. On CPU: bf16 where the CPU has bf16 matmul instructions (training: autocast over fp32
+    master weights, faster than fp32 with the same loss curve, docs/performance.md; inference:
+    weights converted, decoding reads half the bytes), else fp32, since emulated bf16 is slower than
+    fp32 for batches. one_row (decoding one sequence at a time, as sample.py does): bf16 also where
+    cpu_decodes_bf16_faster()."""
     if dtype != "auto":
         if dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
@@ -39,15 +41,16 @@ def resolve_dtype(dtype, device, one_row=False):
 
 
 def cpu_decodes_bf16_faster():
-    """True where the host CPU decodes one sequence faster with bf16 weights than with fp32 ones: with native bf16,
-    and on x86 CPUs with AVX2 or AVX-512, which convert bf16 in software but read half the bytes per token (1.7-2.2x
-    fp32 end to end, docs/performance.md). Elsewhere (e.g. ARM) unmeasured: fp32."""
+    """True where the host CPU decodes one sequence faster with bf16 weights than with fp32 ones:
+    with native bf16, and on x86 CPUs with AVX2 or AVX-512, which convert bf16 in software but read
+    half the bytes per token (docs/performance.md#generation). Elsewhere (e.g. ARM) unmeasured:
+    fp32."""
     return cpu_has_bf16() or torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
 def cpu_has_bf16():
-    """True when the CPU multiplies bf16 natively (x86 AVX512-BF16 or AMX): there bf16 matmuls beat fp32 ones.
-    Elsewhere PyTorch emulates them, slower than fp32."""
+    """True when the CPU multiplies bf16 natively (x86 AVX512-BF16 or AMX): there bf16
+    matmuls beat fp32 ones. Elsewhere PyTorch emulates them, slower than fp32."""
     check = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     if all(c is not None for c in check):
         return any(c() for c in check)
@@ -69,15 +72,15 @@ def autocast(device, dtype):
 def tune_cpu_allocator(device, lean=False):
     """Choose how glibc's malloc serves a CPU training run's large tensors (Linux only).
 
-    Fast (default): keep freed memory in the process for reuse: no allocation is served by mmap and none is
-    returned to the OS. A training step allocates and frees the same large tensors (activations, gradients,
-    logits) every step; by default each one is a fresh mmap whose pages the kernel faults in and zeroes, which
-    measured ~15% of a CPU step (docs/performance.md).
+    Fast (default): keep freed memory in the process for reuse: no allocation is served by mmap and
+    none is returned to the OS. A training step allocates and frees the same large tensors
+    (activations, gradients, logits) every step; by default each one is a fresh mmap whose pages the
+    kernel faults in and zeroes, a sizable share of a CPU step (docs/performance.md).
 
-    lean (--grad_checkpointing, where memory is the point): every block of 1 MiB or more is its own mmap, returned
-    to the OS when freed, in transparent huge pages (fewer faults). With the heap only, the small long-lived
-    objects of a checkpointed step land between the freed activations and the heap grows by tens of MB a block:
-    a frozen GPT-2 medium with LoRA peaked at 3.2 GB against 2.1 GB lean (docs/training.md)."""
+    lean (--grad_checkpointing, where memory is the point): every block of 1 MiB or more is its own
+    mmap, returned to the OS when freed, in transparent huge pages (fewer faults). With the heap
+    only, the small long-lived objects of a checkpointed step land between the freed activations and
+    the heap grows by tens of MB a block (docs/performance.md)."""
     if device != "cpu" or not sys.platform.startswith("linux"):
         return
     try:
@@ -95,7 +98,8 @@ def tune_cpu_allocator(device, lean=False):
 
 
 def available_memory(device):
-    """Free memory in bytes: the device's on CUDA, the OS's MemAvailable on CPU / MPS (shared); None if unknown."""
+    """Free memory in bytes: the device's on CUDA, the OS's
+    MemAvailable on CPU / MPS (shared); None if unknown."""
     if device.startswith("cuda"):
         return torch.cuda.mem_get_info(torch.device(device))[0]
     try:
@@ -112,10 +116,11 @@ def available_memory(device):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Peak FLOP/s, for MFU: a CUDA GPU's data sheet, or measured on the device (train.py's log and bench.py use these)
+# Peak FLOP/s for MFU (train.py's log, bench.py): a CUDA GPU's data sheet, or measured on the device
 
-# Dense (no sparsity) peak TFLOP/s by dtype, matched as a substring of torch.cuda.get_device_name(), first match
-# wins. fp32 is the plain (non-TF32) rate, as nothing here turns TF32 on; bf16 on consumer cards with fp32 accumulate.
+# Dense (no sparsity) peak TFLOP/s by dtype, matched as a substring of torch.cuda.get_device_name(),
+# first match wins. fp32 is the plain (non-TF32) rate, as nothing here turns TF32 on; bf16 on
+# consumer cards with fp32 accumulate.
 KNOWN_GPU_PEAKS = [
     ("H100 PCIe", {"bfloat16": 756, "float16": 756, "float32": 51}),
     ("H100", {"bfloat16": 989, "float16": 989, "float32": 67}),
@@ -138,9 +143,10 @@ def sync(device):
 
 
 def measure_matmul_peak(device, dtype, sizes=(1024, 2048), repeats=3):
-    """Best FLOP/s of square (n x n) @ (n x n) matmuls in dtype on device, over sizes and repeats: the ceiling the
-    model's linear layers run against (under autocast they are matmuls in that dtype). The inputs come from a
-    private generator: measuring must not move the global RNG (a resumed run's dropout masks depend on it)."""
+    """Best FLOP/s of square (n x n) @ (n x n) matmuls in dtype on device, over sizes and repeats:
+    the ceiling the model's linear layers run against (under autocast they are matmuls in that
+    dtype). The inputs come from a private generator: measuring must not move the global RNG (a
+    resumed run's dropout masks depend on it)."""
     generator = torch.Generator(device=device).manual_seed(0)
     inner = 1 if device == "cpu" else 10  # a GPU matmul is too short to time alone
     best = 0.0
@@ -158,7 +164,8 @@ def measure_matmul_peak(device, dtype, sizes=(1024, 2048), repeats=3):
 
 
 def known_peak_flops(device, dtype):
-    """This CUDA GPU's data-sheet peak FLOP/s for dtype, or None (not CUDA, or a GPU not in KNOWN_GPU_PEAKS)."""
+    """This CUDA GPU's data-sheet peak FLOP/s for dtype, or None (not
+    CUDA, or a GPU not in KNOWN_GPU_PEAKS)."""
     if not device.startswith("cuda"):
         return None
     name = torch.cuda.get_device_name(torch.device(device))
@@ -167,8 +174,9 @@ def known_peak_flops(device, dtype):
 
 
 def peak_flops(device, dtype, sizes=(1024, 2048), repeats=3):
-    """The peak MFU is reported against: a listed GPU's data sheet, else measured here (CPU, MPS, other GPUs).
-    Returns (FLOP/s, 'known' | 'measured'). Measured once per process and thread count (tests train many times)."""
+    """The peak MFU is reported against: a listed GPU's data sheet, else measured here (CPU, MPS,
+    other GPUs). Returns (FLOP/s, 'known' | 'measured'). Measured once per process and thread count
+    (tests train many times)."""
     known = known_peak_flops(device, dtype)
     if known:
         return known, "known"
@@ -182,8 +190,9 @@ _MEASURED = {}
 
 
 def resolve_compile(value, device):
-    """compile=None: on for CUDA, where it pays; off on CPU, where it measured no faster than the eager fast paths
-    (fused head loss, bf16, fused AdamW) after a minute or more of compiling (docs/performance.md), and on MPS."""
+    """compile=None: on for CUDA, where it pays; off on CPU, where it measured no faster than the
+    eager fast paths (fused head loss, bf16, fused AdamW) after a minute or more of compiling
+    (docs/performance.md), and on MPS."""
     if value is None:
         return device.startswith("cuda")
     if isinstance(value, str):  # e.g. --compile=true, which the config parser leaves as a string

@@ -1,8 +1,8 @@
 """The project's own error types: what a user can fix (a bad flag, file, record or checkpoint).
 
-The scripts print these as one line, `error: ...`, and exit 1 (configurator.run); any other exception is a bug and
-keeps its traceback. Each also derives from the builtin it stands for, so `except ValueError` still catches a bad
-value and `except FileNotFoundError` a missing file.
+The scripts print these as one line, `error: ...`, and exit 1 (configurator.run); any other
+exception is a bug and keeps its traceback. Each also derives from the builtin it stands for, so
+`except ValueError` still catches a bad value and `except FileNotFoundError` a missing file.
 """
 
 
@@ -15,11 +15,13 @@ class ConfigError(UserError, ValueError):
 
 
 class InputError(UserError, ValueError):
-    """Input data that cannot be used (a missing or unreadable file, a malformed prepared dataset)."""
+    """Input data that cannot be used (a missing or unreadable file, a
+    malformed prepared dataset)."""
 
 
 class RecordError(InputError):
-    """One input record that cannot be used; `where` is 'file:line' or 'file[index] (line N)'. Skippable."""
+    """One input record that cannot be used; `where` is 'file:line' or
+    'file[index] (line N)'. Skippable."""
 
     def __init__(self, where, message, reason):
         super().__init__(f"{where}: {message}")
@@ -27,7 +29,8 @@ class RecordError(InputError):
 
 
 class MissingFileError(UserError, FileNotFoundError):
-    """A file or folder the command needs does not exist (no checkpoint yet, no prepared dataset)."""
+    """A file or folder the command needs does not exist (no
+    checkpoint yet, no prepared dataset)."""
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -35,7 +38,8 @@ class CheckpointError(UserError, RuntimeError):
 
 
 class PretrainedError(UserError, RuntimeError):
-    """A pretrained checkpoint that cannot be found or used; the message says what was tried and what to do."""
+    """A pretrained checkpoint that cannot be found or used; the
+    message says what was tried and what to do."""
 
 
 class ResourceError(UserError, RuntimeError):
@@ -55,4 +59,5 @@ class DivergedError(UserError, RuntimeError):
 
 
 class OutputError(UserError, OSError):
-    """An output that cannot be written (disk full, read-only); what was there before is untouched."""
+    """An output that cannot be written (disk full, read-only); what
+    was there before is untouched."""

@@ -1,7 +1,9 @@
-"""Writing files so that a crash never leaves a torn one: write a temporary file beside the target, then rename.
+"""Writing files so that a crash never leaves a torn one: write a
+temporary file beside the target, then rename.
 
-Every writer of the project goes through atomic_write (checkpoints, replies, demo data) or temporary_dir (a whole
-dataset or export built beside its destination and moved into place at the end).
+Every writer of the project goes through atomic_write (checkpoints, replies, demo data) or
+temporary_dir (a whole dataset or export built beside its destination and moved into place at the
+end).
 """
 import contextlib
 import errno
@@ -16,8 +18,8 @@ DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 def disk_error(error, what):
-    """An OutputError for a full or read-only disk (also as reported by libraries that wrap the OS error, such as
-    torch's zip writer or safetensors), else None."""
+    """An OutputError for a full or read-only disk (also as reported by libraries
+    that wrap the OS error, such as torch's zip writer or safetensors), else None."""
     text = str(error)
     if getattr(error, "errno", None) in DISK_ERRORS or "No space left" in text or "os error 28" in text \
             or "unexpected pos" in text:
@@ -32,7 +34,8 @@ def temp_name(path):
 
 @contextlib.contextmanager
 def atomic_write(path, mode="w", encoding="utf-8"):
-    """Open a temporary file for writing; on success it replaces path in one rename, on failure it is removed.
+    """Open a temporary file for writing; on success it replaces path
+    in one rename, on failure it is removed.
     mode: "w" (text) or "wb" (binary)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -59,8 +62,9 @@ def write_jsonl(path, rows):
 
 
 def make_temp_dir(parent, prefix):
-    """A fresh folder `<prefix><PID>-<random>` inside parent (created if needed), with the usual permissions (not
-    mkdtemp's 0700: it may become the user's output). The PID tells a later run a live writer's from a dead one's."""
+    """A fresh folder `<prefix><PID>-<random>` inside parent (created if needed), with the usual
+    permissions (not mkdtemp's 0700: it may become the user's output). The PID tells a later run a
+    live writer's from a dead one's."""
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent)
     umask = os.umask(0o022)
@@ -91,16 +95,17 @@ def pid_alive(pid):
 
 
 def writer_pid(name, prefix):
-    """The PID in a temporary name `<prefix><PID>-...` or `<name>.tmp<PID>`, or None when it holds none."""
+    """The PID in a temporary name `<prefix><PID>-...` or
+    `<name>.tmp<PID>`, or None when it holds none."""
     tail = name[len(prefix):] if prefix and name.startswith(prefix) else name.rpartition(".tmp")[2]
     digits = tail.split("-", 1)[0]
     return int(digits) if digits.isdigit() else None
 
 
 def remove_dead_leftovers(folder, prefixes=(), temp_of=lambda name: False, keep=()):
-    """Delete, in folder, the temporary folders `<prefix><PID>-...` and the files `<name>.tmp<PID>` (for the names
-    temp_of(name) accepts) left by processes that no longer run; a live process's and those in keep stay. Returns
-    the names removed."""
+    """Delete, in folder, the temporary folders `<prefix><PID>-...` and the files `<name>.tmp<PID>`
+    (for the names temp_of(name) accepts) left by processes that no longer run; a live process's and
+    those in keep stay. Returns the names removed."""
     removed = []
     for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
         prefix = next((p for p in prefixes if name.startswith(p)), None)

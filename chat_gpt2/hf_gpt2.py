@@ -1,13 +1,14 @@
 """Hugging Face GPT-2 <-> our GPT, both directions in one place.
 
-In: init_from names a Hugging Face GPT-2 checkpoint: 'gpt2' .. 'gpt2-xl', any Hub repo id of a GPT-2 model, or a
-local directory with config.json + model.safetensors (or pytorch_model.bin, or their sharded *.index.json forms).
-Files come through huggingface_hub (its cache; HF_HUB_OFFLINE=1 honoured); transformers is not needed.
-Out: hf_config and hf_state_dict give transformers' GPT2LMHeadModel config and weights for export.py, or for a
-classifier (classifier.GPTClassifier) GPT2ForSequenceClassification's.
+In: init_from names a Hugging Face GPT-2 checkpoint: 'gpt2' .. 'gpt2-xl', any Hub repo id of a GPT-2
+model, or a local directory with config.json + model.safetensors (or pytorch_model.bin, or their
+sharded *.index.json forms). Files come through huggingface_hub (its cache; HF_HUB_OFFLINE=1
+honoured); transformers is not needed.
+Out: hf_config and hf_state_dict give transformers' GPT2LMHeadModel config and weights for
+export.py, or for a classifier (classifier.GPTClassifier) GPT2ForSequenceClassification's.
 
-Hugging Face stores the attention and MLP matmuls as Conv1D, (in, out): they are transposed to and from our
-nn.Linear (out, in) by the one name list HF_CONV1D.
+Hugging Face stores the attention and MLP matmuls as Conv1D, (in, out): they are
+transposed to and from our nn.Linear (out, in) by the one name list HF_CONV1D.
 """
 import json
 import os
@@ -47,7 +48,8 @@ def _local_help(name="gpt2"):
 
 
 def _weight_files(folder, source, exists=os.path.isfile):
-    """The weight files of a checkpoint folder (all shards when there is an index), or None when there are none."""
+    """The weight files of a checkpoint folder (all shards when there
+    is an index), or None when there are none."""
     for name in HF_WEIGHT_FILES:
         path = os.path.join(folder, name)
         if not exists(path):
@@ -151,8 +153,9 @@ def resolve_pretrained(name_or_dir):
 def pretrained_config(files, overrides=None):
     """GPTConfig of a Hugging Face GPT-2 checkpoint, checked for what our GPT implements.
 
-    overrides: dropout / flash replace the checkpoint's; block_size crops the position embeddings; n_layer, n_head,
-    n_embd, vocab_size, bias must equal the checkpoint's (a pretrained model's shape cannot change)."""
+    overrides: dropout / flash replace the checkpoint's; block_size crops the position embeddings;
+    n_layer, n_head, n_embd, vocab_size, bias must equal the checkpoint's (a pretrained model's
+    shape cannot change)."""
     try:
         with open(files.config) as f:
             hf = json.load(f)
@@ -208,7 +211,8 @@ def pretrained_config(files, overrides=None):
 
 
 def _hf_tensors(path):
-    """Yield (name, tensor) from one weight file, one tensor at a time (memory-mapped: never a second full copy)."""
+    """Yield (name, tensor) from one weight file, one tensor at a time
+    (memory-mapped: never a second full copy)."""
     if path.endswith(".safetensors"):
         from safetensors import safe_open
         with safe_open(path, framework="pt") as f:
@@ -227,7 +231,8 @@ def _hf_tensors(path):
 
 
 def load_pretrained_weights(model, files):
-    """Copy a Hugging Face GPT-2 state into model's parameters tensor by tensor; every parameter must be filled."""
+    """Copy a Hugging Face GPT-2 state into model's parameters tensor
+    by tensor; every parameter must be filled."""
     params = dict(model.named_parameters())  # the tied head appears once, as transformer.wte.weight
     loaded = set()
     block_size = model.config.block_size
@@ -263,10 +268,12 @@ def load_pretrained_weights(model, files):
 
 
 def from_pretrained(name_or_dir, overrides=None):
-    """A GPT holding Hugging Face GPT-2 weights (see resolve_pretrained and pretrained_config), on the CPU.
+    """A GPT holding Hugging Face GPT-2 weights (see
+    resolve_pretrained and pretrained_config), on the CPU.
 
-    The model is built on the meta device and filled from the memory-mapped file tensor by tensor, so loading holds
-    one copy of the weights (plus one tensor), and no time goes into a random initialisation that is overwritten."""
+    The model is built on the meta device and filled from the memory-mapped file tensor by tensor,
+    so loading holds one copy of the weights (plus one tensor), and no time goes into a random
+    initialisation that is overwritten."""
     files = name_or_dir if isinstance(name_or_dir, PretrainedFiles) else resolve_pretrained(name_or_dir)
     config = pretrained_config(files, overrides)
     with torch.device("meta"):
@@ -282,10 +289,11 @@ def from_pretrained(name_or_dir, overrides=None):
 
 
 def hf_config(config, labels=None):
-    """config.json for transformers' GPT2LMHeadModel from our GPTConfig; with labels (a classifier's class names in
-    head order), for GPT2ForSequenceClassification: id2label / label2id, and a pad token of its own, PAD_ID (one
-    embedding row more). transformers reads each row's last token that is not pad_token_id: that must be the
-    <|endoftext|> our head reads, so the pad cannot be <|endoftext|> as in the language-model export."""
+    """config.json for transformers' GPT2LMHeadModel from our GPTConfig; with labels (a classifier's
+    class names in head order), for GPT2ForSequenceClassification: id2label / label2id, and a pad
+    token of its own, PAD_ID (one embedding row more). transformers reads each row's last token that
+    is not pad_token_id: that must be the <|endoftext|> our head reads, so the pad cannot be
+    <|endoftext|> as in the language-model export."""
     hf = {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
         "vocab_size": chat.VOCAB_SIZE, "n_positions": config.block_size, "n_ctx": config.block_size,
@@ -305,10 +313,11 @@ def hf_config(config, labels=None):
 
 
 def hf_state_dict(model):
-    """Our weights under transformers' GPT-2 names: Conv1D weights transposed to (in, out), the token embedding
-    cut to GPT-2's 50257 rows, zero biases for a bias=False model; no lm_head.weight (tied to wte). A classifier's
-    `score` keeps its name (GPT2ForSequenceClassification's, bias-free too) and wte gets a zero row for PAD_ID: the
-    padding's embedding is never read (it follows the last real token, and attention is causal)."""
+    """Our weights under transformers' GPT-2 names: Conv1D weights transposed to (in, out), the
+    token embedding cut to GPT-2's 50257 rows, zero biases for a bias=False model; no lm_head.weight
+    (tied to wte). A classifier's `score` keeps its name (GPT2ForSequenceClassification's, bias-free
+    too) and wte gets a zero row for PAD_ID: the padding's embedding is never read (it follows the
+    last real token, and attention is causal)."""
     if model.config.vocab_size < chat.VOCAB_SIZE:
         raise ValueError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than GPT-2's "
                          f"{chat.VOCAB_SIZE}: it cannot be exported as a GPT-2 model")

@@ -1,4 +1,5 @@
-"""GPT-2's tokenizer in Hugging Face's files (vocab.json, merges.txt, tokenizer.json, ...), rebuilt from tiktoken's
+"""GPT-2's tokenizer in Hugging Face's files (vocab.json, merges.txt,
+tokenizer.json, ...), rebuilt from tiktoken's
 own ranks: an export needs no download, and AutoTokenizer.from_pretrained(DIR) loads it as it is."""
 import functools
 
@@ -10,7 +11,8 @@ PAD_TEXT = "<|pad|>"  # a classifier export's pad token (PAD_ID)
 
 
 def bytes_to_unicode():
-    """GPT-2's reversible map from the 256 byte values to printable unicode characters (vocab.json's alphabet)."""
+    """GPT-2's reversible map from the 256 byte values to printable
+    unicode characters (vocab.json's alphabet)."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
         list(range(ord("®"), ord("ÿ") + 1))
     chars, n = {}, 0
@@ -24,8 +26,9 @@ def bytes_to_unicode():
 
 
 def _bpe_parts(token, ranks, max_rank):
-    """Split token (bytes) the way BPE builds it using only the merges ranked below max_rank (tiktoken's algorithm:
-    repeatedly merge the adjacent pair whose concatenation has the lowest rank)."""
+    """Split token (bytes) the way BPE builds it using only the merges ranked below max_rank
+    (tiktoken's algorithm: repeatedly merge the adjacent pair whose concatenation has the lowest
+    rank)."""
     parts = [token[i:i + 1] for i in range(len(token))]
     while len(parts) > 1:
         best, best_rank = None, max_rank
@@ -41,11 +44,13 @@ def _bpe_parts(token, ranks, max_rank):
 
 @functools.lru_cache(maxsize=2)
 def gpt2_vocab_and_merges(enc):
-    """(vocab: {token string: id}, merges: ["a b", ...] in priority order) of a tiktoken byte-level BPE encoding.
+    """(vocab: {token string: id}, merges: ["a b", ...] in priority
+    order) of a tiktoken byte-level BPE encoding.
 
-    Every multi-byte token is the merge of the two tokens BPE has built from its bytes just before it (using the
-    lower-ranked merges only); ranks >= 256 are GPT-2's merges in order, so merge i makes token 256 + i. The result
-    equals OpenAI's encoder.json / vocab.bpe (tests/test_hf_tokenizer.py). Cached: do not modify what it returns."""
+    Every multi-byte token is the merge of the two tokens BPE has built from its bytes just before
+    it (using the lower-ranked merges only); ranks >= 256 are GPT-2's merges in order, so merge i
+    makes token 256 + i. The result equals OpenAI's encoder.json / vocab.bpe
+    (tests/test_hf_tokenizer.py). Cached: do not modify what it returns."""
     ranks = enc._mergeable_ranks  # bytes -> rank; tiktoken's public API has no accessor for it
     byte_char = bytes_to_unicode()
 
@@ -67,8 +72,9 @@ def gpt2_vocab_and_merges(enc):
 
 
 def tokenizer_files(enc, template, block_size, classify=False):
-    """{filename: JSON-able object or text} for a GPT-2 tokenizer that AutoTokenizer loads without a download: a
-    language model's, whose chat_template renders template, or with classify a classifier's (classify_tokenizer)."""
+    """{filename: JSON-able object or text} for a GPT-2 tokenizer that AutoTokenizer loads without a
+    download: a language model's, whose chat_template renders template, or with classify a
+    classifier's (classify_tokenizer)."""
     vocab, merges = gpt2_vocab_and_merges(enc)
     eot = {"content": EOT_TEXT, "single_word": False, "lstrip": False, "rstrip": False, "normalized": True,
            "special": True}
@@ -104,11 +110,12 @@ def tokenizer_files(enc, template, block_size, classify=False):
 
 
 def classify_tokenizer(files):
-    """Make tokenizer_files' files a classifier's, in place. A text is encoded as classify_data encodes it: its tokens
-    then <|endoftext|>, the token the head reads (a TemplateProcessing post-processor in tokenizer.json, and
-    add_eos_token for transformers' own GPT-2 tokenizer class), special tokens' text in it read as plain text
-    (split_special_tokens: tiktoken's encode_ordinary); one longer than model_max_length keeps its end when
-    truncated (truncation_side left); padding goes on the right with <|pad|> (PAD_ID), not <|endoftext|>:
+    """Make tokenizer_files' files a classifier's, in place. A text is encoded as classify_data
+    encodes it: its tokens then <|endoftext|>, the token the head reads (a TemplateProcessing
+    post-processor in tokenizer.json, and add_eos_token for transformers' own GPT-2 tokenizer
+    class), special tokens' text in it read as plain text (split_special_tokens: tiktoken's
+    encode_ordinary); one longer than model_max_length keeps its end when truncated (truncation_side
+    left); padding goes on the right with <|pad|> (PAD_ID), not <|endoftext|>:
     GPT2ForSequenceClassification reads each row's last token that is not the pad token."""
     tokenizer_json, config = files["tokenizer.json"], files["tokenizer_config.json"]
     eot = config["added_tokens_decoder"][str(chat.EOT)]

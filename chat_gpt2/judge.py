@@ -1,5 +1,5 @@
-"""An optional external judge for eval.py's replies: a command (the row as JSON on stdin, a number on stdout) or an
-OpenAI-compatible chat-completions endpoint asked for a 1-10 score."""
+"""An optional external judge for eval.py's replies: a command (the row as JSON on stdin, a
+number on stdout) or an OpenAI-compatible chat-completions endpoint asked for a 1-10 score."""
 import json
 import os
 import re
@@ -24,8 +24,8 @@ def parse_score(text, source):
 
 
 def judge_with_command(cmd, row, timeout):
-    """Run cmd (split like a shell would, not through a shell) with the row as JSON on stdin; its stdout's first
-    number is the score."""
+    """Run cmd (split like a shell would, not through a shell) with the
+    row as JSON on stdin; its stdout's first number is the score."""
     payload = json.dumps({k: row[k] for k in ("prompt", "reference", "response")})
     try:
         p = subprocess.run(shlex.split(cmd), input=payload, capture_output=True, text=True, timeout=timeout)
@@ -37,7 +37,8 @@ def judge_with_command(cmd, row, timeout):
 
 
 def judge_with_endpoint(url, model, row, timeout):
-    """Ask an OpenAI-compatible chat-completions endpoint (base URL ending in /v1) for a 1-10 score."""
+    """Ask an OpenAI-compatible chat-completions endpoint (base URL
+    ending in /v1) for a 1-10 score."""
     question = (f"Conversation:\n{row['prompt']}\n\nReference answer:\n{row['reference']}\n\n"
                 f"Assistant's reply:\n{row['response']}\n\nScore (1-10):")
     body = {"model": model, "temperature": 0, "max_tokens": 8,
@@ -56,13 +57,15 @@ def judge_with_endpoint(url, model, row, timeout):
 
 
 def key_may_go_to(url):
-    """The API key is sent only over https, or over plain http to the loopback host (a local server)."""
+    """The API key is sent only over https, or over plain http to the
+    loopback host (a local server)."""
     parts = urllib.parse.urlsplit(url)
     return parts.scheme == "https" or (parts.scheme == "http" and parts.hostname in ("localhost", "127.0.0.1", "::1"))
 
 
 class _RefuseRedirect(urllib.request.HTTPRedirectHandler):
-    """A redirect could carry the Authorization header to another host: the judge endpoint must answer itself."""
+    """A redirect could carry the Authorization header to another
+    host: the judge endpoint must answer itself."""
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
         raise urllib.error.HTTPError(req.full_url, code, f"redirect to {newurl} refused", headers, fp)

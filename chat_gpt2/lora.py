@@ -1,12 +1,15 @@
-"""Parameter-efficient fine-tuning: LoRA adapters on the blocks' Linear layers, or training only the last blocks.
+"""Parameter-efficient fine-tuning: LoRA adapters on the blocks'
+Linear layers, or training only the last blocks.
 
-LoRA (Hu et al. 2021): a target layer's output becomes W x + b + (alpha / r) * B A dropout(x), with the base W, b
-frozen and only A (r, in) and B (out, r) trained. B starts at zero, so step 0 computes exactly the base model. The
-wrapped layer keeps its `weight` and `bias` names and adds `lora_A` / `lora_B`, so the base's state-dict names do
-not change and merging is W += (alpha / r) * B @ A: after it the model is a plain GPT, with no inference cost.
+LoRA (Hu et al. 2021): a target layer's output becomes W x + b + (alpha / r) * B A dropout(x), with
+the base W, b frozen and only A (r, in) and B (out, r) trained. B starts at zero, so step 0 computes
+exactly the base model. The wrapped layer keeps its `weight` and `bias` names and adds `lora_A` /
+`lora_B`, so the base's state-dict names do not change and merging is W += (alpha / r) * B @ A:
+after it the model is a plain GPT, with no inference cost.
 
-A LoRA checkpoint (checkpoint.py) holds only A and B, what the adapters were (`lora`) and which base they belong to
-(`base`: how to rebuild it and a fingerprint of its weights); peft_adapter() writes them in PEFT's layout.
+A LoRA checkpoint (checkpoint.py) holds only A and B, what the adapters were (`lora`) and which base
+they belong to (`base`: how to rebuild it and a fingerprint of its weights); peft_adapter() writes
+them in PEFT's layout.
 """
 import hashlib
 import math
@@ -23,8 +26,9 @@ LORA_KEYS = ("lora_A", "lora_B")
 
 
 class LoRALinear(Linear):
-    """Our Linear plus a low-rank update. It takes over the base layer's weight and bias Parameters (same names in
-    the state dict, so a plain GPT's weights load into it and it merges back into a plain Linear)."""
+    """Our Linear plus a low-rank update. It takes over the base layer's weight and bias Parameters
+    (same names in the state dict, so a plain GPT's weights load into it and it merges back into a
+    plain Linear)."""
 
     def __init__(self, base, rank, alpha, dropout):
         nn.Module.__init__(self)  # no fresh weight: the base's Parameters are taken over below
@@ -42,7 +46,8 @@ class LoRALinear(Linear):
         return super().forward(x) + update * self.scale
 
     def merged(self):
-        """A plain Linear holding W + scale * B @ A (the same Parameter objects, updated in place)."""
+        """A plain Linear holding W + scale * B @ A (the same
+        Parameter objects, updated in place)."""
         with torch.no_grad():
             self.weight += (self.lora_B @ self.lora_A) * self.scale
         out = Linear.__new__(Linear)
@@ -57,7 +62,8 @@ class LoRALinear(Linear):
 
 
 def parse_targets(text):
-    """'attn.c_attn,mlp.c_fc' -> a tuple of TARGETS entries; an unknown or missing name is a ConfigError."""
+    """'attn.c_attn,mlp.c_fc' -> a tuple of TARGETS entries; an
+    unknown or missing name is a ConfigError."""
     names = [t.strip() for t in str(text).split(",") if t.strip()]
     unknown = [t for t in names if t not in TARGETS]
     if unknown:
@@ -68,7 +74,8 @@ def parse_targets(text):
 
 
 def lora_settings(cfg):
-    """The run's adapter settings {rank, alpha, dropout, targets}, or None when LoRA is off. Checks the values."""
+    """The run's adapter settings {rank, alpha, dropout, targets}, or
+    None when LoRA is off. Checks the values."""
     rank, alpha, dropout = cfg.get("lora_rank", 0), cfg.get("lora_alpha", 0.0), cfg.get("lora_dropout", 0.0)
     if not isinstance(rank, int) or rank < 0:
         raise ConfigError(f"--lora_rank must be a whole number >= 0 (0 = no LoRA), got {rank!r}")
@@ -94,8 +101,8 @@ def lora_settings(cfg):
 
 
 def apply_lora(model, lora):
-    """Freeze model and wrap its target layers in every block with adapters (the only trainable tensors). Sets
-    model.lora to the settings (which checkpoints save). Returns model."""
+    """Freeze model and wrap its target layers in every block with adapters (the only trainable
+    tensors). Sets model.lora to the settings (which checkpoints save). Returns model."""
     for p in model.parameters():
         p.requires_grad_(False)
     for block in model.transformer.h:
@@ -108,7 +115,8 @@ def apply_lora(model, lora):
 
 
 def merge_lora(model):
-    """Fold every adapter into its base weight: the model becomes a plain GPT (its state dict one's too)."""
+    """Fold every adapter into its base weight: the model becomes a
+    plain GPT (its state dict one's too)."""
     for block in model.transformer.h:
         for parent in (block.attn, block.mlp):
             for name, child in list(parent.named_children()):
@@ -119,8 +127,9 @@ def merge_lora(model):
 
 
 def freeze_layers(model, n):
-    """Train only the last n blocks and the final LayerNorm (n = -1: everything). The tied token embedding / LM
-    head, the position embedding and the earlier blocks get requires_grad=False: no gradients, no AdamW state."""
+    """Train only the last n blocks and the final LayerNorm (n = -1: everything). The tied token
+    embedding / LM head, the position embedding and the earlier blocks get requires_grad=False: no
+    gradients, no AdamW state."""
     n_layer = len(model.transformer.h)
     if n == -1:
         return model
@@ -141,7 +150,8 @@ def adapter_state(model):
 
 
 def load_adapters(model, state):
-    """Load adapter tensors into a model with the same adapters; every adapter must be filled, nothing else given."""
+    """Load adapter tensors into a model with the same adapters; every
+    adapter must be filled, nothing else given."""
     expected = set(adapter_state(model))
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
@@ -152,8 +162,9 @@ def load_adapters(model, state):
 
 
 def fingerprint(model):
-    """sha256 over the names, shapes, dtypes and bytes of every base parameter (adapters excluded): tells whether
-    the base rebuilt at load time is the one the adapters were trained on (~1 s per GB of weights)."""
+    """sha256 over the names, shapes, dtypes and bytes of every base parameter (adapters excluded):
+    tells whether the base rebuilt at load time is the one the adapters were trained on (~1 s per GB
+    of weights)."""
     h = hashlib.sha256()
     for name, p in model.named_parameters():
         if name.rsplit(".", 1)[-1] in LORA_KEYS:
@@ -169,9 +180,10 @@ def fingerprint(model):
 
 
 def peft_adapter(model, base_name):
-    """(adapter_config.json dict, tensors) that peft.PeftModel.from_pretrained loads onto transformers'
-    GPT2LMHeadModel of the base. GPT-2's Conv1D stores (in, out), hence fan_in_fan_out=True; PEFT's lora_A / lora_B
-    are nn.Linear weights of the same (r, in) / (out, r) shapes as ours, so no tensor is transposed."""
+    """(adapter_config.json dict, tensors) that peft.PeftModel.from_pretrained loads onto
+    transformers' GPT2LMHeadModel of the base. GPT-2's Conv1D stores (in, out), hence
+    fan_in_fan_out=True; PEFT's lora_A / lora_B are nn.Linear weights of the same (r, in) / (out, r)
+    shapes as ours, so no tensor is transposed."""
     lora = model.lora
     tensors = {}
     for name, t in adapter_state(model).items():

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -164,3 +165,37 @@ def test_families_select_records_without_changing_them(data, tmp_path):
     res = subprocess.run([sys.executable, SCRIPT, f"--out_dir={tmp_path}", "--families=capitol"],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "unknown families ['capitol']" in res.stderr
+
+
+def doc_questions():
+    """The questions README.md and docs/*.md put to a model: `--prompt "..."`, a chat message's "content",
+    and the lines piped to `sample.py --interactive` by printf."""
+    found = []
+    docs = os.path.join(ROOT, "docs")
+    for path in [os.path.join(ROOT, "README.md")] + sorted(
+            os.path.join(docs, name) for name in os.listdir(docs) if name.endswith(".md")):
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        found += re.findall(r'--prompt[ =]"([^"]+)"', text) + re.findall(r'"content": "([^"]+)"', text)
+        found += [q for piped in re.findall(r"printf '([^']+)' \| python sample\.py", text)
+                  for q in piped.split("\\n") if q]
+    return found
+
+
+def test_every_demo_question_in_the_docs_is_one_the_demo_teaches():
+    """A question phrased as one of the demo's templates (sums, capitals, conversions, opposites, ...) asks
+    about an item of that family: the model the quick start trains can answer it."""
+    questions = doc_questions()
+    assert "What is the capital of France?" in questions  # the quick start's own question was found
+    checked = 0
+    for question in questions:
+        for templates, items in gen._families().values():
+            taught = {t.format(**fields) for t in templates for fields, _ in items}
+            for t in templates:
+                pattern = re.escape(t)
+                for name in re.findall(r"\{(\w+)\}", t):
+                    pattern = pattern.replace(re.escape("{" + name + "}"), r"(.+)", 1)
+                if re.fullmatch(pattern, question):
+                    assert question in taught, f"{question!r}: the demo data does not teach that item"
+                    checked += 1
+    assert checked >= 2

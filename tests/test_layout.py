@@ -266,3 +266,19 @@ def test_checker_measures_functions_from_def_to_end():
     lengths = {n.name: n.end_lineno - n.lineno + 1 for n in ast.walk(ast.parse(source))
                if isinstance(n, ast.FunctionDef)}
     assert lengths == {"f": 60, "g": 2}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The docs
+
+
+def test_architecture_table_lists_the_module_map_and_the_scripts():
+    """docs/architecture.md's module table names exactly the modules of chat_gpt2/__init__.py's map and the
+    scripts (its rows: | `name.py` | ... |)."""
+    with open(os.path.join(REPO, "docs", "architecture.md"), encoding="utf-8") as f:
+        table = f.read().split("## The modules", 1)[1].split("\n## ", 1)[0]
+    listed = re.findall(r"^\| `(\w+)\.py` \|", table, re.M)
+    expected = [name.rsplit(".", 1)[-1] for name in module_map()] + list(SCRIPTS)
+    assert len(listed) == len(set(listed)), f"listed twice: {sorted({n for n in listed if listed.count(n) > 1})}"
+    assert set(listed) == set(expected), (f"missing: {sorted(set(expected) - set(listed))}, "
+                                          f"not in the map: {sorted(set(listed) - set(expected))}")

@@ -261,6 +261,6 @@ def test_a_token_across_a_reply_edge_is_cut_there():
     for end in (1, 3):
         prompt = chat.render_prompt(messages[:end], template)
         assert ids[:len(prompt)] == prompt and mask[len(prompt) - 1:len(prompt) + 1] == [0, 1]
-    batch = chat.render_conversations([ONE_TURN, messages, ONE_TURN], template)  # one cut among plain ones
-    assert batch[1] == (ids, mask, chat.render_conversation(messages, template)[2])
-    assert batch[0] == batch[2] == chat.render_conversation(ONE_TURN, template)
+    batch = chat.render_batch([ONE_TURN, messages, ONE_TURN], template)  # one cut among plain ones
+    assert batch.conversation(1) == chat.render_conversation(messages, template)
+    assert batch.conversation(0) == batch.conversation(2) == chat.render_conversation(ONE_TURN, template)

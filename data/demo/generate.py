@@ -152,8 +152,9 @@ def _wrap(rng, text):
 
 
 def generate(seed: int = 1337, families=None):
-    """Return (train_records, heldout_records); records are {"user", "assistant"} dicts. families: keep only
-    these (the records of the others are drawn all the same, so a family's records do not depend on the choice)."""
+    """Return (train_records, heldout_records); records are {"user", "assistant"} dicts. families:
+    keep only these (the records of the others are drawn all the same, so a family's records do not
+    depend on the choice)."""
     unknown = set(families or ()) - set(_families())
     if unknown:
         raise ValueError(f"unknown families {sorted(unknown)}: choose from {','.join(_families())}")

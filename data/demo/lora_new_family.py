@@ -1,20 +1,22 @@
-"""Does LoRA learn, not just run? Teach a trained model a family of facts it never saw, with an adapter only.
+"""Does LoRA learn, not just run? Teach a trained model a family of
+facts it never saw, with an adapter only.
 
 1. A base model is trained from scratch (config/demo.py) on four of the demo's five families.
-2. A LoRA adapter is trained on top of that frozen base on the fifth family, plus a replay of --replay records
-   of the old families (an adapter trained on one family alone, at a higher learning rate, took the old ones from
-   100% to 0-5%: nothing in its data asks it to keep them).
-3. Both are scored on every family's held-out prompts (eval.py's exact match): the new family should go from near
-   0 to most of it right, while the old families stay where they were.
+2. A LoRA adapter is trained on top of that frozen base on the fifth family, plus a replay of
+   --replay records of the old families: trained on one family alone, an adapter forgets the others,
+   since nothing in its data asks it to keep them (docs/performance.md).
+3. Both are scored on every family's held-out prompts (eval.py's exact match): the new family
+   should go from near 0 to most of it right, while the old families stay where they were.
 
-The new family is `add` by default: its words are numbers that the other families use too. LoRA leaves the token
-embeddings frozen, so words a from-scratch base never saw (the countries and cities of `capital`, say) keep their
-random initial vectors, which an adapter can hardly tell apart; a pretrained base knows every token.
+The new family is `add` by default: its words are numbers that the other families use too. LoRA
+leaves the token embeddings frozen, so words a from-scratch base never saw (the countries and cities
+of `capital`, say) keep their random initial vectors, which an adapter can hardly tell apart; a
+pretrained base knows every token.
 
     python data/demo/lora_new_family.py [--new_family=add] [--work_dir=out-lora-demo] [--lora_rank=8] ...
 
-It runs the same commands a user would (generate.py, prepare.py, train.py, eval.py) and prints one table; every
-command is echoed. A few minutes on a laptop CPU (most of it the base model).
+It runs the same commands a user would (generate.py, prepare.py, train.py, eval.py) and prints
+one table; every command is echoed. A few minutes on a laptop CPU (most of it the base model).
 """
 import argparse
 import os
