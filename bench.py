@@ -36,7 +36,8 @@ from chat_gpt2.checkpoint import load_model, save_checkpoint
 from chat_gpt2.dataset import load_dataset
 from chat_gpt2.device import (autocast, known_peak_flops, measure_matmul_peak, resolve_compile, resolve_device,
                               resolve_dtype, sync, tune_cpu_allocator)
-from chat_gpt2.engine import SamplingParams, generate, to_half
+from chat_gpt2.engine import Engine, Request, SamplingParams
+from chat_gpt2.inference import to_half
 from chat_gpt2.errors import ConfigError
 from chat_gpt2.evaluation import val_loss
 from chat_gpt2.hf_gpt2 import hf_config, hf_state_dict
@@ -360,14 +361,36 @@ def _gen_setup(cfg):
 
 
 def _time_ours(model, prompt, new_tokens, use_cache, device, dtype):
-    """Greedy generation of exactly new_tokens tokens; returns (seconds, the tokens (B, new_tokens))."""
+    """Greedy generation of exactly new_tokens tokens; returns (seconds, the tokens (B, new_tokens)). With the KV
+    cache: the Engine; without: _uncached."""
     sync(device)
     t0 = time.perf_counter()
-    with autocast(device, dtype):
-        tokens = torch.stack(list(generate(model, prompt, SamplingParams(temperature=0.0, max_new_tokens=new_tokens),
-                                            use_cache=use_cache)), dim=1)
+    if use_cache:
+        tokens = greedy_tokens(model, prompt, new_tokens, device, dtype)
+    else:
+        with autocast(device, dtype):
+            tokens = _uncached(model, prompt, new_tokens)
     sync(device)
     return time.perf_counter() - t0, tokens
+
+
+def greedy_tokens(model, prompt, new_tokens, device="cpu", dtype="float32"):
+    """Exactly new_tokens greedy tokens after each row of prompt (B, T), decoded together by the Engine (where
+    <|endoftext|> counts as any token): (B, new_tokens)."""
+    params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens)
+    requests = [Request(row, params, ignore_eot=True) for row in prompt.tolist()]
+    Engine(model, device=device, dtype=dtype).complete(requests)
+    return torch.tensor([request.replies[0].tokens for request in requests], device=prompt.device)
+
+
+@torch.inference_mode()
+def _uncached(model, prompt, new_tokens):
+    """The baseline the KV cache saves: every step runs the whole sequence (within block_size) again."""
+    seq = prompt
+    for _ in range(new_tokens):
+        logits, _ = model(seq[:, -model.config.block_size:])
+        seq = torch.cat([seq, logits[:, -1, :chat.VOCAB_SIZE].argmax(-1, keepdim=True)], dim=1)
+    return seq[:, prompt.size(1):]
 
 
 def _hf_model(model):
@@ -485,9 +508,7 @@ def bench_half(cfg):
     val = load_dataset(cfg["dataset"])[0]["val"]
     starts = torch.linspace(0, max(0, len(val.ids) - 33), cfg["half_prompts"]).long().tolist()
     prompts = torch.stack([torch.from_numpy(val.ids[s:s + 32].astype("int64")) for s in starts]).to(device)
-    params = SamplingParams(temperature=0.0, max_new_tokens=cfg["half_new_tokens"])
-    tokens = [torch.stack(list(generate(m, prompts, params, vocab_limit=chat.VOCAB_SIZE)), dim=1)
-              for m in (model, half)]
+    tokens = [greedy_tokens(m, prompts, cfg["half_new_tokens"], device) for m in (model, half)]
     agree = (tokens[0] == tokens[1]).float().mean().item()
     differ = tokens[0] != tokens[1]
     first = [int(row.nonzero()[0]) if row.any() else None for row in differ]
@@ -572,8 +593,7 @@ def _check_no_early_end(model, prompt, new_tokens, dtypes):
     """sample.py stops at <|endoftext|>: a random model's greedy text must not reach it, or a run would be short."""
     for dtype in dtypes:
         m = model if dtype == "float32" else to_half(copy.deepcopy(model), dtype, "cpu")
-        params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens)
-        if any(int(t) == chat.EOT for t in generate(m, prompt, params, vocab_limit=chat.VOCAB_SIZE)):
+        if chat.EOT in greedy_tokens(m, prompt, new_tokens)[0].tolist():
             raise ConfigError(f"the random model's greedy text ends within {new_tokens} tokens in {dtype}: "
                               "try another --seed")
 

@@ -25,7 +25,7 @@ from chat_gpt2.checkpoint import (CKPT_PATTERN, SHAPE_KEYS, checkpoint_path, des
 from chat_gpt2.classifier import attach_head, classify_evaluate, metrics, predict_batches, report_lines, split_batches
 from chat_gpt2.classify_data import load_prepared
 from chat_gpt2.device import peak_flops, resolve_compile, resolve_device, resolve_dtype, tune_cpu_allocator
-from chat_gpt2.engine import Engine, SamplingParams
+from chat_gpt2.engine import Engine, Request, SamplingParams
 from chat_gpt2.errors import CheckpointError, ConfigError, DivergedError, MissingFileError
 from chat_gpt2.files import remove_dead_leftovers
 from chat_gpt2.hf_gpt2 import from_pretrained, pretrained_config, resolve_pretrained
@@ -300,8 +300,9 @@ class Trainer:
             prompt = self.data["val"].first_prompt()
             params = SamplingParams(temperature=0.0, max_new_tokens=self.cfg["sample_max_tokens"],
                                     stop=(self.meta["default_stop"],))
-            engine = Engine(self.raw_model, device=self.run["device"], dtype=self.run["dtype"])
-            reply = engine.replies(prompt, params)[0]
+            request = Request(prompt, params)
+            Engine(self.raw_model, device=self.run["device"], dtype=self.run["dtype"]).complete([request])
+            reply = request.replies[0].text.strip()
             print(f"  sample: {chat.get_encoder().decode(prompt)!r} -> {reply!r}", flush=True)
         return stop
 
