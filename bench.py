@@ -36,8 +36,9 @@ from chat_gpt2.checkpoint import load_model, save_checkpoint
 from chat_gpt2.dataset import load_dataset
 from chat_gpt2.device import (autocast, known_peak_flops, measure_matmul_peak, resolve_compile, resolve_device,
                               resolve_dtype, sync, tune_cpu_allocator)
-from chat_gpt2.engine import Engine, Request, SamplingParams
+from chat_gpt2.engine import Engine, Request
 from chat_gpt2.inference import to_half
+from chat_gpt2.sampling import SamplingParams
 from chat_gpt2.errors import ConfigError
 from chat_gpt2.evaluation import val_loss
 from chat_gpt2.hf_gpt2 import hf_config, hf_state_dict

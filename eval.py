@@ -30,11 +30,11 @@ import configurator
 from chat_gpt2 import chat
 from chat_gpt2.classifier import classify_texts, metrics, report_lines
 from chat_gpt2.classify_data import read_labelled
-from chat_gpt2.engine import sampling_defaults, sampling_help
 from chat_gpt2.errors import ConfigError
 from chat_gpt2.evaluation import generate_all, load_heldout, score_rows, val_loss
 from chat_gpt2.files import write_jsonl
 from chat_gpt2.inference import load_engine, sampling_params
+from chat_gpt2.sampling import sampling_defaults, sampling_help
 from chat_gpt2.judge import make_judge
 
 DEFAULTS = dict(  # `python eval.py --help` prints these comments and the sampling options' help

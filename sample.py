@@ -20,9 +20,10 @@ import torch
 
 import configurator
 from chat_gpt2 import chat
-from chat_gpt2.engine import SAMPLING_KEYS, PromptCache, Request, sampling_defaults, sampling_help
+from chat_gpt2.engine import PromptCache, Request
 from chat_gpt2.errors import ConfigError
 from chat_gpt2.inference import load_engine, sampling_params
+from chat_gpt2.sampling import SAMPLING_KEYS, sampling_defaults, sampling_help
 
 DEFAULTS = dict(  # `python sample.py --help` prints these comments and the sampling options' help
     out_dir="out",  # the run's folder: its newest best checkpoint is used unless --ckpt says which

@@ -12,8 +12,8 @@ at the next token (continuous batching, chat_gpt2/batcher.py).
 import os
 
 import configurator
-from chat_gpt2.engine import sampling_defaults, sampling_help
 from chat_gpt2.inference import load_engine
+from chat_gpt2.sampling import sampling_defaults, sampling_help
 from chat_gpt2.server import Limits, create_app
 
 DEFAULTS = dict(  # `python serve.py --help` prints these comments; the sampling keys are per-request defaults

@@ -7,7 +7,8 @@ import torch
 from . import chat
 from .checkpoint import load_model
 from .device import cpu_has_bf16, resolve_device, resolve_dtype
-from .engine import SAMPLING_KEYS, Engine, SamplingParams
+from .engine import Engine
+from .sampling import SAMPLING_KEYS, SamplingParams
 
 # --use_cache: kept so that old commands run; decoding always uses the KV cache
 USE_CACHE_NOTE = ("note: --use_cache=false no longer changes anything: decoding always uses the KV cache, whose "

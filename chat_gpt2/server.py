@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from . import chat
 from .batcher import Batcher, QueueFull
-from .engine import SAMPLING_KEYS, SamplingParams
+from .sampling import SAMPLING_KEYS, SamplingParams
 from .errors import ConfigError
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "chat.html")

@@ -364,6 +364,22 @@ def greedy_reply(model, prompt_ids, max_new_tokens, stops):
     return cut_reply(decode(greedy_tokens(model, prompt_ids, max_new_tokens, stops)), stops)
 
 
+def fake_complete(monkeypatch, reply):
+    """Engine.complete replaced, the model never run: each request's n replies get the text reply(engine, request)
+    returns (which may stream something and raise, as a Ctrl-C would), streamed whole to its on_text."""
+    from chat_gpt2.engine import Completion, Engine
+
+    def complete(engine, requests, cancelled=None):
+        for request in requests:
+            text = reply(engine, request)
+            request.replies = [Completion(engine.enc, request.params.stop) for _ in range(request.n)]
+            for choice, row in enumerate(request.replies):
+                row.text, row.finish_reason = text, "stop"
+                if request.on_text:
+                    request.on_text(choice, text)
+    monkeypatch.setattr(Engine, "complete", complete)
+
+
 def counting_prefills(model, monkeypatch):
     """The positions each prefill runs: the engine's calls of GPT.hidden_states (a decode step goes through
     GPT.forward and is not counted)."""

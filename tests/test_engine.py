@@ -8,8 +8,8 @@ import torch.nn.functional as F
 import helpers
 from chat_gpt2 import chat
 from chat_gpt2 import inference
-from chat_gpt2.engine import (Decoder, Engine, KVCache, PromptCache, Request, SamplingParams, adjust_logits,
-                              crop_start, sample_next)
+from chat_gpt2.engine import Decoder, Engine, KVCache, PromptCache, Request, crop_start
+from chat_gpt2.sampling import SamplingParams, adjust_logits, sample_next
 from chat_gpt2.inference import load_engine
 from model import GPT, REFINE_TOP, GPTConfig
 

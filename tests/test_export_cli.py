@@ -171,7 +171,8 @@ def test_transformers_gives_our_greedy_reply(tmp_path, template_name):
     """What a transformers user runs on the export (apply_chat_template, generate, cut at the template's stop)
     gives the reply sample.py gives: same prompt ids, same greedy tokens, same text."""
     from chat_gpt2 import chat
-    from chat_gpt2.engine import Engine, SamplingParams
+    from chat_gpt2.engine import Engine
+    from chat_gpt2.sampling import SamplingParams
     template = chat.load_template(template_name)
     model = helpers.tiny_model(seed=5, block_size=128)  # alpaca's two turns: 90 tokens
     out = str(tmp_path / "hf")

@@ -15,7 +15,8 @@ import pytest
 import serve
 import configurator
 from chat_gpt2 import chat
-from chat_gpt2.engine import Decoder, SamplingParams
+from chat_gpt2.engine import Decoder
+from chat_gpt2.sampling import SamplingParams
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
