@@ -1,6 +1,8 @@
 """chat_gpt2/engine.py, the generation core: the KV cache == the uncached reference (the oracle, below), the crop
 policy, the sampling math, stop strings and streaming, rows joining and leaving, half precision (weights and KV
 cache converted), the PromptCache."""
+from dataclasses import fields
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +11,8 @@ import helpers
 from chat_gpt2 import chat
 from chat_gpt2 import inference
 from chat_gpt2.engine import Decoder, Engine, KVCache, PromptCache, Request, crop_start
-from chat_gpt2.sampling import SamplingParams, adjust_logits, sample_next
+from chat_gpt2.sampling import (SAMPLING_KEYS, SamplingParams, adjust_logits, sample_next, sampling_defaults,
+                                sampling_help)
 from chat_gpt2.inference import load_engine
 from model import GPT, REFINE_TOP, GPTConfig
 
@@ -165,6 +168,24 @@ def test_empty_prompt_and_bad_options_fail_clearly(model):
         with pytest.raises(ValueError, match=f"^{match} must be "):
             SamplingParams(**bad)
     assert SamplingParams(top_k=None).top_k == 0 and SamplingParams(stop="x").stop == ("x",)
+
+
+def test_sampling_options_are_declared_once():
+    """The scripts' sampling keys, their --help lines and the chat's /set help come from SamplingParams (a script
+    may change a default); /set takes the options but stop and seed."""
+    import eval as eval_py
+    import sample
+    import serve
+    names = [f.name for f in fields(SamplingParams)]
+    for script in (sample, eval_py, serve):
+        taken = [key for key in script.DEFAULTS if key in names]
+        assert taken == [name for name in names if script is not serve or name != "stop"]
+    assert sample.DEFAULTS["top_k"] == 200 and eval_py.DEFAULTS["temperature"] == 0.0
+    assert SamplingParams().top_k == 0 and serve.DEFAULTS["seed"] is None
+    assert SAMPLING_KEYS == ("temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")
+    assert all(f"{key:<20}{sampling_help()[key]}" in sample.CHAT_HELP for key in SAMPLING_KEYS)
+    with pytest.raises(TypeError, match="top_z"):
+        sampling_defaults(top_z=1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
