@@ -1,16 +1,13 @@
-"""Generation: the one decode path behind sample.py, eval.py, train.py's eval-time reply, serve.py and bench.py.
+"""Generation, the one decode path of sample.py, eval.py, train.py, serve.py and bench.py:
 
-1. KVCache: the explicit inference state, rows of different lengths each in its own slot, so each generated token
-   costs one position's work. PromptCache keeps one conversation's keys and values from one turn to the next.
-2. crop_start: where a full context window starts again.
-3. Completion: a reply that stops on <|endoftext|> or a stop string (which may span several tokens) and streams
-   its text as it becomes final.
-4. Request / Decoder / Engine: a Decoder decodes requests of any prompt lengths and sampling options together,
-   one token per step (sampling.sample_next), each joining and leaving at any step (continuous batching:
-   batcher.py); an Engine (a model with its tokenizer, device and dtype) runs requests to completion.
-
-The sampling options and their math are sampling.py's; loading an engine from a script's options is inference.py's.
-"""
+1. KVCache: rows of different lengths, each in its own slot, so a new token costs one position's
+   work; PromptCache: one conversation's keys and values kept from one turn to the next.
+2. Completion: a reply that stops on <|endoftext|> or a stop string (which may span tokens) and
+   streams its text as it becomes final.
+3. Decoder: requests of any prompt lengths and sampling options decoded together, one token per step
+   (sampling.sample_next), each joining and leaving at any step (continuous batching: batcher.py);
+   Engine.complete runs requests to their end.
+The sampling options are sampling.py's; an Engine from a script's options is inference.py's."""
 import torch
 
 from . import chat
@@ -19,31 +16,28 @@ from .errors import ConfigError
 from .sampling import sample_next
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 1. KV cache: the inference state, kept explicit
 
 
 class KVCache:
-    """Keys and values of up to max_rows sequences of their own lengths: row r's tokens sit at 0..lengths[r]-1 of
-    its slot, the rest is masked (zeroed at first: a masked key must not be NaN). Allocated on first use, in the
-    dtype the attention runs in (bf16 under autocast or after GPT.to_half).
-
-    GPT.forward(idx (B, T), kv_cache=...) continues the B rows `rows` (a slice) by T tokens each: a decode step
-    continues every row in use by one token, a prefill one row by its prompt. positions() starts the forward,
-    append() is each layer's, and the rows' lengths grow after the last layer."""
+    """Keys and values of up to max_rows sequences: row r's tokens sit at 0..lengths[r]-1 of its
+    slot, the rest is masked (zeroed: a masked key must not be NaN); allocated on first use in the
+    dtype the attention runs in (bf16 under autocast or GPT.to_half). GPT.forward(idx (B, T),
+    kv_cache) continues the B rows `rows` (a slice) by T tokens: a decode step every row in use by
+    one, a prefill one row by its prompt. positions() starts a forward, append() is each layer's."""
 
     def __init__(self, config, max_rows=1, device="cpu"):
         self.n_layer, self.max_rows, self.max_len = config.n_layer, max_rows, config.block_size
         self.lengths = torch.zeros(max_rows, dtype=torch.long, device=device)
         self.k, self.v = [None] * config.n_layer, [None] * config.n_layer
         self.rows = slice(0, max_rows)  # the rows the next forward continues (idx's rows, in order)
-        self.pos = self.mask = None
-        self.n = 0
+        self.pos, self.mask, self.n = None, None, 0
 
     def positions(self, T):
-        """The absolute positions (B, T) of the rows' next T tokens; also what every layer's append needs: the
-        keys to attend over (n) and the mask (True = visible; None when every query sees all keys up to its own,
-        which SDPA's is_causal, or no mask for T = 1, gives)."""
+        """The absolute positions (B, T) of the rows' next T tokens; also what every layer's append
+        needs: the keys to attend over (n) and the mask (True = visible; None when every query sees
+        all keys up to its own, which SDPA's is_causal, or no mask for T = 1, gives)."""
         past = self.lengths[self.rows]
         shortest, longest = (int(x) for x in past.aminmax())
         if longest + T > self.max_len:
@@ -51,23 +45,24 @@ class KVCache:
         self.pos = past[:, None] + torch.arange(T, device=past.device)
         self.n = longest + T
         self.mask = None
-        if shortest != longest or (T > 1 and longest > 0):  # each query sees its own row's keys up to its own
-            self.mask = (torch.arange(self.n, device=past.device) <= self.pos[:, :, None])[:, None]  # (B,1,T,n)
+        if shortest != longest or (T > 1 and longest > 0):  # a query sees its row's keys up to it
+            keys = torch.arange(self.n, device=past.device)
+            self.mask = (keys <= self.pos[:, :, None])[:, None]  # (B, 1, T, n)
         return self.pos
 
     def append(self, layer, k, v):
-        """Write one layer's new keys and values (B, H, T, D) after each row's tokens; returns the rows' keys and
-        values so far, (B, H, n, D) each, and the mask."""
+        """Write one layer's new keys and values (B, H, T, D) after each row's tokens; returns the
+        rows' keys and values so far, (B, H, n, D) each, and the mask."""
         self._allocate(layer, k)
         rows = torch.arange(k.size(0), device=k.device)[:, None]
-        self.k[layer][self.rows][rows, :, self.pos] = k.transpose(1, 2)  # (B, T, H, D) at (row, position)
+        self.k[layer][self.rows][rows, :, self.pos] = k.transpose(1, 2)  # (B, T, H, D) at row, pos
         self.v[layer][self.rows][rows, :, self.pos] = v.transpose(1, 2)
         if layer == self.n_layer - 1:
             self.lengths[self.rows] += k.size(2)
         return self.k[layer][self.rows, :, :self.n], self.v[layer][self.rows, :, :self.n], self.mask
 
     def copy(self, dst, src, source=None):
-        """Row dst takes row src's keys, values and length, of this cache or of source (another KVCache)."""
+        """Row dst takes row src's keys, values and length (of this cache or of source)."""
         source = self if source is None else source
         if source is self and src == dst:
             return
@@ -87,21 +82,19 @@ class KVCache:
 
 
 class PromptCache:
-    """One conversation's keys and values, kept from one turn to the next (sample.py --interactive): a prompt runs
-    only its tokens after the longest prefix it shares with the last one, not the whole history again. A turn's
-    prompt starts with the previous one unless the conversation was trimmed to fit the context (then it runs
-    whole). Holds the last prompt's window but its last token, as a Decoder's rows do."""
+    """One conversation's keys and values, kept from one turn to the next (sample.py --interactive):
+    a prompt runs only its tokens after the longest prefix it shares with the last one, not the
+    whole history again. A turn's prompt starts with the previous one unless the conversation was
+    trimmed to fit the context (then it runs whole). Holds the last prompt's window but its last
+    token, as a Decoder's rows do."""
 
     def __init__(self, config, device="cpu"):
         self.cache, self.ids = KVCache(config, 1, device), []
 
     def fill(self, tokens, run):
-        """The one-row KVCache of tokens: the shared prefix kept, run(new_tokens, cache) appends the rest."""
-        same = 0
-        for mine, theirs in zip(self.ids, tokens):
-            if mine != theirs:
-                break
-            same += 1
+        """The one-row KVCache of tokens: the shared prefix kept, run(new, cache) adds the rest."""
+        same = next((i for i, (a, b) in enumerate(zip(self.ids, tokens)) if a != b),
+                    min(len(self.ids), len(tokens)))  # the length of the shared prefix
         self.ids = []  # until the run completes: a Ctrl-C midway leaves the keys of a part of them
         self.cache.lengths[0] = same
         if len(tokens) > same:
@@ -110,25 +103,14 @@ class PromptCache:
         return self.cache
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 2. The context window
-
-
-def crop_start(length, start, block_size):
-    """Where the context window starts. When it would exceed block_size, drop the oldest tokens so that 3/4 of
-    the window is kept (the KV cache is then rebuilt for the new window)."""
-    if length - start > block_size:
-        start = length - max(1, block_size - block_size // 4)
-    return start
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 3. Replies: text, stop strings and streaming
+# --------------------------------------------------------------------------------------------------
+# 2. Replies: text, stop strings and streaming
 
 
 def held_back(text, stops):
-    """Length of text that can be shown while streaming: hold back a tail that may be the start of a stop string
-    and an incomplete multi-byte character (decoded as U+FFFD until its last byte arrives)."""
+    """Length of text that can be shown while streaming: hold back a tail that may be the start of a
+    stop string and an incomplete multi-byte character (decoded as U+FFFD until its last byte
+    arrives)."""
     end = len(text.rstrip("\ufffd"))
     keep = end
     for stop in stops:  # the longest proper prefix of each stop that the (complete) text ends with
@@ -140,9 +122,10 @@ def held_back(text, stops):
 
 
 class Completion:
-    """One reply: its tokens, its text (cut at the first stop string), how much of it was streamed, and why it
-    ended: "stop" (<|endoftext|> or a stop string) or "length" (out of tokens). ignore_eot: <|endoftext|> is a
-    token like the others (bench.py times exactly max_new_tokens tokens)."""
+    """One reply: its tokens, its text (cut at the first stop string), how much of it was streamed,
+    and why it ended: "stop" (<|endoftext|> or a stop string) or "length" (out of tokens).
+    ignore_eot: <|endoftext|> is a token like the others (bench.py times exactly max_new_tokens
+    tokens)."""
 
     def __init__(self, enc, stops, ignore_eot=False):
         self.enc, self.stops, self.ignore_eot = enc, stops, ignore_eot
@@ -157,14 +140,14 @@ class Completion:
             self.finish_reason = "stop"
             return
         self.tokens.append(token)
-        self.text = self.enc.decode(self.tokens)  # whole-text decode: merges multi-byte characters split over tokens
+        self.text = self.enc.decode(self.tokens)  # whole: merges characters split over tokens
         cuts = [i for i in (self.text.find(s) for s in self.stops) if i >= 0]
         if cuts:
             self.text, self.finish_reason = self.text[:min(cuts)], "stop"
 
     def new_text(self, final=False):
-        """The text that became final since the last call. Leading whitespace is never shown (replies are
-        returned stripped and start with the space after `Assistant:`)."""
+        """The text that became final since the last call. Leading whitespace is never shown
+        (replies are returned stripped and start with the space after `Assistant:`)."""
         visible = len(self.text) if self.done or final else held_back(self.text, self.stops)
         start = max(self.shown, len(self.text) - len(self.text.lstrip()))
         if visible <= start:
@@ -173,23 +156,37 @@ class Completion:
         return self.text[start:visible]
 
 
-class Request:
-    """n replies to one prompt with one SamplingParams: what a Decoder decodes. generator: the one its draws come
-    from (None: params.generator(), a fresh one from the seed, or the global RNG without a seed). on_text(choice,
-    text) streams each reply's text as it becomes final; replies holds their Completions once decoding started.
-    prompt_cache: a PromptCache (the conversation's earlier turns are not run again); ignore_eot: see Completion."""
+# --------------------------------------------------------------------------------------------------
+# 3. Decoding: requests, the context window, the decode loop
 
-    def __init__(self, prompt, params, n=1, generator=None, on_text=None, prompt_cache=None, ignore_eot=False):
+
+class Request:
+    """n replies to one prompt with one SamplingParams: what a Decoder decodes. generator: the one
+    its draws come from (None: params.generator(), a fresh one from the seed, or the global RNG
+    without a seed). on_text(choice, text) streams each reply's text as it becomes final; replies
+    holds their Completions once decoding started. prompt_cache: a PromptCache (the conversation's
+    earlier turns are not run again); ignore_eot: see Completion."""
+
+    def __init__(self, prompt, params, n=1, generator=None, on_text=None, prompt_cache=None,
+                 ignore_eot=False):
         if not len(prompt):
             raise ConfigError("empty prompt: generation needs at least one token to start from")
-        self.prompt, self.params, self.n, self.generator, self.on_text = list(prompt), params, n, generator, on_text
-        self.prompt_cache, self.ignore_eot = prompt_cache, ignore_eot
+        self.prompt, self.params, self.n, self.generator = list(prompt), params, n, generator
+        self.on_text, self.prompt_cache, self.ignore_eot = on_text, prompt_cache, ignore_eot
         self.replies, self.left = [], 0  # left: its rows still decoding
 
 
+def crop_start(length, start, block_size):
+    """Where the context window starts. When it would exceed block_size, drop the oldest tokens so
+    that 3/4 of the window is kept (the KV cache is then rebuilt for the new window)."""
+    if length - start > block_size:
+        start = length - max(1, block_size - block_size // 4)
+    return start
+
+
 class _Row:
-    """One reply being decoded: its request and choice, all its tokens (prompt + generated), where its context
-    window starts, and its Completion."""
+    """One reply being decoded: its request and choice, all its tokens (prompt + generated), where
+    its context window starts, and its Completion."""
 
     def __init__(self, request, choice, start):
         self.request, self.choice, self.start = request, choice, start
@@ -197,17 +194,18 @@ class _Row:
 
 
 class Decoder:
-    """Continuous batching: rows of any prompt lengths and sampling options decoded together, one token per step.
-    A request joins between two steps (add: its prompt runs alone in a slot of the KVCache, copied into a slot per
-    further reply) and each row leaves, freeing its slot, as soon as it is done (step) or dropped (remove).
+    """Continuous batching: rows of any prompt lengths and sampling options decoded together, one
+    token per step. A request joins between two steps (add: its prompt runs alone in a slot of the
+    KVCache, copied into a slot per further reply) and each row leaves, freeing its slot, as soon as
+    it is done (step) or dropped (remove).
 
-    A row gives the tokens it gives alone: it sees only its own keys at its own positions, a row whose context is
-    full runs alone again on its cropped window (crop_start), and a seeded request draws with its own generator.
-    The cache holds a row's window but its last token, which the next step feeds: a request that joins mid-way is
-    decoded exactly as one that starts a batch."""
+    A row gives the tokens it gives alone: it sees only its own keys at its own positions, a row
+    whose context is full runs alone again on its cropped window (crop_start), and a seeded request
+    draws with its own generator. The cache holds a row's window but its last token, which the next
+    step feeds: a request that joins mid-way is decoded exactly as one that starts a batch."""
 
     def __init__(self, engine, max_rows):
-        self.engine, self.max_rows, self.rows = engine, max_rows, []  # rows[i] is in the cache's slot i
+        self.engine, self.max_rows, self.rows = engine, max_rows, []  # rows[i]: the cache's slot i
         self.block_size = engine.model.config.block_size
         self.cache = KVCache(engine.model.config, max_rows, engine.device)
 
@@ -215,26 +213,28 @@ class Decoder:
     def add(self, request):
         """Prefill the request's prompt and give each of its replies a row."""
         if len(self.rows) + request.n > self.max_rows:
-            raise ConfigError(f"{request.n} more rows do not fit: {len(self.rows)} of {self.max_rows} in use")
+            raise ConfigError(f"{request.n} more rows do not fit: {len(self.rows)} of "
+                              f"{self.max_rows} in use")
         if request.generator is None:
             request.generator = request.params.generator(self.engine.device)
         request.replies = [Completion(self.engine.enc, request.params.stop, request.ignore_eot)
                            for _ in range(request.n)]
         request.left = request.n
         start = crop_start(len(request.prompt), 0, self.block_size)
-        self._fill(range(len(self.rows), len(self.rows) + request.n), request.prompt[start:-1], request.prompt_cache)
+        slots = range(len(self.rows), len(self.rows) + request.n)
+        self._fill(slots, request.prompt[start:-1], request.prompt_cache)
         self.rows += [_Row(request, choice, start) for choice in range(request.n)]
 
     @torch.inference_mode()
     def step(self):
-        """Feed every row its last token, draw its next one and stream the replies' new text. Returns the
-        requests that ended (all their replies done); their rows have left.
+        """Feed every row its last token, draw its next one and stream the replies' new text.
+        Returns the requests that ended (all their replies done); their rows have left.
 
-        Rows draw together by group: a sampling request with a generator alone (its rows in choice order: the
-        draws it makes alone), other rows with the same params together."""
+        Rows draw together by group: a sampling request with a generator alone (its rows in choice
+        order: the draws it makes alone), other rows with the same params together."""
         for slot, row in enumerate(self.rows):
             start = crop_start(len(row.tokens), row.start, self.block_size)
-            if start != row.start:  # positions are absolute: the row's cache is rebuilt for the new window
+            if start != row.start:  # positions are absolute: the row's cache is rebuilt from start
                 row.start = start
                 self._fill([slot], row.tokens[start:-1])
         self.cache.rows = slice(0, len(self.rows))
@@ -250,8 +250,9 @@ class Decoder:
             slots.sort(key=lambda slot: self.rows[slot].choice)
             request = self.rows[slots[0]].request
             history = self._history(slots) if request.params.repetition_penalty != 1.0 else None
-            group = logits if slots == list(range(len(self.rows))) else logits[slots]  # one group: no copy
-            for slot, token in zip(slots, sample_next(group, request.params, history, request.generator).tolist()):
+            group = logits if slots == list(range(len(self.rows))) else logits[slots]  # no copy
+            tokens = sample_next(group, request.params, history, request.generator).tolist()
+            for slot, token in zip(slots, tokens):
                 row = self.rows[slot]
                 row.tokens.append(token)
                 row.reply.add(token)
@@ -259,7 +260,8 @@ class Decoder:
         ended = []
         for slot in reversed(range(len(self.rows))):
             row = self.rows[slot]
-            if row.reply.done or len(row.tokens) - len(row.request.prompt) == row.request.params.max_new_tokens:
+            new = len(row.tokens) - len(row.request.prompt)
+            if row.reply.done or new == row.request.params.max_new_tokens:
                 self._leave(slot)
                 if row.request.left == 0:
                     ended.append(row.request)
@@ -267,13 +269,15 @@ class Decoder:
 
     @torch.inference_mode()
     def remove(self, request):
-        """Drop a request's rows that still decode (a client that left); their replies end as "length"."""
+        """Drop a request's rows that still decode (a client that left); their replies end as
+        "length"."""
         for slot in reversed(range(len(self.rows))):
             if self.rows[slot].request is request:
                 self._leave(slot)
 
     def _leave(self, slot):
-        """The row leaves; the last row moves into its slot, so that rows 0..len(rows)-1 stay the ones in use."""
+        """The row leaves; the last row moves into its slot, so that rows 0..len(rows)-1 stay the
+        ones in use."""
         row = self.rows[slot]
         if not row.reply.done:  # out of tokens: the held-back tail was no stop string after all
             row.reply.finish_reason = "length"
@@ -284,8 +288,8 @@ class Decoder:
         self.rows.pop()
 
     def _fill(self, slots, tokens, prompt_cache=None):
-        """Put the keys and values of tokens (a row's window but its last token) in these slots: run alone in the
-        first one, or, with a PromptCache, only those after the prefix it shares with its last prompt, there."""
+        """The keys and values of tokens (a row's window but its last token) into these slots: run
+        alone in the first (with a PromptCache: only those after the prefix it kept, there)."""
         if prompt_cache is not None:
             source, first = prompt_cache.fill(tokens, self._prefill), 0
         else:
@@ -297,18 +301,20 @@ class Decoder:
                 self.cache.copy(slot, first, source)
 
     def _prefill(self, tokens, cache, row=0):
-        """Append tokens' keys and values to a row of cache (the blocks only: nobody reads these logits)."""
+        """Append tokens' keys and values to a row of cache (the blocks only: no logits needed)."""
         if tokens:
             cache.rows = slice(row, row + 1)
             with autocast(self.engine.device, self.engine.autocast_dtype):
-                self.engine.model.hidden_states(torch.tensor([tokens], device=self.engine.device), kv_cache=cache)
+                ids = torch.tensor([tokens], device=self.engine.device)
+                self.engine.model.hidden_states(ids, kv_cache=cache)
 
     def _history(self, slots):
-        """The rows' tokens for the repetition penalty, (len(slots), longest); a shorter row is padded with its own
-        first token (penalised once all the same)."""
+        """The rows' tokens for the repetition penalty, (len(slots), longest); a shorter row is
+        padded with its own first token (penalised once all the same)."""
         seqs = [self.rows[slot].tokens for slot in slots]
         width = max(len(seq) for seq in seqs)
-        return torch.tensor([seq + seq[:1] * (width - len(seq)) for seq in seqs], device=self.engine.device)
+        padded = [seq + seq[:1] * (width - len(seq)) for seq in seqs]
+        return torch.tensor(padded, device=self.engine.device)
 
 
 def _emit(on_text, row, text):
@@ -317,20 +323,20 @@ def _emit(on_text, row, text):
 
 
 class Engine:
-    """A model ready to generate: its tokenizer, device and compute dtype (the weights' own after GPT.to_half,
-    otherwise autocast over fp32 weights). The per-call state (the KV cache, the rows' text) lives in each
-    Decoder, so one engine serves any number of them."""
+    """A model ready to generate: its tokenizer, device and compute dtype (the weights' own after
+    GPT.to_half, otherwise autocast over fp32 weights). The per-call state (the KV cache, the rows'
+    text) lives in each Decoder, so one engine serves any number of them."""
 
     def __init__(self, model, enc=None, device="cpu", dtype="float32"):
         self.model, self.device, self.dtype = model, device, dtype
         weights = next((p.dtype for p in model.parameters() if p.dim() == 2), torch.float32)
-        self.autocast_dtype = dtype if weights == torch.float32 else "float32"  # to_half's weights: no autocast
+        self.autocast_dtype = dtype if weights == torch.float32 else "float32"  # to_half's: none
         self.enc = enc or chat.get_encoder()
 
     def complete(self, requests, cancelled=None):
-        """Decode the requests together to their end (one Decoder); each request's Completions are in its
-        replies (reply.text.strip() is what a script prints). cancelled(): checked after every step; True ends
-        them all there (a caller that gave up)."""
+        """Decode the requests together to their end (one Decoder); each request's Completions are
+        in its replies (reply.text.strip() is what a script prints). cancelled(): checked after
+        every step; True ends them all there (a caller that gave up)."""
         decoder = Decoder(self, sum(request.n for request in requests))
         was_training = self.model.training
         self.model.eval()

@@ -1,5 +1,5 @@
-"""An Engine from a script's options (sample.py, eval.py, serve.py): the checkpoint loaded, the weights converted
-to half precision where asked, and SamplingParams from the command line."""
+"""An Engine from a script's options (sample.py, eval.py, serve.py): the checkpoint loaded, the
+weights converted to half precision where asked, and SamplingParams from the command line."""
 import sys
 
 import torch
@@ -11,15 +11,16 @@ from .engine import Engine
 from .sampling import SAMPLING_KEYS, SamplingParams
 
 # --use_cache: kept so that old commands run; decoding always uses the KV cache
-USE_CACHE_NOTE = ("note: --use_cache=false no longer changes anything: decoding always uses the KV cache, whose "
-                  "tokens equal full recomputation's (tests/test_engine.py checks them against it)")
+USE_CACHE_NOTE = ("note: --use_cache=false no longer changes anything: decoding always uses the KV "
+                  "cache, whose tokens equal full recomputation's")
 
 
 def load_engine(cfg, one_row=False):
-    """(Engine, checkpoint info) for a script's options: out_dir, ckpt, init_from (see checkpoint.load_model),
-    device, dtype. In bfloat16 / float16 the matmul weights themselves are converted (and with them the KV cache),
-    not just autocast: batch-1 decoding is bound by reading the weights once per token (GPT.to_half).
-    one_row: the script decodes one sequence at a time (dtype auto: see resolve_dtype)."""
+    """(Engine, checkpoint info) for a script's options: out_dir, ckpt, init_from (see
+    checkpoint.load_model), device, dtype. In bfloat16 / float16 the matmul weights themselves are
+    converted (and with them the KV cache), not just autocast: batch-1 decoding is bound by reading
+    the weights once per token (GPT.to_half). one_row: the script decodes one sequence at a time
+    (dtype auto: see resolve_dtype)."""
     if not cfg.get("use_cache", True):
         print(USE_CACHE_NOTE, file=sys.stderr)
     device = resolve_device(cfg["device"])
@@ -32,9 +33,9 @@ def load_engine(cfg, one_row=False):
 
 
 def to_half(model, dtype, device):
-    """GPT.to_half for inference on device ("bfloat16" / "float16"). On a CPU without that dtype's instructions,
-    prompts (more than Linear.FEW_ROWS rows) multiply in fp32 (upcast); decoding steps keep the half-precision
-    bytes."""
+    """GPT.to_half for inference on device ("bfloat16" / "float16"). On a CPU without that dtype's
+    instructions, prompts (more than Linear.FEW_ROWS rows) multiply in fp32 (upcast); decoding steps
+    keep the half-precision bytes."""
     native = device != "cpu" or (dtype == "bfloat16" and cpu_has_bf16())
     return model.to_half(getattr(torch, dtype), upcast=not native)
 
@@ -45,13 +46,14 @@ def unescape(text):
 
 
 def sampling_params(cfg, default_stop=None):
-    """SamplingParams from a script's options (SAMPLING_KEYS, stop, seed). stop None: default_stop (the
-    checkpoint's; None for no stop string); a string or a list of strings, with `\\n` unescaped, otherwise."""
+    """SamplingParams from a script's options (SAMPLING_KEYS, stop, seed). stop None: default_stop
+    (the checkpoint's; None for no stop string); a string or a list of strings, with `\\n`
+    unescaped, otherwise."""
     stop = cfg["stop"]
     if stop is None:
         stops = (default_stop,) if default_stop else ()
     else:
-        if not isinstance(stop, (list, tuple)):  # --stop=5 arrives as an int: a number is a stop string too
+        if not isinstance(stop, (list, tuple)):  # --stop=5 arrives as an int: a stop string too
             stop = [stop]
         stops = tuple(unescape(str(s)) for s in stop)
     return SamplingParams(**{k: cfg[k] for k in SAMPLING_KEYS}, stop=stops, seed=cfg["seed"])
