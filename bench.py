@@ -362,8 +362,8 @@ def _gen_setup(cfg):
 
 
 def _time_ours(model, prompt, new_tokens, use_cache, device, dtype):
-    """Greedy generation of exactly new_tokens tokens; returns (seconds, the tokens (B, new_tokens)). With the KV
-    cache: the Engine; without: _uncached."""
+    """Greedy generation of exactly new_tokens tokens; returns (seconds, the tokens (B, new_tokens)).
+    With the KV cache: the Engine; without: _uncached."""
     sync(device)
     t0 = time.perf_counter()
     if use_cache:
@@ -376,8 +376,8 @@ def _time_ours(model, prompt, new_tokens, use_cache, device, dtype):
 
 
 def greedy_tokens(model, prompt, new_tokens, device="cpu", dtype="float32"):
-    """Exactly new_tokens greedy tokens after each row of prompt (B, T), decoded together by the Engine (where
-    <|endoftext|> counts as any token): (B, new_tokens)."""
+    """Exactly new_tokens greedy tokens after each row of prompt (B, T), decoded together by the
+    Engine (where <|endoftext|> counts as any token): (B, new_tokens)."""
     params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens)
     requests = [Request(row, params, ignore_eot=True) for row in prompt.tolist()]
     Engine(model, device=device, dtype=dtype).complete(requests)
@@ -386,7 +386,7 @@ def greedy_tokens(model, prompt, new_tokens, device="cpu", dtype="float32"):
 
 @torch.inference_mode()
 def _uncached(model, prompt, new_tokens):
-    """The baseline the KV cache saves: every step runs the whole sequence (within block_size) again."""
+    """The baseline the KV cache saves: every step runs the whole sequence again (in block_size)."""
     seq = prompt
     for _ in range(new_tokens):
         logits, _ = model(seq[:, -model.config.block_size:])

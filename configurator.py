@@ -219,15 +219,17 @@ def _help_text(defaults, prog, meanings=None):
 
 def load(defaults: dict, argv: list[str] | None = None, prog: str = "",
          help: dict | None = None) -> tuple[dict, dict]:
-    """CLI wrapper: argv defaults to sys.argv[1:]. `--help`/`-h` prints every key with its default, type and meaning
-    (the comment beside it in the script's DEFAULTS, else help[key]: for keys built elsewhere, such as the sampling
-    options) and exits 0. A ConfigError is printed to stderr as `error: ...` (no traceback) and exits with status 2."""
+    """CLI wrapper: argv defaults to sys.argv[1:]. `--help`/`-h` prints every key with its default,
+    type and meaning (the comment beside it in the script's DEFAULTS, else help[key]: keys built
+    elsewhere, such as the sampling options) and exits 0. A ConfigError is printed to stderr as
+    `error: ...` (no traceback) and exits with status 2."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if not prog and sys.argv:
         prog = os.path.basename(sys.argv[0])
     if "--help" in argv or "-h" in argv:
         script = getattr(sys.modules.get("__main__"), "__file__", None)
-        print(_help_text(defaults, prog, {**(help or {}), **(key_meanings(script) if script else {})}))
+        meanings = {**(help or {}), **(key_meanings(script) if script else {})}
+        print(_help_text(defaults, prog, meanings))
         sys.exit(0)
     try:
         return parse(defaults, argv)

@@ -45,7 +45,7 @@ DEFAULTS = dict(  # `python eval.py --help` prints these comments and the sampli
     data="",  # held-out conversations (.jsonl / .json, any prepare.py schema): replies and their metrics
     out="",  # where the replies go; "" = eval_replies.jsonl in out_dir
     batch_size=32,  # windows per forward for the val loss; prompts of one length generated together
-    # the sampling options (engine.SamplingParams): greedy by default, for scoring
+    # the sampling options (sampling.SamplingParams): greedy by default, for scoring
     **sampling_defaults(temperature=0.0, max_new_tokens=64, seed=1337, stop=None),
     judge_cmd="",  # a command that reads {prompt, reference, response} as JSON on stdin and prints a score
     judge_url="",  # or an OpenAI-compatible /v1 base URL asked for a 1-10 score (key: $OPENAI_API_KEY, https only)

@@ -80,8 +80,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         mask = None  # None: causal among these T tokens, the only keys (with T = 1: the one key, or all cached)
-        if kv_cache is not None:  # append this step's keys/values and attend over everything cached so far
-            k, v, mask = kv_cache.append(self.layer, k, v)  # mask (True = visible) when queries see some keys only
+        if kv_cache is not None:  # append the new keys/values, attend over all the row's cached ones
+            k, v, mask = kv_cache.append(self.layer, k, v)  # mask: True = visible (None: all / causal)
         if self.flash:
             dropout = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
@@ -236,7 +236,7 @@ class GPT(nn.Module):
 
     def hidden_states(self, idx, kv_cache=None):
         """The final-LayerNorm hidden state of every position of idx (B, T): (B, T, n_embd).
-        kv_cache: an engine.KVCache; idx then continues its rows (each at its own length) by T tokens."""
+        kv_cache: an engine.KVCache; idx continues its rows (each at its own length) by T tokens."""
         T = idx.size(1)
         if kv_cache is not None:
             pos = kv_cache.positions(T)  # (B, T): each row's next positions

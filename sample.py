@@ -32,11 +32,11 @@ DEFAULTS = dict(  # `python sample.py --help` prints these comments and the samp
     prompt="",  # the user's message (or, with --raw, the text to continue)
     system="",  # a system message before the conversation
     raw=False,  # continue plain text: no chat template, no stop string by default
-    **sampling_defaults(top_k=200, seed=1337, stop=None),  # temperature, top_k, ... (engine.SamplingParams)
+    **sampling_defaults(top_k=200, seed=1337, stop=None),  # temperature, ... (SamplingParams)
     num_samples=1,  # replies to the prompt, generated as one batch
     device="auto",  # auto, cpu, cuda, cuda:N or mps
     dtype="auto",  # auto (bf16 where it decodes faster), float32, bfloat16 or float16: the weights are converted
-    use_cache=True,  # kept for old commands: decoding always uses the KV cache (the same tokens as without)
+    use_cache=True,  # kept for old commands: decoding always uses the KV cache (same tokens)
     interactive=False,  # a multi-turn chat on the terminal (or piped stdin) instead of one --prompt
 )
 
@@ -45,8 +45,8 @@ DEFAULTS = dict(  # `python sample.py --help` prints these comments and the samp
 # Interactive chat
 
 CHAT_HELP = """commands:
-  /set KEY=VALUE ...  change sampling options for the next replies, e.g. /set temperature=0.5 top_k=50;
-                      /set alone shows them. Keys:
+  /set KEY=VALUE ...  change sampling options for the next replies, e.g.
+                      /set temperature=0.5 top_k=50; /set alone shows them. Keys:
 {keys}
   /reset              forget the conversation (the --system message stays)
   /help               this text
@@ -118,7 +118,7 @@ def chat_loop(engine, ckpt, cfg, input_fn=input, output=sys.stdout):
     template = ckpt.get("template", chat.TEMPLATE)
     params = sampling_params(cfg, None if cfg["raw"] else ckpt.get("default_stop", chat.NEWLINE_STOP))
     generator = torch.Generator(device=engine.device).manual_seed(cfg["seed"])  # one stream for the whole chat
-    prompt_cache = PromptCache(engine.model.config, engine.device)  # a turn runs only what is new since the last
+    prompt_cache = PromptCache(engine.model.config, engine.device)  # a turn runs only what is new
     history = []
     output.write(("text: each line continues the text" if cfg["raw"] else "chat: type a message") +
                  ", /help for commands, /quit or Ctrl-D to leave\n")

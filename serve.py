@@ -22,12 +22,12 @@ DEFAULTS = dict(  # `python serve.py --help` prints these comments; the sampling
     init_from="",  # instead of a checkpoint: gpt2..gpt2-xl, a Hugging Face repo id or a local HF directory
     host="127.0.0.1",  # loopback by default: put a proxy with authentication in front to expose it
     port=8000,  # the TCP port
-    # the sampling options (engine.SamplingParams) but stop, which a request sets (default: the checkpoint's).
-    # No default seed: it would make unseeded requests repeat themselves
+    # the sampling options (SamplingParams) but stop, which a request sets (default: the
+    # checkpoint's). No default seed: it would make unseeded requests repeat themselves
     **sampling_defaults(top_k=200, leave_out=("stop",)),
     device="auto",  # auto, cpu, cuda, cuda:N or mps
     dtype="auto",  # auto (bf16 where the device has native bf16), float32, bfloat16 or float16: weights converted
-    use_cache=True,  # kept for old commands: decoding always uses the KV cache (the same tokens as without)
+    use_cache=True,  # kept for old commands: decoding always uses the KV cache (same tokens)
     max_body_bytes=Limits.max_body_bytes,  # the largest request body (413 above)
     max_messages=Limits.max_messages,  # the most messages in one request (400 above)
     max_chars=Limits.max_chars,  # the most characters of content in one request (400 above)

@@ -302,7 +302,8 @@ class Trainer:
             params = SamplingParams(temperature=0.0, max_new_tokens=self.cfg["sample_max_tokens"],
                                     stop=(self.meta["default_stop"],))
             request = Request(prompt, params)
-            Engine(self.raw_model, device=self.run["device"], dtype=self.run["dtype"]).complete([request])
+            engine = Engine(self.raw_model, device=self.run["device"], dtype=self.run["dtype"])
+            engine.complete([request])
             reply = request.replies[0].text.strip()
             print(f"  sample: {chat.get_encoder().decode(prompt)!r} -> {reply!r}", flush=True)
         return stop

@@ -73,14 +73,14 @@ class RequestOptions(BaseModel):
     stream_options: dict | None = None
 
 
-API_NAMES = {"max_new_tokens": "max_tokens"}  # OpenAI's names for SamplingParams' options where they differ
+API_NAMES = {"max_new_tokens": "max_tokens"}  # OpenAI's names for options where they differ
 API_TYPES = {"stop": str | list[str]}  # the request's type where it is not the option's own
-API_LIMITS = {"temperature": dict(le=2), "repetition_penalty": dict(le=10)}  # tighter than SamplingParams'
+API_LIMITS = {"temperature": dict(le=2), "repetition_penalty": dict(le=10)}  # the API's own limits
 
 
 def sampling_fields():
-    """The request fields of SamplingParams' options (top_k and repetition_penalty are extensions to OpenAI's API):
-    None where the request leaves it to the server's default, the option's bounds plus the API's own limits."""
+    """The request fields of SamplingParams' options (top_k and repetition_penalty extend OpenAI's
+    API): None leaves it to the server's default; the option's bounds and the API's limits."""
     return {API_NAMES.get(f.name, f.name): (API_TYPES.get(f.name, f.type) | None, Field(
         None, description=f.metadata["help"], **f.metadata["bounds"], **API_LIMITS.get(f.name, {})))
         for f in fields(SamplingParams)}
@@ -161,7 +161,8 @@ class Service:
         if len(stops) > MAX_STOPS:
             raise ApiError(400, f"stop: at most {MAX_STOPS} stop strings", param="stop")
         options = {key: getattr(req, API_NAMES.get(key, key)) for key in (*SAMPLING_KEYS, "seed")}
-        options = {key: self.defaults[key] if value is None else value for key, value in options.items()}
+        options = {key: self.defaults[key] if value is None else value
+                   for key, value in options.items()}
         options["max_new_tokens"] = min(options["max_new_tokens"], self.block_size - 1)
         try:
             return SamplingParams(**options, stop=stops)
@@ -295,8 +296,8 @@ async def answer(service, request, req, prompt, params, is_chat):
 
 
 def create_app(engine, ckpt_info, defaults, model_name="chat-gpt2", limits=None):
-    """The FastAPI app; its lifespan starts and stops the batcher's worker thread. defaults: a script's cfg (the
-    sampling options but stop: engine.SAMPLING_KEYS and seed) used where a request sets nothing."""
+    """The FastAPI app; its lifespan starts and stops the batcher's worker thread. defaults: a
+    script's cfg (the sampling options but stop: SAMPLING_KEYS and seed) where a request sets none."""
     limits = limits or Limits()
     service = Service(engine, ckpt_info, defaults, model_name, limits)
 

@@ -365,8 +365,9 @@ def greedy_reply(model, prompt_ids, max_new_tokens, stops):
 
 
 def fake_complete(monkeypatch, reply):
-    """Engine.complete replaced, the model never run: each request's n replies get the text reply(engine, request)
-    returns (which may stream something and raise, as a Ctrl-C would), streamed whole to its on_text."""
+    """Engine.complete replaced, the model never run: each request's n replies get the text
+    reply(engine, request) returns (it may stream something and raise, as a Ctrl-C would), streamed
+    whole to its on_text."""
     from chat_gpt2.engine import Completion, Engine
 
     def complete(engine, requests, cancelled=None):
@@ -381,8 +382,8 @@ def fake_complete(monkeypatch, reply):
 
 
 def counting_prefills(model, monkeypatch):
-    """The positions each prefill runs: the engine's calls of GPT.hidden_states (a decode step goes through
-    GPT.forward and is not counted)."""
+    """The positions each prefill runs: the engine's calls of GPT.hidden_states (a decode step goes
+    through GPT.forward and is not counted)."""
     runs, stepping = [], []
     hidden_states, forward = model.hidden_states, model.forward
 

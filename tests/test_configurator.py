@@ -367,8 +367,8 @@ def test_load_bad_config_file_exits_two(tmp_path, capsys):
 
 @pytest.mark.parametrize("name", ["train", "sample", "eval", "export", "serve", "bench"])
 def test_every_key_has_a_meaning_in_help(name):
-    """--help shows each key's meaning: the comment beside its default in the script, or for keys built elsewhere
-    (the sampling options, from engine.SamplingParams) the help the script passes to configurator.load."""
+    """--help shows each key's meaning: the comment beside its default in the script, or for keys
+    built elsewhere (the sampling options, from SamplingParams) the help the script passes to load."""
     import importlib
     from configurator import key_meanings
     script = os.path.join(REPO, f"{name}.py")

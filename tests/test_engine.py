@@ -1,6 +1,6 @@
-"""chat_gpt2/engine.py, the generation core: the KV cache == the uncached reference (the oracle, below), the crop
-policy, the sampling math, stop strings and streaming, rows joining and leaving, half precision (weights and KV
-cache converted), the PromptCache."""
+"""chat_gpt2/engine.py and sampling.py, the generation core: the KV cache == the uncached reference
+(the oracle, below), the crop policy, the sampling options and math, stop strings and streaming,
+rows joining and leaving, half precision (weights and KV cache converted), the PromptCache."""
 from dataclasses import fields
 
 import pytest
@@ -21,16 +21,17 @@ NEG_INF = float("-inf")
 
 @torch.no_grad()
 def reference(model, prompt, new, n=1, generator=None, **sampling):
-    """The oracle: n replies' tokens to prompt without a KV cache. Every step runs each row's whole window
-    (cropped by crop_start) through the model; the rows still going draw together (as a Decoder's rows of one
-    request do); a row ends at <|endoftext|> (not included), and never samples the padded vocabulary."""
+    """The oracle: n replies' tokens to prompt without a KV cache. Every step runs each row's whole
+    window (cropped by crop_start) through the model; the rows still going draw together (as a
+    Decoder's rows of one request do); a row ends at <|endoftext|> (not included); the padded
+    vocabulary is never sampled."""
     params = SamplingParams(max_new_tokens=new, **sampling)
     generator = generator if generator is not None else params.generator()
-    rows, replies, live, start = [list(prompt) for _ in range(n)], [[] for _ in range(n)], list(range(n)), 0
+    rows, replies, live, start = [list(prompt) for _ in range(n)], [[] for _ in range(n)], [*range(n)], 0
     for _ in range(new):
         if not live:
             break
-        start = crop_start(len(rows[live[0]]), start, model.config.block_size)  # the live rows' lengths agree
+        start = crop_start(len(rows[live[0]]), start, model.config.block_size)  # live rows: one length
         logits = model(torch.tensor([rows[r][start:] for r in live]))[0][:, -1].float()
         logits[:, chat.VOCAB_SIZE:] = NEG_INF
         history = torch.tensor([rows[r] for r in live]) if params.repetition_penalty != 1.0 else None
@@ -62,15 +63,15 @@ def draw(logits, history=None, generator=None, **sampling):
 def generate_batch(model, prompts, max_new_tokens, stop=(), on_text=None, generator=None, **sampling):
     """The replies (stripped text) to prompts, one request each, decoded together; on_text(row, text)."""
     params = SamplingParams(max_new_tokens=max_new_tokens, stop=stop, **sampling)
-    requests = [Request(prompt, params, 1, generator, None if on_text is None else
-                        (lambda choice, text, row=row: on_text(row, text))) for row, prompt in enumerate(prompts)]
+    stream = lambda row: None if on_text is None else lambda choice, text: on_text(row, text)  # noqa: E731
+    requests = [Request(prompt, params, 1, generator, stream(row)) for row, prompt in enumerate(prompts)]
     Engine(model).complete(requests)
     return [request.replies[0].text.strip() for request in requests]
 
 
 def generate_replies(model, prompt, max_new_tokens, stop=(), num_samples=1, generator=None, **sampling):
-    request = Request(prompt, SamplingParams(max_new_tokens=max_new_tokens, stop=stop, **sampling), num_samples,
-                      generator)
+    params = SamplingParams(max_new_tokens=max_new_tokens, stop=stop, **sampling)
+    request = Request(prompt, params, num_samples, generator)
     Engine(model).complete([request])
     return [reply.text.strip() for reply in request.replies]
 
@@ -110,7 +111,8 @@ def test_cached_equals_uncached(model, prompt_len, new, mode):
 @pytest.mark.parametrize("tiny_model", [dict(block_size=16, flash=False)], indirect=True, ids=["manual"])
 def test_cached_equals_uncached_manual_attention(tiny_model):
     prompt = prompts(1, 6)[0].tolist()
-    assert decoded(tiny_model, prompt, 30, temperature=0.0) == reference(tiny_model, prompt, 30, temperature=0.0)
+    greedy = dict(temperature=0.0)
+    assert decoded(tiny_model, prompt, 30, **greedy) == reference(tiny_model, prompt, 30, **greedy)
 
 
 def test_long_generation_rebuilds_the_window_many_times():
@@ -121,7 +123,8 @@ def test_long_generation_rebuilds_the_window_many_times():
 
 def test_seed_makes_sampling_reproducible(model):
     prompt = prompts(1, 5)[0].tolist()
-    run = [decoded(model, prompt, 20, temperature=1.0, generator=torch.Generator().manual_seed(s)) for s in (1, 1, 2)]
+    run = [decoded(model, prompt, 20, temperature=1.0, generator=torch.Generator().manual_seed(s))
+           for s in (1, 1, 2)]
     assert run[0] == run[1] and run[0] != run[2]
     assert decoded(model, prompt, 20, temperature=1.0, seed=1) == run[0]  # params.seed: the same generator
 
@@ -171,8 +174,8 @@ def test_empty_prompt_and_bad_options_fail_clearly(model):
 
 
 def test_sampling_options_are_declared_once():
-    """The scripts' sampling keys, their --help lines and the chat's /set help come from SamplingParams (a script
-    may change a default); /set takes the options but stop and seed."""
+    """The scripts' sampling keys, their --help lines and the chat's /set help come from
+    SamplingParams (a script may change a default); /set takes the options but stop and seed."""
     import eval as eval_py
     import sample
     import serve
@@ -254,8 +257,8 @@ def test_sampling_draws_only_kept_tokens_with_their_probabilities():
 
 class ScriptedModel(torch.nn.Module):
     """Row r (its prompt starts with token r) says scripts[r], one token a step, then <|endoftext|>. Each token fed
-    is also its own key, so the KV cache (masked per row) hands it the row's whole history, as attention would
-    see it."""
+    is also its own key, so the KV cache (masked per row) hands it the row's whole history, as
+    attention would see it."""
 
     def __init__(self, prompt_len, scripts):
         super().__init__()
@@ -266,7 +269,8 @@ class ScriptedModel(torch.nn.Module):
         kv_cache.positions(idx.size(1))
         keys = idx[:, None, :, None].float()  # (B, heads 1, T, 1)
         seen, _, mask = kv_cache.append(0, keys, keys)
-        visible = torch.ones(seen.shape[0], seen.shape[2], dtype=torch.bool) if mask is None else mask[:, 0, -1]
+        everything = torch.ones(seen.shape[0], seen.shape[2], dtype=torch.bool)
+        visible = everything if mask is None else mask[:, 0, -1]
         histories = [row[0, :, 0][v].long().tolist() for row, v in zip(seen, visible)]
         logits = torch.full((idx.size(0), 1, self.config.vocab_size), -1e4)
         for row, history in enumerate(histories):
@@ -274,7 +278,7 @@ class ScriptedModel(torch.nn.Module):
             logits[row, 0, script[i] if i < len(script) else chat.EOT] = 0.0
         return logits, None
 
-    def hidden_states(self, idx, kv_cache):  # a prefill: the keys go in the cache; nothing reads the result
+    def hidden_states(self, idx, kv_cache):  # a prefill: the keys go in the cache, nothing reads it
         return self.forward(idx, kv_cache)[0]
 
 
@@ -433,7 +437,7 @@ def test_removed_request_frees_its_rows(model):
 
 
 def test_rows_cache_logits_match_each_row_alone(model):
-    """One decode step of rows of different lengths through one KVCache == each row's own cached forward."""
+    """One decode step of rows of different lengths through one KVCache == each row alone."""
     rows = [prompts(1, n, seed=n)[0].tolist() for n in (2, 7, 13)]
     alone = []
     with torch.no_grad():
@@ -575,7 +579,8 @@ def test_prompt_cache_after_an_interrupted_prefill_runs_it_all(model):
     def interrupted(new, kv_cache):
         with torch.no_grad():
             kv_cache.positions(len(new))
-            model.transformer.h[0](torch.zeros(1, len(new), model.config.n_embd), kv_cache)  # one layer of two
+            x = torch.zeros(1, len(new), model.config.n_embd)
+            model.transformer.h[0](x, kv_cache)  # one layer of two
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -587,7 +592,8 @@ def test_prompt_cache_after_an_interrupted_prefill_runs_it_all(model):
         fresh = KVCache(model.config)
         model.hidden_states(torch.tensor([tokens]), fresh)
     assert runs == [len(tokens)] and kv.lengths.tolist() == fresh.lengths.tolist() == [len(tokens)]
-    assert all(torch.equal(a[:, :, :len(tokens)], b[:, :, :len(tokens)]) for a, b in zip(kv.k + kv.v, fresh.k + fresh.v))
+    n = len(tokens)
+    assert all(torch.equal(a[:, :, :n], b[:, :, :n]) for a, b in zip(kv.k + kv.v, fresh.k + fresh.v))
 
 
 def test_upcast_multiplies_prompts_in_fp32_and_decoding_steps_in_half():

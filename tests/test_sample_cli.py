@@ -167,7 +167,8 @@ def scripted_input(lines):
 
 
 class FakeGenerate:
-    """Engine.complete's stand-in (helpers.fake_complete): records each prompt and settings, gives a canned reply."""
+    """Engine.complete's stand-in (helpers.fake_complete): records each prompt and settings, gives a
+    canned reply."""
 
     def __init__(self, replies):
         self.replies, self.calls = list(replies), []

@@ -251,8 +251,9 @@ def test_malformed_json_body_size_and_bad_fields_elsewhere(server):
 
 
 def test_request_fields_come_from_sampling_params():
-    """The request model's sampling fields are SamplingParams' options (OpenAI's max_tokens for max_new_tokens),
-    with their help as the schema's descriptions and their bounds (plus the API's own limits)."""
+    """The request model's sampling fields are SamplingParams' options (OpenAI's max_tokens for
+    max_new_tokens), with their help as the schema's descriptions and their bounds (plus the API's
+    own limits)."""
     from dataclasses import fields
 
     from chat_gpt2 import server
