@@ -30,13 +30,14 @@ import configurator
 from chat_gpt2 import chat
 from chat_gpt2.classifier import classify_texts, metrics, report_lines
 from chat_gpt2.classify_data import read_labelled
-from chat_gpt2.engine import load_engine, sampling_params
 from chat_gpt2.errors import ConfigError
 from chat_gpt2.evaluation import generate_all, load_heldout, score_rows, val_loss
 from chat_gpt2.files import write_jsonl
+from chat_gpt2.inference import load_engine, sampling_params
+from chat_gpt2.sampling import sampling_defaults, sampling_help
 from chat_gpt2.judge import make_judge
 
-DEFAULTS = dict(  # `python eval.py --help` prints these comments
+DEFAULTS = dict(  # `python eval.py --help` prints these comments and the sampling options' help
     out_dir="out",  # the run's folder: its newest best checkpoint is used unless --ckpt says which
     ckpt="",  # a checkpoint file (finetuned_*.pt); "" = the newest best one in out_dir
     init_from="",  # instead: our .pt file or a run's out_dir, or gpt2..gpt2-xl, a HF repo id or a local HF dir
@@ -44,13 +45,8 @@ DEFAULTS = dict(  # `python eval.py --help` prints these comments
     data="",  # held-out conversations (.jsonl / .json, any prepare.py schema): replies and their metrics
     out="",  # where the replies go; "" = eval_replies.jsonl in out_dir
     batch_size=32,  # windows per forward for the val loss; prompts of one length generated together
-    max_new_tokens=64,  # the longest reply, in tokens
-    temperature=0.0,  # 0 = greedy (the default for scoring)
-    top_k=0,  # sample from the k most likely tokens (0 = all)
-    top_p=1.0,  # nucleus sampling (1 = off)
-    repetition_penalty=1.0,  # > 1 discourages repeated tokens (1 = off)
-    seed=1337,  # makes sampling reproducible
-    stop=None,  # a string or a list of strings that end a reply; None = the checkpoint's default stop
+    # the sampling options (sampling.SamplingParams): greedy by default, for scoring
+    **sampling_defaults(temperature=0.0, max_new_tokens=64, seed=1337, stop=None),
     judge_cmd="",  # a command that reads {prompt, reference, response} as JSON on stdin and prints a score
     judge_url="",  # or an OpenAI-compatible /v1 base URL asked for a 1-10 score (key: $OPENAI_API_KEY, https only)
     judge_model="",  # the model name the judge endpoint serves
@@ -101,7 +97,7 @@ def evaluate_classifier(engine, ckpt, cfg):
 
 
 def main(argv=None):
-    cfg, _ = configurator.load(DEFAULTS, argv, prog="eval.py")
+    cfg, _ = configurator.load(DEFAULTS, argv, prog="eval.py", meanings=sampling_help())
     if not cfg["dataset"] and not cfg["data"]:
         raise ConfigError("nothing to evaluate: pass --dataset=NAME_OR_DIR (val loss) and/or --data=FILE (replies)")
     engine, ckpt = load_engine(cfg)

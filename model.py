@@ -68,8 +68,9 @@ class Linear(nn.Linear):
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, layer=0):
         super().__init__()
+        self.layer = layer  # its index among the blocks: where its keys and values go in a KV cache
         assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
         self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -77,13 +78,13 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head, self.n_embd, self.dropout, self.flash = config.n_head, config.n_embd, config.dropout, config.flash
 
-    def forward(self, x, layer_cache=None):
+    def forward(self, x, kv_cache=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         mask = None  # None: causal among these T tokens, the only keys (with T = 1: the one key, or all cached)
-        if layer_cache is not None:  # append this step's keys/values and attend over everything cached so far
-            k, v, mask = layer_cache.append(k, v)  # mask (True = visible) when the queries see some keys only
+        if kv_cache is not None:  # append the new keys/values, attend over all the row's cached ones
+            k, v, mask = kv_cache.append(self.layer, k, v)  # mask: True = visible (None: all / causal)
         if self.flash:
             dropout = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
@@ -118,15 +119,15 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, layer=0):
         super().__init__()
         self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, layer_cache=None):
-        x = x + self.attn(self.ln_1(x), layer_cache)
+    def forward(self, x, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), kv_cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -202,7 +203,7 @@ class GPT(nn.Module):
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            h=nn.ModuleList([Block(config, layer) for layer in range(config.n_layer)]),
             ln_f=LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
@@ -244,20 +245,20 @@ class GPT(nn.Module):
 
     def hidden_states(self, idx, kv_cache=None):
         """The final-LayerNorm hidden state of every position of idx (B, T): (B, T, n_embd).
-        kv_cache: an engine.KVCache; idx then continues the cached sequence and the cache grows by T. Or an
-        engine.RowsKVCache, whose rows hold sequences of different lengths: idx (B, 1) continues each row."""
+        kv_cache: an engine.KVCache; idx continues its rows (each at its own length) by T tokens."""
         T = idx.size(1)
-        past = kv_cache.length if kv_cache is not None else 0  # an int, or per-row lengths (B, 1) (RowsKVCache)
-        longest = past if isinstance(past, int) else int(past.max())
-        if longest + T > self.config.block_size:
-            raise ValueError(f"sequence of {longest + T} tokens exceeds block_size {self.config.block_size}")
-        pos = past + torch.arange(T, dtype=torch.long, device=idx.device)  # (T,), or (B, T) per row
+        if kv_cache is not None:
+            pos = kv_cache.positions(T)  # (B, T): each row's next positions
+        elif T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
+        else:
+            pos = torch.arange(T, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        for i, block in enumerate(self.transformer.h):
+        for block in self.transformer.h:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, use_reentrant=False)  # keeps x only; dropout masks are replayed exactly
             else:
-                x = block(x, kv_cache.layers[i] if kv_cache is not None else None)
+                x = block(x, kv_cache)
         return self.transformer.ln_f(x)
 
     def logits(self, x):

@@ -20,27 +20,23 @@ import torch
 
 import configurator
 from chat_gpt2 import chat
-from chat_gpt2.engine import SAMPLING_KEYS, PromptCache, Request, load_engine, sampling_params
+from chat_gpt2.engine import PromptCache, Request
 from chat_gpt2.errors import ConfigError
+from chat_gpt2.inference import load_engine, sampling_params
+from chat_gpt2.sampling import SAMPLING_KEYS, sampling_defaults, sampling_help
 
-DEFAULTS = dict(  # `python sample.py --help` prints these comments
+DEFAULTS = dict(  # `python sample.py --help` prints these comments and the sampling options' help
     out_dir="out",  # the run's folder: its newest best checkpoint is used unless --ckpt says which
     ckpt="",  # a checkpoint file (finetuned_*.pt); "" = the newest best one in out_dir
     init_from="",  # instead: our .pt file or a run's out_dir, or gpt2..gpt2-xl, a HF repo id or a local HF dir
     prompt="",  # the user's message (or, with --raw, the text to continue)
     system="",  # a system message before the conversation
     raw=False,  # continue plain text: no chat template, no stop string by default
-    temperature=0.8,  # 0 = greedy; higher = more varied
-    top_k=200,  # sample from the k most likely tokens (0 = all)
-    top_p=1.0,  # nucleus sampling: the smallest set of tokens reaching this probability (1 = off)
-    repetition_penalty=1.0,  # > 1 discourages tokens already in the context (1 = off)
-    max_new_tokens=150,  # the longest reply, in tokens
+    **sampling_defaults(top_k=200, seed=1337, stop=None),  # temperature, ... (SamplingParams)
     num_samples=1,  # replies to the prompt, generated as one batch
-    seed=1337,  # makes sampling reproducible
-    stop=None,  # a string or a list of strings that end a reply; None = the checkpoint's default stop
     device="auto",  # auto, cpu, cuda, cuda:N or mps
     dtype="auto",  # auto (bf16 where it decodes faster), float32, bfloat16 or float16: the weights are converted
-    use_cache=True,  # the KV cache: each new token costs one position's work
+    use_cache=True,  # kept for old commands: decoding always uses the KV cache (same tokens)
     interactive=False,  # a multi-turn chat on the terminal (or piped stdin) instead of one --prompt
 )
 
@@ -49,12 +45,14 @@ DEFAULTS = dict(  # `python sample.py --help` prints these comments
 # Interactive chat
 
 CHAT_HELP = """commands:
-  /set KEY=VALUE ...  change a sampling option for the next replies, e.g. /set temperature=0.5 top_k=50
-                      (keys: temperature, top_k, top_p, repetition_penalty, max_new_tokens); /set alone shows them
+  /set KEY=VALUE ...  change sampling options for the next replies, e.g.
+                      /set temperature=0.5 top_k=50; /set alone shows them. Keys:
+{keys}
   /reset              forget the conversation (the --system message stays)
   /help               this text
   /quit               leave (so does end of input, Ctrl-D)
-Ctrl-C stops a reply; the interrupted exchange is left out of the conversation."""
+Ctrl-C stops a reply; the interrupted exchange is left out of the conversation.""".format(
+    keys="\n".join(f"    {key:<20}{sampling_help()[key]}" for key in SAMPLING_KEYS))
 
 
 def apply_set(args, params):
@@ -62,7 +60,7 @@ def apply_set(args, params):
     if any(a.partition("=")[0] not in SAMPLING_KEYS for a in args):
         raise ConfigError(f"/set takes {', '.join(SAMPLING_KEYS)} (e.g. /set temperature=0.5)")
     settings = {k: getattr(params, k) for k in SAMPLING_KEYS}
-    new, _ = configurator.parse({**settings, "top_k": settings["top_k"] or 0}, [f"--{a}" for a in args])
+    new, _ = configurator.parse(settings, [f"--{a}" for a in args])
     return dataclasses.replace(params, **new)
 
 
@@ -120,7 +118,7 @@ def chat_loop(engine, ckpt, cfg, input_fn=input, output=sys.stdout):
     template = ckpt.get("template", chat.TEMPLATE)
     params = sampling_params(cfg, None if cfg["raw"] else ckpt.get("default_stop", chat.NEWLINE_STOP))
     generator = torch.Generator(device=engine.device).manual_seed(cfg["seed"])  # one stream for the whole chat
-    prompt_cache = PromptCache(engine.model.config)  # a turn runs only what is new since the last one
+    prompt_cache = PromptCache(engine.model.config, engine.device)  # a turn runs only what is new
     history = []
     output.write(("text: each line continues the text" if cfg["raw"] else "chat: type a message") +
                  ", /help for commands, /quit or Ctrl-D to leave\n")
@@ -153,7 +151,7 @@ def chat_loop(engine, ckpt, cfg, input_fn=input, output=sys.stdout):
 
 
 def main(argv=None):
-    cfg, _ = configurator.load(DEFAULTS, argv, prog="sample.py")
+    cfg, _ = configurator.load(DEFAULTS, argv, prog="sample.py", meanings=sampling_help())
     if not cfg["prompt"] and not cfg["interactive"]:
         raise ConfigError("nothing to answer: pass --prompt \"...\" (or --interactive)")
     if cfg["raw"] and cfg["system"]:
@@ -174,7 +172,9 @@ def main(argv=None):
     params = sampling_params(cfg, None if cfg["raw"] else ckpt.get("default_stop", chat.NEWLINE_STOP))
     stream = cfg["num_samples"] == 1 and sys.stdout.isatty()
     on_text = (lambda row, text: print(text, end="", flush=True)) if stream else None
-    replies = engine.replies(prompt_ids, params, cfg["num_samples"], on_text)
+    request = Request(prompt_ids, params, cfg["num_samples"], on_text=on_text)
+    engine.complete([request])
+    replies = [reply.text.strip() for reply in request.replies]
     if stream:
         print("" if replies[0] else EMPTY_REPLY)
         return

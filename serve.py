@@ -12,7 +12,8 @@ at the next token (continuous batching, chat_gpt2/batcher.py).
 import os
 
 import configurator
-from chat_gpt2.engine import load_engine
+from chat_gpt2.inference import load_engine
+from chat_gpt2.sampling import sampling_defaults, sampling_help
 from chat_gpt2.server import Limits, create_app
 
 DEFAULTS = dict(  # `python serve.py --help` prints these comments; the sampling keys are per-request defaults
@@ -21,15 +22,12 @@ DEFAULTS = dict(  # `python serve.py --help` prints these comments; the sampling
     init_from="",  # instead of a checkpoint: gpt2..gpt2-xl, a Hugging Face repo id or a local HF directory
     host="127.0.0.1",  # loopback by default: put a proxy with authentication in front to expose it
     port=8000,  # the TCP port
-    temperature=0.8,  # 0 = greedy; higher = more varied
-    top_k=200,  # sample from the k most likely tokens (0 = all)
-    top_p=1.0,  # nucleus sampling: the smallest set of tokens reaching this probability (1 = off)
-    repetition_penalty=1.0,  # > 1 discourages tokens already in the context (1 = off)
-    max_new_tokens=150,  # the longest reply, in tokens
-    seed=None,  # a default seed would make unseeded requests repeat themselves; None = fresh draws
+    # the sampling options (SamplingParams) but stop, which a request sets (default: the
+    # checkpoint's). No default seed: it would make unseeded requests repeat themselves
+    **sampling_defaults(top_k=200, leave_out=("stop",)),
     device="auto",  # auto, cpu, cuda, cuda:N or mps
     dtype="auto",  # auto (bf16 where the device has native bf16), float32, bfloat16 or float16: weights converted
-    use_cache=True,  # the KV cache
+    use_cache=True,  # kept for old commands: decoding always uses the KV cache (same tokens)
     max_body_bytes=Limits.max_body_bytes,  # the largest request body (413 above)
     max_messages=Limits.max_messages,  # the most messages in one request (400 above)
     max_chars=Limits.max_chars,  # the most characters of content in one request (400 above)
@@ -47,7 +45,7 @@ def build_app(cfg):
 
 
 def main(argv=None):
-    cfg, _ = configurator.load(DEFAULTS, argv, prog="serve.py")
+    cfg, _ = configurator.load(DEFAULTS, argv, prog="serve.py", meanings=sampling_help())
     app = build_app(cfg)
     import uvicorn  # only the server needs it
     uvicorn.run(app, host=cfg["host"], port=cfg["port"], log_level="info")

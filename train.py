@@ -25,7 +25,7 @@ from chat_gpt2.checkpoint import (CKPT_PATTERN, SHAPE_KEYS, checkpoint_path, des
 from chat_gpt2.classifier import attach_head, classify_evaluate, metrics, predict_batches, report_lines, split_batches
 from chat_gpt2.classify_data import load_prepared
 from chat_gpt2.device import peak_flops, resolve_compile, resolve_device, resolve_dtype, tune_cpu_allocator
-from chat_gpt2.engine import Engine, SamplingParams
+from chat_gpt2.engine import Engine, Request
 from chat_gpt2.errors import CheckpointError, ConfigError, DivergedError, MissingFileError
 from chat_gpt2.files import remove_dead_leftovers
 from chat_gpt2.hf_gpt2 import from_pretrained, pretrained_config, resolve_pretrained
@@ -33,6 +33,7 @@ from chat_gpt2.lora import apply_lora, freeze_layers, lora_settings
 from chat_gpt2.memory import check_memory, count_trainable
 from model import GPT, GPTConfig
 from chat_gpt2.run_log import Logger, plot_accuracy, plot_losses
+from chat_gpt2.sampling import SamplingParams
 from chat_gpt2.training import DEFAULT_GRAD_CLIP, EarlyStopping, evaluate, get_lr, train_step
 
 DEFAULTS = dict(  # one key a line, its meaning beside it: `python train.py --help` prints these comments
@@ -300,8 +301,10 @@ class Trainer:
             prompt = self.data["val"].first_prompt()
             params = SamplingParams(temperature=0.0, max_new_tokens=self.cfg["sample_max_tokens"],
                                     stop=(self.meta["default_stop"],))
+            request = Request(prompt, params)
             engine = Engine(self.raw_model, device=self.run["device"], dtype=self.run["dtype"])
-            reply = engine.replies(prompt, params)[0]
+            engine.complete([request])
+            reply = request.replies[0].text.strip()
             print(f"  sample: {chat.get_encoder().decode(prompt)!r} -> {reply!r}", flush=True)
         return stop
 

@@ -5,7 +5,7 @@ half precision, and transformers' cached generate on the same weights; the promp
     python bench.py --mode=generate                    # quick: a tiny model, seconds
     python bench.py --mode=generate --gen_preset=full  # GPT-2 124M shape: 32 + 256 tokens, batch 1 and 8
 
-The engine's decode loop is called in one place, greedy_tokens (--mode=half and --mode=sample use it
+The Engine is called in one place, greedy_tokens (--mode=half and --mode=sample use it
 too).
 """
 import copy
@@ -15,7 +15,10 @@ import time
 import torch
 
 from chat_gpt2.device import autocast, resolve_device, resolve_dtype, sync
-from chat_gpt2.engine import SamplingParams, generate, to_half
+from chat_gpt2 import chat
+from chat_gpt2.engine import Engine, Request
+from chat_gpt2.inference import to_half
+from chat_gpt2.sampling import SamplingParams
 from chat_gpt2.hf_gpt2 import hf_config, hf_state_dict
 from model import GPT, GPTConfig
 
@@ -54,21 +57,35 @@ def gen_setup(cfg):
     return preset, model
 
 
-def greedy_tokens(model, prompt, new_tokens, use_cache=True, vocab_limit=None):
-    """Exactly new_tokens greedy tokens after prompt (B, T), as (B, new_tokens): the engine's decode
-    loop (it does not stop at <|endoftext|>). vocab_limit: never pick ids at or above it (the
-    embedding's padding)."""
+def greedy_tokens(model, prompt, new_tokens, device="cpu", dtype="float32"):
+    """Exactly new_tokens greedy tokens after each row of prompt (B, T), decoded together by the
+    Engine (where <|endoftext|> counts as any token): (B, new_tokens)."""
     params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens)
-    return torch.stack(list(generate(model, prompt, params, use_cache=use_cache,
-                                     vocab_limit=vocab_limit)), dim=1)
+    requests = [Request(row, params, ignore_eot=True) for row in prompt.tolist()]
+    Engine(model, device=device, dtype=dtype).complete(requests)
+    return torch.tensor([request.replies[0].tokens for request in requests], device=prompt.device)
+
+
+@torch.inference_mode()
+def _uncached(model, prompt, new_tokens):
+    """The baseline the KV cache saves: every step runs the whole sequence again (in block_size)."""
+    seq = prompt
+    for _ in range(new_tokens):
+        logits, _ = model(seq[:, -model.config.block_size:])
+        seq = torch.cat([seq, logits[:, -1, :chat.VOCAB_SIZE].argmax(-1, keepdim=True)], dim=1)
+    return seq[:, prompt.size(1):]
 
 
 def _time_ours(model, prompt, new_tokens, use_cache, device, dtype):
-    """Greedy generation of exactly new_tokens tokens: (seconds, the tokens (B, new_tokens))."""
+    """Greedy generation of exactly new_tokens tokens: (seconds, the tokens (B, new_tokens)).
+    With the KV cache: the Engine; without: _uncached."""
     sync(device)
     t0 = time.perf_counter()
-    with autocast(device, dtype):
-        tokens = greedy_tokens(model, prompt, new_tokens, use_cache)
+    if use_cache:
+        tokens = greedy_tokens(model, prompt, new_tokens, device, dtype)
+    else:
+        with autocast(device, dtype):
+            tokens = _uncached(model, prompt, new_tokens)
     sync(device)
     return time.perf_counter() - t0, tokens
 

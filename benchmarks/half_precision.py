@@ -13,7 +13,7 @@ from chat_gpt2 import chat
 from chat_gpt2.checkpoint import load_model
 from chat_gpt2.dataset import load_dataset
 from chat_gpt2.device import resolve_device
-from chat_gpt2.engine import to_half
+from chat_gpt2.inference import to_half
 from chat_gpt2.errors import ConfigError
 from chat_gpt2.evaluation import val_loss
 
@@ -40,8 +40,7 @@ def bench(cfg):
     starts = torch.linspace(0, max(0, len(val.ids) - 33), cfg["half_prompts"]).long().tolist()
     prompts = torch.stack([torch.from_numpy(val.ids[s:s + 32].astype("int64")) for s in starts])
     prompts = prompts.to(device)
-    tokens = [greedy_tokens(m, prompts, cfg["half_new_tokens"],
-                            vocab_limit=chat.VOCAB_SIZE) for m in (model, half)]
+    tokens = [greedy_tokens(m, prompts, cfg["half_new_tokens"], device) for m in (model, half)]
     agree = (tokens[0] == tokens[1]).float().mean().item()
     differ = tokens[0] != tokens[1]
     first = [int(row.nonzero()[0]) if row.any() else None for row in differ]

@@ -17,7 +17,7 @@ from benchmarks.generate_speed import gen_setup, greedy_tokens, has_transformers
 from chat_gpt2 import chat
 from chat_gpt2.checkpoint import save_checkpoint
 from chat_gpt2.device import resolve_device
-from chat_gpt2.engine import to_half
+from chat_gpt2.inference import to_half
 from chat_gpt2.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,7 +82,7 @@ def _check_no_early_end(model, prompt, new_tokens, dtypes):
     """sample.py stops at <|endoftext|>: a random model's greedy text must not reach it."""
     for dtype in dtypes:
         m = model if dtype == "float32" else to_half(copy.deepcopy(model), dtype, "cpu")
-        if (greedy_tokens(m, prompt, new_tokens, vocab_limit=chat.VOCAB_SIZE) == chat.EOT).any():
+        if (greedy_tokens(m, prompt, new_tokens) == chat.EOT).any():
             raise ConfigError(f"the random model's greedy text ends within {new_tokens} tokens in "
                               f"{dtype}: try another --seed")
 

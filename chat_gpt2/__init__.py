@@ -15,7 +15,9 @@ listed above it. `model` and `configurator` live at the top level of the reposit
     hf_gpt2        Hugging Face GPT-2 weights in and out
     hf_tokenizer   GPT-2's tokenizer files for an export
     checkpoint     checkpoint names, atomic save, weights-only load, model rebuild (LoRA merged)
-    engine         generation: KV caches, SamplingParams, a Decoder of rows of any lengths, streaming replies
+    sampling       SamplingParams (every sampling option declared once: default, help, bounds), the sampling math
+    engine         generation: the KV cache, a Decoder of rows of any lengths joining and leaving, streaming replies
+    inference      an Engine from a script's options: checkpoint loaded, weights to half, SamplingParams from flags
     batcher        one worker thread: queued requests join the running batch (serve.py)
     server         the HTTP app: OpenAI-compatible API, /chat, the chat page (serve.py)
     records        reading chat records (.jsonl / .json, their schemas) and plain text (.txt, {"text"})

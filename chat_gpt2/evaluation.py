@@ -11,6 +11,7 @@ import torch
 from . import chat
 from .dataset import load_dataset
 from .device import autocast
+from .engine import Request
 from .errors import InputError
 from .records import read_conversations
 
@@ -96,9 +97,10 @@ def generate_all(engine, prompts, params, batch_size):
     replies, last_report, t0 = [None] * len(prompts), time.time(), time.time()
     groups = [g[i:i + batch_size] for g in by_length.values() for i in range(0, len(g), batch_size)]
     for group in groups:
-        out = engine.generate_batch([prompts[i] for i in group], params, generator=generator)
-        for i, reply in zip(group, out):
-            replies[i] = reply
+        requests = [Request(prompts[i], params, generator=generator) for i in group]
+        engine.complete(requests)
+        for i, request in zip(group, requests):
+            replies[i] = request.replies[0].text.strip()
         if time.time() - last_report > 5:
             last_report = time.time()
             done = sum(r is not None for r in replies)

@@ -15,17 +15,17 @@ import json
 import os
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from . import chat
 from .batcher import Batcher, QueueFull
-from .engine import SamplingParams
+from .sampling import SAMPLING_KEYS, SamplingParams
 from .errors import ConfigError
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "chat.html")
@@ -65,19 +65,28 @@ class Message(BaseModel):
     content: str
 
 
-class Sampling(BaseModel):
+class RequestOptions(BaseModel):
     model_config = ConfigDict(strict=True)
     model: str | None = None  # one model is served; any name is accepted
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, ge=0, le=1)
-    top_k: int | None = Field(None, ge=0)  # extension
-    repetition_penalty: float | None = Field(None, gt=0, le=10)  # extension
-    max_tokens: int | None = Field(None, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: dict | None = None
+
+
+API_NAMES = {"max_new_tokens": "max_tokens"}  # OpenAI's names for options where they differ
+API_TYPES = {"stop": str | list[str]}  # the request's type where it is not the option's own
+API_LIMITS = {"temperature": dict(le=2), "repetition_penalty": dict(le=10)}  # the API's own limits
+
+
+def sampling_fields():
+    """The request fields of SamplingParams' options (top_k and repetition_penalty extend OpenAI's
+    API): None leaves it to the server's default; the option's bounds and the API's limits."""
+    return {API_NAMES.get(f.name, f.name): (API_TYPES.get(f.name, f.type) | None, Field(
+        None, description=f.metadata["help"], **f.metadata["bounds"], **API_LIMITS.get(f.name, {})))
+        for f in fields(SamplingParams)}
+
+
+Sampling = create_model("Sampling", __base__=RequestOptions, **sampling_fields())
 
 
 class ChatRequest(Sampling):
@@ -145,21 +154,18 @@ class Service:
     def params(self, req, chat_stop):
         """SamplingParams: the server's defaults (as sample.py's), overridden by what the request sets. max_tokens
         is clamped to the context; the chat default stop is the checkpoint's, raw completions have none."""
-        d = self.defaults
-        pick = lambda value, default: default if value is None else value  # noqa: E731
         if req.stop is None:
             stops = (self.default_stop,) if chat_stop and self.default_stop else ()
         else:
             stops = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop)
         if len(stops) > MAX_STOPS:
             raise ApiError(400, f"stop: at most {MAX_STOPS} stop strings", param="stop")
+        options = {key: getattr(req, API_NAMES.get(key, key)) for key in (*SAMPLING_KEYS, "seed")}
+        options = {key: self.defaults[key] if value is None else value
+                   for key, value in options.items()}
+        options["max_new_tokens"] = min(options["max_new_tokens"], self.block_size - 1)
         try:
-            return SamplingParams(
-                temperature=pick(req.temperature, d["temperature"]), top_k=pick(req.top_k, d["top_k"]),
-                top_p=pick(req.top_p, d["top_p"]), repetition_penalty=pick(req.repetition_penalty,
-                                                                            d["repetition_penalty"]),
-                max_new_tokens=min(pick(req.max_tokens, d["max_new_tokens"]), self.block_size - 1),
-                stop=stops, seed=pick(req.seed, d["seed"]))
+            return SamplingParams(**options, stop=stops)
         except ConfigError as e:
             raise ApiError(400, str(e)) from None
 
@@ -290,8 +296,8 @@ async def answer(service, request, req, prompt, params, is_chat):
 
 
 def create_app(engine, ckpt_info, defaults, model_name="chat-gpt2", limits=None):
-    """The FastAPI app; its lifespan starts and stops the batcher's worker thread. defaults: a script's cfg
-    (temperature, top_k, top_p, repetition_penalty, max_new_tokens, seed) used where a request sets nothing."""
+    """The FastAPI app; its lifespan starts and stops the batcher's worker thread. defaults: a
+    script's cfg (the sampling options but stop: SAMPLING_KEYS and seed) where a request sets none."""
     limits = limits or Limits()
     service = Service(engine, ckpt_info, defaults, model_name, limits)
 

@@ -364,6 +364,45 @@ def greedy_reply(model, prompt_ids, max_new_tokens, stops):
     return cut_reply(decode(greedy_tokens(model, prompt_ids, max_new_tokens, stops)), stops)
 
 
+def fake_complete(monkeypatch, reply):
+    """Engine.complete replaced, the model never run: each request's n replies get the text
+    reply(engine, request) returns (it may stream something and raise, as a Ctrl-C would), streamed
+    whole to its on_text."""
+    from chat_gpt2.engine import Completion, Engine
+
+    def complete(engine, requests, cancelled=None):
+        for request in requests:
+            text = reply(engine, request)
+            request.replies = [Completion(engine.enc, request.params.stop) for _ in range(request.n)]
+            for choice, row in enumerate(request.replies):
+                row.text, row.finish_reason = text, "stop"
+                if request.on_text:
+                    request.on_text(choice, text)
+    monkeypatch.setattr(Engine, "complete", complete)
+
+
+def counting_prefills(model, monkeypatch):
+    """The positions each prefill runs: the engine's calls of GPT.hidden_states (a decode step goes
+    through GPT.forward and is not counted)."""
+    runs, stepping = [], []
+    hidden_states, forward = model.hidden_states, model.forward
+
+    def counted_forward(*args, **kwargs):
+        stepping.append(True)
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            stepping.pop()
+
+    def counted_hidden_states(idx, kv_cache=None):
+        if not stepping:
+            runs.append(idx.size(1))
+        return hidden_states(idx, kv_cache)
+    monkeypatch.setattr(model, "forward", counted_forward)
+    monkeypatch.setattr(model, "hidden_states", counted_hidden_states)
+    return runs
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Hugging Face models (need transformers, requirements-dev.txt; nothing here touches the network)
 

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 import eval as eval_py
 import helpers
 from chat_gpt2 import chat, evaluation
-from chat_gpt2.engine import Engine
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +44,11 @@ def test_replies_on_handmade_file(tmp_path, tiny_ckpt, capsys, monkeypatch):
     # the model answers the first and third conversations correctly (plus extra lines), the second wrongly
     canned = {"What is 2 plus 3?": "5\nmore", "Capital of France?": "Lyon is the capital", "Opposite of hot?": "cold"}
 
-    def fake_generate_batch(engine, prompts, params, on_text=None, generator=None):
-        texts = [chat.get_encoder().decode(p) for p in prompts]
-        return [next(v for k, v in canned.items() if t.endswith(f"Human: {k}\nAssistant:")) for t in texts]
+    def reply(engine, request):
+        text = chat.get_encoder().decode(request.prompt)
+        return next(v for k, v in canned.items() if text.endswith(f"Human: {k}\nAssistant:"))
 
-    monkeypatch.setattr(Engine, "generate_batch", fake_generate_batch)
+    helpers.fake_complete(monkeypatch, reply)
     out_path = tmp_path / "replies.jsonl"
     summary, out = run_eval(capsys, f"--ckpt={tiny_ckpt}", f"--data={data}", f"--out={out_path}")
     assert "exact match: 66.7% (2/3)" in out

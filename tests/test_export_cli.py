@@ -171,7 +171,8 @@ def test_transformers_gives_our_greedy_reply(tmp_path, template_name):
     """What a transformers user runs on the export (apply_chat_template, generate, cut at the template's stop)
     gives the reply sample.py gives: same prompt ids, same greedy tokens, same text."""
     from chat_gpt2 import chat
-    from chat_gpt2.engine import Engine, SamplingParams
+    from chat_gpt2.engine import Engine, Request
+    from chat_gpt2.sampling import SamplingParams
     template = chat.load_template(template_name)
     model = helpers.tiny_model(seed=5, block_size=128)  # alpaca's two turns: 90 tokens
     out = str(tmp_path / "hf")
@@ -187,6 +188,8 @@ def test_transformers_gives_our_greedy_reply(tmp_path, template_name):
             ids = hf.generate(**prompt, max_new_tokens=12, do_sample=False, eos_token_id=chat.EOT,
                               pad_token_id=chat.EOT)[0, prompt["input_ids"].size(1):].tolist()
         theirs = tok.decode(ids, skip_special_tokens=True).split(stop)[0].strip()
-        ours = Engine(model).complete_batch([chat.render_prompt(messages, template)], params)[0]
+        request = Request(chat.render_prompt(messages, template), params)
+        Engine(model).complete([request])
+        ours = request.replies[0]
         assert theirs == ours.text.strip() and len(ours.tokens) >= 3, (name, theirs, ours.tokens)
         assert ids[:len(ours.tokens)] == ours.tokens, name

@@ -38,7 +38,7 @@ def test_sdpa_and_manual_attention_agree(train_mode):
     assert a.shape == (2, 12, TINY["vocab_size"])
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     # and with a KV cache (prefix, then a multi-token continuation, then one token)
-    caches = KVCache(flash.config), KVCache(manual.config)
+    caches = KVCache(flash.config, max_rows=2), KVCache(manual.config, max_rows=2)
     for part in (x[:, :5], x[:, 5:11], x[:, 11:]):
         a, _ = flash(part, kv_cache=caches[0], all_logits=True)
         b, _ = manual(part, kv_cache=caches[1], all_logits=True)
@@ -50,14 +50,14 @@ def test_kv_cache_matches_full_forward(flash):
     model = tiny_gpt(flash=flash).eval()
     x = tokens(T=14)
     full, _ = model(x, all_logits=True)
-    cache = KVCache(model.config)
+    cache = KVCache(model.config, max_rows=2)
     prefix, _ = model(x[:, :9], kv_cache=cache, all_logits=True)
     cont, _ = model(x[:, 9:], kv_cache=cache, all_logits=True)
-    assert cache.length == 14
+    assert cache.lengths.tolist() == [14, 14]
     torch.testing.assert_close(prefix, full[:, :9], atol=1e-5, rtol=0)
     torch.testing.assert_close(cont, full[:, 9:], atol=1e-5, rtol=0)
     # token by token, without all_logits: the last position's logits each step
-    cache.reset()
+    cache.lengths.zero_()  # start again
     for t in range(14):
         step, _ = model(x[:, t:t + 1], kv_cache=cache)
         torch.testing.assert_close(step[:, -1], full[:, t], atol=1e-5, rtol=0)

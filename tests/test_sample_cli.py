@@ -115,10 +115,11 @@ def test_sample_main_num_samples_and_options(tiny_ckpt, capsys):
     replies = capsys.readouterr().out.strip().split("\n---\n")
     assert len(replies) == 2 and replies[0] == replies[1]  # greedy: both samples alike
     options = ["--temperature=1.0", "--top_p=0.9", "--top_k=40", "--repetition_penalty=1.2", "--seed=5"]
-    sample.main(args + options + ["--use_cache=false"])
+    sample.main(args + options + ["--use_cache=false"])  # kept for old commands: a note, the same reply
+    old_flag = capsys.readouterr()
+    assert "--use_cache=false no longer changes anything" in old_flag.err
     sample.main(args + options)
-    uncached, cached = capsys.readouterr().out.splitlines()
-    assert uncached == cached  # the seed fixes the sample, with or without the cache
+    assert capsys.readouterr().out == old_flag.out  # the seed fixes the sample
 
 
 def test_sample_init_from_our_checkpoint_or_a_run_folder(tiny_ckpt, tmp_path, capsys):
@@ -138,7 +139,8 @@ def test_sample_init_from_our_checkpoint_or_a_run_folder(tiny_ckpt, tmp_path, ca
 def test_sample_cli_reports_bad_options(tiny_ckpt):
     bad = helpers.run(["sample.py", f"--ckpt={tiny_ckpt}", "--prompt=Hi", "--device=cpu", "--dtype=float32", "--temperature=-1"],
                       cwd=helpers.REPO, check=False)
-    assert bad.returncode == 1 and bad.stderr.strip() == "error: temperature must be >= 0 (0 = greedy), got -1.0"
+    assert bad.returncode == 1 and bad.stderr.strip() == \
+        "error: temperature must be >= 0, got -1.0 (0 = greedy; higher = more varied)"
 
 
 def test_sample_in_half_precision(tiny_ckpt, capsys):
@@ -165,33 +167,27 @@ def scripted_input(lines):
 
 
 class FakeGenerate:
-    """Replaces Engine.replies: records each prompt and settings, streams a canned reply."""
+    """Engine.complete's stand-in (helpers.fake_complete): records each prompt and settings, gives a
+    canned reply."""
 
     def __init__(self, replies):
         self.replies, self.calls = list(replies), []
 
-    def __call__(self, engine, ids, params, num_samples=1, on_text=None, generator=None):
-        self.calls.append({"prompt": chat.get_encoder().decode(ids), "n_ids": len(ids),
+    def __call__(self, engine, request):
+        params = request.params
+        self.calls.append({"prompt": chat.get_encoder().decode(request.prompt), "n_ids": len(request.prompt),
                            "temperature": params.temperature, "top_k": params.top_k,
                            "max_new_tokens": params.max_new_tokens})
         reply = self.replies.pop(0)
         if reply is KeyboardInterrupt:
-            on_text(0, "partial")
+            request.on_text(0, "partial")
             raise KeyboardInterrupt
-        on_text(0, reply)
-        return [reply]
-
-    def complete(self, instance, requests, cancelled=None):
-        """Replaces Engine.complete (what the interactive chat calls): the request's one reply, as above."""
-        request = requests[0]
-        row = engine.Completion(instance.enc, request.params.stop)
-        row.text = self(instance, request.prompt, request.params, request.n, request.on_text, request.generator)[0]
-        request.replies = [row]
+        return reply
 
 
 def run_loop(monkeypatch, lines, replies, ckpt_path, **cfg):
     fake = FakeGenerate(replies)
-    monkeypatch.setattr(Engine, "complete", lambda engine, *args, **kwargs: fake.complete(engine, *args, **kwargs))
+    helpers.fake_complete(monkeypatch, fake)
     model, ckpt = load_model(ckpt=ckpt_path)
     out = io.StringIO()
     history = sample.chat_loop(Engine(model), ckpt, {**sample.DEFAULTS, **cfg}, scripted_input(lines), out)
@@ -352,17 +348,10 @@ def test_interactive_turns_run_only_what_is_new_and_reply_as_a_fresh_prompt(tiny
     """The chat keeps the conversation's keys and values between turns (engine.PromptCache): each turn's greedy
     reply is the one its whole prompt gives in a fresh run, and its prefill covers less than that prompt."""
     model, ckpt = load_model(ckpt=tiny_ckpt)
-    prefilled, real = [], model.hidden_states
-
-    def hidden_states(idx, kv_cache=None):
-        if isinstance(kv_cache, engine.KVCache):
-            prefilled.append(idx.size(1))
-        return real(idx, kv_cache)
-    monkeypatch.setattr(model, "hidden_states", hidden_states)
+    prefilled = helpers.counting_prefills(model, monkeypatch)
     cfg = {**sample.DEFAULTS, "temperature": 0.0, "max_new_tokens": 6, "stop": []}
     history = sample.chat_loop(Engine(model), ckpt, cfg, scripted_input(["Hi there", "And then?", "Why?"]),
                                io.StringIO())
-    monkeypatch.setattr(model, "hidden_states", real)
     enc, template = chat.get_encoder(), ckpt["template"]
     for turn in range(3):
         ids = chat.render_prompt(history[:2 * turn + 1], template, enc)

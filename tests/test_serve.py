@@ -15,7 +15,8 @@ import pytest
 import serve
 import configurator
 from chat_gpt2 import chat
-from chat_gpt2.engine import Decoder, SamplingParams
+from chat_gpt2.engine import Decoder
+from chat_gpt2.sampling import SamplingParams
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -247,6 +248,21 @@ def test_malformed_json_body_size_and_bad_fields_elsewhere(server):
     assert r.status_code == 400 and r.json()["error"]["param"] == "top_k"
     r = post(server, "/chat", {"history": []})
     assert r.status_code == 400 and r.json()["error"]["param"] == "message"
+
+
+def test_request_fields_come_from_sampling_params():
+    """The request model's sampling fields are SamplingParams' options (OpenAI's max_tokens for
+    max_new_tokens), with their help as the schema's descriptions and their bounds (plus the API's
+    own limits)."""
+    from dataclasses import fields
+
+    from chat_gpt2 import server
+    request_fields = server.Sampling.model_fields
+    for f in fields(SamplingParams):
+        name = server.API_NAMES.get(f.name, f.name)
+        assert request_fields[name].default is None and request_fields[name].description == f.metadata["help"]
+    limits = {type(m).__name__: m for m in request_fields["top_p"].metadata}
+    assert limits["Ge"].ge == 0 and limits["Le"].le == 1
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -171,20 +171,18 @@ def test_checkpoint_sample_and_eval_follow_the_template(tmp_path, alpaca_run, mo
     import eval as eval_script
     import sample
     from chat_gpt2.checkpoint import find_checkpoint, load_checkpoint
-    from chat_gpt2.engine import Engine
+    from helpers import fake_complete
     ckpt = load_checkpoint(find_checkpoint(alpaca_run))
     assert ckpt["template"] == chat.ALPACA and ckpt["default_stop"] == "\n"
     calls = []
 
-    def fake(engine, ids, params, *args, **kwargs):
-        calls.append((decode(ids), params.stop))
-        return ["reply"] * (args[0] if args else 1)
-    monkeypatch.setattr(Engine, "replies", fake)
+    def fake(engine, request):
+        calls.append((decode(request.prompt), request.params.stop))
+        return "reply"
+    fake_complete(monkeypatch, fake)
     sample.main([f"--out_dir={alpaca_run}", "--prompt=Add 2 and 2.", "--device=cpu"])
     assert calls == [(PREAMBLE + "\n\n### Instruction:\nAdd 2 and 2.\n\n### Response:\n", ("\n",))]
     heldout = write_records(tmp_path / "h.jsonl", [{"instruction": "Add 1 and 1.", "input": "x", "output": "2"}])
-    monkeypatch.setattr(Engine, "generate_batch", lambda engine, prompts, params, **kw: (
-        calls.append((decode(prompts[0]), params.stop)), ["2"] * len(prompts))[1])
     eval_script.main([f"--out_dir={alpaca_run}", f"--data={heldout}", "--device=cpu"])
     assert calls[-1] == (PREAMBLE + "\n\n### Instruction:\nAdd 1 and 1.\n\n### Input:\nx\n\n### Response:\n",
                          ("\n",))

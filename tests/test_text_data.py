@@ -320,40 +320,24 @@ def test_init_from_a_missing_checkpoint(tmp_path, tiny_dataset):
 
 
 class Capture:
-    """Replaces Engine.replies (and complete_batch, which --interactive --raw uses to keep a continuation's
-    leading whitespace): records each prompt's text and stop strings, streams canned continuations."""
+    """Engine.complete's stand-in (helpers.fake_complete): records each prompt's text and stop strings, gives
+    canned continuations (kept as they come: --interactive --raw keeps a continuation's leading whitespace)."""
 
     def __init__(self, replies):
         self.replies, self.calls = list(replies), []
 
-    def __call__(self, engine, ids, params, num_samples=1, on_text=None, generator=None):
-        self.calls.append((chat.get_encoder().decode(list(ids)), params.stop))
-        reply = self.replies.pop(0)
-        if on_text:
-            on_text(0, reply)
-        return [reply] * num_samples
-
-    def complete_batch(self, engine, prompts, params, on_text=None, generator=None):
-        from chat_gpt2.engine import Completion
-        row = Completion(engine.enc, params.stop)
-        row.text = self(engine, prompts[0], params, 1, on_text, generator)[0]
-        return [row]
-
-    def complete(self, engine, requests, cancelled=None):  # the interactive chat's call
-        request = requests[0]
-        request.replies = self.complete_batch(engine, [request.prompt], request.params, request.on_text,
-                                              request.generator)
+    def __call__(self, engine, request):
+        self.calls.append((chat.get_encoder().decode(request.prompt), request.params.stop))
+        return self.replies.pop(0)
 
 
 @pytest.fixture
 def capture(monkeypatch):
-    from chat_gpt2.engine import Engine
+    import helpers
 
     def install(replies):
         fake = Capture(replies)
-        monkeypatch.setattr(Engine, "replies", lambda engine, *a, **kw: fake(engine, *a, **kw))
-        monkeypatch.setattr(Engine, "complete_batch", lambda engine, *a, **kw: fake.complete_batch(engine, *a, **kw))
-        monkeypatch.setattr(Engine, "complete", lambda engine, *a, **kw: fake.complete(engine, *a, **kw))
+        helpers.fake_complete(monkeypatch, fake)
         return fake
     return install
 
@@ -467,8 +451,10 @@ def test_interactive_raw_with_a_real_model_keeps_whitespace(tmp_path):
         return item
     cfg = {**sample.DEFAULTS, "raw": True, "max_new_tokens": 6, "temperature": 0.0}
     history = sample.chat_loop(Engine(model), ckpt, cfg, read, io.StringIO())
-    engine = Engine(model)
-    from chat_gpt2.engine import SamplingParams
-    want = engine.complete_batch([chat.get_encoder().encode_ordinary("Once upon")],
-                                 SamplingParams(temperature=0.0, max_new_tokens=6))[0].text
+    from chat_gpt2.engine import Request
+    from chat_gpt2.sampling import SamplingParams
+    request = Request(chat.get_encoder().encode_ordinary("Once upon"),
+                      SamplingParams(temperature=0.0, max_new_tokens=6))
+    Engine(model).complete([request])
+    want = request.replies[0].text
     assert history[1]["content"] == want  # as generated: not stripped
