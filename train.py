@@ -18,22 +18,20 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import configurator
-from chat_gpt2 import chat
 from chat_gpt2.checkpoint import (CKPT_PATTERN, SHAPE_KEYS, checkpoint_path, describe_base, find_checkpoint,
                                   init_checkpoint, load_checkpoint, model_from_checkpoint, save_checkpoint,
                                   training_checkpoint, unused_stamp)
-from chat_gpt2.classifier import attach_head, classify_evaluate, metrics, predict_batches, report_lines, split_batches
 from chat_gpt2.classify_data import load_prepared
 from chat_gpt2.device import peak_flops, resolve_compile, resolve_device, resolve_dtype, tune_cpu_allocator
-from chat_gpt2.engine import Engine, SamplingParams
 from chat_gpt2.errors import CheckpointError, ConfigError, DivergedError, MissingFileError
 from chat_gpt2.files import remove_dead_leftovers
 from chat_gpt2.hf_gpt2 import from_pretrained, pretrained_config, resolve_pretrained
 from chat_gpt2.lora import apply_lora, freeze_layers, lora_settings
 from chat_gpt2.memory import check_memory, count_trainable
 from model import GPT, GPTConfig
-from chat_gpt2.run_log import Logger, plot_accuracy, plot_losses
-from chat_gpt2.training import DEFAULT_GRAD_CLIP, EarlyStopping, evaluate, get_lr, train_step
+from chat_gpt2.objectives import objective_for
+from chat_gpt2.run_log import Logger, Window, plot_accuracy, plot_losses
+from chat_gpt2.training import DEFAULT_GRAD_CLIP, EarlyStopping, clip_and_step, forward_backward, get_lr
 
 DEFAULTS = dict(  # one key a line, its meaning beside it: `python train.py --help` prints these comments
     # I/O
@@ -210,27 +208,24 @@ def _base_model(cfg, sys_info, explicit):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The loop
+# The run: its state, and the loop
 
 
 class Trainer:
-    """Holds the run's state so the loop, evaluation and checkpointing read as separate small steps."""
+    """A run's state (model, optimizer, progress, RNG states) and its loop, train(). What depends on the kind of
+    task (batches, loss, evaluation, report, FLOPs) is the objective's, chosen from the dataset's meta.json."""
 
     def __init__(self, cfg, run, resume_from, explicit=()):
         self.cfg, self.run = cfg, run
-        self.data, self.meta = load_prepared(cfg["dataset"])
-        self.tokens_per_iter = cfg["gradient_accumulation_steps"] * cfg["batch_size"] * cfg["block_size"] * run["world"]
-        self.train_tokens = max(1, int(self.meta["tokens"]["train"]))
-        self.classify = self.meta["kind"] == "classify"
-        if self.classify:  # one example per window: an epoch is every example once (docs/classification.md)
-            self.train_tokens = len(self.data["train"]) * cfg["block_size"]
+        data, self.meta = load_prepared(cfg["dataset"])
+        self.task = objective_for(self.meta, data, cfg, run)
+        self.tokens_per_iter = (cfg["gradient_accumulation_steps"] * cfg["batch_size"] * cfg["block_size"]
+                                * run["world"])
         if cfg["epochs"] > 0:
-            cfg["max_iters"] = math.ceil(cfg["epochs"] * self.train_tokens / self.tokens_per_iter)
+            cfg["max_iters"] = math.ceil(cfg["epochs"] * self.task.epoch_tokens / self.tokens_per_iter)
         ckpt = load_checkpoint(resume_from, run["device"]) if resume_from else None
         torch.manual_seed(cfg["seed"] + run["rank"])
-        self.raw_model = build_model(cfg, ckpt, run, explicit)
-        if self.classify:
-            self.raw_model = attach_head(self.raw_model, self.meta["labels"], lora_settings(cfg))
+        self.raw_model = self.task.prepare(build_model(cfg, ckpt, run, explicit))
         self.optimizer = self.raw_model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"],
                                                              (cfg["beta1"], cfg["beta2"]), run["device"].split(":")[0])
         self.scaler = torch.amp.GradScaler(run["device"].split(":")[0],
@@ -252,8 +247,8 @@ class Trainer:
         self.best_path = checkpoint_path(cfg["out_dir"], self.stamp)
         self.last_path = checkpoint_path(cfg["out_dir"], self.stamp, last=True)
         self.logger = Logger(cfg, run, resume_iter=self.iter_num if ckpt is not None else None)
-        # MFU: nanoGPT's 6N + 12LHQT FLOPs per token, counting what runs (see _mfu), against a GPU's data-sheet peak
-        # for the training dtype, else this device's matmul peak measured now (~0.5 s): never a hard-coded A100
+        # MFU: FLOPs of what runs (the objective's count) against a GPU's data-sheet peak for the training dtype,
+        # else this device's matmul peak measured now (~0.5 s): never a hard-coded A100
         self.peak_flops, self.peak_source = peak_flops(run["device"], run["dtype"]) if run["master"] else (0, "")
 
     def _restore(self, ckpt):
@@ -278,76 +273,69 @@ class Trainer:
         optimizer = (self.optimizer, self.scaler) if with_optimizer else (None, None)
         save_checkpoint(path, training_checkpoint(self.raw_model, self.cfg, self.meta, state, *optimizer))
 
-    def eval_and_checkpoint(self):
-        """Evaluate, keep the best model, save the latest state. Returns True when early stopping fires."""
-        self.losses = (classify_evaluate if self.classify else evaluate)(self.model, self.data, self.cfg, self.run)
-        for split in ("train", "val"):
-            self.check_finite(self.losses[split], f"{split} loss (eval)")
-        self.evaluated_at = self.iter_num
-        accuracy = {f"{s}_accuracy": self.losses[f"{s}_acc"] for s in ("train", "val") if f"{s}_acc" in self.losses}
-        is_best, stop = self.stopper.update(self.losses["val"])
-        if self.run["master"]:
-            if is_best:
-                self.save(self.best_path, with_optimizer=False)
-            self.save(self.last_path, with_optimizer=True)
-        line = (f"eval iter {self.iter_num}: train loss {self.losses['train']:.4f}, val loss {self.losses['val']:.4f}"
-                f" (best {self.stopper.best:.4f}{', saved' if is_best else ''}; {self.stopper.stale}/"
-                f"{self.cfg['patience']} evals without improvement >= {self.cfg['min_delta']})"
-                + "".join(f", {k.replace('_', ' ')} {v:.1%}" for k, v in accuracy.items()))
-        self.logger.log({"event": "eval", "iter": self.iter_num, "train_loss": self.losses["train"],
-                         "val_loss": self.losses["val"], "best_val_loss": self.stopper.best, **accuracy}, line)
-        if self.run["master"] and self.cfg["sample_max_tokens"] > 0 and not self.classify:
-            prompt = self.data["val"].first_prompt()
-            params = SamplingParams(temperature=0.0, max_new_tokens=self.cfg["sample_max_tokens"],
-                                    stop=(self.meta["default_stop"],))
-            engine = Engine(self.raw_model, device=self.run["device"], dtype=self.run["dtype"])
-            reply = engine.replies(prompt, params)[0]
-            print(f"  sample: {chat.get_encoder().decode(prompt)!r} -> {reply!r}", flush=True)
-        return stop
-
     def train(self):
-        cfg, run = self.cfg, self.run
+        """learning rate -> evaluate and checkpoint -> forward and backward over the micro-batches -> clip and
+        step -> log, until max_iters, early stopping or a signal. Returns why it stopped and the seconds taken."""
+        cfg, run, task = self.cfg, self.run, self.task
+        self.catch_signals()
+        t_start, window = time.time(), Window(self.iter_num)
+        while True:
+            lr = get_lr(self.iter_num, cfg)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            # every eval_interval iterations and after the last one; a run resumed at an eval iteration evaluates
+            # there unless its saved state already did
+            last = self.iter_num >= cfg["max_iters"]
+            if (self.iter_num % cfg["eval_interval"] == 0 or last) and self.evaluated_at != self.iter_num:
+                self.losses = task.evaluate(self.model)
+                for split in ("train", "val"):
+                    self.check_finite(self.losses[split], f"{split} loss (eval)")
+                self.evaluated_at = self.iter_num
+                is_best, stop = self.stopper.update(self.losses["val"])
+                if run["master"]:
+                    if is_best:
+                        self.save(self.best_path, with_optimizer=False)
+                    self.save(self.last_path, with_optimizer=True)
+                self.logger.eval(self.iter_num, self.losses, self.stopper, is_best,
+                                 *task.report(self.raw_model, self.losses))
+                if stop and not last:
+                    reason = f"early stopping: {cfg['patience']} evals without a val improvement >= {cfg['min_delta']}"
+                    break
+                window = Window(self.iter_num)  # the log's ms/iter and MFU count train steps, not evals
+            if last:
+                reason = f"reached max_iters={cfg['max_iters']}"
+                break
+            # gradient_accumulation_steps micro-batches, their loss weighted by the objective (learned tokens)
+            batches = [task.batch(self.data_rng) for _ in range(cfg["gradient_accumulation_steps"])]
+            loss = forward_backward(self.model, self.scaler, batches, run, task.loss, task.weight)
+            clip_and_step(self.model, self.optimizer, self.scaler, cfg["grad_clip"])
+            self.iter_num += 1
+            window.add(*task.work(self.raw_model, batches))
+            log_now = self.iter_num % cfg["log_interval"] == 0 or self.iter_num == cfg["max_iters"]
+            if log_now or not run["device"].startswith("cuda"):  # a host sync: on a GPU only at log steps
+                self.check_finite(loss.item(), "training loss")
+            if log_now:  # before the clock is read: GPU time counts
+                epoch = self.iter_num * self.tokens_per_iter / task.epoch_tokens  # passes over the train split
+                self.logger.step(self.iter_num, loss.item(), lr, epoch, window, self.peak_flops)
+                window = Window(self.iter_num)
+            if self.signal is not None:
+                reason = f"interrupted by signal {self.signal}"
+                break
+        if self.signal is not None and run["master"]:
+            for name, p in self.raw_model.named_parameters():  # on a GPU the loss is checked at log steps only
+                self.check_finite(p.detach().float().abs().max().item(), f"weight {name}")
+            self.save(self.last_path, with_optimizer=True)
+        return reason, time.time() - t_start
 
-        def on_signal(signum, frame):  # finish the current step, save, exit; a second signal exits at once
+    def catch_signals(self):
+        """On SIGINT / SIGTERM the loop finishes its step, saves and stops; a second signal exits at once."""
+        def on_signal(signum, frame):
             if self.signal is not None:
                 raise KeyboardInterrupt
             self.signal = signum
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, on_signal)
-        reason = f"reached max_iters={cfg['max_iters']}"
-        t_start = time.time()
-        self._start_window()
-        while self.iter_num < cfg["max_iters"]:
-            # evaluated_at: a run resumed at an eval iteration evaluates there unless the saved state already did
-            if self.iter_num % cfg["eval_interval"] == 0 and self.evaluated_at != self.iter_num:
-                if self.eval_and_checkpoint():
-                    reason = f"early stopping: {cfg['patience']} evals without a val improvement >= {cfg['min_delta']}"
-                    break
-                self._start_window()  # the log's ms/iter and MFU count train steps, not evals
-            lr = get_lr(self.iter_num, cfg)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            loss = train_step(self.model, self.optimizer, self.scaler, self.data["train"], self.data_rng, cfg, run,
-                              stats=self.window)
-            self.iter_num += 1
-            log_now = self.iter_num % cfg["log_interval"] == 0 or self.iter_num == cfg["max_iters"]
-            if log_now or not run["device"].startswith("cuda"):  # a host sync: on a GPU only at log steps
-                self.check_finite(loss.item(), "training loss")
-            if log_now:
-                self._log_step(loss.item(), lr)  # before the clock is read: GPU time counts
-                self._start_window()
-            if self.signal is not None:
-                reason = f"interrupted by signal {self.signal}"
-                break
-        else:  # max_iters reached: evaluate and save the steps since the last eval
-            if self.evaluated_at != self.iter_num:
-                self.eval_and_checkpoint()
-        if self.signal is not None and run["master"]:
-            for name, p in self.raw_model.named_parameters():  # on a GPU the loss is checked at log steps only
-                self.check_finite(p.detach().float().abs().max().item(), f"weight {name}")
-            self.save(self.last_path, with_optimizer=True)
-        return reason, time.time() - t_start
 
     def check_finite(self, value, what):
         """Stop a diverged run at once, before anything is saved from it, saying what to try."""
@@ -359,46 +347,6 @@ class Trainer:
                             f"was stopped; nothing was saved from it{last}. Try a lower --learning_rate (now "
                             f"{cfg['learning_rate']:g}), --grad_clip=1.0 (now {cfg['grad_clip']:g}) or "
                             f"--dtype=float32 (now {self.run['dtype']})")
-
-    def _start_window(self):
-        self.window_t0, self.window_iter = time.time(), self.iter_num
-        self.window = {"learned_tokens": 0.0, "tokens": 0, "context": 0}  # train_step's counts
-
-    def _mfu(self, dt, iters):
-        """This process's FLOPs per second over its peak: train_flops of the tokens its steps ran (a classifier's
-        batches end at their longest example), the output head counted where it runs. A classifier's head runs on
-        one token per example, the learned one, and never the LM head; off CUDA the LM head runs only on learned
-        tokens (GPT._masked_loss): on chat data nanoGPT's formula, which counts the head on every token, would
-        overstate the work done (and could pass 100%)."""
-        w = self.window
-        if not self.peak_flops or not w["tokens"]:
-            return 0.0
-        head_tokens = w["learned_tokens"] if self.classify or not self.run["device"].startswith("cuda") else w["tokens"]
-        flops = self.raw_model.train_flops(w["tokens"], w["context"] / w["tokens"], head_tokens)
-        return flops / iters / dt / self.peak_flops
-
-    def _log_step(self, loss, lr):
-        iters = self.iter_num - self.window_iter
-        dt = (time.time() - self.window_t0) / iters
-        remaining = (self.cfg["max_iters"] - self.iter_num) * dt
-        mfu = self._mfu(dt, iters)
-        tokens_per_s = self.window["tokens"] * self.run["world"] / iters / dt  # what ran: no padding to block_size
-        epoch = self.iter_num * self.tokens_per_iter / self.train_tokens  # passes over the train split's tokens
-        line = (f"iter {self.iter_num} (epoch {epoch:.2f}): loss {loss:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
-                f"{tokens_per_s:,.0f} tokens/s, MFU {mfu:.1%}, ETA {remaining / 60:.1f} min")
-        self.logger.log({"event": "step", "iter": self.iter_num, "epoch": epoch, "loss": loss, "lr": lr,
-                         "ms_per_iter": dt * 1000, "tokens_per_s": tokens_per_s, "mfu": mfu}, line)
-
-
-def print_test_results(trainer):
-    """The best checkpoint on the test split: accuracy first, then precision / recall / F1 and the confusion."""
-    model = model_from_checkpoint(load_checkpoint(trainer.best_path), trainer.run["device"])
-    if not len(trainer.data["test"]):
-        print("no test split (prepared with --test_fraction=0)")
-        return
-    batches, true = split_batches(trainer.data["test"], trainer.cfg["block_size"])
-    pred = predict_batches(model, batches, trainer.run["device"]).argmax(1)
-    print("\n".join(report_lines(metrics(true, pred, len(model.labels)), model.labels, "test accuracy")))
 
 
 def describe_training(cfg):
@@ -434,8 +382,7 @@ def main(argv=None):
         if run["master"]:
             print(f"stopped: {reason} after {trainer.iter_num} iters in {seconds / 60:.1f} min; best val loss "
                   f"{trainer.stopper.best:.4f}")
-            if trainer.classify:
-                print_test_results(trainer)
+            trainer.task.test(trainer.best_path)  # a classifier's test split
             print(f"best model: {trainer.best_path}\nlatest state: {trainer.last_path}")
             for name, plot in (("loss", plot_losses(cfg["out_dir"])), ("accuracy", plot_accuracy(cfg["out_dir"]))):
                 if plot:

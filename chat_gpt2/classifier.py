@@ -9,11 +9,9 @@ import math
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import chat
-from .device import autocast
 from .errors import ConfigError
 from model import GPT, Linear
 
@@ -67,28 +65,14 @@ def attach_head(model, labels, lora=None):
 # Evaluation during training, predictions, metrics
 
 
-@torch.no_grad()
-def classify_evaluate(model, data, cfg, run):
-    """Like training.evaluate (the same fixed batches): {split: mean loss, split_acc: accuracy} for train and val."""
-    model.eval()
-    results = {}
-    for i, split in enumerate(("train", "val")):
-        generator = torch.Generator().manual_seed(cfg["seed"] + 7919 * run["rank"] + i)
-        total = torch.zeros(3, device=run["device"])  # loss sum, correct, examples
-        for _ in range(cfg["eval_iters"]):
-            x, y, m = (t.to(run["device"]) for t in data[split].get_batch(cfg["batch_size"], cfg["block_size"],
-                                                                          generator))
-            with autocast(run["device"], run["dtype"]):
-                logits, loss = model(x, y, m)
-            target = y.gather(1, m.argmax(dim=1, keepdim=True)).squeeze(1)
-            total += torch.stack([loss.float() * len(x), (logits.argmax(1) == target).sum().float(),
-                                  torch.tensor(float(len(x)), device=run["device"])])
-        if run["ddp"]:
-            dist.all_reduce(total)
-        results[split] = (total[0] / total[2]).item()
-        results[f"{split}_acc"] = (total[1] / total[2]).item()
-    model.train()
-    return results
+def eval_sums(model, batch):
+    """(loss x examples, correct predictions, examples) of one (x, y, m) batch, for training.eval_totals: the
+    mean loss and the accuracy over the evaluation's batches in the end."""
+    x, y, m = batch
+    logits, loss = model(x, y, m)
+    target = y.gather(1, m.argmax(dim=1, keepdim=True)).squeeze(1)
+    examples = torch.tensor(float(len(x)), device=x.device)
+    return torch.stack([loss.float() * len(x), (logits.argmax(1) == target).sum().float(), examples])
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ class Logger:
     cuts the log back to the iteration it resumes from, so the records of steps that are redone appear once."""
 
     def __init__(self, cfg, run, resume_iter=None):
-        self.enabled, self.wandb = run["master"], None
+        self.cfg, self.world, self.enabled, self.wandb = cfg, run["world"], run["master"], None
         self.path = os.path.join(cfg["out_dir"], "metrics.jsonl")
         if self.enabled and os.path.exists(self.path):
             if resume_iter is None:
@@ -46,9 +46,43 @@ class Logger:
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k not in ("event", "iter")}, step=record["iter"])
 
+    def step(self, iter_num, loss, lr, epoch, window, peak_flops):
+        """The line and record of the train steps since the last one (window): ms/iter, tokens/s of all processes
+        (what ran: no padding to block_size), MFU (this process's FLOPs over its peak; 0 without one) and ETA."""
+        iters = iter_num - window.iter
+        dt = (time.time() - window.t0) / iters
+        mfu = window.flops / iters / dt / peak_flops if peak_flops and window.tokens else 0.0
+        tokens_per_s = window.tokens * self.world / iters / dt
+        eta = (self.cfg["max_iters"] - iter_num) * dt / 60
+        line = (f"iter {iter_num} (epoch {epoch:.2f}): loss {loss:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
+                f"{tokens_per_s:,.0f} tokens/s, MFU {mfu:.1%}, ETA {eta:.1f} min")
+        self.log({"event": "step", "iter": iter_num, "epoch": epoch, "loss": loss, "lr": lr,
+                  "ms_per_iter": dt * 1000, "tokens_per_s": tokens_per_s, "mfu": mfu}, line)
+
+    def eval(self, iter_num, losses, stopper, is_best, fields, text):
+        """The line and record of an evaluation: the losses, early stopping's progress (stopper), whether the
+        best checkpoint was saved, and the objective's report (fields for the record, text for the line)."""
+        line = (f"eval iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} (best "
+                f"{stopper.best:.4f}{', saved' if is_best else ''}; {stopper.stale}/{stopper.patience} evals "
+                f"without improvement >= {stopper.min_delta}){text}")
+        self.log({"event": "eval", "iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
+                  "best_val_loss": stopper.best, **fields}, line)
+
     def close(self):
         if self.wandb is not None:
             self.wandb.finish()
+
+
+class Window:
+    """The train steps since the last log line, evaluations left out: where and when it began, and the tokens
+    and FLOPs its steps ran (Logger.step turns them into tokens/s and MFU)."""
+
+    def __init__(self, iter_num):
+        self.iter, self.t0, self.tokens, self.flops = iter_num, time.time(), 0, 0.0
+
+    def add(self, tokens, flops):
+        self.tokens += tokens
+        self.flops += flops
 
 
 def _pyplot():

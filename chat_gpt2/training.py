@@ -1,5 +1,6 @@
-"""The pieces of a training run that train.py and bench.py share: the learning-rate schedule, early stopping,
-one optimizer step over accumulated micro-batches, and the evaluation of the loss on each split."""
+"""The pieces of a training run that train.py, its objectives and bench.py share: the learning-rate schedule,
+early stopping, the forward and backward pass over accumulated micro-batches, the clipped optimizer step, the FLOPs
+of a step, and sums over fixed evaluation batches."""
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -51,57 +52,90 @@ def to_device(batch, device):
     return [t.to(device) for t in batch]
 
 
-def train_step(model, optimizer, scaler, data, generator, cfg, run, stats=None):
-    """One optimizer step over gradient_accumulation_steps micro-batches. The loss is the token-weighted mean over
-    the learned tokens of all micro-batches (not the last micro-batch's); it stays on the device (no sync).
-    stats: a dict whose counts (for the log's FLOP count) are increased by this step's: "learned_tokens", "tokens"
-    (the batches' positions: a classifier's batches are as long as their longest example) and "context" (the sum
-    of each position's sequence length)."""
-    steps = cfg["gradient_accumulation_steps"]
-    batches = [data.get_batch(cfg["batch_size"], cfg["block_size"], generator) for _ in range(steps)]
-    learned = float(sum(m.sum() for _, _, m in batches))  # counted on the host: no device sync
-    total = max(1.0, learned)
-    if stats is not None:
-        for key, n in (("learned_tokens", learned), ("tokens", sum(x.numel() for x, _, _ in batches)),
-                       ("context", sum(x.numel() * x.size(1) for x, _, _ in batches))):
-            stats[key] = stats.get(key, 0) + n
+def masked_loss(model, batch):
+    """The mean loss over the positions a batch (x, y, m) marks in m: a language model's learned next tokens, or a
+    classifier's one label per row (the model reads it where m is 1)."""
+    x, y, m = batch
+    return model(x, y, m)[1]
+
+
+def learned(batch):
+    """How many positions the loss of (x, y, m) averages over, counted on the host (no device sync): the weight of
+    a micro-batch in its step's mean."""
+    return float(batch[2].sum())
+
+
+def forward_backward(model, scaler, batches, run, loss_of=masked_loss, weight_of=learned):
+    """Gradients of the weighted mean loss over the micro-batches (CPU tensors), each weighted by weight_of (the
+    learned tokens by default: the token-weighted mean, not the mean of the micro-batches' means). Under DDP the
+    gradients are all-reduced only on the last micro-batch. Returns the loss, on the device (no sync)."""
+    weights = [weight_of(batch) for batch in batches]
+    total = max(1.0, sum(weights))
     loss_sum = torch.zeros((), device=run["device"])
-    for micro, batch in enumerate(batches):
-        weight = float(batch[2].sum()) / total
-        x, y, m = to_device(batch, run["device"])
-        # under DDP, gradients are all-reduced only on the last micro-step
-        sync = model.no_sync() if run["ddp"] and micro < steps - 1 else nullcontext()
+    for micro, (batch, weight) in enumerate(zip(batches, weights)):
+        weight /= total
+        batch = to_device(batch, run["device"])
+        sync = model.no_sync() if run["ddp"] and micro < len(batches) - 1 else nullcontext()
         with sync:
             with autocast(run["device"], run["dtype"]):
-                _, loss = model(x, y, m)
+                loss = loss_of(model, batch)
             scaler.scale(loss * weight).backward()
         loss_sum += loss.detach() * weight
-    if cfg["grad_clip"] > 0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
     return loss_sum
 
 
+def clip_and_step(model, optimizer, scaler, grad_clip):
+    """Clip the gradient's global norm to grad_clip (0 = off), step the optimizer, clear the gradients."""
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def train_step(model, optimizer, scaler, data, generator, cfg, run):
+    """One language-model step over gradient_accumulation_steps micro-batches of data, as train.py's loop takes
+    it (bench.py measures this). Returns the token-weighted mean loss, on the device."""
+    batches = [data.get_batch(cfg["batch_size"], cfg["block_size"], generator)
+               for _ in range(cfg["gradient_accumulation_steps"])]
+    loss = forward_backward(model, scaler, batches, run)
+    clip_and_step(model, optimizer, scaler, cfg["grad_clip"])
+    return loss
+
+
+def step_flops(model, batches, head_on_all):
+    """(tokens, training FLOPs) of a step over these batches (model: the unwrapped GPT): every position of the
+    batches runs the body (a classifier's batches end at their longest example), the output head runs on every
+    position (head_on_all) or only on the learned ones."""
+    tokens = sum(x.numel() for x, _, _ in batches)
+    context = sum(x.numel() * x.size(1) for x, _, _ in batches)  # each position's sequence length, summed
+    head_tokens = tokens if head_on_all else sum(learned(batch) for batch in batches)
+    return tokens, model.train_flops(tokens, context / max(1, tokens), head_tokens)
+
+
 @torch.no_grad()
-def evaluate(model, data, cfg, run):
-    """Token-weighted mean loss per split over eval_iters batches. The batches are the same at every eval (a fixed
-    seed), so evaluations compare like with like; every DDP rank takes part and the result is all-reduced."""
+def eval_totals(model, data, cfg, run, sums):
+    """{split: sums(model, batch) added up over eval_iters batches} for train and val. The batches are the same at
+    every eval (a fixed seed), so evaluations compare like with like; every DDP rank takes part and the totals
+    are all-reduced."""
     model.eval()
-    losses = {}
-    for i, (split, split_data) in enumerate(data.items()):
+    totals = {}
+    for i, split in enumerate(("train", "val")):
         generator = torch.Generator().manual_seed(cfg["seed"] + 7919 * run["rank"] + i)
-        total = torch.zeros(2, device=run["device"])
+        total = 0
         for _ in range(cfg["eval_iters"]):
-            x, y, m = to_device(split_data.get_batch(cfg["batch_size"], cfg["block_size"], generator), run["device"])
+            batch = data[split].get_batch(cfg["batch_size"], cfg["block_size"], generator)
             with autocast(run["device"], run["dtype"]):
-                _, loss = model(x, y, m)
-            total += torch.stack([loss.float() * m.sum(), m.sum()])
+                total = total + sums(model, to_device(batch, run["device"]))
         if run["ddp"]:
             dist.all_reduce(total)
-        losses[split] = (total[0] / total[1].clamp(min=1)).item()
+        totals[split] = total
     model.train()
-    return losses
+    return totals
 
+
+def loss_sums(model, batch):
+    """(loss x learned tokens, learned tokens) of one batch, for eval_totals: a token-weighted mean in the end."""
+    _, _, m = batch
+    return torch.stack([masked_loss(model, batch).float() * m.sum(), m.sum()])
