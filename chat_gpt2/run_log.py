@@ -13,7 +13,7 @@ class Logger:
     cuts the log back to the iteration it resumes from, so the records of steps that are redone appear once."""
 
     def __init__(self, cfg, run, resume_iter=None):
-        self.cfg, self.world, self.enabled, self.wandb = cfg, run["world"], run["master"], None
+        self.cfg, self.world, self.enabled, self.wandb = cfg, run.get("world", 1), run["master"], None
         self.path = os.path.join(cfg["out_dir"], "metrics.jsonl")
         if self.enabled and os.path.exists(self.path):
             if resume_iter is None:
