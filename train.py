@@ -244,8 +244,8 @@ class Trainer:
             lr = get_lr(self.iter_num, cfg)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            # every eval_interval iterations and after the last; a run resumed at an eval iteration
-            # evaluates there unless its saved state already did
+            # evaluate and checkpoint every eval_interval iterations and after the last; a run
+            # resumed at an eval iteration evaluates there unless its saved state already did
             last = self.iter_num >= cfg["max_iters"]
             due = self.iter_num % cfg["eval_interval"] == 0 or last
             if due and self.evaluated_at != self.iter_num:
@@ -268,7 +268,7 @@ class Trainer:
             if last:
                 reason = f"reached max_iters={cfg['max_iters']}"
                 break
-            # gradient_accumulation_steps micro-batches, each weighted as the objective says
+            # forward and backward over the micro-batches (weighted as the objective says), step
             batches = [task.batch(self.data_rng) for _ in range(cfg["gradient_accumulation_steps"])]
             loss = forward_backward(self.model, self.scaler, batches, run, task.loss, task.weight)
             clip_and_step(self.model, self.optimizer, self.scaler, cfg["grad_clip"])
@@ -277,7 +277,7 @@ class Trainer:
             log_now = self.iter_num % cfg["log_interval"] == 0 or self.iter_num == cfg["max_iters"]
             if log_now or not run["device"].startswith("cuda"):  # a host sync: on GPUs at log steps
                 self.check_finite(loss.item(), "training loss")
-            if log_now:  # before the clock is read: GPU time counts
+            if log_now:  # loss.item() syncs before the log reads the clock: GPU time counts
                 epoch = self.iter_num * self.tokens_per_iter / task.epoch_tokens  # passes of train
                 self.logger.step(self.iter_num, loss.item(), lr, epoch, window, self.peak_flops)
                 window = Window(self.iter_num)
