@@ -22,7 +22,7 @@ listed above it. `model` and `configurator` live at the top level of the reposit
     dataset        the prepared dataset (chat or text): build it (memmaps + masks) and read it
     classify_data  labelled text (.csv/.tsv/.jsonl/.json): columns, stratified split, the classify dataset, batches
     memory         a training run's memory estimate and check
-    training       LR schedule, early stopping, accumulated forward/backward, the step, eval sums
+    training       the model to train, LR, early stopping, forward/backward, the step, eval sums
     objectives     what a run optimises, by meta.json's kind: batches, loss, eval, report, FLOPs
     run_log        the log lines, metrics.jsonl, wandb and the loss plot
     evaluation     val loss, replies to held-out conversations, exact match and F1
