@@ -1,9 +1,9 @@
-"""Train or fine-tune a GPT on a prepared chat dataset (see prepare.py).
+"""Train or fine-tune a GPT on a dataset prepared by prepare.py: chat, plain text or labelled text.
 
-    python train.py config/finetune_chat.py --batch_size=4          # single process
-    torchrun --standalone --nproc_per_node=2 train.py config/demo.py  # DDP (gloo on CPU, nccl on CUDA)
+    python train.py config/finetune_chat.py --batch_size=4    # single process
+    torchrun --standalone --nproc_per_node=2 train.py config/demo.py  # DDP (gloo on CPU, nccl GPU)
 
-Config keys and their meaning follow nanoGPT; `python train.py --help` lists them all with their defaults.
+Config keys and their meaning follow nanoGPT; `python train.py --help` lists them with defaults.
 """
 import gc
 import math
@@ -18,31 +18,28 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import configurator
-from chat_gpt2 import chat
-from chat_gpt2.checkpoint import (CKPT_PATTERN, SHAPE_KEYS, checkpoint_path, describe_base, find_checkpoint,
-                                  init_checkpoint, load_checkpoint, model_from_checkpoint, save_checkpoint,
-                                  training_checkpoint, unused_stamp)
-from chat_gpt2.classifier import attach_head, classify_evaluate, metrics, predict_batches, report_lines, split_batches
+from chat_gpt2.checkpoint import (CKPT_PATTERN, checkpoint_path, find_checkpoint, load_checkpoint,
+                                  save_checkpoint, training_checkpoint, unused_stamp)
 from chat_gpt2.classify_data import load_prepared
-from chat_gpt2.device import peak_flops, resolve_compile, resolve_device, resolve_dtype, tune_cpu_allocator
-from chat_gpt2.engine import Engine, Request
+from chat_gpt2.device import (peak_flops, resolve_compile, resolve_device, resolve_dtype,
+                              tune_cpu_allocator)
 from chat_gpt2.errors import CheckpointError, ConfigError, DivergedError, MissingFileError
 from chat_gpt2.files import remove_dead_leftovers
-from chat_gpt2.hf_gpt2 import from_pretrained, pretrained_config, resolve_pretrained
-from chat_gpt2.lora import apply_lora, freeze_layers, lora_settings
-from chat_gpt2.memory import check_memory, count_trainable
-from model import GPT, GPTConfig
-from chat_gpt2.run_log import Logger, plot_accuracy, plot_losses
-from chat_gpt2.sampling import SamplingParams
-from chat_gpt2.training import DEFAULT_GRAD_CLIP, EarlyStopping, evaluate, get_lr, train_step
+from chat_gpt2.lora import lora_settings
+from chat_gpt2.objectives import objective_for
+from chat_gpt2.run_log import Logger, Window, plot_accuracy, plot_losses
+from chat_gpt2.training import (DEFAULT_GRAD_CLIP, EarlyStopping, build_model, clip_and_step,
+                                describe_training, forward_backward, get_lr)
 
-DEFAULTS = dict(  # one key a line, its meaning beside it: `python train.py --help` prints these comments
+# one key a line, its meaning beside (or above) it: `python train.py --help` prints these comments
+DEFAULTS = dict(
     # I/O
     out_dir="out",  # where checkpoints, metrics.jsonl and loss.png go
     eval_interval=50,  # evaluate (and save) every this many iterations
     log_interval=10,  # print a training line every this many iterations
     eval_iters=20,  # batches per split in each evaluation
-    init_from="scratch",  # scratch, resume, gpt2..gpt2-xl, a HF repo id or dir, or our .pt / a run's out_dir
+    # scratch, resume, gpt2..gpt2-xl, a HF repo id or dir, or our .pt / a run's out_dir
+    init_from="scratch",
     dataset="chat",  # a folder under data/ or a path to a folder written by prepare.py
     # data
     gradient_accumulation_steps=1,  # micro-batches per optimizer step
@@ -65,16 +62,19 @@ DEFAULTS = dict(  # one key a line, its meaning beside it: `python train.py --he
     warmup_iters=100,  # linear warmup steps
     lr_decay_iters=None,  # where the cosine reaches min_lr; None = max_iters
     min_lr=3e-5,  # the learning rate at the end of the decay
-    epochs=0.0,  # > 0: max_iters = ceil(epochs * train tokens / tokens per iter); beats a config's max_iters
+    # > 0: max_iters = ceil(epochs * train tokens / tokens per iter); beats a config's max_iters
+    epochs=0.0,
     # what trains (docs/training.md)
     trainable_layers=-1,  # train only the last N blocks + ln_f (-1 = everything)
     lora_rank=0,  # LoRA adapters of this rank, the base frozen (0 = off)
-    lora_alpha=0.0,  # LoRA scale numerator: updates are scaled by lora_alpha / lora_rank (0 = the rank)
+    lora_alpha=0.0,  # LoRA scale numerator: updates are scaled by lora_alpha / lora_rank (0 = rank)
     lora_dropout=0.0,  # dropout on the LoRA adapters' input
-    lora_targets="attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj",  # the Linear layers of each block that get adapters
-    grad_checkpointing=False,  # recompute each block's activations in backward: much less memory, ~1/3 more compute
+    # the Linear layers of each block that get adapters
+    lora_targets="attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj",
+    # recompute each block's activations in backward: much less memory, ~1/3 more compute
+    grad_checkpointing=False,
     # early stopping
-    patience=5,  # stop after this many evals without a val improvement of at least min_delta (0 = never)
+    patience=5,  # stop after this many evals without a val improvement >= min_delta (0 = never)
     min_delta=0.001,  # the smallest val-loss drop that counts as an improvement
     # system
     backend="auto",  # DDP backend: auto = nccl on CUDA, gloo elsewhere
@@ -82,7 +82,7 @@ DEFAULTS = dict(  # one key a line, its meaning beside it: `python train.py --he
     dtype="auto",  # auto (bf16 where the device has it), float32, bfloat16 or float16
     seed=1337,  # seed of the weights' init, the batches and dropout
     compile=None,  # torch.compile: True / False; None = on for CUDA, off on CPU and MPS
-    check_memory=True,  # refuse to start a run whose memory estimate exceeds the device's free memory
+    check_memory=True,  # refuse to start a run whose memory estimate exceeds the free memory
     # logging
     wandb_log=False,  # also log to Weights & Biases
     wandb_project="chat-gpt",  # the wandb project
@@ -91,151 +91,99 @@ DEFAULTS = dict(  # one key a line, its meaning beside it: `python train.py --he
     sample_max_tokens=32,  # length of the sample reply printed at each eval (0 = none)
 )
 
-
-# where and how a process runs, taken from its own command line on resume rather than from the saved config
+# where and how a process runs: on resume, from its own command line rather than the saved config
 HERE_KEYS = ("out_dir", "device", "backend", "check_memory")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Setup: config, processes, model, optimizer
+# --------------------------------------------------------------------------------------------------
+# Setup: config and processes
 
 
 def resolve_config(argv):
-    """Defaults <- config files and flags; on resume, the saved config <- what this command line set."""
+    """Defaults <- config files and flags; on resume, the saved config <- this command line."""
     cfg, explicit = configurator.load(DEFAULTS, argv, prog="train.py")
     resume_from = None
     if cfg["init_from"] == "resume":
         try:
             resume_from = find_checkpoint(cfg["out_dir"], last=True)
         except MissingFileError:
-            raise MissingFileError(f"no run to resume in {cfg['out_dir']!r} (no finetuned_*_last.pt): pass the run's "
-                                   f"folder as --out_dir=..., or start one with --init_from=scratch or gpt2") from None
+            raise MissingFileError(f"no run to resume in {cfg['out_dir']!r} (no "
+                                   f"finetuned_*_last.pt): pass the run's folder as --out_dir=..., "
+                                   f"or start one with --init_from=scratch or gpt2") from None
         saved = configurator.check_saved(DEFAULTS, load_checkpoint(resume_from).get("config", {}),
                                          f"the config saved in {resume_from}")
-        here = {k: cfg[k] for k in HERE_KEYS}  # where and how this process runs: not the saved run's
+        here = {k: cfg[k] for k in HERE_KEYS}  # where and how this process runs, not the saved run
         overrides = {k: v for k, v in explicit.items() if k != "init_from" and saved.get(k) != v}
         cfg = {**DEFAULTS, **saved, **here, **overrides, "init_from": "resume"}
         print(f"resuming {resume_from}" + (f" with overrides {overrides}" if overrides else ""))
+    for key in ("eval_interval", "eval_iters", "log_interval"):
+        if cfg[key] < 1:
+            raise ConfigError(f"--{key} must be >= 1, got {cfg[key]}")
     resolve_epochs(cfg, argv, explicit)
-    lora_settings(cfg)  # bad LoRA / trainable_layers values are refused before any data or weights are read
+    lora_settings(cfg)  # bad LoRA / trainable_layers values: refused before any data is read
     return cfg, resume_from, explicit
 
 
 def resolve_epochs(cfg, argv, explicit):
-    """epochs vs max_iters: the command line beats config files (and a resumed run's saved values); both on the
-    command line, or both in config files with neither on the command line, is ambiguous and refused."""
+    """epochs vs max_iters: the command line beats config files (and a resumed run's saved values);
+    both on the command line, or both in config files and neither on the command line: refused."""
     flags = {a[2:].partition("=")[0] for a in argv if a.startswith("--")}
     if cfg["epochs"] < 0:
         raise ConfigError(f"--epochs must be >= 0 (0 = use max_iters), got {cfg['epochs']}")
     if {"epochs", "max_iters"} <= flags:
-        raise ConfigError("--epochs and --max_iters were both given: pass one (epochs sets max_iters)")
+        raise ConfigError("--epochs and --max_iters were both given: pass one (epochs sets "
+                          "max_iters)")
     if "max_iters" in flags:
         cfg["epochs"] = 0.0
     elif "epochs" not in flags and {"epochs", "max_iters"} <= set(explicit) and cfg["epochs"] > 0:
-        raise ConfigError("the config files set both epochs and max_iters: keep one, or pick one on the command line")
+        raise ConfigError("the config files set both epochs and max_iters: keep one, or pick one "
+                          "on the command line")
 
 
 def setup_processes(cfg):
-    """Single process, or DDP under torchrun (RANK / LOCAL_RANK / WORLD_SIZE set). Returns a small dict."""
+    """Single process, or DDP under torchrun (RANK / LOCAL_RANK / WORLD_SIZE set): a small dict."""
     device = resolve_device(cfg["device"])
-    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", -1), ("LOCAL_RANK", 0),
-                                                                        ("WORLD_SIZE", 1)))
+    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in
+                               (("RANK", -1), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
     if rank >= 0:
         if device.startswith("cuda"):
             device = f"cuda:{local_rank}"
             torch.cuda.set_device(device)
-        backend = cfg["backend"] if cfg["backend"] != "auto" else ("nccl" if device.startswith("cuda") else "gloo")
-        dist.init_process_group(backend=backend)
+        auto = "nccl" if device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend=auto if cfg["backend"] == "auto" else cfg["backend"])
     dtype = resolve_dtype(cfg["dtype"], device)
     tune_cpu_allocator(device, lean=cfg["grad_checkpointing"])
     if dtype == "bfloat16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
         raise ConfigError("dtype=bfloat16 is not supported on this GPU: use --dtype=float16")
-    return {"device": device, "dtype": dtype, "rank": max(rank, 0), "world": world, "ddp": rank >= 0,
-            "master": rank <= 0}
+    return {"device": device, "dtype": dtype, "rank": max(rank, 0), "world": world,
+            "ddp": rank >= 0, "master": rank <= 0}
 
 
-def build_model(cfg, ckpt, sys_info, explicit=()):
-    """The model to train, on the device: resumed from ckpt, or the base named by init_from; then LoRA adapters
-    (lora_rank > 0, the base frozen) or the trainable_layers freeze. explicit: see _base_model."""
-    if ckpt is not None:  # a LoRA run comes back with its adapters apart and trainable (merge=False)
-        model = model_from_checkpoint(ckpt, merge=False, dropout=cfg["dropout"])
-    else:
-        model = _base_model(cfg, sys_info, explicit)
-    if cfg["block_size"] < model.config.block_size:
-        model.crop_block_size(cfg["block_size"])
-    elif cfg["block_size"] > model.config.block_size:
-        raise ConfigError(f"block_size {cfg['block_size']} exceeds the model's {model.config.block_size}")
-    lora = lora_settings(cfg)
-    if ckpt is not None and ckpt.get("lora") != lora:
-        raise ConfigError(f"the run being resumed was trained with LoRA settings {ckpt.get('lora')}, not {lora}: "
-                          f"the lora_* keys cannot change on resume")
-    if lora and ckpt is None:
-        # the base as trained on (cropped): a LoRA checkpoint stores how to rebuild it, not its weights
-        model.lora_base = describe_base(model, cfg["init_from"], cfg["seed"])
-        apply_lora(model, lora)
-    freeze_layers(model, cfg["trainable_layers"])  # after the crop, which makes a fresh wpe Parameter
-    model.grad_checkpointing = cfg["grad_checkpointing"]
-    return model.to(sys_info["device"])
-
-
-def _base_model(cfg, sys_info, explicit):
-    """explicit: the keys the command line / config files set; for a pretrained init_from, an explicit n_layer,
-    n_head, n_embd or bias that differs from the checkpoint's is refused (the defaults are for scratch models)."""
-    if cfg["init_from"] == "scratch":
-        config = GPTConfig(block_size=cfg["block_size"], n_layer=cfg["n_layer"], n_head=cfg["n_head"],
-                           n_embd=cfg["n_embd"], dropout=cfg["dropout"], bias=cfg["bias"])
-        check_memory(config, cfg, sys_info, count_trainable(config, cfg))
-        return GPT(config)
-    if cfg["init_from"] == "resume":
-        raise ConfigError("init_from='resume' needs a checkpoint")
-    init = init_checkpoint(cfg["init_from"], {k: cfg[k] for k in SHAPE_KEYS if k in explicit})
-    if init is not None:  # one of our checkpoints (a model pretrained on text, a full fine-tune): a new run from it
-        config = GPTConfig.from_dict({**init["model_args"], "dropout": cfg["dropout"]})
-        check_memory(config, cfg, sys_info, count_trainable(config, cfg))
-        if sys_info.get("master", True):
-            print(f"starting a new run (fresh optimizer, iter 0) from {init['path']} (iter {init.get('iter_num')})")
-        model = model_from_checkpoint(init, dropout=cfg["dropout"])
-        cfg["init_from"] = os.path.abspath(init["path"])  # the file: what a LoRA checkpoint rebuilds its base from
-    else:  # 'gpt2' .. 'gpt2-xl', a Hub repo id or a local Hugging Face directory
-        files = resolve_pretrained(cfg["init_from"])
-        overrides = {"dropout": cfg["dropout"], "block_size": cfg["block_size"],
-                     **{k: cfg[k] for k in ("n_layer", "n_head", "n_embd", "bias") if k in explicit}}
-        config = pretrained_config(files, overrides)
-        check_memory(config, cfg, sys_info, count_trainable(config, cfg))
-        if sys_info.get("master", True):
-            print(f"loading {files.source}: n_layer={config.n_layer}, n_head={config.n_head}, "
-                  f"n_embd={config.n_embd}, block_size={config.block_size}")
-        model = from_pretrained(files, overrides)
-    cfg.update(n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd, bias=config.bias)  # saved as run
-    return model
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The loop
+# --------------------------------------------------------------------------------------------------
+# The run: its state, and the loop
 
 
 class Trainer:
-    """Holds the run's state so the loop, evaluation and checkpointing read as separate small steps."""
+    """A run's state (model, optimizer, progress, RNG states) and its loop, train(). What depends
+    on the kind of task (batches, loss, evaluation, report, FLOPs) is the objective's."""
 
     def __init__(self, cfg, run, resume_from, explicit=()):
         self.cfg, self.run = cfg, run
-        self.data, self.meta = load_prepared(cfg["dataset"])
-        self.tokens_per_iter = cfg["gradient_accumulation_steps"] * cfg["batch_size"] * cfg["block_size"] * run["world"]
-        self.train_tokens = max(1, int(self.meta["tokens"]["train"]))
-        self.classify = self.meta["kind"] == "classify"
-        if self.classify:  # one example per window: an epoch is every example once (docs/classification.md)
-            self.train_tokens = len(self.data["train"]) * cfg["block_size"]
+        data, self.meta = load_prepared(cfg["dataset"])
+        self.task = objective_for(self.meta, data, cfg, run)
+        self.tokens_per_iter = (cfg["gradient_accumulation_steps"] * cfg["batch_size"]
+                                * cfg["block_size"] * run["world"])
         if cfg["epochs"] > 0:
-            cfg["max_iters"] = math.ceil(cfg["epochs"] * self.train_tokens / self.tokens_per_iter)
+            cfg["max_iters"] = math.ceil(cfg["epochs"] * self.task.epoch_tokens
+                                         / self.tokens_per_iter)
         ckpt = load_checkpoint(resume_from, run["device"]) if resume_from else None
         torch.manual_seed(cfg["seed"] + run["rank"])
-        self.raw_model = build_model(cfg, ckpt, run, explicit)
-        if self.classify:
-            self.raw_model = attach_head(self.raw_model, self.meta["labels"], lora_settings(cfg))
-        self.optimizer = self.raw_model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"],
-                                                             (cfg["beta1"], cfg["beta2"]), run["device"].split(":")[0])
-        self.scaler = torch.amp.GradScaler(run["device"].split(":")[0],
-                                           enabled=run["dtype"] == "float16" and run["device"].startswith("cuda"))
+        self.raw_model = self.task.prepare(build_model(cfg, ckpt, run, explicit))
+        device_type = run["device"].split(":")[0]
+        self.optimizer = self.raw_model.configure_optimizers(
+            cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]), device_type)
+        self.scaler = torch.amp.GradScaler(device_type, enabled=run["dtype"] == "float16"
+                                           and device_type == "cuda")
         self.data_rng = torch.Generator().manual_seed(cfg["seed"] + run["rank"])
         self.stopper = EarlyStopping(cfg["patience"], cfg["min_delta"])
         self.iter_num, self.losses, self.evaluated_at, self.signal = 0, {}, None, None
@@ -244,26 +192,31 @@ class Trainer:
             try:
                 self._restore(ckpt)
             except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
-                raise CheckpointError(f"{resume_from} is not a resumable training state ({type(e).__name__}: "
-                                      f"{str(e).splitlines()[0] if str(e) else ''}): resume from an intact "
+                first = str(e).splitlines()[0] if str(e) else ""
+                raise CheckpointError(f"{resume_from} is not a resumable training state "
+                                      f"({type(e).__name__}: {first}): resume from an intact "
                                       f"finetuned_*_last.pt") from None
-        model = torch.compile(self.raw_model) if resolve_compile(cfg["compile"], run["device"]) else self.raw_model
-        self.model = DDP(model, device_ids=[run["device"]] if run["device"].startswith("cuda") else None) \
-            if run["ddp"] else model
+        compiled = resolve_compile(cfg["compile"], run["device"])
+        self.model = torch.compile(self.raw_model) if compiled else self.raw_model
+        if run["ddp"]:
+            self.model = DDP(self.model,
+                             device_ids=[run["device"]] if device_type == "cuda" else None)
         self.best_path = checkpoint_path(cfg["out_dir"], self.stamp)
         self.last_path = checkpoint_path(cfg["out_dir"], self.stamp, last=True)
         self.logger = Logger(cfg, run, resume_iter=self.iter_num if ckpt is not None else None)
-        # MFU: nanoGPT's 6N + 12LHQT FLOPs per token, counting what runs (see _mfu), against a GPU's data-sheet peak
-        # for the training dtype, else this device's matmul peak measured now (~0.5 s): never a hard-coded A100
-        self.peak_flops, self.peak_source = peak_flops(run["device"], run["dtype"]) if run["master"] else (0, "")
+        # MFU: the FLOPs of what runs (the objective counts them) against a GPU's data-sheet peak
+        # for the dtype, else this device's matmul peak measured now (~0.5 s): never an A100's
+        self.peak_flops, self.peak_source = (peak_flops(run["device"], run["dtype"])
+                                             if run["master"] else (0, ""))
 
     def _restore(self, ckpt):
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.iter_num, self.stamp, self.losses = ckpt["iter_num"], ckpt["run"], ckpt["losses"]
-        self.evaluated_at = ckpt.get("evaluated_at", self.iter_num)  # older checkpoints were saved at evals only
-        # the saved progress (best, reference, stale) with this run's settings: a --patience/--min_delta given on
-        # resume wins, like every other override
+        # older checkpoints were saved at evals only
+        self.evaluated_at = ckpt.get("evaluated_at", self.iter_num)
+        # the saved progress (best, reference, stale) with this run's settings: a --patience or
+        # --min_delta given on resume wins, like every other override
         self.stopper = EarlyStopping(**{**ckpt["early_stopping"], "patience": self.cfg["patience"],
                                         "min_delta": self.cfg["min_delta"]})
         torch.set_rng_state(ckpt["rng"]["torch"].cpu())
@@ -277,139 +230,101 @@ class Trainer:
                  "best_val_loss": self.stopper.best, "early_stopping": asdict(self.stopper),
                  "evaluated_at": self.evaluated_at, "data_rng": self.data_rng.get_state()}
         optimizer = (self.optimizer, self.scaler) if with_optimizer else (None, None)
-        save_checkpoint(path, training_checkpoint(self.raw_model, self.cfg, self.meta, state, *optimizer))
-
-    def eval_and_checkpoint(self):
-        """Evaluate, keep the best model, save the latest state. Returns True when early stopping fires."""
-        self.losses = (classify_evaluate if self.classify else evaluate)(self.model, self.data, self.cfg, self.run)
-        for split in ("train", "val"):
-            self.check_finite(self.losses[split], f"{split} loss (eval)")
-        self.evaluated_at = self.iter_num
-        accuracy = {f"{s}_accuracy": self.losses[f"{s}_acc"] for s in ("train", "val") if f"{s}_acc" in self.losses}
-        is_best, stop = self.stopper.update(self.losses["val"])
-        if self.run["master"]:
-            if is_best:
-                self.save(self.best_path, with_optimizer=False)
-            self.save(self.last_path, with_optimizer=True)
-        line = (f"eval iter {self.iter_num}: train loss {self.losses['train']:.4f}, val loss {self.losses['val']:.4f}"
-                f" (best {self.stopper.best:.4f}{', saved' if is_best else ''}; {self.stopper.stale}/"
-                f"{self.cfg['patience']} evals without improvement >= {self.cfg['min_delta']})"
-                + "".join(f", {k.replace('_', ' ')} {v:.1%}" for k, v in accuracy.items()))
-        self.logger.log({"event": "eval", "iter": self.iter_num, "train_loss": self.losses["train"],
-                         "val_loss": self.losses["val"], "best_val_loss": self.stopper.best, **accuracy}, line)
-        if self.run["master"] and self.cfg["sample_max_tokens"] > 0 and not self.classify:
-            prompt = self.data["val"].first_prompt()
-            params = SamplingParams(temperature=0.0, max_new_tokens=self.cfg["sample_max_tokens"],
-                                    stop=(self.meta["default_stop"],))
-            request = Request(prompt, params)
-            engine = Engine(self.raw_model, device=self.run["device"], dtype=self.run["dtype"])
-            engine.complete([request])
-            reply = request.replies[0].text.strip()
-            print(f"  sample: {chat.get_encoder().decode(prompt)!r} -> {reply!r}", flush=True)
-        return stop
+        ckpt = training_checkpoint(self.raw_model, self.cfg, self.meta, state, *optimizer)
+        save_checkpoint(path, ckpt)
 
     def train(self):
-        cfg, run = self.cfg, self.run
+        """learning rate -> evaluate and checkpoint -> forward and backward over the micro-batches
+        -> clip and step -> log, until max_iters, early stopping or a signal. Returns why it stopped
+        and the seconds it took."""
+        cfg, run, task = self.cfg, self.run, self.task
+        self.catch_signals()
+        t_start, window = time.time(), Window(self.iter_num)
+        while True:
+            lr = get_lr(self.iter_num, cfg)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            # evaluate and checkpoint every eval_interval iterations and after the last; a run
+            # resumed at an eval iteration evaluates there unless its saved state already did
+            last = self.iter_num >= cfg["max_iters"]
+            due = self.iter_num % cfg["eval_interval"] == 0 or last
+            if due and self.evaluated_at != self.iter_num:
+                self.losses = task.evaluate(self.model)
+                for split in ("train", "val"):
+                    self.check_finite(self.losses[split], f"{split} loss (eval)")
+                self.evaluated_at = self.iter_num
+                is_best, stop = self.stopper.update(self.losses["val"])
+                if run["master"]:
+                    if is_best:
+                        self.save(self.best_path, with_optimizer=False)
+                    self.save(self.last_path, with_optimizer=True)
+                self.logger.eval(self.iter_num, self.losses, self.stopper, is_best,
+                                 *task.report(self.raw_model, self.losses))
+                if stop and not last:
+                    reason = (f"early stopping: {cfg['patience']} evals without a val improvement "
+                              f">= {cfg['min_delta']}")
+                    break
+                window = Window(self.iter_num)  # the log's ms/iter and MFU: train steps, not evals
+            if last:
+                reason = f"reached max_iters={cfg['max_iters']}"
+                break
+            # forward and backward over the micro-batches (weighted as the objective says), step
+            batches = [task.batch(self.data_rng) for _ in range(cfg["gradient_accumulation_steps"])]
+            loss = forward_backward(self.model, self.scaler, batches, run, task.loss, task.weight)
+            clip_and_step(self.model, self.optimizer, self.scaler, cfg["grad_clip"])
+            self.iter_num += 1
+            window.add(*task.work(self.raw_model, batches))
+            log_now = self.iter_num % cfg["log_interval"] == 0 or self.iter_num == cfg["max_iters"]
+            if log_now or not run["device"].startswith("cuda"):  # a host sync: on GPUs at log steps
+                self.check_finite(loss.item(), "training loss")
+            if log_now:  # loss.item() syncs before the log reads the clock: GPU time counts
+                epoch = self.iter_num * self.tokens_per_iter / task.epoch_tokens  # passes of train
+                self.logger.step(self.iter_num, loss.item(), lr, epoch, window, self.peak_flops)
+                window = Window(self.iter_num)
+            if self.signal is not None:
+                reason = f"interrupted by signal {self.signal}"
+                break
+        if self.signal is not None and run["master"]:
+            # on a GPU the loss is checked at log steps only
+            for name, p in self.raw_model.named_parameters():
+                self.check_finite(p.detach().float().abs().max().item(), f"weight {name}")
+            self.save(self.last_path, with_optimizer=True)
+        return reason, time.time() - t_start
 
-        def on_signal(signum, frame):  # finish the current step, save, exit; a second signal exits at once
+    def catch_signals(self):
+        """On SIGINT / SIGTERM the loop finishes its step, saves and stops; a second one exits."""
+        def on_signal(signum, frame):
             if self.signal is not None:
                 raise KeyboardInterrupt
             self.signal = signum
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, on_signal)
-        reason = f"reached max_iters={cfg['max_iters']}"
-        t_start = time.time()
-        self._start_window()
-        while self.iter_num < cfg["max_iters"]:
-            # evaluated_at: a run resumed at an eval iteration evaluates there unless the saved state already did
-            if self.iter_num % cfg["eval_interval"] == 0 and self.evaluated_at != self.iter_num:
-                if self.eval_and_checkpoint():
-                    reason = f"early stopping: {cfg['patience']} evals without a val improvement >= {cfg['min_delta']}"
-                    break
-                self._start_window()  # the log's ms/iter and MFU count train steps, not evals
-            lr = get_lr(self.iter_num, cfg)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            loss = train_step(self.model, self.optimizer, self.scaler, self.data["train"], self.data_rng, cfg, run,
-                              stats=self.window)
-            self.iter_num += 1
-            log_now = self.iter_num % cfg["log_interval"] == 0 or self.iter_num == cfg["max_iters"]
-            if log_now or not run["device"].startswith("cuda"):  # a host sync: on a GPU only at log steps
-                self.check_finite(loss.item(), "training loss")
-            if log_now:
-                self._log_step(loss.item(), lr)  # before the clock is read: GPU time counts
-                self._start_window()
-            if self.signal is not None:
-                reason = f"interrupted by signal {self.signal}"
-                break
-        else:  # max_iters reached: evaluate and save the steps since the last eval
-            if self.evaluated_at != self.iter_num:
-                self.eval_and_checkpoint()
-        if self.signal is not None and run["master"]:
-            for name, p in self.raw_model.named_parameters():  # on a GPU the loss is checked at log steps only
-                self.check_finite(p.detach().float().abs().max().item(), f"weight {name}")
-            self.save(self.last_path, with_optimizer=True)
-        return reason, time.time() - t_start
 
     def check_finite(self, value, what):
         """Stop a diverged run at once, before anything is saved from it, saying what to try."""
         if math.isfinite(value):
             return
         cfg = self.cfg
-        last = f"; the last good state is {self.last_path}" if os.path.exists(self.last_path) else ""
-        raise DivergedError(f"non-finite {what} ({value}) at iteration {self.iter_num}: the run diverged and "
-                            f"was stopped; nothing was saved from it{last}. Try a lower --learning_rate (now "
-                            f"{cfg['learning_rate']:g}), --grad_clip=1.0 (now {cfg['grad_clip']:g}) or "
-                            f"--dtype=float32 (now {self.run['dtype']})")
-
-    def _start_window(self):
-        self.window_t0, self.window_iter = time.time(), self.iter_num
-        self.window = {"learned_tokens": 0.0, "tokens": 0, "context": 0}  # train_step's counts
-
-    def _mfu(self, dt, iters):
-        """This process's FLOPs per second over its peak: train_flops of the tokens its steps ran (a classifier's
-        batches end at their longest example), the output head counted where it runs. A classifier's head runs on
-        one token per example, the learned one, and never the LM head; off CUDA the LM head runs only on learned
-        tokens (GPT._masked_loss): on chat data nanoGPT's formula, which counts the head on every token, would
-        overstate the work done (and could pass 100%)."""
-        w = self.window
-        if not self.peak_flops or not w["tokens"]:
-            return 0.0
-        head_tokens = w["learned_tokens"] if self.classify or not self.run["device"].startswith("cuda") else w["tokens"]
-        flops = self.raw_model.train_flops(w["tokens"], w["context"] / w["tokens"], head_tokens)
-        return flops / iters / dt / self.peak_flops
-
-    def _log_step(self, loss, lr):
-        iters = self.iter_num - self.window_iter
-        dt = (time.time() - self.window_t0) / iters
-        remaining = (self.cfg["max_iters"] - self.iter_num) * dt
-        mfu = self._mfu(dt, iters)
-        tokens_per_s = self.window["tokens"] * self.run["world"] / iters / dt  # what ran: no padding to block_size
-        epoch = self.iter_num * self.tokens_per_iter / self.train_tokens  # passes over the train split's tokens
-        line = (f"iter {self.iter_num} (epoch {epoch:.2f}): loss {loss:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
-                f"{tokens_per_s:,.0f} tokens/s, MFU {mfu:.1%}, ETA {remaining / 60:.1f} min")
-        self.logger.log({"event": "step", "iter": self.iter_num, "epoch": epoch, "loss": loss, "lr": lr,
-                         "ms_per_iter": dt * 1000, "tokens_per_s": tokens_per_s, "mfu": mfu}, line)
+        last = (f"; the last good state is {self.last_path}" if os.path.exists(self.last_path)
+                else "")
+        raise DivergedError(f"non-finite {what} ({value}) at iteration {self.iter_num}: the run "
+                            f"diverged and was stopped; nothing was saved from it{last}. Try a "
+                            f"lower --learning_rate (now {cfg['learning_rate']:g}), --grad_clip=1.0"
+                            f" (now {cfg['grad_clip']:g}) or --dtype=float32 (now "
+                            f"{self.run['dtype']})")
 
 
-def print_test_results(trainer):
-    """The best checkpoint on the test split: accuracy first, then precision / recall / F1 and the confusion."""
-    model = model_from_checkpoint(load_checkpoint(trainer.best_path), trainer.run["device"])
-    if not len(trainer.data["test"]):
-        print("no test split (prepared with --test_fraction=0)")
-        return
-    batches, true = split_batches(trainer.data["test"], trainer.cfg["block_size"])
-    pred = predict_batches(model, batches, trainer.run["device"]).argmax(1)
-    print("\n".join(report_lines(metrics(true, pred, len(model.labels)), model.labels, "test accuracy")))
-
-
-def describe_training(cfg):
-    lora = lora_settings(cfg)
-    if lora:
-        return f" (LoRA rank {lora['rank']}, alpha {lora['alpha']:g} on {','.join(lora['targets'])})"
-    layers = cfg["trainable_layers"]
-    return "" if layers == -1 else f" (the last {layers} blocks + ln_f)"
+def print_start(trainer):
+    model, run = trainer.raw_model, trainer.run
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = model.get_num_params(non_embedding=False)
+    print(f"{model.get_num_params() / 1e6:.2f}M parameters; trainable {trainable:,} of {total:,} "
+          f"({trainable / total:.2%}){describe_training(trainer.cfg)}, device {run['device']}, "
+          f"dtype {run['dtype']}, {run['world']} process(es), {trainer.tokens_per_iter:,} "
+          f"tokens/iter, run {trainer.stamp}")
+    print(f"MFU is against the {trainer.peak_source} {run['dtype']} matmul peak of "
+          f"{run['device']}: {trainer.peak_flops / 1e9:,.0f} GFLOP/s")
 
 
 def main(argv=None):
@@ -418,43 +333,38 @@ def main(argv=None):
     if run["master"]:
         os.makedirs(cfg["out_dir"], exist_ok=True)
         # checkpoints half-written by killed runs (finetuned_*.pt.tmp<PID>); a live run's stay
-        removed = remove_dead_leftovers(cfg["out_dir"], temp_of=lambda name: bool(CKPT_PATTERN.match(name)))
+        removed = remove_dead_leftovers(cfg["out_dir"],
+                                        temp_of=lambda name: bool(CKPT_PATTERN.match(name)))
         if removed:
             print(f"removed {len(removed)} leftover(s) of interrupted runs: {', '.join(removed)}")
     trainer = None
     try:
         trainer = Trainer(cfg, run, resume_from, explicit)
-        n_params = trainer.raw_model.get_num_params()
-        trainable = sum(p.numel() for p in trainer.raw_model.parameters() if p.requires_grad)
-        total = trainer.raw_model.get_num_params(non_embedding=False)
         if run["master"]:
-            print(f"{n_params / 1e6:.2f}M parameters; trainable {trainable:,} of {total:,} ({trainable / total:.2%})"
-                  f"{describe_training(trainer.cfg)}, device {run['device']}, dtype {run['dtype']}, "
-                  f"{run['world']} process(es), {trainer.tokens_per_iter:,} tokens/iter, run {trainer.stamp}")
-            print(f"MFU is against the {trainer.peak_source} {run['dtype']} matmul peak of {run['device']}: "
-                  f"{trainer.peak_flops / 1e9:,.0f} GFLOP/s")
+            print_start(trainer)
         reason, seconds = trainer.train()
         if run["master"]:
-            print(f"stopped: {reason} after {trainer.iter_num} iters in {seconds / 60:.1f} min; best val loss "
-                  f"{trainer.stopper.best:.4f}")
-            if trainer.classify:
-                print_test_results(trainer)
+            print(f"stopped: {reason} after {trainer.iter_num} iters in {seconds / 60:.1f} min; "
+                  f"best val loss {trainer.stopper.best:.4f}")
+            trainer.task.test(trainer.best_path)  # a classifier's test split
             print(f"best model: {trainer.best_path}\nlatest state: {trainer.last_path}")
-            for name, plot in (("loss", plot_losses(cfg["out_dir"])), ("accuracy", plot_accuracy(cfg["out_dir"]))):
+            for name, plot in (("loss", plot_losses(cfg["out_dir"])),
+                               ("accuracy", plot_accuracy(cfg["out_dir"]))):
                 if plot:
                     print(f"{name} curve: {plot}")
         trainer.logger.close()
         if trainer.signal is not None and run["master"]:
-            print(f"to continue: python train.py --init_from=resume --out_dir={cfg['out_dir']}", flush=True)
+            print(f"to continue: python train.py --init_from=resume --out_dir={cfg['out_dir']}",
+                  flush=True)
         if run["ddp"]:
-            # gloo's worker thread may still be releasing the last eval all_reduce's tensor, which needs the GIL;
-            # tearing the group down (which joins that thread while holding the GIL) could then hang a rank
+            # gloo's worker thread may still be releasing the last eval all_reduce's tensor, which
+            # needs the GIL; tearing the group down (joining it, GIL held) could then hang a rank
             dist.barrier()
     finally:
         stopped_by = trainer.signal if trainer is not None else None
         if run["ddp"]:
-            # the DDP wrapper holds the group too: were it freed after the group's teardown, at interpreter exit,
-            # gloo's worker threads would be destroyed there and abort the process ("terminate called ...")
+            # the DDP wrapper holds the group too: freed after the group's teardown, at interpreter
+            # exit, gloo's worker threads would be destroyed there and abort ("terminate called")
             trainer = None
             gc.collect()
             dist.destroy_process_group()

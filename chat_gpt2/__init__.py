@@ -25,8 +25,9 @@ listed above it. `model` and `configurator` live at the top level of the reposit
     build          the prepared dataset built: tokenised, split train/val, published all or nothing
     classify_data  labelled text (.csv/.tsv/.jsonl/.json): columns, stratified split, the classify dataset, batches
     memory         a training run's memory estimate and check
-    training       LR schedule, early stopping, the train step, evaluation of the loss
-    run_log        metrics.jsonl, wandb and the loss plot
+    training       the model to train, LR, early stopping, forward/backward, the step, eval sums
+    objectives     what a run optimises, by meta.json's kind: batches, loss, eval, report, FLOPs
+    run_log        the log lines, metrics.jsonl, wandb and the loss plot
     evaluation     val loss, replies to held-out conversations, exact match and F1
     judge          the optional external judge
 """

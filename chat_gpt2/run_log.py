@@ -1,4 +1,5 @@
-"""What a training run reports: console lines, out_dir/metrics.jsonl, optionally wandb, and the loss curve."""
+"""What a training run reports: console lines, out_dir/metrics.jsonl, optionally wandb, and the
+loss (and accuracy) curves."""
 import json
 import os
 import time
@@ -9,12 +10,13 @@ from .files import atomic_write
 class Logger:
     """Console lines, out_dir/metrics.jsonl and (optionally) wandb; only the master process logs.
 
-    A new run starts a new metrics.jsonl (an older one is kept as metrics.<its time>.jsonl); a resumed run first
-    cuts the log back to the iteration it resumes from, so the records of steps that are redone appear once."""
+    A new run starts a new metrics.jsonl (an older one is kept as metrics.<its time>.jsonl); a
+    resumed run first cuts the log back to the iteration it resumes from, so the records of steps
+    that are redone appear once."""
 
     def __init__(self, cfg, run, resume_iter=None):
-        self.enabled, self.wandb = run["master"], None
-        self.path = os.path.join(cfg["out_dir"], "metrics.jsonl")
+        self.cfg, self.world, self.enabled = cfg, run.get("world", 1), run["master"]
+        self.path, self.wandb = os.path.join(cfg["out_dir"], "metrics.jsonl"), None
         if self.enabled and os.path.exists(self.path):
             if resume_iter is None:
                 stamp = time.strftime("%Y%m%d_%H%M%S", time.localtime(os.path.getmtime(self.path)))
@@ -25,7 +27,8 @@ class Logger:
                 self._cut(resume_iter)
         if self.enabled and cfg["wandb_log"]:
             import wandb
-            self.wandb = wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"] or None, config=cfg,
+            self.wandb = wandb.init(project=cfg["wandb_project"], config=cfg,
+                                    name=cfg["wandb_run_name"] or None,
                                     mode=cfg["wandb_mode"] or None)
 
     def _cut(self, resume_iter):
@@ -44,15 +47,53 @@ class Logger:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if k not in ("event", "iter")}, step=record["iter"])
+            values = {k: v for k, v in record.items() if k not in ("event", "iter")}
+            self.wandb.log(values, step=record["iter"])
+
+    def step(self, iter_num, loss, lr, epoch, window, peak_flops):
+        """The line and record of the train steps since the last one (window): ms/iter, tokens/s
+        of all processes (what ran: no padding to block_size), MFU (this process's FLOPs over its
+        peak; 0 without one) and the time left."""
+        iters = iter_num - window.iter
+        dt = (time.time() - window.t0) / iters
+        mfu = window.flops / iters / dt / peak_flops if peak_flops and window.tokens else 0.0
+        tokens_per_s = window.tokens * self.world / iters / dt
+        eta = (self.cfg["max_iters"] - iter_num) * dt / 60
+        line = (f"iter {iter_num} (epoch {epoch:.2f}): loss {loss:.4f}, lr {lr:.2e}, "
+                f"{dt * 1000:.1f} ms/iter, {tokens_per_s:,.0f} tokens/s, MFU {mfu:.1%}, "
+                f"ETA {eta:.1f} min")
+        self.log({"event": "step", "iter": iter_num, "epoch": epoch, "loss": loss, "lr": lr,
+                  "ms_per_iter": dt * 1000, "tokens_per_s": tokens_per_s, "mfu": mfu}, line)
+
+    def eval(self, iter_num, losses, stopper, is_best, fields, text):
+        """The line and record of an evaluation: the losses, early stopping's progress (stopper),
+        whether the best checkpoint was saved, and the objective's report (fields, text)."""
+        line = (f"eval iter {iter_num}: train loss {losses['train']:.4f}, val loss "
+                f"{losses['val']:.4f} (best {stopper.best:.4f}{', saved' if is_best else ''}; "
+                f"{stopper.stale}/{stopper.patience} evals without improvement >= "
+                f"{stopper.min_delta}){text}")
+        self.log({"event": "eval", "iter": iter_num, "train_loss": losses["train"],
+                  "val_loss": losses["val"], "best_val_loss": stopper.best, **fields}, line)
 
     def close(self):
         if self.wandb is not None:
             self.wandb.finish()
 
 
+class Window:
+    """The train steps since the last log line, evaluations left out: where and when it began,
+    and the tokens and FLOPs its steps ran (Logger.step turns them into tokens/s and MFU)."""
+
+    def __init__(self, iter_num):
+        self.iter, self.t0, self.tokens, self.flops = iter_num, time.time(), 0, 0.0
+
+    def add(self, tokens, flops):
+        self.tokens += tokens
+        self.flops += flops
+
+
 def _pyplot():
-    """matplotlib's pyplot drawing to files, or None when matplotlib is missing (plots are then skipped)."""
+    """matplotlib's pyplot drawing to files, or None without matplotlib (plots are then skipped)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -85,19 +126,23 @@ def plot_losses(out_dir):
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = [r for r in records if r["event"] == "step"]
     evals = [r for r in records if r["event"] == "eval"]
-    ax.plot([r["iter"] for r in steps], [r["loss"] for r in steps], alpha=0.4, label="train (per log step)")
+    ax.plot([r["iter"] for r in steps], [r["loss"] for r in steps], alpha=0.4,
+            label="train (per log step)")
     for split in ("train", "val"):
-        ax.plot([r["iter"] for r in evals], [r[f"{split}_loss"] for r in evals], marker="o", label=f"{split} (eval)")
+        ax.plot([r["iter"] for r in evals], [r[f"{split}_loss"] for r in evals], marker="o",
+                label=f"{split} (eval)")
     return _save(plt, fig, ax, "loss on the learned tokens", os.path.join(out_dir, "loss.png"))
 
 
 def plot_accuracy(out_dir):
-    """A classifier's train / val accuracy at each eval as accuracy.png (None without accuracies or matplotlib)."""
+    """A classifier's train / val accuracy at each eval as accuracy.png (None without accuracies
+    or matplotlib)."""
     evals = [r for r in _read_metrics(out_dir) if r["event"] == "eval" and "val_accuracy" in r]
     plt = _pyplot()
     if plt is None or not evals:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
     for split in ("train", "val"):
-        ax.plot([r["iter"] for r in evals], [r[f"{split}_accuracy"] for r in evals], marker="o", label=split)
+        ax.plot([r["iter"] for r in evals], [r[f"{split}_accuracy"] for r in evals], marker="o",
+                label=split)
     return _save(plt, fig, ax, "accuracy", os.path.join(out_dir, "accuracy.png"))

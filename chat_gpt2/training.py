@@ -1,15 +1,24 @@
-"""The pieces of a training run that train.py and bench.py share: the learning-rate schedule, early stopping,
-one optimizer step over accumulated micro-batches, and the evaluation of the loss on each split."""
+"""The pieces of a training run: the model to train (init_from, LoRA, frozen layers), the
+learning-rate schedule, early stopping, the forward and backward pass over accumulated
+micro-batches, the clipped optimizer step, a step's FLOPs and the sums over fixed evaluation
+batches (train.py and its objectives; bench.py measures train_step)."""
 import math
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from .checkpoint import SHAPE_KEYS, describe_base, init_checkpoint, model_from_checkpoint
 from .device import autocast
+from .errors import ConfigError
+from .hf_gpt2 import from_pretrained, pretrained_config, resolve_pretrained
+from .lora import apply_lora, freeze_layers, lora_settings
+from .memory import check_memory, count_trainable
+from model import GPT, GPTConfig
 
-DEFAULT_GRAD_CLIP = 1.0  # clip the gradient's global norm to this (0 = off); train.py's default, bench.py's too
+DEFAULT_GRAD_CLIP = 1.0  # clip the gradient's global norm to this (0 = off): train.py's, bench.py's
 
 
 def get_lr(it, cfg):
@@ -22,12 +31,13 @@ def get_lr(it, cfg):
     if it >= decay_iters:
         return cfg["min_lr"]
     ratio = (it - cfg["warmup_iters"]) / max(1, decay_iters - cfg["warmup_iters"])
-    return cfg["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg["learning_rate"] - cfg["min_lr"])
+    coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))
+    return cfg["min_lr"] + coeff * (cfg["learning_rate"] - cfg["min_lr"])
 
 
 @dataclass
 class EarlyStopping:
-    """Counts evaluations without a val improvement of at least min_delta over the best seen so far."""
+    """Counts evaluations without a val improvement of at least min_delta over the best so far."""
     patience: int
     min_delta: float
     best: float = float("inf")  # best val loss, for the best checkpoint (any improvement counts)
@@ -45,63 +55,181 @@ class EarlyStopping:
         return is_best, self.patience > 0 and self.stale >= self.patience
 
 
+# --------------------------------------------------------------------------------------------------
+# The model to train
+
+
+def build_model(cfg, ckpt, sys_info, explicit=()):
+    """The model to train, on the device: resumed from ckpt, or the base named by init_from; then
+    LoRA adapters (lora_rank > 0, the base frozen) or the trainable_layers freeze. explicit: see
+    _base_model."""
+    if ckpt is not None:  # a LoRA run comes back with its adapters apart, trainable (merge=False)
+        model = model_from_checkpoint(ckpt, merge=False, dropout=cfg["dropout"])
+    else:
+        model = _base_model(cfg, sys_info, explicit)
+    if cfg["block_size"] < model.config.block_size:
+        model.crop_block_size(cfg["block_size"])
+    elif cfg["block_size"] > model.config.block_size:
+        raise ConfigError(f"block_size {cfg['block_size']} exceeds the model's "
+                          f"{model.config.block_size}")
+    lora = lora_settings(cfg)
+    if ckpt is not None and ckpt.get("lora") != lora:
+        raise ConfigError(f"the run being resumed was trained with LoRA settings {ckpt.get('lora')}"
+                          f", not {lora}: the lora_* keys cannot change on resume")
+    if lora and ckpt is None:
+        # the base as trained on (cropped): a LoRA checkpoint stores how to rebuild it, no weights
+        model.lora_base = describe_base(model, cfg["init_from"], cfg["seed"])
+        apply_lora(model, lora)
+    freeze_layers(model, cfg["trainable_layers"])  # after the crop, which makes a new wpe Parameter
+    model.grad_checkpointing = cfg["grad_checkpointing"]
+    return model.to(sys_info["device"])
+
+
+def _base_model(cfg, sys_info, explicit):
+    """explicit: the keys the command line / config files set; for a pretrained init_from, an
+    explicit n_layer, n_head, n_embd or bias that differs from the checkpoint's is refused (the
+    defaults are for scratch models)."""
+    if cfg["init_from"] == "scratch":
+        config = GPTConfig(**{k: cfg[k] for k in ("block_size", "n_layer", "n_head", "n_embd",
+                                                   "dropout", "bias")})
+        check_memory(config, cfg, sys_info, count_trainable(config, cfg))
+        return GPT(config)
+    if cfg["init_from"] == "resume":
+        raise ConfigError("init_from='resume' needs a checkpoint")
+    init = init_checkpoint(cfg["init_from"], {k: cfg[k] for k in SHAPE_KEYS if k in explicit})
+    if init is not None:  # one of our checkpoints (pretrained on text, a full fine-tune): a new run
+        config = GPTConfig.from_dict({**init["model_args"], "dropout": cfg["dropout"]})
+        check_memory(config, cfg, sys_info, count_trainable(config, cfg))
+        if sys_info.get("master", True):
+            print(f"starting a new run (fresh optimizer, iter 0) from {init['path']} "
+                  f"(iter {init.get('iter_num')})")
+        model = model_from_checkpoint(init, dropout=cfg["dropout"])
+        cfg["init_from"] = os.path.abspath(init["path"])  # what a LoRA checkpoint rebuilds from
+    else:  # 'gpt2' .. 'gpt2-xl', a Hub repo id or a local Hugging Face directory
+        files = resolve_pretrained(cfg["init_from"])
+        shape = {k: cfg[k] for k in ("n_layer", "n_head", "n_embd", "bias") if k in explicit}
+        overrides = {"dropout": cfg["dropout"], "block_size": cfg["block_size"], **shape}
+        config = pretrained_config(files, overrides)
+        check_memory(config, cfg, sys_info, count_trainable(config, cfg))
+        if sys_info.get("master", True):
+            print(f"loading {files.source}: n_layer={config.n_layer}, n_head={config.n_head}, "
+                  f"n_embd={config.n_embd}, block_size={config.block_size}")
+        model = from_pretrained(files, overrides)
+    # the run's shape, saved with its config
+    cfg.update(n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd, bias=config.bias)
+    return model
+
+
+def describe_training(cfg):
+    """What trains, for the start line: "" (everything), LoRA's settings or the last blocks."""
+    lora = lora_settings(cfg)
+    if lora:
+        targets = ",".join(lora["targets"])
+        return f" (LoRA rank {lora['rank']}, alpha {lora['alpha']:g} on {targets})"
+    layers = cfg["trainable_layers"]
+    return "" if layers == -1 else f" (the last {layers} blocks + ln_f)"
+
+
+# --------------------------------------------------------------------------------------------------
+# One step
+
+
 def to_device(batch, device):
     if device.startswith("cuda"):  # pinned memory lets the copy overlap with compute
         return [t.pin_memory().to(device, non_blocking=True) for t in batch]
     return [t.to(device) for t in batch]
 
 
-def train_step(model, optimizer, scaler, data, generator, cfg, run, stats=None):
-    """One optimizer step over gradient_accumulation_steps micro-batches. The loss is the token-weighted mean over
-    the learned tokens of all micro-batches (not the last micro-batch's); it stays on the device (no sync).
-    stats: a dict whose counts (for the log's FLOP count) are increased by this step's: "learned_tokens", "tokens"
-    (the batches' positions: a classifier's batches are as long as their longest example) and "context" (the sum
-    of each position's sequence length)."""
-    steps = cfg["gradient_accumulation_steps"]
-    batches = [data.get_batch(cfg["batch_size"], cfg["block_size"], generator) for _ in range(steps)]
-    learned = float(sum(m.sum() for _, _, m in batches))  # counted on the host: no device sync
-    total = max(1.0, learned)
-    if stats is not None:
-        for key, n in (("learned_tokens", learned), ("tokens", sum(x.numel() for x, _, _ in batches)),
-                       ("context", sum(x.numel() * x.size(1) for x, _, _ in batches))):
-            stats[key] = stats.get(key, 0) + n
+def masked_loss(model, batch):
+    """The mean loss over the positions a batch (x, y, m) marks in m: a language model's learned
+    next tokens, or a classifier's one label per row (the model reads it where m is 1)."""
+    x, y, m = batch
+    return model(x, y, m)[1]
+
+
+def learned(batch):
+    """How many positions the loss of (x, y, m) averages over, counted on the host (no device
+    sync): the weight of a micro-batch in its step's mean."""
+    return float(batch[2].sum())
+
+
+def forward_backward(model, scaler, batches, run, loss_of=masked_loss, weight_of=learned):
+    """Gradients of the weighted mean loss over the micro-batches (CPU tensors), each weighted by
+    weight_of: by default the learned tokens, the token-weighted mean (not the mean of the
+    micro-batches' means). Under DDP the gradients are all-reduced on the last micro-batch only.
+    Returns the loss, on the device (no sync)."""
+    weights = [weight_of(batch) for batch in batches]
+    total = max(1.0, sum(weights))
     loss_sum = torch.zeros((), device=run["device"])
-    for micro, batch in enumerate(batches):
-        weight = float(batch[2].sum()) / total
-        x, y, m = to_device(batch, run["device"])
-        # under DDP, gradients are all-reduced only on the last micro-step
-        sync = model.no_sync() if run["ddp"] and micro < steps - 1 else nullcontext()
+    for micro, (batch, weight) in enumerate(zip(batches, weights)):
+        weight /= total
+        batch = to_device(batch, run["device"])
+        sync = model.no_sync() if run["ddp"] and micro < len(batches) - 1 else nullcontext()
         with sync:
             with autocast(run["device"], run["dtype"]):
-                _, loss = model(x, y, m)
+                loss = loss_of(model, batch)
             scaler.scale(loss * weight).backward()
         loss_sum += loss.detach() * weight
-    if cfg["grad_clip"] > 0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
     return loss_sum
 
 
+def clip_and_step(model, optimizer, scaler, grad_clip):
+    """Clip the gradient's global norm to grad_clip (0 = off), step, clear the gradients."""
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def train_step(model, optimizer, scaler, data, generator, cfg, run):
+    """One language-model step over gradient_accumulation_steps micro-batches of data, as train.py's
+    loop takes it (bench.py measures this). Returns the token-weighted mean loss, on the device."""
+    batches = [data.get_batch(cfg["batch_size"], cfg["block_size"], generator)
+               for _ in range(cfg["gradient_accumulation_steps"])]
+    loss = forward_backward(model, scaler, batches, run)
+    clip_and_step(model, optimizer, scaler, cfg["grad_clip"])
+    return loss
+
+
+def step_flops(model, batches, head_on_all):
+    """(tokens, training FLOPs) of a step over these batches (model: the unwrapped GPT): every
+    position runs the body (a classifier's batches end at their longest example), the output head
+    runs on every position (head_on_all) or on the learned ones only."""
+    tokens = sum(x.numel() for x, _, _ in batches)
+    context = sum(x.numel() * x.size(1) for x, _, _ in batches)  # each position's sequence length
+    head_tokens = tokens if head_on_all else sum(learned(batch) for batch in batches)
+    return tokens, model.train_flops(tokens, context / max(1, tokens), head_tokens)
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation
+
+
 @torch.no_grad()
-def evaluate(model, data, cfg, run):
-    """Token-weighted mean loss per split over eval_iters batches. The batches are the same at every eval (a fixed
-    seed), so evaluations compare like with like; every DDP rank takes part and the result is all-reduced."""
+def eval_totals(model, data, cfg, run, sums):
+    """{split: sums(model, batch) added up over eval_iters batches} for train and val. The batches
+    are the same at every eval (a fixed seed), so evaluations compare like with like; every DDP rank
+    takes part and the totals are all-reduced."""
     model.eval()
-    losses = {}
-    for i, (split, split_data) in enumerate(data.items()):
+    totals = {}
+    for i, split in enumerate(("train", "val")):
         generator = torch.Generator().manual_seed(cfg["seed"] + 7919 * run["rank"] + i)
-        total = torch.zeros(2, device=run["device"])
+        total = 0
         for _ in range(cfg["eval_iters"]):
-            x, y, m = to_device(split_data.get_batch(cfg["batch_size"], cfg["block_size"], generator), run["device"])
+            batch = data[split].get_batch(cfg["batch_size"], cfg["block_size"], generator)
             with autocast(run["device"], run["dtype"]):
-                _, loss = model(x, y, m)
-            total += torch.stack([loss.float() * m.sum(), m.sum()])
+                total = total + sums(model, to_device(batch, run["device"]))
         if run["ddp"]:
             dist.all_reduce(total)
-        losses[split] = (total[0] / total[1].clamp(min=1)).item()
+        totals[split] = total
     model.train()
-    return losses
+    return totals
 
+
+def loss_sums(model, batch):
+    """(loss x learned tokens, learned tokens) of one batch, for eval_totals: their ratio in the
+    end is the token-weighted mean loss."""
+    _, _, m = batch
+    return torch.stack([masked_loss(model, batch).float() * m.sum(), m.sum()])

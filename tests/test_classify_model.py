@@ -107,6 +107,32 @@ def test_train_learns_a_separable_task_and_reports_the_test_split(classify_run):
     assert os.path.exists(os.path.join(out, "accuracy.png")) and os.path.exists(os.path.join(out, "loss.png"))
 
 
+def test_the_classification_objective(classify_data):
+    """Chosen by the dataset's kind; its model is a GPTClassifier; its evaluation is the mean loss and the accuracy
+    over the examples of fixed batches; its report is the accuracy of each split."""
+    from chat_gpt2.classify_data import load_prepared
+    from chat_gpt2.objectives import Classification, objective_for
+    data, meta = load_prepared(classify_data)
+    cfg = {"seed": 3, "eval_iters": 2, "batch_size": 4, "block_size": 64, "lora_rank": 0, "trainable_layers": -1}
+    run = {"device": "cpu", "dtype": "float32", "ddp": False, "rank": 0, "master": True}
+    task = objective_for(meta, data, cfg, run)
+    assert type(task) is Classification and task.epoch_tokens == len(data["train"]) * 64
+    model = task.prepare(helpers.tiny_model(residual_scale=1))
+    assert isinstance(model, GPTClassifier) and model.labels == LABELS
+    losses = task.evaluate(model)
+    for i, split in enumerate(("train", "val")):
+        generator = torch.Generator().manual_seed(3 + i)
+        batches = [data[split].get_batch(4, 64, generator) for _ in range(2)]
+        with torch.no_grad():
+            logits = torch.cat([model(*b)[0] for b in batches])
+        labels = torch.cat([y[m > 0] for _, y, m in batches])
+        assert losses[split] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
+        assert losses[f"{split}_acc"] == (logits.argmax(1) == labels).float().mean().item()
+    fields, text = task.report(model, losses)
+    assert fields == {"train_accuracy": losses["train_acc"], "val_accuracy": losses["val_acc"]}
+    assert text == f", train accuracy {losses['train_acc']:.1%}, val accuracy {losses['val_acc']:.1%}"
+
+
 def test_checkpoint_round_trip_keeps_label_names(classify_run):
     data, out, _ = classify_run
     best = os.path.join(out, helpers.checkpoints(out)[0])

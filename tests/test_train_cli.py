@@ -18,6 +18,7 @@ import train
 from chat_gpt2 import dataset
 from chat_gpt2.checkpoint import save_checkpoint
 from chat_gpt2.errors import ConfigError
+from chat_gpt2.objectives import LanguageModelling
 from helpers import checkpoints, env, load_ckpt, read_meta, read_metrics, script, tiny_train_args, train_inprocess
 
 RUN_PATTERN = re.compile(r"^finetuned_\d{8}_\d{6}(_last)?\.pt$")
@@ -108,7 +109,7 @@ def test_train_log_reports_mfu(tiny_dataset, tmp_path, monkeypatch):
 def scripted_run(tmp_path, monkeypatch, dataset, val_losses, **overrides):
     """A run whose evaluations return val_losses in turn. Returns (out_dir, stdout)."""
     queue = list(val_losses)
-    monkeypatch.setattr(train, "evaluate", lambda *a, **k: {"train": 1.0, "val": queue.pop(0)})
+    monkeypatch.setattr(LanguageModelling, "evaluate", lambda self, model: {"train": 1.0, "val": queue.pop(0)})
     out = str(tmp_path / "out")
     return out, train_inprocess(tiny_train_args(dataset, out, **overrides))
 
@@ -167,7 +168,7 @@ def test_resume_overrides_reach_early_stopping(tmp_path, monkeypatch, tiny_datas
     """--patience / --min_delta given on resume apply to the restored early-stopping state."""
     out, _ = scripted_run(tmp_path, monkeypatch, tiny_dataset, [3.0, 2.0, 1.0], max_iters=4, eval_interval=2)
     queue = [0.9] * 10
-    monkeypatch.setattr(train, "evaluate", lambda *a, **k: {"train": 1.0, "val": queue.pop(0)})
+    monkeypatch.setattr(LanguageModelling, "evaluate", lambda self, model: {"train": 1.0, "val": queue.pop(0)})
     stdout = train_inprocess(["--init_from=resume", f"--out_dir={out}", "--max_iters=20", "--patience=1",
                               "--min_delta=100"])
     assert "early stopping" in stdout

@@ -1,11 +1,13 @@
 """chat_gpt2/training.py: the learning-rate schedule, early stopping, one train step (token-weighted over micro-batches,
-and in bf16 autocast)."""
+and in bf16 autocast); chat_gpt2/objectives.py: the objective chosen by the dataset's kind, language modelling's
+evaluation and report (classification's: test_classify_model.py)."""
 import numpy as np
 import pytest
 import torch
 
 import helpers
-from chat_gpt2 import dataset, training
+from chat_gpt2 import dataset, objectives, training
+from chat_gpt2.classify_data import load_prepared
 from model import GPT, GPTConfig
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -135,3 +137,58 @@ def test_bf16_and_fp32_loss_trajectories_match(tiny_dataset):
     assert fp32[-1] < fp32[0] - 2.0  # it learns, so the comparison covers real training, not noise around 10.8
     diffs = [abs(a - b) for a, b in zip(fp32, bf16)]
     assert max(diffs) < 0.05 * max(fp32[-1], 1.0), (fp32, bf16)
+
+
+def test_the_objectives_weights_set_each_micro_batchs_share(tiny_dataset):
+    """forward_backward weights each micro-batch as the objective says: with one weight for all, the
+    loss and the gradient are those of the plain mean of the micro-batches' losses."""
+    data, _ = dataset.load_dataset(tiny_dataset)
+    model = helpers.tiny_model(residual_scale=1, train=True, block_size=16, dropout=0.0)
+    gen = torch.Generator().manual_seed(5)
+    batches = [data["train"].get_batch(2, 16, gen) for _ in range(3)]
+    assert len({training.learned(b) for b in batches}) > 1  # token weighting would differ
+    run = {"device": "cpu", "dtype": "float32", "ddp": False}
+    loss = training.forward_backward(model, torch.amp.GradScaler("cpu", enabled=False), batches, run,
+                                     weight_of=lambda batch: 1.0)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    plain_mean = sum(training.masked_loss(model, b) for b in batches) / 3
+    plain_mean.backward()
+    assert loss.item() == pytest.approx(plain_mean.item(), abs=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The language-modelling objective
+
+
+RUN = {"device": "cpu", "dtype": "float32", "ddp": False, "rank": 0, "master": True, "world": 1}
+
+
+def test_the_objective_follows_the_datasets_kind(tiny_dataset):
+    data, meta = load_prepared(tiny_dataset)
+    cfg = {"batch_size": 2, "block_size": 16}
+    assert type(objectives.objective_for(meta, data, cfg, RUN)) is objectives.LanguageModelling
+    older = {k: v for k, v in meta.items() if k != "kind"}  # prepared before meta.json had a kind
+    assert type(objectives.objective_for(older, data, cfg, RUN)) is objectives.LanguageModelling
+
+
+def test_language_modelling_evaluates_the_token_weighted_loss_of_fixed_batches(tiny_dataset):
+    data, meta = load_prepared(tiny_dataset)
+    cfg = {"seed": 3, "eval_iters": 2, "batch_size": 2, "block_size": 16, "sample_max_tokens": 4}
+    task = objectives.objective_for(meta, data, cfg, RUN)
+    model = helpers.tiny_model(residual_scale=1, block_size=16, dropout=0.0)
+    losses = task.evaluate(model)
+    for i, split in enumerate(("train", "val")):
+        gen = torch.Generator().manual_seed(3 + i)  # seed + 7919 * rank + the split's index
+        batches = [data[split].get_batch(2, 16, gen) for _ in range(2)]
+        with torch.no_grad():
+            weighted = sum(training.masked_loss(model, b).item() * training.learned(b) for b in batches)
+        assert losses[split] == pytest.approx(weighted / sum(training.learned(b) for b in batches), rel=1e-5)
+    assert task.evaluate(model) == losses and model.training  # the same batches each time; back to train()
+    fields, text = task.report(model, losses)  # the greedy sample reply to the val split's first prompt
+    assert fields == {} and text.startswith("\n  sample: ") and " -> " in text
+    assert task.report(model, losses) == (fields, text)
+    assert objectives.LanguageModelling(data, meta, {**cfg, "sample_max_tokens": 0}, RUN).report(model, losses) \
+        == ({}, "")
