@@ -6,12 +6,13 @@ nanoGPT's CUDA recipe, and generation, ours against transformers' generate.
     python tools/gpu_bench.py --device=cpu --preset=tiny --json=bench.json   # the CPU dry run's shapes
 
 Training runs train.py's own train_step (chat_gpt2.training) on random tokens, every position learned, in bf16
-autocast with torch.compile (on CUDA, as train.py) and fused AdamW. nanoGPT's CUDA recipe is the same model, data and step with its loss:
-F.cross_entropy over the full fp32 logits. Per recipe: ms per step (median), tokens/s, MFU against the data
-sheet's dense bf16 peak (chat_gpt2.device.KNOWN_GPU_PEAKS) and against the bf16 matmul peak measured in the same
-run, peak memory, and the first steps' time (compiling). --profile: where our step's time goes, by kernel (auto:
-when a target is missed). Generation: greedy new tokens/s of our Engine (the Decoder behind sample.py and
-serve.py) and of transformers' GPT2LMHeadModel.generate on the same random weights, per batch size and dtype.
+autocast with torch.compile (on CUDA, as train.py) and fused AdamW. nanoGPT's CUDA recipe is the same model, data
+and step with nanoGPT's loss: F.cross_entropy over the full fp32 logits. Per recipe: ms per step (median),
+tokens/s, MFU against the data sheet's dense bf16 peak (chat_gpt2.device.KNOWN_GPU_PEAKS) and against the bf16
+matmul peak measured in the same run, peak memory, and the first steps' time (compiling). --profile: where our
+step's time goes, by kernel (auto: when a target is missed). Generation: greedy new tokens/s of our Engine (the
+Decoder behind sample.py and serve.py) and of transformers' GPT2LMHeadModel.generate on the same random weights,
+per batch size and dtype.
 
 The result is written to --json after each measurement (a run stopped by its time budget keeps what finished)
 and printed as one JSON line at the end."""
@@ -170,10 +171,12 @@ def bench_recipe(recipe, p, device, peaks, compile_it):
     tokens = p["batch_size"] * p["block_size"]
     median = statistics.median(times)
     achieved = model.flops_per_token(p["block_size"]) * tokens / median
-    row = {"recipe": recipe, "n_params": model.get_num_params(), "batch_size": p["batch_size"], "block_size": p["block_size"],
+    row = {"recipe": recipe, "n_params": model.get_num_params(), "batch_size": p["batch_size"],
+           "block_size": p["block_size"],
            "first_steps_s": round(sum(warm), 1), "ms_per_step": round(median * 1000, 2),
            "ms_per_step_best": round(min(times) * 1000, 2), "tokens_per_s": round(tokens / median),
-           "achieved_tflops": round(achieved / 1e12, 2), "mfu_vs_measured_peak": round(achieved / peaks["measured"], 4),
+           "achieved_tflops": round(achieved / 1e12, 2),
+           "mfu_vs_measured_peak": round(achieved / peaks["measured"], 4),
            "mfu_vs_datasheet": round(achieved / peaks["datasheet"], 4) if peaks["datasheet"] else None,
            "peak_memory_mb": peak_memory_mb(device), "loss_last": round(loss, 4)}
     print(f"  {recipe:<8} batch {p['batch_size']} x {p['block_size']}: {row['ms_per_step']:.1f} ms/step, "
@@ -255,7 +258,8 @@ def profile_step(step, device, steps=3, top=15):
         return getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0) or 0
     on_device = device.startswith("cuda")
     rows = sorted(events, key=lambda e: device_us(e) if on_device else e.self_cpu_time_total, reverse=True)
-    total = sum(device_us(e) if on_device else e.self_cpu_time_total for e in events if not e.key.startswith("Prof"))
+    total = sum(device_us(e) if on_device else e.self_cpu_time_total for e in events
+                if not e.key.startswith("Prof"))
     table = [{"name": e.key[:90], "calls": e.count,
               "ms_per_step": round((device_us(e) if on_device else e.self_cpu_time_total) / 1000 / steps, 3)}
              for e in rows[:top]]
@@ -291,7 +295,8 @@ def run_ours(engine, prompts, new_tokens):
     t0 = time.perf_counter()
     replies = engine.complete_batch(prompts, SamplingParams(temperature=0.0, max_new_tokens=new_tokens, stop=()))
     sync(engine.device)
-    return time.perf_counter() - t0, [r.tokens + ([chat.EOT] if r.finish_reason == "stop" else []) for r in replies]
+    seconds = time.perf_counter() - t0
+    return seconds, [r.tokens + ([chat.EOT] if r.finish_reason == "stop" else []) for r in replies]
 
 
 def transformers_model(model, dtype, device):

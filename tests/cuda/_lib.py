@@ -69,6 +69,11 @@ def best_and_last(out_dir):
     return tuple(helpers.load_ckpt(os.path.join(str(out_dir), n[0])) for n in (best, last))
 
 
+def step_losses(out_dir):
+    """The training loss of every logged step of the run in out_dir (metrics.jsonl)."""
+    return [r["loss"] for r in helpers.read_metrics(str(out_dir)) if r["event"] == "step"]
+
+
 def best_path(out_dir):
     return os.path.join(str(out_dir), next(n for n in helpers.checkpoints(str(out_dir))
                                            if not n.endswith("_last.pt")))

@@ -1,7 +1,8 @@
-"""train.py on the GPU, through its command line, with the device's defaults (on CUDA: bf16 autocast, torch.compile,
-fused AdamW, pinned memory and non-blocking copies): a tiny model and the GPT-2 124M shape; a compiled run's
-checkpoints and its bit-exact resume; fp16 with a GradScaler; LoRA, --trainable_layers, --grad_checkpointing and a
-classifier; and a GPU-trained checkpoint used on the CPU by sample.py, eval.py, export.py and a resumed run."""
+"""train.py on the GPU, through its command line, with the device's defaults (on CUDA: bf16 autocast,
+torch.compile, fused AdamW, pinned memory and non-blocking copies) on a tiny model (the 124M shape:
+test_cuda_124m.py): a compiled run's checkpoints and its bit-exact resume; fp16 with a GradScaler; LoRA,
+--trainable_layers, --grad_checkpointing and a classifier; and a GPU-trained checkpoint used on the CPU by
+sample.py, eval.py, export.py and a resumed run."""
 import json
 import math
 import os
@@ -13,15 +14,11 @@ import torch
 
 import _lib
 import helpers
-from _lib import DEVICE, ON_CUDA
+from _lib import DEVICE, ON_CUDA, step_losses
 
 pytestmark = [pytest.mark.cuda, _lib.requires_device]
 # the tests reading default_run share one worker under pytest-xdist (one run instead of one per worker)
 shares_default_run = pytest.mark.xdist_group("default_run")
-
-
-def step_losses(out_dir):
-    return [r["loss"] for r in helpers.read_metrics(str(out_dir)) if r["event"] == "step"]
 
 
 def assert_plain_keys(ckpt):
@@ -133,7 +130,8 @@ def test_trainable_layers_compiled(tmp_path, tiny_dataset):
     for name, tensor in best["model"].items():
         if name.startswith("transformer.h.0."):
             assert torch.equal(tensor, initial[name]), name
-    assert not torch.equal(best["model"]["transformer.h.1.mlp.c_fc.weight"], initial["transformer.h.1.mlp.c_fc.weight"])
+    name = "transformer.h.1.mlp.c_fc.weight"
+    assert not torch.equal(best["model"][name], initial[name])
 
 
 @shares_default_run
@@ -179,34 +177,6 @@ def test_classifier_compiled(tmp_path, classify_dataset):
     r = _lib.script("classify.py", f"--ckpt={_lib.best_path(out)}", "--device=cpu", "--text=apple banana cherry 3",
                     cwd=tmp_path)
     assert r.stdout.split()[0] == "pos"
-
-
-@pytest.fixture(scope="module")
-def text_dataset(tmp_path_factory):
-    """Plain text long enough for windows of 1024 tokens, prepared by prepare.py."""
-    root = tmp_path_factory.mktemp("cuda-text")
-    words = ["the", "lighthouse", "keeper", "climbed", "stairs", "every", "evening", "with", "a", "lantern"]
-    text = "\n".join(" ".join(words[(i * 7 + j) % len(words)] for j in range(12)) + "." for i in range(800))
-    (root / "input.txt").write_text(text + "\n")
-    _lib.script("prepare.py", str(root / "input.txt"), f"--out_dir={root / 'data'}", cwd=root)
-    return str(root / "data")
-
-
-def test_the_124m_shape_trains(tmp_path, text_dataset):
-    """A few iterations at GPT-2 124M's shape (12 layers, 12 heads, 768 wide; block 1024) with the defaults."""
-    out = tmp_path / "out"
-    block, batch = (64, 2) if _lib.TINY else (1024, 8)
-    p = _lib.script("train.py", *_lib.train_flags(text_dataset, str(out), **_lib.SHAPE_124M, block_size=block,
-                                                  batch_size=batch, max_iters=3, eval_interval=3, eval_iters=1,
-                                                  learning_rate=6e-4), cwd=tmp_path, timeout=400)
-    if not _lib.TINY:
-        assert re.search(r"^12[34]\.\d\dM parameters", p.stdout, re.M), p.stdout[:500]
-    assert f"device {DEVICE}, dtype {_lib.default_dtype()}" in p.stdout and "memory estimate" in p.stdout
-    losses = step_losses(out)
-    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
-    steps = [r for r in helpers.read_metrics(str(out)) if r["event"] == "step"]
-    print(json.dumps({"124m_last_step": steps[-1]}))
-    assert steps[-1]["mfu"] > 0 and steps[-1]["tokens_per_s"] > 0
 
 
 # ---------------------------------------------------------------------------------------------------------------
