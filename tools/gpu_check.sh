@@ -140,7 +140,7 @@ EOF
 
 # the tokenizer cache: .gpu_cache/tiktoken, filled from ../shared/tiktoken_cache where that exists
 if [ -d ../shared/tiktoken_cache ] && [ ! -d .gpu_cache/tiktoken ]; then
-    mkdir -p .gpu_cache && cp -r ../shared/tiktoken_cache .gpu_cache/tiktoken
+    mkdir -p .gpu_cache && cp -r ../shared/tiktoken_cache .gpu_cache/tiktoken && chmod -R u+w .gpu_cache
 fi
 export TIKTOKEN_CACHE_DIR=${TIKTOKEN_CACHE_DIR:-$REPO/.gpu_cache/tiktoken}
 [ -d /tmp/gpu_site ] || mkdir -p /tmp/gpu_site

@@ -6,7 +6,11 @@ import json
 import os
 
 
+CONFIG = []
+
+
 def pytest_configure(config):
+    CONFIG.append(config)
     config.addinivalue_line("markers", "cuda: runs on a GPU (tests/cuda/; CHAT_GPT2_TEST_DEVICE=cpu: on the CPU)")
     # pytest-xdist's (gpu_check.sh runs these with -n, --dist=loadgroup), declared for runs without it
     config.addinivalue_line("markers", "xdist_group(name): the tests of one group run in one xdist worker")
@@ -14,8 +18,8 @@ def pytest_configure(config):
 
 def pytest_runtest_logreport(report):
     path = os.environ.get("CHAT_GPT2_TEST_REPORT")
-    if not path or os.environ.get("PYTEST_XDIST_WORKER"):  # under xdist the controller writes each report once
-        return
+    if not path or CONFIG and CONFIG[0].pluginmanager.hasplugin("dsession"):
+        return  # under pytest-xdist the workers write the lines; the controller, which sees them again, does not
     if report.when != "call" and report.passed:
         return  # setup / teardown that passed: the call's report says how the test went
     line = {"test": report.nodeid, "when": report.when, "outcome": report.outcome,
@@ -25,5 +29,5 @@ def pytest_runtest_logreport(report):
     elif report.failed:
         lines = report.longreprtext.splitlines()
         line["error"] = " | ".join([x for x in lines if x.startswith("E ")][:3] or lines[-1:])[:600]
-    with open(path, "a", encoding="utf-8") as f:
+    with open(path, "a", encoding="utf-8") as f:  # one short line, appended: whole even from several workers
         f.write(json.dumps(line) + "\n")
