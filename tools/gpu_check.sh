@@ -33,7 +33,8 @@ PY=${PYTHON:-python3}
 WORK=$(mktemp -d /tmp/gpu-check-work.XXXXXX)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-export TORCHINDUCTOR_CACHE_DIR=$WORK/inductor  # shared by the section's processes: one compile per graph
+# torch.compile's cache, shared by all the processes and kept for a re-run on the same machine (much less compiling)
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/chat_gpt2_inductor}
 [ "$DEVICE" = cpu ] && export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 # summary.json: {"device", "tiny", "sections": {name: {status, rc, seconds, budget}}, "tests": [...],
@@ -87,7 +88,7 @@ run_section() {
     (sleep "$budget"; touch "$WORK/$name.timeout"; kill -TERM -- -"$pid" 2>/dev/null; sleep 5
      kill -KILL -- -"$pid" 2>/dev/null) &
     local watchdog=$!
-    wait "$pid"; rc=$?
+    wait "$pid" 2>/dev/null; rc=$?
     kill -- -"$watchdog" 2>/dev/null; wait "$watchdog" 2>/dev/null
     if [ -e "$WORK/$name.timeout" ]; then status=timeout; elif [ $rc = 0 ]; then status=passed; else status=failed; fi
     echo "{\"status\": \"$status\", \"rc\": $rc, \"seconds\": $(($(date +%s) - start)), \"budget\": $budget}" \
