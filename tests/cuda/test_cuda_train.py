@@ -60,7 +60,7 @@ def test_compiled_checkpoints_hold_the_models_own_names(default_run):
         assert_plain_keys(ckpt)
         assert set(ckpt["model"]) == set(reference)
         assert all(t.device.type == "cpu" for t in ckpt["model"].values())
-    assert last["iter_num"] == 6 and ("cuda" in last["rng"]) == ON_CUDA
+    assert last["iter_num"] == 6 and ("cuda" in last["rng"] or not ON_CUDA)  # the GPU's RNG, for resume
 
 
 def test_resume_is_bit_exact(tmp_path, tiny_dataset):
