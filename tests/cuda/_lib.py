@@ -85,19 +85,21 @@ def best_path(out_dir):
 
 def engine(ckpt, dtype):
     """The Engine sample.py would build for ckpt on DEVICE with --dtype=dtype (weights converted for half)."""
-    from chat_gpt2.engine import load_engine
+    from chat_gpt2.inference import load_engine
     return load_engine({"out_dir": "", "ckpt": ckpt, "device": DEVICE, "dtype": dtype})[0]
 
 
 def greedy_params(new_tokens, **sampling):
-    from chat_gpt2.engine import SamplingParams
+    from chat_gpt2.sampling import SamplingParams
     return SamplingParams(**{"temperature": 0.0, "max_new_tokens": new_tokens, "stop": (), **sampling})
 
 
 def cached_tokens(eng, prompts, new_tokens, **sampling):
     """Each prompt's reply tokens, the prompts decoded together as one batch (the KV-cache path)."""
-    replies = eng.complete_batch(prompts, greedy_params(new_tokens, **sampling))
-    return [reply.tokens for reply in replies]
+    from chat_gpt2.engine import Request
+    requests = [Request(prompt, greedy_params(new_tokens, **sampling)) for prompt in prompts]
+    eng.complete(requests)
+    return [request.replies[0].tokens for request in requests]
 
 
 def uncached_tokens(eng, prompt, new_tokens):
