@@ -2,16 +2,26 @@
 mode is a module of benchmarks/ with its own keys; this script parses them all and runs the one
 --mode names.
 
-    python bench.py --mode=train --preset=tiny       # training throughput, MFU (benchmarks/train_speed.py)
-    python bench.py --mode=train --preset=124m       # GPT-2 124M shape, batch 4 (also: 6x384, batch 8)
-    python bench.py --mode=train --preset=124m --baseline  # nanoGPT's CPU recipe on the same machine, to compare
-    python bench.py --mode=train --preset=124m --profile   # + where the step's time goes, the matmul-only ceiling
-    python bench.py --mode=generate                  # generation tokens/s, KV cache on/off, vs transformers (quick)
-    python bench.py --mode=generate --gen_preset=full  # the same at GPT-2 124M shape: 32 + 256 tokens, batch 1 and 8
-    python bench.py --mode=half --ckpt=out/finetuned_X.pt --dataset=data/chat   # bf16 vs fp32: same tokens?
-    python bench.py --mode=sample --gen_preset=full  # sample.py end to end, fp32 and bf16, vs transformers (124M)
-    python bench.py --mode=finetune                  # GPT-2 medium shape: full vs trainable_layers=1 vs LoRA rank 8
-    python bench.py --mode=prepare                   # prepare.py end to end vs a bare tokenise-and-write loop
+    # training throughput, MFU (benchmarks/train_speed.py)
+    python bench.py --mode=train --preset=tiny
+    # GPT-2 124M shape, batch 4 (also: 6x384, batch 8)
+    python bench.py --mode=train --preset=124m
+    # nanoGPT's CPU recipe on the same machine, to compare
+    python bench.py --mode=train --preset=124m --baseline
+    # + where the step's time goes, the matmul-only ceiling
+    python bench.py --mode=train --preset=124m --profile
+    # generation tokens/s, KV cache on/off, vs transformers (quick)
+    python bench.py --mode=generate
+    # the same at GPT-2 124M shape: 32 + 256 tokens, batch 1 and 8
+    python bench.py --mode=generate --gen_preset=full
+    # bf16 vs fp32: same tokens?
+    python bench.py --mode=half --ckpt=out/finetuned_X.pt --dataset=data/chat
+    # sample.py end to end, fp32 and bf16, vs transformers (124M)
+    python bench.py --mode=sample --gen_preset=full
+    # GPT-2 medium shape: full vs trainable_layers=1 vs LoRA rank 8
+    python bench.py --mode=finetune
+    # prepare.py end to end vs a bare tokenise-and-write loop
+    python bench.py --mode=prepare
 
 Every run ends with one machine-readable JSON line.
 """

@@ -1,9 +1,9 @@
 """Classify text with a trained classifier (a checkpoint of train.py
 on a dataset prepared with --task=classify).
 
-    python classify.py --out_dir=out-spam --text "WINNER!! Claim your prize now"    # prints: spam 0.993
+    python classify.py --out_dir=out-spam --text "WINNER!! Claim your prize now"  # spam 0.993
     python classify.py --out_dir=out-spam --file=messages.txt [--out=predictions.jsonl]
-    python classify.py --out_dir=out-spam --interactive                           # type a text, see its class
+    python classify.py --out_dir=out-spam --interactive  # type a text, see its class
 
 --file: a .txt (one text per non-empty line), or a .csv / .tsv / .jsonl / .json read with the
 columns the model was trained on. Each prediction is a JSON line {"text", "label", "probability",
@@ -31,7 +31,8 @@ DEFAULTS = dict(
 
 def predictions(model, texts, device, batch_size):
     probs = classify_texts(model, texts, device, batch_size)
-    return [{"text": text, "label": model.labels[p.argmax()], "probability": round(float(p.max()), 6),
+    return [{"text": text, "label": model.labels[p.argmax()],
+             "probability": round(float(p.max()), 6),
              "probabilities": {label: round(float(q), 6) for label, q in zip(model.labels, p)}}
             for text, p in zip(texts, probs)]
 
@@ -63,11 +64,13 @@ def main(argv=None):
         row = predictions(model, [str(cfg["text"])], device, 1)[0]
         print(f"{row['label']} {row['probability']:.3f}")
         return row
-    rows = predictions(model, read_texts(cfg["file"], info["classify"]["columns"]), device, cfg["batch_size"])
+    rows = predictions(model, read_texts(cfg["file"], info["classify"]["columns"]), device,
+                       cfg["batch_size"])
     out = cfg["out"] or os.path.splitext(cfg["file"])[0] + ".predictions.jsonl"
     write_jsonl(out, rows)
     counts = {label: sum(r["label"] == label for r in rows) for label in model.labels}
-    print(f"wrote {len(rows)} predictions to {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    print(f"wrote {len(rows)} predictions to {out}: "
+          + ", ".join(f"{k} {v}" for k, v in counts.items()))
     print(json.dumps({"n": len(rows), "out": out, "counts": counts}))
     return rows
 

@@ -215,7 +215,8 @@ def key_meanings(path, name="DEFAULTS"):
                 for t in tokens if t.type == tokenize.COMMENT}
     meanings = {}
     for kw in call.keywords:
-        if kw.arg is None:  # **entries built elsewhere: their meanings come with them (load\'s meanings)
+        # **entries built elsewhere: their meanings come with them (load\'s meanings)
+        if kw.arg is None:
             continue
         line = kw.value.end_lineno
         trailing = comments.get(line) if not lines[line - 1].lstrip().startswith("#") else None
@@ -245,9 +246,10 @@ def _help_text(defaults, prog, meanings=None, inputs=None):
 def load(defaults: dict, argv: list[str] | None = None, prog: str = "", inputs: str | None = None,
          meanings: dict | None = None) -> tuple[dict, dict]:
     """CLI wrapper: argv defaults to sys.argv[1:]. `--help`/`-h` prints every key with its default,
-    type and meaning (the comment beside it in the running script's DEFAULTS, else meanings[key]: keys
-    built elsewhere, such as the sampling options or bench.py's modes) and exits 0. A ConfigError is
-    printed to stderr as `error: ...` (no traceback) and exits with status 2. inputs: as in parse."""
+    type and meaning (the comment beside it in the running script's DEFAULTS, else meanings[key]:
+    keys built elsewhere, such as the sampling options or bench.py's modes) and exits 0. A
+    ConfigError is printed to stderr as `error: ...` (no traceback) and exits with status 2.
+    inputs: as in parse."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if not prog and sys.argv:
         prog = os.path.basename(sys.argv[0])

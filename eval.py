@@ -1,25 +1,30 @@
-"""Evaluate a trained model: val loss on a prepared dataset, and its replies to held-out conversations.
+"""Evaluate a trained model: val loss on a prepared dataset, and its replies to held-out
+conversations.
 
-    python eval.py --out_dir=out-demo --data=data/demo/heldout.jsonl     # the demo: share of correct answers
-    python eval.py --ckpt=out/finetuned_20260101_120000.pt --dataset=chat --data=heldout.json --out=replies.jsonl
-    python eval.py --data=heldout.jsonl --judge_cmd="python my_judge.py"  # plus an external judge (off by default)
+    python eval.py --out_dir=out-demo --data=data/demo/heldout.jsonl  # the demo: share correct
+    python eval.py --ckpt=out/finetuned_20260101_120000.pt --dataset=chat --data=heldout.json \
+        --out=replies.jsonl
+    python eval.py --data=heldout.jsonl --judge_cmd="python my_judge.py"  # plus an external judge
 
---dataset (a folder written by prepare.py, or its name under data/): the mean loss and perplexity on the assistant
-tokens (loss mask 1) of the whole val split, every token scored once, each window inside one conversation.
+--dataset (a folder written by prepare.py, or its name under data/): the mean loss and perplexity
+on the assistant tokens (loss mask 1) of the whole val split, every token scored once, each window
+inside one conversation.
 
---data (a .jsonl / .json file in any prepare.py schema): per conversation, the prompt is every message before the
-last assistant message (rendered with the checkpoint's chat template) and the reference is that message. Replies
-are greedy by default and stop at the checkpoint's default stop. Metrics, averaged over the file:
+--data (a .jsonl / .json file in any prepare.py schema): per conversation, the prompt is every
+message before the last assistant message (rendered with the checkpoint's chat template) and the
+reference is that message. Replies are greedy by default and stop at the checkpoint's default stop.
+Metrics, averaged over the file:
     exact_match  the reply's first line equals the reference's, whitespace-normalised
     f1           SQuAD-style token F1 on lowercased words with punctuation stripped
-    judge_score  optional: --judge_cmd gets {"prompt", "reference", "response"} as JSON on stdin and prints a number;
-                 --judge_url (an OpenAI-compatible /v1 base URL, key from $OPENAI_API_KEY) + --judge_model are asked
-                 for a 1-10 score
-Rows {prompt, reference, response, exact_match, f1[, judge_score]} go to --out (JSONL, written atomically); the run
-ends with one JSON summary line.
+    judge_score  optional (off by default): --judge_cmd gets {"prompt", "reference", "response"}
+                 as JSON on stdin and prints a number; --judge_url (an OpenAI-compatible /v1 base
+                 URL, key from $OPENAI_API_KEY) + --judge_model are asked for a 1-10 score
+Rows {prompt, reference, response, exact_match, f1[, judge_score]} go to --out (JSONL, written
+atomically); the run ends with one JSON summary line.
 
-A classifier's checkpoint (docs/classification.md) with --data=FILE (labelled, read with the columns it was trained
-on): `accuracy: 71.2% (1140/1600)`, then precision / recall / F1 per class and the confusion matrix.
+A classifier's checkpoint (docs/classification.md) with --data=FILE (labelled, read with the
+columns it was trained on): `accuracy: 71.2% (1140/1600)`, then precision / recall / F1 per class
+and the confusion matrix.
 """
 import json
 import math
@@ -40,19 +45,24 @@ from chat_gpt2.judge import make_judge
 DEFAULTS = dict(  # `python eval.py --help` prints these comments and the sampling options' help
     out_dir="out",  # the run's folder: its newest best checkpoint is used unless --ckpt says which
     ckpt="",  # a checkpoint file (finetuned_*.pt); "" = the newest best one in out_dir
-    init_from="",  # instead: our .pt file or a run's out_dir, or gpt2..gpt2-xl, a HF repo id or a local HF dir
+    # instead: our .pt file or a run's out_dir, or gpt2..gpt2-xl, a HF repo id or a local HF dir
+    init_from="",
     dataset="",  # a prepared dataset (name under data/ or folder): val loss and perplexity
-    data="",  # held-out conversations (.jsonl / .json, any prepare.py schema): replies and their metrics
+    # held-out conversations (.jsonl / .json, any prepare.py schema): replies and their metrics
+    data="",
     out="",  # where the replies go; "" = eval_replies.jsonl in out_dir
     batch_size=32,  # windows per forward for the val loss; prompts of one length generated together
     # the sampling options (sampling.SamplingParams): greedy by default, for scoring
     **sampling_defaults(temperature=0.0, max_new_tokens=64, seed=1337, stop=None),
-    judge_cmd="",  # a command that reads {prompt, reference, response} as JSON on stdin and prints a score
-    judge_url="",  # or an OpenAI-compatible /v1 base URL asked for a 1-10 score (key: $OPENAI_API_KEY, https only)
+    # a command that reads {prompt, reference, response} as JSON on stdin and prints a score
+    judge_cmd="",
+    # or an OpenAI-compatible /v1 base URL asked for a 1-10 score (key: $OPENAI_API_KEY, https only)
+    judge_url="",
     judge_model="",  # the model name the judge endpoint serves
     judge_timeout=120.0,  # seconds per judge call
     device="auto",  # auto, cpu, cuda, cuda:N or mps
-    dtype="float32",  # fp32 so that scores compare across machines; bfloat16 / float16 / auto convert the weights
+    # fp32 so that scores compare across machines; bfloat16 / float16 / auto convert the weights
+    dtype="float32",
 )
 
 
@@ -72,8 +82,8 @@ def evaluate_replies(engine, ckpt, cfg):
                "generate_seconds": round(seconds, 2), "empty_replies": empty}
     print(f"exact match: {100 * correct / n:.1f}% ({correct}/{n})")
     if empty:
-        print(f"note: {empty} of {n} replies are empty: the model ended its turn at once (an undertrained model, or "
-              f"a stop string that matches at the start of the reply)")
+        print(f"note: {empty} of {n} replies are empty: the model ended its turn at once "
+              f"(an undertrained model, or a stop string that matches at the start of the reply)")
     print(f"token F1: {summary['f1']:.3f}")
     if judge is not None:
         summary["judge_score"] = sum(r["judge_score"] for r in rows) / n
@@ -84,8 +94,8 @@ def evaluate_replies(engine, ckpt, cfg):
 
 def evaluate_classifier(engine, ckpt, cfg):
     if cfg["dataset"] or not cfg["data"]:
-        raise ConfigError("a classifier is evaluated on a labelled file: pass --data=FILE (no --dataset; train.py "
-                          "reports the prepared test split)")
+        raise ConfigError("a classifier is evaluated on a labelled file: pass --data=FILE "
+                          "(no --dataset; train.py reports the prepared test split)")
     model, labels = engine.model, ckpt["classify"]["labels"]
     texts, true = read_labelled(cfg["data"], ckpt["classify"]["columns"], labels)
     pred = classify_texts(model, texts, engine.device, cfg["batch_size"]).argmax(1)
@@ -99,15 +109,18 @@ def evaluate_classifier(engine, ckpt, cfg):
 def main(argv=None):
     cfg, _ = configurator.load(DEFAULTS, argv, prog="eval.py", meanings=sampling_help())
     if not cfg["dataset"] and not cfg["data"]:
-        raise ConfigError("nothing to evaluate: pass --dataset=NAME_OR_DIR (val loss) and/or --data=FILE (replies)")
+        raise ConfigError("nothing to evaluate: pass --dataset=NAME_OR_DIR (val loss) "
+                          "and/or --data=FILE (replies)")
     engine, ckpt = load_engine(cfg)
     if "classify" in ckpt:
         return evaluate_classifier(engine, ckpt, cfg)
     summary = {}
     if cfg["dataset"]:
-        loss, n_tokens = val_loss(engine.model, cfg["dataset"], cfg["batch_size"], engine.device, engine.dtype)
+        loss, n_tokens = val_loss(engine.model, cfg["dataset"], cfg["batch_size"], engine.device,
+                                  engine.dtype)
         summary.update(val_loss=loss, perplexity=math.exp(min(loss, 700.0)), val_tokens=n_tokens)
-        print(f"val loss {loss:.4f}, perplexity {summary['perplexity']:.2f} ({n_tokens:,} assistant tokens)")
+        print(f"val loss {loss:.4f}, perplexity {summary['perplexity']:.2f} "
+              f"({n_tokens:,} assistant tokens)")
     if cfg["data"]:
         summary.update(evaluate_replies(engine, ckpt, cfg))
     print(json.dumps(summary))

@@ -17,13 +17,15 @@ from torch.utils.checkpoint import checkpoint
 @dataclass
 class GPTConfig:
     block_size: int = 1024
-    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for speed; OpenAI weights use 50257
+    # GPT-2's 50257 padded up to a multiple of 64 for speed; OpenAI weights use 50257
+    vocab_size: int = 50304
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # bias in Linear and LayerNorm layers, like GPT-2
-    flash: bool = True  # attention through F.scaled_dot_product_attention; False = the manual masked softmax
+    # attention through F.scaled_dot_product_attention; False = the manual masked softmax
+    flash: bool = True
 
     @classmethod
     def from_dict(cls, d):
@@ -51,11 +53,13 @@ class Linear(nn.Linear):
     F.linear."""
 
     FEW_ROWS = 16
-    upcast = False  # GPT.to_half(upcast=True): half-precision weights multiplied in fp32 beyond FEW_ROWS rows
+    # GPT.to_half(upcast=True): half-precision weights multiplied in fp32 beyond FEW_ROWS rows
+    upcast = False
 
     def forward(self, x):
         if x.dtype != self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
-            x = x.to(self.weight.dtype)  # half-precision weights (GPT.to_half) under the fp32 residual stream
+            # half-precision weights (GPT.to_half) under the fp32 residual stream
+            x = x.to(self.weight.dtype)
         rows = x.numel() // max(1, x.size(-1))
         if self.upcast and rows > self.FEW_ROWS:
             bias = None if self.bias is None else self.bias.float()
@@ -63,7 +67,8 @@ class Linear(nn.Linear):
         if x.device.type != "cpu" or not 0 < rows <= self.FEW_ROWS:
             return F.linear(x, self.weight, self.bias)
         columns = x.reshape(rows, x.size(-1)).t()
-        out = self.weight @ columns if self.bias is None else torch.addmm(self.bias[:, None], self.weight, columns)
+        out = (self.weight @ columns if self.bias is None
+               else torch.addmm(self.bias[:, None], self.weight, columns))
         return out.t().contiguous().view(*x.shape[:-1], self.out_features)
 
 
@@ -76,15 +81,20 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.n_head, self.n_embd, self.dropout, self.flash = config.n_head, config.n_embd, config.dropout, config.flash
+        self.n_head, self.n_embd, self.dropout, self.flash = (config.n_head, config.n_embd,
+                                                              config.dropout, config.flash)
 
     def forward(self, x, kv_cache=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        mask = None  # None: causal among these T tokens, the only keys (with T = 1: the one key, or all cached)
-        if kv_cache is not None:  # append the new keys/values, attend over all the row's cached ones
-            k, v, mask = kv_cache.append(self.layer, k, v)  # mask: True = visible (None: all / causal)
+        # q, k, v: (B, nh, T, hs)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        # None: causal among these T tokens, the only keys (with T = 1: the one key, or all cached)
+        mask = None
+        # append the new keys/values, attend over all the row's cached ones
+        if kv_cache is not None:
+            # mask: True = visible (None: all / causal)
+            k, v, mask = kv_cache.append(self.layer, k, v)
         if self.flash:
             dropout = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
@@ -103,7 +113,8 @@ class CausalSelfAttention(nn.Module):
 def causal_mask(n_query, n_key, device):
     """Boolean (n_query, n_key) mask, True where attention is allowed;
     queries are the last n_query positions."""
-    return torch.ones(n_query, n_key, dtype=torch.bool, device=device).tril(diagonal=n_key - n_query)
+    return torch.ones(n_query, n_key, dtype=torch.bool,
+                      device=device).tril(diagonal=n_key - n_query)
 
 
 class MLP(nn.Module):
@@ -163,7 +174,8 @@ class _HeadLoss(torch.autograd.Function):
             losses[s:s + len(t)] = logp_t.squeeze(1).neg()
             if want_grad:
                 torch.exp(logp, out=part)  # softmax, rounded to the compute dtype
-                part.scatter_(1, t, (logp_t.exp() - 1).to(part.dtype))  # p - 1 from fp32, not from rounded p
+                # p - 1 from fp32, not from rounded p
+                part.scatter_(1, t, (logp_t.exp() - 1).to(part.dtype))
         ctx.save_for_backward(x, weight, logits)
         ctx.n = max(len(x), 1)
         return losses.sum() / ctx.n
@@ -184,7 +196,8 @@ class _HeadLoss(torch.autograd.Function):
 _disable_compile = getattr(torch, "_disable_dynamo", torch.compiler.disable)
 
 
-@_disable_compile  # a Python loop over a data-dependent row count: compiling it would only recompile
+# a Python loop over a data-dependent row count: compiling it would only recompile
+@_disable_compile
 def head_loss(x, weight, targets):
     """Mean cross-entropy of logits x @ weight.T (N, V) against
     targets (N,), in the autocast dtype if on."""
@@ -211,7 +224,8 @@ class GPT(nn.Module):
         # recompute each block's activations in backward, not keep them (--grad_checkpointing)
         self.grad_checkpointing = False
         self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
+        # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
+        for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
@@ -232,9 +246,10 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, loss_mask=None, kv_cache=None, all_logits=False):
         """idx (B, T) token ids. Returns (logits, loss).
 
-        With targets: (None, loss), the mean cross-entropy over the positions where loss_mask is 1 (token-weighted;
-        targets of -1 are ignored too; an all-masked batch gives loss 0, not NaN).
-        Without targets: (logits, None), for the last position only (what generation needs) unless all_logits.
+        With targets: (None, loss), the mean cross-entropy over the positions where loss_mask is 1
+        (token-weighted; targets of -1 are ignored too; an all-masked batch gives loss 0, not NaN).
+        Without targets: (logits, None), for the last position only (what generation needs) unless
+        all_logits.
         kv_cache: see hidden_states.
         """
         B, T = idx.size()
@@ -256,7 +271,8 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)  # keeps x only; dropout masks are replayed exactly
+                # keeps x only; dropout masks are replayed exactly
+                x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x, kv_cache)
         return self.transformer.ln_f(x)
@@ -331,7 +347,8 @@ class GPT(nn.Module):
         ]
         # fused: one pass that reads and writes each parameter once, instead of ~7 elementwise
         # passes per tensor on CPU (docs/performance.md) or a kernel launch each on CUDA
-        fused = device_type in ("cuda", "cpu", "mps", "xpu")  # the devices torch >= 2.4 has the fused AdamW for
+        # the devices torch >= 2.4 has the fused AdamW for
+        fused = device_type in ("cuda", "cpu", "mps", "xpu")
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
     def flops_per_token(self, seq_len=None):
@@ -350,20 +367,23 @@ class GPT(nn.Module):
         body, head = self.matmul_weights()
         frozen_body, head_trains = self._frozen_weights()
         trains = [any(p.requires_grad for p in block.parameters()) for block in self.transformer.h]
-        first = trains.index(True) if any(trains) else cfg.n_layer  # backward stops below this block
+        # backward stops below this block
+        first = trains.index(True) if any(trains) else cfg.n_layer
         below = sum(p.numel() for block in self.transformer.h[:first] for p in block.parameters())
         attention = 4 * cfg.n_embd * seq_len  # a layer's, forward, per token
         forward = 2 * body * tokens + 2 * head * head_tokens + attention * cfg.n_layer * tokens
         input_grads = (2 * (body - below) * tokens + 2 * head * head_tokens
                        + 2 * attention * (cfg.n_layer - first) * tokens)
-        weight_grads = 2 * (body - frozen_body) * tokens + (2 * head * head_tokens if head_trains else 0)
+        weight_grads = (2 * (body - frozen_body) * tokens
+                        + (2 * head * head_tokens if head_trains else 0))
         return forward + input_grads + weight_grads
 
     def _frozen_weights(self):
         """(frozen weights among matmul_weights' body, whether the output head trains)."""
         head = self.head_weight()
         skip = {id(self.transformer.wpe.weight), id(self.transformer.wte.weight), id(head)}
-        frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad and id(p) not in skip)
+        frozen = sum(p.numel() for p in self.parameters()
+                     if not p.requires_grad and id(p) not in skip)
         return frozen, head.requires_grad
 
     def head_weight(self):

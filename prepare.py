@@ -1,26 +1,28 @@
 """Turn chat data into the memmaps train.py reads.
 
-    python prepare.py INPUT [INPUT ...] [--out_dir=data/chat] [--val_fraction=0.1] [--val_file=FILE] [--seed=1337]
-    python prepare.py path/to/input.txt --out_dir=data/shakespeare      # plain text (see docs/data.md)
+    python prepare.py INPUT [INPUT ...] [--out_dir=data/chat] [--val_fraction=0.1] \
+        [--val_file=FILE] [--seed=1337]
+    python prepare.py path/to/input.txt --out_dir=data/shakespeare  # plain text (see docs/data.md)
 
 Each INPUT is a .jsonl file (one record per line) or a .json file holding an array of records, in
 any of these schemas (recognised per record by its keys; metadata keys such as "id" are ignored, see
 docs/data.md):
-    {"user", "assistant"}                      {"messages": [{"role", "content"}, ...], optional "system"}
-    {"instruction", "input", "output"}         {"conversations": [{"from", "value"}, ...], optional "system"}
-    {"prompt", "completion"}                   {"question", "answer"}
-    OpenAssistant trees {"message_tree_id", "prompt": {"role": "prompter", "text", "replies": [...]}}
+    {"user", "assistant"}               {"instruction", "input", "output"}
+    {"prompt", "completion"}            {"question", "answer"}
+    {"messages": [{"role", "content"}, ...], optional "system"}
+    {"conversations": [{"from", "value"}, ...], optional "system"}
+    {"message_tree_id", "prompt": {"role": "prompter", "text", "replies": [...]}}  (OpenAssistant)
 The conversation is rendered with --template (human_assistant, alpaca, chatml, or a JSON file;
 docs/data.md). Plain text instead (every token learned, documents closed by <|endoftext|>): .txt
 files (one document each) or records {"text": ...}; text and chat inputs cannot be mixed in one
 dataset.
 
 Writes into out_dir, all aligned token for token:
-    train.bin / val.bin               uint16 GPT-2 token ids (np.memmap(path, dtype=np.uint16, mode="r"))
-    train_mask.bin / val_mask.bin     uint8, 1 where the assistant's output is learned (see chat_gpt2/chat.py)
-    train_turns.npy / val_turns.npy   int64 offsets where a turn starts (training windows start only there)
-    train_convs.npy / val_convs.npy   int64 offsets where a conversation starts
-    meta.json                         tokenizer, vocab size, template, counts, multiline_replies, source hashes
+    {train,val}.bin        uint16 GPT-2 token ids (np.memmap(path, dtype=np.uint16, mode="r"))
+    {train,val}_mask.bin   uint8, 1 where the assistant's output is learned (see chat_gpt2/chat.py)
+    {train,val}_turns.npy  int64 offsets where a turn starts (training windows start only there)
+    {train,val}_convs.npy  int64 offsets where a conversation starts
+    meta.json              tokenizer, vocab size, template, counts, multiline_replies, source hashes
 Labelled text for a classifier instead (--task=classify; docs/classification.md): .csv / .tsv /
 .jsonl / .json with a text and a label column (--text_column, --label_column, --labels, --balance),
 split train/val/test by class. Everything is written to a temporary folder first and moved into

@@ -1,16 +1,18 @@
 """Talk to a trained model.
 
-    python sample.py --prompt "What is 7 plus 5?"              # newest run's best checkpoint in out_dir
-    python sample.py --ckpt=out/finetuned_20260101_120000.pt --prompt "Hi" --temperature=0 --system "Be brief."
-    python sample.py --raw --prompt "Once upon a time"          # continue plain text, no chat template
-    python sample.py --init_from=gpt2 --raw --prompt "Hello"    # Hugging Face GPT-2 weights (or a local HF dir)
-    python sample.py --interactive --system "Be brief."         # multi-turn chat; /help lists the commands
-    python sample.py --interactive --raw --out_dir=out-shakespeare  # each line typed continues the text
+    python sample.py --prompt "What is 7 plus 5?"  # newest run's best checkpoint in out_dir
+    python sample.py --ckpt=out/finetuned_20260101_120000.pt --prompt "Hi" --temperature=0 \
+        --system "Be brief."
+    python sample.py --raw --prompt "Once upon a time"  # continue plain text, no chat template
+    python sample.py --init_from=gpt2 --raw --prompt "Hello"  # Hugging Face GPT-2 or a local HF dir
+    python sample.py --interactive --system "Be brief."  # multi-turn chat; /help lists commands
+    python sample.py --interactive --raw --out_dir=out-shakespeare  # each line continues the text
 
-The prompt is rendered with the chat template stored in the checkpoint (chat.py), and only the assistant's reply
-is printed. Generation stops at the first newline by default (or at the end of the turn when the training data
-had multi-line replies, as recorded in the checkpoint; a model trained on plain text has none); `--stop` overrides
-it, and <|endoftext|> always stops. With --raw there is no template and no stop string unless --stop gives one.
+The prompt is rendered with the chat template stored in the checkpoint (chat.py), and only the
+assistant's reply is printed. Generation stops at the first newline by default (or at the end of
+the turn when the training data had multi-line replies, as recorded in the checkpoint; a model
+trained on plain text has none); `--stop` overrides it, and <|endoftext|> always stops. With --raw
+there is no template and no stop string unless --stop gives one.
 """
 import dataclasses
 import signal
@@ -28,20 +30,22 @@ from chat_gpt2.sampling import SAMPLING_KEYS, sampling_defaults, sampling_help
 DEFAULTS = dict(  # `python sample.py --help` prints these comments and the sampling options' help
     out_dir="out",  # the run's folder: its newest best checkpoint is used unless --ckpt says which
     ckpt="",  # a checkpoint file (finetuned_*.pt); "" = the newest best one in out_dir
-    init_from="",  # instead: our .pt file or a run's out_dir, or gpt2..gpt2-xl, a HF repo id or a local HF dir
+    # instead: our .pt file or a run's out_dir, or gpt2..gpt2-xl, a HF repo id or a local HF dir
+    init_from="",
     prompt="",  # the user's message (or, with --raw, the text to continue)
     system="",  # a system message before the conversation
     raw=False,  # continue plain text: no chat template, no stop string by default
     **sampling_defaults(top_k=200, seed=1337, stop=None),  # temperature, ... (SamplingParams)
     num_samples=1,  # replies to the prompt, generated as one batch
     device="auto",  # auto, cpu, cuda, cuda:N or mps
-    dtype="auto",  # auto (bf16 where it decodes faster), float32, bfloat16 or float16: the weights are converted
+    # auto (bf16 where it decodes faster), float32, bfloat16 or float16: the weights are converted
+    dtype="auto",
     use_cache=True,  # kept for old commands: decoding always uses the KV cache (same tokens)
     interactive=False,  # a multi-turn chat on the terminal (or piped stdin) instead of one --prompt
 )
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Interactive chat
 
 CHAT_HELP = """commands:
@@ -56,7 +60,8 @@ Ctrl-C stops a reply; the interrupted exchange is left out of the conversation."
 
 
 def apply_set(args, params):
-    """`/set temperature=0.5 top_k=50`: new SamplingParams, parsed and checked like command-line flags."""
+    """`/set temperature=0.5 top_k=50`: new SamplingParams, parsed and checked like command-line
+    flags."""
     if any(a.partition("=")[0] not in SAMPLING_KEYS for a in args):
         raise ConfigError(f"/set takes {', '.join(SAMPLING_KEYS)} (e.g. /set temperature=0.5)")
     settings = {k: getattr(params, k) for k in SAMPLING_KEYS}
@@ -65,7 +70,8 @@ def apply_set(args, params):
 
 
 def run_command(line, params, output):
-    """Handle a /command. Returns (action: 'quit', 'reset' or None, the sampling params for the next replies)."""
+    """Handle a /command. Returns (action: 'quit', 'reset' or None, the sampling params for the
+    next replies)."""
     name, *args = line.split()
     if name in ("/quit", "/exit"):
         return "quit", params
@@ -89,8 +95,9 @@ EMPTY_REPLY = "(empty reply: the model ended its turn at once)"
 
 
 def stream_reply(engine, ids, params, generator, output, raw=False, prompt_cache=None):
-    """Generate one reply, writing it to output as it comes. Returns the reply, or None when Ctrl-C stopped it.
-    raw: the continuation as generated, not stripped (its leading space or newline belongs to the text).
+    """Generate one reply, writing it to output as it comes. Returns the reply, or None when Ctrl-C
+    stopped it. raw: the continuation as generated, not stripped (its leading space or newline
+    belongs to the text).
     prompt_cache: an engine.PromptCache holding the conversation's earlier turns."""
     write = lambda choice, text: (output.write(text), output.flush())  # noqa: E731
     request = Request(ids, params, 1, generator, write, prompt_cache)
@@ -105,19 +112,23 @@ def stream_reply(engine, ids, params, generator, output, raw=False, prompt_cache
 
 
 def raw_context(history, enc, budget):
-    """--raw: the text so far (each typed line after a newline, each continuation right after its line) as ids,
-    its oldest tokens dropped to fit budget. Returns (ids, history)."""
-    text = "".join(("\n" if i and m["role"] == "user" else "") + m["content"] for i, m in enumerate(history))
+    """--raw: the text so far (each typed line after a newline, each continuation right after its
+    line) as ids, its oldest tokens dropped to fit budget. Returns (ids, history)."""
+    text = "".join(("\n" if i and m["role"] == "user" else "") + m["content"]
+                   for i, m in enumerate(history))
     return enc.encode_ordinary(text)[-budget:], history
 
 
 def chat_loop(engine, ckpt, cfg, input_fn=input, output=sys.stdout):
-    """A multi-turn chat: each line typed is a user message, each reply is streamed. The conversation is rendered
-    with the checkpoint's template and trimmed (oldest turns first) to block_size minus the room for a reply.
-    With --raw there is no template: each line continues the text (raw_context). Returns the conversation."""
+    """A multi-turn chat: each line typed is a user message, each reply is streamed. The
+    conversation is rendered with the checkpoint's template and trimmed (oldest turns first) to
+    block_size minus the room for a reply. With --raw there is no template: each line continues the
+    text (raw_context). Returns the conversation."""
     template = ckpt.get("template", chat.TEMPLATE)
-    params = sampling_params(cfg, None if cfg["raw"] else ckpt.get("default_stop", chat.NEWLINE_STOP))
-    generator = torch.Generator(device=engine.device).manual_seed(cfg["seed"])  # one stream for the whole chat
+    params = sampling_params(cfg, None if cfg["raw"]
+                             else ckpt.get("default_stop", chat.NEWLINE_STOP))
+    # one stream for the whole chat
+    generator = torch.Generator(device=engine.device).manual_seed(cfg["seed"])
     prompt_cache = PromptCache(engine.model.config, engine.device)  # a turn runs only what is new
     history = []
     output.write(("text: each line continues the text" if cfg["raw"] else "chat: type a message") +
@@ -145,9 +156,11 @@ def chat_loop(engine, ckpt, cfg, input_fn=input, output=sys.stdout):
         ids, kept = raw_context(new, engine.enc, budget) if cfg["raw"] else \
             chat.fit_context(cfg["system"], new, template, engine.enc, budget)
         if len(kept) < len(history) + 1:
-            output.write(f"(dropped the {(len(history) + 1 - len(kept)) // 2} oldest turn(s) to fit the context)\n")
+            output.write(f"(dropped the {(len(history) + 1 - len(kept)) // 2} oldest turn(s) "
+                         "to fit the context)\n")
         reply = stream_reply(engine, ids, params, generator, output, cfg["raw"], prompt_cache)
-        history = (kept + [{"role": "assistant", "content": reply}]) if reply is not None else kept[:-1]
+        history = ((kept + [{"role": "assistant", "content": reply}]) if reply is not None
+                   else kept[:-1])
 
 
 def main(argv=None):
@@ -155,13 +168,15 @@ def main(argv=None):
     if not cfg["prompt"] and not cfg["interactive"]:
         raise ConfigError("nothing to answer: pass --prompt \"...\" (or --interactive)")
     if cfg["raw"] and cfg["system"]:
-        raise ConfigError("--system needs the chat template: leave it out with --raw (plain text has no roles)")
+        raise ConfigError("--system needs the chat template: leave it out with --raw "
+                          "(plain text has no roles)")
     engine, ckpt = load_engine(cfg, one_row=cfg["num_samples"] == 1)
     if cfg["interactive"]:
         if sys.stdin.isatty():
             import readline  # noqa: F401  (line editing and history for input())
-            # Ctrl-C stops a reply. Python raises KeyboardInterrupt only if SIGINT was not ignored when it
-            # started, and a shell starts its background jobs (and what they run) with SIGINT ignored.
+            # Ctrl-C stops a reply. Python raises KeyboardInterrupt only if SIGINT was not ignored
+            # when it started, and a shell starts its background jobs (and what they run) with
+            # SIGINT ignored.
             signal.signal(signal.SIGINT, signal.default_int_handler)
         chat_loop(engine, ckpt, cfg)
         return
@@ -169,7 +184,8 @@ def main(argv=None):
         [{"role": "user", "content": cfg["prompt"]}]
     prompt_ids = engine.enc.encode_ordinary(cfg["prompt"]) if cfg["raw"] else \
         chat.render_prompt(messages, ckpt.get("template", chat.TEMPLATE), engine.enc)
-    params = sampling_params(cfg, None if cfg["raw"] else ckpt.get("default_stop", chat.NEWLINE_STOP))
+    params = sampling_params(cfg, None if cfg["raw"]
+                             else ckpt.get("default_stop", chat.NEWLINE_STOP))
     stream = cfg["num_samples"] == 1 and sys.stdout.isatty()
     on_text = (lambda row, text: print(text, end="", flush=True)) if stream else None
     request = Request(prompt_ids, params, cfg["num_samples"], on_text=on_text)
