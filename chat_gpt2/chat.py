@@ -61,8 +61,8 @@ ALPACA = {
     "assistant": "{content}",
     "turn_end": "",
     "eot": "<|endoftext|>",
-    "default_system": "Below is an instruction that describes a task. Write a response that appropriately "
-                      "completes the request.",
+    "default_system": "Below is an instruction that describes a task. "
+                      "Write a response that appropriately completes the request.",
     "input": "\n\n### Input:\n{content}",
     "stop": "\n",
     "stop_multiline": "\n\n### Instruction:",
@@ -97,7 +97,8 @@ def get_encoder(name=TOKENIZER):
         except Exception as e:  # no network and no cache: say what to do, not a long traceback
             raise MissingFileError(
                 f"could not load the {name!r} tokenizer ({type(e).__name__}: {e}). Offline, export "
-                f"TIKTOKEN_CACHE_DIR=/abs/path/to/tiktoken_cache (currently {os.environ.get('TIKTOKEN_CACHE_DIR')!r})"
+                f"TIKTOKEN_CACHE_DIR=/abs/path/to/tiktoken_cache "
+                f"(currently {os.environ.get('TIKTOKEN_CACHE_DIR')!r})"
             ) from None
     return _encoders[name]
 
@@ -122,15 +123,18 @@ def load_template(name):
     if name in BUILTIN_TEMPLATES:
         return dict(BUILTIN_TEMPLATES[name])
     if not os.path.isfile(name):
-        raise ConfigError(f"--template={name}: not a built-in template ({', '.join(BUILTIN_TEMPLATES)}) nor a file")
+        raise ConfigError(f"--template={name}: not a built-in template "
+                          f"({', '.join(BUILTIN_TEMPLATES)}) nor a file")
     try:
         with open(name, encoding="utf-8") as f:
             text = f.read()
         template = json.loads(text)
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ConfigError(f"{name}: unreadable template ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise ConfigError(f"{name}: unreadable template "
+                          f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
     if not isinstance(template, dict):
-        raise ConfigError(f"{name}:1: a template must be a JSON object with the fields {', '.join(TEMPLATE_FIELDS)}")
+        raise ConfigError(f"{name}:1: a template must be a JSON object with the fields "
+                          f"{', '.join(TEMPLATE_FIELDS)}")
     check_template(template, name, text)
     return template
 
@@ -144,18 +148,22 @@ def check_template(template, path, text=""):
 
     for key in template:
         if key not in TEMPLATE_FIELDS:
-            raise ConfigError(f"{where(key)}: unknown field {key!r} (a template has {', '.join(TEMPLATE_FIELDS)})")
+            raise ConfigError(f"{where(key)}: unknown field {key!r} "
+                              f"(a template has {', '.join(TEMPLATE_FIELDS)})")
     for key in TEMPLATE_FIELDS:
         value = template.get(key)
         if key not in template:
-            raise ConfigError(f"{path}: field {key!r} is missing (a template has {', '.join(TEMPLATE_FIELDS)})")
+            raise ConfigError(f"{path}: field {key!r} is missing "
+                              f"(a template has {', '.join(TEMPLATE_FIELDS)})")
         if not isinstance(value, str):
-            raise ConfigError(f"{where(key)}: field {key!r} must be a string, got {type(value).__name__}")
+            raise ConfigError(f"{where(key)}: field {key!r} must be a string, "
+                              f"got {type(value).__name__}")
         if value.count("{content}") != (key in WITH_CONTENT):
             raise ConfigError(f"{where(key)}: field {key!r} must hold {{content}} "
                               f"{'exactly once' if key in WITH_CONTENT else 'nowhere'}")
     if template["eot"] != "<|endoftext|>":
-        raise ConfigError(f"{where('eot')}: field 'eot' must be \"<|endoftext|>\" (GPT-2's end-of-text token)")
+        raise ConfigError(f"{where('eot')}: field 'eot' must be \"<|endoftext|>\" "
+                          "(GPT-2's end-of-text token)")
     for key in ("stop", "stop_multiline"):
         if not template[key]:
             raise ConfigError(f"{where(key)}: field {key!r} is empty: a reply needs a default stop")
@@ -206,8 +214,9 @@ def marked_text(messages, template=TEMPLATE, add_generation_prompt=False):
 def token_bytes(enc):
     """The length in bytes of each token of enc, as an array indexed by token id (cached)."""
     if enc.name not in _token_bytes:
-        _token_bytes[enc.name] = np.fromiter((len(enc.decode_single_token_bytes(t)) for t in range(enc.n_vocab)),
-                                             dtype=np.int64, count=enc.n_vocab)
+        _token_bytes[enc.name] = np.fromiter(
+            (len(enc.decode_single_token_bytes(t)) for t in range(enc.n_vocab)),
+            dtype=np.int64, count=enc.n_vocab)
     return _token_bytes[enc.name]
 
 
@@ -293,7 +302,8 @@ def chat_template(template=TEMPLATE):
     default_system = template.get("default_system", "")
     default = (  # a conversation without a system message gets the template's default one
         "{%- if not messages or messages[0]['role'] != 'system' -%}"
-        f"{{{{ {lit(fill(template['system'], default_system))} }}}}{{%- endif -%}}" if default_system else "")
+        f"{{{{ {lit(fill(template['system'], default_system))} }}}}{{%- endif -%}}"
+        if default_system else "")
     return (
         default +
         "{%- for message in messages -%}"
@@ -339,7 +349,8 @@ class Rendered:
         conv_of_turn = np.searchsorted(self.starts, self.turns, side="right") - 1
         # the tokens dropped before each conversation
         shift = self.starts[:-1] - np.concatenate([[0], np.cumsum(lengths * keep)[:-1]])
-        return Rendered(self.ids[tokens], self.mask[tokens], np.concatenate([[0], np.cumsum(lengths[keep])]),
+        return Rendered(self.ids[tokens], self.mask[tokens],
+                        np.concatenate([[0], np.cumsum(lengths[keep])]),
                         (self.turns - shift[conv_of_turn])[keep[conv_of_turn]])
 
 
@@ -357,7 +368,8 @@ def encode_closed(enc, texts, chunk=64):
         return _close(enc.encode_ordinary_batch(texts))
     joined = [EOT_TEXT.join(texts[i:i + chunk]) + EOT_TEXT for i in range(0, len(texts), chunk)]
     encoded = enc.encode_batch(joined, allowed_special={EOT_TEXT})
-    ids = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.uint16, count=sum(map(len, encoded)))
+    ids = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.uint16,
+                      count=sum(map(len, encoded)))
     return ids, np.concatenate([[0], np.flatnonzero(ids == EOT) + 1])
 
 
@@ -365,7 +377,8 @@ def _close(encoded):
     """The token lists back to back, each followed by <|endoftext|>: (uint16 ids, starts)."""
     lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)) + 1
     starts = np.concatenate([[0], np.cumsum(lengths)])
-    ids = np.fromiter(itertools.chain.from_iterable(t + [EOT] for t in encoded), dtype=np.uint16, count=starts[-1])
+    ids = np.fromiter(itertools.chain.from_iterable(t + [EOT] for t in encoded), dtype=np.uint16,
+                      count=starts[-1])
     return ids, starts
 
 
@@ -391,14 +404,16 @@ def _assemble(ids, starts, marked, enc):
     indexes of the conversations where a token crosses a learned span's edge) if there are any."""
     sizes = token_bytes(enc)[ids]
     sizes[starts[1:] - 1] = 0  # <|endoftext|> is not part of the text
-    token_at = np.cumsum(sizes) - sizes  # where each token starts, in bytes of the texts back to back
+    # where each token starts, in bytes of the texts back to back
+    token_at = np.cumsum(sizes) - sizes
     text_at = token_at[starts[:-1]]  # where each conversation's text starts
     # the learned spans' edges, ascending: start, end, start, ...
     bounds = np.fromiter((text_at[i] + edge for i, (_, learned, _) in enumerate(marked)
                           for span in learned for edge in span), dtype=np.int64)
     aligned = token_at[np.minimum(np.searchsorted(token_at, bounds), len(ids) - 1)] == bounds
     if not aligned.all():
-        return None, sorted({int(i) for i in np.searchsorted(text_at, bounds[~aligned], side="right") - 1})
+        return None, sorted({int(i) for i in
+                             np.searchsorted(text_at, bounds[~aligned], side="right") - 1})
     # a token inside a learned span has an odd number of edges at or before its start
     mask = (np.searchsorted(bounds, token_at, side="right") & 1).astype(np.uint8)
     mask[starts[1:] - 1] = 1  # <|endoftext|>

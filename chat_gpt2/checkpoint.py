@@ -2,8 +2,8 @@
 load, the newest one, a model rebuilt.
 
 A run started at YYYYMMDD_HHMMSS writes two files into out_dir:
-    finetuned_YYYYMMDD_HHMMSS.pt        the best model so far (lowest val loss): weights and what sampling needs
-    finetuned_YYYYMMDD_HHMMSS_last.pt   the latest state, with the optimizer, scaler and RNG states for resume
+    finetuned_YYYYMMDD_HHMMSS.pt       the best (lowest val loss): weights, what sampling needs
+    finetuned_YYYYMMDD_HHMMSS_last.pt  the latest state, with optimizer, scaler, RNG states: resume
 
 Both are plain dicts of Python values and tensors, loaded with torch.load(weights_only=True): no
 pickled classes. A LoRA run's `model` holds only the adapter tensors; `lora` says what they are and
@@ -36,7 +36,8 @@ def unused_stamp(out_dir):
     """The run's start time, YYYYMMDD_HHMMSS; a run started in the
     same second as another gets the next second."""
     t = time.time()
-    while os.path.exists(checkpoint_path(out_dir, time.strftime("%Y%m%d_%H%M%S", time.localtime(t)), last=True)):
+    while os.path.exists(checkpoint_path(out_dir, time.strftime("%Y%m%d_%H%M%S", time.localtime(t)),
+                                         last=True)):
         t += 1
     return time.strftime("%Y%m%d_%H%M%S", time.localtime(t))
 
@@ -44,14 +45,17 @@ def unused_stamp(out_dir):
 def find_checkpoint(out_dir, last=False):
     """The newest run's best checkpoint in out_dir (or its latest state with last=True)."""
     names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
-    runs = sorted(m.group(1) for m in map(CKPT_PATTERN.match, names) if m and bool(m.group(2)) == last)
+    runs = sorted(m.group(1) for m in map(CKPT_PATTERN.match, names)
+                  if m and bool(m.group(2)) == last)
     if not runs:
         kind = os.path.basename(checkpoint_path("", "YYYYMMDD_HHMMSS", last))
-        raise MissingFileError(f"no checkpoint {kind} in {out_dir!r}: train first, or pass --ckpt=PATH")
+        raise MissingFileError(f"no checkpoint {kind} in {out_dir!r}: "
+                               "train first, or pass --ckpt=PATH")
     return checkpoint_path(out_dir, runs[-1], last)
 
 
-SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "bias")  # fixed by the weights; block_size may shrink, dropout change
+# fixed by the weights; block_size may shrink, dropout change
+SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "bias")
 
 
 def checkpoint_for_init(init_from):
@@ -73,12 +77,14 @@ def init_checkpoint(init_from, shape):
         return None
     ckpt = load_checkpoint(path)
     if "model_args" not in ckpt:
-        raise CheckpointError(f"--init_from={init_from}: {path} is not a model checkpoint (no model_args)")
+        raise CheckpointError(f"--init_from={init_from}: {path} is not a model checkpoint "
+                              "(no model_args)")
     wrong = [f"{k}={v} (the checkpoint has {ckpt['model_args'].get(k)})" for k, v in shape.items()
              if ckpt["model_args"].get(k) != v]
     if wrong:
-        raise ConfigError(f"--init_from={init_from}: {', '.join(wrong)}: the model's shape comes from {path}; "
-                          f"leave n_layer/n_head/n_embd/bias out (block_size may shrink, dropout may change)")
+        raise ConfigError(f"--init_from={init_from}: {', '.join(wrong)}: "
+                          f"the model's shape comes from {path}; leave n_layer/n_head/n_embd/bias "
+                          f"out (block_size may shrink, dropout may change)")
     ckpt["path"] = path
     return ckpt
 
@@ -86,7 +92,8 @@ def init_checkpoint(init_from, shape):
 def save_checkpoint(path, ckpt):
     """Write atomically (temp file + rename): a crash mid-save never
     leaves a torn or truncated checkpoint."""
-    with atomic_write(path, "wb") as f:  # a full disk: an OutputError naming the file, the old ones untouched
+    # a full disk: an OutputError naming the file, the old ones untouched
+    with atomic_write(path, "wb") as f:
         torch.save(ckpt, f)
 
 
@@ -96,7 +103,8 @@ def load_checkpoint(path, map_location="cpu"):
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torn, not a checkpoint, or holding pickled classes
-        raise CheckpointError(f"could not read checkpoint {path}: {type(e).__name__}: {e}") from None
+        raise CheckpointError(f"could not read checkpoint {path}: "
+                              f"{type(e).__name__}: {e}") from None
 
 
 def training_checkpoint(raw_model, cfg, meta, state, optimizer=None, scaler=None):
@@ -117,7 +125,8 @@ def training_checkpoint(raw_model, cfg, meta, state, optimizer=None, scaler=None
     }
     if lora:
         ckpt["lora"], ckpt["base"] = dict(lora), dict(raw_model.lora_base)
-    if getattr(raw_model, "labels", None):  # a classifier (classifier.py): its classes and the data's columns
+    # a classifier (classifier.py): its classes and the data's columns
+    if getattr(raw_model, "labels", None):
         ckpt["classify"] = {"labels": list(raw_model.labels), "columns": meta.get("columns")}
     if torch.cuda.is_available():
         ckpt["rng"]["cuda"] = torch.cuda.get_rng_state()
@@ -147,8 +156,8 @@ def model_from_checkpoint(ckpt, device="cpu", merge=True, **overrides):
             model = attach_head(model, ckpt["classify"]["labels"])
         model.load_state_dict(clean_state_dict(ckpt["model"]))
     except (RuntimeError, TypeError, ValueError, AssertionError) as e:
-        raise CheckpointError(f"the checkpoint's weights do not fit its model_args: {str(e).splitlines()[0]}") \
-            from None
+        raise CheckpointError(f"the checkpoint's weights do not fit its model_args: "
+                              f"{str(e).splitlines()[0]}") from None
     return model.to(device)
 
 
@@ -175,7 +184,8 @@ def build_base(base, overrides=None):
     elif os.path.isfile(init_from):
         model = model_from_checkpoint(load_checkpoint(init_from), dropout=args["dropout"])
     else:
-        model = from_pretrained(init_from, {k: args[k] for k in ("dropout", "block_size", "flash") if k in args})
+        model = from_pretrained(init_from, {k: args[k] for k in ("dropout", "block_size", "flash")
+                                            if k in args})
     if model.config.block_size > args["block_size"]:
         model.crop_block_size(args["block_size"])
     return model
@@ -186,18 +196,21 @@ def _lora_model(ckpt, merge, overrides):
     try:
         model = build_base(base, overrides)
     except (UserError, OSError) as e:
-        raise CheckpointError(f"the LoRA checkpoint's base {base['init_from']!r} could not be rebuilt: {e}") from None
+        raise CheckpointError(f"the LoRA checkpoint's base {base['init_from']!r} "
+                              f"could not be rebuilt: {e}") from None
     found = fingerprint(model)
     if found != base["fingerprint"]:
-        raise CheckpointError(f"the LoRA adapters were trained on other weights than {base['init_from']!r} holds "
-                              f"now (fingerprint {found[:12]}, expected {base['fingerprint'][:12]}): "
+        raise CheckpointError(f"the LoRA adapters were trained on other weights than "
+                              f"{base['init_from']!r} holds now "
+                              f"(fingerprint {found[:12]}, expected {base['fingerprint'][:12]}): "
                               f"restore the base the run started from at that path")
     model.lora_base = dict(base)
     apply_lora(model, ckpt["lora"])
     try:
         load_adapters(model, clean_state_dict(ckpt["model"]))
     except (RuntimeError, ValueError) as e:
-        raise CheckpointError(f"the checkpoint's adapters do not fit its base: {str(e).splitlines()[0]}") from None
+        raise CheckpointError(f"the checkpoint's adapters do not fit its base: "
+                              f"{str(e).splitlines()[0]}") from None
     return merge_lora(model) if merge else model
 
 
@@ -209,11 +222,12 @@ def load_model(out_dir="out", ckpt="", init_from="", device="cpu"):
     path = checkpoint_for_init(init_from) if init_from else None
     if init_from and path is None:
         if init_from in ("scratch", "resume"):
-            raise CheckpointError(f"init_from={init_from!r} means nothing to sample from: name pretrained weights "
-                                  f"(e.g. gpt2 or a local directory), or leave init_from empty to use --ckpt / the "
-                                  f"newest checkpoint")
+            raise CheckpointError(f"init_from={init_from!r} means nothing to sample from: "
+                                  f"name pretrained weights (e.g. gpt2 or a local directory), "
+                                  f"or leave init_from empty to use --ckpt / the newest checkpoint")
         model = from_pretrained(init_from).to(device)
-        info = {"template": chat.TEMPLATE, "tokenizer": chat.TOKENIZER, "default_stop": chat.NEWLINE_STOP}
+        info = {"template": chat.TEMPLATE, "tokenizer": chat.TOKENIZER,
+                "default_stop": chat.NEWLINE_STOP}
     else:
         path = path or ckpt or find_checkpoint(out_dir)
         info = load_checkpoint(path, device)
@@ -226,6 +240,7 @@ def load_classifier(out_dir="out", ckpt="", device="cpu"):
     checkpoint (see load_model for the choice)."""
     model, info = load_model(out_dir, ckpt, device=device)
     if "classify" not in info:
-        raise CheckpointError(f"{ckpt or find_checkpoint(out_dir)} is not a classifier: train one on a dataset "
-                              f"prepared with --task=classify (docs/classification.md)")
+        raise CheckpointError(f"{ckpt or find_checkpoint(out_dir)} is not a classifier: "
+                              f"train one on a dataset prepared with --task=classify "
+                              f"(docs/classification.md)")
     return model, info
