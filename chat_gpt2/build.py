@@ -39,7 +39,7 @@ SPLIT_TOKENS = 1 << 20
 PROGRESS_SECONDS = 3  # a progress line this often, once a build has taken this long
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Tokenise into one temporary stream, then split by conversation
 
 

@@ -16,7 +16,7 @@ from .errors import InputError
 from .records import read_conversations
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Val loss on assistant tokens
 
 
@@ -28,7 +28,8 @@ def conversation_windows(ids, mask, conv_starts, turn_starts, block_size):
     ends = list(conv_starts[1:]) + [len(ids)]
     for a, b in zip(conv_starts, ends):
         turns = turn_starts[np.searchsorted(turn_starts, a):np.searchsorted(turn_starts, b)]
-        start, scored_until = a, a  # targets at positions <= scored_until are scored (position a is no target)
+        # targets at positions <= scored_until are scored (position a is no target)
+        start, scored_until = a, a
         while scored_until < b - 1:
             end = min(start + block_size + 1, b)
             scored = mask[start + 1:end].astype(np.float32)
@@ -42,7 +43,8 @@ def conversation_windows(ids, mask, conv_starts, turn_starts, block_size):
 def padded_batches(windows, batch_size, max_tokens=8192):
     """(x, y, mask) batches of windows sorted by length (little padding), at most batch_size rows and about
     max_tokens positions each (bounds the logits' memory on GPUs); padding has target -1 and mask 0."""
-    windows = sorted(windows, key=lambda w: -len(w[0]))  # longest first: a batch's first row sets its width
+    # longest first: a batch's first row sets its width
+    windows = sorted(windows, key=lambda w: -len(w[0]))
     i = 0
     while i < len(windows):
         rows = max(1, min(batch_size, max_tokens // len(windows[i][0])))
@@ -72,14 +74,15 @@ def val_loss(model, folder, batch_size, device, dtype):
     return total / max(count, 1.0), int(count)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Replies to held-out conversations
 
 
 def load_heldout(path, template, enc):
     """[(prompt_ids, reference)] per conversation; a bad record raises an error naming file:line."""
     examples = []
-    for _, messages in read_conversations(path, template=template):  # each ends with an assistant message
+    # each ends with an assistant message
+    for _, messages in read_conversations(path, template=template):
         examples.append((chat.render_prompt(messages[:-1], template, enc), messages[-1]["content"].strip()))
     if not examples:
         raise InputError(f"{path}: no conversations")
@@ -108,7 +111,7 @@ def generate_all(engine, prompts, params, batch_size):
     return replies
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Metrics
 
 

@@ -24,8 +24,10 @@ OPENAI_GPT2 = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                    "pytorch_model.bin.index.json")
 HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-PRETRAINED_SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "vocab_size", "bias")  # fixed by the weights
-PRETRAINED_TUNABLE_KEYS = ("dropout", "block_size", "flash")  # may differ from the checkpoint (block_size: crop)
+# fixed by the weights
+PRETRAINED_SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "vocab_size", "bias")
+# may differ from the checkpoint (block_size: crop)
+PRETRAINED_TUNABLE_KEYS = ("dropout", "block_size", "flash")
 HF_CLASSIFIER = "GPT2ForSequenceClassification"  # what export.py writes for a classifier
 PAD_ID = chat.VOCAB_SIZE  # a classifier export's <|pad|>: the first id past GPT-2's vocabulary
 INIT_FROM_HELP = (f"init_from takes 'scratch', 'resume', a GPT-2 name ({', '.join(OPENAI_GPT2)}), a Hugging Face "
@@ -41,7 +43,8 @@ class PretrainedFiles:
 
 def _local_help(name="gpt2"):
     local = f"{name.split('/')[-1]}-local"
-    files = " config.json model.safetensors" if name in OPENAI_GPT2 else ""  # not the TF / Flax / ONNX copies
+    # not the TF / Flax / ONNX copies
+    files = " config.json model.safetensors" if name in OPENAI_GPT2 else ""
     return (f"Offline: `hf download {name}{files} --local-dir {local}` on a machine with internet, then "
             f"--init_from=/path/to/{local} (HF_HUB_OFFLINE=1 skips the Hub's retries; --init_from=scratch trains "
             f"without pretrained weights)")
@@ -87,11 +90,13 @@ def _resolve_hub(name):
                                         RepositoryNotFoundError)
 
     offline = bool(constants.HF_HUB_OFFLINE)
-    candidates = [name] + ([f"openai-community/{name}"] if name in OPENAI_GPT2 else [])  # the cache may hold either
+    # the cache may hold either
+    candidates = [name] + ([f"openai-community/{name}"] if name in OPENAI_GPT2 else [])
     tried, local_only = [], offline
     hub_logger = logging.getLogger("huggingface_hub")
     level = hub_logger.level
-    hub_logger.setLevel(logging.ERROR)  # no page of retry warnings when the network is down: we explain below
+    # no page of retry warnings when the network is down: we explain below
+    hub_logger.setLevel(logging.ERROR)
     try:
         for repo in candidates:
             def fetch(filename):
@@ -102,7 +107,8 @@ def _resolve_hub(name):
                 for filename in HF_WEIGHT_FILES:
                     try:
                         path = fetch(filename)
-                    except EntryNotFoundError:  # not in this repo (or not cached): try the next format
+                    # not in this repo (or not cached): try the next format
+                    except EntryNotFoundError:
                         continue
                     if filename.endswith(".index.json"):
                         with open(path) as f:
@@ -123,7 +129,8 @@ def _resolve_hub(name):
             except LocalEntryNotFoundError:
                 why = "HF_HUB_OFFLINE is set" if offline else "the Hub could not be reached"
                 tried.append(f"Hub repo {repo!r}: not in the Hugging Face cache and {why}")
-                local_only = True  # one network timeout is enough: look only in the cache from now on
+                # one network timeout is enough: look only in the cache from now on
+                local_only = True
             except EntryNotFoundError:
                 tried.append(f"Hub repo {repo!r} has no config.json: not a transformers model")
             except Exception as e:  # gated repos, HTTP errors, disk full, ...: keep it to one line
@@ -167,7 +174,8 @@ def pretrained_config(files, overrides=None):
     if hf.get("model_type") != "gpt2":
         raise PretrainedError(f"{src}: config.json has model_type {hf.get('model_type')!r}, not 'gpt2': only GPT-2 "
                               f"checkpoints can be loaded into this model")
-    if HF_CLASSIFIER in (hf.get("architectures") or ()):  # a classifier export: its pad row, no language-model head
+    # a classifier export: its pad row, no language-model head
+    if HF_CLASSIFIER in (hf.get("architectures") or ()):
         raise PretrainedError(f"{src} is a text classifier ({HF_CLASSIFIER}): start a run from its checkpoint "
                               f"file instead (--init_from=PATH/finetuned_*.pt)")
     try:
@@ -250,7 +258,8 @@ def load_pretrained_weights(model, files):
                     if name.endswith(HF_CONV1D):
                         tensor = tensor.t()
                     elif name == "transformer.wpe.weight":
-                        tensor = tensor[:block_size]  # crop the position embeddings to a smaller block_size
+                        # crop the position embeddings to a smaller block_size
+                        tensor = tensor[:block_size]
                     if tensor.shape != params[name].shape:
                         raise PretrainedError(f"{files.source}: {hf_name} has shape {tuple(tensor.shape)}, expected "
                                               f"{tuple(params[name].shape)}")
@@ -284,7 +293,7 @@ def from_pretrained(name_or_dir, overrides=None):
     return load_pretrained_weights(model, files)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Out: our GPT as transformers' GPT2LMHeadModel (export.py)
 
 
@@ -323,7 +332,8 @@ def hf_state_dict(model):
                          f"{chat.VOCAB_SIZE}: it cannot be exported as a GPT-2 model")
     classifier = getattr(model, "labels", None) is not None
     state = {}
-    for name, p in model.named_parameters():  # the tied head appears once, as transformer.wte.weight
+    # the tied head appears once, as transformer.wte.weight
+    for name, p in model.named_parameters():
         p = p.detach()
         if name.endswith(HF_CONV1D):
             p = p.t()

@@ -36,7 +36,8 @@ class LoRALinear(Linear):
         self.weight, self.bias = base.weight, base.bias
         device = base.weight.device
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=device))  # zero: step 0 = the base
+        # zero: step 0 = the base
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's (and PEFT's) init
         self.lora_dropout = nn.Dropout(dropout)
         self.scale = alpha / rank
@@ -57,7 +58,7 @@ class LoRALinear(Linear):
         return out
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Config
 
 
@@ -96,7 +97,7 @@ def lora_settings(cfg):
         parse_targets(cfg.get("lora_targets", ",".join(TARGETS))))}
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Applying, freezing, merging
 
 
@@ -137,7 +138,8 @@ def freeze_layers(model, n):
         raise ConfigError(f"--trainable_layers={n} exceeds the model's {n_layer} layers (n_layer)")
     for p in model.parameters():
         p.requires_grad_(False)
-    head = [model.score] if hasattr(model, "score") else []  # a classifier's head (classifier.py) always trains
+    # a classifier's head (classifier.py) always trains
+    head = [model.score] if hasattr(model, "score") else []
     for module in [*model.transformer.h[n_layer - n:], model.transformer.ln_f, *head]:
         for p in module.parameters():
             p.requires_grad_(True)
@@ -175,7 +177,7 @@ def fingerprint(model):
     return h.hexdigest()
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # PEFT's adapter layout (export.py --adapter_only)
 
 
@@ -192,7 +194,8 @@ def peft_adapter(model, base_name):
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
         "r": lora["rank"], "lora_alpha": lora["alpha"], "lora_dropout": lora["dropout"],
-        "target_modules": list(lora["targets"]),  # PEFT matches a module whose name ends with ".<target>"
+        # PEFT matches a module whose name ends with ".<target>"
+        "target_modules": list(lora["targets"]),
         "fan_in_fan_out": True, "bias": "none", "use_rslora": False, "use_dora": False,
         "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
     }

@@ -86,7 +86,8 @@ def check_memory(config, cfg, sys_info, trainable=None):
         advice = (f"the model alone takes {gib(states)} for its weights, gradients and AdamW state: use a smaller "
                   f"model (gpt2 < gpt2-medium < gpt2-large < gpt2-xl) or a device with more memory")
     else:
-        fits = int((avail - states) / (need["activations"] * procs / b))  # the largest batch that fits
+        # the largest batch that fits
+        fits = int((avail - states) / (need["activations"] * procs / b))
         advice = f"the activations at batch_size {b} x block_size {s} take {gib(need['activations'] * procs)}: "
         if fits >= 1:
             accum = math.ceil(b * cfg["gradient_accumulation_steps"] / fits)

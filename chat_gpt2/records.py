@@ -19,10 +19,11 @@ import re
 from . import chat
 from .errors import InputError, RecordError
 
-MAX_RECORD_BYTES = 64 * 2 ** 20  # one record (a .jsonl line, a .json array element) larger than this is refused
+# one record (a .jsonl line, a .json array element) larger than this is refused
+MAX_RECORD_BYTES = 64 * 2 ** 20
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Reading records: streamed, memory bounded by one record
 
 
@@ -64,7 +65,8 @@ def iter_jsonl(path, hasher):
             except json.JSONDecodeError as e:
                 yield where, RecordError(where, f"invalid JSON: {e.msg} (column {e.colno})", "invalid JSON")
                 continue
-            except (ValueError, RecursionError) as e:  # integers over 4,300 digits, nesting deeper than Python's stack
+            # integers over 4,300 digits, nesting deeper than Python's stack
+            except (ValueError, RecursionError) as e:
                 yield where, RecordError(where, f"unreadable JSON: {_why(e)}", "invalid JSON")
                 continue
             yield where, record
@@ -76,7 +78,8 @@ def _why(error):
     return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
-_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of a byte that is not UTF-8
+# what surrogateescape makes of a byte that is not UTF-8
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
 
 
 def _decode_one(decoder, buf, pos, where):
@@ -101,7 +104,8 @@ def _value_end(buf, pos):
     depth, i = 0, pos
     while i < len(buf):
         char = buf[i]
-        if depth == 0 and char in ",]" and i > pos:  # a bare value (a long number) ends at the next separator
+        # a bare value (a long number) ends at the next separator
+        if depth == 0 and char in ",]" and i > pos:
             return i
         if char == '"':
             i += 1
@@ -123,7 +127,8 @@ def iter_json_array(path, hasher, chunk_size=1 << 20):
     # -sig: tolerate a BOM; surrogateescape: an invalid byte becomes a lone surrogate inside its own record, which
     # is then refused alone (and skippable), instead of failing whichever chunk it arrived in
     decoder, utf8 = json.JSONDecoder(), codecs.getincrementaldecoder("utf-8-sig")(errors="surrogateescape")
-    buf, pos, index, line, state, eof = "", 0, 0, 1, "start", False  # state: start, first, value, sep, end
+    # state: start, first, value, sep, end
+    buf, pos, index, line, state, eof = "", 0, 0, 1, "start", False
     with open(path, "rb") as f:
 
         def read_more():  # append the next chunk to what is left of buf; False at end of file
@@ -164,7 +169,8 @@ def iter_json_array(path, hasher, chunk_size=1 << 20):
                         raise InputError(f"{where}: invalid JSON: {e.msg} (line {error_line})") from None
                     eof = not read_more()  # the record may just be incomplete
                     continue
-                if end is None or end == len(buf) and not eof:  # the record may continue in the next chunk
+                # the record may continue in the next chunk
+                if end is None or end == len(buf) and not eof:
                     if eof:
                         raise InputError(f"{where}: unreadable JSON: {record}") from None
                     eof = not read_more()
@@ -177,11 +183,12 @@ def iter_json_array(path, hasher, chunk_size=1 << 20):
                          "a .json input must hold one array of records")
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Plain text: a .txt file is one document, read in chunks cut where GPT-2's tokenizer would cut anyway
 
 TEXT_CHUNK_BYTES = 1 << 20
-MAX_TEXT_CARRY = 16 << 20  # characters held while looking for a safe cut; past this a cut may change a token or two
+# characters held while looking for a safe cut; past this a cut may change a token or two
+MAX_TEXT_CARRY = 16 << 20
 _WS = " \t\n\r\x0b\x0c"  # whitespace GPT-2's pre-tokenizer splits on (\s) for certain
 
 
@@ -265,7 +272,7 @@ def iter_records(path, hasher):
     raise InputError(f"{path}: unsupported extension (expected .jsonl, .json or .txt)")
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Schemas: every record becomes [{"role", "content"}, ...]
 
 ROLE_ALIASES = {"system": "system", "user": "user", "human": "user", "prompter": "user", "assistant": "assistant",
@@ -317,7 +324,8 @@ def _turns(turns, where, list_key, role_key, content_key):
 CONTENT_KEYS = {"user", "assistant", "messages", "conversations", "system", "instruction", "input", "output",
                 "prompt", "completion", "question", "answer", "text", "chosen", "rejected", "context", "response",
                 "history", "query", "conversation", "dialogue", "turns", "replies"}
-PREFERENCE_KEYS = {"chosen", "rejected"}  # ignored beside instruction/output and prompt/completion (one warning)
+# ignored beside instruction/output and prompt/completion (one warning)
+PREFERENCE_KEYS = {"chosen", "rejected"}
 PAIRS = [("user", "assistant"), ("prompt", "completion"), ("question", "answer")]
 
 
@@ -387,7 +395,7 @@ def to_messages(record, where, template=chat.TEMPLATE):
     return to_conversations(record, where, template)[0]
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # OpenAssistant trees: {"message_tree_id", "prompt": {"role": "prompter", "text", "replies": [{"role":
 # "assistant", "text", "rank", "replies": [...]}, ...]}}
 
@@ -434,7 +442,8 @@ def oasst_conversations(record, where, paths="best"):
             replies = replies[:1]
         if not replies:
             if paths == "best":
-                while path and path[-1]["role"] != "assistant":  # the best branch ends on a question: drop it
+                # the best branch ends on a question: drop it
+                while path and path[-1]["role"] != "assistant":
                     path.pop()
             if path and path[-1]["role"] == "assistant":
                 found.append(path)

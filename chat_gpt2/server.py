@@ -55,7 +55,7 @@ def error_response(status, message, param=None, code=None, headers=None):
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Request bodies. strict: a string where a number belongs is an error naming the field, not silently converted.
 
 
@@ -103,7 +103,7 @@ class SimpleChatRequest(BaseModel):
     history: list[Message] = []
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Body size: refused before the body is read
 
 
@@ -136,7 +136,7 @@ def validation_error(exc):
     return error_response(400, f"{param or 'body'}: {err.get('msg')}", param=param, code=err.get("type"))
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The service: requests -> prompts and params -> batcher jobs -> OpenAI responses
 
 
@@ -291,7 +291,7 @@ async def answer(service, request, req, prompt, params, is_chat):
     return (chat_response if is_chat else completion_response)(meta, prompt, rows)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The app
 
 
