@@ -3,7 +3,7 @@ load, the newest one, a model rebuilt.
 
 A run started at YYYYMMDD_HHMMSS writes two files into out_dir:
     finetuned_YYYYMMDD_HHMMSS.pt       the best model (lowest val loss), with what sampling needs
-    finetuned_YYYYMMDD_HHMMSS_last.pt  for resume: the latest state, optimizer, scaler and RNG states
+    finetuned_YYYYMMDD_HHMMSS_last.pt  for resume: the latest state, optimizer, scaler, RNG states
 
 Both are plain dicts of Python values and tensors, loaded with torch.load(weights_only=True): no
 pickled classes. A LoRA run's `model` holds only the adapter tensors; `lora` says what they are and

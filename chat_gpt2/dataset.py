@@ -3,11 +3,11 @@ ChatData per split, memory-mapped, whose batches are windows that start on a tur
 builds it (prepare.py). Its files, all aligned token for token, in one folder (their names are
 defined here):
 
-    train.bin / val.bin               uint16 GPT-2 token ids (np.memmap(path, dtype=np.uint16, mode="r"))
-    train_mask.bin / val_mask.bin     uint8, 1 where the assistant's output is learned (see chat.py)
-    train_turns.npy / val_turns.npy   int64 offsets where a turn starts (training windows start only there)
-    train_convs.npy / val_convs.npy   int64 offsets where a conversation starts
-    meta.json                         kind ("chat" or "text"), tokenizer, vocab size, template, counts, sources
+    {train,val}.bin        uint16 GPT-2 token ids (np.memmap(path, dtype=np.uint16, mode="r"))
+    {train,val}_mask.bin   uint8, 1 where the assistant's output is learned (see chat.py)
+    {train,val}_turns.npy  int64 offsets where a turn starts (training windows start only there)
+    {train,val}_convs.npy  int64 offsets where a conversation starts
+    meta.json              kind ("chat" or "text"), tokenizer, vocab size, template, counts, sources
 Plain text (kind "text": .txt files, {"text"} records) is every token learned, each document closed
 by <|endoftext|>; its "conversations" are the documents, and its windows start anywhere. Each name
 is a symlink into the build folder `.dataset` points to (build.py); a folder of plain files (an

@@ -1,5 +1,6 @@
-"""Scoring a model: the loss on a prepared dataset's val split (every learned token scored once), replies to
-held-out conversations, and the reply metrics (exact match of the first line, SQuAD-style token F1)."""
+"""Scoring a model: the loss on a prepared dataset's val split (every learned token scored once),
+replies to held-out conversations, and the reply metrics (exact match of the first line, SQuAD-style
+token F1)."""
 import re
 import string
 import sys
@@ -21,10 +22,11 @@ from .records import read_conversations
 
 
 def conversation_windows(ids, mask, conv_starts, turn_starts, block_size):
-    """Yield (start, tokens, scored): windows of at most block_size + 1 tokens inside one conversation, where they
-    start in the split, and the loss mask on their targets, zeroed where an earlier window scored the target: every
-    token is scored exactly once. A long conversation continues in a window that starts at the latest turn start
-    already covered (the new targets keep their turn's context), else half a window back."""
+    """Yield (start, tokens, scored): windows of at most block_size + 1 tokens inside one
+    conversation, where they start in the split, and the loss mask on their targets, zeroed where an
+    earlier window scored the target: every token is scored exactly once. A long conversation
+    continues in a window that starts at the latest turn start already covered (the new targets keep
+    their turn's context), else half a window back."""
     ends = list(conv_starts[1:]) + [len(ids)]
     for a, b in zip(conv_starts, ends):
         turns = turn_starts[np.searchsorted(turn_starts, a):np.searchsorted(turn_starts, b)]
@@ -41,8 +43,9 @@ def conversation_windows(ids, mask, conv_starts, turn_starts, block_size):
 
 
 def padded_batches(windows, batch_size, max_tokens=8192):
-    """(x, y, mask) batches of windows sorted by length (little padding), at most batch_size rows and about
-    max_tokens positions each (bounds the logits' memory on GPUs); padding has target -1 and mask 0."""
+    """(x, y, mask) batches of windows sorted by length (little padding), at most batch_size rows
+    and about max_tokens positions each (bounds the logits' memory on GPUs); padding has target -1
+    and mask 0."""
     # longest first: a batch's first row sets its width
     windows = sorted(windows, key=lambda w: -len(w[0]))
     i = 0
@@ -55,13 +58,15 @@ def padded_batches(windows, batch_size, max_tokens=8192):
         m = torch.zeros((len(batch), width))
         for row, (tokens, scored) in enumerate(batch):
             n = len(tokens) - 1
-            x[row, :n], y[row, :n], m[row, :n] = (torch.from_numpy(a) for a in (tokens[:-1], tokens[1:], scored))
+            x[row, :n], y[row, :n], m[row, :n] = (torch.from_numpy(a)
+                                                  for a in (tokens[:-1], tokens[1:], scored))
         yield x, y, m
 
 
 @torch.no_grad()
 def val_loss(model, folder, batch_size, device, dtype):
-    """Token-weighted mean loss over the assistant tokens of the whole val split, and how many tokens that is."""
+    """Token-weighted mean loss over the assistant tokens of the whole val split, and how many
+    tokens that is."""
     data = load_dataset(folder)[0]["val"]
     windows = [(tokens, scored) for _, tokens, scored in conversation_windows(
         data.ids, data.mask, data.convs, data.starts, model.config.block_size) if scored.any()]
@@ -83,16 +88,17 @@ def load_heldout(path, template, enc):
     examples = []
     # each ends with an assistant message
     for _, messages in read_conversations(path, template=template):
-        examples.append((chat.render_prompt(messages[:-1], template, enc), messages[-1]["content"].strip()))
+        examples.append((chat.render_prompt(messages[:-1], template, enc),
+                         messages[-1]["content"].strip()))
     if not examples:
         raise InputError(f"{path}: no conversations")
     return examples
 
 
 def generate_all(engine, prompts, params, batch_size):
-    """Replies to every prompt. Prompts of the same token length are generated together as one batch (exact, as
-    there is no padding), which makes many short prompts fast on a CPU. One generator seeded from params.seed runs
-    through all batches."""
+    """Replies to every prompt. Prompts of the same token length are generated together as one batch
+    (exact, as there is no padding), which makes many short prompts fast on a CPU. One generator
+    seeded from params.seed runs through all batches."""
     by_length = {}
     for i, ids in enumerate(prompts):
         by_length.setdefault(len(ids), []).append(i)
@@ -107,7 +113,8 @@ def generate_all(engine, prompts, params, batch_size):
         if time.time() - last_report > 5:
             last_report = time.time()
             done = sum(r is not None for r in replies)
-            print(f"  ... {done}/{len(prompts)} replies, {last_report - t0:.0f}s", file=sys.stderr, flush=True)
+            print(f"  ... {done}/{len(prompts)} replies, {last_report - t0:.0f}s", file=sys.stderr,
+                  flush=True)
     return replies
 
 
@@ -135,7 +142,8 @@ def words(text):
 
 
 def token_f1(response, reference):
-    """SQuAD-style F1 over the bag of words (lowercased, punctuation stripped); 1.0 when both have no words."""
+    """SQuAD-style F1 over the bag of words (lowercased, punctuation stripped); 1.0 when both have
+    no words."""
     got, want = words(response), words(reference)
     if not got or not want:
         return float(got == want)

@@ -21,9 +21,10 @@ def disk_error(error, what):
     """An OutputError for a full or read-only disk (also as reported by libraries
     that wrap the OS error, such as torch's zip writer or safetensors), else None."""
     text = str(error)
-    if getattr(error, "errno", None) in DISK_ERRORS or "No space left" in text or "os error 28" in text \
-            or "unexpected pos" in text:
-        return OutputError(f"{what}: no space left on the device (or it is read-only); nothing was replaced")
+    if (getattr(error, "errno", None) in DISK_ERRORS or "No space left" in text
+            or "os error 28" in text or "unexpected pos" in text):
+        return OutputError(f"{what}: no space left on the device (or it is read-only); "
+                           "nothing was replaced")
     return None
 
 
@@ -41,7 +42,8 @@ def atomic_write(path, mode="w", encoding="utf-8"):
     os.makedirs(folder, exist_ok=True)
     tmp = temp_name(path)
     try:
-        with open(tmp, mode, encoding=None if "b" in mode else encoding, newline=None if "b" in mode else "\n") as f:
+        with open(tmp, mode, encoding=None if "b" in mode else encoding,
+                  newline=None if "b" in mode else "\n") as f:
             yield f
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:

@@ -12,8 +12,9 @@ import urllib.request
 from .errors import ConfigError, JudgeError
 
 
-JUDGE_INSTRUCTIONS = ("You grade a chat assistant's reply against a reference answer. Reply with only an integer "
-                      "from 1 (wrong or useless) to 10 (correct and as good as the reference).")
+JUDGE_INSTRUCTIONS = ("You grade a chat assistant's reply against a reference answer. Reply with "
+                      "only an integer from 1 (wrong or useless) to 10 (correct and as good as "
+                      "the reference).")
 
 
 def parse_score(text, source):
@@ -28,7 +29,8 @@ def judge_with_command(cmd, row, timeout):
     row as JSON on stdin; its stdout's first number is the score."""
     payload = json.dumps({k: row[k] for k in ("prompt", "reference", "response")})
     try:
-        p = subprocess.run(shlex.split(cmd), input=payload, capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run(shlex.split(cmd), input=payload, capture_output=True, text=True,
+                           timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise JudgeError(f"judge command {cmd!r} failed: {e}") from None
     if p.returncode != 0:
@@ -42,7 +44,8 @@ def judge_with_endpoint(url, model, row, timeout):
     question = (f"Conversation:\n{row['prompt']}\n\nReference answer:\n{row['reference']}\n\n"
                 f"Assistant's reply:\n{row['response']}\n\nScore (1-10):")
     body = {"model": model, "temperature": 0, "max_tokens": 8,
-            "messages": [{"role": "system", "content": JUDGE_INSTRUCTIONS}, {"role": "user", "content": question}]}
+            "messages": [{"role": "system", "content": JUDGE_INSTRUCTIONS},
+                         {"role": "user", "content": question}]}
     headers = {"Content-Type": "application/json"}
     endpoint = url.rstrip("/") + "/chat/completions"
     if os.environ.get("OPENAI_API_KEY") and key_may_go_to(endpoint):
@@ -60,7 +63,8 @@ def key_may_go_to(url):
     """The API key is sent only over https, or over plain http to the
     loopback host (a local server)."""
     parts = urllib.parse.urlsplit(url)
-    return parts.scheme == "https" or (parts.scheme == "http" and parts.hostname in ("localhost", "127.0.0.1", "::1"))
+    return parts.scheme == "https" or (parts.scheme == "http"
+                                       and parts.hostname in ("localhost", "127.0.0.1", "::1"))
 
 
 class _RefuseRedirect(urllib.request.HTTPRedirectHandler):
@@ -68,7 +72,8 @@ class _RefuseRedirect(urllib.request.HTTPRedirectHandler):
     host: the judge endpoint must answer itself."""
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
-        raise urllib.error.HTTPError(req.full_url, code, f"redirect to {newurl} refused", headers, fp)
+        raise urllib.error.HTTPError(req.full_url, code, f"redirect to {newurl} refused", headers,
+                                     fp)
 
 
 _NO_REDIRECTS = urllib.request.build_opener(_RefuseRedirect)
@@ -82,7 +87,9 @@ def make_judge(cfg):
         return lambda row: judge_with_command(cfg["judge_cmd"], row, cfg["judge_timeout"])
     if cfg["judge_url"]:
         if not cfg["judge_model"]:
-            raise ConfigError("--judge_url needs --judge_model (the model name the endpoint serves)")
-        return lambda row: judge_with_endpoint(cfg["judge_url"], cfg["judge_model"], row, cfg["judge_timeout"])
+            raise ConfigError("--judge_url needs --judge_model "
+                              "(the model name the endpoint serves)")
+        return lambda row: judge_with_endpoint(cfg["judge_url"], cfg["judge_model"], row,
+                                               cfg["judge_timeout"])
     return None
 

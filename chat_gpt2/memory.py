@@ -1,5 +1,5 @@
-"""Memory a training run needs, estimated before it starts, and a clear refusal (with what to change) when it
-clearly will not fit the device's free memory."""
+"""Memory a training run needs, estimated before it starts, and a clear refusal (with what to
+change) when it clearly will not fit the device's free memory."""
 import math
 import os
 
@@ -9,7 +9,8 @@ from .lora import lora_settings
 
 
 def count_params(config):
-    """Parameters of GPT(config), counted without building it (the head is tied to the token embedding)."""
+    """Parameters of GPT(config), counted without building it (the head is tied to the token
+    embedding)."""
     C = config.n_embd
     ln_f = (2 if config.bias else 1) * C
     return config.vocab_size * C + config.block_size * C + config.n_layer * _layer_params(config) + ln_f
@@ -21,8 +22,9 @@ def _layer_params(config):
 
 
 def count_trainable(config, cfg):
-    """Trainable parameters of GPT(config) under cfg's lora_* / trainable_layers settings, counted without building
-    it: LoRA trains rank * (in + out) per target layer, trainable_layers=N the last N blocks and ln_f."""
+    """Trainable parameters of GPT(config) under cfg's lora_* / trainable_layers settings, counted
+    without building it: LoRA trains rank * (in + out) per target layer, trainable_layers=N the last
+    N blocks and ln_f."""
     C = config.n_embd
     lora = lora_settings(cfg)
     if lora:
@@ -35,13 +37,14 @@ def count_trainable(config, cfg):
 
 
 def estimate_memory(config, cfg, dtype, ddp=False, trainable=None):
-    """Bytes a training process needs, by part. Weights, gradients and AdamW's two moments are fp32 (4 bytes per
-    parameter each; mixed precision adds a 2-byte cast of the weights, DDP a gradient-sized bucket copy).
-    Activations kept for backward at batch_size x block_size follow Korthikanti et al. 2022: 34*s*b*h bytes per
-    layer at 2 bytes per value, plus 5*a*s^2*b when the attention matrix is materialised (flash=False); the logits
-    add b*s*V values with their fp32 copy and gradient. An estimate: allocator slack and the runtime come on top.
-    trainable: how many parameters train (None: all); gradients and AdamW state exist only for those (activations
-    are counted in full: LoRA needs them in every layer, and the estimate stays an upper bound)."""
+    """Bytes a training process needs, by part. Weights, gradients and AdamW's two moments are fp32
+    (4 bytes per parameter each; mixed precision adds a 2-byte cast of the weights, DDP a
+    gradient-sized bucket copy). Activations kept for backward at batch_size x block_size follow
+    Korthikanti et al. 2022: 34*s*b*h bytes per layer at 2 bytes per value, plus 5*a*s^2*b when the
+    attention matrix is materialised (flash=False); the logits add b*s*V values with their fp32 copy
+    and gradient. An estimate: allocator slack and the runtime come on top. trainable: how many
+    parameters train (None: all); gradients and AdamW state exist only for those (activations are
+    counted in full: LoRA needs them in every layer, and the estimate stays an upper bound)."""
     n = count_params(config)
     t = n if trainable is None else trainable
     act = 2 if dtype in ("bfloat16", "float16") else 4
@@ -63,8 +66,9 @@ def estimate_memory(config, cfg, dtype, ddp=False, trainable=None):
 
 
 def check_memory(config, cfg, sys_info, trainable=None):
-    """Print the run's memory estimate; raise ResourceError with what to change when it exceeds the free memory
-    (unless check_memory is False). Processes sharing host memory (DDP on CPU) are counted together."""
+    """Print the run's memory estimate; raise ResourceError with what to change when it exceeds the
+    free memory (unless check_memory is False). Processes sharing host memory (DDP on CPU) are
+    counted together."""
     need = estimate_memory(config, cfg, sys_info.get("dtype", "float32"), sys_info.get("ddp", False), trainable)
     device = sys_info["device"]
     procs = 1 if device.startswith("cuda") else int(os.environ.get("LOCAL_WORLD_SIZE", sys_info.get("world", 1)))

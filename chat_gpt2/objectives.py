@@ -34,7 +34,8 @@ def objective_for(meta, data, cfg, run):
 
 def greedy_reply(model, prompt, max_tokens, stop, run):
     """The model's greedy reply (text) to prompt (token ids), ending at stop: an eval's sample."""
-    request = Request(prompt, SamplingParams(temperature=0.0, max_new_tokens=max_tokens, stop=(stop,)))
+    request = Request(prompt, SamplingParams(temperature=0.0, max_new_tokens=max_tokens,
+                                             stop=(stop,)))
     Engine(model, device=run["device"], dtype=run["dtype"]).complete([request])
     return request.replies[0].text.strip()
 

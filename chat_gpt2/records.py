@@ -1,5 +1,5 @@
-"""Reading the data: records streamed from .jsonl / .json files and normalised to [{"role", "content"}, ...], and
-plain text (.txt files, {"text"} records).
+"""Reading the data: records streamed from .jsonl / .json files and normalised to [{"role",
+"content"}, ...], and plain text (.txt files, {"text"} records).
 
 Each record is recognised by its keys (see docs/data.md):
     {"user", "assistant"}                      {"messages": [{"role", "content"}, ...], optional "system"}
@@ -28,8 +28,8 @@ MAX_RECORD_BYTES = 64 * 2 ** 20
 
 
 def _lines(f, hasher):
-    """(line number, bytes or None) per line of f; None for a line over MAX_RECORD_BYTES, which is read past in
-    chunks, never held whole."""
+    """(line number, bytes or None) per line of f; None for a line over MAX_RECORD_BYTES, which is
+    read past in chunks, never held whole."""
     lineno = 0
     while True:
         raw = f.readline(MAX_RECORD_BYTES + 1)
@@ -83,9 +83,10 @@ _ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
 
 
 def _decode_one(decoder, buf, pos, where):
-    """(record, end) for the JSON value at buf[pos]; a RecordError in place of the record when it cannot be used
-    (invalid UTF-8, nested too deeply, a number over 4,300 digits), so that it alone is refused or skipped; (why,
-    None) when such a value runs past the end of buf. json.JSONDecodeError propagates: perhaps just incomplete."""
+    """(record, end) for the JSON value at buf[pos]; a RecordError in place of the record when it
+    cannot be used (invalid UTF-8, nested too deeply, a number over 4,300 digits), so that it alone
+    is refused or skipped; (why, None) when such a value runs past the end of buf.
+    json.JSONDecodeError propagates: perhaps just incomplete."""
     try:
         record, end = decoder.raw_decode(buf, pos)
     except json.JSONDecodeError:
@@ -99,8 +100,8 @@ def _decode_one(decoder, buf, pos, where):
 
 
 def _value_end(buf, pos):
-    """Where the JSON value starting at buf[pos] ends (brackets and strings followed, nothing decoded), or None
-    when it runs past the end of buf."""
+    """Where the JSON value starting at buf[pos] ends (brackets and strings followed, nothing
+    decoded), or None when it runs past the end of buf."""
     depth, i = 0, pos
     while i < len(buf):
         char = buf[i]
@@ -123,7 +124,8 @@ def _value_end(buf, pos):
 
 def iter_json_array(path, hasher, chunk_size=1 << 20):
     """Records of a JSON array, decoded incrementally so a large file never sits in memory whole.
-    Structural errors (not an array, broken JSON) end the file: there is no record boundary to resume from."""
+    Structural errors (not an array, broken JSON) end the file: there is no record boundary to
+    resume from."""
     # -sig: tolerate a BOM; surrogateescape: an invalid byte becomes a lone surrogate inside its own record, which
     # is then refused alone (and skippable), instead of failing whichever chunk it arrived in
     decoder, utf8 = json.JSONDecoder(), codecs.getincrementaldecoder("utf-8-sig")(errors="surrogateescape")
@@ -193,9 +195,10 @@ _WS = " \t\n\r\x0b\x0c"  # whitespace GPT-2's pre-tokenizer splits on (\s) for c
 
 
 def safe_cut(text, i):
-    """True when text[:i] and text[i:] tokenise to exactly the tokens of text (GPT-2's pre-tokenizer pieces never
-    cross i): one whitespace char after a non-space, then a non-space (not after a plain space, which joins the
-    word that follows), or two whitespace chars cut between them with non-spaces around."""
+    """True when text[:i] and text[i:] tokenise to exactly the tokens of text (GPT-2's pre-tokenizer
+    pieces never cross i): one whitespace char after a non-space, then a non-space (not after a
+    plain space, which joins the word that follows), or two whitespace chars cut between them with
+    non-spaces around."""
     if i < 2 or i >= len(text) or text[i - 2].isspace() or text[i - 1] not in _WS:
         return False
     if not text[i].isspace():
@@ -204,7 +207,8 @@ def safe_cut(text, i):
 
 
 def last_safe_cut(text):
-    """The largest i with safe_cut(text, i), looking only around newlines (one per line is plenty); 0 if none."""
+    """The largest i with safe_cut(text, i), looking only around newlines (one per line is plenty);
+    0 if none."""
     pos = len(text)
     while True:
         pos = text.rfind("\n", 0, pos)
@@ -216,8 +220,9 @@ def last_safe_cut(text):
 
 
 def iter_text(path, hasher, chunk_bytes=TEXT_CHUNK_BYTES, max_carry=MAX_TEXT_CARRY):
-    """The text of a .txt file (UTF-8) as pieces of about chunk_bytes, cut only where tokenising the pieces one by
-    one gives the tokens of the whole file; memory is bounded by max_carry characters."""
+    """The text of a .txt file (UTF-8) as pieces of about chunk_bytes, cut only where tokenising the
+    pieces one by one gives the tokens of the whole file; memory is bounded by max_carry
+    characters."""
     check_input_file(path)
     utf8, buf, line = codecs.getincrementaldecoder("utf-8-sig")(), "", 1  # -sig: tolerate a BOM
     with open(path, "rb") as f:
@@ -339,7 +344,8 @@ def _check_keys(record, where, used):
 
 
 def _with_system(record, where, list_key, messages):
-    """A top-level "system" beside messages/conversations becomes the system message (an empty one is none)."""
+    """A top-level "system" beside messages/conversations becomes the system message (an empty one
+    is none)."""
     system = record.get("system", "")
     if not isinstance(system, str):
         raise RecordError(where, f"field 'system' must be a string, got {type(system).__name__}", "wrong type")
@@ -352,10 +358,10 @@ def _with_system(record, where, list_key, messages):
 
 
 def to_conversations(record, where, template=chat.TEMPLATE, oasst_paths="best"):
-    """Recognise a record's schema by its keys and normalise it to a list of conversations (lists of messages):
-    one, except for an OpenAssistant tree with oasst_paths="all" (every root-to-leaf path ending on an assistant
-    reply). template["input"] says how an instruction record's input joins its instruction (so a renderer that
-    sees only messages renders it too)."""
+    """Recognise a record's schema by its keys and normalise it to a list of conversations (lists of
+    messages): one, except for an OpenAssistant tree with oasst_paths="all" (every root-to-leaf path
+    ending on an assistant reply). template["input"] says how an instruction record's input joins
+    its instruction (so a renderer that sees only messages renders it too)."""
     if not isinstance(record, dict):
         raise RecordError(where, f"a record must be a JSON object, got {type(record).__name__}", "wrong type")
     for list_key, role_key, content_key in (("messages", "role", "content"), ("conversations", "from", "value")):
@@ -411,8 +417,8 @@ def _oasst_message(node, field, where, expected):
 
 
 def _ranked_replies(node, field, where):
-    """(reply, its field) of a message's replies that are not deleted: rank 0 first, unranked ones after the
-    ranked, ties in their order."""
+    """(reply, its field) of a message's replies that are not deleted: rank 0 first, unranked ones
+    after the ranked, ties in their order."""
     replies = node.get("replies", [])
     if not isinstance(replies, list):
         raise RecordError(where, f"field '{field}.replies' must be a list", "wrong type")
@@ -428,8 +434,9 @@ def _ranked_replies(node, field, where):
 
 
 def oasst_conversations(record, where, paths="best"):
-    """The conversations of an OpenAssistant tree: the best-ranked branch (paths="best"), or every root-to-leaf
-    path that ends on an assistant reply (paths="all"). Walked with a stack: a deep tree cannot overflow Python's."""
+    """The conversations of an OpenAssistant tree: the best-ranked branch (paths="best"), or every
+    root-to-leaf path that ends on an assistant reply (paths="all"). Walked with a stack: a deep
+    tree cannot overflow Python's."""
     if not isinstance(record.get("prompt"), dict):
         raise RecordError(where, "field 'prompt' must be an object (an OpenAssistant message tree)", "wrong type")
     found, stack = [], [(record["prompt"], "prompt", [])]

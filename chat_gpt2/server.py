@@ -7,7 +7,8 @@
     GET  /health                liveness and the queue's state
     GET  /                      the chat page (static/chat.html)
 
-Requests are checked here (sizes, ranges, types; errors in OpenAI's shape) and decoded by a batcher.Batcher.
+Requests are checked here (sizes, ranges, types; errors in OpenAI's shape) and decoded by a
+batcher.Batcher.
 """
 import asyncio
 import contextlib
@@ -127,7 +128,8 @@ class BodyLimit:
 
 
 def validation_error(exc):
-    """The first problem pydantic found, as a 400 naming the field (messages.0.role) or saying the JSON is bad."""
+    """The first problem pydantic found, as a 400 naming the field (messages.0.role) or saying the
+    JSON is bad."""
     err = exc.errors()[0]
     loc = [str(part) for part in err.get("loc", ()) if part != "body"]
     if err.get("type") == "json_invalid":
@@ -152,8 +154,9 @@ class Service:
         self.batcher = Batcher(engine, max_waiting=limits.max_waiting, max_rows=limits.max_rows)
 
     def params(self, req, chat_stop):
-        """SamplingParams: the server's defaults (as sample.py's), overridden by what the request sets. max_tokens
-        is clamped to the context; the chat default stop is the checkpoint's, raw completions have none."""
+        """SamplingParams: the server's defaults (as sample.py's), overridden by what the request
+        sets. max_tokens is clamped to the context; the chat default stop is the checkpoint's, raw
+        completions have none."""
         if req.stop is None:
             stops = (self.default_stop,) if chat_stop and self.default_stop else ()
         else:
@@ -183,8 +186,8 @@ class Service:
                            param=param, code="too_many_characters")
 
     def chat_prompt(self, messages, params):
-        """The conversation rendered with the checkpoint's template, oldest turns dropped to leave room for the
-        reply (as sample.py --interactive does)."""
+        """The conversation rendered with the checkpoint's template, oldest turns dropped to leave
+        room for the reply (as sample.py --interactive does)."""
         system = "\n".join(m.content for m in messages if m.role == "system")
         history = [{"role": m.role, "content": m.content} for m in messages if m.role != "system"]
         budget = self.block_size - min(params.max_new_tokens, self.block_size // 2)
@@ -210,7 +213,8 @@ class Service:
             raise ApiError(503, str(e), code="queue_full", headers={"Retry-After": "1"}) from None
 
     async def events(self, request, job, events):
-        """The job's events until done or error; stops early (and cancels the job) when the client left."""
+        """The job's events until done or error; stops early (and cancels the job) when the client
+        left."""
         try:
             while True:
                 try:
@@ -257,8 +261,8 @@ def sse(data):
 
 
 async def stream(service, request, job, events, meta, is_chat, include_usage):
-    """OpenAI's SSE chunks: the role first (chat), text deltas as they become final, one chunk per choice with its
-    finish_reason, the usage (when asked for), then `data: [DONE]`."""
+    """OpenAI's SSE chunks: the role first (chat), text deltas as they become final, one chunk per
+    choice with its finish_reason, the usage (when asked for), then `data: [DONE]`."""
     obj = "chat.completion.chunk" if is_chat else "text_completion"
     piece = (lambda i, text, finish: {"index": i, "delta": {"content": text} if text else {},
                                       "finish_reason": finish, "logprobs": None}) if is_chat else \
@@ -297,7 +301,8 @@ async def answer(service, request, req, prompt, params, is_chat):
 
 def create_app(engine, ckpt_info, defaults, model_name="chat-gpt2", limits=None):
     """The FastAPI app; its lifespan starts and stops the batcher's worker thread. defaults: a
-    script's cfg (the sampling options but stop: SAMPLING_KEYS and seed) where a request sets none."""
+    script's cfg (the sampling options but stop: SAMPLING_KEYS and seed) where a request sets
+    none."""
     limits = limits or Limits()
     service = Service(engine, ckpt_info, defaults, model_name, limits)
 
