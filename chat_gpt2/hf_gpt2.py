@@ -30,8 +30,8 @@ PRETRAINED_SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "vocab_size", "bias")
 PRETRAINED_TUNABLE_KEYS = ("dropout", "block_size", "flash")
 HF_CLASSIFIER = "GPT2ForSequenceClassification"  # what export.py writes for a classifier
 PAD_ID = chat.VOCAB_SIZE  # a classifier export's <|pad|>: the first id past GPT-2's vocabulary
-INIT_FROM_HELP = (f"init_from takes 'scratch', 'resume', a GPT-2 name ({', '.join(OPENAI_GPT2)}), a Hugging Face "
-                  f"repo id, or a local Hugging Face GPT-2 checkpoint directory")
+INIT_FROM_HELP = (f"init_from takes 'scratch', 'resume', a GPT-2 name ({', '.join(OPENAI_GPT2)}), "
+                  f"a Hugging Face repo id, or a local Hugging Face GPT-2 checkpoint directory")
 
 
 @dataclass
@@ -45,9 +45,9 @@ def _local_help(name="gpt2"):
     local = f"{name.split('/')[-1]}-local"
     # not the TF / Flax / ONNX copies
     files = " config.json model.safetensors" if name in OPENAI_GPT2 else ""
-    return (f"Offline: `hf download {name}{files} --local-dir {local}` on a machine with internet, then "
-            f"--init_from=/path/to/{local} (HF_HUB_OFFLINE=1 skips the Hub's retries; --init_from=scratch trains "
-            f"without pretrained weights)")
+    return (f"Offline: `hf download {name}{files} --local-dir {local}` on a machine with internet, "
+            f"then --init_from=/path/to/{local} (HF_HUB_OFFLINE=1 skips the Hub's retries; "
+            f"--init_from=scratch trains without pretrained weights)")
 
 
 def _weight_files(folder, source, exists=os.path.isfile):
@@ -63,10 +63,12 @@ def _weight_files(folder, source, exists=os.path.isfile):
             with open(path) as f:
                 shards = list(dict.fromkeys(json.load(f)["weight_map"].values()))
         except (OSError, ValueError, KeyError, AttributeError) as e:
-            raise PretrainedError(f"{source}: unreadable {name} ({type(e).__name__}: {e})") from None
+            raise PretrainedError(f"{source}: unreadable {name} "
+                                  f"({type(e).__name__}: {e})") from None
         missing = [s for s in shards if not os.path.isfile(os.path.join(folder, s))]
         if missing:
-            raise PretrainedError(f"{source}: {name} lists shards that are missing: {', '.join(missing[:3])}")
+            raise PretrainedError(f"{source}: {name} lists shards that are missing: "
+                                  f"{', '.join(missing[:3])}")
         return [os.path.join(folder, s) for s in shards]
     return None
 
@@ -74,11 +76,13 @@ def _weight_files(folder, source, exists=os.path.isfile):
 def _resolve_local(folder):
     source = f"directory {folder!r}"
     if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise PretrainedError(f"{source} has no config.json: expected a Hugging Face GPT-2 checkpoint (config.json + "
-                              f"model.safetensors or pytorch_model.bin), as written by save_pretrained() or export.py")
+        raise PretrainedError(f"{source} has no config.json: expected a Hugging Face GPT-2 "
+                              f"checkpoint (config.json + model.safetensors or pytorch_model.bin), "
+                              f"as written by save_pretrained() or export.py")
     weights = _weight_files(folder, source)
     if weights is None:
-        raise PretrainedError(f"{source} has config.json but no weights: expected one of {', '.join(HF_WEIGHT_FILES)}")
+        raise PretrainedError(f"{source} has config.json but no weights: "
+                              f"expected one of {', '.join(HF_WEIGHT_FILES)}")
     return PretrainedFiles(source, os.path.join(folder, "config.json"), weights)
 
 
@@ -86,8 +90,8 @@ def _resolve_hub(name):
     """Download (or find in the huggingface_hub cache) config.json and the weights of a Hub repo."""
     import logging
     from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import (EntryNotFoundError, HFValidationError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError)
+    from huggingface_hub.errors import (EntryNotFoundError, HFValidationError,
+                                        LocalEntryNotFoundError, RepositoryNotFoundError)
 
     offline = bool(constants.HF_HUB_OFFLINE)
     # the cache may hold either
@@ -118,14 +122,16 @@ def _resolve_hub(name):
                         weights = [path]
                     break
                 if weights is None:
-                    tried.append(f"Hub repo {repo!r}: config.json but no {' / '.join(HF_WEIGHT_FILES)}"
+                    tried.append(f"Hub repo {repo!r}: config.json but no "
+                                 f"{' / '.join(HF_WEIGHT_FILES)}"
                                  + (" in the local cache" if local_only else ""))
                     continue
                 return PretrainedFiles(f"Hub repo {repo!r}", config, weights)
             except HFValidationError:
                 tried.append(f"{repo!r} is neither a local directory nor a valid Hub repo id")
             except RepositoryNotFoundError:
-                tried.append(f"Hub repo {repo!r} does not exist (or is private: log in with `hf auth login`)")
+                tried.append(f"Hub repo {repo!r} does not exist "
+                             "(or is private: log in with `hf auth login`)")
             except LocalEntryNotFoundError:
                 why = "HF_HUB_OFFLINE is set" if offline else "the Hub could not be reached"
                 tried.append(f"Hub repo {repo!r}: not in the Hugging Face cache and {why}")
@@ -134,12 +140,14 @@ def _resolve_hub(name):
             except EntryNotFoundError:
                 tried.append(f"Hub repo {repo!r} has no config.json: not a transformers model")
             except Exception as e:  # gated repos, HTTP errors, disk full, ...: keep it to one line
-                tried.append(f"Hub repo {repo!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                tried.append(f"Hub repo {repo!r}: {type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}")
     finally:
         hub_logger.setLevel(level)
     known = name in OPENAI_GPT2 or "/" in name
     raise PretrainedError(f"could not load pretrained model {name!r}. Tried: {'; '.join(tried)}. "
-                          f"{_local_help(name if known else 'gpt2')}" + ("" if known else f". {INIT_FROM_HELP}"))
+                          f"{_local_help(name if known else 'gpt2')}"
+                          + ("" if known else f". {INIT_FROM_HELP}"))
 
 
 def resolve_pretrained(name_or_dir):
@@ -149,9 +157,10 @@ def resolve_pretrained(name_or_dir):
     if os.path.isdir(path):
         return _resolve_local(path)
     if os.path.exists(path):
-        raise PretrainedError(f"init_from {name!r} is a file: pass the directory that holds config.json and the "
-                              f"weights, not the file itself")
-    looks_like_path = name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or name.endswith("/")
+        raise PretrainedError(f"init_from {name!r} is a file: pass the directory that holds "
+                              f"config.json and the weights, not the file itself")
+    looks_like_path = (name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
+                       or name.endswith("/"))
     if looks_like_path:
         raise PretrainedError(f"no such directory: {name!r}. {INIT_FROM_HELP}")
     return _resolve_hub(name)
@@ -169,22 +178,27 @@ def pretrained_config(files, overrides=None):
         if not isinstance(hf, dict):
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as e:
-        raise PretrainedError(f"{files.source}: unreadable config.json ({type(e).__name__}: {e})") from None
+        raise PretrainedError(f"{files.source}: unreadable config.json "
+                              f"({type(e).__name__}: {e})") from None
     src = files.source
     if hf.get("model_type") != "gpt2":
-        raise PretrainedError(f"{src}: config.json has model_type {hf.get('model_type')!r}, not 'gpt2': only GPT-2 "
-                              f"checkpoints can be loaded into this model")
+        raise PretrainedError(f"{src}: config.json has model_type {hf.get('model_type')!r}, "
+                              f"not 'gpt2': only GPT-2 checkpoints can be loaded into this model")
     # a classifier export: its pad row, no language-model head
     if HF_CLASSIFIER in (hf.get("architectures") or ()):
-        raise PretrainedError(f"{src} is a text classifier ({HF_CLASSIFIER}): start a run from its checkpoint "
-                              f"file instead (--init_from=PATH/finetuned_*.pt)")
+        raise PretrainedError(f"{src} is a text classifier ({HF_CLASSIFIER}): "
+                              f"start a run from its checkpoint file instead "
+                              f"(--init_from=PATH/finetuned_*.pt)")
     try:
         n_layer, n_head, n_embd = int(hf["n_layer"]), int(hf["n_head"]), int(hf["n_embd"])
-        n_positions, vocab_size = int(hf.get("n_positions", hf.get("n_ctx", 1024))), int(hf.get("vocab_size", 50257))
+        n_positions, vocab_size = (int(hf.get("n_positions", hf.get("n_ctx", 1024))),
+                                   int(hf.get("vocab_size", 50257)))
     except (KeyError, TypeError, ValueError) as e:
-        raise PretrainedError(f"{src}: config.json lacks a usable {e}: not a GPT-2 config") from None
+        raise PretrainedError(f"{src}: config.json lacks a usable {e}: "
+                              f"not a GPT-2 config") from None
     unsupported = {  # settings of transformers' GPT2 that our GPT does not implement
-        "activation_function": (hf.get("activation_function", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh")),
+        "activation_function": (hf.get("activation_function", "gelu_new")
+                                in ("gelu_new", "gelu_pytorch_tanh")),
         "n_inner": hf.get("n_inner") in (None, 4 * n_embd),
         "layer_norm_epsilon": abs(float(hf.get("layer_norm_epsilon", 1e-5)) - 1e-5) < 1e-12,
         "scale_attn_weights": hf.get("scale_attn_weights", True) is True,
@@ -194,22 +208,26 @@ def pretrained_config(files, overrides=None):
     }
     bad = [f"{k}={hf.get(k)!r}" for k, ok in unsupported.items() if not ok]
     if bad:
-        raise PretrainedError(f"{src}: config.json sets {', '.join(bad)}, which this GPT-2 implementation does not "
-                              f"support")
+        raise PretrainedError(f"{src}: config.json sets {', '.join(bad)}, "
+                              f"which this GPT-2 implementation does not support")
     if vocab_size != chat.VOCAB_SIZE:
-        raise PretrainedError(f"{src}: vocab_size {vocab_size}, not GPT-2's {chat.VOCAB_SIZE}: the model must use "
-                              f"the GPT-2 tokenizer this project encodes data with")
-    config = GPTConfig(block_size=n_positions, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
-                       dropout=0.0, bias=True)
+        raise PretrainedError(f"{src}: vocab_size {vocab_size}, not GPT-2's {chat.VOCAB_SIZE}: "
+                              f"the model must use the GPT-2 tokenizer "
+                              f"this project encodes data with")
+    config = GPTConfig(block_size=n_positions, vocab_size=vocab_size, n_layer=n_layer,
+                       n_head=n_head, n_embd=n_embd, dropout=0.0, bias=True)
     for key, value in (overrides or {}).items():
         if key in PRETRAINED_SHAPE_KEYS:
             if value != getattr(config, key):
-                raise PretrainedError(f"{key}={value!r} was requested but {src} has {key}={getattr(config, key)!r}: "
-                                      f"a pretrained model's shape is fixed; drop --{key} (or use --init_from=scratch)")
+                raise PretrainedError(f"{key}={value!r} was requested but {src} has "
+                                      f"{key}={getattr(config, key)!r}: "
+                                      f"a pretrained model's shape is fixed; drop --{key} "
+                                      f"(or use --init_from=scratch)")
         elif key == "block_size":
             if value > n_positions:
-                raise PretrainedError(f"block_size {value} exceeds the {n_positions} positions {src} was trained "
-                                      f"with: use --block_size={n_positions} or less")
+                raise PretrainedError(f"block_size {value} exceeds the {n_positions} positions "
+                                      f"{src} was trained with: use --block_size={n_positions} "
+                                      f"or less")
             config.block_size = value
         elif key in PRETRAINED_TUNABLE_KEYS:
             setattr(config, key, value)
@@ -248,20 +266,24 @@ def load_pretrained_weights(model, files):
         for path in files.weights:
             try:
                 for hf_name, tensor in _hf_tensors(path):
-                    name = hf_name[len("transformer."):] if hf_name.startswith("transformer.") else hf_name
-                    if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
+                    name = (hf_name[len("transformer."):] if hf_name.startswith("transformer.")
+                            else hf_name)
+                    if (name.endswith((".attn.bias", ".attn.masked_bias"))
+                            or name == "lm_head.weight"):
                         continue  # causal-mask buffers of old checkpoints; the head is tied to wte
                     name = f"transformer.{name}"
                     if name not in params:
-                        raise PretrainedError(f"{files.source}: unexpected tensor {hf_name!r}: not a GPT2LMHeadModel "
-                                              f"checkpoint this model can load")
+                        raise PretrainedError(f"{files.source}: unexpected tensor {hf_name!r}: "
+                                              f"not a GPT2LMHeadModel checkpoint this model can "
+                                              f"load")
                     if name.endswith(HF_CONV1D):
                         tensor = tensor.t()
                     elif name == "transformer.wpe.weight":
                         # crop the position embeddings to a smaller block_size
                         tensor = tensor[:block_size]
                     if tensor.shape != params[name].shape:
-                        raise PretrainedError(f"{files.source}: {hf_name} has shape {tuple(tensor.shape)}, expected "
+                        raise PretrainedError(f"{files.source}: {hf_name} has shape "
+                                              f"{tuple(tensor.shape)}, expected "
                                               f"{tuple(params[name].shape)}")
                     params[name].copy_(tensor)
                     loaded.add(name)
@@ -269,10 +291,12 @@ def load_pretrained_weights(model, files):
                 raise
             except Exception as e:
                 raise PretrainedError(f"{files.source}: could not read {os.path.basename(path)} "
-                                      f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+                                      f"({type(e).__name__}: "
+                                      f"{str(e).splitlines()[0] if str(e) else ''})") from None
     missing = sorted(set(params) - loaded)
     if missing:
-        raise PretrainedError(f"{files.source}: the weights lack {len(missing)} tensors, e.g. {', '.join(missing[:3])}")
+        raise PretrainedError(f"{files.source}: the weights lack {len(missing)} tensors, "
+                              f"e.g. {', '.join(missing[:3])}")
     return model
 
 
@@ -283,7 +307,8 @@ def from_pretrained(name_or_dir, overrides=None):
     The model is built on the meta device and filled from the memory-mapped file tensor by tensor,
     so loading holds one copy of the weights (plus one tensor), and no time goes into a random
     initialisation that is overwritten."""
-    files = name_or_dir if isinstance(name_or_dir, PretrainedFiles) else resolve_pretrained(name_or_dir)
+    files = (name_or_dir if isinstance(name_or_dir, PretrainedFiles)
+             else resolve_pretrained(name_or_dir))
     config = pretrained_config(files, overrides)
     with torch.device("meta"):
         model = GPT(config)
@@ -306,15 +331,18 @@ def hf_config(config, labels=None):
     hf = {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
         "vocab_size": chat.VOCAB_SIZE, "n_positions": config.block_size, "n_ctx": config.block_size,
-        "n_embd": config.n_embd, "n_layer": config.n_layer, "n_head": config.n_head, "n_inner": None,
+        "n_embd": config.n_embd, "n_layer": config.n_layer, "n_head": config.n_head,
+        "n_inner": None,
         "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "initializer_range": 0.02,
         "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout,
-        "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
+        "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
         "tie_word_embeddings": True, "use_cache": True, "torch_dtype": "float32",
         "bos_token_id": chat.EOT, "eos_token_id": chat.EOT,
     }
     if labels is not None:
-        hf.update({"architectures": [HF_CLASSIFIER], "vocab_size": PAD_ID + 1, "pad_token_id": PAD_ID,
+        hf.update({"architectures": [HF_CLASSIFIER], "vocab_size": PAD_ID + 1,
+                   "pad_token_id": PAD_ID,
                    "id2label": {str(i): label for i, label in enumerate(labels)},
                    "label2id": {label: i for i, label in enumerate(labels)},
                    "problem_type": "single_label_classification"})
@@ -328,8 +356,8 @@ def hf_state_dict(model):
     too) and wte gets a zero row for PAD_ID: the padding's embedding is never read (it follows the
     last real token, and attention is causal)."""
     if model.config.vocab_size < chat.VOCAB_SIZE:
-        raise ValueError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than GPT-2's "
-                         f"{chat.VOCAB_SIZE}: it cannot be exported as a GPT-2 model")
+        raise ValueError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than "
+                         f"GPT-2's {chat.VOCAB_SIZE}: it cannot be exported as a GPT-2 model")
     classifier = getattr(model, "labels", None) is not None
     state = {}
     # the tied head appears once, as transformer.wte.weight
@@ -344,7 +372,8 @@ def hf_state_dict(model):
         state[name] = p.contiguous()
     if not model.config.bias:
         C = model.config.n_embd
-        widths = {"ln_1": C, "ln_2": C, "attn.c_attn": 3 * C, "attn.c_proj": C, "mlp.c_fc": 4 * C, "mlp.c_proj": C}
+        widths = {"ln_1": C, "ln_2": C, "attn.c_attn": 3 * C, "attn.c_proj": C,
+                  "mlp.c_fc": 4 * C, "mlp.c_proj": C}
         for i in range(model.config.n_layer):
             for module, width in widths.items():
                 state[f"transformer.h.{i}.{module}.bias"] = torch.zeros(width)
