@@ -64,7 +64,8 @@ def gpt2_vocab_and_merges(enc):
             continue
         parts = _bpe_parts(token, ranks, rank)
         if len(parts) != 2:
-            raise RuntimeError(f"cannot recover the BPE merge that makes token {rank} {token!r}: got {parts}")
+            raise RuntimeError(f"cannot recover the BPE merge that makes token {rank} {token!r}: "
+                               f"got {parts}")
         merges.append(f"{text(parts[0])} {text(parts[1])}")
     for name, rank in enc._special_tokens.items():
         vocab[name] = rank
@@ -76,16 +77,18 @@ def tokenizer_files(enc, template, block_size, classify=False):
     download: a language model's, whose chat_template renders template, or with classify a
     classifier's (classify_tokenizer)."""
     vocab, merges = gpt2_vocab_and_merges(enc)
-    eot = {"content": EOT_TEXT, "single_word": False, "lstrip": False, "rstrip": False, "normalized": True,
-           "special": True}
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    eot = {"content": EOT_TEXT, "single_word": False, "lstrip": False, "rstrip": False,
+           "normalized": True, "special": True}
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                  "use_regex": True}
     tokenizer_json = {  # the `tokenizers` serialisation of GPT-2's fast tokenizer
         "version": "1.0", "truncation": None, "padding": None,
         "added_tokens": [{"id": chat.EOT, **eot}],
         "normalizer": None, "pre_tokenizer": byte_level,
         "post_processor": {**byte_level, "trim_offsets": False}, "decoder": byte_level,
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
-                  "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+        "model": {"type": "BPE", "dropout": None, "unk_token": None,
+                  "continuing_subword_prefix": "", "end_of_word_suffix": "", "fuse_unk": False,
+                  "byte_fallback": False, "ignore_merges": False,
                   "vocab": vocab, "merges": merges},
     }
     tokenizer_config = {
@@ -94,7 +97,8 @@ def tokenizer_files(enc, template, block_size, classify=False):
         "model_max_length": block_size, "clean_up_tokenization_spaces": False,
         "added_tokens_decoder": {str(chat.EOT): eot},
     }
-    special = {"bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT, "pad_token": EOT_TEXT}
+    special = {"bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT,
+               "pad_token": EOT_TEXT}
     files = {
         "vocab.json": vocab,
         "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n",
@@ -122,12 +126,14 @@ def classify_tokenizer(files):
     pad = {**eot, "content": PAD_TEXT, "normalized": False}
 
     def seq(name, type_id):
-        return [{"Sequence": {"id": name, "type_id": type_id}}, {"SpecialToken": {"id": EOT_TEXT, "type_id": type_id}}]
+        return [{"Sequence": {"id": name, "type_id": type_id}},
+                {"SpecialToken": {"id": EOT_TEXT, "type_id": type_id}}]
 
     tokenizer_json["added_tokens"] = tokenizer_json["added_tokens"] + [{"id": PAD_ID, **pad}]
     tokenizer_json["post_processor"] = {
         "type": "TemplateProcessing", "single": seq("A", 0), "pair": seq("A", 0) + seq("B", 1),
         "special_tokens": {EOT_TEXT: {"id": EOT_TEXT, "ids": [chat.EOT], "tokens": [EOT_TEXT]}}}
-    config.update(pad_token=PAD_TEXT, add_eos_token=True, split_special_tokens=True, padding_side="right",
-                  truncation_side="left", added_tokens_decoder={str(chat.EOT): eot, str(PAD_ID): pad})
+    config.update(pad_token=PAD_TEXT, add_eos_token=True, split_special_tokens=True,
+                  padding_side="right", truncation_side="left",
+                  added_tokens_decoder={str(chat.EOT): eot, str(PAD_ID): pad})
     files["special_tokens_map.json"]["pad_token"] = PAD_TEXT

@@ -53,8 +53,8 @@ class LoRALinear(Linear):
             self.weight += (self.lora_B @ self.lora_A) * self.scale
         out = Linear.__new__(Linear)
         nn.Module.__init__(out)
-        out.in_features, out.out_features, out.weight, out.bias = self.in_features, self.out_features, self.weight, \
-            self.bias
+        out.in_features, out.out_features, out.weight, out.bias = (
+            self.in_features, self.out_features, self.weight, self.bias)
         return out
 
 
@@ -68,7 +68,8 @@ def parse_targets(text):
     names = [t.strip() for t in str(text).split(",") if t.strip()]
     unknown = [t for t in names if t not in TARGETS]
     if unknown:
-        raise ConfigError(f"--lora_targets: unknown layer {unknown[0]!r}; choose from {','.join(TARGETS)}")
+        raise ConfigError(f"--lora_targets: unknown layer {unknown[0]!r}; "
+                          f"choose from {','.join(TARGETS)}")
     if not names:
         raise ConfigError(f"--lora_targets is empty; choose from {','.join(TARGETS)}")
     return tuple(dict.fromkeys(names))
@@ -77,22 +78,25 @@ def parse_targets(text):
 def lora_settings(cfg):
     """The run's adapter settings {rank, alpha, dropout, targets}, or
     None when LoRA is off. Checks the values."""
-    rank, alpha, dropout = cfg.get("lora_rank", 0), cfg.get("lora_alpha", 0.0), cfg.get("lora_dropout", 0.0)
+    rank, alpha, dropout = (cfg.get("lora_rank", 0), cfg.get("lora_alpha", 0.0),
+                            cfg.get("lora_dropout", 0.0))
     if not isinstance(rank, int) or rank < 0:
         raise ConfigError(f"--lora_rank must be a whole number >= 0 (0 = no LoRA), got {rank!r}")
     layers = cfg.get("trainable_layers", -1)
     if not isinstance(layers, int) or layers < -1:
-        raise ConfigError(f"--trainable_layers must be -1 (all) or a number of blocks >= 0, got {layers!r}")
+        raise ConfigError(f"--trainable_layers must be -1 (all) or a number of blocks >= 0, "
+                          f"got {layers!r}")
     if rank == 0:
         return None
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha < 0:
-        raise ConfigError(f"--lora_alpha must be a number > 0 (0 = the rank, a scale of 1), got {alpha!r}")
+        raise ConfigError(f"--lora_alpha must be a number > 0 (0 = the rank, a scale of 1), "
+                          f"got {alpha!r}")
     alpha = alpha or rank
     if not 0.0 <= dropout < 1.0:
         raise ConfigError(f"--lora_dropout must be in [0, 1), got {dropout!r}")
     if layers != -1:
-        raise ConfigError("--lora_rank and --trainable_layers cannot be combined: LoRA already freezes the whole "
-                          "base; use one or the other")
+        raise ConfigError("--lora_rank and --trainable_layers cannot be combined: "
+                          "LoRA already freezes the whole base; use one or the other")
     return {"rank": rank, "alpha": float(alpha), "dropout": float(dropout), "targets": list(
         parse_targets(cfg.get("lora_targets", ",".join(TARGETS))))}
 
@@ -110,7 +114,8 @@ def apply_lora(model, lora):
         for target in lora["targets"]:
             parent_name, name = target.split(".")
             parent = getattr(block, parent_name)
-            setattr(parent, name, LoRALinear(getattr(parent, name), lora["rank"], lora["alpha"], lora["dropout"]))
+            setattr(parent, name, LoRALinear(getattr(parent, name), lora["rank"], lora["alpha"],
+                                             lora["dropout"]))
     model.lora = dict(lora)
     return model
 
@@ -157,8 +162,8 @@ def load_adapters(model, state):
     expected = set(adapter_state(model))
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
-        raise ValueError(f"adapter tensors do not match the settings: missing {missing[:2]}, unexpected "
-                         f"{unexpected[:2]}")
+        raise ValueError(f"adapter tensors do not match the settings: missing {missing[:2]}, "
+                         f"unexpected {unexpected[:2]}")
     model.load_state_dict(state, strict=False)
     return model
 
@@ -190,7 +195,8 @@ def peft_adapter(model, base_name):
     tensors = {}
     for name, t in adapter_state(model).items():
         module, key = name.rsplit(".", 1)
-        tensors[f"base_model.model.{module}.{key}.weight"] = t.detach().to("cpu", torch.float32).contiguous()
+        tensors[f"base_model.model.{module}.{key}.weight"] = (
+            t.detach().to("cpu", torch.float32).contiguous())
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
         "r": lora["rank"], "lora_alpha": lora["alpha"], "lora_dropout": lora["dropout"],

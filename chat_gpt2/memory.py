@@ -13,7 +13,8 @@ def count_params(config):
     embedding)."""
     C = config.n_embd
     ln_f = (2 if config.bias else 1) * C
-    return config.vocab_size * C + config.block_size * C + config.n_layer * _layer_params(config) + ln_f
+    return (config.vocab_size * C + config.block_size * C
+            + config.n_layer * _layer_params(config) + ln_f)
 
 
 def _layer_params(config):
@@ -28,7 +29,9 @@ def count_trainable(config, cfg):
     C = config.n_embd
     lora = lora_settings(cfg)
     if lora:
-        widths = {"attn.c_attn": 4 * C, "attn.c_proj": 2 * C, "mlp.c_fc": 5 * C, "mlp.c_proj": 5 * C}  # in + out
+        # in + out features of each target layer
+        widths = {"attn.c_attn": 4 * C, "attn.c_proj": 2 * C,
+                  "mlp.c_fc": 5 * C, "mlp.c_proj": 5 * C}
         return config.n_layer * sum(lora["rank"] * widths[t] for t in lora["targets"])
     layers = cfg.get("trainable_layers", -1)
     if layers == -1:
@@ -51,7 +54,8 @@ def estimate_memory(config, cfg, dtype, ddp=False, trainable=None):
     b, s = cfg["batch_size"], min(cfg["block_size"], config.block_size)
     h, a = config.n_embd, config.n_head
     per_layer = 34 * s * b * h * act / 2 + (0 if config.flash else 5 * a * s * s * b * act / 2)
-    # with grad_checkpointing a block keeps only its input; one block's activations exist at a time in backward
+    # with grad_checkpointing a block keeps only its input; one block's activations exist at a
+    # time in backward
     kept = config.n_layer * (s * b * h * act if cfg.get("grad_checkpointing") else per_layer)
     kept += per_layer if cfg.get("grad_checkpointing") else 0
     parts = {
@@ -69,9 +73,11 @@ def check_memory(config, cfg, sys_info, trainable=None):
     """Print the run's memory estimate; raise ResourceError with what to change when it exceeds the
     free memory (unless check_memory is False). Processes sharing host memory (DDP on CPU) are
     counted together."""
-    need = estimate_memory(config, cfg, sys_info.get("dtype", "float32"), sys_info.get("ddp", False), trainable)
+    need = estimate_memory(config, cfg, sys_info.get("dtype", "float32"),
+                           sys_info.get("ddp", False), trainable)
     device = sys_info["device"]
-    procs = 1 if device.startswith("cuda") else int(os.environ.get("LOCAL_WORLD_SIZE", sys_info.get("world", 1)))
+    procs = 1 if device.startswith("cuda") else int(os.environ.get("LOCAL_WORLD_SIZE",
+                                                                   sys_info.get("world", 1)))
     total, avail = need["total"] * procs, available_memory(device)
     b, s = cfg["batch_size"], min(cfg["block_size"], config.block_size)
 
@@ -79,27 +85,30 @@ def check_memory(config, cfg, sys_info, trainable=None):
         return f"{x / 2 ** 30:.2f} GiB"
 
     if sys_info.get("master", True):
-        print(f"memory estimate: {gib(total)}{f' for {procs} processes' if procs > 1 else ''} (weights "
-              f"{gib(need['weights'])}, gradients {gib(need['gradients'])}, AdamW state {gib(need['optimizer'])}, "
+        print(f"memory estimate: {gib(total)}{f' for {procs} processes' if procs > 1 else ''} "
+              f"(weights {gib(need['weights'])}, gradients {gib(need['gradients'])}, "
+              f"AdamW state {gib(need['optimizer'])}, "
               f"activations {gib(need['activations'])} at batch_size {b} x block_size {s})"
               + (f"; {gib(avail)} available on {device}" if avail is not None else ""), flush=True)
     if not cfg.get("check_memory", True) or avail is None or total <= avail:
         return need
     states = (need["total"] - need["activations"]) * procs
     if states > avail:
-        advice = (f"the model alone takes {gib(states)} for its weights, gradients and AdamW state: use a smaller "
-                  f"model (gpt2 < gpt2-medium < gpt2-large < gpt2-xl) or a device with more memory")
+        advice = (f"the model alone takes {gib(states)} for its weights, gradients and AdamW "
+                  f"state: use a smaller model (gpt2 < gpt2-medium < gpt2-large < gpt2-xl) "
+                  f"or a device with more memory")
     else:
         # the largest batch that fits
         fits = int((avail - states) / (need["activations"] * procs / b))
-        advice = f"the activations at batch_size {b} x block_size {s} take {gib(need['activations'] * procs)}: "
+        advice = (f"the activations at batch_size {b} x block_size {s} "
+                  f"take {gib(need['activations'] * procs)}: ")
         if fits >= 1:
             accum = math.ceil(b * cfg["gradient_accumulation_steps"] / fits)
             advice += (f"use a smaller batch with more accumulation, e.g. --batch_size={fits} "
-                       f"--gradient_accumulation_steps={accum} (about the same tokens per step), or a smaller "
-                       f"--block_size")
+                       f"--gradient_accumulation_steps={accum} (about the same tokens per step), "
+                       f"or a smaller --block_size")
         else:
             advice += "use --batch_size=1 with a smaller --block_size, or a smaller model"
-    raise ResourceError(f"this run needs about {gib(total)} but only {gib(avail)} is available on {device}; {advice}. "
-                       f"(--check_memory=False starts it anyway)")
+    raise ResourceError(f"this run needs about {gib(total)} but only {gib(avail)} is available "
+                        f"on {device}; {advice}. (--check_memory=False starts it anyway)")
 
