@@ -47,7 +47,8 @@ class Limits:
 class ApiError(Exception):
     def __init__(self, status, message, param=None, code=None, headers=None):
         super().__init__(message)
-        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+        self.status, self.message, self.param, self.code, self.headers = (
+            status, message, param, code, headers)
 
 
 def error_response(status, message, param=None, code=None, headers=None):
@@ -57,7 +58,8 @@ def error_response(status, message, param=None, code=None, headers=None):
 
 
 # --------------------------------------------------------------------------------------------------
-# Request bodies. strict: a string where a number belongs is an error naming the field, not silently converted.
+# Request bodies. strict: a string where a number belongs is an error naming the field, not
+# silently converted.
 
 
 class Message(BaseModel):
@@ -118,10 +120,12 @@ class BodyLimit:
         if scope["type"] == "http" and scope["method"] == "POST":
             length = dict(scope["headers"]).get(b"content-length", b"")
             if not length.isdigit():
-                await error_response(411, "a Content-Length header is required")(scope, receive, send)
+                await error_response(411, "a Content-Length header is required")(
+                    scope, receive, send)
                 return
             if int(length) > self.max_bytes:
-                message = f"request body of {int(length)} bytes exceeds the limit of {self.max_bytes}"
+                message = (f"request body of {int(length)} bytes exceeds the limit of "
+                           f"{self.max_bytes}")
                 await error_response(413, message, code="body_too_large")(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -135,7 +139,8 @@ def validation_error(exc):
     if err.get("type") == "json_invalid":
         return error_response(400, f"malformed JSON: {err.get('msg')}", code="json_invalid")
     param = ".".join(loc) or None
-    return error_response(400, f"{param or 'body'}: {err.get('msg')}", param=param, code=err.get("type"))
+    return error_response(400, f"{param or 'body'}: {err.get('msg')}", param=param,
+                          code=err.get("type"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -144,13 +149,14 @@ def validation_error(exc):
 
 class Service:
     def __init__(self, engine, ckpt_info, defaults, model_name, limits):
-        self.engine, self.defaults, self.model_name, self.limits = engine, defaults, model_name, limits
+        self.engine, self.defaults, self.model_name, self.limits = (
+            engine, defaults, model_name, limits)
         self.template = ckpt_info.get("template", chat.TEMPLATE)
         self.default_stop = ckpt_info.get("default_stop", chat.NEWLINE_STOP)
         self.block_size = engine.model.config.block_size
         if limits.max_rows < MAX_N:
-            raise ConfigError(f"max_rows must be at least {MAX_N} (a request may ask for n={MAX_N} choices), "
-                              f"got {limits.max_rows}")
+            raise ConfigError(f"max_rows must be at least {MAX_N} "
+                              f"(a request may ask for n={MAX_N} choices), got {limits.max_rows}")
         self.batcher = Batcher(engine, max_waiting=limits.max_waiting, max_rows=limits.max_rows)
 
     def params(self, req, chat_stop):
@@ -174,16 +180,16 @@ class Service:
 
     def check_messages(self, messages):
         if len(messages) > self.limits.max_messages:
-            raise ApiError(400, f"messages: at most {self.limits.max_messages} messages", param="messages",
-                           code="too_many_messages")
+            raise ApiError(400, f"messages: at most {self.limits.max_messages} messages",
+                           param="messages", code="too_many_messages")
         self.check_chars(sum(len(m.content) for m in messages), "messages")
         if messages[-1].role != "user":
             raise ApiError(400, "messages: the last message must be the user's", param="messages")
 
     def check_chars(self, n, param):
         if n > self.limits.max_chars:
-            raise ApiError(400, f"{param}: {n} characters exceed the limit of {self.limits.max_chars}",
-                           param=param, code="too_many_characters")
+            raise ApiError(400, f"{param}: {n} characters exceed the limit of "
+                                f"{self.limits.max_chars}", param=param, code="too_many_characters")
 
     def chat_prompt(self, messages, params):
         """The conversation rendered with the checkpoint's template, oldest turns dropped to leave
@@ -241,7 +247,8 @@ class Service:
 
 def usage(prompt, rows):
     completion = sum(len(row.tokens) for row in rows)
-    return {"prompt_tokens": len(prompt), "completion_tokens": completion, "total_tokens": len(prompt) + completion}
+    return {"prompt_tokens": len(prompt), "completion_tokens": completion,
+            "total_tokens": len(prompt) + completion}
 
 
 def chat_response(meta, prompt, rows):
@@ -251,8 +258,8 @@ def chat_response(meta, prompt, rows):
 
 
 def completion_response(meta, prompt, rows):
-    choices = [{"index": i, "text": row.text.lstrip(), "finish_reason": row.finish_reason, "logprobs": None}
-               for i, row in enumerate(rows)]
+    choices = [{"index": i, "text": row.text.lstrip(), "finish_reason": row.finish_reason,
+                "logprobs": None} for i, row in enumerate(rows)]
     return {**meta, "object": "text_completion", "choices": choices, "usage": usage(prompt, rows)}
 
 
@@ -266,31 +273,37 @@ async def stream(service, request, job, events, meta, is_chat, include_usage):
     obj = "chat.completion.chunk" if is_chat else "text_completion"
     piece = (lambda i, text, finish: {"index": i, "delta": {"content": text} if text else {},
                                       "finish_reason": finish, "logprobs": None}) if is_chat else \
-        (lambda i, text, finish: {"index": i, "text": text, "finish_reason": finish, "logprobs": None})
+        (lambda i, text, finish: {"index": i, "text": text, "finish_reason": finish,
+                                  "logprobs": None})
     if is_chat:
-        yield sse({**meta, "object": obj, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                       "finish_reason": None} for i in range(job.n)]})
+        yield sse({**meta, "object": obj,
+                   "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                "finish_reason": None} for i in range(job.n)]})
     async for event in service.events(request, job, events):
         if event[0] == "text":
             yield sse({**meta, "object": obj, "choices": [piece(event[1], event[2], None)]})
         elif event[0] == "done":
             rows = event[1]
-            yield sse({**meta, "object": obj, "choices": [piece(i, "", r.finish_reason) for i, r in enumerate(rows)]})
+            yield sse({**meta, "object": obj,
+                       "choices": [piece(i, "", r.finish_reason) for i, r in enumerate(rows)]})
             if include_usage:
                 yield sse({**meta, "object": obj, "choices": [], "usage": usage(job.prompt, rows)})
             yield "data: [DONE]\n\n"
         else:
-            yield sse({"error": {"message": event[1], "type": "server_error", "param": None, "code": None}})
+            yield sse({"error": {"message": event[1], "type": "server_error", "param": None,
+                                 "code": None}})
 
 
 async def answer(service, request, req, prompt, params, is_chat):
     job, events = service.submit(prompt, params, req.n)
-    meta = {"id": f"{'chatcmpl' if is_chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
-            "model": service.model_name}
+    meta = {"id": f"{'chatcmpl' if is_chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+            "created": int(time.time()), "model": service.model_name}
     if req.stream:
         include_usage = bool((req.stream_options or {}).get("include_usage"))
-        return StreamingResponse(stream(service, request, job, events, meta, is_chat, include_usage),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(stream(service, request, job, events, meta, is_chat,
+                                        include_usage),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
     rows = await service.result(request, job, events)
     return (chat_response if is_chat else completion_response)(meta, prompt, rows)
 
@@ -316,8 +329,8 @@ def create_app(engine, ckpt_info, defaults, model_name="chat-gpt2", limits=None)
     app.state.service = service
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     app.add_exception_handler(RequestValidationError, lambda request, exc: validation_error(exc))
-    app.add_exception_handler(ApiError, lambda request, e: error_response(e.status, e.message, e.param, e.code,
-                                                                          e.headers))
+    app.add_exception_handler(ApiError, lambda request, e: error_response(
+        e.status, e.message, e.param, e.code, e.headers))
     add_routes(app, service)
     return app
 
@@ -327,13 +340,15 @@ def add_routes(app, service):
     async def chat_completions(req: ChatRequest, request: Request):
         service.check_messages(req.messages)
         params = service.params(req, chat_stop=True)
-        return await answer(service, request, req, service.chat_prompt(req.messages, params), params, True)
+        return await answer(service, request, req, service.chat_prompt(req.messages, params),
+                            params, True)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         service.check_chars(len(req.prompt), "prompt")
         params = service.params(req, chat_stop=False)
-        return await answer(service, request, req, service.raw_prompt(req.prompt, params), params, False)
+        return await answer(service, request, req, service.raw_prompt(req.prompt, params),
+                            params, False)
 
     @app.post("/chat")
     async def simple_chat(req: SimpleChatRequest, request: Request):
@@ -346,8 +361,8 @@ def add_routes(app, service):
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": service.model_name, "object": "model", "created": 0,
-                                            "owned_by": "chat-gpt2"}]}
+        return {"object": "list", "data": [{"id": service.model_name, "object": "model",
+                                            "created": 0, "owned_by": "chat-gpt2"}]}
 
     @app.get("/health")
     async def health():
