@@ -1,14 +1,16 @@
-"""Reading the data: records streamed from .jsonl / .json files and normalised to [{"role",
-"content"}, ...], and plain text (.txt files, {"text"} records).
+"""Reading the data: records streamed from .jsonl / .json files and normalised to
+[{"role", "content"}, ...], and plain text (.txt files, {"text"} records).
 
 Each record is recognised by its keys (see docs/data.md):
-    {"user", "assistant"}                      {"messages": [{"role", "content"}, ...], optional "system"}
-    {"instruction", "input", "output"}         {"conversations": [{"from", "value"}, ...], optional "system"}
-    {"prompt", "completion"}                   {"question", "answer"}
-    {"message_tree_id", "prompt": {...}}       an OpenAssistant tree: its best-ranked branch, or every path
-    {"text"}                                   a plain-text document
-A key of CONTENT_KEYS that the record's schema does not use is an error; any other key is metadata, ignored.
-A record that cannot be used raises RecordError naming file:line (or file[index] for a .json array) and field.
+    {"user", "assistant"}                 {"instruction", "input", "output"}
+    {"prompt", "completion"}              {"question", "answer"}
+    {"messages": [{"role", "content"}, ...], optional "system"}
+    {"conversations": [{"from", "value"}, ...], optional "system"}
+    {"message_tree_id", "prompt": {...}}  an OpenAssistant tree: its best-ranked branch or all paths
+    {"text"}                              a plain-text document
+A key of CONTENT_KEYS that the record's schema does not use is an error; any other key is metadata,
+ignored. A record that cannot be used raises RecordError naming file:line (or file[index] for a
+.json array) and field.
 """
 import codecs
 import hashlib
@@ -51,19 +53,22 @@ def iter_jsonl(path, hasher):
         for lineno, raw in _lines(f, hasher):
             where = f"{path}:{lineno}"
             if raw is None:
-                yield where, RecordError(where, f"record larger than {MAX_RECORD_BYTES >> 20} MiB", "too large")
+                yield where, RecordError(where, f"record larger than {MAX_RECORD_BYTES >> 20} MiB",
+                                         "too large")
                 continue
             try:
                 line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # -sig: tolerate a BOM
             except UnicodeDecodeError as e:
-                yield where, RecordError(where, f"invalid UTF-8 at byte {e.start} of the line", "invalid UTF-8")
+                yield where, RecordError(where, f"invalid UTF-8 at byte {e.start} of the line",
+                                         "invalid UTF-8")
                 continue
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                yield where, RecordError(where, f"invalid JSON: {e.msg} (column {e.colno})", "invalid JSON")
+                yield where, RecordError(where, f"invalid JSON: {e.msg} (column {e.colno})",
+                                         "invalid JSON")
                 continue
             # integers over 4,300 digits, nesting deeper than Python's stack
             except (ValueError, RecursionError) as e:
@@ -93,7 +98,8 @@ def _decode_one(decoder, buf, pos, where):
         raise
     except (ValueError, RecursionError) as e:
         end = _value_end(buf, pos)
-        return (_why(e) if end is None else RecordError(where, f"unreadable JSON: {_why(e)}", "invalid JSON")), end
+        return (_why(e) if end is None
+                else RecordError(where, f"unreadable JSON: {_why(e)}", "invalid JSON")), end
     if _ESCAPED_BYTE.search(buf, pos, end):
         return RecordError(where, "invalid UTF-8 in the record", "invalid UTF-8"), end
     return record, end
@@ -126,9 +132,11 @@ def iter_json_array(path, hasher, chunk_size=1 << 20):
     """Records of a JSON array, decoded incrementally so a large file never sits in memory whole.
     Structural errors (not an array, broken JSON) end the file: there is no record boundary to
     resume from."""
-    # -sig: tolerate a BOM; surrogateescape: an invalid byte becomes a lone surrogate inside its own record, which
-    # is then refused alone (and skippable), instead of failing whichever chunk it arrived in
-    decoder, utf8 = json.JSONDecoder(), codecs.getincrementaldecoder("utf-8-sig")(errors="surrogateescape")
+    # -sig: tolerate a BOM; surrogateescape: an invalid byte becomes a lone surrogate inside its own
+    # record, which is then refused alone (and skippable), instead of failing whichever chunk it
+    # arrived in
+    decoder, utf8 = json.JSONDecoder(), codecs.getincrementaldecoder("utf-8-sig")(
+        errors="surrogateescape")
     # state: start, first, value, sep, end
     buf, pos, index, line, state, eof = "", 0, 0, 1, "start", False
     with open(path, "rb") as f:
@@ -158,7 +166,8 @@ def iter_json_array(path, hasher, chunk_size=1 << 20):
                 state, pos = "end", pos + 1
             elif state == "sep":
                 if char != ",":
-                    raise InputError(f"{where}: invalid JSON: expected ',' or ']' after the previous record")
+                    raise InputError(f"{where}: invalid JSON: "
+                                     "expected ',' or ']' after the previous record")
                 state, pos = "value", pos + 1
             else:
                 if len(buf) - pos > MAX_RECORD_BYTES:
@@ -168,7 +177,8 @@ def iter_json_array(path, hasher, chunk_size=1 << 20):
                 except json.JSONDecodeError as e:
                     if eof:
                         error_line = line + e.lineno - 1 - buf.count("\n", 0, pos)
-                        raise InputError(f"{where}: invalid JSON: {e.msg} (line {error_line})") from None
+                        raise InputError(f"{where}: invalid JSON: {e.msg} "
+                                         f"(line {error_line})") from None
                     eof = not read_more()  # the record may just be incomplete
                     continue
                 # the record may continue in the next chunk
@@ -181,12 +191,14 @@ def iter_json_array(path, hasher, chunk_size=1 << 20):
                 yield where, record
                 index, pos, state = index + 1, end, "sep"
     if state != "end":
-        raise InputError(f"{path}: {'empty file' if state == 'start' else 'the array is not closed'}: "
+        raise InputError(f"{path}: "
+                         f"{'empty file' if state == 'start' else 'the array is not closed'}: "
                          "a .json input must hold one array of records")
 
 
 # --------------------------------------------------------------------------------------------------
-# Plain text: a .txt file is one document, read in chunks cut where GPT-2's tokenizer would cut anyway
+# Plain text: a .txt file is one document, read in chunks cut where GPT-2's tokenizer would cut
+# anyway
 
 TEXT_CHUNK_BYTES = 1 << 20
 # characters held while looking for a safe cut; past this a cut may change a token or two
@@ -233,8 +245,8 @@ def iter_text(path, hasher, chunk_bytes=TEXT_CHUNK_BYTES, max_carry=MAX_TEXT_CAR
                 buf += utf8.decode(raw, final=not raw)
             except UnicodeDecodeError as e:
                 line += buf.count("\n") + raw[:e.start].count(b"\n")
-                raise InputError(f"{path}:{line}: invalid UTF-8 near byte {f.tell() - len(raw) + e.start}") \
-                    from None
+                raise InputError(f"{path}:{line}: invalid UTF-8 near byte "
+                                 f"{f.tell() - len(raw) + e.start}") from None
             if not raw:
                 break
             cut = last_safe_cut(buf) or (len(buf) if len(buf) > max_carry else 0)
@@ -246,8 +258,8 @@ def iter_text(path, hasher, chunk_bytes=TEXT_CHUNK_BYTES, max_carry=MAX_TEXT_CAR
         yield buf
 
 
-CHAT_KEYS = {"user", "assistant", "messages", "conversations", "instruction", "output", "prompt", "completion",
-             "question", "answer", "message_tree_id"}
+CHAT_KEYS = {"user", "assistant", "messages", "conversations", "instruction", "output", "prompt",
+             "completion", "question", "answer", "message_tree_id"}
 
 
 def is_document(record):
@@ -280,8 +292,9 @@ def iter_records(path, hasher):
 # --------------------------------------------------------------------------------------------------
 # Schemas: every record becomes [{"role", "content"}, ...]
 
-ROLE_ALIASES = {"system": "system", "user": "user", "human": "user", "prompter": "user", "assistant": "assistant",
-                "gpt": "assistant", "chatgpt": "assistant", "bot": "assistant", "model": "assistant"}
+ROLE_ALIASES = {"system": "system", "user": "user", "human": "user", "prompter": "user",
+                "assistant": "assistant", "gpt": "assistant", "chatgpt": "assistant",
+                "bot": "assistant", "model": "assistant"}
 
 
 def _text(record, key, where, field=None):
@@ -290,7 +303,8 @@ def _text(record, key, where, field=None):
         raise RecordError(where, f"field '{field}' is missing", "missing field")
     value = record[key]
     if not isinstance(value, str):
-        raise RecordError(where, f"field '{field}' must be a string, got {type(value).__name__}", "wrong type")
+        raise RecordError(where, f"field '{field}' must be a string, got {type(value).__name__}",
+                          "wrong type")
     if not value.strip():
         raise RecordError(where, f"field '{field}' is empty", "empty content")
     return value
@@ -306,29 +320,34 @@ def _turns(turns, where, list_key, role_key, content_key):
             raise RecordError(where, f"field '{field}' must be an object", "wrong type")
         role = ROLE_ALIASES.get(str(turn.get(role_key, "")).lower())
         if role is None:
-            raise RecordError(where, f"field '{field}.{role_key}' has unknown role {turn.get(role_key)!r}",
-                              "unknown role")
-        messages.append({"role": role, "content": _text(turn, content_key, where, f"{field}.{content_key}")})
+            raise RecordError(where, f"field '{field}.{role_key}' has unknown role "
+                                     f"{turn.get(role_key)!r}", "unknown role")
+        messages.append({"role": role,
+                         "content": _text(turn, content_key, where, f"{field}.{content_key}")})
     # order: an optional system message, then user/assistant alternating, ending with the assistant
     expected = "user"
     for i, m in enumerate(messages):
         if m["role"] == "system" and i == 0:
             continue
         if m["role"] != expected:
-            raise RecordError(where, f"field '{list_key}[{i}].{role_key}' is {m['role']!r} where {expected!r} was "
-                              "expected (roles must be: optional system, then user/assistant alternating)",
-                              "roles out of order")
+            raise RecordError(where, f"field '{list_key}[{i}].{role_key}' is {m['role']!r} "
+                                     f"where {expected!r} was expected "
+                                     "(roles must be: optional system, then user/assistant "
+                                     "alternating)", "roles out of order")
         expected = "assistant" if expected == "user" else "user"
     if messages[-1]["role"] != "assistant":
-        raise RecordError(where, f"field '{list_key}' must end with an assistant message", "roles out of order")
+        raise RecordError(where, f"field '{list_key}' must end with an assistant message",
+                          "roles out of order")
     return messages
 
 
-# Keys that carry conversation content. One that the record's schema does not use is an error (it would be
-# silently lost); every other key (id, source, category, lang, metadata, ...) is metadata and ignored.
-CONTENT_KEYS = {"user", "assistant", "messages", "conversations", "system", "instruction", "input", "output",
-                "prompt", "completion", "question", "answer", "text", "chosen", "rejected", "context", "response",
-                "history", "query", "conversation", "dialogue", "turns", "replies"}
+# Keys that carry conversation content. One that the record's schema does not use is an error (it
+# would be silently lost); every other key (id, source, category, lang, metadata, ...) is metadata
+# and ignored.
+CONTENT_KEYS = {"user", "assistant", "messages", "conversations", "system", "instruction", "input",
+                "output", "prompt", "completion", "question", "answer", "text", "chosen",
+                "rejected", "context", "response", "history", "query", "conversation", "dialogue",
+                "turns", "replies"}
 # ignored beside instruction/output and prompt/completion (one warning)
 PREFERENCE_KEYS = {"chosen", "rejected"}
 PAIRS = [("user", "assistant"), ("prompt", "completion"), ("question", "answer")]
@@ -338,9 +357,10 @@ def _check_keys(record, where, used):
     """A content key that the record's schema (used) has no place for is an error naming the key."""
     extra = sorted((record.keys() & CONTENT_KEYS) - used)
     if extra:
-        raise RecordError(where, f"field '{extra[0]}' is not understood beside {', '.join(sorted(used))} (it would "
-                          f"carry conversation content that this schema has no place for): remove it or convert the "
-                          f"record", "unknown field")
+        raise RecordError(where, f"field '{extra[0]}' is not understood beside "
+                                 f"{', '.join(sorted(used))} (it would carry conversation content "
+                                 f"that this schema has no place for): remove it or convert the "
+                                 f"record", "unknown field")
 
 
 def _with_system(record, where, list_key, messages):
@@ -348,12 +368,13 @@ def _with_system(record, where, list_key, messages):
     is none)."""
     system = record.get("system", "")
     if not isinstance(system, str):
-        raise RecordError(where, f"field 'system' must be a string, got {type(system).__name__}", "wrong type")
+        raise RecordError(where, f"field 'system' must be a string, got {type(system).__name__}",
+                          "wrong type")
     if not system.strip():
         return messages
     if messages[0]["role"] == "system":
-        raise RecordError(where, f"field 'system' and a system message in '{list_key}[0]': give one or the other",
-                          "roles out of order")
+        raise RecordError(where, f"field 'system' and a system message in '{list_key}[0]': "
+                                 "give one or the other", "roles out of order")
     return [{"role": "system", "content": system}] + messages
 
 
@@ -363,8 +384,10 @@ def to_conversations(record, where, template=chat.TEMPLATE, oasst_paths="best"):
     ending on an assistant reply). template["input"] says how an instruction record's input joins
     its instruction (so a renderer that sees only messages renders it too)."""
     if not isinstance(record, dict):
-        raise RecordError(where, f"a record must be a JSON object, got {type(record).__name__}", "wrong type")
-    for list_key, role_key, content_key in (("messages", "role", "content"), ("conversations", "from", "value")):
+        raise RecordError(where, f"a record must be a JSON object, got {type(record).__name__}",
+                          "wrong type")
+    for list_key, role_key, content_key in (("messages", "role", "content"),
+                                            ("conversations", "from", "value")):
         if list_key in record:
             _check_keys(record, where, {list_key, "system"})
             return [_with_system(record, where, list_key,
@@ -383,17 +406,21 @@ def to_conversations(record, where, template=chat.TEMPLATE, oasst_paths="best"):
         user = _text(record, "instruction", where)
         extra = record.get("input", "")
         if not isinstance(extra, str):
-            raise RecordError(where, f"field 'input' must be a string, got {type(extra).__name__}", "wrong type")
+            raise RecordError(where, f"field 'input' must be a string, got {type(extra).__name__}",
+                              "wrong type")
         if extra.strip():
-            user = user.strip() + chat.fill(template.get("input", chat.TEMPLATE["input"]), extra.strip())
+            user = user.strip() + chat.fill(template.get("input", chat.TEMPLATE["input"]),
+                                            extra.strip())
         return [[{"role": "user", "content": user},
                  {"role": "assistant", "content": _text(record, "output", where)}]]
     if "text" in record:
         _check_keys(record, where, {"text"})
-        raise RecordError(where, "a plain-text record ({\"text\"}) where a conversation is expected", "text record")
-    raise RecordError(where, f"unrecognised schema, keys seen: {sorted(record)}; expected one of user/assistant, "
-                      "messages, instruction/input/output, conversations, prompt/completion, question/answer, an "
-                      "OpenAssistant tree (message_tree_id, prompt) or text", "unknown schema")
+        raise RecordError(where, "a plain-text record ({\"text\"}) "
+                                 "where a conversation is expected", "text record")
+    raise RecordError(where, f"unrecognised schema, keys seen: {sorted(record)}; "
+                             "expected one of user/assistant, messages, instruction/input/output, "
+                             "conversations, prompt/completion, question/answer, an OpenAssistant "
+                             "tree (message_tree_id, prompt) or text", "unknown schema")
 
 
 def to_messages(record, where, template=chat.TEMPLATE):
@@ -402,8 +429,8 @@ def to_messages(record, where, template=chat.TEMPLATE):
 
 
 # --------------------------------------------------------------------------------------------------
-# OpenAssistant trees: {"message_tree_id", "prompt": {"role": "prompter", "text", "replies": [{"role":
-# "assistant", "text", "rank", "replies": [...]}, ...]}}
+# OpenAssistant trees: {"message_tree_id", "prompt": {"role": "prompter", "text", "replies":
+# [{"role": "assistant", "text", "rank", "replies": [...]}, ...]}}
 
 
 def _oasst_message(node, field, where, expected):
@@ -411,8 +438,9 @@ def _oasst_message(node, field, where, expected):
         raise RecordError(where, f"field '{field}' must be an object", "wrong type")
     role = ROLE_ALIASES.get(str(node.get("role", "")).lower())
     if role != expected:
-        raise RecordError(where, f"field '{field}.role' is {node.get('role')!r} where {expected!r} (or "
-                          f"{'prompter' if expected == 'user' else 'assistant'}) was expected", "roles out of order")
+        raise RecordError(where, f"field '{field}.role' is {node.get('role')!r} where {expected!r} "
+                                 f"(or {'prompter' if expected == 'user' else 'assistant'}) "
+                                 "was expected", "roles out of order")
     return {"role": role, "content": _text(node, "text", where, f"{field}.text")}
 
 
@@ -428,7 +456,8 @@ def _ranked_replies(node, field, where):
             continue
         rank = reply.get("rank") if isinstance(reply, dict) else None
         if rank is not None and (isinstance(rank, bool) or not isinstance(rank, (int, float))):
-            raise RecordError(where, f"field '{field}.replies[{i}].rank' must be a number", "wrong type")
+            raise RecordError(where, f"field '{field}.replies[{i}].rank' must be a number",
+                              "wrong type")
         kept.append(((rank is None, rank or 0, i), reply, f"{field}.replies[{i}]"))
     return [(reply, f) for _, reply, f in sorted(kept, key=lambda k: k[0])]
 
@@ -438,7 +467,8 @@ def oasst_conversations(record, where, paths="best"):
     root-to-leaf path that ends on an assistant reply (paths="all"). Walked with a stack: a deep
     tree cannot overflow Python's."""
     if not isinstance(record.get("prompt"), dict):
-        raise RecordError(where, "field 'prompt' must be an object (an OpenAssistant message tree)", "wrong type")
+        raise RecordError(where, "field 'prompt' must be an object (an OpenAssistant message tree)",
+                          "wrong type")
     found, stack = [], [(record["prompt"], "prompt", [])]
     while stack:
         node, field, before = stack.pop()
@@ -456,7 +486,8 @@ def oasst_conversations(record, where, paths="best"):
                 found.append(path)
         stack += [(reply, f, path) for reply, f in reversed(replies)]
     if not found:
-        raise RecordError(where, "the OpenAssistant tree has no assistant reply", "no assistant reply")
+        raise RecordError(where, "the OpenAssistant tree has no assistant reply",
+                          "no assistant reply")
     return found
 
 
