@@ -99,8 +99,7 @@ def _resolve_hub(name):
     tried, local_only = [], offline
     hub_logger = logging.getLogger("huggingface_hub")
     level = hub_logger.level
-    # no page of retry warnings when the network is down: we explain below
-    hub_logger.setLevel(logging.ERROR)
+    hub_logger.setLevel(logging.ERROR)  # no page of retry warnings offline: we explain below
     try:
         for repo in candidates:
             def fetch(filename):
@@ -111,8 +110,7 @@ def _resolve_hub(name):
                 for filename in HF_WEIGHT_FILES:
                     try:
                         path = fetch(filename)
-                    # not in this repo (or not cached): try the next format
-                    except EntryNotFoundError:
+                    except EntryNotFoundError:  # not in this repo (or not cached): next format
                         continue
                     if filename.endswith(".index.json"):
                         with open(path) as f:
@@ -135,8 +133,7 @@ def _resolve_hub(name):
             except LocalEntryNotFoundError:
                 why = "HF_HUB_OFFLINE is set" if offline else "the Hub could not be reached"
                 tried.append(f"Hub repo {repo!r}: not in the Hugging Face cache and {why}")
-                # one network timeout is enough: look only in the cache from now on
-                local_only = True
+                local_only = True  # one network timeout is enough: only the cache from now on
             except EntryNotFoundError:
                 tried.append(f"Hub repo {repo!r} has no config.json: not a transformers model")
             except Exception as e:  # gated repos, HTTP errors, disk full, ...: keep it to one line
@@ -211,18 +208,23 @@ def pretrained_config(files, overrides=None):
         raise PretrainedError(f"{src}: config.json sets {', '.join(bad)}, "
                               f"which this GPT-2 implementation does not support")
     if vocab_size != chat.VOCAB_SIZE:
-        raise PretrainedError(f"{src}: vocab_size {vocab_size}, not GPT-2's {chat.VOCAB_SIZE}: "
-                              f"the model must use the GPT-2 tokenizer "
-                              f"this project encodes data with")
+        raise PretrainedError(f"{src}: vocab_size {vocab_size}, not GPT-2's {chat.VOCAB_SIZE}: the "
+                              f"model must use the GPT-2 tokenizer this project encodes data with")
     config = GPTConfig(block_size=n_positions, vocab_size=vocab_size, n_layer=n_layer,
                        n_head=n_head, n_embd=n_embd, dropout=0.0, bias=True)
-    for key, value in (overrides or {}).items():
+    _apply_overrides(config, overrides or {}, src, n_positions)
+    return config
+
+
+def _apply_overrides(config, overrides, src, n_positions):
+    """Apply a run's overrides to a pretrained config: dropout / flash replace the checkpoint's,
+    block_size crops its n_positions, the shape keys must equal the checkpoint's."""
+    for key, value in overrides.items():
         if key in PRETRAINED_SHAPE_KEYS:
             if value != getattr(config, key):
                 raise PretrainedError(f"{key}={value!r} was requested but {src} has "
-                                      f"{key}={getattr(config, key)!r}: "
-                                      f"a pretrained model's shape is fixed; drop --{key} "
-                                      f"(or use --init_from=scratch)")
+                                      f"{key}={getattr(config, key)!r}: a pretrained model's shape "
+                                      f"is fixed; drop --{key} (or use --init_from=scratch)")
         elif key == "block_size":
             if value > n_positions:
                 raise PretrainedError(f"block_size {value} exceeds the {n_positions} positions "
@@ -233,7 +235,6 @@ def pretrained_config(files, overrides=None):
             setattr(config, key, value)
         else:
             raise PretrainedError(f"cannot override {key!r} of a pretrained model")
-    return config
 
 
 def _hf_tensors(path):

@@ -129,18 +129,13 @@ def _value_end(buf, pos):
 
 
 def iter_json_array(path, hasher, chunk_size=1 << 20):
-    """Records of a JSON array, decoded incrementally so a large file never sits in memory whole.
-    Structural errors (not an array, broken JSON) end the file: there is no record boundary to
-    resume from."""
-    # -sig: tolerate a BOM; surrogateescape: an invalid byte becomes a lone surrogate inside its own
-    # record, which is then refused alone (and skippable), instead of failing whichever chunk it
-    # arrived in
+    """Records of a JSON array, decoded incrementally (a large file never sits in memory whole).
+    Structural errors (not an array, broken JSON) end the file: no record boundary to go on from."""
     decoder, utf8 = json.JSONDecoder(), codecs.getincrementaldecoder("utf-8-sig")(
-        errors="surrogateescape")
+        errors="surrogateescape")  # a BOM is fine; a bad byte fails only its own record (skippable)
     # state: start, first, value, sep, end
     buf, pos, index, line, state, eof = "", 0, 0, 1, "start", False
     with open(path, "rb") as f:
-
         def read_more():  # append the next chunk to what is left of buf; False at end of file
             nonlocal buf, pos
             raw = f.read(chunk_size)
@@ -181,8 +176,7 @@ def iter_json_array(path, hasher, chunk_size=1 << 20):
                                          f"(line {error_line})") from None
                     eof = not read_more()  # the record may just be incomplete
                     continue
-                # the record may continue in the next chunk
-                if end is None or end == len(buf) and not eof:
+                if end is None or end == len(buf) and not eof:  # may go on in the next chunk
                     if eof:
                         raise InputError(f"{where}: unreadable JSON: {record}") from None
                     eof = not read_more()
