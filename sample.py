@@ -60,8 +60,8 @@ Ctrl-C stops a reply; the interrupted exchange is left out of the conversation."
 
 
 def apply_set(args, params):
-    """`/set temperature=0.5 top_k=50`: new SamplingParams, parsed and checked like command-line
-    flags."""
+    """`/set temperature=0.5 top_k=50`: new SamplingParams, parsed and checked like
+    command-line flags."""
     if any(a.partition("=")[0] not in SAMPLING_KEYS for a in args):
         raise ConfigError(f"/set takes {', '.join(SAMPLING_KEYS)} (e.g. /set temperature=0.5)")
     settings = {k: getattr(params, k) for k in SAMPLING_KEYS}
@@ -70,8 +70,8 @@ def apply_set(args, params):
 
 
 def run_command(line, params, output):
-    """Handle a /command. Returns (action: 'quit', 'reset' or None, the sampling params for the
-    next replies)."""
+    """Handle a /command. Returns (action: 'quit', 'reset' or None, the sampling params
+    for the next replies)."""
     name, *args = line.split()
     if name in ("/quit", "/exit"):
         return "quit", params

@@ -122,8 +122,7 @@ class Batcher:
             self._forget(ended)
 
     def _forget(self, ended):
-        """Jobs that ended or were cancelled leave running; their rows are free for the next
-        ones."""
+        """Jobs that ended or were cancelled leave running; their rows are free for others."""
         with self.cond:
             gone = set(ended) | {job for job in self.running if job.cancelled and job.left == 0}
             self.running = [job for job in self.running if job not in gone]

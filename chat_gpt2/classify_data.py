@@ -51,8 +51,8 @@ def split_names(value):
 
 
 def table_rows(path, hasher):
-    """(line, cells) per row of a .csv / .tsv file; line is where the row starts (a quoted field may
-    span lines)."""
+    """(line, cells) per row of a .csv / .tsv file; line is where the row starts (a quoted
+    field may span lines)."""
     tsv = path.endswith(".tsv")
     with open(path, "rb") as f:
         hasher.update(f.read())
@@ -77,8 +77,8 @@ def _index(spec):
 
 
 def table_columns(path, first, text_spec, label_spec):
-    """(text column indexes, label column index, has_header, their names) of a table from its first
-    row."""
+    """(text column indexes, label column index, has_header, their names) of a table, from its
+    first row."""
     lowered = [c.strip().lower() for c in first]
     named = [s for s in text_spec + [label_spec] if s and _index(s) is None]
     header = bool({"text", "label"} & set(lowered)) or any(s.lower() in lowered for s in named)
@@ -129,8 +129,8 @@ def table_examples(path, text_spec, label_spec, hasher):
 
 
 def record_examples(path, text_spec, label_spec, hasher):
-    """The same for .jsonl / .json records: the columns are keys (text / label, any case, by
-    default)."""
+    """The same for .jsonl / .json records: the columns are keys (by default text / label, any
+    case)."""
     if any(_index(s) is not None for s in text_spec + [label_spec] if s):
         raise ConfigError(f"{path}: records have no column order: "
                           f"name their keys in --text_column/--label_column")
@@ -147,8 +147,8 @@ def record_examples(path, text_spec, label_spec, hasher):
 
 
 def check_example(where, values, columns, labels):
-    """(text, label) of one row, or RecordError naming the column: missing, empty, or a label not in
-    labels."""
+    """(text, label) of one row, or RecordError naming the column: missing, empty, or a label
+    not in labels."""
     parts = []
     for name in columns["text"] + [columns["label"]]:
         if name not in values or values[name] is None:
@@ -178,8 +178,8 @@ def check_example(where, values, columns, labels):
 
 def read_examples(path, text_column="", label_column="", labels=(), skip_invalid=False, stats=None):
     """[(text, label)] of one input file, its columns and sha256. Bad rows raise RecordError, or
-    with skip_invalid are counted in stats["skipped"] by reason. labels: the allowed labels (empty:
-    any)."""
+    with skip_invalid are counted in stats["skipped"] by reason. labels: the allowed labels
+    (empty: any)."""
     check_input_file(path)
     text_spec, label_spec = split_names(text_column), str(label_column or "")
     hasher, stats = hashlib.sha256(), (stats if stats is not None
@@ -207,8 +207,8 @@ def read_examples(path, text_column="", label_column="", labels=(), skip_invalid
 
 
 def column_flags(columns):
-    """The --text_column / --label_column values that read a file as the dataset was read (a
-    checkpoint's "classify"["columns"])."""
+    """The --text_column / --label_column values that read a file as the dataset was read
+    (from a checkpoint's "classify"["columns"])."""
     return ",".join(columns["text"]), columns["label"]
 
 
@@ -289,8 +289,8 @@ def write_split(folder, split, ids_list, label_ids):
 def build_classify_dataset(inputs, out_dir, text_column="", label_column="", labels="",
                            balance=False, val_fraction=0.1, test_fraction=0.2, seed=1337,
                            skip_invalid=False):
-    """Read, split, tokenise and publish a classification dataset at out_dir (all or nothing).
-    Returns meta."""
+    """Read, split, tokenise and publish a classification dataset at out_dir (all or
+    nothing). Returns meta."""
     if not 0 < val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
         raise ConfigError(f"--val_fraction ({val_fraction}) and --test_fraction ({test_fraction}) "
                           f"must each be in [0, 1) (val above 0) and leave something to train on")
@@ -351,8 +351,8 @@ def _build(tmp, inputs, o):
 
 
 class ClassifyData:
-    """One split of a classification dataset, memory-mapped; batches of whole examples,
-    right-padded."""
+    """One split of a classification dataset, memory-mapped; right-padded batches of whole
+    examples."""
 
     def __init__(self, folder, split):
         path = os.path.join(folder, f"{split}.bin")

@@ -142,8 +142,8 @@ def words(text):
 
 
 def token_f1(response, reference):
-    """SQuAD-style F1 over the bag of words (lowercased, punctuation stripped); 1.0 when both have
-    no words."""
+    """SQuAD-style F1 over the bag of words (lowercased, punctuation stripped); 1.0 when
+    both have no words."""
     got, want = words(response), words(reference)
     if not got or not want:
         return float(got == want)

@@ -9,8 +9,8 @@ from .lora import lora_settings
 
 
 def count_params(config):
-    """Parameters of GPT(config), counted without building it (the head is tied to the token
-    embedding)."""
+    """Parameters of GPT(config), counted without building it (the head is tied to the
+    token embedding)."""
     C = config.n_embd
     ln_f = (2 if config.bias else 1) * C
     return (config.vocab_size * C + config.block_size * C
@@ -70,9 +70,9 @@ def estimate_memory(config, cfg, dtype, ddp=False, trainable=None):
 
 
 def check_memory(config, cfg, sys_info, trainable=None):
-    """Print the run's memory estimate; raise ResourceError with what to change when it exceeds the
-    free memory (unless check_memory is False). Processes sharing host memory (DDP on CPU) are
-    counted together."""
+    """Print the run's memory estimate; raise ResourceError with what to change when it exceeds
+    the free memory (unless check_memory is False). Processes sharing host memory (DDP on CPU)
+    are counted together."""
     need = estimate_memory(config, cfg, sys_info.get("dtype", "float32"),
                            sys_info.get("ddp", False), trainable)
     device = sys_info["device"]

@@ -201,10 +201,10 @@ _WS = " \t\n\r\x0b\x0c"  # whitespace GPT-2's pre-tokenizer splits on (\s) for c
 
 
 def safe_cut(text, i):
-    """True when text[:i] and text[i:] tokenise to exactly the tokens of text (GPT-2's pre-tokenizer
-    pieces never cross i): one whitespace char after a non-space, then a non-space (not after a
-    plain space, which joins the word that follows), or two whitespace chars cut between them with
-    non-spaces around."""
+    """True when text[:i] and text[i:] tokenise to exactly the tokens of text (GPT-2's
+    pre-tokenizer pieces never cross i): one whitespace char after a non-space, then a non-space
+    (not after a plain space, which joins the word that follows), or two whitespace chars cut
+    between them with non-spaces around."""
     if i < 2 or i >= len(text) or text[i - 2].isspace() or text[i - 1] not in _WS:
         return False
     if not text[i].isspace():
@@ -226,9 +226,9 @@ def last_safe_cut(text):
 
 
 def iter_text(path, hasher, chunk_bytes=TEXT_CHUNK_BYTES, max_carry=MAX_TEXT_CARRY):
-    """The text of a .txt file (UTF-8) as pieces of about chunk_bytes, cut only where tokenising the
-    pieces one by one gives the tokens of the whole file; memory is bounded by max_carry
-    characters."""
+    """The text of a .txt file (UTF-8) as pieces of about chunk_bytes, cut only where
+    tokenising the pieces one by one gives the tokens of the whole file; memory is bounded by
+    max_carry characters."""
     check_input_file(path)
     utf8, buf, line = codecs.getincrementaldecoder("utf-8-sig")(), "", 1  # -sig: tolerate a BOM
     with open(path, "rb") as f:
@@ -358,8 +358,8 @@ def _check_keys(record, where, used):
 
 
 def _with_system(record, where, list_key, messages):
-    """A top-level "system" beside messages/conversations becomes the system message (an empty one
-    is none)."""
+    """A top-level "system" beside messages/conversations becomes the system message (an
+    empty one is none)."""
     system = record.get("system", "")
     if not isinstance(system, str):
         raise RecordError(where, f"field 'system' must be a string, got {type(system).__name__}",

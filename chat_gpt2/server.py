@@ -219,8 +219,8 @@ class Service:
             raise ApiError(503, str(e), code="queue_full", headers={"Retry-After": "1"}) from None
 
     async def events(self, request, job, events):
-        """The job's events until done or error; stops early (and cancels the job) when the client
-        left."""
+        """The job's events until done or error; stops early (and cancels the job) when the
+        client left."""
         try:
             while True:
                 try:
@@ -313,9 +313,9 @@ async def answer(service, request, req, prompt, params, is_chat):
 
 
 def create_app(engine, ckpt_info, defaults, model_name="chat-gpt2", limits=None):
-    """The FastAPI app; its lifespan starts and stops the batcher's worker thread. defaults: a
-    script's cfg (the sampling options but stop: SAMPLING_KEYS and seed) where a request sets
-    none."""
+    """The FastAPI app; its lifespan starts and stops the batcher's worker thread.
+    defaults: a script's cfg (the sampling options but stop: SAMPLING_KEYS and seed), used where
+    a request sets none."""
     limits = limits or Limits()
     service = Service(engine, ckpt_info, defaults, model_name, limits)
 
