@@ -1,6 +1,6 @@
 """Talk to a trained model.
 
-    python sample.py --prompt "What is 7 plus 5?"  # newest run's best checkpoint in out_dir
+    python sample.py --prompt "What is 3 plus 4?"  # newest run's best checkpoint in out_dir
     python sample.py --ckpt=out/finetuned_20260101_120000.pt --prompt "Hi" --temperature=0 \
         --system "Be brief."
     python sample.py --raw --prompt "Once upon a time"  # continue plain text, no chat template
