@@ -4,7 +4,7 @@ mode is a module of benchmarks/ with its own keys; this script parses them all a
 
     python bench.py --mode=train --preset=tiny       # training throughput, MFU (benchmarks/train_speed.py)
     python bench.py --mode=train --preset=124m       # GPT-2 124M shape, batch 4 (also: 6x384, batch 8)
-    python bench.py --mode=train --preset=124m --baseline  # nanoGPT's CPU recipe on the same machine, to compare
+    python bench.py --mode=train --preset=124m --baseline  # nanoGPT's recipe for the device, to compare
     python bench.py --mode=train --preset=124m --profile   # + where the step's time goes, the matmul-only ceiling
     python bench.py --mode=generate                  # generation tokens/s, KV cache on/off, vs transformers (quick)
     python bench.py --mode=generate --gen_preset=full  # the same at GPT-2 124M shape: 32 + 256 tokens, batch 1 and 8
