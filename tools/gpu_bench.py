@@ -18,6 +18,7 @@ precision as sample.py converts them) and of transformers' generate on the same 
 The result is written to --json after each measurement (a run stopped by its time budget keeps what
 finished) and printed as one JSON line at the end."""
 import copy
+import gc
 import json
 import os
 import sys
@@ -117,7 +118,10 @@ def bench_train(cfg, result):
         out["rows"].append(row)
         if recipe == "ours" and want_profile(cfg["profile"], row, cfg["mfu_target"]):
             out["profile"] = profile_step(step, device)  # now: the next recipe needs the memory
-        del step
+        del step  # and with it the recipe's model, optimizer state and compiled graph: the next one's memory
+        gc.collect()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
         save(result, cfg["json"])
     if out["rows"] and out["rows"][0]["known_peak_gflops"] is None:
         out["datasheet_note"] = f"no data-sheet peak for {out['gpu'] or device}: MFU against the measured peak only"
