@@ -6,7 +6,7 @@ mode is a module of benchmarks/ with its own keys; this script parses them all a
     python bench.py --mode=train --preset=tiny
     # GPT-2 124M shape, batch 4 (also: 6x384, batch 8)
     python bench.py --mode=train --preset=124m
-    # nanoGPT's CPU recipe on the same machine, to compare
+    # nanoGPT's recipe for the device (CPU or CUDA), to compare
     python bench.py --mode=train --preset=124m --baseline
     # + where the step's time goes, the matmul-only ceiling
     python bench.py --mode=train --preset=124m --profile

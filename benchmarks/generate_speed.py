@@ -76,7 +76,7 @@ def _uncached(model, prompt, new_tokens):
     return seq[:, prompt.size(1):]
 
 
-def _time_ours(model, prompt, new_tokens, use_cache, device, dtype):
+def time_ours(model, prompt, new_tokens, use_cache, device, dtype):
     """Greedy generation of exactly new_tokens tokens: (seconds, the tokens (B, new_tokens)).
     With the KV cache: the Engine; without: _uncached."""
     sync(device)
@@ -90,14 +90,15 @@ def _time_ours(model, prompt, new_tokens, use_cache, device, dtype):
     return time.perf_counter() - t0, tokens
 
 
-def hf_model(model):
-    """transformers' GPT2LMHeadModel holding our weights, converted as an export converts them."""
+def hf_model(model, dtype="float32"):
+    """transformers' GPT2LMHeadModel holding our weights, converted as an export converts them, on
+    the model's device, in dtype."""
     from transformers import GPT2Config, GPT2LMHeadModel
     hf = GPT2LMHeadModel(GPT2Config.from_dict(hf_config(model.config)))
     missing, unexpected = hf.load_state_dict(hf_state_dict(model), strict=False)
     tied_or_buffers = all(k == "lm_head.weight" or k.endswith(".attn.bias") for k in missing)
     assert not unexpected and tied_or_buffers, (missing, unexpected)
-    return hf.to(next(model.parameters()).device).eval()
+    return hf.to(device=next(model.parameters()).device, dtype=getattr(torch, dtype)).eval()
 
 
 def time_hf(hf, prompt, new_tokens, device):
@@ -130,14 +131,14 @@ def bench(cfg):
         prompt = torch.randint(0, model.config.vocab_size, (batch, preset["prompt_tokens"]),
                                generator=torch.Generator().manual_seed(cfg["seed"])).to(device)
         # warm-up: first-call allocations and kernel choice
-        _time_ours(model, prompt, 2, True, device, dtype)
+        time_ours(model, prompt, 2, True, device, dtype)
         reference = None
-        runs = [("ours, KV cache", lambda: _time_ours(model, prompt, n_new, True, device, dtype)),
-                ("ours, no cache", lambda: _time_ours(model, prompt, n_new, False, device, dtype))]
+        runs = [("ours, KV cache", lambda: time_ours(model, prompt, n_new, True, device, dtype)),
+                ("ours, no cache", lambda: time_ours(model, prompt, n_new, False, device, dtype))]
         if half is not None:
-            _time_ours(half, prompt, 2, True, device, "float32")
+            time_ours(half, prompt, 2, True, device, "float32")
             runs.append((f"ours, KV cache, {cfg['gen_half']}",
-                         lambda: _time_ours(half, prompt, n_new, True, device, "float32")))
+                         lambda: time_ours(half, prompt, n_new, True, device, "float32")))
         if hf is not None:
             time_hf(hf, prompt, 2, device)
             runs.append(("transformers, use_cache", lambda: time_hf(hf, prompt, n_new, device)))

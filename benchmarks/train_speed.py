@@ -4,7 +4,7 @@ time goes.
 
     python bench.py --mode=train --preset=tiny       # training throughput, MFU against the measured peak
     python bench.py --mode=train --preset=124m       # GPT-2 124M shape, batch 4 (also: 6x384, batch 8)
-    python bench.py --mode=train --preset=124m --baseline  # nanoGPT's CPU recipe on the same machine, to compare
+    python bench.py --mode=train --preset=124m --baseline  # nanoGPT's recipe for the device, to compare
     python bench.py --mode=train --preset=124m --profile   # + where the step's time goes, the matmul-only ceiling
 """
 import os
@@ -32,7 +32,7 @@ DEFAULTS = dict(
     # --mode=train/finetune: override the preset's untimed warm-up steps (0 = the preset's)
     warmup=0,
     compile=None,  # --mode=train: torch.compile as train.py's --compile
-    # --mode=train: nanoGPT's CPU recipe instead of ours (fp32, unfused AdamW, full-logits loss)
+    # --mode=train: nanoGPT's recipe instead of ours (full-logits loss; on the CPU fp32, plain AdamW)
     baseline=False,
     # --mode=train: also where a step's time goes (phases; matmuls, attention alone; MFU ceilings)
     profile=False,
@@ -65,28 +65,27 @@ class RandomTokens:
         return seq[:, :-1].contiguous(), seq[:, 1:].contiguous(), torch.ones(batch_size, block_size)
 
 
-def _train_setup(cfg):
-    """The preset with cfg's overrides; the model, the module that runs (compiled or the model), the
-    optimizer, and one train.py step as a function."""
-    if cfg["preset"] not in TRAIN_PRESETS:
+def train_setup(cfg, preset=None):
+    """The preset (--preset's, or preset: tools/gpu_bench.py's) with cfg's overrides; the model, the
+    module that runs (compiled or the model), the optimizer, and one train.py step as a function."""
+    if preset is None and cfg["preset"] not in TRAIN_PRESETS:
         raise SystemExit(f"error: unknown --preset={cfg['preset']!r}: use one of "
                          f"{sorted(TRAIN_PRESETS)}")
-    p = dict(TRAIN_PRESETS[cfg["preset"]])
+    p = dict(preset or TRAIN_PRESETS[cfg["preset"]])
     p.update({k: cfg[k] for k in PRESET_OVERRIDES if cfg[k]})
     p["grad_clip"] = DEFAULT_GRAD_CLIP
     device = resolve_device(cfg["device"])
-    dtype = "float32" if cfg["baseline"] else resolve_dtype(cfg["dtype"], device)
+    cpu_baseline = cfg["baseline"] and not device.startswith("cuda")
+    dtype = "float32" if cpu_baseline else resolve_dtype(cfg["dtype"], device)
     run = {"device": device, "dtype": dtype, "ddp": False,
            "compile": resolve_compile(cfg["compile"], device)}
-    if not cfg["baseline"]:
+    if not cpu_baseline:
         tune_cpu_allocator(device)
     torch.manual_seed(cfg["seed"])
-    model = GPT(GPTConfig(n_layer=p["n_layer"], n_head=p["n_head"], n_embd=p["n_embd"],
-                          block_size=p["block_size"],
-                          vocab_size=50304, bias=False, dropout=0.0)).to(device)
+    model = GPT(train_config(p)).to(device)
     optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device.split(":")[0])
     if cfg["baseline"]:
-        optimizer = _baseline(model, optimizer)
+        optimizer = _baseline(model, optimizer, cpu_baseline)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=run["dtype"] == "float16")
     step_cfg = {"gradient_accumulation_steps": 1, "batch_size": p["batch_size"],
                 "block_size": p["block_size"], "grad_clip": p["grad_clip"]}
@@ -97,15 +96,26 @@ def _train_setup(cfg):
     return p, run, model, compiled, optimizer, step
 
 
-def _baseline(model, optimizer):
-    """nanoGPT's CPU recipe, to compare against on the same machine: PyTorch's default (unfused,
-    for-loop on CPU) AdamW, and F.cross_entropy over the full fp32 logits instead of model.head_loss
-    (fp32 and glibc's default allocator are set by the caller)."""
+def train_config(p):
+    """The GPTConfig of a preset's shape (nanoGPT's padded vocabulary, no bias, no dropout)."""
+    return GPTConfig(n_layer=p["n_layer"], n_head=p["n_head"], n_embd=p["n_embd"],
+                     block_size=p["block_size"], vocab_size=50304, bias=False, dropout=0.0)
+
+
+def _baseline(model, optimizer, cpu):
+    """nanoGPT's recipe for the device, to compare against on the same machine: its loss,
+    F.cross_entropy over the full fp32 logits instead of model.head_loss; on CUDA that is all (bf16
+    autocast, or fp16 with a GradScaler, torch.compile and fused AdamW are its CUDA recipe as they
+    are ours; its TF32 switch changes nothing here: under autocast no matmul is fp32). On the CPU
+    (cpu): PyTorch's default AdamW too (unfused, for-loop); fp32 and glibc's default allocator are
+    set by the caller."""
 
     def plain_loss(self, x, targets, loss_mask):  # every position is learned here (RandomTokens)
         return F.cross_entropy(self.lm_head(x).float(), targets, ignore_index=-1)
 
     model._masked_loss = types.MethodType(plain_loss, model)
+    if not cpu:
+        return optimizer
     groups = [{"params": g["params"], "weight_decay": g["weight_decay"]}
               for g in optimizer.param_groups]
     return torch.optim.AdamW(groups, lr=optimizer.defaults["lr"], betas=optimizer.defaults["betas"])
@@ -241,7 +251,13 @@ def breakdown(model, compiled, optimizer, data, gen, p, run, flops_per_step, pea
 
 def bench(cfg):
     """Train steps/s, tokens/s, FLOP/s, MFU against the peaks measured in this run, peak memory."""
-    p, run, model, compiled, optimizer, step = _train_setup(cfg)
+    return measure(cfg)[0]
+
+
+def measure(cfg, preset=None):
+    """bench's report and JSON dict for --preset or preset (train_setup), and a function that runs
+    one more step of the same run (tools/gpu_bench.py profiles it): (result, step)."""
+    p, run, model, compiled, optimizer, step = train_setup(cfg, preset)
     device, dtype = run["device"], run["dtype"]
     cuda = device.startswith("cuda")
     peaks = _measure_peaks(device, dtype, p)
@@ -258,6 +274,8 @@ def bench(cfg):
     # compile, allocations, kernel choice
     warm_times, _, _ = time_steps(step, data, gen, p["warmup"], device)
     times, cpu, losses = time_steps(step, data, gen, p["steps"], device)
+    # training's, not the peak measurement's matmuls
+    cuda_mb = torch.cuda.max_memory_allocated(device) / 2 ** 20 if cuda else None
     peaks = _measure_peaks(device, dtype, p, peaks)
     tokens = p["batch_size"] * p["block_size"]
     flops_per_token = model.flops_per_token(p["block_size"])
@@ -284,8 +302,7 @@ def bench(cfg):
         "known_peak_gflops": round(known / 1e9, 1) if known else None,
         "mfu_vs_known_peak": round(achieved / known, 4) if known else None,
         "peak_rss_mb": round(peak_rss_mb(), 1),
-        "max_memory_allocated_mb":
-            round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1) if cuda else None,
+        "max_memory_allocated_mb": round(cuda_mb, 1) if cuda else None,
         "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4),
         # others' work
         "load_avg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
@@ -294,7 +311,7 @@ def bench(cfg):
         result["breakdown"] = breakdown(model, compiled, optimizer, data, gen, p, run,
                                         flops_per_token * tokens, peaks[dtype])
     _print_train(result)
-    return result
+    return result, lambda: step(data, gen)
 
 
 def _print_train(r):

@@ -142,25 +142,44 @@ def sync(device):
         torch.mps.synchronize()
 
 
-def measure_matmul_peak(device, dtype, sizes=(1024, 2048), repeats=3):
+def measure_matmul_peak(device, dtype, sizes=(1024, 2048), repeats=3, max_seconds=None):
     """Best FLOP/s of square (n x n) @ (n x n) matmuls in dtype on device, over sizes and repeats:
     the ceiling the model's linear layers run against (under autocast they are matmuls in that
     dtype). The inputs come from a private generator: measuring must not move the global RNG (a
-    resumed run's dropout masks depend on it)."""
+    resumed run's dropout masks depend on it). max_seconds: first time a PROBE_SIZE matmul and
+    measure only the sizes whose matmuls, scaled by n^3, fit in that time; if none fit, the probe's
+    own rate (a dtype the CPU only emulates, such as float16, takes seconds for one 2048 matmul)."""
     generator = torch.Generator(device=device).manual_seed(0)
-    inner = 1 if device == "cpu" else 10  # a GPU matmul is too short to time alone
-    best = 0.0
+    if max_seconds is None:
+        return max(_matmul_rate(device, dtype, n, repeats, generator)[0] for n in sizes)
+    probe, probe_s = _matmul_rate(device, dtype, PROBE_SIZE, 1, generator)
+    best, spent = 0.0, 0.0
     for n in sizes:
-        a, b = (torch.randn(n, n, device=device, generator=generator).to(getattr(torch, dtype)) for _ in range(2))
-        out = torch.matmul(a, b)  # warm-up: kernel choice, first-touch pages; then reuse the output buffer
+        spent += (repeats + 1) * probe_s * (n / PROBE_SIZE) ** 3  # its warm-up and repeats
+        if spent > max_seconds:
+            break
+        best = max(best, _matmul_rate(device, dtype, n, repeats, generator)[0])
+    return best or probe
+
+
+PROBE_SIZE = 256
+
+
+def _matmul_rate(device, dtype, n, repeats, generator):
+    """(best FLOP/s, seconds of the fastest matmul) of n x n matmuls in dtype, after a warm-up."""
+    inner = 1 if device == "cpu" else 10  # a GPU matmul is too short to time alone
+    a, b = (torch.randn(n, n, device=device, generator=generator).to(getattr(torch, dtype))
+            for _ in range(2))
+    out = torch.matmul(a, b)  # warm-up: kernel choice, first-touch pages; then reuse the output buffer
+    sync(device)
+    fastest = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            torch.matmul(a, b, out=out)
         sync(device)
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                torch.matmul(a, b, out=out)
-            sync(device)
-            best = max(best, inner * 2 * n ** 3 / (time.perf_counter() - t0))
-    return best
+        fastest = min(fastest, (time.perf_counter() - t0) / inner)
+    return 2 * n ** 3 / fastest, fastest
 
 
 def known_peak_flops(device, dtype):
@@ -173,16 +192,17 @@ def known_peak_flops(device, dtype):
     return peaks[dtype] * 1e12 if dtype in peaks else None
 
 
-def peak_flops(device, dtype, sizes=(1024, 2048), repeats=3):
+def peak_flops(device, dtype, sizes=(1024, 2048), repeats=3, max_seconds=3.0):
     """The peak MFU is reported against: a listed GPU's data sheet, else measured here (CPU, MPS,
-    other GPUs). Returns (FLOP/s, 'known' | 'measured'). Measured once per process and thread count
-    (tests train many times)."""
+    other GPUs) in at most about max_seconds (measure_matmul_peak: float16 on a CPU without it
+    measures a small matmul, not minutes of large ones). Returns (FLOP/s, 'known' | 'measured').
+    Measured once per process and thread count (tests train many times)."""
     known = known_peak_flops(device, dtype)
     if known:
         return known, "known"
-    key = (device, dtype, tuple(sizes), repeats, torch.get_num_threads())
+    key = (device, dtype, tuple(sizes), repeats, max_seconds, torch.get_num_threads())
     if key not in _MEASURED:
-        _MEASURED[key] = measure_matmul_peak(device, dtype, sizes, repeats)
+        _MEASURED[key] = measure_matmul_peak(device, dtype, sizes, repeats, max_seconds)
     return _MEASURED[key], "measured"
 
 

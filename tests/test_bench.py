@@ -139,3 +139,23 @@ def test_each_mode_is_a_module_whose_keys_bench_py_parses():
     assert set(bench.key_meanings()) == set(bench.DEFAULTS)
     with pytest.raises(SystemExit, match="unknown --mode='nope'"):
         bench.main(["--mode=nope"])
+
+
+def test_baseline_is_nanogpts_recipe_for_the_device():
+    """--baseline: nanoGPT's full-logits loss everywhere; on the CPU its CPU recipe too (fp32, PyTorch's default
+    AdamW); on CUDA ours otherwise (bf16 autocast, compile, fused AdamW: nanoGPT's CUDA recipe), so only the loss
+    changes there (tools/gpu_bench.py's nanogpt recipe)."""
+    import torch
+    import torch.nn.functional as F
+    from benchmarks import train_speed
+    cfg = {**bench.DEFAULTS, "device": "cpu", "dtype": "bfloat16", "baseline": True}
+    _, run, model, _, optimizer, _ = train_speed.train_setup(cfg)
+    assert run["dtype"] == "float32" and type(optimizer) is torch.optim.AdamW and not optimizer.defaults["fused"]
+    hidden, targets = torch.randn(16, model.config.n_embd), torch.randint(model.config.vocab_size, (16,))
+    expected = F.cross_entropy(model.lm_head(hidden).float(), targets)  # every position's fp32 logits
+    assert torch.allclose(model._masked_loss(hidden, targets, None), expected)
+    ours = train_speed.train_setup({**cfg, "baseline": False})
+    assert ours[1]["dtype"] == "bfloat16" and "_masked_loss" not in vars(ours[2])
+    kept = ours[4]
+    assert train_speed._baseline(ours[2], kept, cpu=False) is kept  # CUDA: the optimizer stays ours (fused)
+    assert "_masked_loss" in vars(ours[2])

@@ -78,6 +78,30 @@ def test_peak_measurement_leaves_the_global_rng_alone():
     assert np.isfinite(device.measure_matmul_peak("cpu", "float32", sizes=(64,), repeats=1))
 
 
+def test_bounded_peak_measurement_skips_the_matmuls_that_would_take_too_long(monkeypatch):
+    """max_seconds (train.py's peak_flops passes one): the sizes whose matmuls, timed at the probe size and
+    scaled by n^3, would not fit are not run; with none fitting, the probe's rate stands. An emulated dtype
+    (float16 on most CPUs) thus costs a small matmul instead of minutes of 2048 x 2048 ones."""
+    sizes_run, real_matmul = [], torch.matmul
+
+    def spy(a, b, **kwargs):
+        sizes_run.append(a.shape[0])
+        return real_matmul(a, b, **kwargs)
+    monkeypatch.setattr(torch, "matmul", spy)
+    # a 4096 x 4096 fp32 matmul takes far more than a millisecond on any CPU
+    rate = device.measure_matmul_peak("cpu", "float32", sizes=(4096,), repeats=2, max_seconds=1e-3)
+    assert rate > 0 and set(sizes_run) == {device.PROBE_SIZE}  # the probe's warm-up and one timed matmul
+    sizes_run.clear()
+    assert device.measure_matmul_peak("cpu", "float32", sizes=(32, 64), repeats=2, max_seconds=30) > 0
+    assert sizes_run == [device.PROBE_SIZE] * 2 + [32] * 3 + [64] * 3  # small enough: each measured
+    sizes_run.clear()
+    assert device.measure_matmul_peak("cpu", "float32", sizes=(32, 64), repeats=2) > 0
+    assert sizes_run == [32] * 3 + [64] * 3  # unbounded (bench.py's): no probe, as before
+    sizes_run.clear()
+    assert peak_flops("cpu", "float16", sizes=(8192,))[0] > 0  # train.py's call: bounded by default
+    assert 8192 not in sizes_run
+
+
 _ALLOCATOR_CHILD = """
 import sys
 import torch

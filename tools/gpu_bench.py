@@ -1,45 +1,39 @@
-"""The GPU benchmark (tools/gpu_check.sh runs it; docs/gpu.md): training at GPT-2 124M's shape, ours against
-nanoGPT's CUDA recipe, and generation, ours against transformers' generate.
+"""The GPU benchmark (tools/gpu_check.sh runs it; docs/gpu.md): bench.py's training and generation
+measurements at GPT-2 124M's shape, ours against nanoGPT's CUDA recipe and transformers' generate,
+with the targets they are held to.
 
-    python tools/gpu_bench.py --section=train      # 124M shape, block 1024, the largest batch that fits the GPU
-    python tools/gpu_bench.py --section=generate   # 124M shape, batch 1 and 16, fp32 and bf16, vs transformers
+    python tools/gpu_bench.py --section=train      # 124M shape, block 1024, the largest batch that fits
+    python tools/gpu_bench.py --section=generate   # 124M shape, batch 1 and 16, fp32 and bf16
     python tools/gpu_bench.py --device=cpu --preset=tiny --json=bench.json   # the CPU dry run's shapes
 
-Training runs train.py's own train_step (chat_gpt2.training) on random tokens, every position learned, in bf16
-autocast with torch.compile (on CUDA, as train.py) and fused AdamW. nanoGPT's CUDA recipe is the same model, data
-and step with nanoGPT's loss: F.cross_entropy over the full fp32 logits. Per recipe: ms per step (median),
-tokens/s, MFU against the data sheet's dense bf16 peak (chat_gpt2.device.KNOWN_GPU_PEAKS) and against the bf16
-matmul peak measured in the same run, peak memory, and the first steps' time (compiling). --profile: where our
-step's time goes, by kernel (auto: when the MFU target is missed). Generation: greedy new tokens/s of our Engine (the
-Decoder behind sample.py and serve.py) and of transformers' GPT2LMHeadModel.generate on the same random weights,
-per batch size and dtype.
+Training: `bench.py --mode=train` (benchmarks/train_speed.py) for each recipe in one process: ours
+(train.py's train_step in bf16 autocast, torch.compile on CUDA, fused AdamW) and --baseline
+(nanoGPT's recipe: on CUDA the same with its full-logits loss). Per recipe a row: ms per step,
+tokens/s, MFU against the bf16 matmul peak measured in the same run and against the data sheet's
+(chat_gpt2.device.KNOWN_GPU_PEAKS), peak memory, the first steps' time (compiling); --profile: where
+our step's time goes, by kernel (auto: when the MFU target is missed). Generation: greedy new
+tokens/s of our Engine (benchmarks/generate_speed.py's timing; the weights converted for half
+precision as sample.py converts them) and of transformers' generate on the same random weights.
 
-The result is written to --json after each measurement (a run stopped by its time budget keeps what finished)
-and printed as one JSON line at the end."""
+The result is written to --json after each measurement (a run stopped by its time budget keeps what
+finished) and printed as one JSON line at the end."""
 import copy
+import gc
 import json
 import os
-import resource
-import statistics
 import sys
-import time
-import types
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402  (after sys.path: the repo's modules)
-import torch.nn.functional as F  # noqa: E402
 
 import configurator  # noqa: E402
-from chat_gpt2 import chat  # noqa: E402
-from chat_gpt2.device import (available_memory, known_peak_flops, measure_matmul_peak,  # noqa: E402
-                              resolve_compile, resolve_device, sync)
-from chat_gpt2.engine import Engine, SamplingParams, to_half  # noqa: E402
-from chat_gpt2.hf_gpt2 import hf_config, hf_state_dict  # noqa: E402
+from benchmarks import train_speed  # noqa: E402
+from benchmarks.generate_speed import gen_setup, has_transformers, hf_model, time_hf, time_ours  # noqa: E402
+from chat_gpt2.device import available_memory, resolve_device, sync  # noqa: E402
+from chat_gpt2.inference import to_half  # noqa: E402
 from chat_gpt2.memory import estimate_memory  # noqa: E402
-from chat_gpt2.training import DEFAULT_GRAD_CLIP, train_step  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
 
 DEFAULTS = dict(  # `python tools/gpu_bench.py --help` prints these comments
     section="all",  # train | generate | all
@@ -61,21 +55,24 @@ DEFAULTS = dict(  # `python tools/gpu_bench.py --help` prints these comments
     json="",  # also write the result to this file, after every measurement
 )
 
+# train: benchmarks/train_speed.py's preset keys; generate: benchmarks/generate_speed.py's preset
 PRESETS = {
-    "124m": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=0, steps=10, warmup=3,
-                 peak_sizes=(4096, 8192), peak_repeats=3, prompt_tokens=32, new_tokens=256),
-    "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=64, batch_size=4, steps=3, warmup=1,
-                 peak_sizes=(256, 512), peak_repeats=2, prompt_tokens=8, new_tokens=16),
+    "124m": dict(train=dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=0, steps=10,
+                            warmup=3, peak_sizes=(4096, 8192), peak_repeats=3), generate="full"),
+    "tiny": dict(train=dict(n_layer=2, n_head=2, n_embd=64, block_size=64, batch_size=4, steps=3, warmup=1,
+                            peak_sizes=(256, 512), peak_repeats=2), generate="quick"),
 }
+RECIPES = {"ours": False, "nanogpt": True}  # recipe: bench.py --mode=train's --baseline
+# the fields of bench.py --mode=train's result a training row keeps
+ROW_KEYS = ("dtype", "compile", "n_params", "batch_size", "block_size", "warmup_s", "ms_per_iter", "tokens_per_s",
+            "achieved_gflops", "peak_gflops_dtype", "mfu", "known_peak_gflops", "mfu_vs_known_peak",
+            "max_memory_allocated_mb", "peak_rss_mb", "loss_last")
 
 
-def settings(cfg):
-    """The preset with cfg's overrides."""
+def preset(cfg):
     if cfg["preset"] not in PRESETS:
         raise SystemExit(f"error: unknown --preset={cfg['preset']!r}: use one of {sorted(PRESETS)}")
-    p = dict(PRESETS[cfg["preset"]])
-    p.update({k: cfg[k] for k in ("batch_size", "steps", "warmup", "prompt_tokens", "new_tokens") if cfg[k]})
-    return p
+    return PRESETS[cfg["preset"]]
 
 
 def save(result, path):
@@ -86,139 +83,49 @@ def save(result, path):
         os.replace(path + ".tmp", path)
 
 
-def peak_memory_mb(device):
-    if device.startswith("cuda"):
-        return round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10, 1)  # the process's peak RSS
+def gpu_name(device):
+    return torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else None
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Training
 
 
-class RandomTokens:
-    """Uniform random tokens, every position learned: the LM head runs on every position, as in nanoGPT, so the
-    FLOP count 6N + 12LHQT is the work done. (As bench.py's; both should take it from one module.)"""
-
-    def __init__(self, vocab_size):
-        self.vocab_size = vocab_size
-
-    def get_batch(self, batch_size, block_size, generator):
-        seq = torch.randint(self.vocab_size, (batch_size, block_size + 1), generator=generator)
-        return seq[:, :-1].contiguous(), seq[:, 1:].contiguous(), torch.ones(batch_size, block_size)
-
-
-def train_config(p):
-    return GPTConfig(n_layer=p["n_layer"], n_head=p["n_head"], n_embd=p["n_embd"], block_size=p["block_size"],
-                     vocab_size=50304, bias=False, dropout=0.0)
-
-
-def fill_batch(config, device, fill):
+def fill_batch(p, device, fill):
     """The largest power of two (at most 512) whose training-memory estimate in bf16 fits in fill of the free
     memory."""
-    free, b = available_memory(device), 1
+    config, free, b = train_speed.train_config(p), available_memory(device), 1
     while b < 512 and estimate_memory(config, {"batch_size": 2 * b, "block_size": config.block_size},
                                       "bfloat16")["total"] <= fill * free:
         b *= 2
     return b
 
 
-def full_logits_loss(self, x, targets, loss_mask):
-    """nanoGPT's loss: F.cross_entropy over every position's fp32 logits (every position is learned here)."""
-    return F.cross_entropy(self.lm_head(x).float(), targets, ignore_index=-1)
-
-
-def recipe_step(recipe, p, device, compile_it):
-    """(model, the compiled module, optimizer, step()) of one recipe: ours, or nanoGPT's (its loss)."""
-    torch.manual_seed(0)
-    model = GPT(train_config(p)).to(device)
-    if recipe == "nanogpt":
-        model._masked_loss = types.MethodType(full_logits_loss, model)
-    elif recipe != "ours":
-        raise SystemExit(f"error: unknown recipe {recipe!r}: use ours and/or nanogpt")
-    optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device.split(":")[0])  # fused AdamW
-    run = {"device": device, "dtype": "bfloat16", "ddp": False}
-    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=False)  # bf16: no scaling
-    step_cfg = {"gradient_accumulation_steps": 1, "batch_size": p["batch_size"], "block_size": p["block_size"],
-                "grad_clip": DEFAULT_GRAD_CLIP}
-    compiled = torch.compile(model) if compile_it else model
-    data, gen = RandomTokens(model.config.vocab_size), torch.Generator().manual_seed(0)
-
-    def step():
-        return train_step(compiled, optimizer, scaler, data, gen, step_cfg, run)
-    return model, compiled, optimizer, step
-
-
-def time_steps(step, n, device):
-    """Wall seconds of each of n steps (a device sync after each) and the last loss."""
-    times, loss = [], None
-    for _ in range(n):
-        t0 = time.perf_counter()
-        loss = step()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return times, float(loss)
-
-
-def bench_recipe(recipe, p, device, peaks, compile_it):
-    """One recipe's row: compile (first steps), then the timed steps. Returns (row, the step function)."""
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = recipe == "nanogpt"  # as nanoGPT's train.py (fp32 matmuls: few here)
-    try:
-        model, _, _, step = recipe_step(recipe, p, device, compile_it)
-        warm, _ = time_steps(step, p["warmup"], device)
-        times, loss = time_steps(step, p["steps"], device)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-    tokens = p["batch_size"] * p["block_size"]
-    median = statistics.median(times)
-    achieved = model.flops_per_token(p["block_size"]) * tokens / median
-    row = {"recipe": recipe, "n_params": model.get_num_params(), "batch_size": p["batch_size"],
-           "block_size": p["block_size"],
-           "first_steps_s": round(sum(warm), 1), "ms_per_step": round(median * 1000, 2),
-           "ms_per_step_best": round(min(times) * 1000, 2), "tokens_per_s": round(tokens / median),
-           "achieved_tflops": round(achieved / 1e12, 2),
-           "mfu_vs_measured_peak": round(achieved / peaks["measured"], 4),
-           "mfu_vs_datasheet": round(achieved / peaks["datasheet"], 4) if peaks["datasheet"] else None,
-           "peak_memory_mb": peak_memory_mb(device), "loss_last": round(loss, 4)}
-    print(f"  {recipe:<8} batch {p['batch_size']} x {p['block_size']}: {row['ms_per_step']:.1f} ms/step, "
-          f"{row['tokens_per_s']:,} tokens/s, {row['achieved_tflops']:.1f} TFLOP/s, MFU "
-          f"{row['mfu_vs_measured_peak']:.1%} of the measured peak"
-          + (f", {row['mfu_vs_datasheet']:.1%} of the data sheet" if peaks["datasheet"] else "")
-          + f", peak memory {row['peak_memory_mb']:,.0f} MB, first {p['warmup']} steps {row['first_steps_s']} s",
-          flush=True)
-    return row, step
-
-
 def bench_train(cfg, result):
-    p, device = settings(cfg), cfg["device"]
-    config = train_config(p)
-    if not p["batch_size"]:
-        p["batch_size"] = fill_batch(config, device, cfg["fill"]) if device.startswith("cuda") else 4
-    datasheet = known_peak_flops(device, "bfloat16")
-    peaks = {"measured": measure_matmul_peak(device, "bfloat16", p["peak_sizes"], p["peak_repeats"]),
-             "datasheet": datasheet}
-    out = result["train"] = {"preset": cfg["preset"], "device": device, "gpu": gpu_name(device),
-                             "dtype": "bfloat16", "compile": resolve_compile(cfg["compile"], device),
-                             "measured_bf16_peak_tflops": round(peaks["measured"] / 1e12, 1),
-                             "datasheet_bf16_peak_tflops": round(datasheet / 1e12, 1) if datasheet else None,
-                             "rows": []}
-    if not datasheet:
-        out["datasheet_note"] = f"no data-sheet peak for {out['gpu'] or device}: MFU against the measured peak only"
-        print(f"note: {out['datasheet_note']}")
-    print(f"train: {cfg['preset']} shape {p['n_layer']}x{p['n_head']}x{p['n_embd']}, block {p['block_size']}, "
-          f"device {device} ({out['gpu']}), bf16 autocast, compile {out['compile']}, fused AdamW; bf16 matmul peak "
-          f"measured {out['measured_bf16_peak_tflops']} TFLOP/s, data sheet {out['datasheet_bf16_peak_tflops']}")
+    device, p = cfg["device"], dict(preset(cfg)["train"])
+    p["batch_size"] = (cfg["batch_size"] or p["batch_size"]
+                       or (fill_batch(p, device, cfg["fill"]) if device.startswith("cuda") else 4))
+    out = result["train"] = {"preset": cfg["preset"], "device": device, "gpu": gpu_name(device), "rows": []}
     for recipe in cfg["recipes"].split(","):
-        row, step = bench_recipe(recipe, p, device, peaks, out["compile"])
+        if recipe not in RECIPES:
+            raise SystemExit(f"error: unknown recipe {recipe!r}: use ours and/or nanogpt")
+        print(f"== {recipe}" + (" (bench.py --mode=train --baseline)" if RECIPES[recipe] else ""), flush=True)
+        bench_cfg = {"preset": cfg["preset"], "device": device, "dtype": "bfloat16", "compile": cfg["compile"],
+                     "baseline": RECIPES[recipe], "profile": False, "seed": cfg["seed"],
+                     "batch_size": 0, "block_size": 0, "steps": cfg["steps"], "warmup": cfg["warmup"]}
+        measured, step = train_speed.measure(bench_cfg, p)
+        row = {"recipe": recipe, **{k: measured[k] for k in ROW_KEYS}}
         out["rows"].append(row)
         if recipe == "ours" and want_profile(cfg["profile"], row, cfg["mfu_target"]):
             out["profile"] = profile_step(step, device)  # now: the next recipe needs the memory
-        del step
+        del step  # and with it the recipe's model, optimizer state and compiled graph: the next one's memory
+        gc.collect()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
         save(result, cfg["json"])
+    if out["rows"] and out["rows"][0]["known_peak_gflops"] is None:
+        out["datasheet_note"] = f"no data-sheet peak for {out['gpu'] or device}: MFU against the measured peak only"
+        print(f"note: {out['datasheet_note']}")
     out["targets"] = train_targets(out["rows"], cfg["mfu_target"])
     if out["targets"].get("ours_at_least_nanogpt") is False and "profile" not in out:
         out["profile_note"] = "ours is slower than nanoGPT's recipe: --recipes=ours --profile=true profiles it"
@@ -226,20 +133,16 @@ def bench_train(cfg, result):
     save(result, cfg["json"])
 
 
-def gpu_name(device):
-    return torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else None
-
-
 def train_targets(rows, mfu_target):
-    """The issue's targets: ours at least nanoGPT's tokens/s, MFU >= mfu_target of the data sheet's peak."""
+    """The targets: ours at least nanoGPT's tokens/s, MFU >= mfu_target of the data sheet's peak."""
     by = {r["recipe"]: r for r in rows}
     targets = {}
     if "ours" in by and "nanogpt" in by:
         ratio = by["ours"]["tokens_per_s"] / by["nanogpt"]["tokens_per_s"]
         targets.update(ours_vs_nanogpt=round(ratio, 3), ours_at_least_nanogpt=ratio >= 1.0)
-    if "ours" in by and by["ours"]["mfu_vs_datasheet"] is not None:
-        targets.update(mfu_vs_datasheet=by["ours"]["mfu_vs_datasheet"],
-                       mfu_target_met=by["ours"]["mfu_vs_datasheet"] >= mfu_target)
+    if "ours" in by and by["ours"]["mfu_vs_known_peak"] is not None:
+        targets.update(mfu_vs_datasheet=by["ours"]["mfu_vs_known_peak"],
+                       mfu_target_met=by["ours"]["mfu_vs_known_peak"] >= mfu_target)
     return targets
 
 
@@ -248,7 +151,7 @@ def want_profile(option, row, mfu_target):
     value = configurator.parse_bool(str(option))
     if value is not None:
         return value
-    return row["mfu_vs_datasheet"] is None or row["mfu_vs_datasheet"] < mfu_target
+    return row["mfu_vs_known_peak"] is None or row["mfu_vs_known_peak"] < mfu_target
 
 
 def profile_step(step, device, steps=3, top=15):
@@ -260,15 +163,15 @@ def profile_step(step, device, steps=3, top=15):
             step()
         sync(device)
     events = prof.key_averages()
-
-    def device_us(e):  # device_time_total in torch >= 2.4 (cuda_time_total before)
-        return getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0) or 0
     on_device = device.startswith("cuda")
-    rows = sorted(events, key=lambda e: device_us(e) if on_device else e.self_cpu_time_total, reverse=True)
-    total = sum(device_us(e) if on_device else e.self_cpu_time_total for e in events
-                if not e.key.startswith("Prof"))
-    table = [{"name": e.key[:90], "calls": e.count,
-              "ms_per_step": round((device_us(e) if on_device else e.self_cpu_time_total) / 1000 / steps, 3)}
+
+    def us(e):  # device_time_total in torch >= 2.4 (cuda_time_total before)
+        if not on_device:
+            return e.self_cpu_time_total
+        return getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0) or 0
+    rows = sorted(events, key=us, reverse=True)
+    total = sum(us(e) for e in events if not e.key.startswith("Prof"))
+    table = [{"name": e.key[:90], "calls": e.count, "ms_per_step": round(us(e) / 1000 / steps, 3)}
              for e in rows[:top]]
     print(f"profile of our step ({'device' if on_device else 'CPU self'} time per step, top {top}):")
     for r in table:
@@ -281,78 +184,26 @@ def profile_step(step, device, steps=3, top=15):
 # Generation
 
 
-def gen_model(p, seed):
-    """A random-weight GPT of the preset's shape with GPT-2's vocabulary (what transformers' GPT-2 holds)."""
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(n_layer=p["n_layer"], n_head=p["n_head"], n_embd=p["n_embd"], block_size=p["block_size"],
-                         vocab_size=chat.VOCAB_SIZE, dropout=0.0)).eval()
-
-
-def ours(model, dtype, device):
-    """Our Engine as sample.py builds it: the weights converted for half precision (GPT.to_half)."""
-    m = copy.deepcopy(model).to(device)
-    if dtype != "float32":
-        to_half(m, dtype, device)
-    return Engine(m, device=device, dtype=dtype)
-
-
-def run_ours(engine, prompts, new_tokens):
-    """(seconds, each row's new tokens) of greedy replies to prompts decoded as one batch."""
-    sync(engine.device)
-    t0 = time.perf_counter()
-    replies = engine.complete_batch(prompts, SamplingParams(temperature=0.0, max_new_tokens=new_tokens, stop=()))
-    sync(engine.device)
-    seconds = time.perf_counter() - t0
-    return seconds, [r.tokens + ([chat.EOT] if r.finish_reason == "stop" else []) for r in replies]
-
-
-def transformers_model(model, dtype, device):
-    """transformers' GPT2LMHeadModel holding our weights (converted as export.py converts them), or None and why
-    not."""
-    try:
-        from transformers import GPT2Config, GPT2LMHeadModel
-    except ImportError as e:
-        return None, f"transformers is not installed ({e}): its generate was not timed"
-    hf = GPT2LMHeadModel(GPT2Config.from_dict(hf_config(model.config)))
-    missing, unexpected = hf.load_state_dict(hf_state_dict(model), strict=False)
-    assert not unexpected and all(k == "lm_head.weight" or k.endswith(".attn.bias") for k in missing), missing
-    return hf.to(device=device, dtype=getattr(torch, dtype)).eval(), None
-
-
-def run_hf(hf, prompts, new_tokens, device):
-    idx = torch.tensor(prompts, device=device)
-    sync(device)
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        out = hf.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False, use_cache=True,
-                          max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=chat.EOT)
-    sync(device)
-    return time.perf_counter() - t0, out[:, idx.size(1):].tolist()
-
-
-def same_share(a, b):
-    """The share of positions where two lists of rows hold the same token (over each pair's common length)."""
-    pairs = [(x, y) for ra, rb in zip(a, b) for x, y in zip(ra, rb)]
-    return round(sum(x == y for x, y in pairs) / max(1, len(pairs)), 4)
-
-
 def bench_generate(cfg, result):
-    p, device = settings(cfg), cfg["device"]
-    model = gen_model(p, cfg["seed"])
+    device = cfg["device"]
+    p, model = gen_setup({"gen_preset": preset(cfg)["generate"], "gen_prompt_tokens": cfg["prompt_tokens"],
+                          "gen_new_tokens": cfg["new_tokens"], "gen_batch_sizes": cfg["gen_batch_sizes"],
+                          "seed": cfg["seed"]})
+    model.to(device)
     out = result["generate"] = {"preset": cfg["preset"], "device": device, "gpu": gpu_name(device),
                                 "prompt_tokens": p["prompt_tokens"], "new_tokens": p["new_tokens"], "rows": []}
     print(f"generate: {cfg['preset']} shape, device {device}, prompt {p['prompt_tokens']} + {p['new_tokens']} new "
           f"tokens, greedy; ours (Engine) vs transformers' generate on the same weights")
+    if not has_transformers():
+        out["skipped"] = "transformers is not installed: its generate was not timed"
+        print(f"SKIPPED: {out['skipped']}")
     for dtype in cfg["gen_dtypes"].split(","):
-        engine = ours(model, dtype, device)
-        hf, why_not = transformers_model(model, dtype, device)
-        if why_not:
-            out["skipped"] = why_not
-            print(f"SKIPPED: {why_not}")
-        for batch in cfg["gen_batch_sizes"]:
-            out["rows"].append(gen_row(engine, hf, dtype, batch, p, cfg["seed"], device))
+        ours = model if dtype == "float32" else to_half(copy.deepcopy(model), dtype, device)
+        hf = hf_model(model, dtype) if has_transformers() else None
+        for batch in p["batch_sizes"]:
+            out["rows"].append(gen_row(ours, hf, dtype, batch, p, cfg["seed"], device))
             save(result, cfg["json"])
-        del engine, hf
+        del ours, hf
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     out["targets"] = {f"{r['dtype']}_batch{r['batch']}": r.get("ours_vs_transformers") for r in out["rows"]}
@@ -360,20 +211,21 @@ def bench_generate(cfg, result):
     save(result, cfg["json"])
 
 
-def gen_row(engine, hf, dtype, batch, p, seed, device):
-    prompts = torch.randint(0, chat.VOCAB_SIZE, (batch, p["prompt_tokens"]),
-                            generator=torch.Generator().manual_seed(seed)).tolist()
+def gen_row(model, hf, dtype, batch, p, seed, device):
+    """One batch size's row: our greedy tokens/s (the Engine), transformers' and the share of tokens both give."""
+    prompt = torch.randint(0, model.config.vocab_size, (batch, p["prompt_tokens"]),
+                           generator=torch.Generator().manual_seed(seed)).to(device)
     new = p["new_tokens"]
-    run_ours(engine, prompts, 4)  # warm-up: allocations, kernel choice
-    seconds, tokens = run_ours(engine, prompts, new)
+    time_ours(model, prompt, 4, True, device, dtype)  # warm-up: allocations, kernel choice
+    seconds, tokens = time_ours(model, prompt, new, True, device, dtype)
     row = {"dtype": dtype, "batch": batch, "ours_s": round(seconds, 3),
-           "ours_tokens_per_s": round(sum(map(len, tokens)) / seconds, 1)}
+           "ours_tokens_per_s": round(batch * new / seconds, 1)}
     if hf is not None:
-        run_hf(hf, prompts, 4, device)
-        hf_seconds, hf_tokens = run_hf(hf, prompts, new, device)
+        time_hf(hf, prompt, 4, device)
+        hf_seconds, hf_tokens = time_hf(hf, prompt, new, device)
         row.update(transformers_s=round(hf_seconds, 3), transformers_tokens_per_s=round(batch * new / hf_seconds, 1),
-                   ours_vs_transformers=round(row["ours_tokens_per_s"] / (batch * new / hf_seconds), 3),
-                   same_tokens_as_transformers=same_share(tokens, hf_tokens))
+                   ours_vs_transformers=round(hf_seconds / seconds, 3),
+                   same_tokens_as_transformers=round((tokens.cpu() == hf_tokens.cpu()).float().mean().item(), 4))
     print(f"  {dtype:<9} batch {batch:>3}: ours {row['ours_tokens_per_s']:>9,.1f} tokens/s"
           + (f", transformers {row['transformers_tokens_per_s']:>9,.1f} tokens/s, ratio "
              f"{row['ours_vs_transformers']:.2f}, same tokens {row['same_tokens_as_transformers']:.1%}"
@@ -390,6 +242,7 @@ def main(argv=None):
     names = list(sections) if cfg["section"] == "all" else cfg["section"].split(",")
     if any(n not in sections for n in names):
         raise SystemExit(f"error: unknown --section={cfg['section']!r}: use train, generate or all")
+    preset(cfg)
     result = {"torch": torch.__version__, "device": cfg["device"], "preset": cfg["preset"]}
     for name in names:
         sections[name](cfg, result)
