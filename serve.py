@@ -9,6 +9,7 @@ The sampling options are the defaults for requests that do not set them; the sto
 checkpoint's, as in sample.py. One worker thread decodes the requests together, each joining the running batch
 at the next token (continuous batching, chat_gpt2/batcher.py).
 """
+import ipaddress
 import os
 
 import configurator
@@ -20,8 +21,9 @@ DEFAULTS = dict(  # `python serve.py --help` prints these comments; the sampling
     out_dir="out",  # the run's folder: its newest best checkpoint is used unless --ckpt says which
     ckpt="",  # a checkpoint file (finetuned_*.pt); "" = the newest best one in out_dir
     init_from="",  # instead of a checkpoint: gpt2..gpt2-xl, a Hugging Face repo id or a local HF directory
-    host="127.0.0.1",  # loopback by default: put a proxy with authentication in front to expose it
+    host="127.0.0.1",  # loopback by default; to expose it set an api_key (and put TLS in front)
     port=8000,  # the TCP port
+    api_key="",  # required as `Authorization: Bearer KEY` on the API ("" = $CHAT_GPT2_API_KEY, else none)
     # the sampling options (SamplingParams) but stop, which a request sets (default: the
     # checkpoint's). No default seed: it would make unseeded requests repeat themselves
     **sampling_defaults(top_k=200, leave_out=("stop",)),
@@ -41,7 +43,27 @@ def build_app(cfg):
     engine, ckpt = load_engine(cfg)
     name = cfg["init_from"] or os.path.splitext(os.path.basename(cfg["ckpt"]))[0] or "chat-gpt2"
     limits = Limits(*(cfg[key] for key in ("max_body_bytes", "max_messages", "max_chars", "max_waiting", "max_rows")))
-    return create_app(engine, ckpt, cfg, model_name=name, limits=limits)
+    return create_app(engine, ckpt, cfg, model_name=name, limits=limits, api_key=api_key(cfg))
+
+
+KEY_ENV = "CHAT_GPT2_API_KEY"
+
+
+def api_key(cfg):
+    """--api_key, else $CHAT_GPT2_API_KEY, else none: then a warning when the host is reachable from
+    other machines."""
+    key = cfg["api_key"] or os.environ.get(KEY_ENV, "")
+    if not key and not is_loopback(cfg["host"]):
+        print(f"warning: serving on {cfg['host']} without an API key: anyone who reaches the port can "
+              f"use the model (set --api_key or ${KEY_ENV})", flush=True)
+    return key
+
+
+def is_loopback(host):
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        return host == "localhost"
 
 
 def main(argv=None):

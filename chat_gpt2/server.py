@@ -7,10 +7,12 @@
     GET  /health                liveness and the queue's state
     GET  /                      the chat page (static/chat.html)
 
-Requests are checked here (sizes, ranges, types; errors in OpenAI's shape) and decoded by a batcher.Batcher.
+With an API key (create_app's api_key) every route but /health and the page needs
+`Authorization: Bearer KEY` (401 otherwise). Requests are checked here (sizes, ranges, types; errors in OpenAI's shape) and decoded by a batcher.Batcher.
 """
 import asyncio
 import contextlib
+import hmac
 import json
 import os
 import time
@@ -122,6 +124,27 @@ class BodyLimit:
             if int(length) > self.max_bytes:
                 message = f"request body of {int(length)} bytes exceeds the limit of {self.max_bytes}"
                 await error_response(413, message, code="body_too_large")(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+OPEN_PATHS = ("/", "/health")  # what a browser fetches before it can send a key, and liveness
+
+
+class RequireKey:
+    """ASGI middleware: every path but OPEN_PATHS needs `Authorization: Bearer <key>` (compared in
+    constant time), else 401 in OpenAI's shape."""
+
+    def __init__(self, app, key):
+        self.app, self.key = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.key):
+                message = "a valid API key is required: send the header Authorization: Bearer <key>"
+                await error_response(401, message, code="invalid_api_key",
+                                     headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
@@ -295,9 +318,10 @@ async def answer(service, request, req, prompt, params, is_chat):
 # The app
 
 
-def create_app(engine, ckpt_info, defaults, model_name="chat-gpt2", limits=None):
+def create_app(engine, ckpt_info, defaults, model_name="chat-gpt2", limits=None, api_key=""):
     """The FastAPI app; its lifespan starts and stops the batcher's worker thread. defaults: a
-    script's cfg (the sampling options but stop: SAMPLING_KEYS and seed) where a request sets none."""
+    script's cfg (the sampling options but stop: SAMPLING_KEYS and seed) where a request sets none.
+    api_key: required on every route but OPEN_PATHS ("" = none)."""
     limits = limits or Limits()
     service = Service(engine, ckpt_info, defaults, model_name, limits)
 
@@ -310,6 +334,8 @@ def create_app(engine, ckpt_info, defaults, model_name="chat-gpt2", limits=None)
     app = FastAPI(title="chat-gpt2", lifespan=lifespan)
     app.state.service = service
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    if api_key:
+        app.add_middleware(RequireKey, key=api_key)  # added last: it runs first
     app.add_exception_handler(RequestValidationError, lambda request, exc: validation_error(exc))
     app.add_exception_handler(ApiError, lambda request, e: error_response(e.status, e.message, e.param, e.code,
                                                                           e.headers))
