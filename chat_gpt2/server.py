@@ -23,7 +23,7 @@ from typing import Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from . import chat
 from .batcher import Batcher, QueueFull
@@ -66,9 +66,53 @@ class Message(BaseModel):
     role: Literal["system", "user", "assistant"]
     content: str
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def text_parts(cls, content):
+        """Content given as a list of parts, [{"type": "text", "text": ...}, ...]: their texts joined
+        by newlines; any other kind of part (image_url, input_audio, file) is refused by its type."""
+        if not isinstance(content, list):
+            return content
+        for i, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            if kind != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(f"part {i} is {kind!r}: only text parts "
+                                 f'({{"type": "text", "text": "..."}}) are supported')
+        return "\n".join(part["text"] for part in content)
+
+
+# OpenAI request fields this server does not implement, and the values that ask for nothing of it:
+# accepted as no-ops (ANY: every value), refused with a 400 naming the field otherwise; a field
+# that is neither declared by the request model nor here is refused as unknown. docs/serving.md's
+# table lists every field (tests/test_serve_fields.py checks it against these).
+ANY = "any value"
+NO_OPS = {"frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": ({},), "user": ANY}
+CHAT_NO_OPS = {
+    **NO_OPS, "logprobs": (False,), "top_logprobs": (0,), "response_format": ({"type": "text"},),
+    "tools": ([],), "tool_choice": ("none", "auto"), "parallel_tool_calls": ANY, "functions": ([],),
+    "function_call": ("none", "auto"), "modalities": (["text"],), "audio": (), "prediction": (),
+    "reasoning_effort": (), "verbosity": (), "web_search_options": (), "moderation": (),
+    "store": (False,), "metadata": ANY, "service_tier": ("auto", "default"),
+    "prompt_cache_key": ANY, "prompt_cache_options": ANY, "prompt_cache_retention": ANY,
+    "safety_identifier": ANY}
+COMPLETION_NO_OPS = {**NO_OPS, "logprobs": (), "echo": (False,), "best_of": (1,), "suffix": ("",)}
+
+
+def refuse_unsupported(req, no_ops):
+    """400 naming the first field of req that it does not declare and that asks for something."""
+    for name, value in (req.model_extra or {}).items():
+        allowed = no_ops.get(name)
+        if allowed is None:
+            raise ApiError(400, f"{name}: unrecognized request field", param=name,
+                           code="unknown_parameter")
+        if allowed is not ANY and value is not None and value not in allowed:
+            accepted = ", ".join(json.dumps(v) for v in (None, *allowed))
+            raise ApiError(400, f"{name}: not supported by this server (accepted only as {accepted}, "
+                                f"got {json.dumps(value)})", param=name, code="unsupported_parameter")
+
 
 class RequestOptions(BaseModel):
-    model_config = ConfigDict(strict=True)
+    model_config = ConfigDict(strict=True, extra="allow")  # extra fields: refuse_unsupported
     model: str | None = None  # one model is served; any name is accepted
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
@@ -93,10 +137,27 @@ Sampling = create_model("Sampling", __base__=RequestOptions, **sampling_fields()
 
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, description="the newer name of max_tokens")
 
 
 class CompletionRequest(Sampling):
-    prompt: str = Field(min_length=1)
+    prompt: list[str | list[int]] = Field(description="a string, a list of strings, token ids or "
+                                                      "lists of token ids")
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def prompt_list(cls, prompt):
+        """One prompt (a string or token ids) as a list of one; each prompt non-empty."""
+        if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(
+                type(t) is int for t in prompt)):
+            prompt = [prompt]
+        if not isinstance(prompt, list) or not prompt:
+            raise ValueError("a string, a list of strings, token ids or lists of token ids")
+        for i, one in enumerate(prompt):
+            if not (isinstance(one, str) and one or isinstance(one, list) and one and all(
+                    type(t) is int for t in one)):
+                raise ValueError(f"prompt {i}: a non-empty string or list of token ids")
+        return prompt
 
 
 class SimpleChatRequest(BaseModel):
@@ -184,6 +245,12 @@ class Service:
         if len(stops) > MAX_STOPS:
             raise ApiError(400, f"stop: at most {MAX_STOPS} stop strings", param="stop")
         options = {key: getattr(req, API_NAMES.get(key, key)) for key in (*SAMPLING_KEYS, "seed")}
+        newer = getattr(req, "max_completion_tokens", None)  # chat's newer name of max_tokens
+        if newer is not None:
+            if options["max_new_tokens"] not in (None, newer):
+                raise ApiError(400, "max_completion_tokens: differs from max_tokens (give one)",
+                               param="max_completion_tokens")
+            options["max_new_tokens"] = newer
         options = {key: self.defaults[key] if value is None else value
                    for key, value in options.items()}
         options["max_new_tokens"] = min(options["max_new_tokens"], self.block_size - 1)
@@ -214,28 +281,55 @@ class Service:
         ids, _ = chat.fit_context(system, history, self.template, self.engine.enc, budget)
         return ids
 
-    def raw_prompt(self, text, params):
-        ids = self.engine.enc.encode_ordinary(text)
+    def raw_prompts(self, prompts, n, params):
+        """The token ids of each prompt (a string, or token ids checked against the vocabulary), its
+        oldest tokens dropped to leave room for the reply."""
+        if len(prompts) * n > self.limits.max_rows:
+            raise ApiError(400, f"prompt: {len(prompts)} prompts of {n} choices each exceed the "
+                                f"{self.limits.max_rows} rows decoded together", param="prompt")
+        self.check_chars(sum(len(prompt) for prompt in prompts), "prompt")
+        vocab = self.engine.enc.n_vocab
+        for i, prompt in enumerate(prompts):
+            if isinstance(prompt, list) and not all(0 <= token < vocab for token in prompt):
+                raise ApiError(400, f"prompt: prompt {i} has token ids outside 0..{vocab - 1}",
+                               param="prompt")
+        return [self.raw_prompt(prompt, params) for prompt in prompts]
+
+    def raw_prompt(self, prompt, params):
+        ids = self.engine.enc.encode_ordinary(prompt) if isinstance(prompt, str) else prompt
         budget = self.block_size - min(params.max_new_tokens, self.block_size // 2)
         return ids[-budget:]
 
-    def submit(self, prompt, params, n):
-        """Queue a job; its events arrive on an asyncio queue of the running loop."""
+    def submit(self, prompts, params, n):
+        """Queue a job per prompt; their events arrive on one asyncio queue of the running loop, with
+        the choices numbered across the prompts (prompt i's are i*n ... i*n+n-1, as OpenAI's):
+        ("text", choice, text), ("done", first choice, rows) or ("error", message)."""
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
-        def emit(*event):  # called from the worker thread
-            with contextlib.suppress(RuntimeError):  # the loop is gone: the server is shutting down
-                loop.call_soon_threadsafe(events.put_nowait, event)
+        def emitter(first):
+            def emit(kind, *args):  # called from the worker thread
+                args = (first + args[0], args[1]) if kind == "text" else \
+                    (first, *args) if kind == "done" else args
+                with contextlib.suppress(RuntimeError):  # the loop is gone: shutting down
+                    loop.call_soon_threadsafe(events.put_nowait, (kind, *args))
+            return emit
 
+        jobs = []
         try:
-            return self.batcher.submit(prompt, params, n, emit), events
+            for i, prompt in enumerate(prompts):
+                jobs.append(self.batcher.submit(prompt, params, n, emitter(i * n)))
         except QueueFull as e:
+            for job in jobs:
+                self.batcher.cancel(job)
             raise ApiError(503, str(e), code="queue_full", headers={"Retry-After": "1"}) from None
+        return jobs, events
 
-    async def events(self, request, job, events):
-        """The job's events until done or error; stops early (and cancels the job) when the client left."""
+    async def events(self, request, jobs, events):
+        """The jobs' events until all are done or one failed; stops early (and cancels them) when
+        the client left."""
+        left = len(jobs)
         try:
-            while True:
+            while left:
                 try:
                     event = await asyncio.wait_for(events.get(), timeout=0.5)
                 except asyncio.TimeoutError:
@@ -243,75 +337,86 @@ class Service:
                         return
                     continue
                 yield event
-                if event[0] != "text":
+                if event[0] == "error":
                     return
+                left -= event[0] == "done"
         finally:
-            self.batcher.cancel(job)  # frees the job's place; a no-op once it is done
+            for job in jobs:
+                self.batcher.cancel(job)  # frees the job's place; a no-op once it is done
 
-    async def result(self, request, job, events):
-        """The finished rows of a job (non-streaming)."""
-        async for event in self.events(request, job, events):
-            if event[0] == "done":
-                return event[1]
+    async def result(self, request, jobs, events):
+        """The finished rows of the jobs, in choice order (non-streaming)."""
+        done = 0
+        async for event in self.events(request, jobs, events):
             if event[0] == "error":
                 raise ApiError(500, event[1])
-        raise ApiError(499, "client closed the request")
+            done += event[0] == "done"
+        if done < len(jobs):
+            raise ApiError(499, "client closed the request")
+        return [row for job in jobs for row in job.replies]
 
 
-def usage(prompt, rows):
+def usage(prompts, rows):
+    prompt = sum(len(ids) for ids in prompts)
     completion = sum(len(row.tokens) for row in rows)
-    return {"prompt_tokens": len(prompt), "completion_tokens": completion, "total_tokens": len(prompt) + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def chat_response(meta, prompt, rows):
+def chat_response(meta, prompts, rows):
     choices = [{"index": i, "message": {"role": "assistant", "content": row.text.strip()},
                 "finish_reason": row.finish_reason, "logprobs": None} for i, row in enumerate(rows)]
-    return {**meta, "object": "chat.completion", "choices": choices, "usage": usage(prompt, rows)}
+    return {**meta, "object": "chat.completion", "choices": choices, "usage": usage(prompts, rows)}
 
 
-def completion_response(meta, prompt, rows):
+def completion_response(meta, prompts, rows):
     choices = [{"index": i, "text": row.text.lstrip(), "finish_reason": row.finish_reason, "logprobs": None}
                for i, row in enumerate(rows)]
-    return {**meta, "object": "text_completion", "choices": choices, "usage": usage(prompt, rows)}
+    return {**meta, "object": "text_completion", "choices": choices, "usage": usage(prompts, rows)}
 
 
 def sse(data):
     return f"data: {json.dumps(data)}\n\n"
 
 
-async def stream(service, request, job, events, meta, is_chat, include_usage):
-    """OpenAI's SSE chunks: the role first (chat), text deltas as they become final, one chunk per choice with its
-    finish_reason, the usage (when asked for), then `data: [DONE]`."""
+async def stream(service, request, jobs, events, meta, is_chat, include_usage):
+    """OpenAI's SSE chunks: the role first (chat), text deltas as they become final, one chunk per
+    choice with its finish_reason as its job ends, the usage (when asked for), then `data: [DONE]`."""
     obj = "chat.completion.chunk" if is_chat else "text_completion"
     piece = (lambda i, text, finish: {"index": i, "delta": {"content": text} if text else {},
                                       "finish_reason": finish, "logprobs": None}) if is_chat else \
         (lambda i, text, finish: {"index": i, "text": text, "finish_reason": finish, "logprobs": None})
+    chunk = lambda choices, **more: sse({**meta, "object": obj, "choices": choices, **more})  # noqa: E731
     if is_chat:
-        yield sse({**meta, "object": obj, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                       "finish_reason": None} for i in range(job.n)]})
-    async for event in service.events(request, job, events):
+        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                     for i in range(sum(job.n for job in jobs))])
+    done = 0
+    async for event in service.events(request, jobs, events):
         if event[0] == "text":
-            yield sse({**meta, "object": obj, "choices": [piece(event[1], event[2], None)]})
+            yield chunk([piece(event[1], event[2], None)])
         elif event[0] == "done":
-            rows = event[1]
-            yield sse({**meta, "object": obj, "choices": [piece(i, "", r.finish_reason) for i, r in enumerate(rows)]})
-            if include_usage:
-                yield sse({**meta, "object": obj, "choices": [], "usage": usage(job.prompt, rows)})
-            yield "data: [DONE]\n\n"
+            done += 1
+            first, rows = event[1], event[2]
+            yield chunk([piece(first + i, "", row.finish_reason) for i, row in enumerate(rows)])
         else:
-            yield sse({"error": {"message": event[1], "type": "server_error", "param": None, "code": None}})
+            yield sse({"error": {"message": event[1], "type": "server_error", "param": None,
+                                 "code": None}})
+    if done == len(jobs):
+        if include_usage:
+            rows = [row for job in jobs for row in job.replies]
+            yield chunk([], usage=usage([job.prompt for job in jobs], rows))
+        yield "data: [DONE]\n\n"
 
 
-async def answer(service, request, req, prompt, params, is_chat):
-    job, events = service.submit(prompt, params, req.n)
-    meta = {"id": f"{'chatcmpl' if is_chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
-            "model": service.model_name}
+async def answer(service, request, req, prompts, params, is_chat):
+    jobs, events = service.submit(prompts, params, req.n)
+    meta = {"id": f"{'chatcmpl' if is_chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+            "created": int(time.time()), "model": service.model_name}
     if req.stream:
         include_usage = bool((req.stream_options or {}).get("include_usage"))
-        return StreamingResponse(stream(service, request, job, events, meta, is_chat, include_usage),
+        return StreamingResponse(stream(service, request, jobs, events, meta, is_chat, include_usage),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    rows = await service.result(request, job, events)
-    return (chat_response if is_chat else completion_response)(meta, prompt, rows)
+    rows = await service.result(request, jobs, events)
+    return (chat_response if is_chat else completion_response)(meta, prompts, rows)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -346,23 +451,26 @@ def create_app(engine, ckpt_info, defaults, model_name="chat-gpt2", limits=None,
 def add_routes(app, service):
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
+        refuse_unsupported(req, CHAT_NO_OPS)
         service.check_messages(req.messages)
         params = service.params(req, chat_stop=True)
-        return await answer(service, request, req, service.chat_prompt(req.messages, params), params, True)
+        prompt = service.chat_prompt(req.messages, params)
+        return await answer(service, request, req, [prompt], params, True)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
-        service.check_chars(len(req.prompt), "prompt")
+        refuse_unsupported(req, COMPLETION_NO_OPS)
         params = service.params(req, chat_stop=False)
-        return await answer(service, request, req, service.raw_prompt(req.prompt, params), params, False)
+        prompts = service.raw_prompts(req.prompt, req.n, params)
+        return await answer(service, request, req, prompts, params, False)
 
     @app.post("/chat")
     async def simple_chat(req: SimpleChatRequest, request: Request):
         messages = req.history + [Message(role="user", content=req.message)]
         service.check_messages(messages)
         params = service.params(Sampling(), chat_stop=True)
-        job, events = service.submit(service.chat_prompt(messages, params), params, 1)
-        rows = await service.result(request, job, events)
+        jobs, events = service.submit([service.chat_prompt(messages, params)], params, 1)
+        rows = await service.result(request, jobs, events)
         return {"reply": rows[0].text.strip()}
 
     @app.get("/v1/models")
