@@ -15,7 +15,7 @@ import os
 import configurator
 from chat_gpt2.inference import load_engine
 from chat_gpt2.sampling import sampling_defaults, sampling_help
-from chat_gpt2.server import Limits, create_app
+from chat_gpt2.server import Limits, create_app, uvicorn_server
 
 DEFAULTS = dict(  # `python serve.py --help` prints these comments; the sampling keys are per-request defaults
     out_dir="out",  # the run's folder: its newest best checkpoint is used unless --ckpt says which
@@ -35,6 +35,7 @@ DEFAULTS = dict(  # `python serve.py --help` prints these comments; the sampling
     max_chars=Limits.max_chars,  # the most characters of content in one request (400 above)
     max_waiting=Limits.max_waiting,  # requests that may wait for the model; more get 503 with Retry-After
     max_rows=Limits.max_rows,  # rows decoded together, joining and leaving at every token (n choices = n rows)
+    drain_timeout=30.0,  # on SIGTERM: seconds queued and running requests get to finish (new ones: 503)
 )
 
 
@@ -69,8 +70,8 @@ def is_loopback(host):
 def main(argv=None):
     cfg, _ = configurator.load(DEFAULTS, argv, prog="serve.py", meanings=sampling_help())
     app = build_app(cfg)
-    import uvicorn  # only the server needs it
-    uvicorn.run(app, host=cfg["host"], port=cfg["port"], log_level="info")
+    server = uvicorn_server(app, cfg["drain_timeout"], host=cfg["host"], port=cfg["port"], log_level="info")
+    server.run()
 
 
 if __name__ == "__main__":

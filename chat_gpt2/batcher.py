@@ -9,8 +9,9 @@ rows' keys, and a seeded request draws from its own generator (tests/test_serve.
 replies alone and batched; a batched matmul may sum in another order, which could only matter on a near-tie).
 
 Events go to each job's emit callback from the worker thread: ("text", choice, text) while generating, then
-("done", [Completion, ...]) or ("error", message). A job whose client left is cancelled: dropped from the queue,
-or, when decoding, its rows leave before the next step.
+("done", [Completion, ...]) or ("error", message[, HTTP status]). A job whose client left is
+cancelled: dropped from the queue, or, when decoding, its rows leave before the next step. abort()
+ends every job with an error (a shutdown's grace period is over).
 """
 import collections
 import threading
@@ -62,6 +63,8 @@ class Batcher:
         """Queue a job; QueueFull when max_waiting jobs are already waiting."""
         job = Job(prompt, params, n, emit)
         with self.cond:
+            if self.closing:
+                raise QueueFull("the server is shutting down")
             if len(self.waiting) >= self.max_waiting:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting already; retry later")
             self.waiting.append(job)
@@ -74,6 +77,23 @@ class Batcher:
             job.cancelled = True
             if job in self.waiting:
                 self.waiting.remove(job)
+
+    def busy(self):
+        with self.cond:
+            return bool(self.waiting or self.running)
+
+    def abort(self, message, status=503):
+        """End every waiting and running job with ("error", message, status) and take no more;
+        returns how many there were."""
+        with self.cond:
+            jobs = [*self.waiting, *(job for job in self.running if not job.cancelled)]
+            self.waiting.clear()
+            self.closing = True
+            for job in jobs:
+                job.cancelled = True
+                job.emit("error", message, status)
+            self.cond.notify_all()
+        return len(jobs)
 
     def stats(self):
         with self.cond:

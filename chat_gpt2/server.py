@@ -4,17 +4,23 @@
     POST /v1/completions        raw text continuation, no chat template
     GET  /v1/models             the one model served
     POST /chat                  {"message", "history"} -> {"reply"}: the simplest client
-    GET  /health                liveness and the queue's state
+    GET  /health                liveness and the queue's state (503 while draining)
+    GET  /metrics               Prometheus metrics (Metrics)
     GET  /                      the chat page (static/chat.html)
 
 With an API key (create_app's api_key) every route but /health and the page needs
-`Authorization: Bearer KEY` (401 otherwise). Requests are checked here (sizes, ranges, types; errors in OpenAI's shape) and decoded by a batcher.Batcher.
+`Authorization: Bearer KEY` (401 otherwise). uvicorn_server's SIGTERM drains the queue first
+(Service.drain: new requests get 503, those in flight finish within a grace period). Requests
+are checked here (sizes, ranges, types, the OpenAI fields not implemented; errors in OpenAI's
+shape) and decoded by a batcher.Batcher.
 """
 import asyncio
 import contextlib
 import hmac
 import json
 import os
+import signal
+import threading
 import time
 import uuid
 from dataclasses import dataclass, fields
@@ -22,7 +28,9 @@ from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import generate_latest
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from . import chat
@@ -210,6 +218,75 @@ class RequireKey:
         await self.app(scope, receive, send)
 
 
+class Metrics:
+    """The server's Prometheus metrics, in a registry of its own (one per app). Queue depth and
+    running rows are read from the batcher at each scrape; the rest is counted as requests go."""
+
+    def __init__(self, batcher):
+        self.registry = r = CollectorRegistry()
+        gauges = {"queue_depth": ("requests waiting for a place in the running batch",
+                                  lambda: len(batcher.waiting)),
+                  "running_requests": ("requests being decoded", lambda: len(batcher.running)),
+                  "running_rows": ("rows being decoded (n choices: n rows)", lambda: batcher.rows),
+                  "max_rows": ("rows decoded together at most", lambda: batcher.max_rows)}
+        for name, (doc, read) in gauges.items():
+            Gauge(f"chat_gpt2_{name}", doc, registry=r).set_function(read)
+        self.requests = Counter("chat_gpt2_requests", "HTTP requests by route and status",
+                                ["route", "status"], registry=r)
+        self.prompt_tokens = Counter("chat_gpt2_prompt_tokens", "prompt tokens decoded", registry=r)
+        self.generated_tokens = Counter("chat_gpt2_generated_tokens", "tokens generated",
+                                        registry=r)
+        seconds = (.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120)
+        self.latency = Histogram("chat_gpt2_request_duration_seconds", "POST requests, from the "
+                                 "request to the response's last byte", ["route"],
+                                 buckets=seconds, registry=r)
+        self.first_token = Histogram("chat_gpt2_time_to_first_token_seconds", "from queueing a "
+                                     "generation to its first event (text, or its end)",
+                                     buckets=seconds, registry=r)
+
+    def text(self):
+        return generate_latest(self.registry)
+
+
+class Measure:
+    """ASGI middleware (the outermost): every request counted by route and status, POSTs timed."""
+
+    def __init__(self, app, metrics, routes):
+        self.app, self.metrics, self.routes = app, metrics, routes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), [500]
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        route = scope["path"] if scope["path"] in self.routes else "other"
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.requests.labels(route, str(status[0])).inc()
+            if scope["method"] == "POST":
+                self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+
+
+class RefuseWhileDraining:
+    """ASGI middleware: once the server drains (Service.drain), every POST gets 503."""
+
+    def __init__(self, app, service):
+        self.app, self.service = app, service
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST" and self.service.draining:
+            await error_response(503, "the server is shutting down", code="shutting_down")(
+                scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 def validation_error(exc):
     """The first problem pydantic found, as a 400 naming the field (messages.0.role) or saying the JSON is bad."""
     err = exc.errors()[0]
@@ -234,6 +311,16 @@ class Service:
             raise ConfigError(f"max_rows must be at least {MAX_N} (a request may ask for n={MAX_N} choices), "
                               f"got {limits.max_rows}")
         self.batcher = Batcher(engine, max_waiting=limits.max_waiting, max_rows=limits.max_rows)
+        self.metrics, self.draining = Metrics(self.batcher), False
+
+    def drain(self, grace):
+        """Stop taking requests (503) and give the queued and running ones grace seconds to finish;
+        then end those left with a 503 error. Returns how many were ended so."""
+        self.draining = True
+        deadline = time.monotonic() + grace
+        while self.batcher.busy() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.batcher.abort(f"the server is shutting down: not finished within {grace:g} s")
 
     def params(self, req, chat_stop):
         """SamplingParams: the server's defaults (as sample.py's), overridden by what the request sets. max_tokens
@@ -314,20 +401,22 @@ class Service:
                     loop.call_soon_threadsafe(events.put_nowait, (kind, *args))
             return emit
 
-        jobs = []
+        jobs, queued = [], time.perf_counter()
         try:
             for i, prompt in enumerate(prompts):
                 jobs.append(self.batcher.submit(prompt, params, n, emitter(i * n)))
+                jobs[-1].queued = queued
         except QueueFull as e:
             for job in jobs:
                 self.batcher.cancel(job)
             raise ApiError(503, str(e), code="queue_full", headers={"Retry-After": "1"}) from None
+        self.metrics.prompt_tokens.inc(sum(len(job.prompt) for job in jobs))
         return jobs, events
 
     async def events(self, request, jobs, events):
         """The jobs' events until all are done or one failed; stops early (and cancels them) when
         the client left."""
-        left = len(jobs)
+        left, first = len(jobs), True
         try:
             while left:
                 try:
@@ -336,6 +425,9 @@ class Service:
                     if await request.is_disconnected():
                         return
                     continue
+                if first:
+                    self.metrics.first_token.observe(time.perf_counter() - jobs[0].queued)
+                    first = False
                 yield event
                 if event[0] == "error":
                     return
@@ -343,13 +435,15 @@ class Service:
         finally:
             for job in jobs:
                 self.batcher.cancel(job)  # frees the job's place; a no-op once it is done
+            generated = sum(len(reply.tokens) for job in jobs for reply in job.replies)
+            self.metrics.generated_tokens.inc(generated)
 
     async def result(self, request, jobs, events):
         """The finished rows of the jobs, in choice order (non-streaming)."""
         done = 0
         async for event in self.events(request, jobs, events):
             if event[0] == "error":
-                raise ApiError(500, event[1])
+                raise ApiError(event[2] if len(event) > 2 else 500, event[1])
             done += event[0] == "done"
         if done < len(jobs):
             raise ApiError(499, "client closed the request")
@@ -400,6 +494,7 @@ async def stream(service, request, jobs, events, meta, is_chat, include_usage):
         else:
             yield sse({"error": {"message": event[1], "type": "server_error", "param": None,
                                  "code": None}})
+            yield "data: [DONE]\n\n"
     if done == len(jobs):
         if include_usage:
             rows = [row for job in jobs for row in job.replies]
@@ -438,14 +533,36 @@ def create_app(engine, ckpt_info, defaults, model_name="chat-gpt2", limits=None,
 
     app = FastAPI(title="chat-gpt2", lifespan=lifespan)
     app.state.service = service
-    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)  # the last added runs first
+    app.add_middleware(RefuseWhileDraining, service=service)
     if api_key:
-        app.add_middleware(RequireKey, key=api_key)  # added last: it runs first
+        app.add_middleware(RequireKey, key=api_key)
     app.add_exception_handler(RequestValidationError, lambda request, exc: validation_error(exc))
     app.add_exception_handler(ApiError, lambda request, e: error_response(e.status, e.message, e.param, e.code,
                                                                           e.headers))
     add_routes(app, service)
+    routes = {route.path for route in app.routes}
+    app.add_middleware(Measure, metrics=service.metrics, routes=routes)  # outermost: sees all
     return app
+
+
+def uvicorn_server(app, grace, **config):
+    """A uvicorn.Server for app (config: uvicorn.Config's options) whose first SIGTERM drains
+    (Service.drain(grace)) before it stops, and then exits 0; Ctrl-C or a second SIGTERM stop at
+    once, as uvicorn does."""
+    import uvicorn  # only serving needs it
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            if sig != signal.SIGTERM or app.state.service.draining:
+                return super().handle_exit(sig, frame)
+            threading.Thread(target=self.drain, name="drain", daemon=True).start()
+
+        def drain(self):
+            app.state.service.drain(grace)
+            self.should_exit = True  # not a captured signal: run() returns, the script exits 0
+
+    return Server(uvicorn.Config(app, timeout_graceful_shutdown=5, **config))
 
 
 def add_routes(app, service):
@@ -480,7 +597,13 @@ def add_routes(app, service):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": service.model_name, **service.batcher.stats()}
+        body = {"status": "draining" if service.draining else "ok", "model": service.model_name,
+                **service.batcher.stats()}
+        return JSONResponse(body, status_code=503 if service.draining else 200)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(service.metrics.text(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
