@@ -12,10 +12,19 @@ Events go to each job's emit callback from the worker thread: ("text", choice, t
 ("done", [Completion, ...]) or ("error", message[, HTTP status]). A job whose client left is
 cancelled: dropped from the queue, or, when decoding, its rows leave before the next step. abort()
 ends every job with an error (a shutdown's grace period is over).
+
+A job that asks for log-probabilities (logprobs: the number of alternatives; echo: the prompt's too)
+has its replies scored once they are done (token_logprobs: one forward pass over prompt + reply, the
+LM head in fp32), before its "done" event; job.scores then holds each reply's.
 """
 import collections
 import threading
 
+import torch
+import torch.nn.functional as F
+
+from . import chat
+from .device import autocast
 from .engine import Decoder, Request
 from .errors import UserError
 
@@ -27,9 +36,10 @@ class QueueFull(UserError):
 class Job(Request):
     """A client's request: its events go to emit; cancelled once the client left."""
 
-    def __init__(self, prompt, params, n, emit):
+    def __init__(self, prompt, params, n, emit, logprobs=None, echo=False):
         super().__init__(prompt, params, n, on_text=self._text)
         self.emit, self.cancelled = emit, False
+        self.logprobs, self.echo, self.scores = logprobs, echo, None
 
     def _text(self, choice, text):
         if not self.cancelled:
@@ -59,9 +69,9 @@ class Batcher:
             self.cond.notify_all()
         self.thread.join(timeout=30)
 
-    def submit(self, prompt, params, n, emit):
+    def submit(self, prompt, params, n, emit, logprobs=None, echo=False):
         """Queue a job; QueueFull when max_waiting jobs are already waiting."""
-        job = Job(prompt, params, n, emit)
+        job = Job(prompt, params, n, emit, logprobs, echo)
         with self.cond:
             if self.closing:
                 raise QueueFull("the server is shutting down")
@@ -135,8 +145,15 @@ class Batcher:
             else:
                 for job in ended:
                     if not job.cancelled:
+                        self._score(job)
                         job.emit("done", job.replies)
             self._forget(ended)
+
+    def _score(self, job):
+        if job.logprobs is not None:
+            start = 1 if job.echo else len(job.prompt)
+            job.scores = [token_logprobs(self.engine, job.prompt + scored_tokens(reply), start,
+                                         job.logprobs) for reply in job.replies]
 
     def _forget(self, ended):
         """Jobs that ended or were cancelled leave running; their rows are free for the next ones."""
@@ -144,3 +161,36 @@ class Batcher:
             gone = set(ended) | {job for job in self.running if job.cancelled and job.left == 0}
             self.running = [job for job in self.running if job not in gone]
             self.rows = sum(job.n for job in self.running)
+
+
+def scored_tokens(reply):
+    """A reply's tokens, with the <|endoftext|> that ended it (its text is then uncut: no stop
+    string was found)."""
+    ended_on_eot = reply.finish_reason == "stop" and reply.text == reply.enc.decode(reply.tokens)
+    return reply.tokens + [chat.EOT] * ended_on_eot
+
+
+@torch.inference_mode()
+def token_logprobs(engine, tokens, start, top):
+    """[(token, log P(token | the tokens before it), [(alternative, its log-probability), ...
+    the top most likely])] for tokens[start:] (start >= 1), from the model in windows of block_size
+    (the first and the last: a reply that overflowed the context), the LM head in fp32."""
+    model, block = engine.model, engine.model.config.block_size
+    scores = {}
+    for lo in sorted({0, max(0, len(tokens) - block)}):
+        window = tokens[lo:lo + block]
+        with autocast(engine.device, engine.autocast_dtype):
+            hidden = model.hidden_states(torch.tensor([window], device=engine.device))[0]
+        logits = F.linear(hidden.float(), model.lm_head.weight.float())
+        logits[:, chat.VOCAB_SIZE:] = float("-inf")  # the padded vocabulary
+        first = max(start, lo + 1)
+        if first >= lo + len(window):
+            continue
+        logp = logits[first - lo - 1:-1].log_softmax(dim=-1)  # position i predicts token i + 1
+        targets = torch.tensor(window[first - lo:], device=logp.device)
+        chosen = logp.gather(1, targets[:, None])[:, 0].tolist()
+        best = torch.topk(logp, top) if top else None
+        for k, i in enumerate(range(first, lo + len(window))):
+            alternatives = list(zip(best.indices[k].tolist(), best.values[k].tolist())) if top else []
+            scores.setdefault(i, (tokens[i], chosen[k], alternatives))  # the first window sees more
+    return [scores[i] for i in range(start, len(tokens))]

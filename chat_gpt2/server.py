@@ -96,14 +96,14 @@ class Message(BaseModel):
 ANY = "any value"
 NO_OPS = {"frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": ({},), "user": ANY}
 CHAT_NO_OPS = {
-    **NO_OPS, "logprobs": (False,), "top_logprobs": (0,), "response_format": ({"type": "text"},),
+    **NO_OPS, "response_format": ({"type": "text"},),
     "tools": ([],), "tool_choice": ("none", "auto"), "parallel_tool_calls": ANY, "functions": ([],),
     "function_call": ("none", "auto"), "modalities": (["text"],), "audio": (), "prediction": (),
     "reasoning_effort": (), "verbosity": (), "web_search_options": (), "moderation": (),
     "store": (False,), "metadata": ANY, "service_tier": ("auto", "default"),
     "prompt_cache_key": ANY, "prompt_cache_options": ANY, "prompt_cache_retention": ANY,
     "safety_identifier": ANY}
-COMPLETION_NO_OPS = {**NO_OPS, "logprobs": (), "echo": (False,), "best_of": (1,), "suffix": ("",)}
+COMPLETION_NO_OPS = {**NO_OPS, "best_of": (1,), "suffix": ("",)}
 
 
 def refuse_unsupported(req, no_ops):
@@ -146,11 +146,25 @@ Sampling = create_model("Sampling", __base__=RequestOptions, **sampling_fields()
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="the newer name of max_tokens")
+    logprobs: bool | None = Field(None, description="each reply token's log-probability")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="and its most likely alternatives")
+
+    def scoring(self):
+        """(alternatives per token, or None for no log-probabilities; echo)."""
+        if self.top_logprobs and not self.logprobs:
+            raise ApiError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None, False
 
 
 class CompletionRequest(Sampling):
     prompt: list[str | list[int]] = Field(description="a string, a list of strings, token ids or "
                                                       "lists of token ids")
+    logprobs: int | None = Field(None, ge=0, le=5, description="each token's log-probability and "
+                                                              "this many most likely alternatives")
+    echo: bool | None = Field(None, description="the prompt too: in the text and the logprobs")
+
+    def scoring(self):
+        return self.logprobs, bool(self.echo)
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -368,7 +382,7 @@ class Service:
         ids, _ = chat.fit_context(system, history, self.template, self.engine.enc, budget)
         return ids
 
-    def raw_prompts(self, prompts, n, params):
+    def raw_prompts(self, prompts, n, params, echo=False):
         """The token ids of each prompt (a string, or token ids checked against the vocabulary), its
         oldest tokens dropped to leave room for the reply."""
         if len(prompts) * n > self.limits.max_rows:
@@ -380,17 +394,21 @@ class Service:
             if isinstance(prompt, list) and not all(0 <= token < vocab for token in prompt):
                 raise ApiError(400, f"prompt: prompt {i} has token ids outside 0..{vocab - 1}",
                                param="prompt")
-        return [self.raw_prompt(prompt, params) for prompt in prompts]
+        return [self.raw_prompt(prompt, params, echo) for prompt in prompts]
 
-    def raw_prompt(self, prompt, params):
+    def raw_prompt(self, prompt, params, echo=False):
         ids = self.engine.enc.encode_ordinary(prompt) if isinstance(prompt, str) else prompt
         budget = self.block_size - min(params.max_new_tokens, self.block_size // 2)
+        if echo and len(ids) > budget:  # echo returns the prompt: it is not cut
+            raise ApiError(400, f"prompt: {len(ids)} tokens leave no room for the reply in the "
+                                f"context of {self.block_size} (echo: at most {budget})", param="prompt")
         return ids[-budget:]
 
-    def submit(self, prompts, params, n):
+    def submit(self, prompts, params, n, scoring=(None, False)):
         """Queue a job per prompt; their events arrive on one asyncio queue of the running loop, with
         the choices numbered across the prompts (prompt i's are i*n ... i*n+n-1, as OpenAI's):
-        ("text", choice, text), ("done", first choice, rows) or ("error", message)."""
+        ("text", choice, text), ("done", first choice, rows) or ("error", message). scoring:
+        (logprobs, echo) for batcher.Batcher.submit."""
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
         def emitter(first):
@@ -404,7 +422,7 @@ class Service:
         jobs, queued = [], time.perf_counter()
         try:
             for i, prompt in enumerate(prompts):
-                jobs.append(self.batcher.submit(prompt, params, n, emitter(i * n)))
+                jobs.append(self.batcher.submit(prompt, params, n, emitter(i * n), *scoring))
                 jobs[-1].queued = queued
         except QueueFull as e:
             for job in jobs:
@@ -439,7 +457,8 @@ class Service:
             self.metrics.generated_tokens.inc(generated)
 
     async def result(self, request, jobs, events):
-        """The finished rows of the jobs, in choice order (non-streaming)."""
+        """The finished rows of the jobs, in choice order (non-streaming); their scores are the
+        jobs'."""
         done = 0
         async for event in self.events(request, jobs, events):
             if event[0] == "error":
@@ -456,16 +475,58 @@ def usage(prompts, rows):
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def chat_response(meta, prompts, rows):
+def chat_response(meta, prompts, jobs, enc):
     choices = [{"index": i, "message": {"role": "assistant", "content": row.text.strip()},
-                "finish_reason": row.finish_reason, "logprobs": None} for i, row in enumerate(rows)]
+                "finish_reason": row.finish_reason, "logprobs": chat_logprobs(scores, enc)}
+               for i, (row, scores) in enumerate(choice_rows(jobs))]
+    rows = [row for row, _ in choice_rows(jobs)]
     return {**meta, "object": "chat.completion", "choices": choices, "usage": usage(prompts, rows)}
 
 
-def completion_response(meta, prompts, rows):
-    choices = [{"index": i, "text": row.text.lstrip(), "finish_reason": row.finish_reason, "logprobs": None}
-               for i, row in enumerate(rows)]
+def completion_response(meta, prompts, jobs, enc):
+    choices = []
+    for i, (row, scores) in enumerate(choice_rows(jobs)):
+        job = jobs[i // jobs[0].n]
+        text = enc.decode(job.prompt) + row.text if job.echo else row.text.lstrip()
+        logprobs = completion_logprobs(scores, enc, job.prompt, job.echo)
+        choices.append({"index": i, "text": text, "finish_reason": row.finish_reason, "logprobs": logprobs})
+    rows = [row for row, _ in choice_rows(jobs)]
     return {**meta, "object": "text_completion", "choices": choices, "usage": usage(prompts, rows)}
+
+
+def choice_rows(jobs):
+    """(Completion, its scores or None) of every choice, in order."""
+    return [(row, job.scores[i] if job.scores else None) for job in jobs for i, row in enumerate(job.replies)]
+
+
+def token_entry(enc, token, logprob):
+    return {"token": enc.decode([token]), "logprob": logprob, "bytes": list(enc.decode_single_token_bytes(token))}
+
+
+def chat_logprobs(scores, enc):
+    """Chat's shape: {"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}, ...]}."""
+    if scores is None:
+        return None
+    content = [{**token_entry(enc, token, logprob), "top_logprobs": [token_entry(enc, t, lp) for t, lp in top]}
+               for token, logprob, top in scores]
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(scores, enc, prompt, echo):
+    """The completions' shape: {"tokens", "token_logprobs", "top_logprobs" ({token: logprob}),
+    "text_offset"}, from the prompt's first token (which has no log-probability) when echo."""
+    if scores is None:
+        return None
+    entries = ([(prompt[0], None, None)] if echo else []) + [tuple(entry) for entry in scores]
+    text = b"" if echo else enc.decode_bytes(prompt)
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for token, logprob, top in entries:
+        out["text_offset"].append(len(text.decode("utf-8", errors="replace")))
+        text += enc.decode_single_token_bytes(token)
+        out["tokens"].append(enc.decode([token]))
+        out["token_logprobs"].append(logprob)
+        out["top_logprobs"].append(None if top is None else {enc.decode([t]): lp for t, lp in top})
+    return out
 
 
 def sse(data):
@@ -503,15 +564,19 @@ async def stream(service, request, jobs, events, meta, is_chat, include_usage):
 
 
 async def answer(service, request, req, prompts, params, is_chat):
-    jobs, events = service.submit(prompts, params, req.n)
+    scoring = req.scoring()
+    for name, asked in zip(("logprobs", "echo"), (scoring[0] is not None, scoring[1])):
+        if req.stream and asked:
+            raise ApiError(400, f"{name}: not available when streaming (ask without stream)", param=name)
+    jobs, events = service.submit(prompts, params, req.n, scoring)
     meta = {"id": f"{'chatcmpl' if is_chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
             "created": int(time.time()), "model": service.model_name}
     if req.stream:
         include_usage = bool((req.stream_options or {}).get("include_usage"))
         return StreamingResponse(stream(service, request, jobs, events, meta, is_chat, include_usage),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    rows = await service.result(request, jobs, events)
-    return (chat_response if is_chat else completion_response)(meta, prompts, rows)
+    await service.result(request, jobs, events)
+    return (chat_response if is_chat else completion_response)(meta, prompts, jobs, service.engine.enc)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -578,7 +643,7 @@ def add_routes(app, service):
     async def completions(req: CompletionRequest, request: Request):
         refuse_unsupported(req, COMPLETION_NO_OPS)
         params = service.params(req, chat_stop=False)
-        prompts = service.raw_prompts(req.prompt, req.n, params)
+        prompts = service.raw_prompts(req.prompt, req.n, params, echo=bool(req.echo))
         return await answer(service, request, req, prompts, params, False)
 
     @app.post("/chat")

@@ -20,7 +20,7 @@ BASE = {"/v1/chat/completions": {"messages": HELLO, "max_tokens": 1},
 REFUSED = {  # a value each default-only field is refused with (what a client would really send)
     "response_format": {"type": "json_object"}, "tools": [{"type": "function", "function": {"name": "f"}}],
     "tool_choice": "required", "functions": [{"name": "f"}], "function_call": {"name": "f"},
-    "logit_bias": {"50256": -100}, "top_logprobs": 2, "echo": True, "best_of": 3, "suffix": "The end.",
+    "logit_bias": {"50256": -100}, "best_of": 3, "suffix": "The end.",
     "frequency_penalty": 0.5, "presence_penalty": -1, "modalities": ["text", "audio"],
     "audio": {"voice": "alloy", "format": "wav"}, "prediction": {"type": "content", "content": "x"},
     "reasoning_effort": "high", "verbosity": "low", "web_search_options": {}, "moderation": {},
@@ -48,7 +48,7 @@ def cases(kind):
 
 
 def refused_value(field, path):
-    return REFUSED.get(field, 2 if field == "logprobs" and path == "/v1/completions" else True)
+    return REFUSED.get(field, True)
 
 
 def test_the_table_lists_every_openai_field():
@@ -111,8 +111,8 @@ def test_openai_client_sees_refusals(server):  # noqa: F811
         client.chat.completions.create(model="tiny", messages=HELLO, response_format={"type": "json_object"})
     assert e.value.body["param"] == "response_format"
     with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model="tiny", prompt="Hi", logprobs=1)
-    assert e.value.body["param"] == "logprobs"
+        client.completions.create(model="tiny", prompt="Hi", logit_bias={"50256": -100})
+    assert e.value.body["param"] == "logit_bias"
     r = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=1, frequency_penalty=0,
                                        presence_penalty=0, user="u1", response_format={"type": "text"})
     assert r.choices[0].message.role == "assistant"
