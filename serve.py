@@ -35,6 +35,7 @@ DEFAULTS = dict(  # `python serve.py --help` prints these comments; the sampling
     max_chars=Limits.max_chars,  # the most characters of content in one request (400 above)
     max_waiting=Limits.max_waiting,  # requests that may wait for the model; more get 503 with Retry-After
     max_rows=Limits.max_rows,  # rows decoded together, joining and leaving at every token (n choices = n rows)
+    request_timeout=Limits.request_timeout,  # seconds a request may take in all (504 past it); 0 = no limit
     drain_timeout=30.0,  # on SIGTERM: seconds queued and running requests get to finish (new ones: 503)
 )
 
@@ -43,7 +44,8 @@ def build_app(cfg):
     """The app for a script's cfg: the model loaded, the engine and the limits set."""
     engine, ckpt = load_engine(cfg)
     name = cfg["init_from"] or os.path.splitext(os.path.basename(cfg["ckpt"]))[0] or "chat-gpt2"
-    limits = Limits(*(cfg[key] for key in ("max_body_bytes", "max_messages", "max_chars", "max_waiting", "max_rows")))
+    limits = Limits(*(cfg[key] for key in ("max_body_bytes", "max_messages", "max_chars", "max_waiting", "max_rows",
+                                           "request_timeout")))
     return create_app(engine, ckpt, cfg, model_name=name, limits=limits, api_key=api_key(cfg))
 
 

@@ -51,6 +51,7 @@ class Limits:
     max_chars: int = 32_000  # all messages' (or the prompt's) characters together
     max_waiting: int = 64  # requests queued for a place in the running batch; more get 503
     max_rows: int = 16  # rows decoded together (a request's n choices are n rows); at least MAX_N
+    request_timeout: float = 0.0  # seconds from queueing to the last token (504 past it); 0 = none
 
 
 class ApiError(Exception):
@@ -433,12 +434,16 @@ class Service:
 
     async def events(self, request, jobs, events):
         """The jobs' events until all are done or one failed; stops early (and cancels them) when
-        the client left."""
-        left, first = len(jobs), True
+        the client left, or with a 504 error event past the request_timeout."""
+        left, first, limit = len(jobs), True, self.limits.request_timeout
         try:
             while left:
+                wait = min(0.5, jobs[0].queued + limit - time.perf_counter()) if limit else 0.5
+                if wait <= 0:
+                    yield "error", f"the request took longer than the server's limit of {limit:g} s", 504
+                    return
                 try:
-                    event = await asyncio.wait_for(events.get(), timeout=0.5)
+                    event = await asyncio.wait_for(events.get(), timeout=wait)
                 except asyncio.TimeoutError:
                     if await request.is_disconnected():
                         return

@@ -303,3 +303,27 @@ def test_serve_script_exits_0_on_sigterm_after_the_request_in_flight(make_tiny_c
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# --------------------------------------------------------------------------------------------------
+# The per-request time limit
+
+
+def test_request_timeout_is_504_or_an_error_event_then_done(ckpt, monkeypatch):
+    from test_serve import wait_for
+    srv = start(ckpt, "--request_timeout=0.5")
+    try:
+        slow_model(monkeypatch, srv.app, 0.05)
+        body = {"prompt": "Once upon a time", "max_tokens": 100, "temperature": 0, "stop": []}
+        r = post(srv, "/v1/completions", body)
+        assert r.status_code == 504 and "limit of 0.5 s" in r.json()["error"]["message"]
+        assert r.json()["error"]["type"] == "server_error"
+        lines = []
+        stream_lines(srv.url, body, lines)
+        assert lines[-1] == "data: [DONE]" and "limit of 0.5 s" in lines[-2]
+        batcher = srv.app.state.service.batcher
+        wait_for(lambda: not batcher.busy())  # the timed-out requests' rows were freed
+        quick = post(srv, "/v1/completions", {**body, "max_tokens": 2})
+        assert quick.status_code == 200
+    finally:
+        srv.stop()
