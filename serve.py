@@ -4,6 +4,9 @@
     python serve.py --ckpt=out/finetuned_20260101_120000.pt --port=8080 --temperature=0.7
     python serve.py --init_from=gpt2                    # Hugging Face GPT-2 weights
 then open http://127.0.0.1:8000/ or point an OpenAI client at http://127.0.0.1:8000/v1.
+    CHAT_GPT2_API_KEY=... python serve.py --host=0.0.0.0   # every API route then needs the key
+SIGTERM drains (new requests get 503, those in flight finish within drain_timeout) and exits 0; /metrics is
+Prometheus'.
 
 The sampling options are the defaults for requests that do not set them; the stop string defaults to the
 checkpoint's, as in sample.py. One worker thread decodes the requests together, each joining the running batch
