@@ -33,18 +33,20 @@ class SamplingParams:
     max_new_tokens: int = option(150, "the longest reply, in tokens", ge=1)
     stop: tuple = option((), "a string or a list of strings that end a reply (cut off); None = the "
                              "checkpoint's default stop; <|endoftext|> always ends one")
-    seed: int | None = option(None, "makes sampling reproducible (None = fresh draws)")
+    seed: int | None = option(None, "makes sampling reproducible (None = fresh draws)",
+                              ge=-2**63, le=2**64 - 1)  # what torch.Generator.manual_seed takes
 
     def __post_init__(self):
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         object.__setattr__(self, "stop", tuple(s for s in stop if s))
         object.__setattr__(self, "top_k", self.top_k or 0)
         for f in fields(self):
+            value = getattr(self, f.name)
             for bound, limit in f.metadata["bounds"].items():
                 sign, holds = BOUNDS[bound]
-                if not holds(getattr(self, f.name), limit):
-                    raise ConfigError(f"{f.name} must be {sign} {limit}, got "
-                                      f"{getattr(self, f.name)} ({f.metadata['help']})")
+                if value is not None and not holds(value, limit):
+                    raise ConfigError(f"{f.name} must be {sign} {limit}, got {value} "
+                                      f"({f.metadata['help']})")
 
     def generator(self, device="cpu"):
         """A torch.Generator seeded with seed, or None (the global RNG) when there is no seed."""

@@ -465,3 +465,47 @@ def test_chat_page_streams_a_reply_and_resets(server):
         assert not driver.find_elements(By.CSS_SELECTOR, ".msg")
     finally:
         driver.quit()
+
+
+def test_chat_page_settings_stop_and_the_key_prompt(ckpt):
+    """The page against a server with a key: it asks for the key once (a prompt at the first 401),
+    shows the model's name, sends the system prompt, temperature and max tokens, and Stop keeps the
+    reply so far."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = browser()
+    cfg, _ = configurator.load(serve.DEFAULTS, [f"--ckpt={ckpt}", "--device=cpu", "--api_key=page-key"])
+    srv = Server(serve.build_app(cfg)).start()
+    try:
+        driver.get(srv.url + "/")
+        wait = WebDriverWait(driver, 60)
+        wait.until(lambda d: d.switch_to.alert).send_keys("page-key")
+        driver.switch_to.alert.accept()
+        wait.until(lambda d: d.find_element(By.ID, "model").text == "tiny")
+        driver.execute_script("""window.sent = []; const original = window.fetch;
+            window.fetch = (url, options) => { if (options.body) sent.push(JSON.parse(options.body));
+                                               return original(url, options); };""")
+        driver.find_element(By.ID, "system").send_keys("Be brief.")
+        driver.find_element(By.ID, "temperature").send_keys("0")
+        driver.find_element(By.ID, "max_tokens").send_keys("3")
+        driver.find_element(By.ID, "input").send_keys("Hello there", Keys.ENTER)
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, ".msg.assistant[data-done='1'] span"))
+        body = driver.execute_script("return sent[0]")
+        assert body["messages"][0] == {"role": "system", "content": "Be brief."}
+        assert body["temperature"] == 0 and body["max_tokens"] == 3 and body["stream"] is True
+        assert driver.execute_script("return sessionStorage.getItem('apiKey')") == "page-key"
+        assert not driver.find_elements(By.CSS_SELECTOR, ".msg.error")
+        driver.find_element(By.ID, "max_tokens").clear()
+        driver.find_element(By.ID, "max_tokens").send_keys("120")
+        driver.find_element(By.ID, "input").send_keys("Tell me more", Keys.ENTER)
+        wait.until(lambda d: d.find_element(By.ID, "stop").is_enabled())
+        driver.find_element(By.ID, "stop").click()
+        wait.until(lambda d: not d.find_element(By.ID, "stop").is_enabled())
+        messages = driver.execute_script("return messages")
+        assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
+        assert not driver.find_elements(By.CSS_SELECTOR, ".msg.error")
+    finally:
+        driver.quit()
+        srv.stop()
