@@ -14,6 +14,7 @@ listed above it. `model` and `configurator` live at the top level of the reposit
     classifier     a GPT with a classification head (last real token), its loss, predictions, accuracy / P / R / F1
     hf_gpt2        Hugging Face GPT-2 weights in and out
     hf_tokenizer   GPT-2's tokenizer files for an export
+    gguf_export    a chat or text model as a GGUF file (llama.cpp, Ollama, LM Studio) and an Ollama Modelfile
     checkpoint     checkpoint names, atomic save, weights-only load, model rebuild (LoRA merged)
     engine         generation: KV caches, SamplingParams, a Decoder of rows of any lengths, streaming replies
     batcher        one worker thread: queued requests join the running batch (serve.py)
