@@ -107,7 +107,8 @@ def chat_model():
 def exports(model, tmp_path_factory):
     """{gguf_type: path of the GGUF} of model, with the default template and a newline stop."""
     root = tmp_path_factory.mktemp("gguf")
-    return {t: gguf_export.export_gguf(model, str(root / t), stops=("\n",), gguf_type=t) for t in gguf_export.GGUF_TYPES}
+    return {t: gguf_export.export_gguf(model, str(root / t), stops=("\n",), gguf_type=t)
+            for t in gguf_export.GGUF_TYPES}
 
 
 def prompt_ids(text):
@@ -214,7 +215,8 @@ def test_chat_completion_on_the_gguf_template_is_our_greedy_reply(llama_cpp, cha
         stops = (template["stop"], words[len(words) // 2])
         theirs = llm.create_chat_completion(messages, temperature=0.0, max_tokens=n, stop=list(stops))
         reply = theirs["choices"][0]["message"]["content"].strip()
-        assert reply == ours_reply(model, messages, template, n, stops) and theirs["choices"][0]["finish_reason"] == "stop"
+        assert reply == ours_reply(model, messages, template, n, stops)
+        assert theirs["choices"][0]["finish_reason"] == "stop"
         assert 0 < len(reply.split()) < len(words)
 
 
@@ -290,7 +292,8 @@ def test_export_cli_text_model(llama_cpp, text_ckpt, tmp_path, capsys):
     import export
     out = tmp_path / "story-model"
     export.main([f"--ckpt={text_ckpt}", "--format=gguf", "--gguf_type=f32", f"--out={out}"])
-    assert sorted(os.listdir(out)) == ["Modelfile", "story-model.gguf"] and "story-model.gguf" in capsys.readouterr().out
+    assert sorted(os.listdir(out)) == ["Modelfile", "story-model.gguf"]
+    assert "story-model.gguf" in capsys.readouterr().out
     modelfile = (out / "Modelfile").read_text()
     assert 'TEMPLATE """{{ .Prompt }}"""' in modelfile and "PARAMETER stop" not in modelfile
     model, ids = helpers.model_of(text_ckpt), prompt_ids(PROMPTS[1])
