@@ -29,6 +29,9 @@ keeping its end); docs/classification.md#export.
 A LoRA checkpoint exports its merged model the same way. With --adapter_only it writes only the
 adapters, as a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) that loads
 onto the base with `peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(BASE), DIR)`.
+
+--format=gguf writes a chat or text model (LoRA merged) as DIR/<DIR's name>.gguf for llama.cpp /
+Ollama / LM Studio (--gguf_type=f16|bf16|q8_0|f32) and DIR/Modelfile for Ollama: docs/gguf.md.
 """
 import json
 import os
@@ -42,6 +45,7 @@ from chat_gpt2 import chat
 from chat_gpt2.checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
 from chat_gpt2.errors import ConfigError, OutputExistsError
 from chat_gpt2.files import atomic_write, disk_error, temporary_dir
+from chat_gpt2.gguf_export import check_gguf_type, export_gguf
 from chat_gpt2.hf_gpt2 import HF_CLASSIFIER, PAD_ID, from_pretrained, hf_config, hf_state_dict
 from chat_gpt2.hf_tokenizer import tokenizer_files
 from chat_gpt2.lora import peft_adapter
@@ -53,6 +57,8 @@ DEFAULTS = dict(  # `python export.py --help` prints these comments
     force=False,  # write into an existing directory that holds other files (they are kept)
     check=False,  # after writing, compare logits: export vs checkpoint (ours, and transformers' if installed)
     adapter_only=False,  # a LoRA checkpoint: write its adapters as a PEFT adapter directory, not the merged model
+    format="hf",  # hf: a Hugging Face model directory; gguf: DIR/<DIR's name>.gguf + DIR/Modelfile (docs/gguf.md)
+    gguf_type="f16",  # --format=gguf: the matrices' type, f16, bf16, q8_0 or f32
 )
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 EXPORT_FILES = ("chat_gpt2_export.json", "config.json", "generation_config.json", "model.safetensors", "vocab.json",
@@ -200,12 +206,35 @@ def check_classifier_export(model, out, idx):
     return {"transformers": (logits - model.classify(idx, lengths)).abs().max().item()}
 
 
+def export_gguf_checkpoint(path, ckpt, cfg):
+    """--format=gguf: the checkpoint's model (LoRA merged) as a GGUF file and an Ollama Modelfile."""
+    if "classify" in ckpt:
+        raise ConfigError(f"--format=gguf: {path} is a classifier, which llama.cpp cannot run: export it as a "
+                          f"Hugging Face directory (drop --format)")
+    model = model_from_checkpoint(ckpt).eval()
+    stop = ckpt.get("default_stop", chat.NEWLINE_STOP)  # None: a text model (no stop, no chat template)
+    gguf = export_gguf(model, cfg["out"], ckpt.get("template", chat.TEMPLATE), ckpt.get("tokenizer", chat.TOKENIZER),
+                       (stop,) if stop else (), cfg["gguf_type"], cfg["force"], chat_model=stop is not None)
+    print(f"exported {path} -> {gguf} ({cfg['gguf_type']}, {os.path.getsize(gguf) / 1e6:.1f} MB, context "
+          f"{model.config.block_size}) and {os.path.join(os.path.dirname(gguf), 'Modelfile')}")
+
+
 def main(argv=None):
     cfg, _ = configurator.load(DEFAULTS, argv, prog="export.py")
     if not cfg["out"]:
         raise ConfigError("where to? pass --out=DIR (the Hugging Face model directory to write)")
+    if cfg["format"] not in ("hf", "gguf"):
+        raise ConfigError(f"--format={cfg['format']}: unknown format (hf or gguf)")
+    if cfg["format"] == "gguf":
+        check_gguf_type(cfg["gguf_type"])
+        if cfg["adapter_only"] or cfg["check"]:
+            raise ConfigError("--format=gguf writes the merged model and has no --check (docs/gguf.md checks it in "
+                              "llama.cpp): drop --adapter_only / --check")
     path = cfg["ckpt"] or find_checkpoint(cfg["out_dir"])
     ckpt = load_checkpoint(path)
+    if cfg["format"] == "gguf":
+        export_gguf_checkpoint(path, ckpt, cfg)
+        return
     if cfg["adapter_only"]:
         base = export_adapter(ckpt, cfg["out"], cfg["force"])
         print(f"exported the LoRA adapters of {path} -> {cfg['out']} (PEFT; base {base}"

@@ -16,6 +16,7 @@ the others in chat_gpt2/.
     classifier     a GPT with a classification head (last real token): loss, predictions, P/R/F1
     hf_gpt2        Hugging Face GPT-2 weights in and out
     hf_tokenizer   GPT-2's tokenizer files for an export
+    gguf_export    a chat or text model as a GGUF file (llama.cpp, Ollama) and an Ollama Modelfile
     checkpoint     checkpoint names, atomic save, weights-only load, model rebuild (LoRA merged)
     sampling       SamplingParams (each option declared once: default, help, bounds), sampling math
     engine         generation: the KV cache, a Decoder whose rows join and leave, streamed replies
