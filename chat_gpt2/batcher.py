@@ -1,17 +1,18 @@
 """Serving many requests with one model: a bounded queue and one worker thread that owns the model.
 
-Requests (Job: prompt ids, SamplingParams, n choices) wait in a FIFO queue. The worker decodes the running jobs
-together with an engine.Decoder (continuous batching): before every step, the oldest waiting jobs join as long as
-their rows fit (max_rows rows in all; a job's n choices are n rows), whatever their prompt lengths and sampling
-options; after it, every job whose replies are all done leaves, freeing its rows. A job that arrives while others
-decode starts at the next step, not when they end. Each row gives what it gives alone: the Decoder masks the other
-rows' keys, and a seeded request draws from its own generator (tests/test_serve.py checks greedy and seeded
-replies alone and batched; a batched matmul may sum in another order, which could only matter on a near-tie).
+Requests (Job: prompt ids, SamplingParams, n choices) wait in a FIFO queue. The worker decodes the
+running jobs together with an engine.Decoder (continuous batching): before every step, the oldest
+waiting jobs join as long as their rows fit (max_rows rows in all; a job's n choices are n rows),
+whatever their prompt lengths and sampling options; after it, every job whose replies are all done
+leaves, freeing its rows. A job that arrives while others decode starts at the next step, not when
+they end. Each row gives what it gives alone: the Decoder masks the other rows' keys, and a seeded
+request draws from its own generator (tests/test_serve.py checks greedy and seeded replies alone and
+batched; a batched matmul may sum in another order, which could only matter on a near-tie).
 
-Events go to each job's emit callback from the worker thread: ("text", choice, text) while generating, then
-("done", [Completion, ...]) or ("error", message[, HTTP status]). A job whose client left is
-cancelled: dropped from the queue, or, when decoding, its rows leave before the next step. abort()
-ends every job with an error (a shutdown's grace period is over).
+Events go to each job's emit callback from the worker thread: ("text", choice, text) while
+generating, then ("done", [Completion, ...]) or ("error", message[, HTTP status]). A job whose
+client left is cancelled: dropped from the queue, or, when decoding, its rows leave before the next
+step. abort() ends every job with an error (a shutdown's grace period is over).
 
 A job that asks for log-probabilities (logprobs: the number of alternatives; echo: the prompt's too)
 has its replies scored once they are done (token_logprobs: one forward pass over prompt + reply, the
@@ -53,7 +54,8 @@ class Batcher:
         self.waiting = collections.deque()
         self.running = []  # the jobs being decoded
         self.rows = 0  # their rows
-        self.batch_sizes = collections.deque(maxlen=100)  # jobs decoded together, each time one joined (/health)
+        # jobs decoded together, each time one joined (/health)
+        self.batch_sizes = collections.deque(maxlen=100)
         self.closing = False
         self.thread = threading.Thread(target=self._work, name="batcher", daemon=True)
 
@@ -111,8 +113,8 @@ class Batcher:
                     "max_rows": self.max_rows, "recent_batch_sizes": list(self.batch_sizes)[-10:]}
 
     def _admit(self):
-        """Wait for work, then move the oldest waiting jobs that fit into running (in order: none overtakes a job
-        that waits for room). The jobs that joined; None when closing."""
+        """Wait for work, then move the oldest waiting jobs that fit into running (in order: none
+        overtakes a job that waits for room). The jobs that joined; None when closing."""
         with self.cond:
             while not self.waiting and not self.running and not self.closing:
                 self.cond.wait()
@@ -138,7 +140,8 @@ class Batcher:
                     if job.cancelled:
                         decoder.remove(job)
                 ended = decoder.step() if decoder.rows else []
-            except Exception as e:  # noqa: BLE001  (the worker must outlive a failed step; the clients hear why)
+            # the worker must outlive a failed step; the clients hear why
+            except Exception as e:  # noqa: BLE001
                 decoder, ended = Decoder(self.engine, self.max_rows), list(self.running)
                 for job in ended:
                     job.emit("error", f"generation failed: {type(e).__name__}: {e}")
@@ -156,7 +159,7 @@ class Batcher:
                                          job.logprobs) for reply in job.replies]
 
     def _forget(self, ended):
-        """Jobs that ended or were cancelled leave running; their rows are free for the next ones."""
+        """Jobs that ended or were cancelled leave running, freeing their rows for the next ones."""
         with self.cond:
             gone = set(ended) | {job for job in self.running if job.cancelled and job.left == 0}
             self.running = [job for job in self.running if job not in gone]
@@ -191,6 +194,7 @@ def token_logprobs(engine, tokens, start, top):
         chosen = logp.gather(1, targets[:, None])[:, 0].tolist()
         best = torch.topk(logp, top) if top else None
         for k, i in enumerate(range(first, lo + len(window))):
-            alternatives = list(zip(best.indices[k].tolist(), best.values[k].tolist())) if top else []
+            alternatives = (list(zip(best.indices[k].tolist(), best.values[k].tolist()))
+                            if top else [])
             scores.setdefault(i, (tokens[i], chosen[k], alternatives))  # the first window sees more
     return [scores[i] for i in range(start, len(tokens))]

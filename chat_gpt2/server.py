@@ -57,7 +57,8 @@ class Limits:
 class ApiError(Exception):
     def __init__(self, status, message, param=None, code=None, headers=None):
         super().__init__(message)
-        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+        self.status, self.message, self.param, self.code, self.headers = (
+            status, message, param, code, headers)
 
 
 def error_response(status, message, param=None, code=None, headers=None):
@@ -66,8 +67,9 @@ def error_response(status, message, param=None, code=None, headers=None):
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Request bodies. strict: a string where a number belongs is an error naming the field, not silently converted.
+# --------------------------------------------------------------------------------------------------
+# Request bodies. strict: a string where a number belongs is an error naming the field, not
+# silently converted.
 
 
 class Message(BaseModel):
@@ -78,8 +80,9 @@ class Message(BaseModel):
     @field_validator("content", mode="before")
     @classmethod
     def text_parts(cls, content):
-        """Content given as a list of parts, [{"type": "text", "text": ...}, ...]: their texts joined
-        by newlines; any other kind of part (image_url, input_audio, file) is refused by its type."""
+        """Content given as a list of parts, [{"type": "text", "text": ...}, ...]: their texts
+        joined by newlines; any other kind of part (image_url, input_audio, file) is refused by its
+        type."""
         if not isinstance(content, list):
             return content
         for i, part in enumerate(content):
@@ -116,8 +119,9 @@ def refuse_unsupported(req, no_ops):
                            code="unknown_parameter")
         if allowed is not ANY and value is not None and value not in allowed:
             accepted = ", ".join(json.dumps(v) for v in (None, *allowed))
-            raise ApiError(400, f"{name}: not supported by this server (accepted only as {accepted}, "
-                                f"got {json.dumps(value)})", param=name, code="unsupported_parameter")
+            raise ApiError(400, f"{name}: not supported by this server (accepted only as "
+                                f"{accepted}, got {json.dumps(value)})", param=name,
+                           code="unsupported_parameter")
 
 
 class RequestOptions(BaseModel):
@@ -146,9 +150,11 @@ Sampling = create_model("Sampling", __base__=RequestOptions, **sampling_fields()
 
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1, description="the newer name of max_tokens")
+    max_completion_tokens: int | None = Field(None, ge=1,
+                                              description="the newer name of max_tokens")
     logprobs: bool | None = Field(None, description="each reply token's log-probability")
-    top_logprobs: int | None = Field(None, ge=0, le=20, description="and its most likely alternatives")
+    top_logprobs: int | None = Field(None, ge=0, le=20,
+                                     description="and its most likely alternatives")
 
     def scoring(self):
         """(alternatives per token, or None for no log-probabilities; echo)."""
@@ -189,7 +195,7 @@ class SimpleChatRequest(BaseModel):
     history: list[Message] = []
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Body size: refused before the body is read
 
 
@@ -203,10 +209,12 @@ class BodyLimit:
         if scope["type"] == "http" and scope["method"] == "POST":
             length = dict(scope["headers"]).get(b"content-length", b"")
             if not length.isdigit():
-                await error_response(411, "a Content-Length header is required")(scope, receive, send)
+                await error_response(411, "a Content-Length header is required")(
+                    scope, receive, send)
                 return
             if int(length) > self.max_bytes:
-                message = f"request body of {int(length)} bytes exceeds the limit of {self.max_bytes}"
+                message = (f"request body of {int(length)} bytes exceeds the limit of "
+                           f"{self.max_bytes}")
                 await error_response(413, message, code="body_too_large")(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -303,28 +311,31 @@ class RefuseWhileDraining:
 
 
 def validation_error(exc):
-    """The first problem pydantic found, as a 400 naming the field (messages.0.role) or saying the JSON is bad."""
+    """The first problem pydantic found, as a 400 naming the field (messages.0.role) or saying the
+    JSON is bad."""
     err = exc.errors()[0]
     loc = [str(part) for part in err.get("loc", ()) if part != "body"]
     if err.get("type") == "json_invalid":
         return error_response(400, f"malformed JSON: {err.get('msg')}", code="json_invalid")
     param = ".".join(loc) or None
-    return error_response(400, f"{param or 'body'}: {err.get('msg')}", param=param, code=err.get("type"))
+    return error_response(400, f"{param or 'body'}: {err.get('msg')}", param=param,
+                          code=err.get("type"))
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The service: requests -> prompts and params -> batcher jobs -> OpenAI responses
 
 
 class Service:
     def __init__(self, engine, ckpt_info, defaults, model_name, limits):
-        self.engine, self.defaults, self.model_name, self.limits = engine, defaults, model_name, limits
+        self.engine, self.defaults, self.model_name, self.limits = (
+            engine, defaults, model_name, limits)
         self.template = ckpt_info.get("template", chat.TEMPLATE)
         self.default_stop = ckpt_info.get("default_stop", chat.NEWLINE_STOP)
         self.block_size = engine.model.config.block_size
         if limits.max_rows < MAX_N:
-            raise ConfigError(f"max_rows must be at least {MAX_N} (a request may ask for n={MAX_N} choices), "
-                              f"got {limits.max_rows}")
+            raise ConfigError(f"max_rows must be at least {MAX_N} (a request may ask for "
+                              f"n={MAX_N} choices), got {limits.max_rows}")
         self.batcher = Batcher(engine, max_waiting=limits.max_waiting, max_rows=limits.max_rows)
         self.metrics, self.draining = Metrics(self.batcher), False
 
@@ -338,8 +349,9 @@ class Service:
         return self.batcher.abort(f"the server is shutting down: not finished within {grace:g} s")
 
     def params(self, req, chat_stop):
-        """SamplingParams: the server's defaults (as sample.py's), overridden by what the request sets. max_tokens
-        is clamped to the context; the chat default stop is the checkpoint's, raw completions have none."""
+        """SamplingParams: the server's defaults (as sample.py's), overridden by what the request
+        sets. max_tokens is clamped to the context; the chat default stop is the checkpoint's, raw
+        completions have none."""
         if req.stop is None:
             stops = (self.default_stop,) if chat_stop and self.default_stop else ()
         else:
@@ -363,20 +375,20 @@ class Service:
 
     def check_messages(self, messages):
         if len(messages) > self.limits.max_messages:
-            raise ApiError(400, f"messages: at most {self.limits.max_messages} messages", param="messages",
-                           code="too_many_messages")
+            raise ApiError(400, f"messages: at most {self.limits.max_messages} messages",
+                           param="messages", code="too_many_messages")
         self.check_chars(sum(len(m.content) for m in messages), "messages")
         if messages[-1].role != "user":
             raise ApiError(400, "messages: the last message must be the user's", param="messages")
 
     def check_chars(self, n, param):
         if n > self.limits.max_chars:
-            raise ApiError(400, f"{param}: {n} characters exceed the limit of {self.limits.max_chars}",
-                           param=param, code="too_many_characters")
+            raise ApiError(400, f"{param}: {n} characters exceed the limit of "
+                                f"{self.limits.max_chars}", param=param, code="too_many_characters")
 
     def chat_prompt(self, messages, params):
-        """The conversation rendered with the checkpoint's template, oldest turns dropped to leave room for the
-        reply (as sample.py --interactive does)."""
+        """The conversation rendered with the checkpoint's template, oldest turns dropped to leave
+        room for the reply (as sample.py --interactive does)."""
         system = "\n".join(m.content for m in messages if m.role == "system")
         history = [{"role": m.role, "content": m.content} for m in messages if m.role != "system"]
         budget = self.block_size - min(params.max_new_tokens, self.block_size // 2)
@@ -402,12 +414,13 @@ class Service:
         budget = self.block_size - min(params.max_new_tokens, self.block_size // 2)
         if echo and len(ids) > budget:  # echo returns the prompt: it is not cut
             raise ApiError(400, f"prompt: {len(ids)} tokens leave no room for the reply in the "
-                                f"context of {self.block_size} (echo: at most {budget})", param="prompt")
+                                f"context of {self.block_size} (echo: at most {budget})",
+                           param="prompt")
         return ids[-budget:]
 
     def submit(self, prompts, params, n, scoring=(None, False)):
-        """Queue a job per prompt; their events arrive on one asyncio queue of the running loop, with
-        the choices numbered across the prompts (prompt i's are i*n ... i*n+n-1, as OpenAI's):
+        """Queue a job per prompt; their events arrive on one asyncio queue of the running loop,
+        with the choices numbered across the prompts (prompt i's are i*n ... i*n+n-1, as OpenAI's):
         ("text", choice, text), ("done", first choice, rows) or ("error", message). scoring:
         (logprobs, echo) for batcher.Batcher.submit."""
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
@@ -440,7 +453,8 @@ class Service:
             while left:
                 wait = min(0.5, jobs[0].queued + limit - time.perf_counter()) if limit else 0.5
                 if wait <= 0:
-                    yield "error", f"the request took longer than the server's limit of {limit:g} s", 504
+                    yield ("error", "the request took longer than the server's limit of "
+                                    f"{limit:g} s", 504)
                     return
                 try:
                     event = await asyncio.wait_for(events.get(), timeout=wait)
@@ -477,7 +491,8 @@ class Service:
 def usage(prompts, rows):
     prompt = sum(len(ids) for ids in prompts)
     completion = sum(len(row.tokens) for row in rows)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
 
 
 def chat_response(meta, prompts, jobs, enc):
@@ -494,25 +509,29 @@ def completion_response(meta, prompts, jobs, enc):
         job = jobs[i // jobs[0].n]
         text = enc.decode(job.prompt) + row.text if job.echo else row.text.lstrip()
         logprobs = completion_logprobs(scores, enc, job.prompt, job.echo)
-        choices.append({"index": i, "text": text, "finish_reason": row.finish_reason, "logprobs": logprobs})
+        choices.append({"index": i, "text": text, "finish_reason": row.finish_reason,
+                        "logprobs": logprobs})
     rows = [row for row, _ in choice_rows(jobs)]
     return {**meta, "object": "text_completion", "choices": choices, "usage": usage(prompts, rows)}
 
 
 def choice_rows(jobs):
     """(Completion, its scores or None) of every choice, in order."""
-    return [(row, job.scores[i] if job.scores else None) for job in jobs for i, row in enumerate(job.replies)]
+    return [(row, job.scores[i] if job.scores else None)
+            for job in jobs for i, row in enumerate(job.replies)]
 
 
 def token_entry(enc, token, logprob):
-    return {"token": enc.decode([token]), "logprob": logprob, "bytes": list(enc.decode_single_token_bytes(token))}
+    return {"token": enc.decode([token]), "logprob": logprob,
+            "bytes": list(enc.decode_single_token_bytes(token))}
 
 
 def chat_logprobs(scores, enc):
     """Chat's shape: {"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}, ...]}."""
     if scores is None:
         return None
-    content = [{**token_entry(enc, token, logprob), "top_logprobs": [token_entry(enc, t, lp) for t, lp in top]}
+    content = [{**token_entry(enc, token, logprob),
+                "top_logprobs": [token_entry(enc, t, lp) for t, lp in top]}
                for token, logprob, top in scores]
     return {"content": content, "refusal": None}
 
@@ -540,14 +559,18 @@ def sse(data):
 
 async def stream(service, request, jobs, events, meta, is_chat, include_usage):
     """OpenAI's SSE chunks: the role first (chat), text deltas as they become final, one chunk per
-    choice with its finish_reason as its job ends, the usage (when asked for), then `data: [DONE]`."""
+    choice with its finish_reason as its job ends, the usage (when asked for), then
+    `data: [DONE]`."""
     obj = "chat.completion.chunk" if is_chat else "text_completion"
     piece = (lambda i, text, finish: {"index": i, "delta": {"content": text} if text else {},
                                       "finish_reason": finish, "logprobs": None}) if is_chat else \
-        (lambda i, text, finish: {"index": i, "text": text, "finish_reason": finish, "logprobs": None})
-    chunk = lambda choices, **more: sse({**meta, "object": obj, "choices": choices, **more})  # noqa: E731
+        (lambda i, text, finish: {"index": i, "text": text, "finish_reason": finish,
+                                  "logprobs": None})
+    chunk = lambda choices, **more: sse({**meta, "object": obj, "choices": choices,  # noqa: E731
+                                         **more})
     if is_chat:
-        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
+                      "finish_reason": None}
                      for i in range(sum(job.n for job in jobs))])
     done = 0
     async for event in service.events(request, jobs, events):
@@ -572,19 +595,23 @@ async def answer(service, request, req, prompts, params, is_chat):
     scoring = req.scoring()
     for name, asked in zip(("logprobs", "echo"), (scoring[0] is not None, scoring[1])):
         if req.stream and asked:
-            raise ApiError(400, f"{name}: not available when streaming (ask without stream)", param=name)
+            raise ApiError(400, f"{name}: not available when streaming (ask without stream)",
+                           param=name)
     jobs, events = service.submit(prompts, params, req.n, scoring)
     meta = {"id": f"{'chatcmpl' if is_chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
             "created": int(time.time()), "model": service.model_name}
     if req.stream:
         include_usage = bool((req.stream_options or {}).get("include_usage"))
-        return StreamingResponse(stream(service, request, jobs, events, meta, is_chat, include_usage),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(stream(service, request, jobs, events, meta, is_chat,
+                                        include_usage),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
     await service.result(request, jobs, events)
-    return (chat_response if is_chat else completion_response)(meta, prompts, jobs, service.engine.enc)
+    return (chat_response if is_chat else completion_response)(
+        meta, prompts, jobs, service.engine.enc)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The app
 
 
@@ -608,8 +635,8 @@ def create_app(engine, ckpt_info, defaults, model_name="chat-gpt2", limits=None,
     if api_key:
         app.add_middleware(RequireKey, key=api_key)
     app.add_exception_handler(RequestValidationError, lambda request, exc: validation_error(exc))
-    app.add_exception_handler(ApiError, lambda request, e: error_response(e.status, e.message, e.param, e.code,
-                                                                          e.headers))
+    app.add_exception_handler(ApiError, lambda request, e: error_response(
+        e.status, e.message, e.param, e.code, e.headers))
     add_routes(app, service)
     routes = {route.path for route in app.routes}
     app.add_middleware(Measure, metrics=service.metrics, routes=routes)  # outermost: sees all
@@ -662,8 +689,8 @@ def add_routes(app, service):
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": service.model_name, "object": "model", "created": 0,
-                                            "owned_by": "chat-gpt2"}]}
+        return {"object": "list", "data": [{"id": service.model_name, "object": "model",
+                                            "created": 0, "owned_by": "chat-gpt2"}]}
 
     @app.get("/health")
     async def health():
