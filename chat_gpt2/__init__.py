@@ -23,6 +23,7 @@ listed above it. `model` and `configurator` live at the top level of the reposit
     records        reading chat records (.jsonl / .json, their schemas) and plain text (.txt, {"text"})
     dataset        the prepared dataset (chat or text) read: its file names, meta.json, batches of windows
     build          the prepared dataset built: tokenised, split train/val, published all or nothing
+    preference     preference pairs: their four layouts, the dataset built and read, DPO / SimPO losses
     classify_data  labelled text (.csv/.tsv/.jsonl/.json): columns, stratified split, the classify dataset, batches
     memory         a training run's memory estimate and check
     training       the model to train, LR, early stopping, forward/backward, the step, eval sums
