@@ -151,6 +151,9 @@ def check_options(cfg):
     if fraction is not None and (isinstance(fraction, bool)
                                  or not isinstance(fraction, (int, float))):
         raise ConfigError(f"--test_fraction must be a number, got {fraction!r}")
+    if cfg["task"] == "preference" and (fraction or cfg["dedupe"] or cfg["oasst_paths"] != "best"):
+        raise ConfigError("--test_fraction, --dedupe and --oasst_paths are for chat data, not "
+                          "--task=preference")
     if cfg["task"] == "classify" and cfg["val_file"]:
         raise ConfigError("--val_file is for chat data: --task=classify splits train/val/test by "
                           "class")
