@@ -14,6 +14,7 @@ with the same methods, the only ones train.py calls:
 
 Another objective (preference pairs, say) is one more such class and one more line in
 objective_for, where a config key may also pick among the objectives of one kind."""
+from contextlib import contextmanager
 from dataclasses import asdict
 
 import torch
@@ -26,9 +27,9 @@ from .device import autocast
 from .engine import Engine, Request
 from .errors import ConfigError
 from .lora import lora_settings
-from .preference import adapters_off, preference_loss, sequence_logps
+from .preference import adapters_off, pair_logps, preference_loss, sequence_logps
 from .sampling import SamplingParams
-from .training import eval_totals, learned, loss_sums, masked_loss, step_flops, to_device
+from .training import eval_totals, learned, loss_sums, masked_loss, step_flops
 
 
 def objective_for(meta, data, cfg, run):
@@ -188,31 +189,33 @@ class Preference:
         return build_base({"init_from": cfg["init_from"], "seed": cfg["seed"],
                            "model_args": asdict(model.config)})
 
-    @torch.no_grad()
+    @contextmanager
+    def as_reference(self):
+        """with self.as_reference() as model: the reference, in eval mode, without gradients."""
+        model = self.policy if self.reference is None else self.reference
+        training = self.policy.training
+        self.policy.eval()  # no dropout in the reference
+        try:
+            with torch.no_grad(), adapters_off(model):
+                yield model
+        finally:
+            self.policy.train(training)
+
     def reference_logps(self, x, y, m, index):
         """(rows,) the reference's log-probability of each row's response."""
         if self.ref_logps is not None:  # (pairs, 2): chosen, rejected
             return self.ref_logps[index].T.flatten()
-        model = self.policy if self.reference is None else self.reference
-        training = self.policy.training
-        self.policy.eval()  # no dropout in the reference
-        with adapters_off(model):
-            logps = sequence_logps(model, x, y, m)[0]
-        self.policy.train(training)
-        return logps
+        with self.as_reference() as model:
+            return sequence_logps(model, x, y, m)[0]
 
     def precompute(self):
         """The reference's (chosen, rejected) log-probabilities of every pair, train then val."""
-        size, found = self.cfg["batch_size"], []
-        for split in ("train", "val"):
-            for start in range(0, len(self.data[split]), size):
-                indexes = range(start, min(start + size, len(self.data[split])))
-                x, y, m, index = to_device(self.data[split].batch(list(indexes),
-                                                                  self.cfg["block_size"]),
-                                           self.run["device"])
-                with autocast(self.run["device"], self.run["dtype"]):
-                    found.append(self.reference_logps(x, y, m, None).view(2, -1).T.float())
-        return torch.cat(found)
+        run = self.run
+        with self.as_reference() as model, autocast(run["device"], run["dtype"]):
+            found = [pair_logps(model, [split.pair(i) for i in range(len(split))],
+                                self.cfg["block_size"], self.cfg["batch_size"], run["device"])
+                     for split in (self.data["train"], self.data["val"])]
+        return torch.cat(found).to(run["device"])
 
     def terms(self, model, batch):
         """Per pair: (loss, chosen reward, rejected reward, chosen logp, rejected logp)."""

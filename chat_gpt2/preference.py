@@ -255,17 +255,7 @@ class PreferenceData:
         return tuple(self.sides[s][a[k]:b[k]].astype(np.int64) for k, s in enumerate(SIDES))
 
     def batch(self, indexes, block_size):
-        rows = [fit_pair(p, response, block_size)
-                for p, *responses in map(self.pair, indexes) for response in responses]
-        rows = rows[0::2] + rows[1::2]  # chosen rows first, then rejected
-        width = max(len(p) + len(r) for p, r, _ in rows) - 1
-        x = torch.zeros(len(rows), width, dtype=torch.long)
-        y = torch.full((len(rows), width), -1, dtype=torch.long)
-        m = torch.zeros(len(rows), width, dtype=torch.float32)
-        for i, (p, r, _) in enumerate(rows):
-            seq = torch.from_numpy(np.concatenate([p, r]))
-            x[i, :len(seq) - 1], y[i, :len(seq) - 1] = seq[:-1], seq[1:]
-            m[i, len(p) - 1:len(seq) - 1] = 1.0
+        x, y, m = pair_batch([self.pair(i) for i in indexes], block_size)
         return x, y, m, torch.as_tensor(indexes, dtype=torch.long) + self.first
 
     def get_batch(self, batch_size, block_size, generator):
@@ -276,6 +266,32 @@ class PreferenceData:
         """How many pairs have a response cut at this block_size."""
         return sum(fit_pair(p, c, block_size)[2] or fit_pair(p, r, block_size)[2]
                    for p, c, r in map(self.pair, range(len(self))))
+
+
+def pair_batch(pairs, block_size):
+    """(x, y, m) of pairs [(prompt, chosen, rejected) ids]: the chosen rows, then the rejected ones,
+    each side fit_pair'ed to block_size, right-padded (target -1), m 1 on the response's targets."""
+    rows = [fit_pair(p, response, block_size) for p, *responses in pairs for response in responses]
+    rows = rows[0::2] + rows[1::2]  # chosen rows first, then rejected
+    width = max(len(p) + len(r) for p, r, _ in rows) - 1
+    x = torch.zeros(len(rows), width, dtype=torch.long)
+    y = torch.full((len(rows), width), -1, dtype=torch.long)
+    m = torch.zeros(len(rows), width, dtype=torch.float32)
+    for i, (p, r, _) in enumerate(rows):
+        seq = torch.from_numpy(np.concatenate([p, r]).astype(np.int64))
+        x[i, :len(seq) - 1], y[i, :len(seq) - 1] = seq[:-1], seq[1:]
+        m[i, len(p) - 1:len(seq) - 1] = 1.0
+    return x, y, m
+
+
+@torch.no_grad()
+def pair_logps(model, pairs, block_size, batch_size, device):
+    """(pairs, 2) the model's (chosen, rejected) log-probabilities of pairs (eval.py), fp32."""
+    found = []
+    for start in range(0, len(pairs), batch_size):
+        x, y, m = (t.to(device) for t in pair_batch(pairs[start:start + batch_size], block_size))
+        found.append(sequence_logps(model, x, y, m)[0].view(2, -1).T.float().cpu())
+    return torch.cat(found)
 
 
 def load_preference(folder):
