@@ -157,7 +157,8 @@ def load_dataset(dataset):
     meta = read_meta(folder)
     kind = meta.get("kind") or "chat"  # datasets prepared before plain text existed are chat
     if kind in ("classify", "preference"):
-        raise InputError(f"{folder}: a {kind} dataset, not chat or text: read it with "
+        what = "a classification" if kind == "classify" else "a preference"
+        raise InputError(f"{folder}: {what} dataset (kind {kind}): read it with "
                          f"classify_data.load_prepared")
     data = {split: ChatData(folder, split, int(meta["tokens"][split]), kind) for split in SPLITS}
     return data, meta

@@ -139,3 +139,18 @@ def test_published_all_or_nothing(tmp_path):
     with pytest.raises(InputError, match="at least 2"):
         build_preference_dataset([write_records(tmp_path / "one.jsonl", [LAYOUTS["alpaca"]])], out)
     assert state(out) == before
+
+
+def test_a_preference_build_replaces_a_chat_one_and_the_other_way(tmp_path):
+    from chat_gpt2.build import build_dataset
+    from chat_gpt2.dataset import load_dataset
+    from helpers import chat_records
+    out = str(tmp_path / "out")
+    chats = write_records(tmp_path / "c.jsonl", chat_records(10))
+    build_dataset([chats], out)
+    build_preference_dataset([write_records(tmp_path / "p.jsonl", [LAYOUTS["alpaca"]] * 4)], out)
+    assert not os.path.lexists(os.path.join(out, "train_mask.bin")) and len(load_prepared(out)[0]["train"]) == 3
+    with pytest.raises(InputError, match="a preference dataset"):
+        load_dataset(out)
+    build_dataset([chats], out)
+    assert not os.path.lexists(os.path.join(out, "train_pairs.npy")) and load_prepared(out)[1]["kind"] == "chat"
