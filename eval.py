@@ -18,11 +18,11 @@ are greedy by default and stop at the checkpoint's default stop. Metrics, averag
 Rows {prompt, reference, response, exact_match, f1[, judge_score]} go to --out (JSONL, written atomically); the run
 ends with one JSON summary line.
 
---pairs (a preference file in any prepare.py --task=preference layout, rendered with the checkpoint's template):
-DPO's implicit reward of each response, beta x (logp under the model - logp under --reference, a checkpoint, run
-folder or pretrained name; none: 0), and over the pairs the reward accuracy (chosen above rejected) and mean
-margin; with a judge also each prompt's reply from both models, scored against the chosen response: the model's
-win rate (a tie counts half).
+--pairs (a preference file in any prepare.py --task=preference layout, rendered with the
+checkpoint's template): DPO's implicit reward of each response, beta x (logp under the model - logp
+under --reference, a checkpoint, run folder or pretrained name; none: 0), and over the pairs the
+reward accuracy (chosen above rejected) and mean margin; with a judge also each prompt's reply from
+both models, scored against the chosen response: the model's win rate (a tie counts half).
 
 A classifier's checkpoint (docs/classification.md) with --data=FILE (labelled, read with the columns it was trained
 on): `accuracy: 71.2% (1140/1600)`, then precision / recall / F1 per class and the confusion matrix.
@@ -51,8 +51,9 @@ DEFAULTS = dict(  # `python eval.py --help` prints these comments and the sampli
     init_from="",  # instead: our .pt file or a run's out_dir, or gpt2..gpt2-xl, a HF repo id or a local HF dir
     dataset="",  # a prepared dataset (name under data/ or folder): val loss and perplexity
     data="",  # held-out conversations (.jsonl / .json, any prepare.py schema): replies and their metrics
-    pairs="",  # preference pairs (.jsonl / .json, any --task=preference layout): reward accuracy and margin
-    reference="",  # --pairs: the reference model (our .pt, a run's out_dir, or a pretrained name); "" = none
+    # preference pairs (.jsonl / .json, any --task=preference layout): reward accuracy and margin
+    pairs="",
+    reference="",  # --pairs: the reference (our .pt, a run's out_dir, a pretrained name); "" = none
     beta=0.1,  # --pairs: the rewards' scale, as DPO's beta
     out="",  # where the replies go; "" = eval_replies.jsonl in out_dir
     batch_size=32,  # windows per forward for the val loss; prompts of one length generated together
@@ -104,9 +105,10 @@ def evaluate_pairs(engine, ckpt, cfg):
     if reference is not None:
         logps -= pair_logps(reference.model, pairs, block, cfg["batch_size"], reference.device)
     rewards = cfg["beta"] * logps
-    summary = {"pairs": len(pairs), "rewards/accuracies": (rewards[:, 0] > rewards[:, 1]).float().mean().item(),
-               "rewards/margins": (rewards[:, 0] - rewards[:, 1]).mean().item(),
-               "rewards/chosen": rewards[:, 0].mean().item(), "rewards/rejected": rewards[:, 1].mean().item()}
+    chosen, rejected = rewards.T
+    summary = {"pairs": len(pairs), "rewards/accuracies": (chosen > rejected).float().mean().item(),
+               "rewards/margins": (chosen - rejected).mean().item(),
+               "rewards/chosen": chosen.mean().item(), "rewards/rejected": rejected.mean().item()}
     print(f"{len(pairs)} pairs against {cfg['reference'] or 'no reference'}: reward accuracy "
           f"{summary['rewards/accuracies']:.1%}, mean margin {summary['rewards/margins']:.4f}")
     if judge is not None and reference is not None:
@@ -116,15 +118,16 @@ def evaluate_pairs(engine, ckpt, cfg):
 
 
 def judge_win_rate(engine, reference, pairs, ckpt, cfg, judge):
-    """The share of prompts where the judge scores the model's reply above the reference model's (ties
-    half), each scored against the chosen response."""
+    """The share of prompts where the judge scores the model's reply above the reference model's
+    (ties half), each scored against the chosen response."""
     params = sampling_params(cfg, ckpt.get("default_stop", chat.NEWLINE_STOP))
     prompts = [p.tolist() for p, _, _ in pairs]
+    chosen = [engine.enc.decode(c.tolist()).replace(chat.EOT_TEXT, "").strip() for _, c, _ in pairs]
     scores = []
     for e in (engine, reference):
-        rows = [{"prompt": engine.enc.decode(p), "reference": engine.enc.decode(c.tolist()), "response": reply}
-                for p, (_, c, _), reply in zip(prompts, pairs, generate_all(e, prompts, params, cfg["batch_size"]))]
-        scores.append([judge(row) for row in rows])
+        replies = generate_all(e, prompts, params, cfg["batch_size"])
+        scores.append([judge({"prompt": engine.enc.decode(p), "reference": c, "response": reply})
+                       for p, c, reply in zip(prompts, chosen, replies)])
     return sum((a > b) + 0.5 * (a == b) for a, b in zip(*scores)) / len(pairs)
 
 
@@ -145,8 +148,8 @@ def evaluate_classifier(engine, ckpt, cfg):
 def main(argv=None):
     cfg, _ = configurator.load(DEFAULTS, argv, prog="eval.py", meanings=sampling_help())
     if not cfg["dataset"] and not cfg["data"] and not cfg["pairs"]:
-        raise ConfigError("nothing to evaluate: pass --dataset=NAME_OR_DIR (val loss), --data=FILE (replies) "
-                          "and/or --pairs=FILE (preference pairs)")
+        raise ConfigError("nothing to evaluate: pass --dataset=NAME_OR_DIR (val loss), --data=FILE "
+                          "(replies) and/or --pairs=FILE (preference pairs)")
     engine, ckpt = load_engine(cfg)
     if "classify" in ckpt:
         return evaluate_classifier(engine, ckpt, cfg)
