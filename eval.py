@@ -22,6 +22,12 @@ Metrics, averaged over the file:
 Rows {prompt, reference, response, exact_match, f1[, judge_score]} go to --out (JSONL, written
 atomically); the run ends with one JSON summary line.
 
+--pairs (a preference file in any prepare.py --task=preference layout, rendered with the
+checkpoint's template): DPO's implicit reward of each response, beta x (logp under the model - logp
+under --reference, a checkpoint, run folder or pretrained name; none: 0), and over the pairs the
+reward accuracy (chosen above rejected) and mean margin; with a judge also each prompt's reply from
+both models, scored against the chosen response: the model's win rate (a tie counts half).
+
 A classifier's checkpoint (docs/classification.md) with --data=FILE (labelled, read with the
 columns it was trained on): `accuracy: 71.2% (1140/1600)`, then precision / recall / F1 per class
 and the confusion matrix.
@@ -30,6 +36,7 @@ import json
 import math
 import os
 import time
+from collections import Counter
 
 import configurator
 from chat_gpt2 import chat
@@ -41,6 +48,7 @@ from chat_gpt2.files import write_jsonl
 from chat_gpt2.inference import load_engine, sampling_params
 from chat_gpt2.sampling import sampling_defaults, sampling_help
 from chat_gpt2.judge import make_judge
+from chat_gpt2.preference import pair_logps, read_pairs, render_pairs
 
 DEFAULTS = dict(  # `python eval.py --help` prints these comments and the sampling options' help
     out_dir="out",  # the run's folder: its newest best checkpoint is used unless --ckpt says which
@@ -50,6 +58,10 @@ DEFAULTS = dict(  # `python eval.py --help` prints these comments and the sampli
     dataset="",  # a prepared dataset (name under data/ or folder): val loss and perplexity
     # held-out conversations (.jsonl / .json, any prepare.py schema): replies and their metrics
     data="",
+    # preference pairs (.jsonl / .json, any --task=preference layout): reward accuracy and margin
+    pairs="",
+    reference="",  # --pairs: the reference (our .pt, a run's out_dir, a pretrained name); "" = none
+    beta=0.1,  # --pairs: the rewards' scale, as DPO's beta
     out="",  # where the replies go; "" = eval_replies.jsonl in out_dir
     batch_size=32,  # windows per forward for the val loss; prompts of one length generated together
     # the sampling options (sampling.SamplingParams): greedy by default, for scoring
@@ -92,6 +104,43 @@ def evaluate_replies(engine, ckpt, cfg):
     return summary
 
 
+def evaluate_pairs(engine, ckpt, cfg):
+    """--pairs: DPO's rewards against --reference, their accuracy and margin; a judge's win rate."""
+    judge = make_judge(cfg)
+    template, model = ckpt.get("template", chat.TEMPLATE), engine.model
+    pairs = render_pairs(read_pairs([cfg["pairs"]], template, False, Counter())[0], template)
+    reference = load_engine({**cfg, "init_from": cfg["reference"]})[0] if cfg["reference"] else None
+    block = min(e.model.config.block_size for e in (engine, reference) if e is not None)
+    logps = pair_logps(model, pairs, block, cfg["batch_size"], engine.device)
+    if reference is not None:
+        logps -= pair_logps(reference.model, pairs, block, cfg["batch_size"], reference.device)
+    rewards = cfg["beta"] * logps
+    chosen, rejected = rewards.T
+    summary = {"pairs": len(pairs), "rewards/accuracies": (chosen > rejected).float().mean().item(),
+               "rewards/margins": (chosen - rejected).mean().item(),
+               "rewards/chosen": chosen.mean().item(), "rewards/rejected": rejected.mean().item()}
+    print(f"{len(pairs)} pairs against {cfg['reference'] or 'no reference'}: reward accuracy "
+          f"{summary['rewards/accuracies']:.1%}, mean margin {summary['rewards/margins']:.4f}")
+    if judge is not None and reference is not None:
+        summary["win_rate"] = judge_win_rate(engine, reference, pairs, ckpt, cfg, judge)
+        print(f"win rate against the reference under the judge: {summary['win_rate']:.1%}")
+    return summary
+
+
+def judge_win_rate(engine, reference, pairs, ckpt, cfg, judge):
+    """The share of prompts where the judge scores the model's reply above the reference model's
+    (ties half), each scored against the chosen response."""
+    params = sampling_params(cfg, ckpt.get("default_stop", chat.NEWLINE_STOP))
+    prompts = [p.tolist() for p, _, _ in pairs]
+    chosen = [engine.enc.decode(c.tolist()).replace(chat.EOT_TEXT, "").strip() for _, c, _ in pairs]
+    scores = []
+    for e in (engine, reference):
+        replies = generate_all(e, prompts, params, cfg["batch_size"])
+        scores.append([judge({"prompt": engine.enc.decode(p), "reference": c, "response": reply})
+                       for p, c, reply in zip(prompts, chosen, replies)])
+    return sum((a > b) + 0.5 * (a == b) for a, b in zip(*scores)) / len(pairs)
+
+
 def evaluate_classifier(engine, ckpt, cfg):
     if cfg["dataset"] or not cfg["data"]:
         raise ConfigError("a classifier is evaluated on a labelled file: pass --data=FILE "
@@ -108,9 +157,9 @@ def evaluate_classifier(engine, ckpt, cfg):
 
 def main(argv=None):
     cfg, _ = configurator.load(DEFAULTS, argv, prog="eval.py", meanings=sampling_help())
-    if not cfg["dataset"] and not cfg["data"]:
-        raise ConfigError("nothing to evaluate: pass --dataset=NAME_OR_DIR (val loss) "
-                          "and/or --data=FILE (replies)")
+    if not cfg["dataset"] and not cfg["data"] and not cfg["pairs"]:
+        raise ConfigError("nothing to evaluate: pass --dataset=NAME_OR_DIR (val loss), --data=FILE "
+                          "(replies) and/or --pairs=FILE (preference pairs)")
     engine, ckpt = load_engine(cfg)
     if "classify" in ckpt:
         return evaluate_classifier(engine, ckpt, cfg)
@@ -123,6 +172,8 @@ def main(argv=None):
               f"({n_tokens:,} assistant tokens)")
     if cfg["data"]:
         summary.update(evaluate_replies(engine, ckpt, cfg))
+    if cfg["pairs"]:
+        summary.update(evaluate_pairs(engine, ckpt, cfg))
     print(json.dumps(summary))
     return summary
 

@@ -25,7 +25,9 @@ Writes into out_dir, all aligned token for token:
     meta.json              tokenizer, vocab size, template, counts, multiline_replies, source hashes
 Labelled text for a classifier instead (--task=classify; docs/classification.md): .csv / .tsv /
 .jsonl / .json with a text and a label column (--text_column, --label_column, --labels, --balance),
-split train/val/test by class. Everything is written to a temporary folder first and moved into
+split train/val/test by class. Preference pairs instead (--task=preference, for DPO; docs/data.md):
+{prompt, chosen, rejected} (strings or message lists), Alpaca {instruction, input, chosen,
+rejected} or two HH-RLHF transcripts {chosen, rejected}. Everything is written to a temporary folder first and moved into
 place at the end, so a failed or interrupted run never leaves a half-written dataset or damages one
 that was there.
 """
@@ -48,7 +50,8 @@ DEFAULTS = dict(  # `python prepare.py --help` prints these comments
     oasst_paths="best",
     # chat: share held out to OUT_DIR/test.jsonl (None: 0); classify: test split (0.2)
     test_fraction=None,
-    # chat (chat records or plain text) or classify (labelled text, docs/classification.md)
+    # chat (chat records or plain text), classify (labelled text, docs/classification.md) or
+    # preference (pairs of a chosen and a rejected response, for DPO: docs/data.md)
     task="chat",
     text_column="",  # classify: the text column(s), names or 0-based indexes, comma-separated
     label_column="",  # classify: the label column, a name or 0-based index
@@ -57,7 +60,7 @@ DEFAULTS = dict(  # `python prepare.py --help` prints these comments
     dedupe=False,  # drop exact repeats of a conversation (counted either way)
     skip_invalid=False,  # skip bad records (counted) instead of failing
 )
-TASKS = ("chat", "classify")
+TASKS = ("chat", "classify", "preference")
 
 
 def print_summary(meta):
@@ -119,6 +122,8 @@ def main(argv=None):
         check_options(cfg)
         if cfg["task"] == "classify":
             return prepare_classify(cfg)
+        if cfg["task"] == "preference":
+            return prepare_preference(cfg)
         meta = build_dataset(cfg["inputs"], cfg["out_dir"], val_fraction=cfg["val_fraction"],
                              val_file=cfg["val_file"] or None, seed=cfg["seed"],
                              skip_invalid=cfg["skip_invalid"], template=cfg["template"],
@@ -148,6 +153,9 @@ def check_options(cfg):
     if fraction is not None and (isinstance(fraction, bool)
                                  or not isinstance(fraction, (int, float))):
         raise ConfigError(f"--test_fraction must be a number, got {fraction!r}")
+    if cfg["task"] == "preference" and (fraction or cfg["dedupe"] or cfg["oasst_paths"] != "best"):
+        raise ConfigError("--test_fraction, --dedupe and --oasst_paths are for chat data, not "
+                          "--task=preference")
     if cfg["task"] == "classify" and cfg["val_file"]:
         raise ConfigError("--val_file is for chat data: --task=classify splits train/val/test by "
                           "class")
@@ -164,6 +172,26 @@ def prepare_classify(cfg):
                                   test_fraction=test_fraction, seed=cfg["seed"],
                                   skip_invalid=cfg["skip_invalid"])
     print_classify_summary(meta, cfg["out_dir"])
+    return 0
+
+
+def prepare_preference(cfg):
+    """--task=preference: build the preference dataset, print its summary, return 0."""
+    from chat_gpt2.preference import build_preference_dataset  # imports torch: this task only
+    meta = build_preference_dataset(cfg["inputs"], cfg["out_dir"],
+                                    val_fraction=cfg["val_fraction"],
+                                    val_file=cfg["val_file"] or None, seed=cfg["seed"],
+                                    skip_invalid=cfg["skip_invalid"], template=cfg["template"])
+    p, skipped = meta["pairs"], meta["skipped"]
+    print(f"pairs: {p['train'] + p['val']:,} ({p['train']:,} train / {p['val']:,} val), skipped: "
+          + (", ".join(f"{n} {reason}" for reason, n in skipped.items()) or "none"))
+    print(f"tokens: {meta['tokens']['train']:,} train / {meta['tokens']['val']:,} val; a pair's "
+          "longer side " + ", ".join(f"{k} {v}" for k, v in meta["length_percentiles"].items()))
+    print("pairs longer than block_size (the prompt's start is cut) / with a response cut: "
+          + ", ".join(f"{b}: {n} / {meta['responses_cut'][b]}"
+                      for b, n in meta["longer_than_block_size"].items()))
+    print(f"wrote {cfg['out_dir']}/{{train,val}}_{{prompt,chosen,rejected}}.bin, "
+          "{train,val}_pairs.npy and meta.json")
     return 0
 
 

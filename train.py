@@ -73,6 +73,11 @@ DEFAULTS = dict(
     lora_targets="attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj",
     # recompute each block's activations in backward: much less memory, ~1/3 more compute
     grad_checkpointing=False,
+    # preference pairs (a dataset prepared with --task=preference; docs/training.md)
+    preference_loss="",  # dpo or simpo ("" = none: SFT; config/dpo.py sets dpo)
+    beta=0.1,  # DPO: how far from the reference the rewards pull (SimPO: the reward scale, ~2)
+    simpo_gamma=0.5,  # SimPO: the margin the chosen reward must beat the rejected one by
+    precompute_ref=False,  # DPO: the reference's log-probabilities once, before training
     # early stopping
     patience=5,  # stop after this many evals without a val improvement >= min_delta (0 = never)
     min_delta=0.001,  # the smallest val-loss drop that counts as an improvement

@@ -26,6 +26,7 @@ the others in chat_gpt2/.
     records        chat records read (.jsonl / .json, their schemas) and plain text (.txt, {"text"})
     dataset        the prepared dataset (chat or text) read: file names, meta.json, batches
     build          the prepared dataset built: tokenised, split train/val, published all or nothing
+    preference     preference pairs: four layouts, the dataset built and read, DPO / SimPO losses
     classify_data  labelled text (.csv/.tsv/.jsonl/.json): columns, stratified split, batches
     memory         a training run's memory estimate and check
     training       the model to train, LR, early stopping, forward/backward, the step, eval sums

@@ -239,8 +239,8 @@ def usable_records(path, hasher, skip_invalid, stats):
             # once: a preference file would repeat it for every record
             stats["warned_preference"] = True
             print(f"warning: {where}: preference data: 'chosen' / 'rejected' are ignored here (and "
-                  "in every other record); the reply learned is 'output' / "
-                  "'completion'", file=sys.stderr)
+                  "in every other record); the reply learned is 'output' / 'completion' (for DPO: "
+                  "prepare the file with --task=preference)", file=sys.stderr)
         for messages in found:
             stats["multiline_replies"] |= any("\n" in m["content"].strip() for m in messages
                                               if m["role"] == "assistant")

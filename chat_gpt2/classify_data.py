@@ -31,6 +31,7 @@ from .build import BUILD_PREFIX, clean_out_dir, publish
 from .dataset import CLASSIFY_SPLITS, dataset_folder, load_dataset, read_array, read_meta
 from .errors import ConfigError, InputError, RecordError
 from .files import make_temp_dir
+from .preference import load_preference
 from .records import check_input_file, iter_records
 
 SPLITS = CLASSIFY_SPLITS
@@ -395,10 +396,13 @@ def as_targets(x, lengths, labels):
 
 
 def load_prepared(dataset):
-    """({split: data}, meta) of either kind of prepared dataset: ClassifyData splits (train, val,
-    test) for a classification dataset, else dataset.load_dataset's ChatData."""
+    """({split: data}, meta) of any kind of prepared dataset: ClassifyData splits (train, val,
+    test) for a classification dataset, PreferenceData for preference pairs, else
+    dataset.load_dataset's ChatData."""
     folder = dataset_folder(dataset)
     meta = read_meta(folder)
+    if meta.get("kind") == "preference":
+        return load_preference(folder)
     if meta.get("kind") != "classify":
         return load_dataset(dataset)
     if not isinstance(meta.get("labels"), list) or len(meta["labels"]) < 2:

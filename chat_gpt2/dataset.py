@@ -31,8 +31,13 @@ OPTIONAL_FILES = ("test.jsonl",)  # held-out conversations (--test_fraction), fo
 CLASSIFY_SPLITS = ("train", "val", "test")
 CLASSIFY_FILES = tuple(f"{s}{suffix}" for s in CLASSIFY_SPLITS
                        for suffix in (".bin", "_offsets.npy", "_labels.npy")) + ("meta.json",)
+# a preference dataset (kind "preference", preference.py): per split the three sides' tokens and
+# where each pair's sides start
+PREFERENCE_FILES = tuple(f"{s}{suffix}" for s in SPLITS for suffix in
+                         ("_prompt.bin", "_chosen.bin", "_rejected.bin", "_pairs.npy")) + ("meta.json",)
 # every name a build may publish
-ALL_FILES = tuple(dict.fromkeys(DATASET_FILES + CLASSIFY_FILES + OPTIONAL_FILES))
+ALL_FILES = tuple(dict.fromkeys(DATASET_FILES + CLASSIFY_FILES + PREFERENCE_FILES
+                                + OPTIONAL_FILES))
 CURRENT = ".dataset"  # symlink to the build folder the names point into
 # tokens of the mask summed at a time when finding windows with something to learn
 SCAN_TOKENS = 1 << 24
@@ -137,7 +142,8 @@ def read_meta(folder, names=None):
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise InputError(f"{meta_path}: not a prepared dataset's meta.json ({type(e).__name__}: "
                          f"{e}): run prepare.py again") from None
-    names = names or (CLASSIFY_FILES if meta.get("kind") == "classify" else DATASET_FILES)
+    names = names or {"classify": CLASSIFY_FILES, "preference": PREFERENCE_FILES}.get(
+        meta.get("kind"), DATASET_FILES)
     homes = {os.path.dirname(os.path.realpath(os.path.join(folder, name))) for name in names}
     if len(homes) > 1:
         raise InputError(f"{folder}: the dataset's files come from {len(homes)} different builds "
@@ -150,8 +156,9 @@ def load_dataset(dataset):
     folder = dataset_folder(dataset)
     meta = read_meta(folder)
     kind = meta.get("kind") or "chat"  # datasets prepared before plain text existed are chat
-    if kind == "classify":
-        raise InputError(f"{folder}: a classification dataset (kind classify): read it with "
+    if kind in ("classify", "preference"):
+        what = "a classification" if kind == "classify" else "a preference"
+        raise InputError(f"{folder}: {what} dataset (kind {kind}): read it with "
                          f"classify_data.load_prepared")
     data = {split: ChatData(folder, split, int(meta["tokens"][split]), kind) for split in SPLITS}
     return data, meta

@@ -14,12 +14,20 @@ with the same methods, the only ones train.py calls:
 
 Another objective (preference pairs, say) is one more such class and one more line in
 objective_for, where a config key may also pick among the objectives of one kind."""
+from contextlib import contextmanager
+from dataclasses import asdict
+
+import torch
+
 from . import chat
-from .checkpoint import load_checkpoint, model_from_checkpoint
+from .checkpoint import build_base, find_checkpoint, load_checkpoint, model_from_checkpoint
 from .classifier import (attach_head, eval_sums, metrics, predict_batches, report_lines,
                          split_batches)
+from .device import autocast
 from .engine import Engine, Request
+from .errors import ConfigError
 from .lora import lora_settings
+from .preference import adapters_off, pair_logps, preference_loss, sequence_logps
 from .sampling import SamplingParams
 from .training import eval_totals, learned, loss_sums, masked_loss, step_flops
 
@@ -27,6 +35,9 @@ from .training import eval_totals, learned, loss_sums, masked_loss, step_flops
 def objective_for(meta, data, cfg, run):
     """The objective of a prepared dataset ({split: data} and its meta.json) for this run."""
     kind = meta.get("kind") or "chat"  # datasets prepared before plain text existed are chat
+    if kind == "preference" or cfg.get("preference_loss"):
+        check_preference_run(kind, cfg)
+        return Preference(data, meta, cfg, run)
     if kind == "classify":
         return Classification(data, meta, cfg, run)
     return LanguageModelling(data, meta, cfg, run)  # chat and text
@@ -130,3 +141,142 @@ class Classification:
         pred = predict_batches(model, batches, self.run["device"]).argmax(1)
         scores = metrics(true, pred, len(model.labels))
         print("\n".join(report_lines(scores, model.labels, "test accuracy")))
+
+
+def check_preference_run(kind, cfg):
+    """Preference pairs train with --preference_loss (config/dpo.py), and only they do."""
+    if kind != "preference":
+        raise ConfigError(f"--preference_loss={cfg['preference_loss']} needs preference pairs, but "
+                          f"{cfg['dataset']} is a {kind} dataset: prepare pairs with `python "
+                          "prepare.py --task=preference FILE ...`, or drop preference_loss for SFT")
+    if cfg.get("preference_loss") not in ("dpo", "simpo"):
+        raise ConfigError(f"{cfg['dataset']} holds preference pairs: train on it with `python "
+                          "train.py config/dpo.py` (--preference_loss=dpo or simpo); for SFT prepare "
+                          "the same file with --task=chat")
+    if cfg["precompute_ref"] and cfg["preference_loss"] != "dpo":
+        raise ConfigError("--precompute_ref is for DPO's reference: simpo has none")
+
+
+class Preference:
+    """DPO or SimPO (--preference_loss) on preference pairs (preference.py): a batch is B pairs,
+    their chosen and rejected sequences in one forward; an epoch is every pair once. DPO's
+    reference is the starting weights, frozen: rebuilt as the run's base (build_base), or with
+    LoRA the same model with its adapters off (no second copy); with --precompute_ref its
+    log-probabilities are computed once, before training, and the reference dropped."""
+
+    NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+             "logps/chosen", "logps/rejected")  # TRL's names for what evaluate reports
+
+    def __init__(self, data, meta, cfg, run):
+        self.data, self.meta, self.cfg, self.run = data, meta, cfg, run
+        self.epoch_tokens = len(data["train"]) * cfg["block_size"]
+        self.loss_kind, self.reference, self.ref_logps = cfg["preference_loss"], None, None
+
+    def prepare(self, model):
+        self.policy = model
+        if self.loss_kind == "dpo" and not getattr(model, "lora", None):
+            self.reference = self.starting_model(model).to(self.run["device"]).eval()
+            self.reference.requires_grad_(False)
+        if self.loss_kind == "dpo" and self.cfg["precompute_ref"]:
+            self.ref_logps = self.precompute()
+            self.reference = None  # nothing of it is needed any more
+        return model
+
+    def starting_model(self, model):
+        """The weights the run started from (a resumed run's, from its saved config)."""
+        cfg = self.cfg
+        if cfg["init_from"] == "resume":
+            cfg = load_checkpoint(find_checkpoint(cfg["out_dir"], last=True))["config"]
+        return build_base({"init_from": cfg["init_from"], "seed": cfg["seed"],
+                           "model_args": asdict(model.config)})
+
+    @contextmanager
+    def as_reference(self):
+        """with self.as_reference() as model: the reference, in eval mode, without gradients."""
+        model = self.policy if self.reference is None else self.reference
+        training = self.policy.training
+        self.policy.eval()  # no dropout in the reference
+        try:
+            with torch.no_grad(), adapters_off(model):
+                yield model
+        finally:
+            self.policy.train(training)
+
+    def reference_logps(self, x, y, m, index):
+        """(rows,) the reference's log-probability of each row's response."""
+        if self.ref_logps is not None:  # (pairs, 2): chosen, rejected
+            return self.ref_logps[index].T.flatten()
+        with self.as_reference() as model:
+            return sequence_logps(model, x, y, m)[0]
+
+    def precompute(self):
+        """The reference's (chosen, rejected) log-probabilities of every pair, train then val."""
+        run = self.run
+        with self.as_reference() as model, autocast(run["device"], run["dtype"]):
+            found = [pair_logps(model, [split.pair(i) for i in range(len(split))],
+                                self.cfg["block_size"], self.cfg["batch_size"], run["device"])
+                     for split in (self.data["train"], self.data["val"])]
+        return torch.cat(found).to(run["device"])
+
+    def terms(self, model, batch):
+        """Per pair: (loss, chosen reward, rejected reward, chosen logp, rejected logp)."""
+        x, y, m, index = batch
+        logps, lengths = sequence_logps(model, x, y, m)
+        reference = (self.reference_logps(x, y, m, index) if self.loss_kind == "dpo"
+                     else torch.zeros_like(logps))
+        loss, chosen, rejected = preference_loss(self.loss_kind, logps.chunk(2), reference.chunk(2),
+                                                 lengths.chunk(2), self.cfg["beta"],
+                                                 self.cfg["simpo_gamma"])
+        return (loss, chosen, rejected, *logps.detach().chunk(2))
+
+    def batch(self, generator):
+        return self.data["train"].get_batch(self.cfg["batch_size"], self.cfg["block_size"],
+                                            generator)
+
+    def weight(self, batch):
+        return float(len(batch[3]))  # pairs: the step's loss is the mean over its pairs
+
+    def loss(self, model, batch):
+        return self.terms(model, batch)[0].mean()
+
+    def work(self, model, batches):
+        """The policy's step (the LM head on every position: the log-probabilities need them all),
+        plus the reference's forward when it runs every step."""
+        tokens, flops = step_flops(model, [b[:3] for b in batches], head_on_all=True)
+        if self.loss_kind == "dpo" and self.ref_logps is None:
+            context = sum(b[0].numel() * b[0].size(1) for b in batches) / max(1, tokens)
+            c = model.config
+            flops += tokens * (2 * sum(model.matmul_weights()) + 4 * c.n_embd * context * c.n_layer)
+        return tokens, flops
+
+    def sums(self, model, batch):
+        """[loss, chosen reward, rejected reward, accuracy, margin, chosen and rejected logp,
+        pairs] summed over a batch's pairs, for eval_totals."""
+        loss, chosen, rejected, logp_c, logp_r = (t.float() for t in self.terms(model, batch))
+        return torch.stack([loss.sum(), chosen.sum(), rejected.sum(), (chosen > rejected).sum(),
+                            (chosen - rejected).sum(), logp_c.sum(), logp_r.sum(),
+                            torch.tensor(float(len(loss)), device=loss.device)])
+
+    def evaluate(self, model):
+        """The mean loss of each split, and TRL's rewards and log-probabilities (split_name)."""
+        losses = {}
+        for split, t in eval_totals(model, self.data, self.cfg, self.run, self.sums).items():
+            means = (t[:-1] / t[-1]).tolist()
+            losses[split] = means[0]
+            losses.update({f"{split}_{name}": v for name, v in zip(self.NAMES, means[1:])})
+        return losses
+
+    def report(self, model, losses):
+        """TRL's rewards and log-probabilities, train and val, and a sample reply."""
+        fields = {k: v for k, v in losses.items() if "/" in k}
+        text = "".join(f", {s} reward accuracy {losses[f'{s}_rewards/accuracies']:.1%} margin "
+                       f"{losses[f'{s}_rewards/margins']:.3f}" for s in ("train", "val"))
+        if self.run["master"] and self.cfg["sample_max_tokens"] > 0:
+            prompt = self.data["val"].pair(0)[0].tolist()
+            reply = greedy_reply(model, prompt, self.cfg["sample_max_tokens"],
+                                 self.meta["default_stop"], self.run)
+            text += f"\n  sample: {chat.get_encoder().decode(prompt)!r} -> {reply!r}"
+        return fields, text
+
+    def test(self, path):
+        """Nothing here: eval.py scores replies."""
