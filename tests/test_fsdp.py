@@ -1,0 +1,102 @@
+"""train.py --parallel=fsdp under torchrun with 2 CPU processes (gloo): the losses equal DDP's for the same seed, the
+checkpoint is the full state dict one process loads, resume is exact, a classifier with frozen layers trains, and
+what FSDP cannot shard (LoRA) is refused in one line."""
+import os
+
+import pytest
+import torch
+
+import helpers
+from chat_gpt2.checkpoint import load_model
+from chat_gpt2.errors import ConfigError
+from chat_gpt2.parallel import check_parallel
+from test_classify_model import LABELS, classify_data  # noqa: F401 (a fixture)
+
+# dropout and gradient accumulation on, so the RNG streams and the deferred gradient reduction are both exercised
+RUN = dict(max_iters=4, eval_interval=2, gradient_accumulation_steps=2, dropout=0.1, n_layer=2, lr_decay_iters=4)
+
+
+def fsdp(tmp_path, dataset, out, **overrides):
+    return helpers.train_ddp(tmp_path, dataset, out, **{**RUN, "parallel": "fsdp", **overrides})
+
+
+def last_state(out):
+    return helpers.load_ckpt(os.path.join(out, next(n for n in helpers.checkpoints(out) if n.endswith("_last.pt"))))
+
+
+def step_losses(out):
+    return [r["loss"] for r in helpers.read_metrics(out) if r["event"] == "step"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_dataset):
+    """The same 4-iteration run with DDP and with FSDP: {parallel: (out_dir, stdout)}."""
+    tmp = tmp_path_factory.mktemp("fsdp")
+    done = {}
+    for parallel in ("ddp", "fsdp"):
+        out = str(tmp / parallel)
+        done[parallel] = out, helpers.train_ddp(tmp, tiny_dataset, out, **RUN, parallel=parallel).stdout
+    return done
+
+
+def test_fsdp_losses_and_weights_equal_ddp(runs):
+    (ddp, _), (fsdp_out, stdout) = runs["ddp"], runs["fsdp"]
+    assert "2 process(es)" in stdout and "reached max_iters=4" in stdout
+    assert step_losses(fsdp_out) == pytest.approx(step_losses(ddp), rel=1e-5)
+    assert len(step_losses(ddp)) == 4
+    evals = [[r["val_loss"] for r in helpers.read_metrics(out) if r["event"] == "eval"] for out in (ddp, fsdp_out)]
+    assert evals[1] == pytest.approx(evals[0], rel=1e-5)
+    ddp_state, fsdp_state = last_state(ddp), last_state(fsdp_out)
+    assert fsdp_state["model"].keys() == ddp_state["model"].keys()  # the tied lm_head too, no wrapper prefixes
+    for name, tensor in ddp_state["model"].items():
+        assert torch.allclose(fsdp_state["model"][name], tensor, atol=1e-5), name
+    assert fsdp_state["config"]["parallel"] == "fsdp" and fsdp_state["iter_num"] == 4
+
+
+def test_an_fsdp_checkpoint_loads_in_one_process(runs):
+    out, _ = runs["fsdp"]
+    model, info = load_model(out_dir=out)
+    assert not any(isinstance(p, torch.distributed.tensor.DTensor) for p in model.parameters())
+    assert model.lm_head.weight is model.transformer.wte.weight  # the tie survives the round trip
+    x = torch.randint(0, 100, (1, 8))
+    with torch.no_grad():
+        assert torch.isfinite(model(x)[0]).all()
+
+
+def test_fsdp_resume_is_exact(runs, tmp_path, tiny_dataset):
+    straight, _ = runs["fsdp"]
+    split = str(tmp_path / "split")
+    fsdp(tmp_path, tiny_dataset, split, max_iters=2)
+    assert last_state(split)["iter_num"] == 2
+    helpers.run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", helpers.script("train.py"),
+                 f"--out_dir={split}", "--init_from=resume", "--max_iters=4"], cwd=tmp_path, timeout=300)
+    a, b = last_state(straight), last_state(split)
+    assert a["iter_num"] == b["iter_num"] == 4 and a["val_loss"] == b["val_loss"]
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert step_losses(split) == step_losses(straight)  # the resumed half logs iters 3-4 only once
+
+
+def test_fsdp_trains_a_classifier_with_frozen_layers(classify_data, tmp_path):  # noqa: F811
+    out = str(tmp_path / "out")
+    p = fsdp(tmp_path, classify_data, out, trainable_layers=1, learning_rate=3e-3)
+    assert "trainable" in p.stdout and p.stdout.count("test accuracy: ") == 1
+    best = helpers.load_ckpt(os.path.join(out, helpers.checkpoints(out)[0]))
+    last = last_state(out)
+    assert best["classify"]["labels"] == LABELS and "score.weight" in best["model"]
+    assert last["optimizer"]["state"]  # AdamW's state, gathered by parameter name
+    # the frozen first block never moves: every checkpoint holds the same weights
+    frozen = [n for n in last["model"] if n.startswith("transformer.h.0.")]
+    assert frozen and all(torch.equal(best["model"][n], last["model"][n]) for n in frozen)
+
+
+def test_fsdp_refuses_lora_and_unknown_choices():
+    cfg = dict(parallel="fsdp", lora_rank=4, lora_alpha=0.0, lora_dropout=0.0, lora_targets="attn.c_attn",
+               trainable_layers=-1, sample_max_tokens=0)
+    with pytest.raises(ConfigError, match="--parallel=fsdp does not train LoRA"):
+        check_parallel(cfg, rank=0)
+    assert check_parallel(cfg, rank=-1) is False  # one process: --parallel means nothing
+    with pytest.raises(ConfigError, match="--parallel must be one of ddp, fsdp"):
+        check_parallel({**cfg, "parallel": "zero3"}, rank=-1)
+    sampled = {**cfg, "lora_rank": 0, "sample_max_tokens": 32}
+    assert check_parallel(sampled, rank=1) is True and sampled["sample_max_tokens"] == 0
