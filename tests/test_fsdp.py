@@ -1,7 +1,10 @@
 """train.py --parallel=fsdp under torchrun with 2 CPU processes (gloo): the losses equal DDP's for the same seed, the
 checkpoint is the full state dict one process loads, resume is exact, a classifier with frozen layers trains, and
-what FSDP cannot shard (LoRA) is refused in one line."""
+what FSDP cannot shard (LoRA) is refused in one line; and torchrun's 2 nodes on loopback equal 1 node of 2."""
 import os
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -100,3 +103,32 @@ def test_fsdp_refuses_lora_and_unknown_choices():
         check_parallel({**cfg, "parallel": "zero3"}, rank=-1)
     sampled = {**cfg, "lora_rank": 0, "sample_max_tokens": 32}
     assert check_parallel(sampled, rank=1) is True and sampled["sample_max_tokens"] == 0
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_on_loopback_equal_one_node(runs, tmp_path, tiny_dataset):
+    """torchrun --nnodes=2, one process a node, as two launches meeting at a c10d rendezvous on 127.0.0.1: the
+    same world of 2 ranks as `--standalone --nproc_per_node=2`, so the same losses for the same seed."""
+    single, _ = runs["ddp"]
+    out, port = str(tmp_path / "two_nodes"), free_port()
+    rdzv = ["--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+            "--rdzv_id=two-nodes-test"]
+    args = helpers.tiny_train_args(tiny_dataset, out, batch_size=2, **RUN)
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *rdzv, f"--node_rank={rank}",
+                               helpers.script("train.py"), *args], cwd=tmp_path, env=helpers.env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    try:
+        logs = [node.communicate(timeout=300)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(logs)
+    assert "2 process(es)" in "".join(logs) and "reached max_iters=4" in "".join(logs)
+    assert step_losses(out) == step_losses(single)
+    ours, theirs = last_state(out)["model"], last_state(single)["model"]
+    assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
