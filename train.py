@@ -222,7 +222,8 @@ class Trainer:
         # --min_delta given on resume wins, like every other override
         self.stopper = EarlyStopping(**{**ckpt["early_stopping"], "patience": self.cfg["patience"],
                                         "min_delta": self.cfg["min_delta"]})
-        rng, ranks = ckpt["rng"], ckpt.get("rank_rng")  # each rank's streams, on the same world size
+        # each rank's own streams when the world size is the same (rank 0's in older checkpoints)
+        rng, ranks = ckpt["rng"], ckpt.get("rank_rng")
         if ranks and len(ranks) == self.run["world"]:
             rng = ranks[self.run["rank"]]
         torch.set_rng_state(rng["torch"].cpu())
@@ -300,7 +301,8 @@ class Trainer:
         if self.signal is not None:
             # on a GPU the loss is checked at log steps only; each rank checks what it holds
             for name, p in self.raw_model.named_parameters():
-                self.check_finite(local_part(p.detach()).float().abs().max().item(), f"weight {name}")
+                largest = local_part(p.detach()).float().abs().max().item()
+                self.check_finite(largest, f"weight {name}")
             self.save(self.last_path, with_optimizer=True)
         return reason, time.time() - t_start
 

@@ -1,6 +1,7 @@
-"""--mode=parallel: per-rank peak memory and tokens/s of DDP vs FSDP (train.py's --parallel) with 2
-processes under torchrun (gloo on CPU, nccl on CUDA), each mode a fresh launch, at GPT-2 medium shape
-(or large: FSDP's case, where two DDP replicas would not fit 24 GB).
+"""--mode=parallel: per-rank peak memory and tokens/s of DDP vs FSDP (train.py's --parallel) with
+2 processes under torchrun (gloo on CPU, nccl on CUDA), each mode a fresh launch, at GPT-2 medium
+shape (or large: FSDP's case, where two DDP replicas would not fit 24 GB). CPU: the peak RSS;
+CUDA: the peak allocated memory.
 
     OMP_NUM_THREADS=1 python bench.py --mode=parallel                  # medium: ddp vs fsdp
     OMP_NUM_THREADS=1 python bench.py --mode=parallel --parallel_shape=large --parallel_modes=fsdp
@@ -43,7 +44,8 @@ def bench(cfg):
         return _rank(cfg)
     rows = []
     for mode in cfg["parallel_modes"].split(","):
-        flags = [f"--{k}={cfg[k]}" for k in ("device", "dtype", "parallel_shape", *PRESET_OVERRIDES)]
+        keys = ("device", "dtype", "seed", "parallel_shape", *PRESET_OVERRIDES)
+        flags = [f"--{k}={cfg[k]}" for k in keys]
         p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                             f"--nproc_per_node={PROCESSES}", os.path.join(REPO, "bench.py"),
                             "--mode=parallel", f"--parallel_rank={mode}", *flags],
@@ -106,7 +108,8 @@ def _measure(cfg, run):
         return train_step(model, optimizer, scaler, data, gen, step_cfg, run)
     time_steps(step, data, gen, p["warmup"], device)
     times, _, _ = time_steps(step, data, gen, p["steps"], device)
-    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device.startswith("cuda") else peak_rss_mb()
+    cuda = device.startswith("cuda")
+    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else peak_rss_mb()
     peaks = [None] * dist.get_world_size()
     dist.all_gather_object(peaks, round(peak, 1))
     return {"mode": cfg["parallel_rank"], "device": device, "dtype": run["dtype"],

@@ -1,7 +1,8 @@
-"""Training on several processes under torchrun: DDP (every rank holds the whole model, its gradients
-and AdamW state) or FSDP2 (torch.distributed.fsdp.fully_shard: each transformer block and the rest
-of the model sharded across the ranks, gathered for a block's forward and backward). Checkpoints are
-the same either way: a full state dict gathered on rank 0, which a single process loads."""
+"""Training on several processes under torchrun: DDP (every rank holds the whole model, its
+gradients and AdamW state) or FSDP2 (torch.distributed.fsdp.fully_shard: each transformer block
+and the rest of the model sharded across the ranks, gathered for a block's forward and backward).
+Checkpoints are the same either way: a full state dict gathered on rank 0, which one process
+loads."""
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
@@ -27,8 +28,9 @@ def check_parallel(cfg, rank):
     if rank < 0 or cfg["parallel"] != "fsdp":
         return False
     if lora_settings(cfg):
-        raise ConfigError("--parallel=fsdp does not train LoRA adapters (their checkpoint holds the "
-                          "adapters only, the frozen base is small to replicate): use --parallel=ddp")
+        raise ConfigError("--parallel=fsdp does not train LoRA adapters (their checkpoint holds "
+                          "the adapters only, the frozen base is small to replicate): use "
+                          "--parallel=ddp")
     if cfg["sample_max_tokens"] > 0:
         # rank 0 alone would run the sharded model, whose every forward gathers from all ranks
         if rank == 0:
