@@ -27,8 +27,8 @@ from chat_gpt2.errors import CheckpointError, ConfigError, DivergedError, Missin
 from chat_gpt2.files import remove_dead_leftovers
 from chat_gpt2.lora import lora_settings
 from chat_gpt2.objectives import objective_for
-from chat_gpt2.parallel import (check_parallel, gathered_state, load_optimizer_state, local_part,
-                                replicate, rng_of_ranks, shard_model)
+from chat_gpt2.parallel import (agreed_signal, check_parallel, gathered_state, load_optimizer_state,
+                                local_part, replicate, rng_of_ranks, shard_model)
 from chat_gpt2.run_log import Logger, Window, plot_accuracy, plot_losses
 from chat_gpt2.training import (DEFAULT_GRAD_CLIP, EarlyStopping, build_model, clip_and_step,
                                 describe_training, forward_backward, get_lr)
@@ -289,15 +289,18 @@ class Trainer:
             self.iter_num += 1
             window.add(*task.work(self.raw_model, batches))
             log_now = self.iter_num % cfg["log_interval"] == 0 or self.iter_num == cfg["max_iters"]
-            if log_now or not run["device"].startswith("cuda"):  # a host sync: on GPUs at log steps
+            synced = log_now or not run["device"].startswith("cuda")  # host syncs: on GPUs at logs
+            if synced:
                 self.check_finite(loss.item(), "training loss")
             if log_now:  # loss.item() syncs before the log reads the clock: GPU time counts
                 epoch = self.iter_num * self.tokens_per_iter / task.epoch_tokens  # passes of train
                 self.logger.step(self.iter_num, loss.item(), lr, epoch, window, self.peak_flops)
                 window = Window(self.iter_num)
-            if self.signal is not None:
-                reason = f"interrupted by signal {self.signal}"
+            # a signal caught by any rank stops every rank at this step
+            if (synced or not run["ddp"]) and (caught := agreed_signal(self.signal, run)):
+                reason = f"interrupted by signal {caught}"
                 break
+        self.signal = agreed_signal(self.signal, run)  # then every rank checks and saves
         if self.signal is not None:
             # on a GPU the loss is checked at log steps only; each rank checks what it holds
             for name, p in self.raw_model.named_parameters():

@@ -112,6 +112,16 @@ def rng_of_ranks(data_rng, run):
     return states
 
 
+def agreed_signal(signum, run):
+    """The signal any rank caught (the largest number; None if none did), so that every rank stops
+    at the same step and takes part in the last save; one process: its own."""
+    if not run["ddp"]:
+        return signum
+    caught = torch.tensor([signum or 0], device=run["device"])
+    dist.all_reduce(caught, op=dist.ReduceOp.MAX)
+    return int(caught.item()) or None
+
+
 def local_part(tensor):
     """The part of a tensor this rank holds: its shard under FSDP (a DTensor), else itself."""
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor

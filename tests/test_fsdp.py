@@ -2,6 +2,7 @@
 checkpoint is the full state dict one process loads, resume is exact, a classifier with frozen layers trains, and
 what FSDP cannot shard (LoRA) is refused in one line; and torchrun's 2 nodes on loopback equal 1 node of 2."""
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -132,3 +133,31 @@ def test_two_nodes_on_loopback_equal_one_node(runs, tmp_path, tiny_dataset):
     assert step_losses(out) == step_losses(single)
     ours, theirs = last_state(out)["model"], last_state(single)["model"]
     assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
+
+
+def test_a_signal_to_one_rank_stops_both_at_one_step_and_saves(tmp_path, tiny_dataset):
+    """SIGTERM to rank 1 alone (a node's scheduler may reach one process first): the ranks agree on it, stop at the
+    same step, gather and save the sharded state, and both exit 143."""
+    out = str(tmp_path / "out")
+    args = helpers.tiny_train_args(tiny_dataset, out, batch_size=2, max_iters=100000, eval_interval=100000,
+                                   parallel="fsdp")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             helpers.script("train.py"), *args], cwd=tmp_path, env=helpers.env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("iter "):
+                workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
+                rank1 = sorted(int(pid) for pid in workers.stdout.split())[1]  # started after rank 0
+                os.kill(rank1, signal.SIGTERM)
+                break
+        stdout = "".join(lines) + proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "interrupted by signal 15" in stdout, stdout
+    ckpt = last_state(out)
+    steps = [r["iter"] for r in helpers.read_metrics(out) if r["event"] == "step"]
+    assert 1 <= ckpt["iter_num"] == steps[-1] < 100000 and ckpt["optimizer"]["state"]
