@@ -2,6 +2,7 @@
 
     python train.py config/finetune_chat.py --batch_size=4    # single process
     torchrun --standalone --nproc_per_node=2 train.py config/demo.py  # DDP (gloo on CPU, nccl GPU)
+    torchrun --standalone --nproc_per_node=2 train.py config/demo.py --parallel=fsdp  # sharded
 
 Config keys and their meaning follow nanoGPT; `python train.py --help` lists them with defaults.
 """
@@ -15,7 +16,6 @@ from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import configurator
 from chat_gpt2.checkpoint import (CKPT_PATTERN, checkpoint_path, find_checkpoint, load_checkpoint,
@@ -27,6 +27,8 @@ from chat_gpt2.errors import CheckpointError, ConfigError, DivergedError, Missin
 from chat_gpt2.files import remove_dead_leftovers
 from chat_gpt2.lora import lora_settings
 from chat_gpt2.objectives import objective_for
+from chat_gpt2.parallel import (agreed_signal, check_parallel, gathered_state, load_optimizer_state,
+                                local_part, replicate, rng_of_ranks, shard_model)
 from chat_gpt2.run_log import Logger, Window, plot_accuracy, plot_losses
 from chat_gpt2.training import (DEFAULT_GRAD_CLIP, EarlyStopping, build_model, clip_and_step,
                                 describe_training, forward_backward, get_lr)
@@ -83,6 +85,8 @@ DEFAULTS = dict(
     min_delta=0.001,  # the smallest val-loss drop that counts as an improvement
     # system
     backend="auto",  # DDP backend: auto = nccl on CUDA, gloo elsewhere
+    # under torchrun: ddp = a replica per rank; fsdp = weights, gradients and AdamW state sharded
+    parallel="ddp",
     device="auto",  # auto, cpu, cuda, cuda:N or mps
     dtype="auto",  # auto (bf16 where the device has it), float32, bfloat16 or float16
     seed=1337,  # seed of the weights' init, the batches and dropout
@@ -150,6 +154,7 @@ def setup_processes(cfg):
     device = resolve_device(cfg["device"])
     rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in
                                (("RANK", -1), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    fsdp = check_parallel(cfg, rank)
     if rank >= 0:
         if device.startswith("cuda"):
             device = f"cuda:{local_rank}"
@@ -161,7 +166,7 @@ def setup_processes(cfg):
     if dtype == "bfloat16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
         raise ConfigError("dtype=bfloat16 is not supported on this GPU: use --dtype=float16")
     return {"device": device, "dtype": dtype, "rank": max(rank, 0), "world": world,
-            "ddp": rank >= 0, "master": rank <= 0}
+            "ddp": rank >= 0, "fsdp": fsdp, "master": rank <= 0}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -183,7 +188,7 @@ class Trainer:
                                          / self.tokens_per_iter)
         ckpt = load_checkpoint(resume_from, run["device"]) if resume_from else None
         torch.manual_seed(cfg["seed"] + run["rank"])
-        self.raw_model = self.task.prepare(build_model(cfg, ckpt, run, explicit))
+        self.raw_model = shard_model(self.task.prepare(build_model(cfg, ckpt, run, explicit)), run)
         device_type = run["device"].split(":")[0]
         self.optimizer = self.raw_model.configure_optimizers(
             cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]), device_type)
@@ -203,9 +208,7 @@ class Trainer:
                                       f"finetuned_*_last.pt") from None
         compiled = resolve_compile(cfg["compile"], run["device"])
         self.model = torch.compile(self.raw_model) if compiled else self.raw_model
-        if run["ddp"]:
-            self.model = DDP(self.model,
-                             device_ids=[run["device"]] if device_type == "cuda" else None)
+        self.model = replicate(self.model, run)
         self.best_path = checkpoint_path(cfg["out_dir"], self.stamp)
         self.last_path = checkpoint_path(cfg["out_dir"], self.stamp, last=True)
         self.logger = Logger(cfg, run, resume_iter=self.iter_num if ckpt is not None else None)
@@ -215,7 +218,7 @@ class Trainer:
                                              if run["master"] else (0, ""))
 
     def _restore(self, ckpt):
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        load_optimizer_state(self.raw_model, self.optimizer, ckpt["optimizer"], self.run)
         self.scaler.load_state_dict(ckpt["scaler"])
         self.iter_num, self.stamp, self.losses = ckpt["iter_num"], ckpt["run"], ckpt["losses"]
         # older checkpoints were saved at evals only
@@ -224,19 +227,31 @@ class Trainer:
         # --min_delta given on resume wins, like every other override
         self.stopper = EarlyStopping(**{**ckpt["early_stopping"], "patience": self.cfg["patience"],
                                         "min_delta": self.cfg["min_delta"]})
-        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
-        self.data_rng.set_state(ckpt["rng"]["data"].cpu())
-        if "cuda" in ckpt["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
+        # each rank's own streams when the world size is the same (rank 0's in older checkpoints)
+        rng, ranks = ckpt["rng"], ckpt.get("rank_rng")
+        if ranks and len(ranks) == self.run["world"]:
+            rng = ranks[self.run["rank"]]
+        torch.set_rng_state(rng["torch"].cpu())
+        self.data_rng.set_state(rng["data"].cpu())
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"].cpu())
 
     def save(self, path, with_optimizer):
+        """Every rank calls this (FSDP gathers the weights); rank 0 writes."""
+        gathered = gathered_state(self.raw_model, self.optimizer if with_optimizer else None,
+                                  self.run)
+        ranks = rng_of_ranks(self.data_rng, self.run)
+        if not self.run["master"]:
+            return
+        if ranks:
+            gathered["rank_rng"] = ranks
         state = {"iter_num": self.iter_num, "run": self.stamp, "losses": self.losses,
                  "train_loss": self.losses.get("train"), "val_loss": self.losses.get("val"),
                  "best_val_loss": self.stopper.best, "early_stopping": asdict(self.stopper),
                  "evaluated_at": self.evaluated_at, "data_rng": self.data_rng.get_state()}
         optimizer = (self.optimizer, self.scaler) if with_optimizer else (None, None)
         ckpt = training_checkpoint(self.raw_model, self.cfg, self.meta, state, *optimizer)
-        save_checkpoint(path, ckpt)
+        save_checkpoint(path, {**ckpt, **gathered})
 
     def train(self):
         """learning rate -> evaluate and checkpoint -> forward and backward over the micro-batches
@@ -259,10 +274,9 @@ class Trainer:
                     self.check_finite(self.losses[split], f"{split} loss (eval)")
                 self.evaluated_at = self.iter_num
                 is_best, stop = self.stopper.update(self.losses["val"])
-                if run["master"]:
-                    if is_best:
-                        self.save(self.best_path, with_optimizer=False)
-                    self.save(self.last_path, with_optimizer=True)
+                if is_best:
+                    self.save(self.best_path, with_optimizer=False)
+                self.save(self.last_path, with_optimizer=True)
                 self.logger.eval(self.iter_num, self.losses, self.stopper, is_best,
                                  *task.report(self.raw_model, self.losses))
                 if stop and not last:
@@ -280,19 +294,23 @@ class Trainer:
             self.iter_num += 1
             window.add(*task.work(self.raw_model, batches))
             log_now = self.iter_num % cfg["log_interval"] == 0 or self.iter_num == cfg["max_iters"]
-            if log_now or not run["device"].startswith("cuda"):  # a host sync: on GPUs at log steps
+            synced = log_now or not run["device"].startswith("cuda")  # host syncs: on GPUs at logs
+            if synced:
                 self.check_finite(loss.item(), "training loss")
             if log_now:  # loss.item() syncs before the log reads the clock: GPU time counts
                 epoch = self.iter_num * self.tokens_per_iter / task.epoch_tokens  # passes of train
                 self.logger.step(self.iter_num, loss.item(), lr, epoch, window, self.peak_flops)
                 window = Window(self.iter_num)
-            if self.signal is not None:
-                reason = f"interrupted by signal {self.signal}"
+            # a signal caught by any rank stops every rank at this step
+            if (synced or not run["ddp"]) and (caught := agreed_signal(self.signal, run)):
+                reason = f"interrupted by signal {caught}"
                 break
-        if self.signal is not None and run["master"]:
-            # on a GPU the loss is checked at log steps only
+        self.signal = agreed_signal(self.signal, run)  # then every rank checks and saves
+        if self.signal is not None:
+            # on a GPU the loss is checked at log steps only; each rank checks what it holds
             for name, p in self.raw_model.named_parameters():
-                self.check_finite(p.detach().float().abs().max().item(), f"weight {name}")
+                largest = local_part(p.detach()).float().abs().max().item()
+                self.check_finite(largest, f"weight {name}")
             self.save(self.last_path, with_optimizer=True)
         return reason, time.time() - t_start
 

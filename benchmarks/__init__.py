@@ -7,4 +7,5 @@ reads and one bench(cfg) that prints a report and returns the JSON line's dict.
     sample_speed     --mode=sample    sample.py end to end as processes, fp32 and half, vs transformers
     finetune_cost    --mode=finetune  full vs last block vs LoRA at GPT-2 medium shape: speed, memory, checkpoints
     prepare_speed    --mode=prepare   prepare.py end to end vs tools/prepare_bare.py's bare loop
+    parallel_memory  --mode=parallel  DDP vs FSDP, 2 processes under torchrun: per-rank peak memory, tokens/s
 """

@@ -156,7 +156,7 @@ def learned(batch):
 def forward_backward(model, scaler, batches, run, loss_of=masked_loss, weight_of=learned):
     """Gradients of the weighted mean loss over the micro-batches (CPU tensors), each weighted by
     weight_of: by default the learned tokens, the token-weighted mean (not the mean of the
-    micro-batches' means). Under DDP the gradients are all-reduced on the last micro-batch only.
+    micro-batches' means). Across ranks the gradients are reduced on the last micro-batch only.
     Returns the loss, on the device (no sync)."""
     weights = [weight_of(batch) for batch in batches]
     total = max(1.0, sum(weights))
@@ -164,13 +164,24 @@ def forward_backward(model, scaler, batches, run, loss_of=masked_loss, weight_of
     for micro, (batch, weight) in enumerate(zip(batches, weights)):
         weight /= total
         batch = to_device(batch, run["device"])
-        sync = model.no_sync() if run["ddp"] and micro < len(batches) - 1 else nullcontext()
-        with sync:
+        with gradient_sync(model, last=micro == len(batches) - 1):
             with autocast(run["device"], run["dtype"]):
                 loss = loss_of(model, batch)
             scaler.scale(loss * weight).backward()
         loss_sum += loss.detach() * weight
     return loss_sum
+
+
+def gradient_sync(model, last):
+    """The context of a micro-batch's backward: gradients reduced across the ranks on the last one
+    only (DDP's no_sync, FSDP's set_requires_gradient_sync; under torch.compile the module inside);
+    one process: nothing to do."""
+    if hasattr(model, "no_sync"):
+        return nullcontext() if last else model.no_sync()
+    sharded = getattr(model, "_orig_mod", model)
+    if hasattr(sharded, "set_requires_gradient_sync"):
+        sharded.set_requires_gradient_sync(last)
+    return nullcontext()
 
 
 def clip_and_step(model, optimizer, scaler, grad_clip):

@@ -131,7 +131,7 @@ def test_bench_sample_times_sample_py_end_to_end(capsys):
 def test_each_mode_is_a_module_whose_keys_bench_py_parses():
     """--mode=X runs benchmarks/X's bench(cfg); every mode's keys are bench.py's keys (with --help meanings), and
     the keys shared by all modes (device, dtype, seed) are bench.py's own."""
-    assert set(bench.MODES) == {"train", "generate", "half", "sample", "finetune", "prepare"}
+    assert set(bench.MODES) == {"train", "generate", "half", "sample", "finetune", "prepare", "parallel"}
     for module in bench.MODES.values():
         assert callable(module.bench) and set(module.DEFAULTS) <= set(bench.DEFAULTS)
         assert not {"mode", "device", "dtype", "seed"} & set(module.DEFAULTS)
