@@ -31,6 +31,10 @@ def check_parallel(cfg, rank):
         raise ConfigError("--parallel=fsdp does not train LoRA adapters (their checkpoint holds "
                           "the adapters only, the frozen base is small to replicate): use "
                           "--parallel=ddp")
+    if cfg.get("preference_loss"):
+        # DPO's frozen reference is a second, unsharded model; not tested sharded yet
+        raise ConfigError("--parallel=fsdp does not train on preference pairs yet: use "
+                          "--parallel=ddp")
     if cfg["sample_max_tokens"] > 0:
         # rank 0 alone would run the sharded model, whose every forward gathers from all ranks
         if rank == 0:

@@ -1,6 +1,6 @@
 """train.py --parallel=fsdp under torchrun with 2 CPU processes (gloo): the losses equal DDP's for the same seed, the
 checkpoint is the full state dict one process loads, resume is exact, a classifier with frozen layers trains, and
-what FSDP cannot shard (LoRA) is refused in one line; and torchrun's 2 nodes on loopback equal 1 node of 2."""
+what FSDP cannot shard (LoRA, preference pairs) is refused in one line; and torchrun's 2 nodes on loopback equal 1 node of 2."""
 import os
 import signal
 import socket
@@ -104,6 +104,8 @@ def test_fsdp_refuses_lora_and_unknown_choices():
         check_parallel({**cfg, "parallel": "zero3"}, rank=-1)
     sampled = {**cfg, "lora_rank": 0, "sample_max_tokens": 32}
     assert check_parallel(sampled, rank=1) is True and sampled["sample_max_tokens"] == 0
+    with pytest.raises(ConfigError, match="does not train on preference pairs"):
+        check_parallel({**cfg, "lora_rank": 0, "preference_loss": "dpo"}, rank=0)
 
 
 def free_port():
