@@ -31,8 +31,8 @@ def resolve_dtype(dtype, device, one_row=False):
     MPS. On CPU: bf16 where the CPU has bf16 matmul instructions (training: autocast over fp32
     master weights, faster than fp32 with the same loss curve, docs/performance.md; inference:
     weights converted, decoding reads half the bytes), else fp32, since emulated bf16 is slower than
-    fp32 for batches. one_row (decoding one sequence at a time, as sample.py does): bf16 also where
-    cpu_decodes_bf16_faster()."""
+    fp32 for batches. one_row (decoding one sequence at a time, as sample.py does): int8 weights where
+    cpu_decodes_int8_faster(), else bf16 also where cpu_decodes_bf16_faster()."""
     if dtype != "auto":
         if dtype not in DTYPES:
             raise ConfigError(f"dtype must be auto, {', '.join(DTYPES[:-1])} or {DTYPES[-1]}, "
@@ -40,9 +40,19 @@ def resolve_dtype(dtype, device, one_row=False):
         return dtype
     if device.startswith("cuda"):
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if device == "cpu" and one_row and cpu_decodes_int8_faster():
+        return "int8"
     if device == "cpu" and (cpu_has_bf16() or one_row and cpu_decodes_bf16_faster()):
         return "bfloat16"
     return "float32"
+
+
+def cpu_decodes_int8_faster():
+    """True where the host CPU decodes one sequence faster with int8 weights (torch's int8 kernel,
+    bf16 activations) than with bf16 or fp32 ones: measured on x86 CPUs with native bf16
+    (docs/performance.md#int8-weights). Elsewhere unmeasured: bf16 / fp32 as before. Batches stay
+    bf16 there, where bf16 matmuls of 8 rows beat the int8 kernel."""
+    return cpu_has_bf16()
 
 
 def cpu_decodes_bf16_faster():

@@ -26,6 +26,8 @@ def load_engine(cfg, one_row=False):
     device = resolve_device(cfg["device"])
     model, info = load_model(cfg["out_dir"], cfg["ckpt"], cfg.get("init_from", ""), device)
     dtype = resolve_dtype(cfg["dtype"], device, one_row)
+    if cfg["dtype"] == "auto":
+        print(f"dtype auto: {dtype} on {device}", file=sys.stderr)
     if dtype != "float32":
         to_half(model, dtype, device)
     enc = chat.get_encoder(info.get("tokenizer", chat.TOKENIZER))
