@@ -11,6 +11,8 @@ too).
 """
 import copy
 import importlib.util
+import os
+import platform
 import time
 
 import torch
@@ -161,10 +163,68 @@ def bench(cfg):
                          "tokens_per_s": round(speed, 2), "same_tokens": same == 1.0,
                          "same_token_share": round(same, 4)})
             print(f"{name:<34}{batch:>6}{seconds:>10.2f}{speed:>11.1f}{same:>13.1%}", flush=True)
+    read_bound = _read_bound(rows, {"ours, KV cache": model, **{f"ours, KV cache, {name}": half
+                                                             for name, half in halves.items()}}, device)
     prefill = _time_prefill(model, halves, cfg, device, dtype)
     return {"mode": "generate", "preset": cfg["gen_preset"], "device": device, "dtype": dtype,
             "prompt_tokens": preset["prompt_tokens"], "new_tokens": n_new, "rows": rows,
-            "speedups": _speedups(rows), "prefill": prefill}
+            "speedups": _speedups(rows), "prefill": prefill, "read_bound": read_bound,
+            **machine()}
+
+
+def machine():
+    """The CPU model, threads and 1-minute load average: what a figure on a shared machine needs."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                         model)
+    except OSError:
+        pass
+    load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    return {"cpu": model, "threads": torch.get_num_threads(), "load_avg_1min": load}
+
+
+def weight_bytes(model):
+    """Bytes of the matmul weights a decoding step reads: each Linear's weight, bias and int8
+    scales, the tied head once (its embedding rows are a few lookups)."""
+    seen, total = set(), 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            for t in (module.weight, module.bias, getattr(module, "scales", None)):
+                if t is not None and id(t) not in seen:
+                    seen.add(id(t))
+                    total += t.numel() * t.element_size()
+    return total
+
+
+def read_rate(device, megabytes=256):
+    """Bytes/s of summing a megabytes-sized fp32 tensor on device (the best of 3 after a warm-up):
+    the memory-read rate a decoding step's weight reads run against, measured in the same run."""
+    data = torch.ones(megabytes * 2 ** 18, device=device)
+    fastest = float("inf")
+    for _ in range(4):
+        sync(device)
+        t0 = time.perf_counter()
+        data.sum()
+        sync(device)
+        fastest = min(fastest, time.perf_counter() - t0)
+    return data.numel() * 4 / fastest
+
+
+def _read_bound(rows, models, device):
+    """Each cached decoding row's weight bytes per step and the share of the memory-read bound it
+    reached (a step reads every weight once, for the whole batch: bound = batch * rate / bytes)."""
+    rate, sizes = read_rate(device), {name: weight_bytes(m) for name, m in models.items()}
+    for row in rows:
+        if row["impl"] in sizes:
+            bound = row["batch"] * rate / sizes[row["impl"]]
+            row["weight_mb_per_step"] = round(sizes[row["impl"]] / 1e6, 1)
+            row["read_bound_share"] = round(row["tokens_per_s"] / bound, 3)
+    print(f"memory read rate {rate / 1e9:.1f} GB/s; weight MB per step and share of the read bound: "
+          + ", ".join(f"{r['impl']} batch {r['batch']}: {r['weight_mb_per_step']} MB, "
+                      f"{r['read_bound_share']:.0%}" for r in rows if r["impl"] in sizes))
+    return {"read_gb_per_s": round(rate / 1e9, 2)}
 
 
 @torch.no_grad()

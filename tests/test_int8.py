@@ -155,3 +155,15 @@ def test_int8_is_a_dtype_for_inference_only(tiny_dataset, tmp_path):
     with pytest.raises(ConfigError, match=r"^--dtype=int8 is for inference"):
         helpers.train_inprocess(helpers.tiny_train_args(tiny_dataset, str(tmp_path / "out"), dtype="int8"))
     assert not (tmp_path / "out").exists()
+
+
+def test_bench_counts_the_weight_bytes_a_step_reads(tiny_ckpt):
+    """bench.py --mode=generate's weight MB per step: every Linear's weight, bias and scales, the tied head once;
+    int8 is a quarter of fp32's weight bytes (plus its bf16 biases and scales)."""
+    from benchmarks.generate_speed import weight_bytes
+    fp32, int8 = int8_engine(tiny_ckpt, "float32").model, int8_engine(tiny_ckpt).model
+    linears = [m for m in int8.modules() if isinstance(m, torch.nn.Linear)]
+    weights = sum(m.weight.numel() for m in linears)
+    extras = sum(m.out_features + (m.bias.numel() if m.bias is not None else 0) for m in linears)
+    assert weight_bytes(int8) == weights + 2 * extras
+    assert weight_bytes(fp32) == 4 * (weights + sum(m.bias.numel() for m in linears if m.bias is not None))
