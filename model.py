@@ -106,9 +106,9 @@ class Linear(nn.Linear):
 
 
 def quantize_int8(weight):
-    """(int8 weight, bf16 scales) of a (out, in) weight: symmetric, one scale per output channel (its
-    largest magnitude maps to 127). The scale is rounded to bf16 before the weights are divided by
-    it, so that weight * scale is what the bf16 kernel multiplies."""
+    """(int8 weight, bf16 scales) of a (out, in) weight: symmetric, one scale per output channel
+    (its largest magnitude maps to 127). The scale is rounded to bf16 before the weights are
+    divided by it, so that weight * scale is what the bf16 kernel multiplies."""
     weight = weight.float()
     scales = (weight.abs().amax(dim=1) / 127).clamp(min=1e-12).to(torch.bfloat16)
     quantized = torch.round(weight / scales.float().unsqueeze(1)).clamp(-127, 127)

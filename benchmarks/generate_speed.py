@@ -163,8 +163,9 @@ def bench(cfg):
                          "tokens_per_s": round(speed, 2), "same_tokens": same == 1.0,
                          "same_token_share": round(same, 4)})
             print(f"{name:<34}{batch:>6}{seconds:>10.2f}{speed:>11.1f}{same:>13.1%}", flush=True)
-    read_bound = _read_bound(rows, {"ours, KV cache": model, **{f"ours, KV cache, {name}": half
-                                                             for name, half in halves.items()}}, device)
+    cached = {"ours, KV cache": model, **{f"ours, KV cache, {name}": half
+                                          for name, half in halves.items()}}
+    read_bound = _read_bound(rows, cached, device)
     prefill = _time_prefill(model, halves, cfg, device, dtype)
     return {"mode": "generate", "preset": cfg["gen_preset"], "device": device, "dtype": dtype,
             "prompt_tokens": preset["prompt_tokens"], "new_tokens": n_new, "rows": rows,
@@ -177,8 +178,8 @@ def machine():
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
-                         model)
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        model = names[0] if names else model
     except OSError:
         pass
     load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
@@ -221,7 +222,7 @@ def _read_bound(rows, models, device):
             bound = row["batch"] * rate / sizes[row["impl"]]
             row["weight_mb_per_step"] = round(sizes[row["impl"]] / 1e6, 1)
             row["read_bound_share"] = round(row["tokens_per_s"] / bound, 3)
-    print(f"memory read rate {rate / 1e9:.1f} GB/s; weight MB per step and share of the read bound: "
+    print(f"memory read rate {rate / 1e9:.1f} GB/s; weight MB per step, share of the read bound: "
           + ", ".join(f"{r['impl']} batch {r['batch']}: {r['weight_mb_per_step']} MB, "
                       f"{r['read_bound_share']:.0%}" for r in rows if r["impl"] in sizes))
     return {"read_gb_per_s": round(rate / 1e9, 2)}

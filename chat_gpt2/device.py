@@ -31,8 +31,8 @@ def resolve_dtype(dtype, device, one_row=False):
     MPS. On CPU: bf16 where the CPU has bf16 matmul instructions (training: autocast over fp32
     master weights, faster than fp32 with the same loss curve, docs/performance.md; inference:
     weights converted, decoding reads half the bytes), else fp32, since emulated bf16 is slower than
-    fp32 for batches. one_row (decoding one sequence at a time, as sample.py does): int8 weights where
-    cpu_decodes_int8_faster(), else bf16 also where cpu_decodes_bf16_faster()."""
+    fp32 for batches. one_row (decoding one sequence at a time, as sample.py does): int8 weights
+    where cpu_decodes_int8_faster(), else bf16 also where cpu_decodes_bf16_faster()."""
     if dtype != "auto":
         if dtype not in DTYPES:
             raise ConfigError(f"dtype must be auto, {', '.join(DTYPES[:-1])} or {DTYPES[-1]}, "

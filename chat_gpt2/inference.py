@@ -19,8 +19,8 @@ def load_engine(cfg, one_row=False):
     """(Engine, checkpoint info) for a script's options: out_dir, ckpt, init_from (see
     checkpoint.load_model), device, dtype. In bfloat16 / float16 / int8 the matmul weights
     themselves are converted once here (and with them the KV cache), not just autocast: batch-1
-    decoding is bound by reading the weights once per token (GPT.to_half). one_row: the script decodes one sequence at a time
-    (dtype auto: see resolve_dtype)."""
+    decoding is bound by reading the weights once per token (GPT.to_half). one_row: the script
+    decodes one sequence at a time (dtype auto: see resolve_dtype)."""
     if not cfg.get("use_cache", True):
         print(USE_CACHE_NOTE, file=sys.stderr)
     device = resolve_device(cfg["device"])
