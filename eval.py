@@ -73,7 +73,7 @@ DEFAULTS = dict(  # `python eval.py --help` prints these comments and the sampli
     judge_model="",  # the model name the judge endpoint serves
     judge_timeout=120.0,  # seconds per judge call
     device="auto",  # auto, cpu, cuda, cuda:N or mps
-    # fp32 so that scores compare across machines; bfloat16 / float16 / auto convert the weights
+    # fp32 so that scores compare across machines; bfloat16 / float16 / int8 / auto convert weights
     dtype="float32",
 )
 

@@ -50,13 +50,15 @@ class Linear(nn.Linear):
     """nn.Linear (same parameters, same state dict) with a faster CPU path for the few rows that
     cached generation multiplies: for, say, 8 rows MKL's x @ W.T repacks the whole weight at every
     call, while W @ x.T streams it once (docs/performance.md). Training and prompts (many rows) take
-    F.linear."""
+    F.linear. After quantize(), an int8 weight with per-channel scales (int8_matmul)."""
 
     FEW_ROWS = 16
     # GPT.to_half(upcast=True): half-precision weights multiplied in fp32 beyond FEW_ROWS rows
     upcast = False
 
     def forward(self, x):
+        if self.weight.dtype == torch.int8:
+            return self._int8_forward(x)
         if x.dtype != self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
             # half-precision weights (GPT.to_half) under the fp32 residual stream
             x = x.to(self.weight.dtype)
@@ -70,6 +72,70 @@ class Linear(nn.Linear):
         out = (self.weight @ columns if self.bias is None
                else torch.addmm(self.bias[:, None], self.weight, columns))
         return out.t().contiguous().view(*x.shape[:-1], self.out_features)
+
+    def quantize(self):
+        """The weight in int8 with a bf16 scale per output channel (quantize_int8), the bias in
+        bf16: what GPT.to_half(torch.int8) does to every Linear. The Parameter keeps its identity,
+        so the tied embedding (wte) shares the int8 weight."""
+        if self.weight.dtype == torch.int8:
+            return
+        weight, scales = quantize_int8(self.weight.detach())
+        self.weight.requires_grad_(False)
+        self.weight.data = weight
+        self.register_buffer("scales", scales)
+        if self.bias is not None:
+            self.bias.data = self.bias.data.to(scales.dtype)
+
+    def _int8_forward(self, x):
+        """x @ (weight * scales).T + bias in bf16, whatever the number of rows."""
+        rows = x.to(self.scales.dtype).reshape(-1, x.size(-1))
+        out = int8_matmul(rows, self.weight, self.scales)
+        if self.bias is not None:
+            out = out.add_(self.bias)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def dense_weight(self, rows=None):
+        """The weight (or its rows `rows`, a tensor of indices) as a floating-point tensor: itself,
+        or dequantised to fp32 where int8 (the tied embedding's lookup, the LM head's refined
+        logits and its loss)."""
+        weight = self.weight if rows is None else self.weight[rows]
+        if weight.dtype != torch.int8:
+            return weight
+        scales = self.scales if rows is None else self.scales[rows]
+        return weight.float() * scales.float().unsqueeze(-1)
+
+
+def quantize_int8(weight):
+    """(int8 weight, bf16 scales) of a (out, in) weight: symmetric, one scale per output channel
+    (its largest magnitude maps to 127). The scale is rounded to bf16 before the weights are
+    divided by it, so that weight * scale is what the bf16 kernel multiplies."""
+    weight = weight.float()
+    scales = (weight.abs().amax(dim=1) / 127).clamp(min=1e-12).to(torch.bfloat16)
+    quantized = torch.round(weight / scales.float().unsqueeze(1)).clamp(-127, 127)
+    return quantized.to(torch.int8), scales
+
+
+# device types where torch._weight_int8pack_mm is missing (or refuses these shapes and dtypes)
+_NO_INT8_KERNEL = set()
+
+
+def int8_matmul(x, weight, scales):
+    """x (M, K) @ (weight * scales[:, None]).T for an int8 weight (N, K), in x's dtype: torch's
+    int8 weight-only kernel (which reads the int8 bytes, not a dequantised copy), else
+    int8_matmul_dense."""
+    device = x.device.type
+    if device not in _NO_INT8_KERNEL:
+        try:
+            return torch._weight_int8pack_mm(x, weight, scales)
+        except (RuntimeError, NotImplementedError):
+            _NO_INT8_KERNEL.add(device)
+    return int8_matmul_dense(x, weight, scales)
+
+
+def int8_matmul_dense(x, weight, scales):
+    """int8_matmul where the kernel is missing: the weight converted to x's dtype for each call,
+    the scales applied to the (M, N) product, not to the weight."""
+    return F.linear(x, weight.to(x.dtype)) * scales.to(x.dtype)
 
 
 class CausalSelfAttention(nn.Module):
@@ -268,7 +334,10 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
         else:
             pos = torch.arange(T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        wte = self.transformer.wte
+        # an int8 wte is the LM head's weight (to_half quantises Linears, and it is tied)
+        tokens = self.lm_head.dense_weight(idx) if wte.weight.dtype == torch.int8 else wte(idx)
+        x = self.transformer.drop(tokens + self.transformer.wpe(pos))
         for block in self.transformer.h:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 # keeps x only; dropout masks are replayed exactly
@@ -290,7 +359,7 @@ class GPT(nn.Module):
         logits = logits.float()
         with torch.autocast(x.device.type, enabled=False):
             top = logits.topk(min(REFINE_TOP, logits.size(-1)), dim=-1).indices  # (..., k)
-            rows = self.lm_head.weight[top].float()  # (..., k, C)
+            rows = self.lm_head.dense_weight(top).float()  # (..., k, C)
             exact = (rows @ x.float().unsqueeze(-1)).squeeze(-1)
         return logits.scatter_(-1, top, exact)
 
@@ -306,10 +375,16 @@ class GPT(nn.Module):
         sequence gains from reading half the bytes but a compute-bound prompt loses: beyond FEW_ROWS
         rows each weight is converted to fp32 and multiplied there. A few rows (a batch of decoded
         sequences) stay in half precision, since converting every weight at every step costs more
-        than it saves. Figures: docs/inference.md and docs/performance.md."""
+        than it saves. Figures: docs/inference.md and docs/performance.md.
+
+        dtype torch.int8: the same, with each Linear's weight in int8 and a bf16 scale per output
+        channel (Linear.quantize), multiplied in bf16: a quarter of fp32's bytes per token."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
-                module.to(dtype)
+                if dtype == torch.int8:
+                    module.quantize()
+                else:
+                    module.to(dtype)
                 if upcast:
                     module.upcast = True
         return self
@@ -325,7 +400,7 @@ class GPT(nn.Module):
             rows = keep.nonzero().squeeze(1)
             x, targets, keep = x[rows], targets[rows], keep[rows]
             if x.device.type == "cpu":
-                return head_loss(x, self.lm_head.weight, targets)
+                return head_loss(x, self.lm_head.dense_weight(), targets)
         losses = F.cross_entropy(self.lm_head(x).float(), targets.clamp(min=0), reduction="none")
         keep = keep.float()
         return (losses * keep).sum() / keep.sum().clamp(min=1.0)

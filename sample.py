@@ -38,7 +38,7 @@ DEFAULTS = dict(  # `python sample.py --help` prints these comments and the samp
     **sampling_defaults(top_k=200, seed=1337, stop=None),  # temperature, ... (SamplingParams)
     num_samples=1,  # replies to the prompt, generated as one batch
     device="auto",  # auto, cpu, cuda, cuda:N or mps
-    # auto (bf16 where it decodes faster), float32, bfloat16 or float16: the weights are converted
+    # auto (bf16 where it decodes faster), float32, bfloat16, float16 or int8: weights converted
     dtype="auto",
     use_cache=True,  # kept for old commands: decoding always uses the KV cache (same tokens)
     interactive=False,  # a multi-turn chat on the terminal (or piped stdin) instead of one --prompt

@@ -34,7 +34,7 @@ DEFAULTS = dict(
     # checkpoint's). No default seed: it would make unseeded requests repeat themselves
     **sampling_defaults(top_k=200, leave_out=("stop",)),
     device="auto",  # auto, cpu, cuda, cuda:N or mps
-    # auto (bf16 where the device has native bf16), float32, bfloat16 or float16: weights converted
+    # auto (bf16 where the device has native bf16), float32, bfloat16, float16 or int8: converted
     dtype="auto",
     use_cache=True,  # kept for old commands: decoding always uses the KV cache (same tokens)
     max_body_bytes=Limits.max_body_bytes,  # the largest request body (413 above)

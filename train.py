@@ -151,6 +151,9 @@ def resolve_epochs(cfg, argv, explicit):
 
 def setup_processes(cfg):
     """Single process, or DDP under torchrun (RANK / LOCAL_RANK / WORLD_SIZE set): a small dict."""
+    if cfg["dtype"] == "int8":
+        raise ConfigError("--dtype=int8 is for inference (sample.py, eval.py, serve.py): train with "
+                          "auto, float32, bfloat16 or float16")
     device = resolve_device(cfg["device"])
     rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in
                                (("RANK", -1), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))

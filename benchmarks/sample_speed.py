@@ -13,7 +13,8 @@ import time
 
 import torch
 
-from benchmarks.generate_speed import gen_setup, greedy_tokens, has_transformers, hf_model, time_hf
+from benchmarks.generate_speed import (gen_setup, greedy_tokens, half_dtypes, has_transformers, hf_model,
+                                       time_hf)
 from chat_gpt2 import chat
 from chat_gpt2.checkpoint import save_checkpoint
 from chat_gpt2.device import resolve_device
@@ -35,7 +36,7 @@ SAMPLE_PROMPT = ("The old lighthouse keeper climbed the winding stairs every eve
 
 def bench(cfg):
     """sample.py as a user runs it (process start, imports, checkpoint load, prompt, decoding) on a
-    random-weight model of the preset's shape, in fp32 and with --dtype=gen_half, batch 1, greedy. A
+    random-weight model of the preset's shape, in fp32 and each --dtype=gen_half, batch 1, greedy. A
     token's time is (seconds for the preset's new_tokens - seconds for sample_short) / their
     difference: the start-up cancels out. Each process runs sample_runs times, alternately, the
     fastest counting. Against transformers' generate (fp32, in this process, after a warm-up) on the
@@ -46,7 +47,7 @@ def bench(cfg):
     enc = chat.get_encoder()
     prompt = torch.tensor([enc.encode(SAMPLE_PROMPT)[:preset["prompt_tokens"]]])
     text = enc.decode(prompt[0].tolist())
-    dtypes = ["float32"] + ([cfg["gen_half"]] if cfg["gen_half"] else [])
+    dtypes = ["float32"] + half_dtypes(cfg)
     _check_no_early_end(model, prompt, long, dtypes)
     print(f"sample: preset {cfg['gen_preset']}, {model.get_num_params() / 1e6:.1f}M parameters, "
           f"device {device}, {os.environ.get('OMP_NUM_THREADS', torch.get_num_threads())} threads, "

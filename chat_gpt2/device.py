@@ -22,22 +22,37 @@ def resolve_device(device):
     return "cpu"
 
 
+# int8: weight-only, for inference (GPT.to_half); train.py refuses it
+DTYPES = ("float32", "bfloat16", "float16", "int8")
+
+
 def resolve_dtype(dtype, device, one_row=False):
     """'auto': bf16 on CUDA where supported, else fp16 (with a GradScaler when training); fp32 on
     MPS. On CPU: bf16 where the CPU has bf16 matmul instructions (training: autocast over fp32
     master weights, faster than fp32 with the same loss curve, docs/performance.md; inference:
     weights converted, decoding reads half the bytes), else fp32, since emulated bf16 is slower than
-    fp32 for batches. one_row (decoding one sequence at a time, as sample.py does): bf16 also where
-    cpu_decodes_bf16_faster()."""
+    fp32 for batches. one_row (decoding one sequence at a time, as sample.py does): int8 weights
+    where cpu_decodes_int8_faster(), else bf16 also where cpu_decodes_bf16_faster()."""
     if dtype != "auto":
-        if dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+        if dtype not in DTYPES:
+            raise ConfigError(f"dtype must be auto, {', '.join(DTYPES[:-1])} or {DTYPES[-1]}, "
+                              f"got {dtype!r}")
         return dtype
     if device.startswith("cuda"):
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if device == "cpu" and one_row and cpu_decodes_int8_faster():
+        return "int8"
     if device == "cpu" and (cpu_has_bf16() or one_row and cpu_decodes_bf16_faster()):
         return "bfloat16"
     return "float32"
+
+
+def cpu_decodes_int8_faster():
+    """True where the host CPU decodes one sequence faster with int8 weights (torch's int8 kernel,
+    bf16 activations) than with bf16 or fp32 ones: measured on x86 CPUs with native bf16
+    (docs/performance.md#int8-weights). Elsewhere unmeasured: bf16 / fp32 as before. Batches stay
+    bf16 there, where bf16 matmuls of 8 rows beat the int8 kernel."""
+    return cpu_has_bf16()
 
 
 def cpu_decodes_bf16_faster():
@@ -63,8 +78,9 @@ def cpu_has_bf16():
 
 
 def autocast(device, dtype):
-    """Mixed-precision context for the forward pass; a no-op in fp32."""
-    if dtype == "float32":
+    """Mixed-precision context for the forward pass; a no-op in fp32 and int8 (int8 weights
+    multiply in bf16 on their own, GPT.to_half)."""
+    if dtype in ("float32", "int8"):
         return nullcontext()
     return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
 

@@ -17,15 +17,17 @@ USE_CACHE_NOTE = ("note: --use_cache=false no longer changes anything: decoding 
 
 def load_engine(cfg, one_row=False):
     """(Engine, checkpoint info) for a script's options: out_dir, ckpt, init_from (see
-    checkpoint.load_model), device, dtype. In bfloat16 / float16 the matmul weights themselves are
-    converted (and with them the KV cache), not just autocast: batch-1 decoding is bound by reading
-    the weights once per token (GPT.to_half). one_row: the script decodes one sequence at a time
-    (dtype auto: see resolve_dtype)."""
+    checkpoint.load_model), device, dtype. In bfloat16 / float16 / int8 the matmul weights
+    themselves are converted once here (and with them the KV cache), not just autocast: batch-1
+    decoding is bound by reading the weights once per token (GPT.to_half). one_row: the script
+    decodes one sequence at a time (dtype auto: see resolve_dtype)."""
     if not cfg.get("use_cache", True):
         print(USE_CACHE_NOTE, file=sys.stderr)
     device = resolve_device(cfg["device"])
     model, info = load_model(cfg["out_dir"], cfg["ckpt"], cfg.get("init_from", ""), device)
     dtype = resolve_dtype(cfg["dtype"], device, one_row)
+    if cfg["dtype"] == "auto":
+        print(f"dtype auto: {dtype} on {device}", file=sys.stderr)
     if dtype != "float32":
         to_half(model, dtype, device)
     enc = chat.get_encoder(info.get("tokenizer", chat.TOKENIZER))
@@ -33,10 +35,11 @@ def load_engine(cfg, one_row=False):
 
 
 def to_half(model, dtype, device):
-    """GPT.to_half for inference on device ("bfloat16" / "float16"). On a CPU without that dtype's
-    instructions, prompts (more than Linear.FEW_ROWS rows) multiply in fp32 (upcast); decoding steps
-    keep the half-precision bytes."""
-    native = device != "cpu" or (dtype == "bfloat16" and cpu_has_bf16())
+    """GPT.to_half for inference on device ("bfloat16" / "float16" / "int8"). On a CPU without that
+    dtype's instructions, prompts (more than Linear.FEW_ROWS rows) multiply in fp32 (upcast);
+    decoding steps keep the half-precision bytes. int8 weights take their own kernel for any number
+    of rows."""
+    native = device != "cpu" or dtype == "int8" or (dtype == "bfloat16" and cpu_has_bf16())
     return model.to_half(getattr(torch, dtype), upcast=not native)
 
 

@@ -26,6 +26,22 @@ def test_auto_dtype_follows_the_cpu(monkeypatch):
         device.resolve_dtype("bf16", "cpu")
 
 
+def test_auto_dtype_for_one_row_takes_int8_on_a_cpu_with_native_bf16(monkeypatch):
+    """One sequence at a time on a CPU with AVX512-BF16 / AMX: int8 weights (measured fastest there); batches keep
+    bf16, other CPUs keep their rules (int8 unmeasured there), and an explicit dtype wins."""
+    monkeypatch.setattr(device, "cpu_has_bf16", lambda: True)
+    for capability in ("AVX512", "AVX2"):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        assert device.resolve_dtype("auto", "cpu", one_row=True) == "int8"
+        assert device.resolve_dtype("auto", "cpu") == "bfloat16"
+        assert device.resolve_dtype("bfloat16", "cpu", one_row=True) == "bfloat16"
+    monkeypatch.setattr(device, "cpu_has_bf16", lambda: False)
+    assert device.resolve_dtype("auto", "cpu", one_row=True) == "bfloat16"  # AVX2: bf16 converted in software
+    assert device.resolve_dtype("auto", "mps", one_row=True) == "float32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert device.resolve_dtype("auto", "cuda", one_row=True) == "bfloat16"  # int8 is optional on CUDA
+
+
 def test_auto_dtype_for_one_row_also_takes_bf16_where_the_cpu_converts_it(monkeypatch):
     """Decoding one sequence reads the weights once per token: bf16 halves the bytes even where the CPU converts
     it in software (AVX2 / AVX-512), while batches and training stay fp32 there."""
