@@ -23,15 +23,15 @@ from chat_gpt2.checkpoint import (CKPT_PATTERN, checkpoint_path, find_checkpoint
 from chat_gpt2.classify_data import load_prepared
 from chat_gpt2.device import (peak_flops, resolve_compile, resolve_device, resolve_dtype,
                               tune_cpu_allocator)
-from chat_gpt2.errors import CheckpointError, ConfigError, DivergedError, MissingFileError
+from chat_gpt2.errors import CheckpointError, ConfigError, MissingFileError
 from chat_gpt2.files import remove_dead_leftovers
 from chat_gpt2.lora import lora_settings
 from chat_gpt2.objectives import objective_for
 from chat_gpt2.parallel import (agreed_signal, check_parallel, gathered_state, load_optimizer_state,
                                 local_part, replicate, rng_of_ranks, shard_model)
-from chat_gpt2.run_log import Logger, Window, plot_accuracy, plot_losses
-from chat_gpt2.training import (DEFAULT_GRAD_CLIP, EarlyStopping, build_model, clip_and_step,
-                                describe_training, forward_backward, get_lr)
+from chat_gpt2.run_log import Logger, Window, plot_accuracy, plot_losses, start_lines
+from chat_gpt2.training import (DEFAULT_GRAD_CLIP, EarlyStopping, build_model, check_finite,
+                                clip_and_step, forward_backward, get_lr)
 
 # one key a line, its meaning beside (or above) it: `python train.py --help` prints these comments
 DEFAULTS = dict(
@@ -152,8 +152,8 @@ def resolve_epochs(cfg, argv, explicit):
 def setup_processes(cfg):
     """Single process, or DDP under torchrun (RANK / LOCAL_RANK / WORLD_SIZE set): a small dict."""
     if cfg["dtype"] == "int8":
-        raise ConfigError("--dtype=int8 is for inference (sample.py, eval.py, serve.py): train with "
-                          "auto, float32, bfloat16 or float16")
+        raise ConfigError("--dtype=int8 is for inference (sample.py, eval.py, serve.py): train "
+                          "with auto, float32, bfloat16 or float16")
     device = resolve_device(cfg["device"])
     rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in
                                (("RANK", -1), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
@@ -328,29 +328,7 @@ class Trainer:
             signal.signal(sig, on_signal)
 
     def check_finite(self, value, what):
-        """Stop a diverged run at once, before anything is saved from it, saying what to try."""
-        if math.isfinite(value):
-            return
-        cfg = self.cfg
-        last = (f"; the last good state is {self.last_path}" if os.path.exists(self.last_path)
-                else "")
-        raise DivergedError(f"non-finite {what} ({value}) at iteration {self.iter_num}: the run "
-                            f"diverged and was stopped; nothing was saved from it{last}. Try a "
-                            f"lower --learning_rate (now {cfg['learning_rate']:g}), --grad_clip=1.0"
-                            f" (now {cfg['grad_clip']:g}) or --dtype=float32 (now "
-                            f"{self.run['dtype']})")
-
-
-def print_start(trainer):
-    model, run = trainer.raw_model, trainer.run
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = model.get_num_params(non_embedding=False)
-    print(f"{model.get_num_params() / 1e6:.2f}M parameters; trainable {trainable:,} of {total:,} "
-          f"({trainable / total:.2%}){describe_training(trainer.cfg)}, device {run['device']}, "
-          f"dtype {run['dtype']}, {run['world']} process(es), {trainer.tokens_per_iter:,} "
-          f"tokens/iter, run {trainer.stamp}")
-    print(f"MFU is against the {trainer.peak_source} {run['dtype']} matmul peak of "
-          f"{run['device']}: {trainer.peak_flops / 1e9:,.0f} GFLOP/s")
+        check_finite(value, what, self.iter_num, self.cfg, self.run["dtype"], self.last_path)
 
 
 def main(argv=None):
@@ -367,7 +345,8 @@ def main(argv=None):
     try:
         trainer = Trainer(cfg, run, resume_from, explicit)
         if run["master"]:
-            print_start(trainer)
+            print(start_lines(trainer.raw_model, cfg, run, trainer.tokens_per_iter, trainer.stamp,
+                              trainer.peak_flops, trainer.peak_source))
         reason, seconds = trainer.train()
         if run["master"]:
             print(f"stopped: {reason} after {trainer.iter_num} iters in {seconds / 60:.1f} min; "

@@ -5,6 +5,7 @@ import os
 import time
 
 from .files import atomic_write
+from .training import describe_training
 
 
 class Logger:
@@ -146,3 +147,15 @@ def plot_accuracy(out_dir):
         ax.plot([r["iter"] for r in evals], [r[f"{split}_accuracy"] for r in evals], marker="o",
                 label=split)
     return _save(plt, fig, ax, "accuracy", os.path.join(out_dir, "accuracy.png"))
+
+
+def start_lines(model, cfg, run, tokens_per_iter, stamp, peak_flops, peak_source):
+    """What a run prints at its start: the model, what is trained, where, and the MFU's peak."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = model.get_num_params(non_embedding=False)
+    return (f"{model.get_num_params() / 1e6:.2f}M parameters; trainable {trainable:,} of {total:,} "
+            f"({trainable / total:.2%}){describe_training(cfg)}, device {run['device']}, "
+            f"dtype {run['dtype']}, {run['world']} process(es), {tokens_per_iter:,} "
+            f"tokens/iter, run {stamp}\n"
+            f"MFU is against the {peak_source} {run['dtype']} matmul peak of "
+            f"{run['device']}: {peak_flops / 1e9:,.0f} GFLOP/s")

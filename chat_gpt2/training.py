@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from .checkpoint import SHAPE_KEYS, describe_base, init_checkpoint, model_from_checkpoint
 from .device import autocast
-from .errors import ConfigError
+from .errors import ConfigError, DivergedError
 from .hf_gpt2 import from_pretrained, pretrained_config, resolve_pretrained
 from .lora import apply_lora, freeze_layers, lora_settings
 from .memory import check_memory, count_trainable
@@ -244,3 +244,14 @@ def loss_sums(model, batch):
     end is the token-weighted mean loss."""
     _, _, m = batch
     return torch.stack([masked_loss(model, batch).float() * m.sum(), m.sum()])
+
+
+def check_finite(value, what, iter_num, cfg, dtype, last_path):
+    """Stop a diverged run at once, before anything is saved from it, saying what to try."""
+    if math.isfinite(value):
+        return
+    last = f"; the last good state is {last_path}" if os.path.exists(last_path) else ""
+    raise DivergedError(f"non-finite {what} ({value}) at iteration {iter_num}: the run "
+                        f"diverged and was stopped; nothing was saved from it{last}. Try a "
+                        f"lower --learning_rate (now {cfg['learning_rate']:g}), --grad_clip=1.0"
+                        f" (now {cfg['grad_clip']:g}) or --dtype=float32 (now {dtype})")
