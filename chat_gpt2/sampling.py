@@ -35,11 +35,14 @@ class SamplingParams:
                              "checkpoint's default stop; <|endoftext|> always ends one")
     seed: int | None = option(None, "makes sampling reproducible (None = fresh draws)",
                               ge=-2**63, le=2**64 - 1)  # what torch.Generator.manual_seed takes
+    logit_bias: tuple = option((), "token id -> a bias in [-100, 100] added to its logit before "
+                                   "sampling (-100 bans the token, +100 all but forces it)")
 
     def __post_init__(self):
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         object.__setattr__(self, "stop", tuple(s for s in stop if s))
         object.__setattr__(self, "top_k", self.top_k or 0)
+        object.__setattr__(self, "logit_bias", logit_bias_pairs(self.logit_bias))
         for f in fields(self):
             value = getattr(self, f.name)
             for bound, limit in f.metadata["bounds"].items():
@@ -53,21 +56,39 @@ class SamplingParams:
         return None if self.seed is None else torch.Generator(device=device).manual_seed(self.seed)
 
 
+def logit_bias_pairs(bias):
+    """logit_bias ({token id: bias} or (id, bias) pairs) as sorted (int id, float bias) pairs: a
+    tuple, so that SamplingParams stays hashable (the engine groups rows by their params)."""
+    pairs = bias.items() if isinstance(bias, dict) else bias or ()
+    try:
+        pairs = tuple(sorted((int(token), float(value)) for token, value in pairs))
+    except (TypeError, ValueError):
+        raise ConfigError(f"logit_bias must map token ids to numbers, got {bias!r}") from None
+    for token, value in pairs:
+        if token < 0 or not -100 <= value <= 100:
+            raise ConfigError(f"logit_bias must map token ids >= 0 to biases in [-100, 100], got "
+                              f"{token}: {value}")
+    return pairs
+
+
+# the options only the server's requests take (a per-token map: no script option of its own)
+SERVER_ONLY = ("logit_bias",)
 # the options sample.py's /set changes
-SAMPLING_KEYS = tuple(f.name for f in fields(SamplingParams) if f.name not in ("stop", "seed"))
+SAMPLING_KEYS = tuple(f.name for f in fields(SamplingParams)
+                      if f.name not in ("stop", "seed", *SERVER_ONLY))
 
 
 def sampling_help():
     """{option: its help}: for a script's --help (configurator.load's help) and sample.py's
     /help."""
-    return {f.name: f.metadata["help"] for f in fields(SamplingParams)}
+    return {f.name: f.metadata["help"] for f in fields(SamplingParams) if f.name not in SERVER_ONLY}
 
 
 def sampling_defaults(leave_out=(), **overrides):
     """The sampling options as a script's DEFAULTS entries, {option: default}, with the script's own
     defaults (overrides) and without the options it does not take."""
     defaults = {f.name: overrides.pop(f.name, f.default) for f in fields(SamplingParams)
-                if f.name not in leave_out}
+                if f.name not in (*leave_out, *SERVER_ONLY)}
     if overrides:
         raise TypeError(f"not sampling options: {sorted(overrides)}")
     return defaults
@@ -78,14 +99,18 @@ def sampling_defaults(leave_out=(), **overrides):
 
 
 def adjust_logits(logits, params, history=None):
-    """The float32 logits (B, V) sampling draws from, in transformers' order: repetition penalty,
-    temperature, top-k, top-p; filtered tokens are -inf. With temperature 0 only the penalty applies
-    (greedy takes the argmax).
+    """The float32 logits (B, V) sampling draws from, in transformers' order: logit bias, repetition
+    penalty, temperature, top-k, top-p; filtered tokens are -inf. With temperature 0 only the bias
+    and the penalty apply (greedy takes the argmax).
 
     history (B, L): the tokens the penalty applies to. repetition_penalty follows CTRL /
     transformers: a seen token's logit is divided by the penalty when positive and multiplied by it
     when negative."""
     logits = logits.float()
+    if params.logit_bias:  # OpenAI's logit_bias: added to the raw logits (ids checked by the caller)
+        tokens, biases = zip(*params.logit_bias)
+        logits = logits.index_add(1, torch.tensor(tokens, device=logits.device),
+                                  torch.tensor(biases, device=logits.device).expand(len(logits), -1))
     penalty = params.repetition_penalty
     if penalty != 1.0 and history is not None:
         seen = logits.gather(1, history)

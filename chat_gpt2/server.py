@@ -98,7 +98,7 @@ class Message(BaseModel):
 # that is neither declared by the request model nor here is refused as unknown. docs/serving.md's
 # table lists every field (tests/test_serve_fields.py checks it against these).
 ANY = "any value"
-NO_OPS = {"frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": ({},), "user": ANY}
+NO_OPS = {"frequency_penalty": (0,), "presence_penalty": (0,), "user": ANY}
 CHAT_NO_OPS = {
     **NO_OPS, "response_format": ({"type": "text"},),
     "tools": ([],), "tool_choice": ("none", "auto"), "parallel_tool_calls": ANY, "functions": ([],),
@@ -133,7 +133,8 @@ class RequestOptions(BaseModel):
 
 
 API_NAMES = {"max_new_tokens": "max_tokens"}  # OpenAI's names for options where they differ
-API_TYPES = {"stop": str | list[str]}  # the request's type where it is not the option's own
+API_TYPES = {"stop": str | list[str],  # the request's type where it is not the option's own
+             "logit_bias": dict[str, int | float]}
 API_LIMITS = {"temperature": dict(le=2), "repetition_penalty": dict(le=10)}  # the API's own limits
 
 
@@ -369,9 +370,15 @@ class Service:
                    for key, value in options.items()}
         options["max_new_tokens"] = min(options["max_new_tokens"], self.block_size - 1)
         try:
-            return SamplingParams(**options, stop=stops)
+            params = SamplingParams(**options, stop=stops, logit_bias=req.logit_bias or ())
         except ConfigError as e:
-            raise ApiError(400, str(e)) from None
+            raise ApiError(400, str(e), param="logit_bias" if str(e).startswith("logit_bias")
+                           else None) from None
+        vocab = self.engine.enc.n_vocab
+        if any(token >= vocab for token, _ in params.logit_bias):
+            raise ApiError(400, f"logit_bias: token ids must be in 0..{vocab - 1}",
+                           param="logit_bias")
+        return params
 
     def check_messages(self, messages):
         if len(messages) > self.limits.max_messages:

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 import helpers
 from chat_gpt2 import chat
 from chat_gpt2 import inference
+from chat_gpt2.errors import ConfigError
 from chat_gpt2.engine import Decoder, Engine, KVCache, PromptCache, Request, crop_start
-from chat_gpt2.sampling import (SAMPLING_KEYS, SamplingParams, adjust_logits, sample_next, sampling_defaults,
+from chat_gpt2.sampling import (SAMPLING_KEYS, SERVER_ONLY, SamplingParams, adjust_logits, sample_next, sampling_defaults,
                                 sampling_help)
 from chat_gpt2.inference import load_engine
 from model import GPT, REFINE_TOP, GPTConfig
@@ -179,7 +180,7 @@ def test_sampling_options_are_declared_once():
     import eval as eval_py
     import sample
     import serve
-    names = [f.name for f in fields(SamplingParams)]
+    names = [f.name for f in fields(SamplingParams) if f.name not in SERVER_ONLY]  # not logit_bias
     for script in (sample, eval_py, serve):
         taken = [key for key in script.DEFAULTS if key in names]
         assert taken == [name for name in names if script is not serve or name != "stop"]
@@ -193,6 +194,23 @@ def test_sampling_options_are_declared_once():
 
 # ---------------------------------------------------------------------------------------------------------------
 # Sampling math on hand-made logits
+
+
+def test_logit_bias_is_added_first_bans_and_forces():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0], [0.0, 1.0, 0.0, 0.0]])
+    params = SamplingParams(temperature=0.0, logit_bias={"3": -100, 1: 100})
+    assert params.logit_bias == ((1, 100.0), (3, -100.0)) and hash(params)  # hashable: grouped by it
+    assert torch.equal(adjust_logits(logits, params), logits + torch.tensor([0.0, 100.0, 0.0, -100.0]))
+    assert sample_next(logits, params).tolist() == [1, 1]
+    banned = SamplingParams(temperature=0.0, logit_bias={3: -100})
+    assert sample_next(logits, banned).tolist() == [0, 1]  # row 0's argmax 3 is banned
+    # before the penalty: token 1 biased to 99 is then divided by 2, as in transformers' order
+    out = adjust_logits(logits[:1], SamplingParams(temperature=0.0, repetition_penalty=2.0,
+                                                   logit_bias={1: 100}), torch.tensor([[1]]))
+    assert out[0, 1].item() == 49.5
+    for bad in ({3: 101}, {-1: 1}, {"x": 1}, [(1,)]):
+        with pytest.raises(ConfigError, match="logit_bias"):
+            SamplingParams(logit_bias=bad)
 
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():

@@ -44,3 +44,21 @@ def test_a_short_run_against_a_tiny_model(make_tiny_ckpt, capsys):
         r = rows[clients]
         assert (r["requests"], r["ok"], r["failed"], r["lost"]) == (4, 4, 0, 0), r
         assert 0 < r["new_tokens"] <= 20 and r["ttft_p50_s"] <= r["latency_p50_s"]
+
+
+def test_rss_of_this_process_and_of_none():
+    assert loadgen.rss_kib(os.getpid()) > 1000
+    assert loadgen.rss_kib(2**22 + 12345) is None  # above any pid the kernel hands out
+
+
+@pytest.mark.slow
+def test_a_short_soak_loses_nothing(make_tiny_ckpt, capsys):
+    ckpt = make_tiny_ckpt(block_size=128)
+    report = loadgen.main([f"--ckpt={ckpt}", "--soak_seconds=4", "--soak_clients=3", "--max_tokens=6"])
+    out = capsys.readouterr().out
+    assert "soak:" in out and "server RSS after warm-up" in out
+    assert report["lost"] == 0 and report["failed"] == 0 and report["ok"] >= 5, report
+    assert sum(sum(c.values()) for c in report["by_kind"].values()) == report["ok"]
+    assert report["rss_after_warmup_kib"] > 10_000 and report["rss_end_kib"] > 10_000
+    with pytest.raises(SystemExit, match="loopback"):
+        loadgen.main(["--url=http://10.1.2.3:8000", "--soak_seconds=1"])

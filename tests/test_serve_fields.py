@@ -20,7 +20,7 @@ BASE = {"/v1/chat/completions": {"messages": HELLO, "max_tokens": 1},
 REFUSED = {  # a value each default-only field is refused with (what a client would really send)
     "response_format": {"type": "json_object"}, "tools": [{"type": "function", "function": {"name": "f"}}],
     "tool_choice": "required", "functions": [{"name": "f"}], "function_call": {"name": "f"},
-    "logit_bias": {"50256": -100}, "best_of": 3, "suffix": "The end.",
+    "best_of": 3, "suffix": "The end.",
     "frequency_penalty": 0.5, "presence_penalty": -1, "modalities": ["text", "audio"],
     "audio": {"voice": "alloy", "format": "wav"}, "prediction": {"type": "content", "content": "x"},
     "reasoning_effort": "high", "verbosity": "low", "web_search_options": {}, "moderation": {},
@@ -111,8 +111,8 @@ def test_openai_client_sees_refusals(server):  # noqa: F811
         client.chat.completions.create(model="tiny", messages=HELLO, response_format={"type": "json_object"})
     assert e.value.body["param"] == "response_format"
     with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model="tiny", prompt="Hi", logit_bias={"50256": -100})
-    assert e.value.body["param"] == "logit_bias"
+        client.completions.create(model="tiny", prompt="Hi", best_of=3)
+    assert e.value.body["param"] == "best_of"
     r = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=1, frequency_penalty=0,
                                        presence_penalty=0, user="u1", response_format={"type": "text"})
     assert r.choices[0].message.role == "assistant"
@@ -178,3 +178,19 @@ def test_seed_range_and_max_completion_tokens(server):  # noqa: F811
     assert r.json()["usage"]["completion_tokens"] == 3
     r = post(server, "/v1/chat/completions", {"messages": HELLO, "max_completion_tokens": 3, "max_tokens": 4})
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_completion_tokens"
+
+
+def test_logit_bias_forces_a_token_and_is_checked(server):  # noqa: F811
+    enc = chat.get_encoder()
+    forced = enc.encode_ordinary(" garden")
+    assert len(forced) == 1
+    for path in ENDPOINTS:
+        body = {**BASE[path], "max_tokens": 3, **GREEDY}
+        greedy = texts(post(server, path, body))
+        assert texts(post(server, path, {**body, "logit_bias": {}})) == greedy
+        r = post(server, path, {**body, "logit_bias": {str(forced[0]): 100}})
+        assert texts(r)[0].strip() == enc.decode(forced * 3).strip() != greedy[0].strip(), texts(r)
+        for bad in ({str(enc.n_vocab): 1}, {"-1": 1}, {"cat": 1}, {"10": 100.5}, {"10": -101},
+                    {"10": "1"}, [10, 1]):
+            r = post(server, path, {**body, "logit_bias": bad})
+            assert r.status_code == 400 and r.json()["error"]["param"].startswith("logit_bias"), (bad, r.text)

@@ -11,6 +11,15 @@ or --max_seconds passed: greedy, --max_tokens new tokens, no stop string, prompt
 concurrency: new tokens/s over the whole run, p50/p99 latency and time to first token, failed requests (an HTTP
 error or an exception) and lost ones (a stream that ended without its [DONE]); then the ratio of the highest
 concurrency's tokens/s to the lowest's, and one JSON line.
+
+    python tools/loadgen.py --out_dir=out --soak_seconds=600     # soak: 10 minutes of mixed requests
+
+Soak mode (--soak_seconds) sends, from --soak_clients threads, a random mix of streamed and plain
+chat completions, streams the client closes after their first content, bad requests (a 4xx is
+their right answer) and n=2 requests, for a warm-up then for --soak_seconds (at most
+--soak_requests), and prints ok / failed / lost (lost: no complete answer to a request that was
+neither cancelled nor bad) and the server's resident memory (VmRSS) after the warm-up and at the
+end. With --url it uses a server already running on 127.0.0.1 (--server_pid for its memory).
 """
 import argparse
 import contextlib
@@ -131,7 +140,8 @@ def random_checkpoint(folder):
 
 @contextlib.contextmanager
 def serving(model_args, max_rows, timeout=120):
-    """serve.py in a subprocess on a free loopback port; yields its base URL, stops it at the end."""
+    """serve.py in a subprocess on a free loopback port; yields (its base URL, its pid), stops it
+    at the end."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -149,11 +159,111 @@ def serving(model_args, max_rows, timeout=120):
                 if httpx.get(url + "/health", timeout=5).status_code == 200:
                     break
             time.sleep(0.2)
-        yield url
+        yield url, proc.pid
     finally:
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Soak: minutes of mixed requests, then what was lost and how the server's memory grew
+
+SOAK_KINDS = ("stream", "plain", "cancel", "bad", "n2")  # drawn in turn at random by each client
+BAD_BODIES = ({"messages": []}, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0},
+              {"messages": [{"role": "user", "content": "hi"}], "temperature": -1},
+              {"messages": [{"role": "user", "content": "hi"}], "no_such_field": 1}, {"prompt": 5})
+
+
+def soak_request(client, url, kind, prompt, max_tokens, rng):
+    """One soak request of `kind`: "ok" (a complete, well-formed answer; for "cancel", the stream
+    closed by us after its first content; for "bad", a 4xx), "failed" (the server answered, but not
+    as it should: a 5xx, a 200 to a bad request, a wrong number of choices) or "lost" (no complete
+    answer: an exception, a stream without its [DONE])."""
+    if kind == "bad":
+        try:
+            status = client.post(url + "/v1/chat/completions", json=rng.choice(BAD_BODIES)).status_code
+        except httpx.HTTPError:
+            return "lost"
+        return "ok" if 400 <= status < 500 else "failed"
+    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": rng.choice((0, 0.8)), "stop": [], "n": 2 if kind == "n2" else 1}
+    try:
+        if kind in ("plain", "n2"):
+            r = client.post(url + "/v1/chat/completions", json=body)
+            return "ok" if r.status_code == 200 and len(r.json()["choices"]) == body["n"] else "failed"
+        with client.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}) as r:
+            if r.status_code != 200:
+                return "failed"
+            for line in r.iter_lines():
+                if line == "data: [DONE]":
+                    return "ok"
+                if kind == "cancel" and line.startswith("data: ") and '"content"' in line:
+                    return "ok"  # leaving the block closes the connection mid-stream
+    except (httpx.HTTPError, ValueError, KeyError):
+        return "lost"
+    return "lost"
+
+
+def soak_phase(url, args, seconds, seed):
+    """args.soak_clients threads sending mixed requests for `seconds` (at most args.soak_requests
+    in all); {kind: {"ok", "failed", "lost"}} counts."""
+    counts = {kind: {"ok": 0, "failed": 0, "lost": 0} for kind in SOAK_KINDS}
+    lock, sent, end = threading.Lock(), [0], time.perf_counter() + seconds
+
+    def client_loop(index):
+        rng = random.Random(seed * 1000 + index)
+        with httpx.Client(timeout=120) as client:
+            while time.perf_counter() < end:
+                with lock:
+                    if sent[0] >= args.soak_requests:
+                        return
+                    sent[0] += 1
+                kind = rng.choice(SOAK_KINDS)
+                prompt = prompts(1, rng.random())[0]
+                outcome = soak_request(client, url, kind, prompt, rng.randint(1, args.max_tokens), rng)
+                with lock:
+                    counts[kind][outcome] += 1
+
+    threads = [threading.Thread(target=client_loop, args=(i,), daemon=True)
+               for i in range(args.soak_clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return counts
+
+
+def rss_kib(pid):
+    """A process's resident memory (VmRSS) in KiB, from /proc; None where it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def soak(url, pid, args):
+    """A warm-up (a tenth of the time, at least 5 s), the RSS, the soak, the RSS again: the report."""
+    warmup_s = min(max(args.soak_seconds / 10, 5), args.soak_seconds)
+    soak_phase(url, args, warmup_s, args.seed + 1)
+    rss_start = rss_kib(pid) if pid else None
+    start = time.perf_counter()
+    counts = soak_phase(url, args, args.soak_seconds, args.seed)
+    wall, rss_end = time.perf_counter() - start, rss_kib(pid) if pid else None
+    total = {key: sum(c[key] for c in counts.values()) for key in ("ok", "failed", "lost")}
+    growth = None if not (rss_start and rss_end) else round(100 * (rss_end - rss_start) / rss_start, 2)
+    report = {"soak_s": round(wall, 1), "warmup_s": round(warmup_s, 1), "clients": args.soak_clients,
+              **total, "by_kind": counts, "rss_after_warmup_kib": rss_start, "rss_end_kib": rss_end,
+              "rss_growth_pct": growth}
+    print(f"soak: {sum(total.values())} requests in {wall:.0f} s from {args.soak_clients} clients: "
+          f"{total['ok']} ok, {total['failed']} failed, {total['lost']} lost; " + ", ".join(
+              f"{kind} {c['ok']}/{sum(c.values())}" for kind, c in counts.items()))
+    if growth is not None:
+        print(f"server RSS after warm-up {rss_start / 1024:.1f} MiB, at the end {rss_end / 1024:.1f} MiB: "
+              f"{growth:+.2f}%")
+    print(json.dumps({"soak": report}))
+    return report
 
 
 def parse_args(argv):
@@ -168,6 +278,13 @@ def parse_args(argv):
     p.add_argument("--device", default="cpu", help="serve.py's --device")
     p.add_argument("--dtype", default="float32", help="serve.py's --dtype")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts")
+    p.add_argument("--soak_seconds", type=float, default=0,
+                   help="soak mode: mixed requests for this long instead of the concurrency levels")
+    p.add_argument("--soak_clients", type=int, default=4, help="soak mode: concurrent clients")
+    p.add_argument("--soak_requests", type=int, default=100_000, help="soak mode: at most this many")
+    p.add_argument("--url", default="", help="use this running server (http://127.0.0.1:PORT) "
+                   "instead of starting one")
+    p.add_argument("--server_pid", type=int, default=0, help="with --url: its pid, for the RSS")
     return p.parse_args(argv)
 
 
@@ -183,13 +300,18 @@ def model_options(args, folder):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.url:
+        return against_url(args)
     levels = [int(c) for c in args.concurrency.split(",")]
     texts = prompts(args.requests, args.seed)
     rows = {}
     with tempfile.TemporaryDirectory() as folder:
         options, described = model_options(args, folder)
         print(f"model: {described}; device {args.device}, dtype {args.dtype}, max_rows {args.max_rows}")
-        with serving([*options, f"--device={args.device}", f"--dtype={args.dtype}"], args.max_rows) as url:
+        with serving([*options, f"--device={args.device}", f"--dtype={args.dtype}"],
+                     args.max_rows) as (url, pid):
+            if args.soak_seconds:
+                return soak(url, pid, args)
             run_level(url, texts[:2], 1, args.max_tokens, args.max_seconds)  # warm-up, not counted
             for clients in levels:
                 results, wall = run_level(url, texts, clients, args.max_tokens, args.max_seconds)
@@ -200,6 +322,17 @@ def main(argv=None):
     print(json.dumps({"loadgen": {str(k): v for k, v in rows.items()}, "ratio": round(ratio, 2),
                       "max_tokens": args.max_tokens, "model": described}))
     return rows
+
+
+def against_url(args):
+    """Soak a server already running on the loopback interface (no other host: this is a load)."""
+    host = httpx.URL(args.url).host
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        raise SystemExit(f"--url: only a loopback server (127.0.0.1), got {host}")
+    if not args.soak_seconds:
+        raise SystemExit("--url: give --soak_seconds (the concurrency levels start their own server)")
+    print(f"server: {args.url}" + (f", pid {args.server_pid}" if args.server_pid else ""))
+    return soak(args.url.rstrip("/"), args.server_pid, args)
 
 
 def format_row(clients, r):
