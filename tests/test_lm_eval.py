@@ -34,14 +34,16 @@ def weights(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def task_dir(tmp_path_factory):
-    """A task that includes lm-eval's own hellaswag.yaml and swaps only the data for the local file."""
+def tasks(tmp_path_factory):
+    """A TaskManager holding one task: lm-eval's own hellaswag.yaml with only the data swapped for the
+    local file."""
     folder = tmp_path_factory.mktemp("tasks")
     official = os.path.join(os.path.dirname(hellaswag_utils.__file__), "hellaswag.yaml")
     (folder / f"{TASK}.yaml").write_text(
         f"include: {official}\ntask: {TASK}\ntag: []\ndataset_path: json\ndataset_name: null\n"
         f"dataset_kwargs:\n  data_files:\n    validation: {FIXTURE}\ntraining_split: null\n")
-    return str(folder)
+    # lm-eval's built-in tasks are not indexed (seconds): the include above is a path
+    return TaskManager(include_path=str(folder), include_defaults=False)
 
 
 @pytest.fixture(autouse=True)
@@ -50,10 +52,10 @@ def offline(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
 
 
-def run_lm_eval(task_dir, model, model_args):
+def run_lm_eval(tasks, model, model_args):
     """(acc, acc_norm, {doc_id: [log-likelihood of each ending]}) from lm_eval.simple_evaluate."""
     out = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=[TASK], device="cpu",
-                                  task_manager=TaskManager(include_path=task_dir), log_samples=True,
+                                  task_manager=tasks, log_samples=True,
                                   batch_size=4)
     metrics = out["results"][TASK]
     scores = {s["doc_id"]: [resp[0] for resp in s["filtered_resps"]] for s in out["samples"][TASK]}
@@ -86,8 +88,8 @@ def picks(lls, lengths=None):
 
 
 @pytest.fixture(scope="module")
-def hf_run(weights, task_dir):
-    return run_lm_eval(task_dir, "hf", f"pretrained={weights[0]},dtype=float32")
+def hf_run(weights, tasks):
+    return run_lm_eval(tasks, "hf", f"pretrained={weights[0]},dtype=float32")
 
 
 def test_lm_eval_hf_on_an_export_matches_our_log_likelihoods(weights, hf_run):
@@ -103,13 +105,13 @@ def test_lm_eval_hf_on_an_export_matches_our_log_likelihoods(weights, hf_run):
     assert acc_norm == sum(picks(lls, n) == gold for gold, lls, n in items) / len(items)
 
 
-def test_lm_eval_local_completions_against_serve_matches_hf(weights, task_dir, hf_run):
+def test_lm_eval_local_completions_against_serve_matches_hf(weights, tasks, hf_run):
     export_dir, ckpt = weights
     cfg, _ = configurator.load(serve.DEFAULTS, [f"--ckpt={ckpt}", "--device=cpu", "--dtype=float32"])
     server = Server(serve.build_app(cfg)).start()
     try:
         acc, acc_norm, scores = run_lm_eval(
-            task_dir, "local-completions",
+            tasks, "local-completions",
             f"base_url={server.url}/v1/completions,model=tiny,tokenizer_backend=huggingface,"
             f"tokenizer={export_dir},tokenized_requests=True,num_concurrent=1,max_retries=1")
     finally:
