@@ -70,7 +70,8 @@ def reference(export_dir):
     items = []
     for line in open(FIXTURE):
         doc = json.loads(line)
-        query = hellaswag_utils.preprocess(f"{doc['activity_label']}: {doc['ctx_a']} {doc['ctx_b'].capitalize()}")
+        text = f"{doc['ctx_a']} {doc['ctx_b'].capitalize()}"
+        query = hellaswag_utils.preprocess(f"{doc['activity_label']}: {text}")
         endings = [hellaswag_utils.preprocess(e) for e in doc["endings"]]
         ctx = tok(query)["input_ids"]
         lls = []
@@ -94,6 +95,7 @@ def hf_run(weights, tasks):
 
 def test_lm_eval_hf_on_an_export_matches_our_log_likelihoods(weights, hf_run):
     acc, acc_norm, scores = hf_run
+    print(f"lm-eval hf on a random tiny export: acc {acc:.4f}, acc_norm {acc_norm:.4f}")
     items = reference(weights[0])
     assert len(scores) == len(items) == 12 and 0 <= acc <= 1 and 0 <= acc_norm <= 1
     for i, (gold, lls, lengths) in enumerate(items):
