@@ -43,7 +43,8 @@ from chat_gpt2 import chat
 from chat_gpt2.classifier import classify_texts, metrics, report_lines
 from chat_gpt2.classify_data import read_labelled
 from chat_gpt2.errors import ConfigError
-from chat_gpt2.evaluation import generate_all, load_heldout, score_rows, val_loss
+from chat_gpt2.evaluation import (choice_accuracy, choice_scores, generate_all, load_heldout,
+                                  read_choices, score_rows, val_loss)
 from chat_gpt2.files import write_jsonl
 from chat_gpt2.inference import load_engine, sampling_params
 from chat_gpt2.sampling import sampling_defaults, sampling_help
@@ -60,6 +61,8 @@ DEFAULTS = dict(  # `python eval.py --help` prints these comments and the sampli
     data="",
     # preference pairs (.jsonl / .json, any --task=preference layout): reward accuracy and margin
     pairs="",
+    # multiple choice in HellaSwag's layout (.jsonl): acc, acc_norm (lm-eval's), acc_norm_tokens
+    choices="",
     reference="",  # --pairs: the reference (our .pt, a run's out_dir, a pretrained name); "" = none
     beta=0.1,  # --pairs: the rewards' scale, as DPO's beta
     out="",  # where the replies go; "" = eval_replies.jsonl in out_dir
@@ -157,9 +160,10 @@ def evaluate_classifier(engine, ckpt, cfg):
 
 def main(argv=None):
     cfg, _ = configurator.load(DEFAULTS, argv, prog="eval.py", meanings=sampling_help())
-    if not cfg["dataset"] and not cfg["data"] and not cfg["pairs"]:
+    if not any(cfg[key] for key in ("dataset", "data", "pairs", "choices")):
         raise ConfigError("nothing to evaluate: pass --dataset=NAME_OR_DIR (val loss), --data=FILE "
-                          "(replies) and/or --pairs=FILE (preference pairs)")
+                          "(replies), --pairs=FILE (preference pairs) and/or --choices=FILE "
+                          "(multiple choice)")
     engine, ckpt = load_engine(cfg)
     if "classify" in ckpt:
         return evaluate_classifier(engine, ckpt, cfg)
@@ -174,6 +178,12 @@ def main(argv=None):
         summary.update(evaluate_replies(engine, ckpt, cfg))
     if cfg["pairs"]:
         summary.update(evaluate_pairs(engine, ckpt, cfg))
+    if cfg["choices"]:
+        items = read_choices(cfg["choices"])
+        scores = choice_scores(engine.model, engine.enc, items, engine.device)
+        summary.update(choice_accuracy(items, scores))
+        print(f"{len(items)} items: acc {summary['acc']:.4f}, acc_norm {summary['acc_norm']:.4f} "
+              f"(lm-eval's protocol), acc_norm_tokens {summary['acc_norm_tokens']:.4f}")
     print(json.dumps(summary))
     return summary
 

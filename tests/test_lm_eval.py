@@ -123,3 +123,27 @@ def test_lm_eval_local_completions_against_serve_matches_hf(weights, tasks, hf_r
     for i in hf_scores:
         assert scores[i] == pytest.approx(hf_scores[i], abs=1e-3)
         assert picks(scores[i]) == picks(hf_scores[i])
+
+
+def test_eval_py_choices_equal_lm_eval(weights, hf_run):
+    """eval.py --choices on the checkpoint behind the export: lm-eval's acc and acc_norm exactly."""
+    import eval as eval_script
+    summary = eval_script.main([f"--ckpt={weights[1]}", f"--choices={FIXTURE}", "--device=cpu"])
+    assert (summary["acc"], summary["acc_norm"]) == hf_run[:2]
+    items = reference(weights[0])  # the completion style: mean log-likelihood per ending token
+    tok = transformers.AutoTokenizer.from_pretrained(weights[0])
+    with open(FIXTURE) as f:
+        docs = [json.loads(line) for line in f]
+    n_tokens = [[len(tok(" " + hellaswag_utils.preprocess(e))["input_ids"]) for e in d["endings"]]
+                for d in docs]
+    right = sum(picks(lls, n) == gold for (gold, lls, _), n in zip(items, n_tokens))
+    assert summary["acc_norm_tokens"] == right / len(items)
+
+
+def test_choices_file_errors_name_the_line(tmp_path):
+    from chat_gpt2.errors import InputError
+    from chat_gpt2.evaluation import read_choices
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(open(FIXTURE).readline() + '{"ctx_a": "no endings"}\n')
+    with pytest.raises(InputError, match=r"bad.jsonl:2: not a HellaSwag-layout item \(KeyError"):
+        read_choices(str(bad))
