@@ -28,6 +28,10 @@ under --reference, a checkpoint, run folder or pretrained name; none: 0), and ov
 reward accuracy (chosen above rejected) and mean margin; with a judge also each prompt's reply from
 both models, scored against the chosen response: the model's win rate (a tie counts half).
 
+--choices (multiple choice in HellaSwag's layout, .jsonl): the log-likelihood of each ending after
+the context; acc and acc_norm (by length in characters) as lm-eval's hellaswag computes them, and
+acc_norm_tokens (mean per ending token, the completion style).
+
 A classifier's checkpoint (docs/classification.md) with --data=FILE (labelled, read with the
 columns it was trained on): `accuracy: 71.2% (1140/1600)`, then precision / recall / F1 per class
 and the confusion matrix.
