@@ -28,6 +28,10 @@ under --reference, a checkpoint, run folder or pretrained name; none: 0), and ov
 reward accuracy (chosen above rejected) and mean margin; with a judge also each prompt's reply from
 both models, scored against the chosen response: the model's win rate (a tie counts half).
 
+--choices (multiple choice in HellaSwag's layout, .jsonl): the log-likelihood of each ending after
+the context; acc and acc_norm (by length in characters) as lm-eval's hellaswag computes them, and
+acc_norm_tokens (mean per ending token, the completion style).
+
 A classifier's checkpoint (docs/classification.md) with --data=FILE (labelled, read with the
 columns it was trained on): `accuracy: 71.2% (1140/1600)`, then precision / recall / F1 per class
 and the confusion matrix.
@@ -43,7 +47,8 @@ from chat_gpt2 import chat
 from chat_gpt2.classifier import classify_texts, metrics, report_lines
 from chat_gpt2.classify_data import read_labelled
 from chat_gpt2.errors import ConfigError
-from chat_gpt2.evaluation import generate_all, load_heldout, score_rows, val_loss
+from chat_gpt2.evaluation import (choice_accuracy, choice_scores, generate_all, load_heldout,
+                                  read_choices, score_rows, val_loss)
 from chat_gpt2.files import write_jsonl
 from chat_gpt2.inference import load_engine, sampling_params
 from chat_gpt2.sampling import sampling_defaults, sampling_help
@@ -60,6 +65,8 @@ DEFAULTS = dict(  # `python eval.py --help` prints these comments and the sampli
     data="",
     # preference pairs (.jsonl / .json, any --task=preference layout): reward accuracy and margin
     pairs="",
+    # multiple choice in HellaSwag's layout (.jsonl): acc, acc_norm (lm-eval's), acc_norm_tokens
+    choices="",
     reference="",  # --pairs: the reference (our .pt, a run's out_dir, a pretrained name); "" = none
     beta=0.1,  # --pairs: the rewards' scale, as DPO's beta
     out="",  # where the replies go; "" = eval_replies.jsonl in out_dir
@@ -157,9 +164,10 @@ def evaluate_classifier(engine, ckpt, cfg):
 
 def main(argv=None):
     cfg, _ = configurator.load(DEFAULTS, argv, prog="eval.py", meanings=sampling_help())
-    if not cfg["dataset"] and not cfg["data"] and not cfg["pairs"]:
+    if not any(cfg[key] for key in ("dataset", "data", "pairs", "choices")):
         raise ConfigError("nothing to evaluate: pass --dataset=NAME_OR_DIR (val loss), --data=FILE "
-                          "(replies) and/or --pairs=FILE (preference pairs)")
+                          "(replies), --pairs=FILE (preference pairs) and/or --choices=FILE "
+                          "(multiple choice)")
     engine, ckpt = load_engine(cfg)
     if "classify" in ckpt:
         return evaluate_classifier(engine, ckpt, cfg)
@@ -174,6 +182,12 @@ def main(argv=None):
         summary.update(evaluate_replies(engine, ckpt, cfg))
     if cfg["pairs"]:
         summary.update(evaluate_pairs(engine, ckpt, cfg))
+    if cfg["choices"]:
+        items = read_choices(cfg["choices"])
+        scores = choice_scores(engine.model, engine.enc, items, engine.device)
+        summary.update(choice_accuracy(items, scores))
+        print(f"{len(items)} items: acc {summary['acc']:.4f}, acc_norm {summary['acc_norm']:.4f} "
+              f"(lm-eval's protocol), acc_norm_tokens {summary['acc_norm_tokens']:.4f}")
     print(json.dumps(summary))
     return summary
 

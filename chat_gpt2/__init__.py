@@ -33,6 +33,6 @@ the others in chat_gpt2/.
     parallel       under torchrun: DDP or FSDP2 (sharded), full state dicts gathered to rank 0
     objectives     what a run optimises, by meta.json's kind: batches, loss, eval, report, FLOPs
     run_log        the log lines, metrics.jsonl, wandb and the loss plot
-    evaluation     val loss, replies to held-out conversations, exact match and F1
+    evaluation     val loss, replies to held-out conversations, exact match and F1, multiple choice
     judge          the optional external judge
 """

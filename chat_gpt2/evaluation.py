@@ -1,6 +1,7 @@
 """Scoring a model: the loss on a prepared dataset's val split (every learned token scored once),
 replies to held-out conversations, and the reply metrics (exact match of the first line, SQuAD-style
-token F1)."""
+token F1); multiple choice in HellaSwag's layout by the log-likelihood of each ending."""
+import json
 import re
 import string
 import sys
@@ -164,3 +165,63 @@ def score_rows(examples, replies, enc, judge=None):
         rows.append(row)
     return rows
 
+
+
+# --------------------------------------------------------------------------------------------------
+# Multiple choice in HellaSwag's layout, scored by the log-likelihood of each ending
+
+
+def hellaswag_text(text):
+    """lm-eval's hellaswag preprocessing: WikiHow's bracketed markers out, " [title]" as a
+    sentence end."""
+    text = text.strip().replace(" [title]", ". ")
+    return re.sub("\\[.*?\\]", "", text).replace("  ", " ")
+
+
+def read_choices(path):
+    """[(query, endings, gold)] from a .jsonl in HellaSwag's layout (activity_label, ctx_a, ctx_b,
+    endings, label), the query and endings as lm-eval's hellaswag task builds them."""
+    items = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+                ctx = f"{d['ctx_a']} {d['ctx_b'].capitalize()}"
+                query = hellaswag_text(f"{d['activity_label']}: {ctx}")
+                items.append((query, [hellaswag_text(e) for e in d["endings"]], int(d["label"])))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise InputError(f"{path}:{n}: not a HellaSwag-layout item "
+                                 f"({type(e).__name__}: {e})")
+    if not items:
+        raise InputError(f"{path}: no items")
+    return items
+
+
+def choice_scores(model, enc, items, device):
+    """Per item, per ending: (sum of log P(token), tokens) of " " + ending after the query (fp32)."""
+    scores = []
+    for query, endings, _ in items:
+        ctx = enc.encode_ordinary(query)
+        row = []
+        for ending in endings:
+            cont = enc.encode_ordinary(" " + ending)
+            ids = torch.tensor([(ctx + cont)[-model.config.block_size - 1:]], device=device)
+            with torch.no_grad():
+                logits = model.lm_head(model.hidden_states(ids[:, :-1]))[0].float()
+            logits[:, chat.VOCAB_SIZE:] = float("-inf")  # the padded vocabulary is no token
+            logp = logits.log_softmax(-1)[-len(cont):].gather(1, ids[0, -len(cont):, None])
+            row.append((logp.sum().item(), len(cont)))
+        scores.append(row)
+    return scores
+
+
+def choice_accuracy(items, scores):
+    """lm-eval's protocol: acc (highest log-likelihood) and acc_norm (over the ending's length in
+    characters); and acc_norm_tokens (mean log-likelihood per ending token, the completion style)."""
+    def share(key):
+        return sum(max(range(len(e)), key=lambda i: key(s[i], e[i])) == gold
+                   for (_, e, gold), s in zip(items, scores)) / len(items)
+    return {"acc": share(lambda s, e: s[0]), "acc_norm": share(lambda s, e: s[0] / len(e)),
+            "acc_norm_tokens": share(lambda s, e: s[0] / s[1])}
