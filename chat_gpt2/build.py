@@ -372,12 +372,20 @@ def build_dataset(inputs, out_dir="data/chat", val_fraction=0.1, val_file=None, 
         chat.check_template(template, "template")
     else:
         template = chat.load_template(template)
+    options = {"template": template, "oasst_paths": oasst_paths, "dedupe": dedupe,
+               "test_fraction": test_fraction}
+    return build_and_publish(out_dir, lambda tmp: _build(tmp, inputs, val_fraction, val_file, seed,
+                                                         skip_invalid, options))
+
+
+def build_and_publish(out_dir, write):
+    """write(tmp) fills a fresh folder inside out_dir with a dataset, which then becomes out_dir's
+    dataset at once (publish); on any failure the folder goes and out_dir's dataset stays as it
+    was (a full disk: one clear error). Returns what write returns (the meta)."""
     clean_out_dir(out_dir)
     tmp = make_temp_dir(out_dir, BUILD_PREFIX)
     try:
-        meta = _build(tmp, inputs, val_fraction, val_file, seed, skip_invalid,
-                      {"template": template, "oasst_paths": oasst_paths, "dedupe": dedupe,
-                       "test_fraction": test_fraction})
+        meta = write(tmp)
         publish(tmp, out_dir)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)

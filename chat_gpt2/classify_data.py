@@ -19,7 +19,6 @@ import csv
 import hashlib
 import json
 import os
-import shutil
 from collections import Counter
 
 import numpy as np
@@ -27,10 +26,9 @@ import torch
 
 from . import chat
 from .classifier import pad_batch
-from .build import BUILD_PREFIX, clean_out_dir, publish
+from .build import build_and_publish
 from .dataset import CLASSIFY_SPLITS, dataset_folder, load_dataset, read_array, read_meta
 from .errors import ConfigError, InputError, RecordError
-from .files import make_temp_dir
 from .preference import load_preference
 from .records import check_input_file, iter_records
 
@@ -295,18 +293,10 @@ def build_classify_dataset(inputs, out_dir, text_column="", label_column="", lab
     if not 0 < val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
         raise ConfigError(f"--val_fraction ({val_fraction}) and --test_fraction ({test_fraction}) "
                           f"must each be in [0, 1) (val above 0) and leave something to train on")
-    clean_out_dir(out_dir)
-    tmp = make_temp_dir(out_dir, BUILD_PREFIX)
-    try:
-        meta = _build(tmp, inputs, dict(text_column=text_column, label_column=label_column,
-                                        labels=split_names(labels), balance=balance,
-                                        val_fraction=val_fraction, test_fraction=test_fraction,
-                                        seed=seed, skip_invalid=skip_invalid))
-        publish(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return meta
+    options = dict(text_column=text_column, label_column=label_column, labels=split_names(labels),
+                   balance=balance, val_fraction=val_fraction, test_fraction=test_fraction,
+                   seed=seed, skip_invalid=skip_invalid)
+    return build_and_publish(out_dir, lambda tmp: _build(tmp, inputs, options))
 
 
 def _build(tmp, inputs, o):

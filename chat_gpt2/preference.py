@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 from collections import Counter
 
 import numpy as np
@@ -18,10 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from . import chat
-from .build import BLOCK_SIZES, BUILD_PREFIX, choose_val, clean_out_dir, publish
+from .build import BLOCK_SIZES, build_and_publish, choose_val
 from .dataset import PREFERENCE_FILES, SPLITS, read_array, read_meta
 from .errors import ConfigError, InputError, RecordError
-from .files import disk_error, make_temp_dir
 from .lora import LoRALinear
 from .records import ROLE_ALIASES, _text, _turns, iter_records, to_conversations
 
@@ -183,18 +181,8 @@ def build_preference_dataset(inputs, out_dir, val_fraction=0.1, val_file=None, s
     if not 0 < val_fraction < 1 and val_file is None:
         raise InputError(f"--val_fraction must be between 0 and 1, got {val_fraction}")
     template = template if isinstance(template, dict) else chat.load_template(template)
-    clean_out_dir(out_dir)
-    tmp = make_temp_dir(out_dir, BUILD_PREFIX)
-    try:
-        meta = _build(tmp, inputs, val_fraction, val_file, seed, skip_invalid, template)
-        publish(tmp, out_dir)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        full = isinstance(e, OSError) and disk_error(e, f"writing the dataset in {out_dir}")
-        if full:
-            raise full from None
-        raise
-    return meta
+    return build_and_publish(out_dir, lambda tmp: _build(tmp, inputs, val_fraction, val_file, seed,
+                                                         skip_invalid, template))
 
 
 def _build(tmp, inputs, val_fraction, val_file, seed, skip_invalid, template):
