@@ -40,6 +40,9 @@ DEFAULTS = dict(
     eval_interval=50,  # evaluate (and save) every this many iterations
     log_interval=10,  # print a training line every this many iterations
     eval_iters=20,  # batches per split in each evaluation
+    # a .jsonl in HellaSwag's layout scored at evals as eval.py --choices does ("" = none)
+    eval_choices="",
+    eval_choices_every=1,  # score eval_choices at the first eval and every this many evals after
     # scratch, resume, gpt2..gpt2-xl, a HF repo id or dir, or our .pt / a run's out_dir
     init_from="scratch",
     dataset="chat",  # a folder under data/ or a path to a folder written by prepare.py

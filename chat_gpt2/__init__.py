@@ -31,8 +31,8 @@ the others in chat_gpt2/.
     memory         a training run's memory estimate and check
     training       the model to train, LR, early stopping, forward/backward, the step, eval sums
     parallel       under torchrun: DDP or FSDP2 (sharded), full state dicts gathered to rank 0
+    evaluation     val loss, replies to held-out conversations, exact match and F1, multiple choice
     objectives     what a run optimises, by meta.json's kind: batches, loss, eval, report, FLOPs
     run_log        the log lines, metrics.jsonl, wandb and the loss plot
-    evaluation     val loss, replies to held-out conversations, exact match and F1, multiple choice
     judge          the optional external judge
 """

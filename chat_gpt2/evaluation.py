@@ -211,8 +211,9 @@ def choice_scores(model, enc, items, device):
             with torch.no_grad():
                 logits = model.lm_head(model.hidden_states(ids[:, :-1]))[0].float()
             logits[:, chat.VOCAB_SIZE:] = float("-inf")  # the padded vocabulary is no token
-            logp = logits.log_softmax(-1)[-len(cont):].gather(1, ids[0, -len(cont):, None])
-            row.append((logp.sum().item(), len(cont)))
+            n = min(len(cont), ids.size(1) - 1)  # an ending longer than the context: its last n
+            logp = logits.log_softmax(-1)[-n:].gather(1, ids[0, -n:, None])
+            row.append((logp.sum().item(), n))
         scores.append(row)
     return scores
 

@@ -10,6 +10,7 @@ with the same methods, the only ones train.py calls:
     work(model, batches)   (tokens, FLOPs) of a step over these batches: the log's tokens/s and MFU
     evaluate(model)        {"train": loss, "val": loss, ...} on fixed batches, every DDP rank too
     report(model, losses)  (record fields, console text) added to an evaluation's log line
+                           (a language model's: --eval_choices's accuracy, a sample reply)
     test(path)             after training: the best checkpoint on held-out data, if the task has any
 
 Another objective (preference pairs, say) is one more such class and one more line in
@@ -26,6 +27,7 @@ from .classifier import (attach_head, eval_sums, metrics, predict_batches, repor
 from .device import autocast
 from .engine import Engine, Request
 from .errors import ConfigError
+from .evaluation import choice_accuracy, choice_scores, read_choices
 from .lora import lora_settings
 from .preference import adapters_off, pair_logps, preference_loss, sequence_logps
 from .sampling import SamplingParams
@@ -35,12 +37,29 @@ from .training import eval_totals, learned, loss_sums, masked_loss, step_flops
 def objective_for(meta, data, cfg, run):
     """The objective of a prepared dataset ({split: data} and its meta.json) for this run."""
     kind = meta.get("kind") or "chat"  # datasets prepared before plain text existed are chat
+    if cfg.get("eval_choices") and (kind in ("preference", "classify") or cfg.get("preference_loss")):
+        raise ConfigError(f"--eval_choices scores a language model's endings, but {cfg['dataset']} "
+                          f"trains a {'preference' if kind != 'classify' else 'classification'} "
+                          "run: drop eval_choices (or score a checkpoint with eval.py --choices)")
     if kind == "preference" or cfg.get("preference_loss"):
         check_preference_run(kind, cfg)
         return Preference(data, meta, cfg, run)
     if kind == "classify":
         return Classification(data, meta, cfg, run)
     return LanguageModelling(data, meta, cfg, run)  # chat and text
+
+
+def eval_choices(cfg, run):
+    """The items of --eval_choices (read once, before training: a bad file is an error naming
+    file:line), or None without one."""
+    if not cfg.get("eval_choices"):
+        return None
+    if cfg.get("eval_choices_every", 1) < 1:
+        raise ConfigError(f"--eval_choices_every must be >= 1, got {cfg['eval_choices_every']}")
+    if run.get("fsdp"):
+        raise ConfigError("--parallel=fsdp: no eval_choices at evals (the master alone cannot run "
+                          "the sharded model): score a checkpoint with eval.py --choices")
+    return read_choices(cfg["eval_choices"])
 
 
 def greedy_reply(model, prompt, max_tokens, stop, run):
@@ -57,6 +76,7 @@ class LanguageModelling:
     def __init__(self, data, meta, cfg, run):
         self.data, self.meta, self.cfg, self.run = data, meta, cfg, run
         self.epoch_tokens = max(1, int(meta["tokens"]["train"]))
+        self.choices, self.evals = eval_choices(cfg, run), 0
 
     def prepare(self, model):
         return model
@@ -82,13 +102,33 @@ class LanguageModelling:
         return {split: (t[0] / t[1].clamp(min=1)).item() for split, t in totals.items()}
 
     def report(self, model, losses):
-        """The master's greedy reply to the val split's first prompt (sample_max_tokens long)."""
-        if not self.run["master"] or self.cfg["sample_max_tokens"] <= 0:
+        """The master's: the multiple-choice accuracy on --eval_choices (score_choices), and its
+        greedy reply to the val split's first prompt (sample_max_tokens long)."""
+        self.evals += 1
+        if not self.run["master"]:
             return {}, ""
-        prompt = self.data["val"].first_prompt()
-        reply = greedy_reply(model, prompt, self.cfg["sample_max_tokens"],
-                             self.meta["default_stop"], self.run)
-        return {}, f"\n  sample: {chat.get_encoder().decode(prompt)!r} -> {reply!r}"
+        fields, text = self.score_choices(model)
+        if self.cfg["sample_max_tokens"] > 0:
+            prompt = self.data["val"].first_prompt()
+            reply = greedy_reply(model, prompt, self.cfg["sample_max_tokens"],
+                                 self.meta["default_stop"], self.run)
+            text += f"\n  sample: {chat.get_encoder().decode(prompt)!r} -> {reply!r}"
+        return fields, text
+
+    def score_choices(self, model):
+        """At the first eval and every eval_choices_every after it (counted in this process): eval.py
+        --choices's acc, acc_norm and acc_norm_tokens as choices_*, the model in eval mode."""
+        if self.choices is None or (self.evals - 1) % self.cfg.get("eval_choices_every", 1):
+            return {}, ""
+        training = model.training
+        model.eval()  # no dropout
+        try:
+            scores = choice_scores(model, chat.get_encoder(), self.choices, self.run["device"])
+        finally:
+            model.train(training)
+        fields = {f"choices_{k}": v for k, v in choice_accuracy(self.choices, scores).items()}
+        return fields, (f", choices acc {fields['choices_acc']:.4f} acc_norm "
+                        f"{fields['choices_acc_norm']:.4f}")
 
     def test(self, path):
         """Nothing here: eval.py scores a chat model's replies to held-out conversations."""
