@@ -54,7 +54,7 @@ def test_each_layout_prepares_as_chat_data_renders(layout, tmp_path):
 def test_the_shared_alpaca_set_prepares_with_its_template(tmp_path, capsys):
     source = os.path.join(SHARED_DATA, "dpo-preference-rasbt", "instruction-data-with-preference.json")
     if not os.path.exists(source):
-        pytest.skip("the shared preference set is not on this machine")
+        pytest.skip("the shared preference set (../shared/data/dpo-preference-rasbt) is absent")
     out = str(tmp_path / "out")
     assert prepare.main([source, "--task=preference", "--template=alpaca", "--skip_invalid",
                          f"--out_dir={out}"]) == 0
