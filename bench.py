@@ -24,6 +24,8 @@ mode is a module of benchmarks/ with its own keys; this script parses them all a
     python bench.py --mode=prepare
     # per-rank peak memory and tokens/s, DDP vs FSDP, 2 processes at GPT-2 medium shape
     OMP_NUM_THREADS=1 python bench.py --mode=parallel
+    # DPO vs SFT (+ precomputed reference, + LoRA): ms/step, pairs/s, peak memory, GPT-2 124M shape
+    python bench.py --mode=preference
 
 Every run ends with one machine-readable JSON line.
 """
@@ -32,22 +34,22 @@ import sys
 
 import configurator
 from benchmarks import (finetune_cost, generate_speed, half_precision, parallel_memory,
-                        prepare_speed, sample_speed, train_speed)
+                        preference_cost, prepare_speed, sample_speed, train_speed)
 
 # --mode=X runs MODES[X].bench(cfg): the module holds the benchmark and the keys only it reads
 MODES = {"train": train_speed, "generate": generate_speed, "half": half_precision,
          "sample": sample_speed, "finetune": finetune_cost, "prepare": prepare_speed,
-         "parallel": parallel_memory}
+         "parallel": parallel_memory, "preference": preference_cost}
 
 DEFAULTS = dict(  # `python bench.py --help` prints these comments and those of each mode's DEFAULTS
-    mode="train",  # train | generate | half | sample | finetune | prepare | parallel
+    mode="train",  # train | generate | half | sample | finetune | prepare | parallel | preference
     device="auto",  # auto, cpu, cuda, cuda:N or mps
     # auto (bf16 where the device has it; --mode=generate: fp32), float32, bfloat16 or float16
     dtype="auto",
     seed=1337,  # seed of the random weights and tokens
     **train_speed.DEFAULTS, **generate_speed.DEFAULTS, **half_precision.DEFAULTS,
     **sample_speed.DEFAULTS, **finetune_cost.DEFAULTS, **prepare_speed.DEFAULTS,
-    **parallel_memory.DEFAULTS,
+    **parallel_memory.DEFAULTS, **preference_cost.DEFAULTS,
 )
 
 
