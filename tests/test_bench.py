@@ -128,10 +128,29 @@ def test_bench_sample_times_sample_py_end_to_end(capsys):
     assert "vs transformers" in out
 
 
+def test_bench_preference_tiny_shape(capsys):
+    """--mode=preference: each variant's step in its own process; LoRA trains only its adapters, and the
+    rates are the batch's pairs over the step's time."""
+    bench.main(["--mode=preference", "--pref_shapes=tiny", "--pref_lengths=6,8,8", "--block_size=16",
+                "--steps=1", "--warmup=1", "--device=cpu", "--dtype=float32"])
+    out = capsys.readouterr().out
+    rows = {r["variant"]: r for r in json.loads(out.strip().splitlines()[-1])["variants"]}
+    assert set(rows) == {"sft", "dpo", "dpo_precomputed", "dpo_lora"}
+    assert rows["dpo_lora"]["trainable_params"] < rows["dpo"]["trainable_params"] == rows["sft"]["trainable_params"]
+    for r in rows.values():
+        assert r["shape"] == "tiny" and r["ms_per_step"] > 0 and r["peak_rss_mb"] > 0
+        assert r["pairs_per_s"] == pytest.approx(4 / (r["ms_per_step"] / 1000), rel=0.01)
+        assert r["pair_tokens_per_s"] == pytest.approx(r["pairs_per_s"] * 22, rel=0.01)
+    assert "dpo_precomputed" in out and "pair tok/s" in out
+    with pytest.raises(SystemExit, match="unknown shape 'huge'"):
+        bench.main(["--mode=preference", "--pref_shapes=huge"])
+
+
 def test_each_mode_is_a_module_whose_keys_bench_py_parses():
     """--mode=X runs benchmarks/X's bench(cfg); every mode's keys are bench.py's keys (with --help meanings), and
     the keys shared by all modes (device, dtype, seed) are bench.py's own."""
-    assert set(bench.MODES) == {"train", "generate", "half", "sample", "finetune", "prepare", "parallel"}
+    assert set(bench.MODES) == {"train", "generate", "half", "sample", "finetune", "prepare", "parallel",
+                                "preference"}
     for module in bench.MODES.values():
         assert callable(module.bench) and set(module.DEFAULTS) <= set(bench.DEFAULTS)
         assert not {"mode", "device", "dtype", "seed"} & set(module.DEFAULTS)
