@@ -8,4 +8,5 @@ reads and one bench(cfg) that prints a report and returns the JSON line's dict.
     finetune_cost    --mode=finetune  full vs last block vs LoRA at GPT-2 medium shape: speed, memory, checkpoints
     prepare_speed    --mode=prepare   prepare.py end to end vs tools/prepare_bare.py's bare loop
     parallel_memory  --mode=parallel  DDP vs FSDP, 2 processes under torchrun: per-rank peak memory, tokens/s
+    preference_cost  --mode=preference  DPO vs SFT steps (copy / precomputed / LoRA reference): ms, pairs/s, memory
 """
