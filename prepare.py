@@ -14,8 +14,12 @@ docs/data.md):
     {"message_tree_id", "prompt": {"role": "prompter", "text", "replies": [...]}}  (OpenAssistant)
 The conversation is rendered with --template (human_assistant, alpaca, chatml, or a JSON file;
 docs/data.md). Plain text instead (every token learned, documents closed by <|endoftext|>): .txt
-files (one document each) or records {"text": ...}; text and chat inputs cannot be mixed in one
-dataset.
+files (one document each) or records {"text": ...} (or the --text_column keys of each record);
+text and chat inputs cannot be mixed in one dataset. A .parquet file's rows are records (its
+columns the keys), streamed a batch of rows at a time; a Hugging Face Hub dataset is named
+hf://datasets/OWNER/NAME[@REVISION][/GLOB] (its parquet files, downloaded to the Hub cache):
+    python prepare.py hf://datasets/HuggingFaceFW/fineweb-edu/sample/10BT/*.parquet \
+        --text_column=text --out_dir=data/fineweb_edu
 
 Writes into out_dir, all aligned token for token (dataset format 2, docs/data.md):
     {train,val}.bin        token ids in meta.json's token_dtype: uint16 (GPT-2), uint32 above 65,536
@@ -38,6 +42,7 @@ import sys
 import configurator
 from chat_gpt2.build import build_dataset
 from chat_gpt2.errors import ConfigError, RecordError, UserError
+from chat_gpt2.sources import expand_inputs
 
 DEFAULTS = dict(  # `python prepare.py --help` prints these comments
     # the input files (positional arguments): .jsonl / .json records, .txt; classify: .csv, .tsv
@@ -55,12 +60,15 @@ DEFAULTS = dict(  # `python prepare.py --help` prints these comments
     # chat (chat records or plain text), classify (labelled text, docs/classification.md) or
     # preference (pairs of a chosen and a rejected response, for DPO: docs/data.md)
     task="chat",
-    text_column="",  # classify: the text column(s), names or 0-based indexes, comma-separated
+    # classify: the text column(s), names or 0-based indexes, comma-separated; chat: the record
+    # keys / parquet columns read as plain text (joined by a newline), e.g. text
+    text_column="",
     label_column="",  # classify: the label column, a name or 0-based index
     labels="",  # classify: the allowed labels, comma-separated (in this order)
     balance=False,  # classify: downsample every class to the smallest
     dedupe=False,  # drop exact repeats of a conversation (counted either way)
     skip_invalid=False,  # skip bad records (counted) instead of failing
+    threads=8,  # tiktoken's encoding threads for chat and text data (1: no parallel encoding)
 )
 TASKS = ("chat", "classify", "preference")
 
@@ -122,6 +130,7 @@ def main(argv=None):
         return 2
     try:
         check_options(cfg)
+        expand_hub_names(cfg)
         if cfg["task"] == "classify":
             return prepare_classify(cfg)
         if cfg["task"] == "preference":
@@ -130,7 +139,8 @@ def main(argv=None):
                              val_file=cfg["val_file"] or None, seed=cfg["seed"],
                              skip_invalid=cfg["skip_invalid"], template=cfg["template"],
                              oasst_paths=cfg["oasst_paths"], dedupe=cfg["dedupe"],
-                             test_fraction=cfg["test_fraction"] or 0.0)
+                             test_fraction=cfg["test_fraction"] or 0.0,
+                             text_column=cfg["text_column"], threads=cfg["threads"])
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         if isinstance(e, RecordError):
@@ -161,6 +171,18 @@ def check_options(cfg):
     if cfg["task"] == "classify" and cfg["val_file"]:
         raise ConfigError("--val_file is for chat data: --task=classify splits train/val/test by "
                           "class")
+
+
+def expand_hub_names(cfg):
+    """Hub dataset names (hf://datasets/...) among the inputs and --val_file -> their local parquet
+    files; --val_file must come to one file."""
+    cfg["inputs"] = expand_inputs(cfg["inputs"])
+    if cfg["val_file"]:
+        val = expand_inputs([cfg["val_file"]])
+        if len(val) != 1:
+            raise ConfigError(f"--val_file={cfg['val_file']} is {len(val)} files: name one (a GLOB "
+                              "matching one file), or split val off with --val_fraction")
+        cfg["val_file"] = val[0]
 
 
 def prepare_classify(cfg):

@@ -26,8 +26,8 @@ from . import chat
 from .dataset import ALL_FILES, CURRENT, SPLITS, format_fields, token_dtype
 from .errors import ConfigError, InputError, RecordError
 from .files import disk_error, make_temp_dir, remove_dead_leftovers, temp_name
-from .records import (PREFERENCE_KEYS, document_text, is_document, iter_records, iter_text,
-                      to_conversations)
+from .records import (PREFERENCE_KEYS, column_text, document_text, is_document, iter_records,
+                      iter_text, split_names, to_conversations)
 
 BUILD_PREFIX = ".prepare-"  # a build's own folder: .prepare-<PID>-<random>
 BLOCK_SIZES = (128, 256, 512, 1024)  # meta.json counts the conversations longer than each
@@ -149,7 +149,8 @@ def tokenize_inputs(paths, writer, skip_invalid, stats, progress):
             write_new(*pending.pop().result(), writer, stats)
             progress.update(writer.n_convs, writer.n_tokens)
         if batch:
-            pending.append(pool.submit(render, list(batch), stats["kind"], stats["template"]))
+            pending.append(pool.submit(render, list(batch), stats["kind"], stats["template"],
+                                       stats["threads"]))
             batch.clear()
 
     with ThreadPoolExecutor(1) as pool:
@@ -159,7 +160,7 @@ def tokenize_inputs(paths, writer, skip_invalid, stats, progress):
                 set_kind(stats, "text", path)
                 flush()
                 flush()  # the documents before this file are written before it
-                tokenize_text_file(path, hasher, writer, progress)
+                tokenize_text_file(path, hasher, writer, progress, stats["threads"])
             for where, kind, content in usable_records(path, hasher, skip_invalid, stats):
                 set_kind(stats, kind, where)
                 if held_out(content, stats):
@@ -174,13 +175,14 @@ def tokenize_inputs(paths, writer, skip_invalid, stats, progress):
     return hashes
 
 
-def render(batch, kind, template):
+def render(batch, kind, template, threads):
     """(chat.Rendered, the digest of each conversation's tokens) of a batch of conversations or
-    "text" documents (every token learned, <|endoftext|> closing each)."""
+    "text" documents (every token learned, <|endoftext|> closing each), encoded in threads
+    tiktoken threads."""
     if kind == "text":
-        rendered = chat.documents(*chat.encode_closed(chat.get_encoder(), batch))
+        rendered = chat.documents(*chat.encode_closed(chat.get_encoder(), batch, threads=threads))
     else:
-        rendered = chat.render_batch(batch, template)
+        rendered = chat.render_batch(batch, template, threads=threads)
     raw, starts, size = memoryview(rendered.ids).cast("B"), rendered.starts, rendered.ids.itemsize
     return rendered, [hashlib.blake2b(raw[size * a:size * b], digest_size=16).digest()
                       for a, b in zip(starts, starts[1:])]
@@ -229,12 +231,16 @@ def usable_records(path, hasher, skip_invalid, stats):
     its reason."""
     if path.endswith(".txt"):
         return
-    records = iter_records(path, hasher)
+    columns = stats["text_columns"]
+    records = iter_records(path, hasher, columns)
     while True:
         try:
             where, record = next(records)
             if isinstance(record, RecordError):
                 raise record
+            if columns:  # --text_column: these columns are a plain-text document
+                yield where, "text", column_text(record, columns, where)
+                continue
             if is_document(record):
                 yield where, "text", document_text(record, where)
                 continue
@@ -269,14 +275,15 @@ def set_kind(stats, kind, where):
                          "folders (pretrain on the text, then fine-tune on the chat)")
 
 
-def tokenize_text_file(path, hasher, writer, progress):
+def tokenize_text_file(path, hasher, writer, progress, threads=8):
     """A .txt file as one document, streamed: pieces cut where the tokenizer cuts anyway
-    (records.iter_text), TEXT_BATCH of them encoded at a time (tiktoken's threads)."""
+    (records.iter_text), TEXT_BATCH of them (or one per thread) encoded at a time in threads
+    tiktoken threads."""
     enc, pieces, first = chat.get_encoder(), iter_text(path, hasher), True
     digest = hashlib.blake2b(digest_size=16)
-    while batch := list(itertools.islice(pieces, TEXT_BATCH)):
-        ids = np.fromiter(itertools.chain.from_iterable(enc.encode_ordinary_batch(batch)),
-                          dtype=writer.dtype)
+    while batch := list(itertools.islice(pieces, max(TEXT_BATCH, threads))):
+        encoded = enc.encode_ordinary_batch(batch, num_threads=threads)
+        ids = np.fromiter(itertools.chain.from_iterable(encoded), dtype=writer.dtype)
         digest.update(ids.data)
         writer.add(ids, None, [0] if first else [], continues=not first)
         first = False
@@ -368,17 +375,21 @@ def summarize(writers, stats):
 
 def build_dataset(inputs, out_dir="data/chat", val_fraction=0.1, val_file=None, seed=1337,
                   skip_invalid=False, template="human_assistant", oasst_paths="best", dedupe=False,
-                  test_fraction=0.0):
+                  test_fraction=0.0, text_column="", threads=8):
     """Build the dataset in a folder of its own inside out_dir, then make it the dataset (publish).
     Returns meta. template: a built-in template's name, a JSON template file, or a template dict
     (see chat.load_template). oasst_paths: "best" (an OpenAssistant tree's best-ranked branch) or
     "all" (every path ending on a reply). dedupe: drop exact repeats of a conversation (same
     tokens); they are counted either way. test_fraction: about this share of the conversations is
-    held out to out_dir/test.jsonl (chat data only)."""
+    held out to out_dir/test.jsonl (chat data only). text_column: names of record keys (parquet
+    columns), comma-separated: each record's are joined into a plain-text document. threads:
+    tiktoken's encoding threads."""
     if not 0 <= test_fraction < 1:
         raise ConfigError(f"--test_fraction must be at least 0 and below 1, got {test_fraction}")
     if not 0 < val_fraction < 1 and val_file is None:
         raise InputError(f"--val_fraction must be between 0 and 1, got {val_fraction}")
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ConfigError(f"--threads must be a whole number of at least 1, got {threads!r}")
     if oasst_paths not in ("best", "all"):
         raise ConfigError(f"--oasst_paths must be best or all, got {oasst_paths!r}")
     if isinstance(template, dict):
@@ -386,7 +397,8 @@ def build_dataset(inputs, out_dir="data/chat", val_fraction=0.1, val_file=None, 
     else:
         template = chat.load_template(template)
     options = {"template": template, "oasst_paths": oasst_paths, "dedupe": dedupe,
-               "test_fraction": test_fraction}
+               "test_fraction": test_fraction, "text_columns": split_names(text_column),
+               "threads": threads}
     return build_and_publish(out_dir, lambda tmp: _build(tmp, inputs, val_fraction, val_file, seed,
                                                          skip_invalid, options))
 
@@ -452,6 +464,7 @@ def _build(tmp, inputs, val_fraction, val_file, seed, skip_invalid, options):
             "multiline_replies": multiline,
             "default_stop": None if text else chat.default_stop(multiline, template),  # text: none
             **summarize(writers, stats), "sources": hashes, "seed": seed,
+            **({"text_columns": stats["text_columns"]} if stats["text_columns"] else {}),
             "val_fraction": None if val_file else val_fraction,
             "duplicates": {"repeats": stats["repeats"],
                            "removed": stats["repeats"] if stats["dedupe"] else 0,

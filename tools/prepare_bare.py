@@ -3,6 +3,8 @@
     python tools/prepare_bare.py chat RECORDS.jsonl OUT.bin   # {prompt, completion} records: json.loads, the
                                                               # template's text, encode_ordinary_batch, uint16 writes
     python tools/prepare_bare.py text INPUT.txt OUT.bin       # 1 MiB pieces, encode_ordinary_batch, uint16 writes
+    python tools/prepare_bare.py parquet IN.parquet OUT.bin   # its "text" column in record batches, each text
+                                                              # encode_ordinary + <|endoftext|>, uint16 writes
 
 No validation, no mask, no split, no hashes: prints the number of tokens written.
 """
@@ -18,6 +20,7 @@ sys.path.insert(0, ROOT)
 
 from chat_gpt2 import chat  # noqa: E402
 from chat_gpt2.build import BATCH, TEXT_BATCH  # noqa: E402
+from chat_gpt2.sources import PARQUET_BATCH_ROWS  # noqa: E402
 
 
 def bare_chat(path, out_path):
@@ -44,6 +47,18 @@ def bare_text(path, out_path):
     return n_tokens
 
 
+def bare_parquet(path, out_path):
+    import pyarrow.parquet as pq
+    enc, n_tokens = chat.get_encoder(), 0
+    with open(out_path, "wb") as out:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=["text"]):
+            encoded = enc.encode_ordinary_batch(batch.column(0).to_pylist())
+            ids = np.fromiter(itertools.chain.from_iterable(t + [chat.EOT] for t in encoded), dtype=np.uint16)
+            out.write(ids.data)
+            n_tokens += len(ids)
+    return n_tokens
+
+
 if __name__ == "__main__":
     kind, path, out_path = sys.argv[1:]
-    print((bare_chat if kind == "chat" else bare_text)(path, out_path))
+    print({"chat": bare_chat, "text": bare_text, "parquet": bare_parquet}[kind](path, out_path))
