@@ -60,8 +60,7 @@ DEFAULTS = dict(  # `python prepare.py --help` prints these comments
     # chat (chat records or plain text), classify (labelled text, docs/classification.md) or
     # preference (pairs of a chosen and a rejected response, for DPO: docs/data.md)
     task="chat",
-    # classify: the text column(s), names or 0-based indexes, comma-separated; chat: the record
-    # keys / parquet columns read as plain text (joined by a newline), e.g. text
+    # text column(s), comma-separated: classify's (names or 0-based indexes); chat: plain text
     text_column="",
     label_column="",  # classify: the label column, a name or 0-based index
     labels="",  # classify: the allowed labels, comma-separated (in this order)
