@@ -20,7 +20,10 @@ sys.path.insert(0, ROOT)
 
 from chat_gpt2 import chat  # noqa: E402
 from chat_gpt2.build import BATCH, TEXT_BATCH  # noqa: E402
+from chat_gpt2.dataset import token_dtype  # noqa: E402
 from chat_gpt2.sources import PARQUET_BATCH_ROWS  # noqa: E402
+
+IDS = token_dtype(chat.VOCAB_SIZE)  # uint16 for GPT-2, as prepare.py writes
 
 
 def bare_chat(path, out_path):
@@ -31,7 +34,7 @@ def bare_chat(path, out_path):
                                        {"role": "assistant", "content": r["completion"]}])
                      for r in map(json.loads, lines)]
             ids = np.fromiter(itertools.chain.from_iterable(t + [chat.EOT] for t in enc.encode_ordinary_batch(texts)),
-                              dtype=np.uint16)
+                              dtype=IDS)
             out.write(ids.data)
             n_tokens += len(ids)
     return n_tokens
@@ -41,7 +44,7 @@ def bare_text(path, out_path):
     enc, n_tokens = chat.get_encoder(), 0
     with open(path, encoding="utf-8") as f, open(out_path, "wb") as out:
         while pieces := [p for p in (f.read(1 << 20) for _ in range(TEXT_BATCH)) if p]:
-            ids = np.fromiter(itertools.chain.from_iterable(enc.encode_ordinary_batch(pieces)), dtype=np.uint16)
+            ids = np.fromiter(itertools.chain.from_iterable(enc.encode_ordinary_batch(pieces)), dtype=IDS)
             out.write(ids.data)
             n_tokens += len(ids)
     return n_tokens
@@ -53,7 +56,7 @@ def bare_parquet(path, out_path):
     with open(out_path, "wb") as out:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=["text"]):
             encoded = enc.encode_ordinary_batch(batch.column(0).to_pylist())
-            ids = np.fromiter(itertools.chain.from_iterable(t + [chat.EOT] for t in encoded), dtype=np.uint16)
+            ids = np.fromiter(itertools.chain.from_iterable(t + [chat.EOT] for t in encoded), dtype=IDS)
             out.write(ids.data)
             n_tokens += len(ids)
     return n_tokens
