@@ -18,7 +18,7 @@ files (one document each) or records {"text": ...} (or the --text_column keys of
 text and chat inputs cannot be mixed in one dataset. A .parquet file's rows are records (its
 columns the keys), streamed a batch of rows at a time; a Hugging Face Hub dataset is named
 hf://datasets/OWNER/NAME[@REVISION][/GLOB] (its parquet files, downloaded to the Hub cache):
-    python prepare.py hf://datasets/HuggingFaceFW/fineweb-edu/sample/10BT/*.parquet \
+    python prepare.py 'hf://datasets/HuggingFaceFW/fineweb-edu/sample/10BT/*.parquet' \\
         --text_column=text --out_dir=data/fineweb_edu
 
 Writes into out_dir, all aligned token for token (dataset format 2, docs/data.md):
