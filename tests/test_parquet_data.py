@@ -202,3 +202,14 @@ def test_prepare_a_hub_dataset_by_name_offline(tmp_path):
     ids = all_ids(str(tmp_path / "data" / "web"))
     assert ids["train"] == [t for d in DOCS[:50] for t in encode(d) + [EOT]]
     assert ids["val"] == [t for d in DOCS[50:] for t in encode(d) + [EOT]]
+
+
+def test_text_column_of_jsonl_records(tmp_path):
+    """--text_column reads .jsonl records the same way: those keys are the document, whatever else they hold."""
+    path = write_records(tmp_path / "d.jsonl", [{"body": d, "messages": "ignored"} for d in DOCS[:8]])
+    out = str(tmp_path / "out")
+    assert build_dataset([path], out_dir=out, text_column="body")["documents"] == 8
+    assert documents_of(out) == sorted(encode(d) + [EOT] for d in DOCS[:8])
+    bad = write_records(tmp_path / "bad.jsonl", [{"body": "x"}, {"title": "no body"}])
+    with pytest.raises(RecordError, match=r"bad\.jsonl:2: field 'body' is missing"):
+        build_dataset([bad], out_dir=out, text_column="body")
