@@ -168,7 +168,7 @@ def setup_processes(cfg):
         auto = "nccl" if device.startswith("cuda") else "gloo"
         dist.init_process_group(backend=auto if cfg["backend"] == "auto" else cfg["backend"])
     dtype = resolve_dtype(cfg["dtype"], device)
-    tune_cpu_allocator(device, lean=cfg["grad_checkpointing"])
+    tune_cpu_allocator(device, lean=cfg["grad_checkpointing"] or fsdp)  # FSDP: memory first
     if dtype == "bfloat16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
         raise ConfigError("dtype=bfloat16 is not supported on this GPU: use --dtype=float16")
     return {"device": device, "dtype": dtype, "rank": max(rank, 0), "world": world,
@@ -194,7 +194,10 @@ class Trainer:
                                          / self.tokens_per_iter)
         ckpt = load_checkpoint(resume_from, run["device"]) if resume_from else None
         torch.manual_seed(cfg["seed"] + run["rank"])
-        self.raw_model = shard_model(self.task.prepare(build_model(cfg, ckpt, run, explicit)), run)
+        self.raw_model = shard_model(
+            lambda: self.task.prepare(build_model(cfg, ckpt, run, explicit)), run)
+        if run["rank"] > 0:  # rank 0's initial weights are every rank's (FSDP's other ranks draw
+            torch.manual_seed(cfg["seed"] + run["rank"])  # none): their dropout streams start here
         device_type = run["device"].split(":")[0]
         self.optimizer = self.raw_model.configure_optimizers(
             cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]), device_type)
