@@ -122,7 +122,8 @@ def resolve_config(argv):
             raise MissingFileError(f"no run to resume in {cfg['out_dir']!r} (no "
                                    f"finetuned_*_last.pt): pass the run's folder as --out_dir=..., "
                                    f"or start one with --init_from=scratch or gpt2") from None
-        saved = configurator.check_saved(DEFAULTS, load_checkpoint(resume_from).get("config", {}),
+        saved = load_checkpoint(resume_from, mmap=True).get("config", {})  # no tensor read
+        saved = configurator.check_saved(DEFAULTS, saved,
                                          f"the config saved in {resume_from}")
         here = {k: cfg[k] for k in HERE_KEYS}  # where and how this process runs, not the saved run
         overrides = {k: v for k, v in explicit.items() if k != "init_from" and saved.get(k) != v}
@@ -192,7 +193,9 @@ class Trainer:
         if cfg["epochs"] > 0:
             cfg["max_iters"] = math.ceil(cfg["epochs"] * self.task.epoch_tokens
                                          / self.tokens_per_iter)
-        ckpt = load_checkpoint(resume_from, run["device"]) if resume_from else None
+        # FSDP: the file mapped, not read: rank 0 broadcasts the weights and AdamW state to the shards
+        where = dict(map_location="cpu", mmap=True) if run["fsdp"] else dict(map_location=run["device"])
+        ckpt = load_checkpoint(resume_from, **where) if resume_from else None
         torch.manual_seed(cfg["seed"] + run["rank"])
         self.raw_model = shard_model(
             lambda: self.task.prepare(build_model(cfg, ckpt, run, explicit)), run)

@@ -99,8 +99,8 @@ def gathered_state(model, optimizer, run):
 
 
 def load_optimizer_state(model, optimizer, state, run):
-    """A checkpoint's optimizer state into this run's optimizer: under FSDP the full state, which
-    every rank read, loaded back sharded. The two layouts differ (FSDP names the parameters, DDP
+    """A checkpoint's optimizer state into this run's optimizer: under FSDP rank 0's full state
+    broadcast a tensor at a time, each rank keeping its shard. The two layouts differ (FSDP names the parameters, DDP
     numbers them), so --parallel cannot change on resume. A state saved before the first step is
     the fresh optimizer's (torch's loader would take a zero step to make one: AdamW's step 1)."""
     by_name = any(isinstance(p, str) for group in state["param_groups"] for p in group["params"])
@@ -109,8 +109,8 @@ def load_optimizer_state(model, optimizer, state, run):
         raise ConfigError(f"the run being resumed was trained with --parallel={saved}: resume it "
                           f"the same way")
     if run["fsdp"] and state["state"]:
-        set_optimizer_state_dict(model, optimizer, state,
-                                 options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(
+            full_state_dict=True, broadcast_from_rank0=True))
     elif not run["fsdp"]:
         optimizer.load_state_dict(state)
 
