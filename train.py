@@ -193,9 +193,9 @@ class Trainer:
         if cfg["epochs"] > 0:
             cfg["max_iters"] = math.ceil(cfg["epochs"] * self.task.epoch_tokens
                                          / self.tokens_per_iter)
-        # FSDP: the file mapped, not read: rank 0 broadcasts the weights and AdamW state to the shards
-        where = dict(map_location="cpu", mmap=True) if run["fsdp"] else dict(map_location=run["device"])
-        ckpt = load_checkpoint(resume_from, **where) if resume_from else None
+        # FSDP: the file mapped, not read (rank 0 broadcasts its weights and AdamW state to the shards)
+        where = ("cpu", True) if run["fsdp"] else (run["device"], False)  # map_location, mmap
+        ckpt = load_checkpoint(resume_from, *where) if resume_from else None
         torch.manual_seed(cfg["seed"] + run["rank"])
         self.raw_model = shard_model(
             lambda: self.task.prepare(build_model(cfg, ckpt, run, explicit)), run)
