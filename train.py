@@ -193,7 +193,7 @@ class Trainer:
         if cfg["epochs"] > 0:
             cfg["max_iters"] = math.ceil(cfg["epochs"] * self.task.epoch_tokens
                                          / self.tokens_per_iter)
-        # FSDP: the file mapped, not read (rank 0 broadcasts its weights and AdamW state to the shards)
+        # FSDP: the file mapped, not read (rank 0 broadcasts weights and AdamW state to the shards)
         where = ("cpu", True) if run["fsdp"] else (run["device"], False)  # map_location, mmap
         ckpt = load_checkpoint(resume_from, *where) if resume_from else None
         torch.manual_seed(cfg["seed"] + run["rank"])

@@ -101,8 +101,9 @@ def gathered_state(model, optimizer, run):
 def load_optimizer_state(model, optimizer, state, run):
     """A checkpoint's optimizer state into this run's optimizer: under FSDP rank 0's full state
     broadcast a tensor at a time, each rank keeping its shard. The two layouts differ (FSDP names
-    the parameters, DDP numbers them), so --parallel cannot change on resume. A state saved before the first step is
-    the fresh optimizer's (torch's loader would take a zero step to make one: AdamW's step 1)."""
+    the parameters, DDP numbers them), so --parallel cannot change on resume. A state saved before
+    the first step is the fresh optimizer's (torch's loader would take a zero step to make one:
+    AdamW's step 1)."""
     by_name = any(isinstance(p, str) for group in state["param_groups"] for p in group["params"])
     if by_name != run["fsdp"]:
         saved = "fsdp" if by_name else "ddp (or one process)"
