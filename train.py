@@ -122,7 +122,8 @@ def resolve_config(argv):
             raise MissingFileError(f"no run to resume in {cfg['out_dir']!r} (no "
                                    f"finetuned_*_last.pt): pass the run's folder as --out_dir=..., "
                                    f"or start one with --init_from=scratch or gpt2") from None
-        saved = configurator.check_saved(DEFAULTS, load_checkpoint(resume_from).get("config", {}),
+        saved = load_checkpoint(resume_from, mmap=True).get("config", {})  # no tensor read
+        saved = configurator.check_saved(DEFAULTS, saved,
                                          f"the config saved in {resume_from}")
         here = {k: cfg[k] for k in HERE_KEYS}  # where and how this process runs, not the saved run
         overrides = {k: v for k, v in explicit.items() if k != "init_from" and saved.get(k) != v}
@@ -168,7 +169,7 @@ def setup_processes(cfg):
         auto = "nccl" if device.startswith("cuda") else "gloo"
         dist.init_process_group(backend=auto if cfg["backend"] == "auto" else cfg["backend"])
     dtype = resolve_dtype(cfg["dtype"], device)
-    tune_cpu_allocator(device, lean=cfg["grad_checkpointing"])
+    tune_cpu_allocator(device, lean=cfg["grad_checkpointing"] or fsdp)  # FSDP: memory first
     if dtype == "bfloat16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
         raise ConfigError("dtype=bfloat16 is not supported on this GPU: use --dtype=float16")
     return {"device": device, "dtype": dtype, "rank": max(rank, 0), "world": world,
@@ -192,9 +193,14 @@ class Trainer:
         if cfg["epochs"] > 0:
             cfg["max_iters"] = math.ceil(cfg["epochs"] * self.task.epoch_tokens
                                          / self.tokens_per_iter)
-        ckpt = load_checkpoint(resume_from, run["device"]) if resume_from else None
+        # FSDP: the file mapped, not read (rank 0 broadcasts weights and AdamW state to the shards)
+        where = ("cpu", True) if run["fsdp"] else (run["device"], False)  # map_location, mmap
+        ckpt = load_checkpoint(resume_from, *where) if resume_from else None
         torch.manual_seed(cfg["seed"] + run["rank"])
-        self.raw_model = shard_model(self.task.prepare(build_model(cfg, ckpt, run, explicit)), run)
+        self.raw_model = shard_model(
+            lambda: self.task.prepare(build_model(cfg, ckpt, run, explicit)), run)
+        if run["rank"] > 0:  # rank 0's initial weights are every rank's (FSDP's other ranks draw
+            torch.manual_seed(cfg["seed"] + run["rank"])  # none): their dropout streams start here
         device_type = run["device"].split(":")[0]
         self.optimizer = self.raw_model.configure_optimizers(
             cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]), device_type)

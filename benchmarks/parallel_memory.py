@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from benchmarks.train_speed import PRESET_OVERRIDES, RandomTokens, peak_rss_mb, time_steps
-from chat_gpt2.device import resolve_device, resolve_dtype
+from chat_gpt2.device import resolve_device, resolve_dtype, tune_cpu_allocator
 from chat_gpt2.parallel import replicate, shard_model
 from chat_gpt2.training import DEFAULT_GRAD_CLIP, train_step
 from model import GPT, GPTConfig
@@ -93,10 +93,12 @@ def _measure(cfg, run):
     steps: this mode's figures, every rank's peak."""
     p = {**RUN, **{k: cfg[k] for k in PRESET_OVERRIDES if cfg[k]}}
     device, rank = run["device"], dist.get_rank()
+    tune_cpu_allocator(device, lean=run["fsdp"])  # as train.py does
+    config = GPTConfig(**SHAPES[cfg["parallel_shape"]], block_size=p["block_size"],
+                       vocab_size=50304, dropout=0.0)
     torch.manual_seed(cfg["seed"])
-    model = GPT(GPTConfig(**SHAPES[cfg["parallel_shape"]], block_size=p["block_size"],
-                          vocab_size=50304, dropout=0.0)).to(device)
-    model = shard_model(model, run)
+    # FSDP: rank 0 builds it on the CPU, the others on the meta device
+    model = shard_model(lambda: GPT(config) if run["fsdp"] else GPT(config).to(device), run)
     optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device.split(":")[0])
     model = replicate(model, run)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=run["dtype"] == "float16")

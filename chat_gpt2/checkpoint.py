@@ -97,11 +97,12 @@ def save_checkpoint(path, ckpt):
         torch.save(ckpt, f)
 
 
-def load_checkpoint(path, map_location="cpu"):
+def load_checkpoint(path, map_location="cpu", mmap=False):
+    """mmap: the file mapped, its tensors read only where they are used (map_location the CPU)."""
     if not os.path.isfile(path):
         raise MissingFileError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # torn, not a checkpoint, or holding pickled classes
         raise CheckpointError(f"could not read checkpoint {path}: "
                               f"{type(e).__name__}: {e}") from None

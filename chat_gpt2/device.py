@@ -93,9 +93,9 @@ def tune_cpu_allocator(device, lean=False):
     (activations, gradients, logits) every step; by default each one is a fresh mmap whose pages the
     kernel faults in and zeroes, a sizable share of a CPU step (docs/performance.md).
 
-    lean (--grad_checkpointing, where memory is the point): every block of 1 MiB or more is its own
-    mmap, returned to the OS when freed, in transparent huge pages (fewer faults). With the heap
-    only, the small long-lived objects of a checkpointed step land between the freed activations and
+    lean (--grad_checkpointing, --parallel=fsdp: where memory is the point): every block of 1 MiB
+    or more is its own mmap, returned to the OS when freed, in transparent huge pages (fewer
+    faults). With the heap only, the small long-lived objects of a checkpointed step land between the freed activations and
     the heap grows by tens of MB a block (docs/performance.md)."""
     if device != "cpu" or not sys.platform.startswith("linux"):
         return

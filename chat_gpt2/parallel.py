@@ -3,10 +3,13 @@ gradients and AdamW state) or FSDP2 (torch.distributed.fsdp.fully_shard: each tr
 and the rest of the model sharded across the ranks, gathered for a block's forward and backward).
 Checkpoints are the same either way: a full state dict gathered on rank 0, which one process
 loads."""
+import warnings
+
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict,
+                                                     set_model_state_dict,
                                                      set_optimizer_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -44,21 +47,30 @@ def check_parallel(cfg, rank):
     return True
 
 
-def shard_model(model, run):
-    """FSDP: rank 0's weights on every rank, then each block sharded and the rest (embeddings, the
+def shard_model(build, run):
+    """The model to train, from build(). FSDP: built on rank 0 only (on the CPU; the others build
+    its shape on the meta device, no weights), each block sharded and the rest (embeddings, the
     tied LM head, ln_f, a classifier's head) in one root group, which keeps wte and lm_head one
-    Parameter. bf16 compute with fp32 gradient reduction on CUDA. Other runs: the model as is."""
+    Parameter; then rank 0's weights are broadcast a tensor at a time, each rank keeping its shard.
+    So every rank starts from the weights a single process would, and no other rank holds a whole
+    model. bf16 compute with fp32 gradient reduction on CUDA. Other runs: build()'s model."""
     if not run["fsdp"]:
-        return model
-    with torch.no_grad():  # ranks seed their init apart (dropout differs by rank): rank 0's wins
-        for tensor in list(model.parameters()) + list(model.buffers()):
-            dist.broadcast(tensor, src=0)
+        return build()
+    with warnings.catch_warnings(), torch.device("cpu" if run["master"] else "meta"):
+        # a checkpoint's weights copied into the meta shape are dropped, as they should be
+        warnings.filterwarnings("ignore", message=".*to a meta parameter.*no-op")
+        model = build()
+    full = model.state_dict() if run["master"] else {}  # rank 0's whole weights, until broadcast
     policy = MixedPrecisionPolicy()
     if run["device"].startswith("cuda") and run["dtype"] == "bfloat16":
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for block in model.transformer.h:
         fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)  # moves rank 0's shards to the device
+    if not run["master"]:
+        model.to_empty(device=run["device"])
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True,
+                                                               broadcast_from_rank0=True))
     return model
 
 
@@ -87,18 +99,19 @@ def gathered_state(model, optimizer, run):
 
 
 def load_optimizer_state(model, optimizer, state, run):
-    """A checkpoint's optimizer state into this run's optimizer: under FSDP the full state, which
-    every rank read, loaded back sharded. The two layouts differ (FSDP names the parameters, DDP
-    numbers them), so --parallel cannot change on resume. A state saved before the first step is
-    the fresh optimizer's (torch's loader would take a zero step to make one: AdamW's step 1)."""
+    """A checkpoint's optimizer state into this run's optimizer: under FSDP rank 0's full state
+    broadcast a tensor at a time, each rank keeping its shard. The two layouts differ (FSDP names
+    the parameters, DDP numbers them), so --parallel cannot change on resume. A state saved before
+    the first step is the fresh optimizer's (torch's loader would take a zero step to make one:
+    AdamW's step 1)."""
     by_name = any(isinstance(p, str) for group in state["param_groups"] for p in group["params"])
     if by_name != run["fsdp"]:
         saved = "fsdp" if by_name else "ddp (or one process)"
         raise ConfigError(f"the run being resumed was trained with --parallel={saved}: resume it "
                           f"the same way")
     if run["fsdp"] and state["state"]:
-        set_optimizer_state_dict(model, optimizer, state,
-                                 options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(
+            full_state_dict=True, broadcast_from_rank0=True))
     elif not run["fsdp"]:
         optimizer.load_state_dict(state)
 

@@ -64,7 +64,8 @@ def build_model(cfg, ckpt, sys_info, explicit=()):
     LoRA adapters (lora_rank > 0, the base frozen) or the trainable_layers freeze. explicit: see
     _base_model."""
     if ckpt is not None:  # a LoRA run comes back with its adapters apart, trainable (merge=False)
-        model = model_from_checkpoint(ckpt, merge=False, dropout=cfg["dropout"])
+        model = model_from_checkpoint(ckpt, _build_device(sys_info), merge=False,
+                                      dropout=cfg["dropout"])
     else:
         model = _base_model(cfg, sys_info, explicit)
     if cfg["block_size"] < model.config.block_size:
@@ -82,7 +83,14 @@ def build_model(cfg, ckpt, sys_info, explicit=()):
         apply_lora(model, lora)
     freeze_layers(model, cfg["trainable_layers"])  # after the crop, which makes a new wpe Parameter
     model.grad_checkpointing = cfg["grad_checkpointing"]
-    return model.to(sys_info["device"])
+    return model.to(sys_info["device"]) if not sys_info.get("fsdp") else model
+
+
+def _build_device(sys_info):
+    """Where a model is built before it moves to the device: the CPU, or under FSDP where
+    parallel.shard_model builds it (the CPU on rank 0, the meta device elsewhere: None keeps it
+    there), which places the shards."""
+    return None if sys_info.get("fsdp") else "cpu"
 
 
 def _base_model(cfg, sys_info, explicit):
@@ -103,7 +111,7 @@ def _base_model(cfg, sys_info, explicit):
         if sys_info.get("master", True):
             print(f"starting a new run (fresh optimizer, iter 0) from {init['path']} "
                   f"(iter {init.get('iter_num')})")
-        model = model_from_checkpoint(init, dropout=cfg["dropout"])
+        model = model_from_checkpoint(init, _build_device(sys_info), dropout=cfg["dropout"])
         cfg["init_from"] = os.path.abspath(init["path"])  # what a LoRA checkpoint rebuilds from
     else:  # 'gpt2' .. 'gpt2-xl', a Hub repo id or a local Hugging Face directory
         files = resolve_pretrained(cfg["init_from"])

@@ -1,6 +1,7 @@
 """train.py --parallel=fsdp under torchrun with 2 CPU processes (gloo): the losses equal DDP's for the same seed, the
-checkpoint is the full state dict one process loads, resume is exact, a classifier with frozen layers trains, and
-what FSDP cannot shard (LoRA, preference pairs) is refused in one line; and torchrun's 2 nodes on loopback equal 1 node of 2."""
+initial weights are a single process's (or a checkpoint's), the checkpoint is the full state dict one process loads,
+resume is exact, a classifier with frozen layers trains, and what FSDP cannot shard (LoRA, preference pairs) is
+refused in one line; and torchrun's 2 nodes on loopback equal 1 node of 2."""
 import os
 import signal
 import socket
@@ -14,6 +15,7 @@ import helpers
 from chat_gpt2.checkpoint import load_model
 from chat_gpt2.errors import ConfigError
 from chat_gpt2.parallel import check_parallel
+from model import GPT, GPTConfig
 from test_classify_model import LABELS, classify_data  # noqa: F401 (a fixture)
 
 # dropout and gradient accumulation on, so the RNG streams and the deferred gradient reduction are both exercised
@@ -65,6 +67,24 @@ def test_an_fsdp_checkpoint_loads_in_one_process(runs):
     x = torch.randint(0, 100, (1, 8))
     with torch.no_grad():
         assert torch.isfinite(model(x)[0]).all()
+
+
+def test_fsdp_starts_from_a_single_process_init_and_from_a_checkpoint(runs, tmp_path, tiny_dataset):
+    """Rank 0 alone builds the model (rank 1 its shape on the meta device) and its weights are broadcast into the
+    shards: a run stopped at iteration 0 saves exactly the weights one process draws for the seed, and a new run
+    from a checkpoint exactly that checkpoint's."""
+    fresh, started = str(tmp_path / "fresh"), str(tmp_path / "started")
+    fsdp(tmp_path, tiny_dataset, fresh, max_iters=0)
+    saved = last_state(fresh)
+    torch.manual_seed(saved["config"]["seed"])
+    single = GPT(GPTConfig.from_dict(saved["model_args"])).state_dict()
+    assert saved["iter_num"] == 0 and saved["model"].keys() == single.keys()
+    assert all(torch.equal(saved["model"][name], tensor) for name, tensor in single.items())
+    source = os.path.join(runs["fsdp"][0], next(n for n in helpers.checkpoints(runs["fsdp"][0])
+                                                if n.endswith("_last.pt")))
+    fsdp(tmp_path, tiny_dataset, started, max_iters=0, init_from=source)
+    loaded, trained = last_state(started)["model"], helpers.load_ckpt(source)["model"]
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in trained.items())
 
 
 def test_fsdp_resume_is_exact(runs, tmp_path, tiny_dataset):
