@@ -23,12 +23,13 @@ Rows {prompt, reference, response, exact_match, f1[, judge_score]} go to --out (
 atomically); the run ends with one JSON summary line.
 
 --pairs (a preference file in any prepare.py --task=preference layout, rendered with the
-checkpoint's template, or a dataset folder prepared with --task=preference: its val split): DPO's implicit reward of each response, beta x (logp under the model - logp
-under --reference, a checkpoint, run folder or pretrained name; none: 0), and over the pairs the
-reward accuracy (chosen above rejected) and mean margin; whatever the reference, chosen_likelier
-(the share of pairs whose chosen response the model itself finds likelier: a start scored against
-itself has reward accuracy 0 and margin 0, but this says what it prefers) and the mean logps/chosen
-and logps/rejected (summed over each response's tokens); with a judge also each prompt's reply from
+checkpoint's template, or a dataset folder prepared with --task=preference: its val split): DPO's
+implicit reward of each response, beta x (logp under the model - logp under --reference, a
+checkpoint, run folder or pretrained name; none: 0), and over the pairs the reward accuracy
+(chosen above rejected) and mean margin; whatever the reference, chosen_likelier (the share of
+pairs whose chosen response the model itself finds likelier: a start scored against itself has
+reward accuracy 0 and margin 0, but this says what it prefers) and the mean logps/chosen and
+logps/rejected (summed over each response's tokens); with a judge also each prompt's reply from
 both models, scored against the chosen response: the model's win rate (a tie counts half).
 
 --choices (multiple choice in HellaSwag's layout, .jsonl): the log-likelihood of each ending after
@@ -141,7 +142,8 @@ def evaluate_pairs(engine, ckpt, cfg):
                "rewards/chosen": chosen.mean().item(), "rewards/rejected": rejected.mean().item(),
                # the model's own preference, whatever the reference: its chosen reply the likelier
                "chosen_likelier": (logps[:, 0] > logps[:, 1]).float().mean().item(),
-               "logps/chosen": logps[:, 0].mean().item(), "logps/rejected": logps[:, 1].mean().item()}
+               "logps/chosen": logps[:, 0].mean().item(),
+               "logps/rejected": logps[:, 1].mean().item()}
     print(f"{len(pairs)} pairs against {cfg['reference'] or 'no reference'}: reward accuracy "
           f"{summary['rewards/accuracies']:.1%}, mean margin {summary['rewards/margins']:.4f}; "
           f"chosen likelier under the model {summary['chosen_likelier']:.1%} (mean logp chosen "

@@ -99,6 +99,7 @@ def main(argv=None):
     p.add_argument("--dpo_iters", type=int, default=150)
     p.add_argument("--dpo_lr", type=float, default=1e-4)
     p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--sft_weight", type=float, default=0.0, help="DPO's SFT term on the chosen reply (0 = off)")
     p.add_argument("--seed", type=int, default=1337)
     a = p.parse_args(argv)
     w = a.work_dir
@@ -111,11 +112,12 @@ def main(argv=None):
          f"--max_iters={a.sft_iters}", "--eval_interval=100"])
     run(["train.py", "config/dpo.py", f"--init_from={w}/out-sft", f"--dataset={w}/pairs", f"--out_dir={w}/out-dpo",
          *shape[3:], "--batch_size=16", f"--max_iters={a.dpo_iters}", f"--learning_rate={a.dpo_lr}",
-         f"--min_lr={a.dpo_lr / 10}", f"--beta={a.beta}", "--eval_interval=25", "--precompute_ref=True"])
+         f"--min_lr={a.dpo_lr / 10}", f"--beta={a.beta}", "--eval_interval=25", "--precompute_ref=True",
+         f"--sft_weight={a.sft_weight}"])
     scores = {name: score(f"{w}/out-{name}", heldout, heldout_pairs, f"{w}/out-sft") for name in ("sft", "dpo")}
     print(f"\n{len(COLOURS) * len(HELD_OUT_NAMES)} held-out prompts (people the training never "
           f"named); chat data {a.rude_share:.0%} rude; DPO {a.dpo_iters} iters, lr {a.dpo_lr:g}, "
-          f"beta {a.beta}, reference = the SFT model")
+          f"beta {a.beta}, sft_weight {a.sft_weight:g}, reference = the SFT model")
     print(f"  {'model':<6}{'rude replies':>14}{'polite replies':>16}{'exact polite':>14}"
           f"{'polite likelier':>17}{'reward accuracy':>17}{'margin':>9}")
     for name, (rude, polite, exact, likelier, accuracy, margin) in scores.items():
