@@ -11,11 +11,12 @@ named) are scored before and after.
    polite, the share exactly the polite answer (eval.py's exact match), the share of held-out pairs
    whose polite reply the model itself finds likelier (eval.py --pairs, no reference), and DPO's
    reward accuracy and margin against the SFT model (eval.py --pairs --reference).
-   docs/training.md#preference-tuning-dpo-simpo quotes a run: DPO turns the preference around, but
-   its greedy replies lose the polite opening with the rude one (DPO lowers the chosen reply's
-   likelihood too, a known failure of it on small data).
+   docs/training.md#preference-tuning-dpo-simpo quotes runs: DPO with its SFT term (--sft_weight=1,
+   the default here) makes the greedy replies polite; plain DPO (--sft_weight=0) turns the
+   preference around too, but its greedy replies lose the polite opening with the rude one (it
+   lowers the chosen reply's likelihood as well, a known failure of DPO on small data).
 
-    python data/demo/dpo_polite.py [--work_dir=out-dpo-demo] [--sft_iters=600] [--dpo_iters=150] ...
+    python data/demo/dpo_polite.py [--work_dir=out-dpo-demo] [--sft_weight=1] [--dpo_iters=150] ...
 
 It runs the same commands a user would (prepare.py, train.py, eval.py), echoed, and prints one table.
 A few minutes on a laptop CPU.
@@ -99,7 +100,7 @@ def main(argv=None):
     p.add_argument("--dpo_iters", type=int, default=150)
     p.add_argument("--dpo_lr", type=float, default=1e-4)
     p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--sft_weight", type=float, default=0.0, help="DPO's SFT term on the chosen reply (0 = off)")
+    p.add_argument("--sft_weight", type=float, default=1.0, help="DPO's SFT term on the chosen reply (0 = off)")
     p.add_argument("--seed", type=int, default=1337)
     a = p.parse_args(argv)
     w = a.work_dir
