@@ -23,9 +23,13 @@ Rows {prompt, reference, response, exact_match, f1[, judge_score]} go to --out (
 atomically); the run ends with one JSON summary line.
 
 --pairs (a preference file in any prepare.py --task=preference layout, rendered with the
-checkpoint's template): DPO's implicit reward of each response, beta x (logp under the model - logp
-under --reference, a checkpoint, run folder or pretrained name; none: 0), and over the pairs the
-reward accuracy (chosen above rejected) and mean margin; with a judge also each prompt's reply from
+checkpoint's template, or a dataset folder prepared with --task=preference: its val split): DPO's
+implicit reward of each response, beta x (logp under the model - logp under --reference, a
+checkpoint, run folder or pretrained name; none: 0), and over the pairs the reward accuracy
+(chosen above rejected) and mean margin; whatever the reference, chosen_likelier (the share of
+pairs whose chosen response the model itself finds likelier: a start scored against itself has
+reward accuracy 0 and margin 0, but this says what it prefers) and the mean logps/chosen and
+logps/rejected (summed over each response's tokens); with a judge also each prompt's reply from
 both models, scored against the chosen response: the model's win rate (a tie counts half).
 
 --choices (multiple choice in HellaSwag's layout, .jsonl): the log-likelihood of each ending after
@@ -53,7 +57,7 @@ from chat_gpt2.files import write_jsonl
 from chat_gpt2.inference import load_engine, sampling_params
 from chat_gpt2.sampling import sampling_defaults, sampling_help
 from chat_gpt2.judge import make_judge
-from chat_gpt2.preference import pair_logps, read_pairs, render_pairs
+from chat_gpt2.preference import load_preference, pair_logps, read_pairs, render_pairs
 
 DEFAULTS = dict(  # `python eval.py --help` prints these comments and the sampling options' help
     out_dir="out",  # the run's folder: its newest best checkpoint is used unless --ckpt says which
@@ -63,7 +67,8 @@ DEFAULTS = dict(  # `python eval.py --help` prints these comments and the sampli
     dataset="",  # a prepared dataset (name under data/ or folder): val loss and perplexity
     # held-out conversations (.jsonl / .json, any prepare.py schema): replies and their metrics
     data="",
-    # preference pairs (.jsonl / .json, any --task=preference layout): reward accuracy and margin
+    # preference pairs (.jsonl / .json, any --task=preference layout, or a prepared preference
+    # dataset: its val split): reward accuracy and margin
     pairs="",
     # multiple choice in HellaSwag's layout (.jsonl): acc, acc_norm (lm-eval's), acc_norm_tokens
     choices="",
@@ -111,23 +116,38 @@ def evaluate_replies(engine, ckpt, cfg):
     return summary
 
 
+def read_pair_ids(path, template):
+    """[(prompt, chosen, rejected) ids] of a preference file rendered with template, or of the val
+    split of a dataset folder prepared with --task=preference (its pairs as DPO validated on)."""
+    if os.path.isdir(path):
+        val = load_preference(path)[0]["val"]
+        return [val.pair(i) for i in range(len(val))]
+    return render_pairs(read_pairs([path], template, False, Counter())[0], template)
+
+
 def evaluate_pairs(engine, ckpt, cfg):
     """--pairs: DPO's rewards against --reference, their accuracy and margin; a judge's win rate."""
     judge = make_judge(cfg)
     template, model = ckpt.get("template", chat.TEMPLATE), engine.model
-    pairs = render_pairs(read_pairs([cfg["pairs"]], template, False, Counter())[0], template)
+    pairs = read_pair_ids(cfg["pairs"], template)
     reference = load_engine({**cfg, "init_from": cfg["reference"]})[0] if cfg["reference"] else None
     block = min(e.model.config.block_size for e in (engine, reference) if e is not None)
-    logps = pair_logps(model, pairs, block, cfg["batch_size"], engine.device)
-    if reference is not None:
-        logps -= pair_logps(reference.model, pairs, block, cfg["batch_size"], reference.device)
-    rewards = cfg["beta"] * logps
+    logps = pair_logps(model, pairs, block, cfg["batch_size"], engine.device)  # (pairs, 2)
+    ratios = logps if reference is None else \
+        logps - pair_logps(reference.model, pairs, block, cfg["batch_size"], reference.device)
+    rewards = cfg["beta"] * ratios
     chosen, rejected = rewards.T
     summary = {"pairs": len(pairs), "rewards/accuracies": (chosen > rejected).float().mean().item(),
                "rewards/margins": (chosen - rejected).mean().item(),
-               "rewards/chosen": chosen.mean().item(), "rewards/rejected": rejected.mean().item()}
+               "rewards/chosen": chosen.mean().item(), "rewards/rejected": rejected.mean().item(),
+               # the model's own preference, whatever the reference: its chosen reply the likelier
+               "chosen_likelier": (logps[:, 0] > logps[:, 1]).float().mean().item(),
+               "logps/chosen": logps[:, 0].mean().item(),
+               "logps/rejected": logps[:, 1].mean().item()}
     print(f"{len(pairs)} pairs against {cfg['reference'] or 'no reference'}: reward accuracy "
-          f"{summary['rewards/accuracies']:.1%}, mean margin {summary['rewards/margins']:.4f}")
+          f"{summary['rewards/accuracies']:.1%}, mean margin {summary['rewards/margins']:.4f}; "
+          f"chosen likelier under the model {summary['chosen_likelier']:.1%} (mean logp chosen "
+          f"{summary['logps/chosen']:.2f}, rejected {summary['logps/rejected']:.2f})")
     if judge is not None and reference is not None:
         summary["win_rate"] = judge_win_rate(engine, reference, pairs, ckpt, cfg, judge)
         print(f"win rate against the reference under the judge: {summary['win_rate']:.1%}")

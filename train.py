@@ -83,6 +83,7 @@ DEFAULTS = dict(
     beta=0.1,  # DPO: how far from the reference the rewards pull (SimPO: the reward scale, ~2)
     simpo_gamma=0.5,  # SimPO: the margin the chosen reward must beat the rejected one by
     precompute_ref=False,  # DPO: the reference's log-probabilities once, before training
+    sft_weight=0.0,  # DPO / SimPO: plus this x the mean NLL of the chosen tokens (TRL's rpo_alpha)
     # early stopping
     patience=5,  # stop after this many evals without a val improvement >= min_delta (0 = never)
     min_delta=0.001,  # the smallest val-loss drop that counts as an improvement

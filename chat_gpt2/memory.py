@@ -47,11 +47,14 @@ def estimate_memory(config, cfg, dtype, ddp=False, trainable=None):
     attention matrix is materialised (flash=False); the logits add b*s*V values with their fp32 copy
     and gradient. An estimate: allocator slack and the runtime come on top. trainable: how many
     parameters train (None: all); gradients and AdamW state exist only for those (activations are
-    counted in full: LoRA needs them in every layer, and the estimate stays an upper bound)."""
+    counted in full: LoRA needs them in every layer, and the estimate stays an upper bound). A
+    preference run's batch is 2 x batch_size rows (chosen and rejected); DPO's reference adds
+    reference_memory."""
     n = count_params(config)
     t = n if trainable is None else trainable
     act = 2 if dtype in ("bfloat16", "float16") else 4
-    b, s = cfg["batch_size"], min(cfg["block_size"], config.block_size)
+    b = cfg["batch_size"] * (2 if cfg.get("preference_loss") else 1)
+    s = min(cfg["block_size"], config.block_size)
     h, a = config.n_embd, config.n_head
     per_layer = 34 * s * b * h * act / 2 + (0 if config.flash else 5 * a * s * s * b * act / 2)
     # with grad_checkpointing a block keeps only its input; one block's activations exist at a
@@ -63,10 +66,21 @@ def estimate_memory(config, cfg, dtype, ddp=False, trainable=None):
         "gradients": 4 * t * (2 if ddp else 1),
         "optimizer": 8 * t,
         "activations": kept + b * s * config.vocab_size * (act + 8),
+        "reference": reference_memory(config, cfg, b * s * config.vocab_size * (act + 4)),
     }
     parts = {k: int(v) for k, v in parts.items()}
     parts["total"] = sum(parts.values())
     return parts
+
+
+def reference_memory(config, cfg, logits):
+    """Bytes of DPO's frozen reference during a step: a copy of the weights in fp32 (rebuilt from
+    init_from) and its forward's logits (no gradients: nothing else of its forward is kept); none
+    with LoRA (the same weights, adapters off), SimPO or precompute_ref (its forward runs before
+    training, where the gradients and AdamW state do not exist yet, and the copy is then freed)."""
+    if cfg.get("preference_loss") != "dpo" or lora_settings(cfg) or cfg.get("precompute_ref"):
+        return 0
+    return 4 * count_params(config) + logits
 
 
 def check_memory(config, cfg, sys_info, trainable=None):
@@ -88,6 +102,7 @@ def check_memory(config, cfg, sys_info, trainable=None):
         print(f"memory estimate: {gib(total)}{f' for {procs} processes' if procs > 1 else ''} "
               f"(weights {gib(need['weights'])}, gradients {gib(need['gradients'])}, "
               f"AdamW state {gib(need['optimizer'])}, "
+              + (f"DPO reference {gib(need['reference'])}, " if need["reference"] else "") +
               f"activations {gib(need['activations'])} at batch_size {b} x block_size {s})"
               + (f"; {gib(avail)} available on {device}" if avail is not None else ""), flush=True)
     if not cfg.get("check_memory", True) or avail is None or total <= avail:

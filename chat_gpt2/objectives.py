@@ -195,6 +195,9 @@ def check_preference_run(kind, cfg):
                           "the same file with --task=chat")
     if cfg["precompute_ref"] and cfg["preference_loss"] != "dpo":
         raise ConfigError("--precompute_ref is for DPO's reference: simpo has none")
+    if cfg.get("sft_weight", 0.0) < 0:
+        raise ConfigError(f"--sft_weight must be >= 0 (0 = plain DPO / SimPO), got "
+                          f"{cfg['sft_weight']}")
 
 
 class Preference:
@@ -202,7 +205,8 @@ class Preference:
     their chosen and rejected sequences in one forward; an epoch is every pair once. DPO's
     reference is the starting weights, frozen: rebuilt as the run's base (build_base), or with
     LoRA the same model with its adapters off (no second copy); with --precompute_ref its
-    log-probabilities are computed once, before training, and the reference dropped."""
+    log-probabilities are computed once, before training, and the reference dropped. sft_weight > 0
+    adds the mean NLL of the chosen tokens (preference.chosen_nll) to the loss."""
 
     NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
              "logps/chosen", "logps/rejected")  # TRL's names for what evaluate reports
@@ -266,7 +270,8 @@ class Preference:
                      else torch.zeros_like(logps))
         loss, chosen, rejected = preference_loss(self.loss_kind, logps.chunk(2), reference.chunk(2),
                                                  lengths.chunk(2), self.cfg["beta"],
-                                                 self.cfg["simpo_gamma"])
+                                                 self.cfg["simpo_gamma"],
+                                                 self.cfg.get("sft_weight", 0.0))
         return (loss, chosen, rejected, *logps.detach().chunk(2))
 
     def batch(self, generator):

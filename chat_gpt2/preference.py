@@ -326,12 +326,13 @@ class adapters_off:
             layer.scale = scale
 
 
-def preference_loss(kind, policy, reference, lengths, beta, gamma=0.0):
-    """Per pair (loss, chosen reward, rejected reward) from (chosen, rejected) log-probabilities.
-    dpo (Rafailov et al. 2023, TRL's loss_type="sigmoid"): the rewards are beta * (policy -
-    reference) log-probabilities, the loss -log sigmoid(chosen - rejected). simpo (Meng et al.
-    2024, TRL's CPO loss_type="simpo" without its SFT term): no reference, the rewards are beta *
-    the mean log-probability per response token, the loss -log sigmoid(chosen - rejected - gamma)."""
+def preference_loss(kind, policy, reference, lengths, beta, gamma=0.0, sft_weight=0.0):
+    """Per pair (loss, chosen reward, rejected reward) from (chosen, rejected) log-probabilities
+    and response lengths. dpo (Rafailov et al. 2023, TRL's loss_type="sigmoid"): the rewards are
+    beta * (policy - reference) log-probabilities, the loss -log sigmoid(chosen - rejected). simpo
+    (Meng et al. 2024, TRL's CPO loss_type="simpo"): no reference, the rewards are beta * the mean
+    log-probability per response token, the loss -log sigmoid(chosen - rejected - gamma). Either
+    plus sft_weight * chosen_nll (RPO, Pang et al. 2024): the chosen reply kept likely."""
     if kind == "dpo":
         rewards = [beta * (p - r) for p, r in zip(policy, reference)]
         margin = rewards[0] - rewards[1]
@@ -340,4 +341,14 @@ def preference_loss(kind, policy, reference, lengths, beta, gamma=0.0):
         margin = rewards[0] - rewards[1] - gamma
     else:
         raise ConfigError(f"--preference_loss must be {' or '.join(LOSSES)}, got {kind!r}")
-    return -F.logsigmoid(margin), rewards[0].detach(), rewards[1].detach()
+    loss = -F.logsigmoid(margin)
+    if sft_weight:
+        loss = loss + sft_weight * chosen_nll(policy[0], lengths[0])
+    return loss, rewards[0].detach(), rewards[1].detach()
+
+
+def chosen_nll(logps, lengths):
+    """Per pair, a share of the batch's mean negative log-likelihood per chosen token (their mean
+    over the pairs is that mean): TRL's SFT term (DPO's loss_type "sft" with loss_weights, formerly
+    rpo_alpha; CPO's cpo_alpha), a token mean over the whole batch, not a mean per reply."""
+    return -logps * (len(logps) / lengths.sum().clamp(min=1))

@@ -1,15 +1,22 @@
 """Training on preference pairs (objectives.Preference): DPO starts at log 2 (the reference is the starting
 weights), resumes exactly, precomputed reference log-probabilities change nothing, LoRA's reference is the
-adapters off, SimPO trains, TRL's names are logged, and the wrong objective for a dataset is a one-line error."""
+adapters off, SimPO trains, TRL's names are logged, the SFT term (sft_weight) adds the chosen tokens' mean NLL and
+resumes exactly, the memory estimate counts the reference, and the wrong objective for a dataset is a one-line
+error."""
+import copy
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import helpers
+from chat_gpt2 import memory
 from chat_gpt2.errors import ConfigError
 from chat_gpt2.lora import apply_lora
-from chat_gpt2.preference import adapters_off, build_preference_dataset
+from chat_gpt2.objectives import Preference
+from chat_gpt2.preference import adapters_off, build_preference_dataset, load_preference
+from model import GPTConfig
 from helpers import load_ckpt, read_metrics, tiny_model, tiny_train_args, train_inprocess, write_records
 
 DPO = dict(preference_loss="dpo", beta=0.5, block_size=48, batch_size=2, learning_rate=3e-3)
@@ -136,3 +143,56 @@ def test_dpo_under_ddp(pairs, tmp_path):
     assert "2 process(es)" in p.stdout
     evals = [r for r in read_metrics(out) if r["event"] == "eval"]
     assert evals[0]["train_loss"] == pytest.approx(math.log(2), abs=1e-5) and len(evals) == 2
+
+
+def test_sft_weight_adds_the_mean_nll_of_the_chosen_tokens(pairs):
+    """TRL's SFT term: the loss is DPO's + sft_weight x the chosen tokens' NLL, a token mean over the batch."""
+    import train
+    data, meta = load_preference(pairs)
+    model = tiny_model(residual_scale=1)
+    x, y, m, index = batch = data["train"].batch([0, 3, 5], block_size=48)
+    rows = len(index)
+    losses = {}
+    for weight in (0.0, 0.7):
+        cfg = {**train.DEFAULTS, **DPO, "dataset": pairs, "sft_weight": weight}
+        objective = Preference(data, meta, cfg, {"device": "cpu", "dtype": "float32", "master": True})
+        objective.policy, objective.reference = model, copy.deepcopy(model).requires_grad_(False)
+        losses[weight] = objective.loss(model, batch)
+    with torch.no_grad():
+        logits = model(x[:rows], all_logits=True)[0]
+        token_nll = F.cross_entropy(logits.flatten(0, 1), y[:rows].clamp(min=0).flatten(), reduction="none")
+        nll = (token_nll * m[:rows].flatten()).sum() / m[:rows].sum()
+    assert losses[0.0].item() == pytest.approx(math.log(2), abs=1e-6)  # the policy is its reference
+    assert losses[0.7].item() == pytest.approx(math.log(2) + 0.7 * nll.item(), abs=1e-5)
+    assert nll.item() > 1  # a random model: the term is not negligible
+
+
+def test_dpo_with_sft_weight_trains_and_resumes_exactly(pairs, tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    run(pairs, a, sft_weight=1.0)
+    run(pairs, b, sft_weight=1.0, max_iters=3)
+    train_inprocess(["--init_from=resume", f"--out_dir={b}", "--max_iters=6"])
+    evals = [r for r in read_metrics(a) if r["event"] == "eval"]
+    assert evals[0]["train_loss"] > math.log(2) + 1  # DPO's log 2 plus the chosen tokens' NLL
+    assert evals[-1]["train_logps/chosen"] > evals[0]["train_logps/chosen"]
+    last_a, last_b = last_state(a), last_state(b)
+    assert last_a["config"]["sft_weight"] == last_b["config"]["sft_weight"] == 1.0
+    for k in last_a["model"]:
+        torch.testing.assert_close(last_a["model"][k], last_b["model"][k], atol=1e-6, rtol=0)
+    with pytest.raises(ConfigError, match="--sft_weight must be >= 0"):
+        run(pairs, str(tmp_path / "c"), sft_weight=-1)
+
+
+def test_the_memory_estimate_counts_dpos_reference():
+    config = GPTConfig(block_size=64, vocab_size=512, n_layer=2, n_head=2, n_embd=32)
+    sft = {"batch_size": 2, "block_size": 64}
+    dpo = {**sft, "preference_loss": "dpo"}
+    logits = 2 * 2 * 64 * 512 * (4 + 4)  # 2 x batch_size rows of fp32 logits and their fp32 log-softmax
+    assert memory.estimate_memory(config, sft, "float32")["reference"] == 0
+    assert memory.estimate_memory(config, dpo, "float32")["reference"] == 4 * memory.count_params(config) + logits
+    for free in ({"precompute_ref": True}, {"lora_rank": 4, "lora_targets": "attn.c_attn"},
+                 {"preference_loss": "simpo"}):
+        assert memory.estimate_memory(config, {**dpo, **free}, "float32")["reference"] == 0, free
+    # a pair is two rows: the activations of batch_size pairs are those of 2 x batch_size sequences
+    assert memory.estimate_memory(config, {**dpo, "precompute_ref": True}, "float32")["activations"] == \
+        memory.estimate_memory(config, {**sft, "batch_size": 4}, "float32")["activations"]

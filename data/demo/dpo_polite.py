@@ -11,11 +11,12 @@ named) are scored before and after.
    polite, the share exactly the polite answer (eval.py's exact match), the share of held-out pairs
    whose polite reply the model itself finds likelier (eval.py --pairs, no reference), and DPO's
    reward accuracy and margin against the SFT model (eval.py --pairs --reference).
-   docs/training.md#preference-tuning-dpo-simpo quotes a run: DPO turns the preference around, but
-   its greedy replies lose the polite opening with the rude one (DPO lowers the chosen reply's
-   likelihood too, a known failure of it on small data).
+   docs/training.md#preference-tuning-dpo-simpo quotes runs: DPO with its SFT term (--sft_weight=1,
+   the default here) makes the greedy replies polite; plain DPO (--sft_weight=0) turns the
+   preference around too, but its greedy replies lose the polite opening with the rude one (it
+   lowers the chosen reply's likelihood as well, a known failure of DPO on small data).
 
-    python data/demo/dpo_polite.py [--work_dir=out-dpo-demo] [--sft_iters=600] [--dpo_iters=150] ...
+    python data/demo/dpo_polite.py [--work_dir=out-dpo-demo] [--sft_weight=1] [--dpo_iters=150] ...
 
 It runs the same commands a user would (prepare.py, train.py, eval.py), echoed, and prints one table.
 A few minutes on a laptop CPU.
@@ -99,6 +100,7 @@ def main(argv=None):
     p.add_argument("--dpo_iters", type=int, default=150)
     p.add_argument("--dpo_lr", type=float, default=1e-4)
     p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--sft_weight", type=float, default=1.0, help="DPO's SFT term on the chosen reply (0 = off)")
     p.add_argument("--seed", type=int, default=1337)
     a = p.parse_args(argv)
     w = a.work_dir
@@ -111,11 +113,12 @@ def main(argv=None):
          f"--max_iters={a.sft_iters}", "--eval_interval=100"])
     run(["train.py", "config/dpo.py", f"--init_from={w}/out-sft", f"--dataset={w}/pairs", f"--out_dir={w}/out-dpo",
          *shape[3:], "--batch_size=16", f"--max_iters={a.dpo_iters}", f"--learning_rate={a.dpo_lr}",
-         f"--min_lr={a.dpo_lr / 10}", f"--beta={a.beta}", "--eval_interval=25", "--precompute_ref=True"])
+         f"--min_lr={a.dpo_lr / 10}", f"--beta={a.beta}", "--eval_interval=25", "--precompute_ref=True",
+         f"--sft_weight={a.sft_weight}"])
     scores = {name: score(f"{w}/out-{name}", heldout, heldout_pairs, f"{w}/out-sft") for name in ("sft", "dpo")}
     print(f"\n{len(COLOURS) * len(HELD_OUT_NAMES)} held-out prompts (people the training never "
           f"named); chat data {a.rude_share:.0%} rude; DPO {a.dpo_iters} iters, lr {a.dpo_lr:g}, "
-          f"beta {a.beta}, reference = the SFT model")
+          f"beta {a.beta}, sft_weight {a.sft_weight:g}, reference = the SFT model")
     print(f"  {'model':<6}{'rude replies':>14}{'polite replies':>16}{'exact polite':>14}"
           f"{'polite likelier':>17}{'reward accuracy':>17}{'margin':>9}")
     for name, (rude, polite, exact, likelier, accuracy, margin) in scores.items():
