@@ -28,6 +28,7 @@ from .errors import ConfigError, InputError, RecordError
 from .files import disk_error, make_temp_dir, remove_dead_leftovers, temp_name
 from .records import (PREFERENCE_KEYS, document_text, is_document, iter_records, iter_text,
                       to_conversations)
+from .tokenizer import describe, encoder, stored, write_tokenizer
 
 BUILD_PREFIX = ".prepare-"  # a build's own folder: .prepare-<PID>-<random>
 BLOCK_SIZES = (128, 256, 512, 1024)  # meta.json counts the conversations longer than each
@@ -139,7 +140,8 @@ def tokenize_inputs(paths, writer, skip_invalid, stats, progress):
             write_new(*pending.pop().result(), writer, stats)
             progress.update(writer.n_convs, writer.n_tokens)
         if batch:
-            pending.append(pool.submit(render, list(batch), stats["kind"], stats["template"]))
+            pending.append(pool.submit(render, list(batch), stats["kind"], stats["template"],
+                                       stats["enc"]))
             batch.clear()
 
     with ThreadPoolExecutor(1) as pool:
@@ -149,7 +151,7 @@ def tokenize_inputs(paths, writer, skip_invalid, stats, progress):
                 set_kind(stats, "text", path)
                 flush()
                 flush()  # the documents before this file are written before it
-                tokenize_text_file(path, hasher, writer, progress)
+                tokenize_text_file(path, hasher, writer, progress, stats["enc"])
             for where, kind, content in usable_records(path, hasher, skip_invalid, stats):
                 set_kind(stats, kind, where)
                 if held_out(content, stats):
@@ -164,13 +166,13 @@ def tokenize_inputs(paths, writer, skip_invalid, stats, progress):
     return hashes
 
 
-def render(batch, kind, template):
+def render(batch, kind, template, enc):
     """(chat.Rendered, the digest of each conversation's tokens) of a batch of conversations or
-    "text" documents (every token learned, <|endoftext|> closing each)."""
+    "text" documents (every token learned, <|endoftext|> closing each), encoded with enc."""
     if kind == "text":
-        rendered = chat.documents(*chat.encode_closed(chat.get_encoder(), batch))
+        rendered = chat.documents(*chat.encode_closed(enc, batch))
     else:
-        rendered = chat.render_batch(batch, template)
+        rendered = chat.render_batch(batch, template, enc)
     raw, starts = memoryview(rendered.ids).cast("B"), rendered.starts
     return rendered, [hashlib.blake2b(raw[2 * a:2 * b], digest_size=16).digest()
                       for a, b in zip(starts, starts[1:])]
@@ -258,10 +260,10 @@ def set_kind(stats, kind, where):
                          "folders (pretrain on the text, then fine-tune on the chat)")
 
 
-def tokenize_text_file(path, hasher, writer, progress):
+def tokenize_text_file(path, hasher, writer, progress, enc):
     """A .txt file as one document, streamed: pieces cut where the tokenizer cuts anyway
     (records.iter_text), TEXT_BATCH of them encoded at a time (tiktoken's threads)."""
-    enc, pieces, first = chat.get_encoder(), iter_text(path, hasher), True
+    pieces, first = iter_text(path, hasher), True
     digest = hashlib.blake2b(digest_size=16)
     while batch := list(itertools.islice(pieces, TEXT_BATCH)):
         ids = np.fromiter(itertools.chain.from_iterable(enc.encode_ordinary_batch(batch)),
@@ -273,7 +275,7 @@ def tokenize_text_file(path, hasher, writer, progress):
         progress.update(writer.n_convs, writer.n_tokens)
     if first:
         raise InputError(f"{path}: empty file: a .txt input is one document of plain text")
-    eot = np.array([chat.EOT], dtype=np.uint16)
+    eot = np.array([enc.eot_token], dtype=np.uint16)
     digest.update(eot.data)
     writer.add(eot, [1], [], continues=True)
     writer.digests.append(digest.digest())
@@ -355,13 +357,14 @@ def summarize(writers, stats):
 
 def build_dataset(inputs, out_dir="data/chat", val_fraction=0.1, val_file=None, seed=1337,
                   skip_invalid=False, template="human_assistant", oasst_paths="best", dedupe=False,
-                  test_fraction=0.0):
+                  test_fraction=0.0, tokenizer=chat.TOKENIZER):
     """Build the dataset in a folder of its own inside out_dir, then make it the dataset (publish).
     Returns meta. template: a built-in template's name, a JSON template file, or a template dict
     (see chat.load_template). oasst_paths: "best" (an OpenAssistant tree's best-ranked branch) or
     "all" (every path ending on a reply). dedupe: drop exact repeats of a conversation (same
     tokens); they are counted either way. test_fraction: about this share of the conversations is
-    held out to out_dir/test.jsonl (chat data only)."""
+    held out to out_dir/test.jsonl (chat data only). tokenizer: "gpt2" or a trained tokenizer's
+    record (tokenizer.load_tokenizer), copied into the dataset."""
     if not 0 <= test_fraction < 1:
         raise ConfigError(f"--test_fraction must be at least 0 and below 1, got {test_fraction}")
     if not 0 < val_fraction < 1 and val_file is None:
@@ -372,8 +375,12 @@ def build_dataset(inputs, out_dir="data/chat", val_fraction=0.1, val_file=None, 
         chat.check_template(template, "template")
     else:
         template = chat.load_template(template)
+    enc = encoder(tokenizer)
+    if enc.n_vocab > 1 << 16:
+        raise ConfigError(f"--tokenizer: {describe(tokenizer)} has more ids than a uint16 dataset "
+                          "holds (65,536)")
     options = {"template": template, "oasst_paths": oasst_paths, "dedupe": dedupe,
-               "test_fraction": test_fraction}
+               "test_fraction": test_fraction, "tokenizer": tokenizer, "enc": enc}
     return build_and_publish(out_dir, lambda tmp: _build(tmp, inputs, val_fraction, val_file, seed,
                                                          skip_invalid, options))
 
@@ -433,7 +440,8 @@ def _build(tmp, inputs, val_fraction, val_file, seed, skip_invalid, options):
     n_docs = stream.n_convs if val_file is None else sum(writers[s].n_convs for s in SPLITS)
     multiline = stats["multiline_replies"]
     meta = {"kind": stats["kind"], **({"documents": n_docs} if text else {}),
-            "tokenizer": chat.TOKENIZER, "vocab_size": chat.VOCAB_SIZE, "template": template,
+            "tokenizer": stored(options["tokenizer"]), "vocab_size": options["enc"].n_vocab,
+            "template": template,
             "multiline_replies": multiline,
             "default_stop": None if text else chat.default_stop(multiline, template),  # text: none
             **summarize(writers, stats), "sources": hashes, "seed": seed,
@@ -447,6 +455,8 @@ def _build(tmp, inputs, val_fraction, val_file, seed, skip_invalid, options):
     for name in os.listdir(tmp):
         if name.startswith("all"):  # the tokenised stream before the split
             os.remove(os.path.join(tmp, name))
+    if isinstance(options["tokenizer"], dict):  # a trained tokenizer travels with its data
+        write_tokenizer(options["tokenizer"]["json"], tmp)
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(meta, f, indent=2)
     return meta
@@ -505,3 +515,21 @@ def clean_out_dir(out_dir):
         print(f"removed {len(removed)} leftover(s) of interrupted runs in {out_dir}: "
               f"{', '.join(removed)}", file=sys.stderr)
     return removed
+
+
+# --------------------------------------------------------------------------------------------------
+# A tokenizer's corpus (prepare.py --task=tokenizer)
+
+
+def corpus_texts(paths, template="human_assistant", oasst_paths="best", skip_invalid=False):
+    """The texts a tokenizer trains on, one string at a time: each .txt file in pieces (as
+    prepare.py reads it), each {"text"} record, each conversation as the template renders it (the
+    text the dataset will hold; <|endoftext|> is a special token and is not part of it)."""
+    template = template if isinstance(template, dict) else chat.load_template(template)
+    stats = {"skipped": Counter(), "multiline_replies": False, "warned_preference": False,
+             "template": template, "oasst_paths": oasst_paths}
+    for path in paths:
+        if path.endswith(".txt"):
+            yield from iter_text(path, hashlib.sha256())
+        for _, kind, content in usable_records(path, hashlib.sha256(), skip_invalid, stats):
+            yield content if kind == "text" else chat.render_text(content, template)

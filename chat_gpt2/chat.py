@@ -257,7 +257,7 @@ def render_conversation(messages, template=TEMPLATE, enc=None):
     once; tests/test_render.py checks they agree."""
     enc = enc or get_encoder()
     text, learned, turns = marked_text(messages, template)
-    ids = encode_text(enc, text, learned) + [EOT]
+    ids = encode_text(enc, text, learned) + [enc.eot_token]
     starts = token_starts(enc, ids)  # <|endoftext|> starts where the text ends
     mask = [int(any(a <= s < b for a, b in learned)) for s in starts[:-1]] + [1]
     return ids, mask, [bisect.bisect_right(starts, t) - 1 for t in turns]
@@ -365,19 +365,19 @@ def encode_closed(enc, texts, chunk=64):
     (which BPE never merges across), in tiktoken's threads: a thread task per short text would cost
     more than its encoding."""
     if any(EOT_TEXT in text for text in texts):  # typed by a user, it stays text: encode one by one
-        return _close(enc.encode_ordinary_batch(texts))
+        return _close(enc.encode_ordinary_batch(texts), enc.eot_token)
     joined = [EOT_TEXT.join(texts[i:i + chunk]) + EOT_TEXT for i in range(0, len(texts), chunk)]
     encoded = enc.encode_batch(joined, allowed_special={EOT_TEXT})
     ids = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.uint16,
                       count=sum(map(len, encoded)))
-    return ids, np.concatenate([[0], np.flatnonzero(ids == EOT) + 1])
+    return ids, np.concatenate([[0], np.flatnonzero(ids == enc.eot_token) + 1])
 
 
-def _close(encoded):
-    """The token lists back to back, each followed by <|endoftext|>: (uint16 ids, starts)."""
+def _close(encoded, eot=EOT):
+    """The token lists back to back, each followed by <|endoftext|> (eot): (uint16 ids, starts)."""
     lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)) + 1
     starts = np.concatenate([[0], np.cumsum(lengths)])
-    ids = np.fromiter(itertools.chain.from_iterable(t + [EOT] for t in encoded), dtype=np.uint16,
+    ids = np.fromiter(itertools.chain.from_iterable(t + [eot] for t in encoded), dtype=np.uint16,
                       count=starts[-1])
     return ids, starts
 
@@ -395,7 +395,7 @@ def render_batch(conversations, template=TEMPLATE, enc=None):
         encoded = [ids[a:b - 1].tolist() for a, b in zip(starts[:-1], starts[1:])]
         for i in crossed:
             encoded[i] = encode_text(enc, *marked[i][:2], encoded[i])
-        rendered, _ = _assemble(*_close(encoded), marked, enc)
+        rendered, _ = _assemble(*_close(encoded, enc.eot_token), marked, enc)
     return rendered
 
 

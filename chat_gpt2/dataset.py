@@ -8,6 +8,7 @@ defined here):
     {train,val}_turns.npy  int64 offsets where a turn starts (training windows start only there)
     {train,val}_convs.npy  int64 offsets where a conversation starts
     meta.json              kind ("chat" or "text"), tokenizer, vocab size, template, counts, sources
+    tokenizer.json         a trained tokenizer (prepare.py --tokenizer=DIR; tokenizer.py), if any
 Plain text (kind "text": .txt files, {"text"} records) is every token learned, each document closed
 by <|endoftext|>; its "conversations" are the documents, and its windows start anywhere. Each name
 is a symlink into the build folder `.dataset` points to (build.py); a folder of plain files (an
@@ -20,12 +21,14 @@ import numpy as np
 
 from . import chat
 from .errors import InputError, MissingFileError
+from .tokenizer import attach, encoder
 
 SPLITS = ("train", "val")
 # per split: train.bin, train_mask.bin, ...
 SPLIT_FILES = (".bin", "_mask.bin", "_turns.npy", "_convs.npy")
 DATASET_FILES = tuple(f"{s}{suffix}" for s in SPLITS for suffix in SPLIT_FILES) + ("meta.json",)
-OPTIONAL_FILES = ("test.jsonl",)  # held-out conversations (--test_fraction), for eval.py --data
+# held-out conversations (--test_fraction), for eval.py --data; a trained tokenizer (tokenizer.py)
+OPTIONAL_FILES = ("test.jsonl", "tokenizer.json")
 # a classification dataset (kind "classify", classify_data.py): per split its tokens, text offsets
 # and labels
 CLASSIFY_SPLITS = ("train", "val", "test")
@@ -50,8 +53,8 @@ class ChatData:
     Plain-text data (kind "text") has no questions to keep: its windows start anywhere, as in
     nanoGPT."""
 
-    def __init__(self, folder, split, expected_tokens, kind="chat"):
-        self.kind, self._useful = kind, {}
+    def __init__(self, folder, split, expected_tokens, kind="chat", eot=chat.EOT):
+        self.kind, self.eot, self._useful = kind, eot, {}  # eot: the tokenizer's, pads windows
         path = os.path.join(folder, f"{split}.bin")
         self.ids = read_array(path, np.uint16)
         self.mask = read_array(os.path.join(folder, f"{split}_mask.bin"), np.uint8)
@@ -71,7 +74,7 @@ class ChatData:
         else:
             starts = self.useful_starts(block_size)
             starts = starts[torch.randint(len(starts), (batch_size,), generator=generator).numpy()]
-        x = np.full((batch_size, block_size), chat.EOT, dtype=np.int64)
+        x = np.full((batch_size, block_size), self.eot, dtype=np.int64)
         y = np.full((batch_size, block_size), -1, dtype=np.int64)
         m = np.zeros((batch_size, block_size), dtype=np.float32)
         for row, start in enumerate(starts):
@@ -142,6 +145,7 @@ def read_meta(folder, names=None):
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise InputError(f"{meta_path}: not a prepared dataset's meta.json ({type(e).__name__}: "
                          f"{e}): run prepare.py again") from None
+    meta["tokenizer"] = attach(meta.get("tokenizer", chat.TOKENIZER), folder)  # its text too
     names = names or {"classify": CLASSIFY_FILES, "preference": PREFERENCE_FILES}.get(
         meta.get("kind"), DATASET_FILES)
     homes = {os.path.dirname(os.path.realpath(os.path.join(folder, name))) for name in names}
@@ -160,5 +164,7 @@ def load_dataset(dataset):
         what = "a classification" if kind == "classify" else "a preference"
         raise InputError(f"{folder}: {what} dataset (kind {kind}): read it with "
                          f"classify_data.load_prepared")
-    data = {split: ChatData(folder, split, int(meta["tokens"][split]), kind) for split in SPLITS}
+    eot = encoder(meta["tokenizer"]).eot_token
+    data = {split: ChatData(folder, split, int(meta["tokens"][split]), kind, eot)
+            for split in SPLITS}
     return data, meta
