@@ -27,6 +27,7 @@ from .errors import ConfigError, OutputExistsError
 from .files import atomic_write, disk_error, temp_name
 from .hf_gpt2 import HF_CONV1D, hf_state_dict
 from .hf_tokenizer import gpt2_vocab_and_merges
+from .tokenizer import describe, encoder
 
 GGUF_TYPES = ("f16", "bf16", "q8_0", "f32")  # --gguf_type; the first is the default
 LAYER_NORM_EPS = 1e-5  # model.LayerNorm's
@@ -52,11 +53,11 @@ def check_gguf_type(gguf_type):
         raise ConfigError(f"--gguf_type={gguf_type}: unknown type (one of {', '.join(GGUF_TYPES)})")
 
 
-def gguf_tensors(model, gguf_type):
+def gguf_tensors(model, gguf_type, n_vocab=chat.VOCAB_SIZE):
     """[(llama.cpp name, numpy array as stored, GGMLQuantizationType)] of our GPT, in the file's order."""
     wanted = gguf.GGMLQuantizationType[gguf_type.upper()]
     tensors = []
-    for name, p in hf_state_dict(model).items():
+    for name, p in hf_state_dict(model, n_vocab).items():
         if name.endswith(HF_CONV1D):
             p = p.t()  # back to (out, in): ggml's (ne0 = in, ne1 = out), what llama.cpp reads
         data = p.float().contiguous().numpy()
@@ -89,7 +90,7 @@ def add_tokenizer(writer, enc, template, chat_model):
                             for i in range(len(tokens))])
     for add in (writer.add_bos_token_id, writer.add_eos_token_id, writer.add_eot_token_id,
                 writer.add_pad_token_id):
-        add(chat.EOT)
+        add(enc.eot_token)
     writer.add_add_bos_token(False)
     writer.add_add_eos_token(False)
     if chat_model:
@@ -100,8 +101,11 @@ def write_gguf(model, path, template=chat.TEMPLATE, tokenizer=chat.TOKENIZER, gg
                chat_model=True):
     """Write model (our GPT) to path as a GGUF file (see the module docstring), atomically."""
     check_gguf_type(gguf_type)
-    config, enc = model.config, chat.get_encoder(tokenizer)
-    tensors = gguf_tensors(model, gguf_type)
+    config, enc = model.config, encoder(tokenizer)
+    if not (isinstance(tokenizer, str) or tokenizer.get("split") == "gpt2"):
+        raise ConfigError(f"--format=gguf: the tokenizer {describe(tokenizer)} does not split text "
+                          "as GPT-2 does: llama.cpp's `gpt-2` pre-tokenizer cannot describe it")
+    tensors = gguf_tensors(model, gguf_type, enc.n_vocab)
     if tensors[0][1].shape[0] != enc.n_vocab:
         raise ValueError(f"the embedding has {tensors[0][1].shape[0]} rows for a {enc.n_vocab}-token tokenizer")
     writer = gguf.GGUFWriter(None, "gpt2")
