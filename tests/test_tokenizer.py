@@ -1,0 +1,238 @@
+"""A trained tokenizer (chat_gpt2/tokenizer.py, prepare.py --task=tokenizer): training and its
+refusals, tiktoken's ids against `tokenizers`' and transformers', the dataset and checkpoints that
+carry it, the mismatch errors, bits per byte, and the export (AutoTokenizer, generate, GGUF)."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import tiktoken
+import torch
+
+import prepare
+from chat_gpt2 import chat
+from chat_gpt2 import tokenizer as tk
+from chat_gpt2.dataset import load_dataset, read_meta
+from chat_gpt2.errors import ConfigError, InputError
+from helpers import checkpoints, load_ckpt, tiny_train_args, train_inprocess, write_records
+
+# text that tries the split: unicode, emoji, digits, whitespace runs, contractions, special tokens
+VARIED = ["héllo wörld, ça va? 日本語のテキスト 🤖🎉👍🏽 naïve café",
+          "  two spaces\n\n\n\tthree newlines and a tab   \n   trailing   ",
+          "digits 1234567 3.14159 2026-12-04 0x1F; I'm, you'll, they've, we'd, don't",
+          "<|endoftext|>a special token in text<|im_start|> and <|im_end|>\r\n",
+          "", " ", "\n", "x" * 300]
+CORPUS = "".join(f"To be, or not to be, that is question {i}: café 日本 🤖 {i * 7}.\n"
+                 for i in range(300))
+SPECIALS = ("<|im_start|>", "<|im_end|>")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 600-token tokenizer trained by prepare.py --task=tokenizer on a .txt and a chat file."""
+    root = tmp_path_factory.mktemp("tok")
+    (root / "corpus.txt").write_text(CORPUS, encoding="utf-8")
+    chats = write_records(root / "chats.jsonl", [{"user": f"Question {i}?", "assistant": f"Answer {i}."}
+                                                 for i in range(50)])
+    assert prepare.main([str(root / "corpus.txt"), chats, "--task=tokenizer", "--vocab_size=600",
+                         f"--special_tokens={','.join(SPECIALS)}", f"--out_dir={root / 'tok600'}"]) == 0
+    return str(root / "tok600")
+
+
+@pytest.fixture(scope="module")
+def record(trained):
+    return tk.load_tokenizer(trained)
+
+
+def test_the_split_is_tiktoken_gpt2s():
+    assert tk.GPT2_PATTERN == tiktoken.get_encoding("gpt2")._pat_str
+
+
+def test_training_writes_the_asked_vocabulary(record):
+    enc = tk.encoder(record)
+    assert record["n_vocab"] == enc.n_vocab == 600 and record["split"] == "gpt2"
+    assert record["special_tokens"] == ["<|endoftext|>", *SPECIALS]
+    assert record["eot"] == enc.eot_token == 597  # bytes 0..255, merges, then the special tokens
+    assert [enc.decode_single_token_bytes(i) for i in range(256)] == [bytes([i]) for i in range(256)]
+    assert enc.encode("Question 7? Answer") != list("Question 7? Answer".encode())  # chat text was learned
+
+
+@pytest.mark.parametrize("text", VARIED + [CORPUS[:2000]])
+def test_tiktoken_tokenizers_and_transformers_agree(record, text, tmp_path):
+    """The one tokenizer.json: tiktoken (what we encode with), `tokenizers` and transformers' AutoTokenizer (the
+    export's files) give the same ids, special tokens included, and decode back to the text."""
+    from tokenizers import Tokenizer
+    enc = tk.encoder(record)
+    ours = enc.encode(text, allowed_special="all")
+    assert Tokenizer.from_str(record["json"]).encode(text).ids == ours
+    assert enc.decode(ours) == text
+    hf = _auto_tokenizer(record, str(tmp_path))
+    assert hf(text)["input_ids"] == ours and hf.decode(ours) == text
+
+
+def _auto_tokenizer(record, folder):
+    import transformers
+    from chat_gpt2.hf_tokenizer import tokenizer_files
+    for name, content in tokenizer_files(tk.encoder(record), chat.TEMPLATE, 64).items():
+        with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
+            f.write(content if isinstance(content, str) else json.dumps(content, ensure_ascii=False))
+    return transformers.AutoTokenizer.from_pretrained(folder)
+
+
+def test_user_text_never_becomes_a_special_id(record):
+    enc = tk.encoder(record)
+    ids = chat.render_conversation([{"role": "user", "content": "say <|im_end|> <|endoftext|>"},
+                                    {"role": "assistant", "content": "ok"}], enc=enc)[0]
+    assert ids.count(enc.eot_token) == 1 and ids[-1] == enc.eot_token
+    assert not set(ids) & {enc.encode_single_token(s) for s in SPECIALS}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--vocab_size=200"], "needs the 256 bytes, 1 special token.*between 258"),
+    (["--vocab_size=259", "--special_tokens=<|a|>,<|b|>"], "3 special token.*between 260"),
+    (["--tokenizer=somewhere"], "--tokenizer is for chat and text data"),
+])
+def test_training_refusals(tmp_path, capsys, args, message):
+    (tmp_path / "c.txt").write_text("some text", encoding="utf-8")
+    assert prepare.main([str(tmp_path / "c.txt"), "--task=tokenizer", f"--out_dir={tmp_path / 't'}", *args]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and __import__("re").search(message, err), err
+    assert not (tmp_path / "t").exists()
+
+
+def test_empty_corpus_and_dataset_folder_are_refused(tmp_path, capsys, tiny_dataset):
+    (tmp_path / "empty.txt").write_text("", encoding="utf-8")
+    assert prepare.main([str(tmp_path / "empty.txt"), "--task=tokenizer", f"--out_dir={tmp_path / 't'}"]) == 1
+    assert "the corpus is empty" in capsys.readouterr().err
+    (tmp_path / "c.txt").write_text("text", encoding="utf-8")
+    before = sorted(os.listdir(tiny_dataset))
+    assert prepare.main([str(tmp_path / "c.txt"), "--task=tokenizer", f"--out_dir={tiny_dataset}"]) == 1
+    assert "holds a prepared dataset" in capsys.readouterr().err and sorted(os.listdir(tiny_dataset)) == before
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The dataset and the checkpoints carry it
+
+
+@pytest.fixture(scope="module")
+def custom_data(tmp_path_factory, trained):
+    root = tmp_path_factory.mktemp("custom")
+    (root / "corpus.txt").write_text(CORPUS, encoding="utf-8")
+    assert prepare.main([str(root / "corpus.txt"), f"--tokenizer={trained}", f"--out_dir={root / 'data'}"]) == 0
+    return str(root / "data")
+
+
+@pytest.fixture(scope="module")
+def custom_run(tmp_path_factory, custom_data):
+    out = str(tmp_path_factory.mktemp("run") / "out")
+    log = train_inprocess(tiny_train_args(custom_data, out, sample_max_tokens=4))
+    return out, log
+
+
+def test_the_dataset_holds_the_tokenizer(custom_data, record):
+    meta = read_meta(custom_data)
+    assert meta["tokenizer"]["sha256"] == record["sha256"] and meta["vocab_size"] == 600
+    assert meta["tokenizer"]["json"] == record["json"]  # read back from the folder's tokenizer.json
+    with open(os.path.join(custom_data, "meta.json")) as f:
+        assert "json" not in json.load(f)["tokenizer"]  # meta.json names it, the file holds it
+    data, _ = load_dataset(custom_data)
+    ids = np.concatenate([data["train"].ids, data["val"].ids]).tolist()
+    assert tk.encoder(record).decode(ids) == CORPUS + "<|endoftext|>" and max(ids) < 600
+
+
+def test_a_tampered_tokenizer_file_is_refused(tmp_path, custom_data):
+    import shutil
+    copy = str(tmp_path / "copy")
+    shutil.copytree(custom_data, copy, symlinks=False)
+    os.remove(os.path.join(copy, "tokenizer.json"))
+    with open(os.path.join(copy, "tokenizer.json"), "w", encoding="utf-8") as f:
+        f.write(tk.load_tokenizer(custom_data)["json"].replace('"Question"', '"Qnestion"'))
+    with pytest.raises(InputError, match="not the tokenizer the dataset was prepared with"):
+        read_meta(copy)
+
+
+def test_training_sizes_the_model_and_checkpoints_carry_it(custom_run, record):
+    out, log = custom_run
+    assert " bits/byte" in log and "sample: " in log
+    for name in checkpoints(out):
+        ckpt = load_ckpt(os.path.join(out, name))  # weights_only=True
+        assert ckpt["tokenizer"]["json"] == record["json"] and ckpt["tokenizer"]["sha256"] == record["sha256"]
+        assert ckpt["model_args"]["vocab_size"] == tk.padded_vocab(600) == 640
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        evals = [r for r in map(json.loads, f) if r["event"] == "eval"]
+    assert all(r["val_bpb"] > 0 and r["train_bpb"] > 0 for r in evals)
+
+
+def test_sample_needs_no_flag(custom_run, capsys):
+    import sample
+    out, _ = custom_run
+    sample.main([f"--out_dir={out}", "--prompt=To be", "--raw=True", "--max_new_tokens=5", "--device=cpu",
+                 "--dtype=float32"])
+    assert capsys.readouterr().out.strip()
+
+
+def test_mismatches_are_one_line_errors(tmp_path, custom_data, custom_run, tiny_dataset):
+    out, _ = custom_run
+    best = os.path.join(out, [n for n in checkpoints(out) if not n.endswith("_last.pt")][0])
+    # fine-tuning the trained-tokenizer model on GPT-2-tokenized data, and GPT-2 weights on trained-tokenizer data
+    with pytest.raises(ConfigError, match=r"tokenized with gpt2, but --init_from=.* was trained with tok600 \(600"):
+        train_inprocess([a for a in tiny_train_args(tiny_dataset, str(tmp_path / "a"), init_from=best)
+                         if not a.startswith(("--n_layer", "--n_head", "--n_embd"))])
+    from helpers import tiny_model
+    from chat_gpt2.checkpoint import save_checkpoint
+    gpt2_ckpt = str(tmp_path / "gpt2.pt")
+    save_checkpoint(gpt2_ckpt, {"model": tiny_model().state_dict(), "model_args": {
+        **tiny_model().config.__dict__}, "tokenizer": "gpt2", "template": chat.TEMPLATE})
+    with pytest.raises(ConfigError, match=r"tokenized with tok600 .* but --init_from=.* was trained with gpt2"):
+        train_inprocess([a for a in tiny_train_args(custom_data, str(tmp_path / "b"), init_from=gpt2_ckpt)
+                         if not a.startswith(("--n_layer", "--n_head", "--n_embd"))])
+    # resuming a run whose dataset was prepared again with another tokenizer
+    import shutil
+    run = str(tmp_path / "resume")
+    shutil.copytree(out, run)
+    last = load_ckpt(os.path.join(run, [n for n in checkpoints(run) if n.endswith("_last.pt")][0]))
+    with pytest.raises(ConfigError, match="tokenized with gpt2, but the run being resumed was trained with tok600"):
+        train_inprocess(["--init_from=resume", f"--out_dir={run}", f"--dataset={tiny_dataset}"])
+    assert last["iter_num"] == 6
+    # eval.py --dataset with another tokenizer's data
+    import eval as eval_script
+    with pytest.raises(ConfigError, match="is tokenized with gpt2, but the model was trained with tok600"):
+        eval_script.main([f"--out_dir={out}", f"--dataset={tiny_dataset}"])
+
+
+def test_gpt2_datasets_and_checkpoints_keep_their_name(tiny_dataset, tiny_ckpt):
+    assert read_meta(tiny_dataset)["tokenizer"] == "gpt2" and load_ckpt(tiny_ckpt)["tokenizer"] == "gpt2"
+    assert tk.encoder("gpt2") is chat.get_encoder() and tk.padded_vocab(chat.VOCAB_SIZE) == 50304
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Bits per byte
+
+
+def test_bits_per_byte_by_hand(tmp_path, custom_run, trained, record):
+    """eval.py's bpb on a val text shorter than one window, against a hand computation: the summed loss of every
+    target in nats / ln 2 over the UTF-8 bytes of the targets' text (the closing <|endoftext|> is scored but is no
+    text: 0 bytes)."""
+    import torch.nn.functional as F
+    from chat_gpt2.checkpoint import model_from_checkpoint
+    from chat_gpt2.evaluation import val_scores
+    (tmp_path / "train.txt").write_text(CORPUS, encoding="utf-8")
+    (tmp_path / "val.txt").write_text("To be, or not: café 🤖 42.\n", encoding="utf-8")
+    data = str(tmp_path / "data")
+    assert prepare.main([str(tmp_path / "train.txt"), f"--val_file={tmp_path / 'val.txt'}", f"--tokenizer={trained}",
+                         f"--out_dir={data}"]) == 0
+    out, _ = custom_run
+    ckpt = load_ckpt(os.path.join(out, [n for n in checkpoints(out) if not n.endswith("_last.pt")][0]))
+    model = model_from_checkpoint(ckpt).eval()
+    scores = val_scores(model, data, 4, "cpu", "float32", ckpt["tokenizer"])
+    val = torch.as_tensor(load_dataset(data)[0]["val"].ids.astype(np.int64))
+    assert len(val) <= model.config.block_size + 1  # one window: the whole text in context
+    with torch.no_grad():
+        logits = model(val[None, :-1], all_logits=True)[0][0]
+    nats = F.cross_entropy(logits.float(), val[1:], reduction="sum").item()
+    first = tk.encoder(record).decode(val[:1].tolist())  # the first token is no target
+    assert first == "To" and val[-1] == record["eot"]
+    n_bytes = len(" be, or not: café 🤖 42.\n".encode("utf-8"))
+    assert scores["tokens"] == len(val) - 1 and scores["bytes"] == n_bytes
+    assert scores["bpb"] == pytest.approx(nats / math.log(2) / n_bytes, rel=1e-5)
