@@ -236,3 +236,73 @@ def test_bits_per_byte_by_hand(tmp_path, custom_run, trained, record):
     n_bytes = len(" be, or not: café 🤖 42.\n".encode("utf-8"))
     assert scores["tokens"] == len(val) - 1 and scores["bytes"] == n_bytes
     assert scores["bpb"] == pytest.approx(nats / math.log(2) / n_bytes, rel=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Out into the world: the export, and generation that stops on the tokenizer's own <|endoftext|>
+
+
+def eot_model(record):
+    """A tiny GPT (bias) for the trained tokenizer whose every next token is its <|endoftext|>: ln_f outputs a
+    constant vector, which the tied head scores highest on the <|endoftext|> row."""
+    from helpers import tiny_model
+    model = tiny_model(vocab_size=tk.padded_vocab(record["n_vocab"]), bias=True)
+    with torch.no_grad():
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.fill_(1.0)
+        model.transformer.wte.weight[record["eot"]] = 10.0
+        model.transformer.wte.weight[record["n_vocab"]:] = 100.0  # padding rows: never a token
+    return model
+
+
+def test_engine_and_sample_stop_on_the_trained_eot(tmp_path, record, capsys):
+    from chat_gpt2.checkpoint import save_checkpoint
+    from chat_gpt2.engine import Engine, Request
+    from chat_gpt2.sampling import SamplingParams
+    model, enc = eot_model(record), tk.encoder(record)
+    request = Request(enc.encode("To be"), SamplingParams(temperature=0.0, max_new_tokens=8))
+    Engine(model, enc).complete([request])
+    assert request.replies[0].finish_reason == "stop" and request.replies[0].tokens == []
+    path = str(tmp_path / "eot.pt")
+    save_checkpoint(path, {"model": model.state_dict(), "model_args": model.config.__dict__, "tokenizer": record,
+                           "template": chat.TEMPLATE, "default_stop": None, "multiline_replies": False})
+    import sample
+    sample.main([f"--ckpt={path}", "--prompt=To be", "--raw=True", "--max_new_tokens=8", "--device=cpu",
+                 "--dtype=float32"])
+    assert capsys.readouterr().out.strip() == ""
+
+
+def test_export_tokenizer_and_generate(tmp_path, record):
+    """export.py's directory: AutoTokenizer encodes and decodes as we do (special tokens whole), config and
+    generation_config name the trained <|endoftext|>, transformers' generate stops on it, and the logits match."""
+    import export
+    import transformers
+    model, enc = eot_model(record).eval(), tk.encoder(record)
+    out = str(tmp_path / "hf")
+    export.export(model, out, chat.CHATML, record)
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    for text in VARIED:
+        ids = enc.encode(text, allowed_special="all")
+        assert tok(text)["input_ids"] == ids and tok.decode(ids) == text
+    assert tok.eos_token_id == record["eot"] and tok.convert_tokens_to_ids("<|im_end|>") == 599
+    rendered = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                       add_generation_prompt=True)
+    assert rendered == chat.render_text([{"role": "user", "content": "hi"}], chat.CHATML, True)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    assert hf.config.vocab_size == 600 and hf.generation_config.eos_token_id == record["eot"]
+    prompt = torch.tensor([enc.encode("To be")])
+    generated = hf.generate(prompt, max_new_tokens=8, do_sample=False)[0, prompt.size(1):].tolist()
+    assert generated == [record["eot"]]  # it stopped on the first <|endoftext|>
+    assert export.check_export(model, out, tokenizer=record)["transformers"] < 1e-4
+
+
+def test_gguf_export_with_the_trained_tokenizer(tmp_path, record):
+    """llama.cpp's `gpt-2` pre-tokenizer and the trained vocabulary and merges: llama.cpp tokenizes as we do."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from chat_gpt2.gguf_export import export_gguf
+    path = export_gguf(eot_model(record).eval(), str(tmp_path / "gg"), chat.TEMPLATE, record, ("\n",))
+    llm = llama_cpp.Llama(path, verbose=False, n_ctx=64)
+    enc = tk.encoder(record)
+    for text in VARIED[:3]:
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == enc.encode_ordinary(text)
+    assert llm.token_eos() == record["eot"]
