@@ -17,12 +17,14 @@ docs/data.md). Plain text instead (every token learned, documents closed by <|en
 files (one document each) or records {"text": ...}; text and chat inputs cannot be mixed in one
 dataset.
 
-Writes into out_dir, all aligned token for token:
-    {train,val}.bin        uint16 token ids, GPT-2's or --tokenizer's (np.memmap(path, np.uint16, mode="r"))
-    {train,val}_mask.bin   uint8, 1 where the assistant's output is learned (see chat_gpt2/chat.py)
+Writes into out_dir, all aligned token for token (dataset format 2, docs/data.md):
+    {train,val}.bin        token ids in meta.json's token_dtype: uint16 (GPT-2), uint32 above 65,536
+    {train,val}_mask.bin   uint8, 1 where the assistant's output is learned (chat_gpt2/chat.py);
+                           chat data only: plain text learns every token and has no mask file
     {train,val}_turns.npy  int64 offsets where a turn starts (training windows start only there)
     {train,val}_convs.npy  int64 offsets where a conversation starts
-    meta.json              tokenizer, vocab size, template, counts, multiline_replies, source hashes
+    meta.json              format, token_dtype, kind, tokenizer, vocab size, template, counts,
+                           multiline_replies, source hashes
 A tokenizer instead (--task=tokenizer --vocab_size=8192 [--special_tokens=A,B]): a byte-level BPE
 trained on the inputs' text (chat records as the template renders them), written to
 out_dir/tokenizer.json; prepare data with it by --tokenizer=DIR (docs/data.md, "Your own

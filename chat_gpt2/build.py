@@ -23,12 +23,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from . import chat
-from .dataset import ALL_FILES, CURRENT, SPLITS
+from .dataset import ALL_FILES, CURRENT, SPLITS, format_fields, token_dtype
 from .errors import ConfigError, InputError, RecordError
 from .files import disk_error, make_temp_dir, remove_dead_leftovers, temp_name
 from .records import (PREFERENCE_KEYS, document_text, is_document, iter_records, iter_text,
                       to_conversations)
-from .tokenizer import describe, encoder, stored, write_tokenizer
+from .tokenizer import encoder, stored, write_tokenizer
 
 BUILD_PREFIX = ".prepare-"  # a build's own folder: .prepare-<PID>-<random>
 BLOCK_SIZES = (128, 256, 512, 1024)  # meta.json counts the conversations longer than each
@@ -45,13 +45,16 @@ PROGRESS_SECONDS = 3  # a progress line this often, once a build has taken this 
 
 
 class TokenWriter:
-    """Appends rendered conversations (or documents) to flat files (ids, mask), remembering where
-    each conversation and turn starts and each conversation's digest (for repeats). continues=True
-    appends to the previous conversation (a long document written piece by piece)."""
+    """Appends rendered conversations (or documents) to flat files (ids in token_dtype(vocab_size),
+    mask), remembering where each conversation and turn starts and each conversation's digest (for
+    repeats). continues=True appends to the previous conversation (a long document written piece
+    by piece). A mask of None is every token learned (text): text data writes no mask file."""
 
-    def __init__(self, folder, name):
-        self.ids = open(os.path.join(folder, f"{name}.bin"), "wb")
-        self.mask = open(os.path.join(folder, f"{name}_mask.bin"), "wb")
+    def __init__(self, folder, name, vocab_size):
+        self.dtype = token_dtype(vocab_size)
+        self.ids_path = os.path.join(folder, f"{name}.bin")
+        self.mask_path = os.path.join(folder, f"{name}_mask.bin")
+        self.ids, self.mask = open(self.ids_path, "wb"), None  # the mask: opened by the first one
         self.n_tokens, self.n_convs, self.learned, self.digests = 0, 0, 0, []
         self._convs, self._turns = [], []  # int64 arrays, one per write
 
@@ -59,16 +62,22 @@ class TokenWriter:
         self.add_batch(ids, mask, [] if continues else [0], turn_starts)
 
     def add_batch(self, ids, mask, conv_starts, turn_starts, digests=()):
-        """ids, mask: conversations back to back; conv_starts, turn_starts: offsets into them."""
-        ids = np.ascontiguousarray(ids, dtype=np.uint16)
-        mask = np.ascontiguousarray(mask, dtype=np.uint8)
+        """ids, mask (None: all learned): conversations back to back; conv_starts, turn_starts:
+        offsets into them."""
+        ids = np.ascontiguousarray(ids, dtype=self.dtype)
+        if mask is not None and self.mask is None:  # chat data: the tokens so far were all learned
+            self.mask = open(self.mask_path, "wb")
+            self.mask.write(np.ones(self.n_tokens, dtype=np.uint8).data)
+        if mask is None and self.mask is not None:
+            mask = np.ones(len(ids), dtype=np.uint8)
         self._convs.append(self.n_tokens + np.asarray(conv_starts, dtype=np.int64))
         self._turns.append(self.n_tokens + np.asarray(turn_starts, dtype=np.int64))
         self.ids.write(ids.data)
-        self.mask.write(mask.data)
+        if mask is not None:
+            self.mask.write(np.ascontiguousarray(mask, dtype=np.uint8).data)
         self.n_tokens += len(ids)
         self.n_convs += len(conv_starts)
-        self.learned += int(np.sum(mask, dtype=np.int64))
+        self.learned += len(ids) if mask is None else int(np.sum(mask, dtype=np.int64))
         self.digests += digests
 
     def offsets(self):
@@ -82,7 +91,8 @@ class TokenWriter:
 
     def close(self, folder, name):
         self.ids.close()
-        self.mask.close()
+        if self.mask is not None:
+            self.mask.close()
         convs, turns = self.offsets()
         np.save(os.path.join(folder, f"{name}_convs.npy"), convs)
         np.save(os.path.join(folder, f"{name}_turns.npy"), turns)
@@ -170,11 +180,11 @@ def render(batch, kind, template, enc):
     """(chat.Rendered, the digest of each conversation's tokens) of a batch of conversations or
     "text" documents (every token learned, <|endoftext|> closing each), encoded with enc."""
     if kind == "text":
-        rendered = chat.documents(*chat.encode_closed(enc, batch))
+        rendered = chat.documents(*chat.encode_closed(enc, batch, dtype=token_dtype(enc.n_vocab)))
     else:
-        rendered = chat.render_batch(batch, template, enc)
-    raw, starts = memoryview(rendered.ids).cast("B"), rendered.starts
-    return rendered, [hashlib.blake2b(raw[2 * a:2 * b], digest_size=16).digest()
+        rendered = chat.render_batch(batch, template, enc, token_dtype(enc.n_vocab))
+    raw, starts, size = memoryview(rendered.ids).cast("B"), rendered.starts, rendered.ids.itemsize
+    return rendered, [hashlib.blake2b(raw[size * a:size * b], digest_size=16).digest()
                       for a, b in zip(starts, starts[1:])]
 
 
@@ -184,7 +194,8 @@ def write_new(rendered, digests, writer, stats):
     if not all(keep):
         rendered = rendered.select(keep)
         digests = [d for d, k in zip(digests, keep) if k]
-    writer.add_batch(rendered.ids, rendered.mask, rendered.starts[:-1], rendered.turns, digests)
+    mask = None if stats["kind"] == "text" else rendered.mask  # text: every token, no mask file
+    writer.add_batch(rendered.ids, mask, rendered.starts[:-1], rendered.turns, digests)
 
 
 def held_out(messages, stats):
@@ -267,17 +278,16 @@ def tokenize_text_file(path, hasher, writer, progress, enc):
     digest = hashlib.blake2b(digest_size=16)
     while batch := list(itertools.islice(pieces, TEXT_BATCH)):
         ids = np.fromiter(itertools.chain.from_iterable(enc.encode_ordinary_batch(batch)),
-                          dtype=np.uint16)
+                          dtype=writer.dtype)
         digest.update(ids.data)
-        writer.add(ids, np.ones(len(ids), dtype=np.uint8), [0] if first else [],
-                   continues=not first)
+        writer.add(ids, None, [0] if first else [], continues=not first)
         first = False
         progress.update(writer.n_convs, writer.n_tokens)
     if first:
         raise InputError(f"{path}: empty file: a .txt input is one document of plain text")
-    eot = np.array([enc.eot_token], dtype=np.uint16)
+    eot = np.array([enc.eot_token], dtype=writer.dtype)
     digest.update(eot.data)
-    writer.add(eot, [1], [], continues=True)
+    writer.add(eot, None, [], continues=True)
     writer.digests.append(digest.digest())
 
 
@@ -290,7 +300,7 @@ def choose_val(n_convs, val_fraction, seed):
     return set(np.random.default_rng(seed).permutation(n_convs)[:n_val].tolist())
 
 
-def split_stream(folder, stream, val, writers):
+def split_stream(stream, val, writers):
     """Copy each conversation of the tokenised stream into the train or val writer, whole:
     SPLIT_TOKENS of the stream at a time (whole conversations), each split's part in one write."""
     convs, turns = stream.offsets()
@@ -304,7 +314,7 @@ def split_stream(folder, stream, val, writers):
         part_turns = turns[np.searchsorted(turns, lo):np.searchsorted(turns, hi)]
         turn_conv = np.searchsorted(convs, part_turns, side="right") - 1
         tokens_val = np.repeat(is_val[a:b], ends[a:b] - convs[a:b])
-        ids, mask = read_stream(folder, lo, hi)
+        ids, mask = read_stream(stream, lo, hi)
         for split, chosen in (("train", ~is_val), ("val", is_val)):
             picked = chosen[a:b]
             lengths = (ends[a:b] - convs[a:b])[picked]
@@ -314,13 +324,14 @@ def split_stream(folder, stream, val, writers):
             shift[picked] = convs[a:b][picked] - lo - new_starts
             keep = chosen[turn_conv]
             tokens = tokens_val if split == "val" else ~tokens_val
-            writers[split].add_batch(ids[tokens], mask[tokens], new_starts,
+            part_mask = None if mask is None else mask[tokens]
+            writers[split].add_batch(ids[tokens], part_mask, new_starts,
                                      part_turns[keep] - lo - shift[turn_conv[keep] - a],
                                      [stream.digests[i] for i in np.flatnonzero(picked) + a])
         a = b
 
 
-def split_by_position(folder, stream, val_fraction, writers):
+def split_by_position(stream, val_fraction, writers):
     """A single document (one .txt corpus): its first 1 - val_fraction trains, the rest is val."""
     n = stream.n_tokens
     n_val = max(2, round(n * val_fraction))  # a split needs 2 tokens for one (input, target) pair
@@ -330,15 +341,17 @@ def split_by_position(folder, stream, val_fraction, writers):
     for split, a, b in (("train", 0, n - n_val), ("val", n - n_val, n)):
         for start in range(a, b, SPLIT_TOKENS):  # in pieces: a corpus larger than memory is fine
             end = min(b, start + SPLIT_TOKENS)
-            writers[split].add(*read_stream(folder, start, end), [0] if start == a else [],
+            writers[split].add(*read_stream(stream, start, end), [0] if start == a else [],
                                continues=start > a)
 
 
-def read_stream(folder, lo, hi):
-    """Tokens lo:hi of the tokenised stream: (ids, mask), read (not memory-mapped: freed after)."""
-    return tuple(np.fromfile(os.path.join(folder, name), dtype=dtype, count=hi - lo,
-                             offset=lo * np.dtype(dtype).itemsize)
-                 for name, dtype in (("all.bin", np.uint16), ("all_mask.bin", np.uint8)))
+def read_stream(stream, lo, hi):
+    """Tokens lo:hi of the tokenised stream (a closed TokenWriter): (ids, mask; None for text),
+    read (not memory-mapped: freed after)."""
+    def read(path, dtype):
+        return np.fromfile(path, dtype=dtype, count=hi - lo, offset=lo * dtype.itemsize)
+    mask = None if stream.mask is None else read(stream.mask_path, np.dtype(np.uint8))
+    return read(stream.ids_path, stream.dtype), mask
 
 
 def summarize(writers, stats):
@@ -376,9 +389,6 @@ def build_dataset(inputs, out_dir="data/chat", val_fraction=0.1, val_file=None, 
     else:
         template = chat.load_template(template)
     enc = encoder(tokenizer)
-    if enc.n_vocab > 1 << 16:
-        raise ConfigError(f"--tokenizer: {describe(tokenizer)} has more ids than a uint16 dataset "
-                          "holds (65,536)")
     options = {"template": template, "oasst_paths": oasst_paths, "dedupe": dedupe,
                "test_fraction": test_fraction, "tokenizer": tokenizer, "enc": enc}
     return build_and_publish(out_dir, lambda tmp: _build(tmp, inputs, val_fraction, val_file, seed,
@@ -409,18 +419,19 @@ def _build(tmp, inputs, val_fraction, val_file, seed, skip_invalid, options):
     stats = {"skipped": Counter(), "multiline_replies": False, "kind": None,
              "warned_preference": False, "seen": set(), "repeats": 0, **options}
     progress = Progress(list(inputs) + ([val_file] if val_file else []))
-    writers = {s: TokenWriter(tmp, s) for s in SPLITS}
+    vocab_size = options["enc"].n_vocab
+    writers = {s: TokenWriter(tmp, s, vocab_size) for s in SPLITS}
     if options["test_fraction"]:
         stats.update(test=open(os.path.join(tmp, "test.jsonl"), "w", encoding="utf-8"), n_test=0,
                      test_rng=np.random.default_rng(seed + 1))
     if val_file is None:
-        stream = TokenWriter(tmp, "all")
+        stream = TokenWriter(tmp, "all", vocab_size)
         hashes = tokenize_inputs(inputs, stream, skip_invalid, stats, progress)
         stream.close(tmp, "all")
         if stats["kind"] == "text" and stream.n_convs == 1:
-            split_by_position(tmp, stream, val_fraction, writers)
+            split_by_position(stream, val_fraction, writers)
         else:
-            split_stream(tmp, stream, choose_val(stream.n_convs, val_fraction, seed), writers)
+            split_stream(stream, choose_val(stream.n_convs, val_fraction, seed), writers)
     else:
         hashes = tokenize_inputs(inputs, writers["train"], skip_invalid, stats, progress)
         # the val file is val: nothing of it is held out
@@ -439,8 +450,9 @@ def _build(tmp, inputs, val_fraction, val_file, seed, skip_invalid, options):
     text = stats["kind"] == "text"
     n_docs = stream.n_convs if val_file is None else sum(writers[s].n_convs for s in SPLITS)
     multiline = stats["multiline_replies"]
-    meta = {"kind": stats["kind"], **({"documents": n_docs} if text else {}),
-            "tokenizer": stored(options["tokenizer"]), "vocab_size": options["enc"].n_vocab,
+    meta = {**format_fields(vocab_size), "kind": stats["kind"],
+            **({"documents": n_docs} if text else {}),
+            "tokenizer": stored(options["tokenizer"]), "vocab_size": vocab_size,
             "template": template,
             "multiline_replies": multiline,
             "default_stop": None if text else chat.default_stop(multiline, template),  # text: none

@@ -324,9 +324,9 @@ def chat_template(template=TEMPLATE):
 # The fast path: many conversations (or documents) at once, back to back in numpy (prepare.py)
 
 class Rendered:
-    """Conversations (or documents) rendered back to back: ids (uint16) and mask (uint8) of them
-    all, tokens starts[i]:starts[i + 1] are conversation i, turns the offsets where a turn starts (a
-    conversation's first turn at its start)."""
+    """Conversations (or documents) rendered back to back: ids (uint16; uint32 for a vocabulary
+    above 65,536) and mask (uint8) of them all, tokens starts[i]:starts[i + 1] are conversation i,
+    turns the offsets where a turn starts (a conversation's first turn at its start)."""
 
     def __init__(self, ids, mask, starts, turns):
         self.ids, self.mask, self.starts, self.turns = ids, mask, starts, turns
@@ -359,43 +359,43 @@ def documents(ids, starts):
     return Rendered(ids, np.ones(len(ids), dtype=np.uint8), starts, starts[:-1])
 
 
-def encode_closed(enc, texts, chunk=64):
-    """(uint16 ids, starts): encode_ordinary(text) + [<|endoftext|>] for each text, back to back,
+def encode_closed(enc, texts, chunk=64, dtype=np.uint16):
+    """(ids in dtype (dataset.token_dtype's), starts): encode_ordinary(text) + [<|endoftext|>] for each text, back to back,
     text i at ids[starts[i]:starts[i + 1]]. Encoded `chunk` texts at a time, joined by <|endoftext|>
     (which BPE never merges across), in tiktoken's threads: a thread task per short text would cost
     more than its encoding."""
     if any(EOT_TEXT in text for text in texts):  # typed by a user, it stays text: encode one by one
-        return _close(enc.encode_ordinary_batch(texts), enc.eot_token)
+        return _close(enc.encode_ordinary_batch(texts), enc.eot_token, dtype)
     joined = [EOT_TEXT.join(texts[i:i + chunk]) + EOT_TEXT for i in range(0, len(texts), chunk)]
     encoded = enc.encode_batch(joined, allowed_special={EOT_TEXT})
-    ids = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.uint16,
+    ids = np.fromiter(itertools.chain.from_iterable(encoded), dtype=dtype,
                       count=sum(map(len, encoded)))
     return ids, np.concatenate([[0], np.flatnonzero(ids == enc.eot_token) + 1])
 
 
-def _close(encoded, eot=EOT):
-    """The token lists back to back, each followed by <|endoftext|> (eot): (uint16 ids, starts)."""
+def _close(encoded, eot=EOT, dtype=np.uint16):
+    """The token lists back to back, each followed by <|endoftext|> (eot): (ids in dtype, starts)."""
     lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)) + 1
     starts = np.concatenate([[0], np.cumsum(lengths)])
-    ids = np.fromiter(itertools.chain.from_iterable(t + [eot] for t in encoded), dtype=np.uint16,
+    ids = np.fromiter(itertools.chain.from_iterable(t + [eot] for t in encoded), dtype=dtype,
                       count=starts[-1])
     return ids, starts
 
 
 
-def render_batch(conversations, template=TEMPLATE, enc=None):
+def render_batch(conversations, template=TEMPLATE, enc=None, dtype=np.uint16):
     """render_conversation of many conversations at once, as one Rendered: the texts encoded in
     tiktoken's threads (encode_closed), the mask and turns found with numpy from where each token
     starts."""
     enc = enc or get_encoder()
     marked = [marked_text(messages, template) for messages in conversations]
-    ids, starts = encode_closed(enc, [text for text, _, _ in marked])
+    ids, starts = encode_closed(enc, [text for text, _, _ in marked], dtype=dtype)
     rendered, crossed = _assemble(ids, starts, marked, enc)
     if crossed:  # a token crosses a learned edge (a custom template): encode_text cuts it there
         encoded = [ids[a:b - 1].tolist() for a, b in zip(starts[:-1], starts[1:])]
         for i in crossed:
             encoded[i] = encode_text(enc, *marked[i][:2], encoded[i])
-        rendered, _ = _assemble(*_close(encoded, enc.eot_token), marked, enc)
+        rendered, _ = _assemble(*_close(encoded, enc.eot_token, dtype), marked, enc)
     return rendered
 
 

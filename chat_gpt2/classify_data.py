@@ -10,7 +10,7 @@ start with a quote). UTF-8, with or without a BOM, any line ending.
 
 The prepared folder, per split (train, val, test), published all or nothing like chat data
 (build.publish):
-    <split>.bin           uint16 GPT-2 ids: each text's tokens followed by <|endoftext|>
+    <split>.bin           token ids (dataset.token_dtype): each text's tokens, then <|endoftext|>
     <split>_offsets.npy   int64, n + 1 positions: example i is ids[offsets[i]:offsets[i + 1]]
     <split>_labels.npy    int64 class index into meta["labels"] (sorted, or the order of --labels)
     meta.json             kind "classify", labels, columns, class counts, skipped rows, lengths
@@ -27,7 +27,8 @@ import torch
 from . import chat
 from .classifier import pad_batch
 from .build import build_and_publish
-from .dataset import CLASSIFY_SPLITS, dataset_folder, load_dataset, read_array, read_meta
+from .dataset import (CLASSIFY_SPLITS, dataset_folder, format_fields, load_dataset, read_array,
+                      read_meta, read_tokens, write_tokens)
 from .errors import ConfigError, InputError, RecordError
 from .preference import load_preference
 from .records import check_input_file, iter_records
@@ -274,12 +275,12 @@ def stratified_split(labels, val_fraction, test_fraction, seed, balance=False):
     return {s: np.sort(np.concatenate(p)).astype(np.int64) for s, p in parts.items()}
 
 
-def write_split(folder, split, ids_list, label_ids):
+def write_split(folder, split, ids_list, label_ids, vocab_size):
     """<split>.bin, <split>_offsets.npy, <split>_labels.npy; returns the split's token count."""
     lengths = np.asarray([len(ids) for ids in ids_list], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     flat = np.concatenate(ids_list) if ids_list else np.zeros(0)
-    flat.astype(np.uint16).tofile(os.path.join(folder, f"{split}.bin"))
+    write_tokens(os.path.join(folder, f"{split}.bin"), flat, vocab_size)
     np.save(os.path.join(folder, f"{split}_offsets.npy"), offsets)
     np.save(os.path.join(folder, f"{split}_labels.npy"), np.asarray(label_ids, dtype=np.int64))
     return int(offsets[-1])
@@ -317,11 +318,14 @@ def _build(tmp, inputs, o):
         raise InputError(f"only {len(examples)} usable row(s): too few to split train/val/test")
     ids = chat.get_encoder().encode_ordinary_batch([text for text, _ in examples])
     ids = [np.asarray(t + [chat.EOT], dtype=np.int64) for t in ids]
-    tokens = {s: write_split(tmp, s, [ids[i] for i in parts[s]], y[parts[s]]) for s in SPLITS}
+    vocab_size = chat.VOCAB_SIZE
+    tokens = {s: write_split(tmp, s, [ids[i] for i in parts[s]], y[parts[s]], vocab_size)
+              for s in SPLITS}
     used = np.concatenate([parts[s] for s in SPLITS])
     lengths = np.asarray([len(ids[i]) for i in used])
-    meta = {"kind": "classify", "labels": label_names, "columns": {**columns, "join": JOIN},
-            "tokenizer": chat.TOKENIZER, "vocab_size": chat.VOCAB_SIZE, "template": None,
+    meta = {**format_fields(vocab_size), "kind": "classify", "labels": label_names,
+            "columns": {**columns, "join": JOIN},
+            "tokenizer": chat.TOKENIZER, "vocab_size": vocab_size, "template": None,
             "default_stop": None,
             "multiline_replies": False, "rows": {"read": stats["rows"], "used": len(examples)},
             "skipped": dict(stats["skipped"]), "balanced": bool(o["balance"]),
@@ -345,9 +349,9 @@ class ClassifyData:
     """One split of a classification dataset, memory-mapped; right-padded batches of whole
     examples."""
 
-    def __init__(self, folder, split):
+    def __init__(self, folder, split, meta=None):
         path = os.path.join(folder, f"{split}.bin")
-        self.ids = read_array(path, np.uint16)
+        self.ids = read_tokens(folder, f"{split}.bin", meta or read_meta(folder))
         self.offsets = read_array(os.path.join(folder, f"{split}_offsets.npy"))
         self.labels = read_array(os.path.join(folder, f"{split}_labels.npy"))
         if len(self.offsets) != len(self.labels) + 1 or (
@@ -398,4 +402,4 @@ def load_prepared(dataset):
     if not isinstance(meta.get("labels"), list) or len(meta["labels"]) < 2:
         raise InputError(f"{folder}/meta.json: no list of labels: "
                          "run prepare.py --task=classify again")
-    return {s: ClassifyData(folder, s) for s in SPLITS}, meta
+    return {s: ClassifyData(folder, s, meta) for s in SPLITS}, meta

@@ -3,16 +3,21 @@ ChatData per split, memory-mapped, whose batches are windows that start on a tur
 builds it (prepare.py). Its files, all aligned token for token, in one folder (their names are
 defined here):
 
-    {train,val}.bin        uint16 GPT-2 token ids (np.memmap(path, dtype=np.uint16, mode="r"))
-    {train,val}_mask.bin   uint8, 1 where the assistant's output is learned (see chat.py)
+    {train,val}.bin        token ids, uint16 (or uint32: meta.json's token_dtype, see token_dtype)
+    {train,val}_mask.bin   uint8, 1 where the assistant's output is learned (see chat.py); chat only
     {train,val}_turns.npy  int64 offsets where a turn starts (training windows start only there)
     {train,val}_convs.npy  int64 offsets where a conversation starts
-    meta.json              kind ("chat" or "text"), tokenizer, vocab size, template, counts, sources
+    meta.json              format, token dtype, kind ("chat" or "text"), tokenizer, vocab size,
+                           template, counts, sources
     tokenizer.json         a trained tokenizer (prepare.py --tokenizer=DIR; tokenizer.py), if any
 Plain text (kind "text": .txt files, {"text"} records) is every token learned, each document closed
-by <|endoftext|>; its "conversations" are the documents, and its windows start anywhere. Each name
-is a symlink into the build folder `.dataset` points to (build.py); a folder of plain files (an
-older or copied dataset) reads the same.
+by <|endoftext|>; it has no mask file (format 2), its "conversations" are the documents, and its
+windows start anywhere. Each name is a symlink into the build folder `.dataset` points to
+(build.py); a folder of plain files (an older or copied dataset) reads the same.
+
+Format versions (meta.json "format"; docs/data.md): 1 (no "format" key): uint16 ids, a mask file
+for every split, text included; 2: ids in meta.json's "token_dtype" (uint16 up to 65,536 ids, else
+uint32), no mask file for text. Both are read; another version is refused.
 """
 import json
 import os
@@ -41,9 +46,61 @@ PREFERENCE_FILES = tuple(f"{s}{suffix}" for s in SPLITS for suffix in
 # every name a build may publish
 ALL_FILES = tuple(dict.fromkeys(DATASET_FILES + CLASSIFY_FILES + PREFERENCE_FILES
                                 + OPTIONAL_FILES))
+# a format-2 text dataset: every token learned, no mask file
+TEXT_FILES = tuple(name for name in DATASET_FILES if not name.endswith("_mask.bin"))
 CURRENT = ".dataset"  # symlink to the build folder the names point into
 # tokens of the mask summed at a time when finding windows with something to learn
 SCAN_TOKENS = 1 << 24
+FORMAT = 2  # meta.json's "format" of what is written now; no "format" key: version 1
+TOKEN_DTYPES = ("uint16", "uint32")  # meta.json's "token_dtype" (format 2)
+
+
+def token_dtype(vocab_size):
+    """The dtype token ids are stored in: uint16 while every id fits (at most 65,536 ids, as
+    GPT-2's 50,257), else uint32. Every writer of token files takes it from here."""
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+def format_fields(vocab_size):
+    """The fields every writer puts in meta.json: {"format": 2, "token_dtype": "uint16"}."""
+    return {"format": FORMAT, "token_dtype": token_dtype(vocab_size).name}
+
+
+def stored_dtype(meta):
+    """The dtype of a dataset's token files (read_meta has checked its meta.json)."""
+    return np.dtype(meta["token_dtype"] if meta.get("format", 1) >= 2 else np.uint16)
+
+
+def read_tokens(folder, name, meta):
+    """A token file of a prepared dataset, memory-mapped in its stored dtype: every reader of
+    token ids goes through here."""
+    return read_array(os.path.join(folder, name), stored_dtype(meta))
+
+
+def write_tokens(path, ids, vocab_size):
+    """ids (any integer array) written to path in token_dtype(vocab_size) (classification and
+    preference data; chat and text data stream through build.TokenWriter)."""
+    np.asarray(ids).astype(token_dtype(vocab_size)).tofile(path)
+
+
+def check_format(meta, meta_path):
+    """A meta.json's format version (1 or 2) and token dtype, or an InputError naming the field."""
+    version = meta.get("format", 1)
+    if isinstance(version, bool) or version not in (1, FORMAT):
+        raise InputError(f"{meta_path}: field 'format': version {version!r} is not one this "
+                         f"version of chat-gpt2 reads (1 to {FORMAT}): update it, or prepare the "
+                         "dataset again")
+    if version >= 2 and meta.get("token_dtype") not in TOKEN_DTYPES:
+        raise InputError(f"{meta_path}: field 'token_dtype': {meta.get('token_dtype')!r} is not "
+                         f"one of {', '.join(TOKEN_DTYPES)}: prepare the dataset again")
+
+
+def dataset_files(meta):
+    """The file names a dataset with this meta.json has (by kind and format)."""
+    kind = meta.get("kind")
+    if kind in ("classify", "preference"):
+        return CLASSIFY_FILES if kind == "classify" else PREFERENCE_FILES
+    return TEXT_FILES if kind == "text" and meta.get("format", 1) >= 2 else DATASET_FILES
 
 
 class ChatData:
@@ -53,11 +110,16 @@ class ChatData:
     Plain-text data (kind "text") has no questions to keep: its windows start anywhere, as in
     nanoGPT."""
 
-    def __init__(self, folder, split, expected_tokens, kind="chat", eot=chat.EOT):
-        self.kind, self.eot, self._useful = kind, eot, {}  # eot: the tokenizer's, pads windows
+    def __init__(self, folder, split, meta):
+        self.kind, self._useful = meta.get("kind") or "chat", {}
+        self.eot = encoder(meta["tokenizer"]).eot_token  # the tokenizer's: pads windows
+        expected_tokens = int(meta["tokens"][split])
         path = os.path.join(folder, f"{split}.bin")
-        self.ids = read_array(path, np.uint16)
-        self.mask = read_array(os.path.join(folder, f"{split}_mask.bin"), np.uint8)
+        self.ids = read_tokens(folder, f"{split}.bin", meta)
+        if f"{split}_mask.bin" in dataset_files(meta):
+            self.mask = read_array(os.path.join(folder, f"{split}_mask.bin"), np.uint8)
+        else:  # every token learned: a read-only view of one 1, no array of the split's length
+            self.mask = np.broadcast_to(np.ones(1, dtype=np.uint8), self.ids.shape)
         self.starts = read_array(os.path.join(folder, f"{split}_turns.npy"))
         self.convs = read_array(os.path.join(folder, f"{split}_convs.npy"))
         if len(self.ids) != expected_tokens or len(self.mask) != expected_tokens:
@@ -145,9 +207,9 @@ def read_meta(folder, names=None):
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise InputError(f"{meta_path}: not a prepared dataset's meta.json ({type(e).__name__}: "
                          f"{e}): run prepare.py again") from None
+    check_format(meta, meta_path)
     meta["tokenizer"] = attach(meta.get("tokenizer", chat.TOKENIZER), folder)  # its text too
-    names = names or {"classify": CLASSIFY_FILES, "preference": PREFERENCE_FILES}.get(
-        meta.get("kind"), DATASET_FILES)
+    names = names or dataset_files(meta)
     homes = {os.path.dirname(os.path.realpath(os.path.join(folder, name))) for name in names}
     if len(homes) > 1:
         raise InputError(f"{folder}: the dataset's files come from {len(homes)} different builds "
@@ -159,12 +221,10 @@ def load_dataset(dataset):
     """({split: ChatData}, meta) of a prepared dataset; a missing or broken file is an error."""
     folder = dataset_folder(dataset)
     meta = read_meta(folder)
-    kind = meta.get("kind") or "chat"  # datasets prepared before plain text existed are chat
+    kind = meta.get("kind")  # datasets prepared before plain text existed have none: chat
     if kind in ("classify", "preference"):
         what = "a classification" if kind == "classify" else "a preference"
         raise InputError(f"{folder}: {what} dataset (kind {kind}): read it with "
                          f"classify_data.load_prepared")
-    eot = encoder(meta["tokenizer"]).eot_token
-    data = {split: ChatData(folder, split, int(meta["tokens"][split]), kind, eot)
-            for split in SPLITS}
+    data = {split: ChatData(folder, split, meta) for split in SPLITS}
     return data, meta

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from . import chat
 from .build import BLOCK_SIZES, build_and_publish, choose_val
-from .dataset import PREFERENCE_FILES, SPLITS, read_array, read_meta
+from .dataset import (PREFERENCE_FILES, SPLITS, format_fields, read_array, read_meta, read_tokens,
+                      write_tokens)
 from .errors import ConfigError, InputError, RecordError
 from .lora import LoRALinear
 from .records import ROLE_ALIASES, _text, _turns, iter_records, to_conversations
@@ -138,8 +139,8 @@ def render_pairs(pairs, template):
     return [(c[0], c[1], r[1]) for c, r in zip(sides[::2], sides[1::2])]
 
 
-def write_pairs(folder, split, rendered):
-    """<split>_prompt.bin, _chosen.bin, _rejected.bin (uint16 ids back to back) and
+def write_pairs(folder, split, rendered, vocab_size):
+    """<split>_prompt.bin, _chosen.bin, _rejected.bin (ids back to back, token_dtype) and
     <split>_pairs.npy (int64 (pairs + 1, 3): where each pair's prompt / chosen / rejected starts).
     Returns the split's token count."""
     offsets = np.zeros((len(rendered) + 1, 3), dtype=np.int64)
@@ -147,7 +148,7 @@ def write_pairs(folder, split, rendered):
         parts = [pair[i] for pair in rendered]
         offsets[1:, i] = np.cumsum([len(p) for p in parts])
         flat = np.concatenate(parts) if parts else np.zeros(0)
-        flat.astype(np.uint16).tofile(os.path.join(folder, f"{split}_{side}.bin"))
+        write_tokens(os.path.join(folder, f"{split}_{side}.bin"), flat, vocab_size)
     np.save(os.path.join(folder, f"{split}_pairs.npy"), offsets)
     return int(offsets[-1].sum())
 
@@ -199,11 +200,13 @@ def _build(tmp, inputs, val_fraction, val_file, seed, skip_invalid, template):
     for s in SPLITS:
         if not rendered[s]:
             raise InputError(f"no usable preference pairs for the {s} split")
-    tokens = {s: write_pairs(tmp, s, rendered[s]) for s in SPLITS}
+    vocab_size = chat.VOCAB_SIZE
+    tokens = {s: write_pairs(tmp, s, rendered[s], vocab_size) for s in SPLITS}
     multiline = any("\n" in reply.strip() for s in SPLITS for _, *replies in split[s]
                     for reply in replies)
-    meta = {"kind": "preference", "pairs": {s: len(rendered[s]) for s in SPLITS},
-            "tokens": tokens, "tokenizer": chat.TOKENIZER, "vocab_size": chat.VOCAB_SIZE,
+    meta = {**format_fields(vocab_size), "kind": "preference",
+            "pairs": {s: len(rendered[s]) for s in SPLITS},
+            "tokens": tokens, "tokenizer": chat.TOKENIZER, "vocab_size": vocab_size,
             "template": template, "multiline_replies": multiline,
             "default_stop": chat.default_stop(multiline, template), "skipped": dict(skipped),
             **length_summary(rendered["train"] + rendered["val"]), "sources": hashes,
@@ -223,10 +226,9 @@ class PreferenceData:
     block_size, right-padded), m 1 on the response's targets, index the pairs' numbers in the
     dataset (train's first, then val's: first is the split's first number)."""
 
-    def __init__(self, folder, split, expected_pairs, first=0):
-        self.first = first
-        self.sides = {s: read_array(os.path.join(folder, f"{split}_{s}.bin"), np.uint16)
-                      for s in SIDES}
+    def __init__(self, folder, split, expected_pairs, first=0, meta=None):
+        self.first, meta = first, meta or read_meta(folder, PREFERENCE_FILES)
+        self.sides = {s: read_tokens(folder, f"{split}_{s}.bin", meta) for s in SIDES}
         path = os.path.join(folder, f"{split}_pairs.npy")
         self.offsets = read_array(path)
         if self.offsets.shape != (expected_pairs + 1, 3) or \
@@ -291,7 +293,7 @@ def load_preference(folder):
         raise InputError(f"{folder}/meta.json: no pair counts: run prepare.py --task=preference "
                          "again") from None
     first = {"train": 0, "val": counts["train"]}
-    return {s: PreferenceData(folder, s, counts[s], first[s]) for s in SPLITS}, meta
+    return {s: PreferenceData(folder, s, counts[s], first[s], meta) for s in SPLITS}, meta
 
 
 # --------------------------------------------------------------------------------------------------

@@ -96,10 +96,13 @@ def prepared(tmp_path, records, name="data.jsonl", **kw):
 
 
 def read_split(folder, split):
-    """The files prepare.py writes for one split, as numpy arrays."""
+    """The files prepare.py writes for one split, as numpy arrays (a text dataset's mask: all ones, it has no file)."""
+    from chat_gpt2 import dataset
+    ids = np.fromfile(os.path.join(folder, f"{split}.bin"), dtype=dataset.stored_dtype(read_meta(folder)))
+    mask_path = os.path.join(folder, f"{split}_mask.bin")
     return {
-        "ids": np.fromfile(os.path.join(folder, f"{split}.bin"), dtype=np.uint16).astype(np.int64),
-        "mask": np.fromfile(os.path.join(folder, f"{split}_mask.bin"), dtype=np.uint8),
+        "ids": ids.astype(np.int64),
+        "mask": np.fromfile(mask_path, dtype=np.uint8) if os.path.exists(mask_path) else np.ones(len(ids), np.uint8),
         "turns": np.load(os.path.join(folder, f"{split}_turns.npy")),
         "convs": np.load(os.path.join(folder, f"{split}_convs.npy")),
     }
