@@ -306,3 +306,22 @@ def test_gguf_export_with_the_trained_tokenizer(tmp_path, record):
     for text in VARIED[:3]:
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == enc.encode_ordinary(text)
     assert llm.token_eos() == record["eot"]
+
+
+def test_a_vocabulary_above_65536_makes_a_uint32_dataset(tmp_path):
+    """70,000 tokens (made of 40,000 distinct random words): the dataset stores uint32 ids (format 2) and reads back
+    the text exactly, ids above 65,535 included."""
+    import random
+    import string
+    rng = random.Random(0)
+    words = ["".join(rng.choice(string.ascii_lowercase) for _ in range(7)) for _ in range(40000)]
+    (tmp_path / "words.txt").write_text(" ".join(words * 2), encoding="utf-8")
+    assert prepare.main([str(tmp_path / "words.txt"), "--task=tokenizer", "--vocab_size=70000",
+                         f"--out_dir={tmp_path / 'big'}"]) == 0
+    assert prepare.main([str(tmp_path / "words.txt"), f"--tokenizer={tmp_path / 'big'}",
+                         f"--out_dir={tmp_path / 'data'}"]) == 0
+    data, meta = load_dataset(str(tmp_path / "data"))
+    assert meta["token_dtype"] == "uint32" and meta["vocab_size"] == 70000 and data["train"].ids.dtype == np.uint32
+    ids = np.concatenate([data["train"].ids, data["val"].ids])
+    assert ids.max() >= 1 << 16
+    assert tk.encoder(meta["tokenizer"]).decode(ids.tolist()) == " ".join(words * 2) + "<|endoftext|>"
