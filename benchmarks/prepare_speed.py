@@ -3,6 +3,7 @@ must do (JSON decoding, the template's text, tiktoken's batch encoder, uint16 wr
 processes (wall, CPU, peak RSS).
 
     python bench.py --mode=prepare                   # prepare.py end to end vs a bare tokenise-and-write loop (~25 MB)
+    python bench.py --mode=prepare --prepare_tokenizer=tokenizers/shakespeare-8k  # both with a trained tokenizer
 """
 import json
 import os
@@ -20,6 +21,8 @@ DEFAULTS = dict(  # `python bench.py --help` prints these comments
     prepare_mb=25.0,
     # --mode=prepare: runs of each (bare loop, prepare.py), alternately; the faster one counts
     prepare_runs=2,
+    # --mode=prepare: a trained tokenizer's folder (prepare.py --task=tokenizer) both encode with ("" = GPT-2's)
+    prepare_tokenizer="",
 )
 
 def bench(cfg):
@@ -36,11 +39,14 @@ def bench(cfg):
             copies = _repeat_file(source, path, cfg["prepare_mb"] * 10 ** 6)
             runs = {"bare": [], "prepare": []}
             # alternately: a load that comes and goes hits both alike
+            tokenizer = cfg["prepare_tokenizer"]
             for _ in range(cfg["prepare_runs"]):
                 runs["bare"].append(_run_child([os.path.join(REPO, "tools", "prepare_bare.py"),
-                                                kind, path, os.path.join(tmp, "bare.bin")]))
+                                                kind, path, os.path.join(tmp, "bare.bin"),
+                                                *([tokenizer] if tokenizer else [])]))
                 runs["prepare"].append(_run_child([os.path.join(REPO, "prepare.py"), path,
-                                                   f"--out_dir={os.path.join(tmp, kind)}"]))
+                                                   f"--out_dir={os.path.join(tmp, kind)}",
+                                                   f"--tokenizer={tokenizer or 'gpt2'}"]))
             (bare, bare_out), (prep, _) = (min(runs[k], key=lambda r: r[0]["s"])
                                            for k in ("bare", "prepare"))
             with open(os.path.join(tmp, kind, "meta.json")) as f:
@@ -51,7 +57,8 @@ def bench(cfg):
                          **{f"bare_{k}": v for k, v in bare.items()},
                          **{f"prepare_{k}": v for k, v in prep.items()},
                          "ratio": round(bare["s"] / prep["s"], 3)})
-    print(f"prepare: {os.cpu_count()} CPUs, load avg {os.getloadavg()[0]:.2f}; the faster of "
+    print(f"prepare: tokenizer {cfg['prepare_tokenizer'] or 'gpt2'}; {os.cpu_count()} CPUs, load avg "
+          f"{os.getloadavg()[0]:.2f}; the faster of "
           f"{cfg['prepare_runs']} run(s) each; ratio = bare wall / prepare.py wall (1 = as fast as "
           "the bare loop; both whole processes)")
     for r in rows:
@@ -60,7 +67,8 @@ def bench(cfg):
               f"{r['bare_peak_rss_mb']:.0f} MB; prepare.py {r['prepare_s']:.2f}s wall / "
               f"{r['prepare_cpu_s']:.2f}s CPU / {r['prepare_peak_rss_mb']:.0f} MB; ratio "
               f"{r['ratio']:.2f}")
-    return {"mode": "prepare", "rows": rows, "load_avg_1min": round(os.getloadavg()[0], 2)}
+    return {"mode": "prepare", "tokenizer": cfg["prepare_tokenizer"] or "gpt2", "rows": rows,
+            "load_avg_1min": round(os.getloadavg()[0], 2)}
 
 
 def _repeat_file(source, path, size):

@@ -3,6 +3,7 @@
     python tools/prepare_bare.py chat RECORDS.jsonl OUT.bin   # {prompt, completion} records: json.loads, the
                                                               # template's text, encode_ordinary_batch, uint16 writes
     python tools/prepare_bare.py text INPUT.txt OUT.bin       # 1 MiB pieces, encode_ordinary_batch, uint16 writes
+    python tools/prepare_bare.py text INPUT.txt OUT.bin TOKENIZER_DIR  # a trained tokenizer's (tiktoken) encoder
 
 No validation, no mask, no split, no hashes: prints the number of tokens written.
 """
@@ -18,24 +19,25 @@ sys.path.insert(0, ROOT)
 
 from chat_gpt2 import chat  # noqa: E402
 from chat_gpt2.build import BATCH, TEXT_BATCH  # noqa: E402
+from chat_gpt2.tokenizer import encoder, load_tokenizer  # noqa: E402
 
 
-def bare_chat(path, out_path):
-    enc, n_tokens = chat.get_encoder(), 0
+def bare_chat(path, out_path, enc):
+    n_tokens = 0
     with open(path, encoding="utf-8") as f, open(out_path, "wb") as out:
         while lines := list(itertools.islice(f, BATCH)):
             texts = [chat.render_text([{"role": "user", "content": r["prompt"]},
                                        {"role": "assistant", "content": r["completion"]}])
                      for r in map(json.loads, lines)]
-            ids = np.fromiter(itertools.chain.from_iterable(t + [chat.EOT] for t in enc.encode_ordinary_batch(texts)),
+            ids = np.fromiter(itertools.chain.from_iterable(t + [enc.eot_token] for t in enc.encode_ordinary_batch(texts)),
                               dtype=np.uint16)
             out.write(ids.data)
             n_tokens += len(ids)
     return n_tokens
 
 
-def bare_text(path, out_path):
-    enc, n_tokens = chat.get_encoder(), 0
+def bare_text(path, out_path, enc):
+    n_tokens = 0
     with open(path, encoding="utf-8") as f, open(out_path, "wb") as out:
         while pieces := [p for p in (f.read(1 << 20) for _ in range(TEXT_BATCH)) if p]:
             ids = np.fromiter(itertools.chain.from_iterable(enc.encode_ordinary_batch(pieces)), dtype=np.uint16)
@@ -45,5 +47,6 @@ def bare_text(path, out_path):
 
 
 if __name__ == "__main__":
-    kind, path, out_path = sys.argv[1:]
-    print((bare_chat if kind == "chat" else bare_text)(path, out_path))
+    kind, path, out_path, *tokenizer = sys.argv[1:]
+    enc = encoder(load_tokenizer(tokenizer[0] if tokenizer else "gpt2"))
+    print((bare_chat if kind == "chat" else bare_text)(path, out_path, enc))
