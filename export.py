@@ -51,7 +51,6 @@ from chat_gpt2.gguf_export import check_gguf_type, export_gguf
 from chat_gpt2.hf_gpt2 import HF_CLASSIFIER, PAD_ID, from_pretrained, hf_config, hf_state_dict
 from chat_gpt2.hf_tokenizer import tokenizer_files
 from chat_gpt2.lora import peft_adapter
-from chat_gpt2.tokenizer import encoder
 
 DEFAULTS = dict(  # `python export.py --help` prints these comments
     out_dir="out",  # the run's folder: its newest best checkpoint is exported unless --ckpt says which
@@ -129,7 +128,7 @@ def export(model, out, template=chat.TEMPLATE, tokenizer=chat.TOKENIZER, force=F
 
 def _write_export(model, folder, template, tokenizer):
     labels = getattr(model, "labels", None)  # a classifier (classifier.GPTClassifier)
-    enc = encoder(tokenizer)  # GPT-2's, or the checkpoint's trained tokenizer
+    enc = chat.get_encoder(tokenizer)  # GPT-2's, or the checkpoint's trained tokenizer
     save_file(hf_state_dict(model, enc.n_vocab), os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
     umask = os.umask(0o022)
     os.umask(umask)
@@ -178,7 +177,7 @@ def export_adapter(ckpt, out, force=False):
 def check_export(model, out, seed=0, tokenizer=chat.TOKENIZER):
     """Max abs logit difference between our model and the export, loaded back by init_from (GPT-2's vocabulary
     only) and (if installed) by transformers, on random tokens. Returns {name: difference}."""
-    T, n_vocab = min(64, model.config.block_size), encoder(tokenizer).n_vocab
+    T, n_vocab = min(64, model.config.block_size), chat.get_encoder(tokenizer).n_vocab
     idx = torch.randint(0, n_vocab, (2, T), generator=torch.Generator().manual_seed(seed))
     if getattr(model, "labels", None):
         return check_classifier_export(model, out, idx)

@@ -42,9 +42,9 @@ import sys
 import time
 
 import configurator
-from chat_gpt2.build import build_dataset, corpus_texts
+from chat_gpt2.build import build_dataset, corpus_texts, train_bpe
 from chat_gpt2.errors import ConfigError, RecordError, UserError
-from chat_gpt2.tokenizer import load_tokenizer, train_bpe, write_tokenizer
+from chat_gpt2.tokenizer import load_tokenizer, write_tokenizer
 
 DEFAULTS = dict(  # `python prepare.py --help` prints these comments
     # the input files (positional arguments): .jsonl / .json records, .txt; classify: .csv, .tsv

@@ -21,6 +21,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import tiktoken
 
 from . import chat
 from .dataset import ALL_FILES, CURRENT, SPLITS, format_fields, token_dtype
@@ -28,7 +29,8 @@ from .errors import ConfigError, InputError, RecordError
 from .files import disk_error, make_temp_dir, remove_dead_leftovers, temp_name
 from .records import (PREFERENCE_KEYS, document_text, is_document, iter_records, iter_text,
                       to_conversations)
-from .tokenizer import encoder, stored, write_tokenizer
+from .hf_tokenizer import tokenizer_json
+from .tokenizer import GPT2_PATTERN, bytes_to_unicode, check_training, stored, write_tokenizer
 
 BUILD_PREFIX = ".prepare-"  # a build's own folder: .prepare-<PID>-<random>
 BLOCK_SIZES = (128, 256, 512, 1024)  # meta.json counts the conversations longer than each
@@ -388,7 +390,7 @@ def build_dataset(inputs, out_dir="data/chat", val_fraction=0.1, val_file=None, 
         chat.check_template(template, "template")
     else:
         template = chat.load_template(template)
-    enc = encoder(tokenizer)
+    enc = chat.get_encoder(tokenizer)
     options = {"template": template, "oasst_paths": oasst_paths, "dedupe": dedupe,
                "test_fraction": test_fraction, "tokenizer": tokenizer, "enc": enc}
     return build_and_publish(out_dir, lambda tmp: _build(tmp, inputs, val_fraction, val_file, seed,
@@ -530,7 +532,7 @@ def clean_out_dir(out_dir):
 
 
 # --------------------------------------------------------------------------------------------------
-# A tokenizer's corpus (prepare.py --task=tokenizer)
+# A tokenizer's corpus and its training (prepare.py --task=tokenizer; tokenizer.py says the rest)
 
 
 def corpus_texts(paths, template="human_assistant", oasst_paths="best", skip_invalid=False):
@@ -545,3 +547,35 @@ def corpus_texts(paths, template="human_assistant", oasst_paths="best", skip_inv
             yield from iter_text(path, hashlib.sha256())
         for _, kind, content in usable_records(path, hashlib.sha256(), skip_invalid, stats):
             yield content if kind == "text" else chat.render_text(content, template)
+
+
+def train_bpe(texts, vocab_size, special_tokens=()):
+    """tokenizer.json's text of a byte-level BPE with GPT-2's split trained on texts (an iterable
+    of strings) up to vocab_size tokens in all (fewer when the corpus has fewer pairs to merge)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    specials = check_training(vocab_size, special_tokens)
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    seen = []
+
+    def counted():  # an empty corpus is an error, not a 256-byte tokenizer
+        for text in texts:
+            seen.append(len(text))
+            yield text
+
+    hf.train_from_iterator(counted(), trainer)
+    if not sum(seen):
+        raise InputError("the corpus is empty: nothing to train a tokenizer on")
+    merges = json.loads(hf.to_str())["model"]["merges"]
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    ranks = {bytes([b]): b for b in range(256)}
+    for merge in merges:  # "a b" (older tokenizers) or ["a", "b"]
+        left, right = merge.split(" ") if isinstance(merge, str) else merge
+        ranks.setdefault(bytes(byte_of[c] for c in left + right), len(ranks))
+    enc = tiktoken.Encoding("trained", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                            special_tokens={s: len(ranks) + i for i, s in enumerate(specials)})
+    return json.dumps(tokenizer_json(enc), ensure_ascii=False)

@@ -30,10 +30,10 @@ import numpy as np
 import tiktoken
 
 from .errors import ConfigError, MissingFileError
+from .tokenizer import EOT_TEXT, GPT2, encoding
 
-TOKENIZER = "gpt2"
+TOKENIZER = GPT2  # "gpt2"; a trained tokenizer instead: tokenizer.py
 EOT = 50256  # <|endoftext|>
-EOT_TEXT = "<|endoftext|>"
 VOCAB_SIZE = 50257  # real GPT-2 vocabulary; the model may pad its embedding beyond this
 NEWLINE_TOKENS = (198, 628, 44320)  # the GPT-2 tokens that hold a newline: "\n", "\n\n", "\n\xa0"
 
@@ -89,8 +89,11 @@ _encoders, _token_bytes = {}, {}
 
 
 def get_encoder(name=TOKENIZER):
-    """tiktoken encoder, cached. Offline, point TIKTOKEN_CACHE_DIR at
-    a folder holding the GPT-2 BPE files."""
+    """tiktoken encoder, cached: GPT-2's (or another tiktoken encoding) by name, or a trained
+    tokenizer's record (meta.json's / a checkpoint's "tokenizer", tokenizer.py) from its text.
+    Offline, point TIKTOKEN_CACHE_DIR at a folder holding the GPT-2 BPE files."""
+    if not isinstance(name, str):
+        return encoding(name)
     if name not in _encoders:
         try:
             _encoders[name] = tiktoken.get_encoding(name)

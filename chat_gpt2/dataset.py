@@ -26,7 +26,7 @@ import numpy as np
 
 from . import chat
 from .errors import InputError, MissingFileError
-from .tokenizer import attach, encoder
+from .tokenizer import attach
 
 SPLITS = ("train", "val")
 # per split: train.bin, train_mask.bin, ...
@@ -112,7 +112,7 @@ class ChatData:
 
     def __init__(self, folder, split, meta):
         self.kind, self._useful = meta.get("kind") or "chat", {}
-        self.eot = encoder(meta["tokenizer"]).eot_token  # the tokenizer's: pads windows
+        self.eot = chat.get_encoder(meta["tokenizer"]).eot_token  # the tokenizer's: pads windows
         expected_tokens = int(meta["tokens"][split])
         path = os.path.join(folder, f"{split}.bin")
         self.ids = read_tokens(folder, f"{split}.bin", meta)

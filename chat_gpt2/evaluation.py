@@ -17,7 +17,7 @@ from .device import autocast
 from .engine import Request
 from .errors import InputError
 from .records import read_conversations
-from .tokenizer import check_same, encoder, text_bytes
+from .tokenizer import check_same
 
 
 # --------------------------------------------------------------------------------------------------
@@ -79,7 +79,7 @@ def val_scores(model, folder, batch_size, device, dtype, tokenizer=None):
     data = data["val"]
     windows = [(tokens, scored) for _, tokens, scored in conversation_windows(
         data.ids, data.mask, data.convs, data.starts, model.config.block_size) if scored.any()]
-    sizes = torch.as_tensor(text_bytes(encoder(meta["tokenizer"])))
+    sizes = torch.as_tensor(text_bytes(chat.get_encoder(meta["tokenizer"])))
     total, count, n_bytes = 0.0, 0.0, 0
     for x, y, m in padded_batches(windows, batch_size, pad=data.eot):
         with autocast(device, dtype):
@@ -215,6 +215,14 @@ def read_choices(path):
     if not items:
         raise InputError(f"{path}: no items")
     return items
+
+
+def text_bytes(enc):
+    """The UTF-8 bytes of the text each token stands for, as an int64 array by token id: special
+    tokens are no text and count 0 (bits per byte: val_scores, objectives)."""
+    sizes = chat.token_bytes(enc).copy()
+    sizes[list(enc._special_tokens.values())] = 0
+    return sizes
 
 
 def choice_scores(model, enc, items, device):

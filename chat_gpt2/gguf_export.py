@@ -27,7 +27,7 @@ from .errors import ConfigError, OutputExistsError
 from .files import atomic_write, disk_error, temp_name
 from .hf_gpt2 import HF_CONV1D, hf_state_dict
 from .hf_tokenizer import gpt2_vocab_and_merges
-from .tokenizer import describe, encoder
+from .tokenizer import describe
 
 GGUF_TYPES = ("f16", "bf16", "q8_0", "f32")  # --gguf_type; the first is the default
 LAYER_NORM_EPS = 1e-5  # model.LayerNorm's
@@ -101,7 +101,7 @@ def write_gguf(model, path, template=chat.TEMPLATE, tokenizer=chat.TOKENIZER, gg
                chat_model=True):
     """Write model (our GPT) to path as a GGUF file (see the module docstring), atomically."""
     check_gguf_type(gguf_type)
-    config, enc = model.config, encoder(tokenizer)
+    config, enc = model.config, chat.get_encoder(tokenizer)
     if not (isinstance(tokenizer, str) or tokenizer.get("split") == "gpt2"):
         raise ConfigError(f"--format=gguf: the tokenizer {describe(tokenizer)} does not split text "
                           "as GPT-2 does: llama.cpp's `gpt-2` pre-tokenizer cannot describe it")

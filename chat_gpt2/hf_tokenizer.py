@@ -5,24 +5,10 @@ import functools
 
 from . import chat
 from .hf_gpt2 import PAD_ID
+from .tokenizer import bytes_to_unicode  # noqa: F401  (vocab.json's alphabet; also imported from here)
 
 EOT_TEXT = "<|endoftext|>"
 PAD_TEXT = "<|pad|>"  # a classifier export's pad token (PAD_ID)
-
-
-def bytes_to_unicode():
-    """GPT-2's reversible map from the 256 byte values to printable
-    unicode characters (vocab.json's alphabet)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    chars, n = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + n)
-            n += 1
-    return chars
 
 
 def _bpe_parts(token, ranks, max_rank):

@@ -9,7 +9,6 @@ from .checkpoint import load_model
 from .device import cpu_has_bf16, resolve_device, resolve_dtype
 from .engine import Engine
 from .sampling import SAMPLING_KEYS, SamplingParams
-from .tokenizer import encoder
 
 # --use_cache: kept so that old commands run; decoding always uses the KV cache
 USE_CACHE_NOTE = ("note: --use_cache=false no longer changes anything: decoding always uses the KV "
@@ -31,7 +30,7 @@ def load_engine(cfg, one_row=False):
         print(f"dtype auto: {dtype} on {device}", file=sys.stderr)
     if dtype != "float32":
         to_half(model, dtype, device)
-    enc = encoder(info.get("tokenizer", chat.TOKENIZER))  # GPT-2's or the checkpoint's own
+    enc = chat.get_encoder(info.get("tokenizer", chat.TOKENIZER))  # GPT-2's or the checkpoint's own
     return Engine(model, enc, device, dtype), info
 
 

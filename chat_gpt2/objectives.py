@@ -28,11 +28,10 @@ from .classifier import (attach_head, eval_sums, metrics, predict_batches, repor
 from .device import autocast
 from .engine import Engine, Request
 from .errors import ConfigError
-from .evaluation import choice_accuracy, choice_scores, read_choices
+from .evaluation import choice_accuracy, choice_scores, read_choices, text_bytes
 from .lora import lora_settings
 from .preference import adapters_off, pair_logps, preference_loss, sequence_logps
 from .sampling import SamplingParams
-from .tokenizer import encoder, text_bytes
 from .training import eval_totals, learned, loss_sums, masked_loss, step_flops
 
 
@@ -79,7 +78,7 @@ class LanguageModelling:
         self.data, self.meta, self.cfg, self.run = data, meta, cfg, run
         self.epoch_tokens = max(1, int(meta["tokens"]["train"]))
         self.choices, self.evals = eval_choices(cfg, run), 0
-        self.enc = encoder(meta.get("tokenizer"))  # the dataset's: GPT-2's or a trained one
+        self.enc = chat.get_encoder(meta.get("tokenizer") or chat.TOKENIZER)  # the dataset's: GPT-2's or a trained one
 
     def prepare(self, model):
         return model

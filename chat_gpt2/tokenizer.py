@@ -1,9 +1,9 @@
 """A tokenizer of one's own: a byte-level BPE trained on a corpus (prepare.py --task=tokenizer),
 kept in a folder as a Hugging Face tokenizer.json and used through tiktoken, so that everything
 that takes a tiktoken Encoding (rendering, prepare.py's batch encoding, the engine, the exports)
-takes it as it takes GPT-2's.
+takes it as it takes GPT-2's: chat.get_encoder(record) is its Encoding (encoding, below).
 
-Training: the `tokenizers` library's BPE trainer over GPT-2's pre-tokenisation (its split regex,
+Training (build.train_bpe, over build.corpus_texts): the `tokenizers` library's BPE trainer over GPT-2's pre-tokenisation (its split regex,
 byte-level alphabet); its merges are then renumbered as GPT-2's are: the 256 bytes are ids 0..255,
 merge i makes id 256 + i, the special tokens follow (<|endoftext|> first). In that order a token's
 id is its merge rank, which is what tiktoken's encoder reads (mergeable_ranks), and the
@@ -21,9 +21,11 @@ import os
 
 import tiktoken
 
-from . import chat
 from .errors import ConfigError, InputError, MissingFileError
-from .hf_tokenizer import bytes_to_unicode, tokenizer_json
+from .files import atomic_write
+
+GPT2 = "gpt2"  # GPT-2's tokenizer, by its tiktoken name: the default (chat.TOKENIZER)
+EOT_TEXT = "<|endoftext|>"  # every tokenizer's end token (chat.EOT_TEXT)
 
 # tiktoken's GPT-2 split (tiktoken_ext.openai_public's r50k pattern; tests check they agree)
 GPT2_PATTERN = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)"""
@@ -34,19 +36,30 @@ MAX_VOCAB = 1 << 20  # a sanity bound on --vocab_size
 _encodings = {}
 
 
+def bytes_to_unicode():
+    """GPT-2's reversible map from the 256 byte values to printable
+    unicode characters (vocab.json's alphabet)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, n = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + n)
+            n += 1
+    return chars
+
+
 def padded_vocab(n_vocab):
     """The embedding rows of a model for an n_vocab tokenizer: rounded up to VOCAB_MULTIPLE."""
     return -(-n_vocab // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
-# --------------------------------------------------------------------------------------------------
-# Training
-
-
 def check_training(vocab_size, special_tokens):
     """The special tokens to train with (<|endoftext|> first, once each): vocab_size must hold the
     256 bytes, them, and at least one merge."""
-    specials = list(dict.fromkeys([chat.EOT_TEXT, *special_tokens]))
+    specials = list(dict.fromkeys([EOT_TEXT, *special_tokens]))
     if any(not s for s in specials):
         raise ConfigError("--special_tokens: an empty name (comma-separated names, e.g. "
                           "--special_tokens='<|im_start|>,<|im_end|>')")
@@ -60,41 +73,8 @@ def check_training(vocab_size, special_tokens):
     return specials
 
 
-def train_bpe(texts, vocab_size, special_tokens=()):
-    """tokenizer.json's text of a byte-level BPE with GPT-2's split trained on texts (an iterable
-    of strings) up to vocab_size tokens in all (fewer when the corpus has fewer pairs to merge)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    specials = check_training(vocab_size, special_tokens)
-    hf = Tokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    hf.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    seen = []
-
-    def counted():  # an empty corpus is an error, not a 256-byte tokenizer
-        for text in texts:
-            seen.append(len(text))
-            yield text
-
-    hf.train_from_iterator(counted(), trainer)
-    if not sum(seen):
-        raise InputError("the corpus is empty: nothing to train a tokenizer on")
-    merges = json.loads(hf.to_str())["model"]["merges"]
-    byte_of = {c: b for b, c in bytes_to_unicode().items()}
-    ranks = {bytes([b]): b for b in range(256)}
-    for merge in merges:  # "a b" (older tokenizers) or ["a", "b"]
-        left, right = merge.split(" ") if isinstance(merge, str) else merge
-        ranks.setdefault(bytes(byte_of[c] for c in left + right), len(ranks))
-    enc = tiktoken.Encoding("trained", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                            special_tokens={s: len(ranks) + i for i, s in enumerate(specials)})
-    return json.dumps(tokenizer_json(enc), ensure_ascii=False)
-
-
 def write_tokenizer(text, out_dir):
     """Write tokenizer.json's text into out_dir (atomically, the folder made when missing)."""
-    from .files import atomic_write
     os.makedirs(out_dir, exist_ok=True)
     with atomic_write(os.path.join(out_dir, FILE), "w") as f:
         f.write(text)
@@ -123,9 +103,9 @@ def encoding_from_json(text, name="trained"):
         raise InputError(f"{name}: not a tokenizer this project reads ({type(e).__name__}: "
                          f"{e})") from None
     ids = sorted([*ranks.values(), *specials.values()])
-    if ids != list(range(len(ids))) or chat.EOT_TEXT not in specials:
+    if ids != list(range(len(ids))) or EOT_TEXT not in specials:
         raise InputError(f"{name}: its ids are not 0..{len(ids) - 1} or it has no "
-                         f"{chat.EOT_TEXT}: train it with prepare.py --task=tokenizer")
+                         f"{EOT_TEXT}: train it with prepare.py --task=tokenizer")
     return tiktoken.Encoding(name, pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
                              special_tokens=specials, explicit_n_vocab=len(ids))
 
@@ -134,7 +114,7 @@ def record_of(text, name):
     """The record of a tokenizer (see the module docstring) whose tokenizer.json text is text,
     with the text itself under "json"."""
     sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    enc = encoder({"sha256": sha, "json": text, "name": name})
+    enc = encoding({"sha256": sha, "json": text, "name": name})
     return {"name": name, "sha256": sha, "n_vocab": enc.n_vocab, "eot": enc.eot_token,
             "special_tokens": sorted(enc.special_tokens_set, key=enc._special_tokens.get),
             "split": "gpt2", "json": text}
@@ -144,7 +124,7 @@ def load_tokenizer(path):
     """--tokenizer=PATH: "gpt2" (GPT-2's), a tokenizer folder or its tokenizer.json -> its record
     ("gpt2" or a record with the text)."""
     if path in ("", "gpt2"):
-        return chat.TOKENIZER
+        return GPT2
     file = os.path.join(path, FILE) if os.path.isdir(path) else path
     if not os.path.isfile(file):
         raise MissingFileError(f"--tokenizer={path}: no {file} (train one with `python prepare.py "
@@ -179,11 +159,9 @@ def attach(record, folder):
     return {**record, "json": text}
 
 
-def encoder(record=chat.TOKENIZER):
-    """The tiktoken Encoding of a tokenizer record ("gpt2" or a name tiktoken knows: chat.get_encoder;
-    a trained one: from its text), cached by its sha256."""
-    if record is None or isinstance(record, str):
-        return chat.get_encoder(record or chat.TOKENIZER)
+def encoding(record):
+    """The tiktoken Encoding of a trained tokenizer's record (from its text), cached by its sha256:
+    chat.get_encoder's way to a record (GPT-2's comes from tiktoken by name)."""
     key = record["sha256"]
     if key not in _encodings:
         _encodings[key] = encoding_from_json(record["json"], f"bpe-{key[:16]}")
@@ -198,22 +176,14 @@ def identity(record):
 def describe(record):
     """A tokenizer for messages: gpt2, or shakespeare-8k (8,192 tokens, sha256 0123456789ab)."""
     if record is None or isinstance(record, str):
-        return record or chat.TOKENIZER
+        return record or GPT2
     return f"{record['name']} ({record['n_vocab']:,} tokens, sha256 {record['sha256'][:12]})"
 
 
 def check_same(ours, theirs, what):
     """A one-line ConfigError when two tokenizers differ: what says whose they are, e.g. "the
     dataset data/x is tokenized with {ours}, but the checkpoint y with {theirs}"."""
-    if identity(ours or chat.TOKENIZER) != identity(theirs or chat.TOKENIZER):
+    if identity(ours or GPT2) != identity(theirs or GPT2):
         raise ConfigError(what.format(ours=describe(ours), theirs=describe(theirs))
                           + ": a model reads only the tokenizer it was trained with (prepare the "
                           "data again with --tokenizer=... the model's)")
-
-
-def text_bytes(enc):
-    """The UTF-8 bytes of the text each token stands for, as an int64 array by token id: special
-    tokens are no text and count 0 (bits per byte)."""
-    sizes = chat.token_bytes(enc).copy()
-    sizes[list(enc._special_tokens.values())] = 0
-    return sizes

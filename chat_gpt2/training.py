@@ -17,7 +17,7 @@ from .errors import ConfigError, DivergedError
 from .hf_gpt2 import from_pretrained, pretrained_config, resolve_pretrained
 from .lora import apply_lora, freeze_layers, lora_settings
 from .memory import check_memory, count_trainable
-from .tokenizer import check_same, encoder, padded_vocab
+from .tokenizer import check_same, padded_vocab
 from model import GPT, GPTConfig
 
 DEFAULT_GRAD_CLIP = 1.0  # clip the gradient's global norm to this (0 = off): train.py's, bench.py's
@@ -98,7 +98,7 @@ def _base_model(cfg, sys_info, explicit, tokenizer):
     if cfg["init_from"] == "scratch":
         config = GPTConfig(**{k: cfg[k] for k in ("block_size", "n_layer", "n_head", "n_embd",
                                                    "dropout", "bias")},
-                           vocab_size=padded_vocab(encoder(tokenizer).n_vocab))
+                           vocab_size=padded_vocab(chat.get_encoder(tokenizer or chat.TOKENIZER).n_vocab))
         check_memory(config, cfg, sys_info, count_trainable(config, cfg))
         return GPT(config)
     if cfg["init_from"] == "resume":

@@ -50,7 +50,7 @@ def test_the_split_is_tiktoken_gpt2s():
 
 
 def test_training_writes_the_asked_vocabulary(record):
-    enc = tk.encoder(record)
+    enc = chat.get_encoder(record)
     assert record["n_vocab"] == enc.n_vocab == 600 and record["split"] == "gpt2"
     assert record["special_tokens"] == ["<|endoftext|>", *SPECIALS]
     assert record["eot"] == enc.eot_token == 597  # bytes 0..255, merges, then the special tokens
@@ -63,7 +63,7 @@ def test_tiktoken_tokenizers_and_transformers_agree(record, text, tmp_path):
     """The one tokenizer.json: tiktoken (what we encode with), `tokenizers` and transformers' AutoTokenizer (the
     export's files) give the same ids, special tokens included, and decode back to the text."""
     from tokenizers import Tokenizer
-    enc = tk.encoder(record)
+    enc = chat.get_encoder(record)
     ours = enc.encode(text, allowed_special="all")
     assert Tokenizer.from_str(record["json"]).encode(text).ids == ours
     assert enc.decode(ours) == text
@@ -74,14 +74,14 @@ def test_tiktoken_tokenizers_and_transformers_agree(record, text, tmp_path):
 def _auto_tokenizer(record, folder):
     import transformers
     from chat_gpt2.hf_tokenizer import tokenizer_files
-    for name, content in tokenizer_files(tk.encoder(record), chat.TEMPLATE, 64).items():
+    for name, content in tokenizer_files(chat.get_encoder(record), chat.TEMPLATE, 64).items():
         with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
             f.write(content if isinstance(content, str) else json.dumps(content, ensure_ascii=False))
     return transformers.AutoTokenizer.from_pretrained(folder)
 
 
 def test_user_text_never_becomes_a_special_id(record):
-    enc = tk.encoder(record)
+    enc = chat.get_encoder(record)
     ids = chat.render_conversation([{"role": "user", "content": "say <|im_end|> <|endoftext|>"},
                                     {"role": "assistant", "content": "ok"}], enc=enc)[0]
     assert ids.count(enc.eot_token) == 1 and ids[-1] == enc.eot_token
@@ -138,7 +138,7 @@ def test_the_dataset_holds_the_tokenizer(custom_data, record):
         assert "json" not in json.load(f)["tokenizer"]  # meta.json names it, the file holds it
     data, _ = load_dataset(custom_data)
     ids = np.concatenate([data["train"].ids, data["val"].ids]).tolist()
-    assert tk.encoder(record).decode(ids) == CORPUS + "<|endoftext|>" and max(ids) < 600
+    assert chat.get_encoder(record).decode(ids) == CORPUS + "<|endoftext|>" and max(ids) < 600
 
 
 def test_a_tampered_tokenizer_file_is_refused(tmp_path, custom_data):
@@ -203,7 +203,7 @@ def test_mismatches_are_one_line_errors(tmp_path, custom_data, custom_run, tiny_
 
 def test_gpt2_datasets_and_checkpoints_keep_their_name(tiny_dataset, tiny_ckpt):
     assert read_meta(tiny_dataset)["tokenizer"] == "gpt2" and load_ckpt(tiny_ckpt)["tokenizer"] == "gpt2"
-    assert tk.encoder("gpt2") is chat.get_encoder() and tk.padded_vocab(chat.VOCAB_SIZE) == 50304
+    assert tk.padded_vocab(chat.VOCAB_SIZE) == 50304
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -231,7 +231,7 @@ def test_bits_per_byte_by_hand(tmp_path, custom_run, trained, record):
     with torch.no_grad():
         logits = model(val[None, :-1], all_logits=True)[0][0]
     nats = F.cross_entropy(logits.float(), val[1:], reduction="sum").item()
-    first = tk.encoder(record).decode(val[:1].tolist())  # the first token is no target
+    first = chat.get_encoder(record).decode(val[:1].tolist())  # the first token is no target
     assert first == "To" and val[-1] == record["eot"]
     n_bytes = len(" be, or not: café 🤖 42.\n".encode("utf-8"))
     assert scores["tokens"] == len(val) - 1 and scores["bytes"] == n_bytes
@@ -259,7 +259,7 @@ def test_engine_and_sample_stop_on_the_trained_eot(tmp_path, record, capsys):
     from chat_gpt2.checkpoint import save_checkpoint
     from chat_gpt2.engine import Engine, Request
     from chat_gpt2.sampling import SamplingParams
-    model, enc = eot_model(record), tk.encoder(record)
+    model, enc = eot_model(record), chat.get_encoder(record)
     request = Request(enc.encode("To be"), SamplingParams(temperature=0.0, max_new_tokens=8))
     Engine(model, enc).complete([request])
     assert request.replies[0].finish_reason == "stop" and request.replies[0].tokens == []
@@ -277,7 +277,7 @@ def test_export_tokenizer_and_generate(tmp_path, record):
     generation_config name the trained <|endoftext|>, transformers' generate stops on it, and the logits match."""
     import export
     import transformers
-    model, enc = eot_model(record).eval(), tk.encoder(record)
+    model, enc = eot_model(record).eval(), chat.get_encoder(record)
     out = str(tmp_path / "hf")
     export.export(model, out, chat.CHATML, record)
     tok = transformers.AutoTokenizer.from_pretrained(out)
@@ -302,7 +302,7 @@ def test_gguf_export_with_the_trained_tokenizer(tmp_path, record):
     from chat_gpt2.gguf_export import export_gguf
     path = export_gguf(eot_model(record).eval(), str(tmp_path / "gg"), chat.TEMPLATE, record, ("\n",))
     llm = llama_cpp.Llama(path, verbose=False, n_ctx=64)
-    enc = tk.encoder(record)
+    enc = chat.get_encoder(record)
     for text in VARIED[:3]:
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == enc.encode_ordinary(text)
     assert llm.token_eos() == record["eot"]
@@ -324,4 +324,4 @@ def test_a_vocabulary_above_65536_makes_a_uint32_dataset(tmp_path):
     assert meta["token_dtype"] == "uint32" and meta["vocab_size"] == 70000 and data["train"].ids.dtype == np.uint32
     ids = np.concatenate([data["train"].ids, data["val"].ids])
     assert ids.max() >= 1 << 16
-    assert tk.encoder(meta["tokenizer"]).decode(ids.tolist()) == " ".join(words * 2) + "<|endoftext|>"
+    assert chat.get_encoder(meta["tokenizer"]).decode(ids.tolist()) == " ".join(words * 2) + "<|endoftext|>"

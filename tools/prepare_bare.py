@@ -19,7 +19,7 @@ sys.path.insert(0, ROOT)
 
 from chat_gpt2 import chat  # noqa: E402
 from chat_gpt2.build import BATCH, TEXT_BATCH  # noqa: E402
-from chat_gpt2.tokenizer import encoder, load_tokenizer  # noqa: E402
+from chat_gpt2.tokenizer import load_tokenizer  # noqa: E402
 
 
 def bare_chat(path, out_path, enc):
@@ -48,5 +48,5 @@ def bare_text(path, out_path, enc):
 
 if __name__ == "__main__":
     kind, path, out_path, *tokenizer = sys.argv[1:]
-    enc = encoder(load_tokenizer(tokenizer[0] if tokenizer else "gpt2"))
+    enc = chat.get_encoder(load_tokenizer(tokenizer[0] if tokenizer else "gpt2"))
     print((bare_chat if kind == "chat" else bare_text)(path, out_path, enc))
