@@ -325,3 +325,25 @@ def test_a_vocabulary_above_65536_makes_a_uint32_dataset(tmp_path):
     ids = np.concatenate([data["train"].ids, data["val"].ids])
     assert ids.max() >= 1 << 16
     assert chat.get_encoder(meta["tokenizer"]).decode(ids.tolist()) == " ".join(words * 2) + "<|endoftext|>"
+
+
+def test_chat_data_with_the_trained_tokenizer(tmp_path, trained, record):
+    """Chat records prepared with --tokenizer: the fast path (render_batch) gives each conversation exactly the ids,
+    mask and turn starts of the definition (render_conversation) with the trained encoding."""
+    from helpers import chat_records
+    records = chat_records(40)
+    src = write_records(tmp_path / "chats.jsonl", records)
+    assert prepare.main([src, f"--tokenizer={trained}", f"--out_dir={tmp_path / 'data'}", "--val_fraction=0.25"]) == 0
+    enc = chat.get_encoder(record)
+    conversations = [[{"role": "user", "content": r["user"]}, {"role": "assistant", "content": r["assistant"]}]
+                     if "user" in r else r["messages"] for r in records]
+    rendered = chat.render_batch(conversations, chat.TEMPLATE, enc)
+    for i, messages in enumerate(conversations):
+        assert rendered.conversation(i) == chat.render_conversation(messages, chat.TEMPLATE, enc)
+    data, meta = load_dataset(str(tmp_path / "data"))
+    assert meta["kind"] == "chat" and meta["tokenizer"]["sha256"] == record["sha256"]
+    ids = np.concatenate([data[s].ids for s in ("train", "val")])
+    assert (ids == enc.eot_token).sum() == len(records) and ids.max() < record["n_vocab"]
+    texts = {chat.render_text(messages) for messages in conversations}
+    val = enc.decode(data["val"].ids.tolist()).split("<|endoftext|>")  # whole conversations, each closed
+    assert val[-1] == "" and len(val) - 1 == meta["conversations"]["val"] == 10 and set(val[:-1]) <= texts
