@@ -75,19 +75,23 @@ def gguf_tensors(model, gguf_type, n_vocab=chat.VOCAB_SIZE):
 
 
 def add_tokenizer(writer, enc, template, chat_model):
-    """GPT-2's byte-level BPE as llama.cpp reads it: tokens (vocab.json's strings) by id, merges, types (the
-    tokenizer's special tokens as control tokens), <|endoftext|> as EOS / EOT, no BOS or EOS added to a prompt."""
+    """GPT-2's (or a trained) byte-level BPE as llama.cpp reads it: tokens (vocab.json's strings) by id, merges,
+    types (<|endoftext|> a control token), <|endoftext|> as EOS / EOT, no BOS or EOS added to a prompt."""
     vocab, merges = gpt2_vocab_and_merges(enc)
     tokens = sorted(vocab, key=vocab.get)
     if [vocab[t] for t in tokens] != list(range(enc.n_vocab)):
         raise ValueError(f"the {enc.name!r} tokenizer's ids are not 0..{enc.n_vocab - 1}: it cannot go into a GGUF")
-    special = set(enc._special_tokens.values())  # tiktoken has no public accessor for it
+    # <|endoftext|>: the data's one special token; a trained tokenizer's others are never made from text (as in
+    # the HF export, hf_tokenizer.tokenizer_files): unused placeholders, or llama.cpp would read "<|im_end|>" in a
+    # prompt as that token (it knows such names)
+    special, unused = {enc.eot_token}, set(enc._special_tokens.values()) - {enc.eot_token}
+    tokens = [f"<|unused_{i}|>" if i in unused else token for i, token in enumerate(tokens)]
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("gpt-2")
     writer.add_token_list(tokens)
     writer.add_token_merges(merges)
-    writer.add_token_types([gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL
-                            for i in range(len(tokens))])
+    writer.add_token_types([gguf.TokenType.CONTROL if i in special else gguf.TokenType.UNUSED if i in unused
+                            else gguf.TokenType.NORMAL for i in range(len(tokens))])
     for add in (writer.add_bos_token_id, writer.add_eos_token_id, writer.add_eot_token_id,
                 writer.add_pad_token_id):
         add(enc.eot_token)

@@ -65,17 +65,18 @@ def added_token(text):
             "normalized": True, "special": True}
 
 
-def tokenizer_json(enc):
+def tokenizer_json(enc, added=None):
     """The `tokenizers` serialisation (tokenizer.json) of a byte-level BPE tiktoken encoding with
     GPT-2's split (GPT-2's own, or a trained one: tokenizer.py): its vocabulary, the merges
-    recovered from its ranks, its special tokens as added tokens."""
+    recovered from its ranks, its special tokens as added tokens (added: only those, by text)."""
     vocab, merges = gpt2_vocab_and_merges(enc)
+    specials = {t: i for t, i in enc._special_tokens.items() if added is None or t in added}
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
                   "use_regex": True}
     return {
         "version": "1.0", "truncation": None, "padding": None,
         "added_tokens": [{"id": i, **added_token(text)}
-                         for text, i in sorted(enc._special_tokens.items(), key=lambda t: t[1])],
+                         for text, i in sorted(specials.items(), key=lambda t: t[1])],
         "normalizer": None, "pre_tokenizer": byte_level,
         "post_processor": {**byte_level, "trim_offsets": False}, "decoder": byte_level,
         "model": {"type": "BPE", "dropout": None, "unk_token": None,
@@ -88,26 +89,23 @@ def tokenizer_json(enc):
 def tokenizer_files(enc, template, block_size, classify=False):
     """{filename: JSON-able object or text} for a GPT-2 tokenizer that AutoTokenizer loads without a
     download: a language model's, whose chat_template renders template, or with classify a
-    classifier's (classify_tokenizer). enc: GPT-2's or a trained byte-level BPE (its special tokens
-    become added tokens, <|endoftext|> the bos / eos / unk / pad token)."""
+    classifier's (classify_tokenizer). enc: GPT-2's or a trained byte-level BPE, whose
+    <|endoftext|> (enc.eot_token) is the bos / eos / unk / pad token and the one added token: the
+    data never holds another special token (a trained tokenizer's others are in the vocabulary but,
+    as in our encoding, never made from text)."""
     vocab, merges = gpt2_vocab_and_merges(enc)
-    specials = dict(sorted(enc._special_tokens.items(), key=lambda t: t[1]))
     tokenizer_config = {
         "tokenizer_class": "GPT2Tokenizer", "add_prefix_space": False, "add_bos_token": False,
         "bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT, "pad_token": EOT_TEXT,
         "model_max_length": block_size, "clean_up_tokenization_spaces": False,
-        "added_tokens_decoder": {str(i): added_token(text) for text, i in specials.items()},
+        "added_tokens_decoder": {str(enc.eot_token): added_token(EOT_TEXT)},
     }
     special = {"bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT,
                "pad_token": EOT_TEXT}
-    others = [text for text in specials if text != EOT_TEXT]
-    if others:  # a trained tokenizer's own special tokens: whole tokens in transformers too
-        special["additional_special_tokens"] = others
-        tokenizer_config["additional_special_tokens"] = others
     files = {
         "vocab.json": vocab,
         "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n",
-        "tokenizer.json": tokenizer_json(enc),
+        "tokenizer.json": tokenizer_json(enc, added={EOT_TEXT}),
         "tokenizer_config.json": tokenizer_config,
         "special_tokens_map.json": special,
     }

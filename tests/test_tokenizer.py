@@ -67,8 +67,9 @@ def test_tiktoken_tokenizers_and_transformers_agree(record, text, tmp_path):
     ours = enc.encode(text, allowed_special="all")
     assert Tokenizer.from_str(record["json"]).encode(text).ids == ours
     assert enc.decode(ours) == text
-    hf = _auto_tokenizer(record, str(tmp_path))
-    assert hf(text)["input_ids"] == ours and hf.decode(ours) == text
+    hf = _auto_tokenizer(record, str(tmp_path))  # as the data is: only <|endoftext|> is ever a special id
+    data_ids = enc.encode(text, allowed_special={"<|endoftext|>"}, disallowed_special=())
+    assert hf(text)["input_ids"] == data_ids and hf.decode(data_ids) == text
 
 
 def _auto_tokenizer(record, folder):
@@ -282,12 +283,15 @@ def test_export_tokenizer_and_generate(tmp_path, record):
     export.export(model, out, chat.CHATML, record)
     tok = transformers.AutoTokenizer.from_pretrained(out)
     for text in VARIED:
-        ids = enc.encode(text, allowed_special="all")
+        ids = enc.encode(text, allowed_special={"<|endoftext|>"}, disallowed_special=())
         assert tok(text)["input_ids"] == ids and tok.decode(ids) == text
-    assert tok.eos_token_id == record["eot"] and tok.convert_tokens_to_ids("<|im_end|>") == 599
-    rendered = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                       add_generation_prompt=True)
-    assert rendered == chat.render_text([{"role": "user", "content": "hi"}], chat.CHATML, True)
+    assert tok.eos_token_id == record["eot"]
+    # ChatML's markers are text here (the template does not declare them special): the very ids we train on
+    messages = [{"role": "user", "content": "hi <|im_end|>"}, {"role": "assistant", "content": "To be"},
+                {"role": "user", "content": "café 🤖"}]
+    rendered = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert rendered == chat.render_text(messages, chat.CHATML, True)
+    assert tok(rendered)["input_ids"] == chat.render_prompt(messages, chat.CHATML, enc)
     hf = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
     assert hf.config.vocab_size == 600 and hf.generation_config.eos_token_id == record["eot"]
     prompt = torch.tensor([enc.encode("To be")])
@@ -306,6 +310,9 @@ def test_gguf_export_with_the_trained_tokenizer(tmp_path, record):
     for text in VARIED[:3]:
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == enc.encode_ordinary(text)
     assert llm.token_eos() == record["eot"]
+    # with special tokens parsed (as llama.cpp's chat endpoint does), ChatML's markers stay text: our training ids
+    text = "<|im_start|>user\nhi<|im_end|>\n"
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == enc.encode_ordinary(text)
 
 
 def test_a_vocabulary_above_65536_makes_a_uint32_dataset(tmp_path):
