@@ -354,3 +354,18 @@ def test_chat_data_with_the_trained_tokenizer(tmp_path, trained, record):
     texts = {chat.render_text(messages) for messages in conversations}
     val = enc.decode(data["val"].ids.tolist()).split("<|endoftext|>")  # whole conversations, each closed
     assert val[-1] == "" and len(val) - 1 == meta["conversations"]["val"] == 10 and set(val[:-1]) <= texts
+
+
+def test_resume_and_finetune_with_the_same_tokenizer(tmp_path, custom_run, custom_data, record):
+    """The same tokenizer (its sha256) on both sides: a run resumes, and a new run starts from its checkpoint."""
+    import shutil
+    out, _ = custom_run
+    run = str(tmp_path / "resume")
+    shutil.copytree(out, run)
+    assert "resuming" in train_inprocess(["--init_from=resume", f"--out_dir={run}", "--max_iters=7"])
+    best = os.path.join(out, [n for n in checkpoints(out) if not n.endswith("_last.pt")][0])
+    args = [a for a in tiny_train_args(custom_data, str(tmp_path / "ft"), init_from=best, max_iters=2)
+            if not a.startswith(("--n_layer", "--n_head", "--n_embd"))]
+    assert "starting a new run" in train_inprocess(args)
+    ckpt = load_ckpt(os.path.join(str(tmp_path / "ft"), checkpoints(str(tmp_path / "ft"))[0]))
+    assert ckpt["tokenizer"]["sha256"] == record["sha256"] and ckpt["model_args"]["vocab_size"] == 640
