@@ -59,8 +59,9 @@ DEFAULTS = dict(  # `python prepare.py --help` prints these comments
     oasst_paths="best",
     # chat: share held out to OUT_DIR/test.jsonl (None: 0); classify: test split (0.2)
     test_fraction=None,
-    # chat (chat records or plain text), classify (labelled text, docs/classification.md) or
-    # preference (pairs of a chosen and a rejected response, for DPO: docs/data.md)
+    # chat (chat records or plain text), classify (labelled text, docs/classification.md),
+    # preference (pairs of a chosen and a rejected response, for DPO: docs/data.md) or tokenizer
+    # (train a byte-level BPE on the inputs: docs/data.md, "Your own tokenizer")
     task="chat",
     text_column="",  # classify: the text column(s), names or 0-based indexes, comma-separated
     label_column="",  # classify: the label column, a name or 0-based index

@@ -127,8 +127,9 @@ def load_tokenizer(path):
         return GPT2
     file = os.path.join(path, FILE) if os.path.isdir(path) else path
     if not os.path.isfile(file):
-        raise MissingFileError(f"--tokenizer={path}: no {file} (train one with `python prepare.py "
-                               f"CORPUS.txt --task=tokenizer --out_dir={path}`, or pass gpt2)")
+        raise MissingFileError(f"--tokenizer={path}: no tokenizer folder (with a {FILE}) nor file "
+                               f"there: train one with `python prepare.py CORPUS.txt "
+                               f"--task=tokenizer --out_dir={path}`, or pass gpt2")
     with open(file, encoding="utf-8") as f:
         text = f.read()
     name = os.path.basename(os.path.dirname(os.path.abspath(file))) or "tokenizer"
