@@ -369,3 +369,22 @@ def test_resume_and_finetune_with_the_same_tokenizer(tmp_path, custom_run, custo
     assert "starting a new run" in train_inprocess(args)
     ckpt = load_ckpt(os.path.join(str(tmp_path / "ft"), checkpoints(str(tmp_path / "ft"))[0]))
     assert ckpt["tokenizer"]["sha256"] == record["sha256"] and ckpt["model_args"]["vocab_size"] == 640
+
+
+def test_bench_prepare_with_the_trained_tokenizer(tmp_path, trained, capsys):
+    """bench.py --mode=prepare --prepare_tokenizer: prepare.py and the bare loop both encode with it (the same chat
+    tokens; the bare text loop has no closing <|endoftext|>), fewer tokens than GPT-2's on this text."""
+    import bench
+    chat_src = write_records(tmp_path / "pc.jsonl", [{"prompt": f"Question {i}?", "completion": f"Answer {i}."}
+                                                     for i in range(50)])
+    (tmp_path / "t.txt").write_text(CORPUS, encoding="utf-8")
+    rows = {}
+    for tokenizer in ("", trained):
+        bench.main(["--mode=prepare", f"--prepare_chat={chat_src}", f"--prepare_text={tmp_path / 't.txt'}",
+                    "--prepare_mb=0.02", "--prepare_runs=1", f"--prepare_tokenizer={tokenizer}"])
+        result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert result["tokenizer"] == (tokenizer or "gpt2")
+        rows[tokenizer] = {row["kind"]: row for row in result["rows"]}
+        assert rows[tokenizer]["chat"]["tokens"] == rows[tokenizer]["chat"]["tokens_bare"]
+        assert rows[tokenizer]["text"]["tokens"] == rows[tokenizer]["text"]["tokens_bare"] + 1
+    assert rows[trained]["text"]["tokens"] < rows[""]["text"]["tokens"]
