@@ -14,8 +14,12 @@ docs/data.md):
     {"message_tree_id", "prompt": {"role": "prompter", "text", "replies": [...]}}  (OpenAssistant)
 The conversation is rendered with --template (human_assistant, alpaca, chatml, or a JSON file;
 docs/data.md). Plain text instead (every token learned, documents closed by <|endoftext|>): .txt
-files (one document each) or records {"text": ...}; text and chat inputs cannot be mixed in one
-dataset.
+files (one document each) or records {"text": ...} (or the --text_column keys of each record);
+text and chat inputs cannot be mixed in one dataset. A .parquet file's rows are records (its
+columns the keys), streamed a batch of rows at a time; a Hugging Face Hub dataset is named
+hf://datasets/OWNER/NAME[@REVISION][/GLOB] (its parquet files, downloaded to the Hub cache):
+    python prepare.py 'hf://datasets/HuggingFaceFW/fineweb-edu/sample/10BT/*.parquet' \\
+        --text_column=text --out_dir=data/fineweb_edu
 
 Writes into out_dir, all aligned token for token (dataset format 2, docs/data.md):
     {train,val}.bin        token ids in meta.json's token_dtype: uint16 (GPT-2), uint32 above 65,536
@@ -44,6 +48,7 @@ import time
 import configurator
 from chat_gpt2.build import build_dataset, corpus_texts, train_bpe
 from chat_gpt2.errors import ConfigError, RecordError, UserError
+from chat_gpt2.sources import expand_inputs
 from chat_gpt2.tokenizer import load_tokenizer, write_tokenizer
 
 DEFAULTS = dict(  # `python prepare.py --help` prints these comments
@@ -63,12 +68,14 @@ DEFAULTS = dict(  # `python prepare.py --help` prints these comments
     # preference (pairs of a chosen and a rejected response, for DPO: docs/data.md) or tokenizer
     # (train a byte-level BPE on the inputs: docs/data.md, "Your own tokenizer")
     task="chat",
-    text_column="",  # classify: the text column(s), names or 0-based indexes, comma-separated
+    # text column(s), comma-separated: classify's (names or 0-based indexes); chat: plain text
+    text_column="",
     label_column="",  # classify: the label column, a name or 0-based index
     labels="",  # classify: the allowed labels, comma-separated (in this order)
     balance=False,  # classify: downsample every class to the smallest
     dedupe=False,  # drop exact repeats of a conversation (counted either way)
     skip_invalid=False,  # skip bad records (counted) instead of failing
+    threads=8,  # tiktoken's encoding threads for chat and text data (1: no parallel encoding)
     # chat / text: encode with gpt2 (GPT-2's BPE) or a tokenizer folder (--task=tokenizer made)
     tokenizer="gpt2",
     # tokenizer (train a byte-level BPE on the inputs, write out_dir/tokenizer.json: docs/data.md)
@@ -136,6 +143,7 @@ def main(argv=None):
         return 2
     try:
         check_options(cfg)
+        expand_hub_names(cfg)
         if cfg["task"] == "classify":
             return prepare_classify(cfg)
         if cfg["task"] == "preference":
@@ -147,6 +155,7 @@ def main(argv=None):
                              skip_invalid=cfg["skip_invalid"], template=cfg["template"],
                              oasst_paths=cfg["oasst_paths"], dedupe=cfg["dedupe"],
                              test_fraction=cfg["test_fraction"] or 0.0,
+                             text_column=cfg["text_column"], threads=cfg["threads"],
                              tokenizer=load_tokenizer(cfg["tokenizer"]))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -183,6 +192,18 @@ def check_options(cfg):
                           "class")
 
 
+def expand_hub_names(cfg):
+    """Hub dataset names (hf://datasets/...) among the inputs and --val_file -> their local parquet
+    files; --val_file must come to one file."""
+    cfg["inputs"] = expand_inputs(cfg["inputs"])
+    if cfg["val_file"]:
+        val = expand_inputs([cfg["val_file"]])
+        if len(val) != 1:
+            raise ConfigError(f"--val_file={cfg['val_file']} is {len(val)} files: name one (a GLOB "
+                              "matching one file), or split val off with --val_fraction")
+        cfg["val_file"] = val[0]
+
+
 def prepare_tokenizer(cfg, out_dir_given):
     """--task=tokenizer: train a byte-level BPE on the inputs' text, write out_dir/tokenizer.json,
     say what it made; return 0."""
@@ -193,7 +214,8 @@ def prepare_tokenizer(cfg, out_dir_given):
     specials = [s.strip() for s in str(cfg["special_tokens"]).split(",") if s.strip()]
     start = time.time()
     text = train_bpe(corpus_texts(cfg["inputs"], cfg["template"], cfg["oasst_paths"],
-                                  cfg["skip_invalid"]), cfg["vocab_size"], specials)
+                                  cfg["skip_invalid"], cfg["text_column"]), cfg["vocab_size"],
+                     specials)
     seconds = time.time() - start
     path = write_tokenizer(text, out_dir)
     record = load_tokenizer(out_dir)

@@ -25,7 +25,8 @@ the others in chat_gpt2/.
     inference      an Engine from a script's options: checkpoint, weights to half, SamplingParams
     batcher        one worker thread: queued requests join the running batch (serve.py)
     server         the HTTP app: OpenAI-compatible API, /chat, the chat page (serve.py)
-    records        chat records read (.jsonl / .json, their schemas) and plain text (.txt, {"text"})
+    sources        parquet files streamed as records, Hub datasets resolved to cached parquet files
+    records        chat records read (.jsonl / .json / .parquet, their schemas) and plain text (.txt)
     dataset        the prepared dataset (chat or text) read: file names, meta.json, batches
     build          the prepared dataset built: tokenised, split train/val, published all or nothing
     preference     preference pairs: four layouts, the dataset built and read, DPO / SimPO losses

@@ -27,8 +27,8 @@ from . import chat
 from .dataset import ALL_FILES, CURRENT, SPLITS, format_fields, token_dtype
 from .errors import ConfigError, InputError, RecordError
 from .files import disk_error, make_temp_dir, remove_dead_leftovers, temp_name
-from .records import (PREFERENCE_KEYS, document_text, is_document, iter_records, iter_text,
-                      to_conversations)
+from .records import (PREFERENCE_KEYS, column_text, document_text, is_document, iter_records,
+                      iter_text, split_names, to_conversations)
 from .hf_tokenizer import tokenizer_json
 from .tokenizer import GPT2_PATTERN, bytes_to_unicode, check_training, stored, write_tokenizer
 
@@ -153,7 +153,7 @@ def tokenize_inputs(paths, writer, skip_invalid, stats, progress):
             progress.update(writer.n_convs, writer.n_tokens)
         if batch:
             pending.append(pool.submit(render, list(batch), stats["kind"], stats["template"],
-                                       stats["enc"]))
+                                       stats["enc"], stats["threads"]))
             batch.clear()
 
     with ThreadPoolExecutor(1) as pool:
@@ -163,7 +163,7 @@ def tokenize_inputs(paths, writer, skip_invalid, stats, progress):
                 set_kind(stats, "text", path)
                 flush()
                 flush()  # the documents before this file are written before it
-                tokenize_text_file(path, hasher, writer, progress, stats["enc"])
+                tokenize_text_file(path, hasher, writer, progress, stats["enc"], stats["threads"])
             for where, kind, content in usable_records(path, hasher, skip_invalid, stats):
                 set_kind(stats, kind, where)
                 if held_out(content, stats):
@@ -178,13 +178,15 @@ def tokenize_inputs(paths, writer, skip_invalid, stats, progress):
     return hashes
 
 
-def render(batch, kind, template, enc):
+def render(batch, kind, template, enc, threads):
     """(chat.Rendered, the digest of each conversation's tokens) of a batch of conversations or
-    "text" documents (every token learned, <|endoftext|> closing each), encoded with enc."""
+    "text" documents (every token learned, <|endoftext|> closing each), encoded with enc in threads
+    tiktoken threads."""
+    dtype = token_dtype(enc.n_vocab)
     if kind == "text":
-        rendered = chat.documents(*chat.encode_closed(enc, batch, dtype=token_dtype(enc.n_vocab)))
+        rendered = chat.documents(*chat.encode_closed(enc, batch, dtype=dtype, threads=threads))
     else:
-        rendered = chat.render_batch(batch, template, enc, token_dtype(enc.n_vocab))
+        rendered = chat.render_batch(batch, template, enc, dtype, threads)
     raw, starts, size = memoryview(rendered.ids).cast("B"), rendered.starts, rendered.ids.itemsize
     return rendered, [hashlib.blake2b(raw[size * a:size * b], digest_size=16).digest()
                       for a, b in zip(starts, starts[1:])]
@@ -233,12 +235,16 @@ def usable_records(path, hasher, skip_invalid, stats):
     its reason."""
     if path.endswith(".txt"):
         return
-    records = iter_records(path, hasher)
+    columns = stats["text_columns"]
+    records = iter_records(path, hasher, columns)
     while True:
         try:
             where, record = next(records)
             if isinstance(record, RecordError):
                 raise record
+            if columns:  # --text_column: these columns are a plain-text document
+                yield where, "text", column_text(record, columns, where)
+                continue
             if is_document(record):
                 yield where, "text", document_text(record, where)
                 continue
@@ -273,14 +279,15 @@ def set_kind(stats, kind, where):
                          "folders (pretrain on the text, then fine-tune on the chat)")
 
 
-def tokenize_text_file(path, hasher, writer, progress, enc):
+def tokenize_text_file(path, hasher, writer, progress, enc, threads=8):
     """A .txt file as one document, streamed: pieces cut where the tokenizer cuts anyway
-    (records.iter_text), TEXT_BATCH of them encoded at a time (tiktoken's threads)."""
+    (records.iter_text), TEXT_BATCH of them (or one per thread) encoded at a time in threads
+    tiktoken threads."""
     pieces, first = iter_text(path, hasher), True
     digest = hashlib.blake2b(digest_size=16)
-    while batch := list(itertools.islice(pieces, TEXT_BATCH)):
-        ids = np.fromiter(itertools.chain.from_iterable(enc.encode_ordinary_batch(batch)),
-                          dtype=writer.dtype)
+    while batch := list(itertools.islice(pieces, max(TEXT_BATCH, threads))):
+        encoded = enc.encode_ordinary_batch(batch, num_threads=threads)
+        ids = np.fromiter(itertools.chain.from_iterable(encoded), dtype=writer.dtype)
         digest.update(ids.data)
         writer.add(ids, None, [0] if first else [], continues=not first)
         first = False
@@ -372,18 +379,22 @@ def summarize(writers, stats):
 
 def build_dataset(inputs, out_dir="data/chat", val_fraction=0.1, val_file=None, seed=1337,
                   skip_invalid=False, template="human_assistant", oasst_paths="best", dedupe=False,
-                  test_fraction=0.0, tokenizer=chat.TOKENIZER):
+                  test_fraction=0.0, text_column="", threads=8, tokenizer=chat.TOKENIZER):
     """Build the dataset in a folder of its own inside out_dir, then make it the dataset (publish).
     Returns meta. template: a built-in template's name, a JSON template file, or a template dict
     (see chat.load_template). oasst_paths: "best" (an OpenAssistant tree's best-ranked branch) or
     "all" (every path ending on a reply). dedupe: drop exact repeats of a conversation (same
     tokens); they are counted either way. test_fraction: about this share of the conversations is
-    held out to out_dir/test.jsonl (chat data only). tokenizer: "gpt2" or a trained tokenizer's
-    record (tokenizer.load_tokenizer), copied into the dataset."""
+    held out to out_dir/test.jsonl (chat data only). text_column: names of record keys (parquet
+    columns), comma-separated: each record's are joined into a plain-text document. threads:
+    tiktoken's encoding threads. tokenizer: "gpt2" or a trained tokenizer's record
+    (tokenizer.load_tokenizer), copied into the dataset."""
     if not 0 <= test_fraction < 1:
         raise ConfigError(f"--test_fraction must be at least 0 and below 1, got {test_fraction}")
     if not 0 < val_fraction < 1 and val_file is None:
         raise InputError(f"--val_fraction must be between 0 and 1, got {val_fraction}")
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ConfigError(f"--threads must be a whole number of at least 1, got {threads!r}")
     if oasst_paths not in ("best", "all"):
         raise ConfigError(f"--oasst_paths must be best or all, got {oasst_paths!r}")
     if isinstance(template, dict):
@@ -392,7 +403,8 @@ def build_dataset(inputs, out_dir="data/chat", val_fraction=0.1, val_file=None, 
         template = chat.load_template(template)
     enc = chat.get_encoder(tokenizer)
     options = {"template": template, "oasst_paths": oasst_paths, "dedupe": dedupe,
-               "test_fraction": test_fraction, "tokenizer": tokenizer, "enc": enc}
+               "test_fraction": test_fraction, "text_columns": split_names(text_column),
+               "threads": threads, "tokenizer": tokenizer, "enc": enc}
     return build_and_publish(out_dir, lambda tmp: _build(tmp, inputs, val_fraction, val_file, seed,
                                                          skip_invalid, options))
 
@@ -459,6 +471,7 @@ def _build(tmp, inputs, val_fraction, val_file, seed, skip_invalid, options):
             "multiline_replies": multiline,
             "default_stop": None if text else chat.default_stop(multiline, template),  # text: none
             **summarize(writers, stats), "sources": hashes, "seed": seed,
+            **({"text_columns": stats["text_columns"]} if stats["text_columns"] else {}),
             "val_fraction": None if val_file else val_fraction,
             "duplicates": {"repeats": stats["repeats"],
                            "removed": stats["repeats"] if stats["dedupe"] else 0,
@@ -535,13 +548,16 @@ def clean_out_dir(out_dir):
 # A tokenizer's corpus and its training (prepare.py --task=tokenizer; tokenizer.py says the rest)
 
 
-def corpus_texts(paths, template="human_assistant", oasst_paths="best", skip_invalid=False):
+def corpus_texts(paths, template="human_assistant", oasst_paths="best", skip_invalid=False,
+                 text_column=""):
     """The texts a tokenizer trains on, one string at a time: each .txt file in pieces (as
-    prepare.py reads it), each {"text"} record, each conversation as the template renders it (the
-    text the dataset will hold; <|endoftext|> is a special token and is not part of it)."""
+    prepare.py reads it), each {"text"} record (or --text_column's), each conversation as the
+    template renders it (the text the dataset will hold; <|endoftext|> is a special token and is
+    not part of it)."""
     template = template if isinstance(template, dict) else chat.load_template(template)
     stats = {"skipped": Counter(), "multiline_replies": False, "warned_preference": False,
-             "template": template, "oasst_paths": oasst_paths}
+             "template": template, "oasst_paths": oasst_paths,
+             "text_columns": split_names(text_column)}
     for path in paths:
         if path.endswith(".txt"):
             yield from iter_text(path, hashlib.sha256())

@@ -362,15 +362,15 @@ def documents(ids, starts):
     return Rendered(ids, np.ones(len(ids), dtype=np.uint8), starts, starts[:-1])
 
 
-def encode_closed(enc, texts, chunk=64, dtype=np.uint16):
-    """(ids in dtype (dataset.token_dtype's), starts): encode_ordinary(text) + [<|endoftext|>] for each text, back to back,
-    text i at ids[starts[i]:starts[i + 1]]. Encoded `chunk` texts at a time, joined by <|endoftext|>
-    (which BPE never merges across), in tiktoken's threads: a thread task per short text would cost
-    more than its encoding."""
+def encode_closed(enc, texts, chunk=64, dtype=np.uint16, threads=8):
+    """(ids in dtype (dataset.token_dtype's), starts): encode_ordinary(text) + [<|endoftext|>] for
+    each text, back to back, text i at ids[starts[i]:starts[i + 1]]. Encoded `chunk` texts at a
+    time, joined by <|endoftext|> (which BPE never merges across), in tiktoken's threads: a thread
+    task per short text would cost more than its encoding."""
     if any(EOT_TEXT in text for text in texts):  # typed by a user, it stays text: encode one by one
-        return _close(enc.encode_ordinary_batch(texts), enc.eot_token, dtype)
+        return _close(enc.encode_ordinary_batch(texts, num_threads=threads), enc.eot_token, dtype)
     joined = [EOT_TEXT.join(texts[i:i + chunk]) + EOT_TEXT for i in range(0, len(texts), chunk)]
-    encoded = enc.encode_batch(joined, allowed_special={EOT_TEXT})
+    encoded = enc.encode_batch(joined, allowed_special={EOT_TEXT}, num_threads=threads)
     ids = np.fromiter(itertools.chain.from_iterable(encoded), dtype=dtype,
                       count=sum(map(len, encoded)))
     return ids, np.concatenate([[0], np.flatnonzero(ids == enc.eot_token) + 1])
@@ -386,13 +386,13 @@ def _close(encoded, eot=EOT, dtype=np.uint16):
 
 
 
-def render_batch(conversations, template=TEMPLATE, enc=None, dtype=np.uint16):
+def render_batch(conversations, template=TEMPLATE, enc=None, dtype=np.uint16, threads=8):
     """render_conversation of many conversations at once, as one Rendered: the texts encoded in
     tiktoken's threads (encode_closed), the mask and turns found with numpy from where each token
     starts."""
     enc = enc or get_encoder()
     marked = [marked_text(messages, template) for messages in conversations]
-    ids, starts = encode_closed(enc, [text for text, _, _ in marked], dtype=dtype)
+    ids, starts = encode_closed(enc, [text for text, _, _ in marked], dtype=dtype, threads=threads)
     rendered, crossed = _assemble(ids, starts, marked, enc)
     if crossed:  # a token crosses a learned edge (a custom template): encode_text cuts it there
         encoded = [ids[a:b - 1].tolist() for a, b in zip(starts[:-1], starts[1:])]

@@ -31,23 +31,14 @@ from .dataset import (CLASSIFY_SPLITS, dataset_folder, format_fields, load_datas
                       read_meta, read_tokens, write_tokens)
 from .errors import ConfigError, InputError, RecordError
 from .preference import load_preference
-from .records import check_input_file, iter_records
+from .records import JOIN, check_input_file, iter_records, split_names
 
 SPLITS = CLASSIFY_SPLITS
-JOIN = "\n"  # between the text columns of one example
 TABLES = (".csv", ".tsv")
 
 
 # --------------------------------------------------------------------------------------------------
 # Reading input files
-
-
-def split_names(value):
-    """'a,b' -> ['a', 'b']; a list stays a list (config files); '' -> []."""
-    if isinstance(value, (list, tuple)):
-        return [str(v) for v in value]
-    return ([v.strip() for v in str(value).split(",") if v.strip()]
-            if value not in (None, "") else [])
 
 
 def table_rows(path, hasher):

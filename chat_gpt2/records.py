@@ -1,5 +1,6 @@
-"""Reading the data: records streamed from .jsonl / .json files and normalised to
-[{"role", "content"}, ...], and plain text (.txt files, {"text"} records).
+"""Reading the data: records streamed from .jsonl / .json / .parquet files (a parquet row is a
+record: sources.py) and normalised to [{"role", "content"}, ...], and plain text (.txt files,
+{"text"} records, or the --text_column(s) of any record).
 
 Each record is recognised by its keys (see docs/data.md):
     {"user", "assistant"}                 {"instruction", "input", "output"}
@@ -20,6 +21,7 @@ import re
 
 from . import chat
 from .errors import InputError, RecordError
+from .sources import iter_parquet
 
 # one record (a .jsonl line, a .json array element) larger than this is refused
 MAX_RECORD_BYTES = 64 * 2 ** 20
@@ -267,20 +269,56 @@ def document_text(record, where):
     return _text(record, "text", where)
 
 
+JOIN = "\n"  # between the text columns (--text_column) of one example or document
+
+
+def split_names(value):
+    """'a,b' -> ['a', 'b']; a list stays a list (config files); '' -> [] (--text_column)."""
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    return ([v.strip() for v in str(value).split(",") if v.strip()]
+            if value not in (None, "") else [])
+
+
+def column_text(record, columns, where):
+    """The text of a record's columns (keys) joined with JOIN: a plain-text document
+    (--text_column). Each must be a string and the text not empty, else RecordError naming it."""
+    if not isinstance(record, dict):
+        raise RecordError(where, f"a record must be a JSON object, got {type(record).__name__}",
+                          "wrong type")
+    for name in columns:
+        if record.get(name) is None:
+            raise RecordError(where, f"field '{name}' is {'null' if name in record else 'missing'}",
+                              "missing field")
+        if not isinstance(record[name], str):
+            raise RecordError(where, f"field '{name}' must be a string, got "
+                              f"{type(record[name]).__name__}", "wrong type")
+    text = JOIN.join(record[name] for name in columns)
+    if not text.strip():
+        raise RecordError(where, f"field '{'+'.join(columns)}' is empty", "empty content")
+    return text
+
+
 def check_input_file(path):
     if os.path.isdir(path):
-        raise InputError(f"{path} is a directory: pass the .jsonl / .json / .txt files in it")
+        raise InputError(f"{path} is a directory: pass the .jsonl / .json / .parquet / .txt files "
+                         "in it")
     if not os.path.isfile(path):
         raise InputError(f"input file not found: {path}")
 
 
-def iter_records(path, hasher):
+def iter_records(path, hasher, columns=None):
+    """(where, record or the RecordError it is) per record of a .jsonl / .json / .parquet file.
+    A parquet file's rows hold only its columns (all must exist), or without columns those named
+    like a record's content keys (other columns are metadata: not read)."""
     check_input_file(path)
     if path.endswith(".jsonl"):
         return iter_jsonl(path, hasher)
     if path.endswith(".json"):
         return iter_json_array(path, hasher)
-    raise InputError(f"{path}: unsupported extension (expected .jsonl, .json or .txt)")
+    if path.endswith(".parquet"):
+        return iter_parquet(path, hasher, columns, CONTENT_KEYS | CHAT_KEYS)
+    raise InputError(f"{path}: unsupported extension (expected .jsonl, .json, .parquet or .txt)")
 
 
 # --------------------------------------------------------------------------------------------------

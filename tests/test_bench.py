@@ -82,12 +82,13 @@ def test_bench_prepare_measures_both_and_cleans_up(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     os.mkdir(tmp_path / "tmp")
     bench.main(["--mode=prepare", f"--prepare_chat={chat_src}", f"--prepare_text={text_src}", "--prepare_mb=0.02",
-                "--prepare_runs=1"])
+                f"--prepare_parquet={text_src}", "--prepare_runs=1"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    chat_row, text_row = result["rows"]
+    chat_row, text_row, parquet_row = result["rows"]
     assert chat_row["kind"] == "chat" and chat_row["copies"] == round(0.02e6 / os.path.getsize(chat_src))
     assert chat_row["tokens"] == chat_row["tokens_bare"] and text_row["tokens"] == text_row["tokens_bare"] + 1
-    for row in (chat_row, text_row):
+    assert parquet_row["kind"] == "parquet" and parquet_row["tokens"] == parquet_row["tokens_bare"]  # one per doc
+    for row in (chat_row, text_row, parquet_row):
         assert row["bare_s"] > 0 and row["prepare_s"] > 0 and row["prepare_peak_rss_mb"] > 10
         assert row["ratio"] == round(row["bare_s"] / row["prepare_s"], 3)
     assert os.listdir(tmp_path / "tmp") == []

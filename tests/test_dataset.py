@@ -13,7 +13,7 @@ import torch
 
 from chat_gpt2 import build, chat, dataset
 from chat_gpt2.build import build_dataset
-from chat_gpt2.errors import InputError
+from chat_gpt2.errors import ConfigError, InputError
 from helpers import (EOT, GOOD, SHARED_DATA, all_texts, chat_records, conversations, decode, expected, make_legacy,
                      numbered, prepared, read_meta, read_split, records_file, snapshot, state,
                      write_records)
@@ -312,3 +312,19 @@ def test_progress_lines_say_how_far_and_how_long(tmp_path, monkeypatch, capsys):
     assert all(f" / {mb:,.1f} MB (" in line and " MB/s, ETA " in line for line in lines[:-1])
     assert lines[1].split(";")[1].startswith(f" {2 * build.BATCH:,} conversations")
     assert lines[-1].startswith(f"  ... read {mb:,.1f} MB in ")
+
+
+def test_threads_change_nothing_but_the_speed(tmp_path):
+    """--threads (tiktoken's encoding threads): 1 and 8 give byte-identical datasets, for chat records and for a
+    .txt longer than one batch of 1 MiB pieces; 0 is refused."""
+    text = "".join(f"Line {i}: the quick brown fox, {i * 7 % 13} lazy dogs.\n" for i in range(60_000))  # ~2.9 MB
+    (tmp_path / "big.txt").write_text(text)
+    chats = write_records(tmp_path / "c.jsonl", chat_records(40))
+    for name, inputs in (("text", [str(tmp_path / "big.txt")]), ("chat", [chats])):
+        for threads in (1, 8):
+            build_dataset(inputs, out_dir=str(tmp_path / f"{name}{threads}"), threads=threads)
+        assert snapshot(tmp_path / f"{name}1") == snapshot(tmp_path / f"{name}8")
+    assert read_split(tmp_path / "text1", "train")["ids"].tolist()[:5] == build.chat.get_encoder().encode_ordinary(
+        text)[:5]
+    with pytest.raises(ConfigError, match="--threads must be a whole number of at least 1, got 0"):
+        build_dataset([chats], out_dir=str(tmp_path / "x"), threads=0)

@@ -381,7 +381,7 @@ def test_bench_prepare_with_the_trained_tokenizer(tmp_path, trained, capsys):
     rows = {}
     for tokenizer in ("", trained):
         bench.main(["--mode=prepare", f"--prepare_chat={chat_src}", f"--prepare_text={tmp_path / 't.txt'}",
-                    "--prepare_mb=0.02", "--prepare_runs=1", f"--prepare_tokenizer={tokenizer}"])
+                    "--prepare_parquet=", "--prepare_mb=0.02", "--prepare_runs=1", f"--prepare_tokenizer={tokenizer}"])
         result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert result["tokenizer"] == (tokenizer or "gpt2")
         rows[tokenizer] = {row["kind"]: row for row in result["rows"]}
