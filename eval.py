@@ -6,9 +6,10 @@ conversations.
         --out=replies.jsonl
     python eval.py --data=heldout.jsonl --judge_cmd="python my_judge.py"  # plus an external judge
 
---dataset (a folder written by prepare.py, or its name under data/): the mean loss and perplexity
-on the assistant tokens (loss mask 1) of the whole val split, every token scored once, each window
-inside one conversation.
+--dataset (a folder written by prepare.py, or its name under data/): the mean loss, perplexity and
+bits per byte (the loss in bits over the UTF-8 bytes of those tokens' text: comparable across
+tokenizers) on the assistant tokens (loss mask 1) of the whole val split, every token scored once,
+each window inside one conversation. The dataset must be tokenized as the model was.
 
 --data (a .jsonl / .json file in any prepare.py schema): per conversation, the prompt is every
 message before the last assistant message (rendered with the checkpoint's chat template) and the
@@ -52,7 +53,7 @@ from chat_gpt2.classifier import classify_texts, metrics, report_lines
 from chat_gpt2.classify_data import read_labelled
 from chat_gpt2.errors import ConfigError
 from chat_gpt2.evaluation import (choice_accuracy, choice_scores, generate_all, load_heldout,
-                                  read_choices, score_rows, val_loss)
+                                  read_choices, score_rows, val_scores)
 from chat_gpt2.files import write_jsonl
 from chat_gpt2.inference import load_engine, sampling_params
 from chat_gpt2.sampling import sampling_defaults, sampling_help
@@ -193,11 +194,14 @@ def main(argv=None):
         return evaluate_classifier(engine, ckpt, cfg)
     summary = {}
     if cfg["dataset"]:
-        loss, n_tokens = val_loss(engine.model, cfg["dataset"], cfg["batch_size"], engine.device,
-                                  engine.dtype)
-        summary.update(val_loss=loss, perplexity=math.exp(min(loss, 700.0)), val_tokens=n_tokens)
-        print(f"val loss {loss:.4f}, perplexity {summary['perplexity']:.2f} "
-              f"({n_tokens:,} assistant tokens)")
+        scores = val_scores(engine.model, cfg["dataset"], cfg["batch_size"], engine.device,
+                            engine.dtype, ckpt.get("tokenizer", chat.TOKENIZER))
+        loss, n_tokens = scores["loss"], scores["tokens"]
+        summary.update(val_loss=loss, perplexity=math.exp(min(loss, 700.0)), val_tokens=n_tokens,
+                       val_bpb=scores["bpb"], val_bytes=scores["bytes"])
+        print(f"val loss {loss:.4f}, perplexity {summary['perplexity']:.2f}, "
+              f"{scores['bpb']:.4f} bits per byte ({n_tokens:,} assistant tokens, "
+              f"{scores['bytes']:,} bytes)")
     if cfg["data"]:
         summary.update(evaluate_replies(engine, ckpt, cfg))
     if cfg["pairs"]:

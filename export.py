@@ -8,8 +8,10 @@ The directory loads as it is with `transformers.GPT2LMHeadModel.from_pretrained(
 `AutoTokenizer.from_pretrained(DIR)`, and back into this project with `--init_from=DIR`:
 
     config.json, generation_config.json      GPT-2 config (n_positions = the trained block_size); eos_token_id 50256
+                                             (a trained tokenizer's: its own vocab_size and <|endoftext|> id)
     model.safetensors                        weights under transformers' names, Conv1D layout; the head is tied
-    vocab.json, merges.txt, tokenizer.json   the GPT-2 tokenizer, built from tiktoken's own ranks (no download)
+    vocab.json, merges.txt, tokenizer.json   the GPT-2 tokenizer, built from tiktoken's own ranks (no download), or
+                                             the checkpoint's trained one (prepare.py --task=tokenizer)
     tokenizer_config.json                    with a chat_template that renders exactly this project's template
     special_tokens_map.json
 
@@ -126,15 +128,16 @@ def export(model, out, template=chat.TEMPLATE, tokenizer=chat.TOKENIZER, force=F
 
 def _write_export(model, folder, template, tokenizer):
     labels = getattr(model, "labels", None)  # a classifier (classifier.GPTClassifier)
-    save_file(hf_state_dict(model), os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    enc = chat.get_encoder(tokenizer)  # GPT-2's, or the checkpoint's trained tokenizer
+    save_file(hf_state_dict(model, enc.n_vocab), os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
     umask = os.umask(0o022)
     os.umask(umask)
     os.chmod(os.path.join(folder, "model.safetensors"), 0o666 & ~umask)  # safetensors writes it 0600
     files = {
-        "config.json": hf_config(model.config, labels),
-        **({} if labels else {"generation_config.json": {"bos_token_id": chat.EOT, "eos_token_id": chat.EOT,
-                                                         "pad_token_id": chat.EOT}}),
-        **tokenizer_files(chat.get_encoder(tokenizer), template, model.config.block_size, classify=bool(labels)),
+        "config.json": hf_config(model.config, labels, enc.n_vocab, enc.eot_token),
+        **({} if labels else {"generation_config.json": {"bos_token_id": enc.eot_token, "eos_token_id": enc.eot_token,
+                                                         "pad_token_id": enc.eot_token}}),
+        **tokenizer_files(enc, template, model.config.block_size, classify=bool(labels)),
     }
     files[MARKER] = {"format": "chat_gpt2 export", "files": [MARKER, "model.safetensors", *files]}
     for name, content in files.items():
@@ -171,15 +174,17 @@ def export_adapter(ckpt, out, force=False):
 
 
 @torch.no_grad()
-def check_export(model, out, seed=0):
-    """Max abs logit difference between our model and the export, loaded back by init_from
-    and (if installed) by transformers, on random tokens. Returns {name: difference}."""
-    T = min(64, model.config.block_size)
-    idx = torch.randint(0, chat.VOCAB_SIZE, (2, T), generator=torch.Generator().manual_seed(seed))
+def check_export(model, out, seed=0, tokenizer=chat.TOKENIZER):
+    """Max abs logit difference between our model and the export, loaded back by init_from (GPT-2's vocabulary
+    only) and (if installed) by transformers, on random tokens. Returns {name: difference}."""
+    T, n_vocab = min(64, model.config.block_size), chat.get_encoder(tokenizer).n_vocab
+    idx = torch.randint(0, n_vocab, (2, T), generator=torch.Generator().manual_seed(seed))
     if getattr(model, "labels", None):
         return check_classifier_export(model, out, idx)
-    ours = model(idx, all_logits=True)[0][..., :chat.VOCAB_SIZE]
-    diffs = {"init_from=DIR": (from_pretrained(out).eval()(idx, all_logits=True)[0] - ours).abs().max().item()}
+    ours = model(idx, all_logits=True)[0][..., :n_vocab]
+    diffs = {}
+    if isinstance(tokenizer, str):  # init_from=DIR reads GPT-2's vocabulary (a trained one: its checkpoint)
+        diffs["init_from=DIR"] = (from_pretrained(out).eval()(idx, all_logits=True)[0] - ours).abs().max().item()
     try:
         from transformers import GPT2LMHeadModel
     except ImportError:
@@ -250,7 +255,7 @@ def main(argv=None):
           f"block_size {model.config.block_size}"
           + (f"; {HF_CLASSIFIER}, labels {', '.join(labels)})" if labels else ")"))
     if cfg["check"]:
-        figures = check_export(model, cfg["out"])
+        figures = check_export(model, cfg["out"], tokenizer=ckpt.get("tokenizer", chat.TOKENIZER))
         for name, diff in figures.items():
             print(f"check: max abs logit difference, checkpoint vs export loaded by {name}: {diff:.3g}")
         if not figures:

@@ -29,6 +29,10 @@ Writes into out_dir, all aligned token for token (dataset format 2, docs/data.md
     {train,val}_convs.npy  int64 offsets where a conversation starts
     meta.json              format, token_dtype, kind, tokenizer, vocab size, template, counts,
                            multiline_replies, source hashes
+A tokenizer instead (--task=tokenizer --vocab_size=8192 [--special_tokens=A,B]): a byte-level BPE
+trained on the inputs' text (chat records as the template renders them), written to
+out_dir/tokenizer.json; prepare data with it by --tokenizer=DIR (docs/data.md, "Your own
+tokenizer"); the dataset then holds a copy of it.
 Labelled text for a classifier instead (--task=classify; docs/classification.md): .csv / .tsv /
 .jsonl / .json with a text and a label column (--text_column, --label_column, --labels, --balance),
 split train/val/test by class. Preference pairs instead (--task=preference, for DPO; docs/data.md):
@@ -37,12 +41,15 @@ rejected} or two HH-RLHF transcripts {chosen, rejected}. Everything is written t
 place at the end, so a failed or interrupted run never leaves a half-written dataset or damages one
 that was there.
 """
+import os
 import sys
+import time
 
 import configurator
-from chat_gpt2.build import build_dataset
+from chat_gpt2.build import build_dataset, corpus_texts, train_bpe
 from chat_gpt2.errors import ConfigError, RecordError, UserError
 from chat_gpt2.sources import expand_inputs
+from chat_gpt2.tokenizer import load_tokenizer, write_tokenizer
 
 DEFAULTS = dict(  # `python prepare.py --help` prints these comments
     # the input files (positional arguments): .jsonl / .json records, .txt; classify: .csv, .tsv
@@ -57,8 +64,9 @@ DEFAULTS = dict(  # `python prepare.py --help` prints these comments
     oasst_paths="best",
     # chat: share held out to OUT_DIR/test.jsonl (None: 0); classify: test split (0.2)
     test_fraction=None,
-    # chat (chat records or plain text), classify (labelled text, docs/classification.md) or
-    # preference (pairs of a chosen and a rejected response, for DPO: docs/data.md)
+    # chat (chat records or plain text), classify (labelled text, docs/classification.md),
+    # preference (pairs of a chosen and a rejected response, for DPO: docs/data.md) or tokenizer
+    # (train a byte-level BPE on the inputs: docs/data.md, "Your own tokenizer")
     task="chat",
     # text column(s), comma-separated: classify's (names or 0-based indexes); chat: plain text
     text_column="",
@@ -68,8 +76,14 @@ DEFAULTS = dict(  # `python prepare.py --help` prints these comments
     dedupe=False,  # drop exact repeats of a conversation (counted either way)
     skip_invalid=False,  # skip bad records (counted) instead of failing
     threads=8,  # tiktoken's encoding threads for chat and text data (1: no parallel encoding)
+    # chat / text: encode with gpt2 (GPT-2's BPE) or a tokenizer folder (--task=tokenizer made)
+    tokenizer="gpt2",
+    # tokenizer (train a byte-level BPE on the inputs, write out_dir/tokenizer.json: docs/data.md)
+    vocab_size=8192,  # tokenizer: the tokens in all (bytes, merges and special tokens)
+    special_tokens="",  # tokenizer: more special tokens beside <|endoftext|>, comma-separated
 )
-TASKS = ("chat", "classify", "preference")
+TASKS = ("chat", "classify", "preference", "tokenizer")
+TOKENIZER_OUT_DIR = "tokenizer"  # --task=tokenizer's out_dir when none is given
 
 
 def print_summary(meta):
@@ -122,7 +136,7 @@ def print_duplicates(meta):
 
 
 def main(argv=None):
-    cfg, _ = configurator.load(DEFAULTS, argv, prog="prepare.py", inputs="inputs")
+    cfg, explicit = configurator.load(DEFAULTS, argv, prog="prepare.py", inputs="inputs")
     if not cfg["inputs"]:
         print("error: no input files: python prepare.py INPUT [INPUT ...] [--key=value ...] "
               "(see --help)", file=sys.stderr)
@@ -134,12 +148,15 @@ def main(argv=None):
             return prepare_classify(cfg)
         if cfg["task"] == "preference":
             return prepare_preference(cfg)
+        if cfg["task"] == "tokenizer":
+            return prepare_tokenizer(cfg, "out_dir" in explicit)
         meta = build_dataset(cfg["inputs"], cfg["out_dir"], val_fraction=cfg["val_fraction"],
                              val_file=cfg["val_file"] or None, seed=cfg["seed"],
                              skip_invalid=cfg["skip_invalid"], template=cfg["template"],
                              oasst_paths=cfg["oasst_paths"], dedupe=cfg["dedupe"],
                              test_fraction=cfg["test_fraction"] or 0.0,
-                             text_column=cfg["text_column"], threads=cfg["threads"])
+                             text_column=cfg["text_column"], threads=cfg["threads"],
+                             tokenizer=load_tokenizer(cfg["tokenizer"]))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         if isinstance(e, RecordError):
@@ -167,6 +184,9 @@ def check_options(cfg):
     if cfg["task"] == "preference" and (fraction or cfg["dedupe"] or cfg["oasst_paths"] != "best"):
         raise ConfigError("--test_fraction, --dedupe and --oasst_paths are for chat data, not "
                           "--task=preference")
+    if cfg["task"] in ("classify", "preference", "tokenizer") and cfg["tokenizer"] != "gpt2":
+        raise ConfigError(f"--tokenizer is for chat and text data: --task={cfg['task']} "
+                          "uses GPT-2's tokenizer")
     if cfg["task"] == "classify" and cfg["val_file"]:
         raise ConfigError("--val_file is for chat data: --task=classify splits train/val/test by "
                           "class")
@@ -182,6 +202,30 @@ def expand_hub_names(cfg):
             raise ConfigError(f"--val_file={cfg['val_file']} is {len(val)} files: name one (a GLOB "
                               "matching one file), or split val off with --val_fraction")
         cfg["val_file"] = val[0]
+
+
+def prepare_tokenizer(cfg, out_dir_given):
+    """--task=tokenizer: train a byte-level BPE on the inputs' text, write out_dir/tokenizer.json,
+    say what it made; return 0."""
+    out_dir = cfg["out_dir"] if out_dir_given else TOKENIZER_OUT_DIR
+    if os.path.exists(os.path.join(out_dir, "meta.json")):
+        raise ConfigError(f"--out_dir={out_dir} holds a prepared dataset: a tokenizer goes in a "
+                          "folder of its own (e.g. --out_dir=tokenizers/mine)")
+    specials = [s.strip() for s in str(cfg["special_tokens"]).split(",") if s.strip()]
+    start = time.time()
+    text = train_bpe(corpus_texts(cfg["inputs"], cfg["template"], cfg["oasst_paths"],
+                                  cfg["skip_invalid"], cfg["text_column"]), cfg["vocab_size"],
+                     specials)
+    seconds = time.time() - start
+    path = write_tokenizer(text, out_dir)
+    record = load_tokenizer(out_dir)
+    print(f"trained a byte-level BPE of {record['n_vocab']:,} tokens (special: "
+          f"{', '.join(record['special_tokens'])}) in {seconds:.1f}s; wrote {path}")
+    if record["n_vocab"] < cfg["vocab_size"]:
+        print(f"note: the corpus had merges for {record['n_vocab']:,} tokens only, not "
+              f"{cfg['vocab_size']:,}")
+    print(f"use it: python prepare.py YOUR_DATA --tokenizer={out_dir} --out_dir=data/NAME")
+    return 0
 
 
 def prepare_classify(cfg):

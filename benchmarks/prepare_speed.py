@@ -4,6 +4,7 @@ processes (wall, CPU, peak RSS), on chat records, a .txt and a parquet file of d
 
     python bench.py --mode=prepare                   # prepare.py end to end vs a bare tokenise-and-write loop (~25 MB)
     python bench.py --mode=prepare --prepare_chat= --prepare_text= --prepare_mb=250   # parquet alone, 250 MB
+    python bench.py --mode=prepare --prepare_tokenizer=tokenizers/shakespeare-8k  # both with a trained tokenizer
 """
 import itertools
 import json
@@ -27,6 +28,8 @@ DEFAULTS = dict(  # `python bench.py --help` prints these comments
     prepare_runs=2,
     # --mode=prepare: prepare.py --threads values to run (comma-separated, e.g. 1,2: a row each)
     prepare_threads="8",
+    # --mode=prepare: a trained tokenizer's folder (prepare.py --task=tokenizer) both encode with ("" = GPT-2's)
+    prepare_tokenizer="",
 )
 PARQUET_DOC_LINES = 40  # lines of the source per parquet document (~1.5 KB of tinyshakespeare)
 PARQUET_GROUP_ROWS = 4096  # rows per row group of the generated parquet file (~6 MB)
@@ -49,7 +52,8 @@ def bench(cfg):
                 path = _as_parquet(path)
             rows += _measure(kind, path, cfg, tmp, {"kind": kind, "source": source,
                                                    "copies": copies})
-    print(f"prepare: {os.cpu_count()} CPUs, load avg {os.getloadavg()[0]:.2f}; the faster of "
+    print(f"prepare: tokenizer {cfg['prepare_tokenizer'] or 'gpt2'}; {os.cpu_count()} CPUs, load avg "
+          f"{os.getloadavg()[0]:.2f}; the faster of "
           f"{cfg['prepare_runs']} run(s) each; ratio = bare wall / prepare.py wall (1 = as fast as "
           "the bare loop; both whole processes)")
     for r in rows:
@@ -59,7 +63,8 @@ def bench(cfg):
               f"{r['bare_peak_rss_mb']:.0f} MB; prepare.py {r['prepare_s']:.2f}s wall / "
               f"{r['prepare_cpu_s']:.2f}s CPU / {r['prepare_peak_rss_mb']:.0f} MB; ratio "
               f"{r['ratio']:.2f}")
-    return {"mode": "prepare", "rows": rows, "load_avg_1min": round(os.getloadavg()[0], 2)}
+    return {"mode": "prepare", "tokenizer": cfg["prepare_tokenizer"] or "gpt2", "rows": rows,
+            "load_avg_1min": round(os.getloadavg()[0], 2)}
 
 
 def _measure(kind, path, cfg, tmp, row):
@@ -67,14 +72,17 @@ def _measure(kind, path, cfg, tmp, row):
     path, run alternately prepare_runs times (a load that comes and goes hits all alike); the
     fastest run of each counts."""
     columns = ["--text_column=text"] if kind == "parquet" else []
+    tokenizer = cfg["prepare_tokenizer"]
     threads = [int(t) for t in str(cfg["prepare_threads"]).split(",")]
     runs = {"bare": [], **{t: [] for t in threads}}
     for _ in range(cfg["prepare_runs"]):
         runs["bare"].append(_run_child([os.path.join(REPO, "tools", "prepare_bare.py"), kind, path,
-                                        os.path.join(tmp, "bare.bin")]))
+                                        os.path.join(tmp, "bare.bin"),
+                                        *([tokenizer] if tokenizer else [])]))
         for t in threads:
             runs[t].append(_run_child([os.path.join(REPO, "prepare.py"), path, *columns,
-                                       f"--threads={t}", f"--out_dir={os.path.join(tmp, kind)}"]))
+                                       f"--threads={t}", f"--out_dir={os.path.join(tmp, kind)}",
+                                       f"--tokenizer={tokenizer or 'gpt2'}"]))
     bare, bare_out = min(runs["bare"], key=lambda r: r[0]["s"])
     with open(os.path.join(tmp, kind, "meta.json")) as f:
         tokens = sum(json.load(f)["tokens"].values())

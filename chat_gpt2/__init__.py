@@ -9,13 +9,15 @@ the others in chat_gpt2/.
     errors         the project's own error types (one-line messages for the user)
     files          atomic writes (temp file + rename), temporary folders, leftovers of killed runs
     configurator   (top level) config files and --key=value overrides
+    tokenizer      a trained byte-level BPE: tokenizer.json -> tiktoken, the record that travels
+                   in meta.json and checkpoints, mismatch checks (training: build.train_bpe)
     chat           the chat templates: token ids and training mask in one place; the Jinja template
     device         device, dtype, autocast, the CPU allocator, free memory, peak FLOP/s
     model          (top level) the GPT-2 model
     lora           LoRA adapters and training only the last blocks
     classifier     a GPT with a classification head (last real token): loss, predictions, P/R/F1
     hf_gpt2        Hugging Face GPT-2 weights in and out
-    hf_tokenizer   GPT-2's tokenizer files for an export
+    hf_tokenizer   a byte-level BPE's tokenizer files (GPT-2's or a trained one) for an export
     gguf_export    a chat or text model as a GGUF file (llama.cpp, Ollama) and an Ollama Modelfile
     checkpoint     checkpoint names, atomic save, weights-only load, model rebuild (LoRA merged)
     sampling       SamplingParams (each option declared once: default, help, bounds), sampling math

@@ -170,7 +170,7 @@ def scored_tokens(reply):
     """A reply's tokens, with the <|endoftext|> that ended it (its text is then uncut: no stop
     string was found)."""
     ended_on_eot = reply.finish_reason == "stop" and reply.text == reply.enc.decode(reply.tokens)
-    return reply.tokens + [chat.EOT] * ended_on_eot
+    return reply.tokens + [reply.enc.eot_token] * ended_on_eot
 
 
 @torch.inference_mode()
@@ -185,7 +185,7 @@ def token_logprobs(engine, tokens, start, top):
         with autocast(engine.device, engine.autocast_dtype):
             hidden = model.hidden_states(torch.tensor([window], device=engine.device))[0]
         logits = F.linear(hidden.float(), model.lm_head.weight.float())
-        logits[:, chat.VOCAB_SIZE:] = float("-inf")  # the padded vocabulary
+        logits[:, engine.enc.n_vocab:] = float("-inf")  # the padded vocabulary
         first = max(start, lo + 1)
         if first >= lo + len(window):
             continue

@@ -21,6 +21,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import tiktoken
 
 from . import chat
 from .dataset import ALL_FILES, CURRENT, SPLITS, format_fields, token_dtype
@@ -28,6 +29,8 @@ from .errors import ConfigError, InputError, RecordError
 from .files import disk_error, make_temp_dir, remove_dead_leftovers, temp_name
 from .records import (PREFERENCE_KEYS, column_text, document_text, is_document, iter_records,
                       iter_text, split_names, to_conversations)
+from .hf_tokenizer import tokenizer_json
+from .tokenizer import GPT2_PATTERN, bytes_to_unicode, check_training, stored, write_tokenizer
 
 BUILD_PREFIX = ".prepare-"  # a build's own folder: .prepare-<PID>-<random>
 BLOCK_SIZES = (128, 256, 512, 1024)  # meta.json counts the conversations longer than each
@@ -150,7 +153,7 @@ def tokenize_inputs(paths, writer, skip_invalid, stats, progress):
             progress.update(writer.n_convs, writer.n_tokens)
         if batch:
             pending.append(pool.submit(render, list(batch), stats["kind"], stats["template"],
-                                       stats["threads"]))
+                                       stats["enc"], stats["threads"]))
             batch.clear()
 
     with ThreadPoolExecutor(1) as pool:
@@ -160,7 +163,7 @@ def tokenize_inputs(paths, writer, skip_invalid, stats, progress):
                 set_kind(stats, "text", path)
                 flush()
                 flush()  # the documents before this file are written before it
-                tokenize_text_file(path, hasher, writer, progress, stats["threads"])
+                tokenize_text_file(path, hasher, writer, progress, stats["enc"], stats["threads"])
             for where, kind, content in usable_records(path, hasher, skip_invalid, stats):
                 set_kind(stats, kind, where)
                 if held_out(content, stats):
@@ -175,14 +178,15 @@ def tokenize_inputs(paths, writer, skip_invalid, stats, progress):
     return hashes
 
 
-def render(batch, kind, template, threads):
+def render(batch, kind, template, enc, threads):
     """(chat.Rendered, the digest of each conversation's tokens) of a batch of conversations or
-    "text" documents (every token learned, <|endoftext|> closing each), encoded in threads
+    "text" documents (every token learned, <|endoftext|> closing each), encoded with enc in threads
     tiktoken threads."""
+    dtype = token_dtype(enc.n_vocab)
     if kind == "text":
-        rendered = chat.documents(*chat.encode_closed(chat.get_encoder(), batch, threads=threads))
+        rendered = chat.documents(*chat.encode_closed(enc, batch, dtype=dtype, threads=threads))
     else:
-        rendered = chat.render_batch(batch, template, threads=threads)
+        rendered = chat.render_batch(batch, template, enc, dtype, threads)
     raw, starts, size = memoryview(rendered.ids).cast("B"), rendered.starts, rendered.ids.itemsize
     return rendered, [hashlib.blake2b(raw[size * a:size * b], digest_size=16).digest()
                       for a, b in zip(starts, starts[1:])]
@@ -275,11 +279,11 @@ def set_kind(stats, kind, where):
                          "folders (pretrain on the text, then fine-tune on the chat)")
 
 
-def tokenize_text_file(path, hasher, writer, progress, threads=8):
+def tokenize_text_file(path, hasher, writer, progress, enc, threads=8):
     """A .txt file as one document, streamed: pieces cut where the tokenizer cuts anyway
     (records.iter_text), TEXT_BATCH of them (or one per thread) encoded at a time in threads
     tiktoken threads."""
-    enc, pieces, first = chat.get_encoder(), iter_text(path, hasher), True
+    pieces, first = iter_text(path, hasher), True
     digest = hashlib.blake2b(digest_size=16)
     while batch := list(itertools.islice(pieces, max(TEXT_BATCH, threads))):
         encoded = enc.encode_ordinary_batch(batch, num_threads=threads)
@@ -290,7 +294,7 @@ def tokenize_text_file(path, hasher, writer, progress, threads=8):
         progress.update(writer.n_convs, writer.n_tokens)
     if first:
         raise InputError(f"{path}: empty file: a .txt input is one document of plain text")
-    eot = np.array([chat.EOT], dtype=writer.dtype)
+    eot = np.array([enc.eot_token], dtype=writer.dtype)
     digest.update(eot.data)
     writer.add(eot, None, [], continues=True)
     writer.digests.append(digest.digest())
@@ -375,7 +379,7 @@ def summarize(writers, stats):
 
 def build_dataset(inputs, out_dir="data/chat", val_fraction=0.1, val_file=None, seed=1337,
                   skip_invalid=False, template="human_assistant", oasst_paths="best", dedupe=False,
-                  test_fraction=0.0, text_column="", threads=8):
+                  test_fraction=0.0, text_column="", threads=8, tokenizer=chat.TOKENIZER):
     """Build the dataset in a folder of its own inside out_dir, then make it the dataset (publish).
     Returns meta. template: a built-in template's name, a JSON template file, or a template dict
     (see chat.load_template). oasst_paths: "best" (an OpenAssistant tree's best-ranked branch) or
@@ -383,7 +387,8 @@ def build_dataset(inputs, out_dir="data/chat", val_fraction=0.1, val_file=None, 
     tokens); they are counted either way. test_fraction: about this share of the conversations is
     held out to out_dir/test.jsonl (chat data only). text_column: names of record keys (parquet
     columns), comma-separated: each record's are joined into a plain-text document. threads:
-    tiktoken's encoding threads."""
+    tiktoken's encoding threads. tokenizer: "gpt2" or a trained tokenizer's record
+    (tokenizer.load_tokenizer), copied into the dataset."""
     if not 0 <= test_fraction < 1:
         raise ConfigError(f"--test_fraction must be at least 0 and below 1, got {test_fraction}")
     if not 0 < val_fraction < 1 and val_file is None:
@@ -396,9 +401,10 @@ def build_dataset(inputs, out_dir="data/chat", val_fraction=0.1, val_file=None, 
         chat.check_template(template, "template")
     else:
         template = chat.load_template(template)
+    enc = chat.get_encoder(tokenizer)
     options = {"template": template, "oasst_paths": oasst_paths, "dedupe": dedupe,
                "test_fraction": test_fraction, "text_columns": split_names(text_column),
-               "threads": threads}
+               "threads": threads, "tokenizer": tokenizer, "enc": enc}
     return build_and_publish(out_dir, lambda tmp: _build(tmp, inputs, val_fraction, val_file, seed,
                                                          skip_invalid, options))
 
@@ -427,7 +433,7 @@ def _build(tmp, inputs, val_fraction, val_file, seed, skip_invalid, options):
     stats = {"skipped": Counter(), "multiline_replies": False, "kind": None,
              "warned_preference": False, "seen": set(), "repeats": 0, **options}
     progress = Progress(list(inputs) + ([val_file] if val_file else []))
-    vocab_size = chat.VOCAB_SIZE
+    vocab_size = options["enc"].n_vocab
     writers = {s: TokenWriter(tmp, s, vocab_size) for s in SPLITS}
     if options["test_fraction"]:
         stats.update(test=open(os.path.join(tmp, "test.jsonl"), "w", encoding="utf-8"), n_test=0,
@@ -460,7 +466,8 @@ def _build(tmp, inputs, val_fraction, val_file, seed, skip_invalid, options):
     multiline = stats["multiline_replies"]
     meta = {**format_fields(vocab_size), "kind": stats["kind"],
             **({"documents": n_docs} if text else {}),
-            "tokenizer": chat.TOKENIZER, "vocab_size": vocab_size, "template": template,
+            "tokenizer": stored(options["tokenizer"]), "vocab_size": vocab_size,
+            "template": template,
             "multiline_replies": multiline,
             "default_stop": None if text else chat.default_stop(multiline, template),  # text: none
             **summarize(writers, stats), "sources": hashes, "seed": seed,
@@ -475,6 +482,8 @@ def _build(tmp, inputs, val_fraction, val_file, seed, skip_invalid, options):
     for name in os.listdir(tmp):
         if name.startswith("all"):  # the tokenised stream before the split
             os.remove(os.path.join(tmp, name))
+    if isinstance(options["tokenizer"], dict):  # a trained tokenizer travels with its data
+        write_tokenizer(options["tokenizer"]["json"], tmp)
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(meta, f, indent=2)
     return meta
@@ -533,3 +542,56 @@ def clean_out_dir(out_dir):
         print(f"removed {len(removed)} leftover(s) of interrupted runs in {out_dir}: "
               f"{', '.join(removed)}", file=sys.stderr)
     return removed
+
+
+# --------------------------------------------------------------------------------------------------
+# A tokenizer's corpus and its training (prepare.py --task=tokenizer; tokenizer.py says the rest)
+
+
+def corpus_texts(paths, template="human_assistant", oasst_paths="best", skip_invalid=False,
+                 text_column=""):
+    """The texts a tokenizer trains on, one string at a time: each .txt file in pieces (as
+    prepare.py reads it), each {"text"} record (or --text_column's), each conversation as the
+    template renders it (the text the dataset will hold; <|endoftext|> is a special token and is
+    not part of it)."""
+    template = template if isinstance(template, dict) else chat.load_template(template)
+    stats = {"skipped": Counter(), "multiline_replies": False, "warned_preference": False,
+             "template": template, "oasst_paths": oasst_paths,
+             "text_columns": split_names(text_column)}
+    for path in paths:
+        if path.endswith(".txt"):
+            yield from iter_text(path, hashlib.sha256())
+        for _, kind, content in usable_records(path, hashlib.sha256(), skip_invalid, stats):
+            yield content if kind == "text" else chat.render_text(content, template)
+
+
+def train_bpe(texts, vocab_size, special_tokens=()):
+    """tokenizer.json's text of a byte-level BPE with GPT-2's split trained on texts (an iterable
+    of strings) up to vocab_size tokens in all (fewer when the corpus has fewer pairs to merge)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    specials = check_training(vocab_size, special_tokens)
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    seen = []
+
+    def counted():  # an empty corpus is an error, not a 256-byte tokenizer
+        for text in texts:
+            seen.append(len(text))
+            yield text
+
+    hf.train_from_iterator(counted(), trainer)
+    if not sum(seen):
+        raise InputError("the corpus is empty: nothing to train a tokenizer on")
+    merges = json.loads(hf.to_str())["model"]["merges"]
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    ranks = {bytes([b]): b for b in range(256)}
+    for merge in merges:  # "a b" (older tokenizers) or ["a", "b"]
+        left, right = merge.split(" ") if isinstance(merge, str) else merge
+        ranks.setdefault(bytes(byte_of[c] for c in left + right), len(ranks))
+    enc = tiktoken.Encoding("trained", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                            special_tokens={s: len(ranks) + i for i, s in enumerate(specials)})
+    return json.dumps(tokenizer_json(enc), ensure_ascii=False)

@@ -30,10 +30,10 @@ import numpy as np
 import tiktoken
 
 from .errors import ConfigError, MissingFileError
+from .tokenizer import EOT_TEXT, GPT2, encoding
 
-TOKENIZER = "gpt2"
+TOKENIZER = GPT2  # "gpt2"; a trained tokenizer instead: tokenizer.py
 EOT = 50256  # <|endoftext|>
-EOT_TEXT = "<|endoftext|>"
 VOCAB_SIZE = 50257  # real GPT-2 vocabulary; the model may pad its embedding beyond this
 NEWLINE_TOKENS = (198, 628, 44320)  # the GPT-2 tokens that hold a newline: "\n", "\n\n", "\n\xa0"
 
@@ -89,8 +89,11 @@ _encoders, _token_bytes = {}, {}
 
 
 def get_encoder(name=TOKENIZER):
-    """tiktoken encoder, cached. Offline, point TIKTOKEN_CACHE_DIR at
-    a folder holding the GPT-2 BPE files."""
+    """tiktoken encoder, cached: GPT-2's (or another tiktoken encoding) by name, or a trained
+    tokenizer's record (meta.json's / a checkpoint's "tokenizer", tokenizer.py) from its text.
+    Offline, point TIKTOKEN_CACHE_DIR at a folder holding the GPT-2 BPE files."""
+    if not isinstance(name, str):
+        return encoding(name)
     if name not in _encoders:
         try:
             _encoders[name] = tiktoken.get_encoding(name)
@@ -257,7 +260,7 @@ def render_conversation(messages, template=TEMPLATE, enc=None):
     once; tests/test_render.py checks they agree."""
     enc = enc or get_encoder()
     text, learned, turns = marked_text(messages, template)
-    ids = encode_text(enc, text, learned) + [EOT]
+    ids = encode_text(enc, text, learned) + [enc.eot_token]
     starts = token_starts(enc, ids)  # <|endoftext|> starts where the text ends
     mask = [int(any(a <= s < b for a, b in learned)) for s in starts[:-1]] + [1]
     return ids, mask, [bisect.bisect_right(starts, t) - 1 for t in turns]
@@ -324,9 +327,9 @@ def chat_template(template=TEMPLATE):
 # The fast path: many conversations (or documents) at once, back to back in numpy (prepare.py)
 
 class Rendered:
-    """Conversations (or documents) rendered back to back: ids (uint16) and mask (uint8) of them
-    all, tokens starts[i]:starts[i + 1] are conversation i, turns the offsets where a turn starts (a
-    conversation's first turn at its start)."""
+    """Conversations (or documents) rendered back to back: ids (uint16; uint32 for a vocabulary
+    above 65,536) and mask (uint8) of them all, tokens starts[i]:starts[i + 1] are conversation i,
+    turns the offsets where a turn starts (a conversation's first turn at its start)."""
 
     def __init__(self, ids, mask, starts, turns):
         self.ids, self.mask, self.starts, self.turns = ids, mask, starts, turns
@@ -359,43 +362,43 @@ def documents(ids, starts):
     return Rendered(ids, np.ones(len(ids), dtype=np.uint8), starts, starts[:-1])
 
 
-def encode_closed(enc, texts, chunk=64, threads=8):
-    """(uint16 ids, starts): encode_ordinary(text) + [<|endoftext|>] for each text, back to back,
-    text i at ids[starts[i]:starts[i + 1]]. Encoded `chunk` texts at a time, joined by <|endoftext|>
-    (which BPE never merges across), in tiktoken's threads: a thread task per short text would cost
-    more than its encoding."""
+def encode_closed(enc, texts, chunk=64, dtype=np.uint16, threads=8):
+    """(ids in dtype (dataset.token_dtype's), starts): encode_ordinary(text) + [<|endoftext|>] for
+    each text, back to back, text i at ids[starts[i]:starts[i + 1]]. Encoded `chunk` texts at a
+    time, joined by <|endoftext|> (which BPE never merges across), in tiktoken's threads: a thread
+    task per short text would cost more than its encoding."""
     if any(EOT_TEXT in text for text in texts):  # typed by a user, it stays text: encode one by one
-        return _close(enc.encode_ordinary_batch(texts, num_threads=threads))
+        return _close(enc.encode_ordinary_batch(texts, num_threads=threads), enc.eot_token, dtype)
     joined = [EOT_TEXT.join(texts[i:i + chunk]) + EOT_TEXT for i in range(0, len(texts), chunk)]
     encoded = enc.encode_batch(joined, allowed_special={EOT_TEXT}, num_threads=threads)
-    ids = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.uint16,
+    ids = np.fromiter(itertools.chain.from_iterable(encoded), dtype=dtype,
                       count=sum(map(len, encoded)))
-    return ids, np.concatenate([[0], np.flatnonzero(ids == EOT) + 1])
+    return ids, np.concatenate([[0], np.flatnonzero(ids == enc.eot_token) + 1])
 
 
-def _close(encoded):
-    """The token lists back to back, each followed by <|endoftext|>: (uint16 ids, starts)."""
+def _close(encoded, eot=EOT, dtype=np.uint16):
+    """The token lists back to back, each followed by <|endoftext|> (eot): (ids in dtype, starts)."""
     lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)) + 1
     starts = np.concatenate([[0], np.cumsum(lengths)])
-    ids = np.fromiter(itertools.chain.from_iterable(t + [EOT] for t in encoded), dtype=np.uint16,
+    ids = np.fromiter(itertools.chain.from_iterable(t + [eot] for t in encoded), dtype=dtype,
                       count=starts[-1])
     return ids, starts
 
 
 
-def render_batch(conversations, template=TEMPLATE, enc=None, threads=8):
+def render_batch(conversations, template=TEMPLATE, enc=None, dtype=np.uint16, threads=8):
     """render_conversation of many conversations at once, as one Rendered: the texts encoded in
     tiktoken's threads (encode_closed), the mask and turns found with numpy from where each token
     starts."""
     enc = enc or get_encoder()
     marked = [marked_text(messages, template) for messages in conversations]
-    ids, starts = encode_closed(enc, [text for text, _, _ in marked], threads=threads)
+    ids, starts = encode_closed(enc, [text for text, _, _ in marked], dtype=dtype, threads=threads)
     rendered, crossed = _assemble(ids, starts, marked, enc)
     if crossed:  # a token crosses a learned edge (a custom template): encode_text cuts it there
         encoded = [ids[a:b - 1].tolist() for a, b in zip(starts[:-1], starts[1:])]
         for i in crossed:
             encoded[i] = encode_text(enc, *marked[i][:2], encoded[i])
-        rendered, _ = _assemble(*_close(encoded), marked, enc)
+        rendered, _ = _assemble(*_close(encoded, enc.eot_token, dtype), marked, enc)
     return rendered
 
 

@@ -6,7 +6,8 @@ A run started at YYYYMMDD_HHMMSS writes two files into out_dir:
     finetuned_YYYYMMDD_HHMMSS_last.pt  for resume: the latest state, optimizer, scaler, RNG states
 
 Both are plain dicts of Python values and tensors, loaded with torch.load(weights_only=True): no
-pickled classes. A LoRA run's `model` holds only the adapter tensors; `lora` says what they are and
+pickled classes. `tokenizer` is the dataset's: "gpt2", or a trained tokenizer's record with its
+tokenizer.json text (tokenizer.py), so sampling and export need nothing else. A LoRA run's `model` holds only the adapter tensors; `lora` says what they are and
 `base` which weights they belong to (init_from, a fingerprint, model_args): model_from_checkpoint
 rebuilds that base and merges them in.
 """

@@ -9,6 +9,7 @@ defined here):
     {train,val}_convs.npy  int64 offsets where a conversation starts
     meta.json              format, token dtype, kind ("chat" or "text"), tokenizer, vocab size,
                            template, counts, sources
+    tokenizer.json         a trained tokenizer (prepare.py --tokenizer=DIR; tokenizer.py), if any
 Plain text (kind "text": .txt files, {"text"} records) is every token learned, each document closed
 by <|endoftext|>; it has no mask file (format 2), its "conversations" are the documents, and its
 windows start anywhere. Each name is a symlink into the build folder `.dataset` points to
@@ -25,12 +26,14 @@ import numpy as np
 
 from . import chat
 from .errors import InputError, MissingFileError
+from .tokenizer import attach
 
 SPLITS = ("train", "val")
 # per split: train.bin, train_mask.bin, ...
 SPLIT_FILES = (".bin", "_mask.bin", "_turns.npy", "_convs.npy")
 DATASET_FILES = tuple(f"{s}{suffix}" for s in SPLITS for suffix in SPLIT_FILES) + ("meta.json",)
-OPTIONAL_FILES = ("test.jsonl",)  # held-out conversations (--test_fraction), for eval.py --data
+# held-out conversations (--test_fraction), for eval.py --data; a trained tokenizer (tokenizer.py)
+OPTIONAL_FILES = ("test.jsonl", "tokenizer.json")
 # a classification dataset (kind "classify", classify_data.py): per split its tokens, text offsets
 # and labels
 CLASSIFY_SPLITS = ("train", "val", "test")
@@ -109,6 +112,7 @@ class ChatData:
 
     def __init__(self, folder, split, meta):
         self.kind, self._useful = meta.get("kind") or "chat", {}
+        self.eot = chat.get_encoder(meta["tokenizer"]).eot_token  # the tokenizer's: pads windows
         expected_tokens = int(meta["tokens"][split])
         path = os.path.join(folder, f"{split}.bin")
         self.ids = read_tokens(folder, f"{split}.bin", meta)
@@ -132,7 +136,7 @@ class ChatData:
         else:
             starts = self.useful_starts(block_size)
             starts = starts[torch.randint(len(starts), (batch_size,), generator=generator).numpy()]
-        x = np.full((batch_size, block_size), chat.EOT, dtype=np.int64)
+        x = np.full((batch_size, block_size), self.eot, dtype=np.int64)
         y = np.full((batch_size, block_size), -1, dtype=np.int64)
         m = np.zeros((batch_size, block_size), dtype=np.float32)
         for row, start in enumerate(starts):
@@ -204,6 +208,7 @@ def read_meta(folder, names=None):
         raise InputError(f"{meta_path}: not a prepared dataset's meta.json ({type(e).__name__}: "
                          f"{e}): run prepare.py again") from None
     check_format(meta, meta_path)
+    meta["tokenizer"] = attach(meta.get("tokenizer", chat.TOKENIZER), folder)  # its text too
     names = names or dataset_files(meta)
     homes = {os.path.dirname(os.path.realpath(os.path.join(folder, name))) for name in names}
     if len(homes) > 1:

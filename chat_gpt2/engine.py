@@ -136,7 +136,7 @@ class Completion:
         return self.finish_reason is not None
 
     def add(self, token):
-        if token == chat.EOT and not self.ignore_eot:
+        if token == self.enc.eot_token and not self.ignore_eot:
             self.finish_reason = "stop"
             return
         self.tokens.append(token)
@@ -241,7 +241,7 @@ class Decoder:
         with autocast(self.engine.device, self.engine.autocast_dtype):
             ids = torch.tensor([[row.tokens[-1]] for row in self.rows], device=self.engine.device)
             logits = self.engine.model(ids, kv_cache=self.cache)[0][:, -1, :].float()
-        logits[:, chat.VOCAB_SIZE:] = float("-inf")  # the padded vocabulary is never sampled
+        logits[:, self.engine.enc.n_vocab:] = float("-inf")  # the padded vocabulary: no token
         groups = {}
         for slot, row in enumerate(self.rows):
             own = row.request.params.temperature > 0 and row.request.generator is not None

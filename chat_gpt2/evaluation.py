@@ -2,6 +2,7 @@
 replies to held-out conversations, and the reply metrics (exact match of the first line, SQuAD-style
 token F1); multiple choice in HellaSwag's layout by the log-likelihood of each ending."""
 import json
+import math
 import re
 import string
 import sys
@@ -16,6 +17,7 @@ from .device import autocast
 from .engine import Request
 from .errors import InputError
 from .records import read_conversations
+from .tokenizer import check_same
 
 
 # --------------------------------------------------------------------------------------------------
@@ -43,10 +45,10 @@ def conversation_windows(ids, mask, conv_starts, turn_starts, block_size):
             start = int(later[-1]) if len(later) else max(start + 1, scored_until - block_size // 2)
 
 
-def padded_batches(windows, batch_size, max_tokens=8192):
+def padded_batches(windows, batch_size, max_tokens=8192, pad=chat.EOT):
     """(x, y, mask) batches of windows sorted by length (little padding), at most batch_size rows
-    and about max_tokens positions each (bounds the logits' memory on GPUs); padding has target -1
-    and mask 0."""
+    and about max_tokens positions each (bounds the logits' memory on GPUs); padding has input pad
+    (the tokenizer's <|endoftext|>), target -1 and mask 0."""
     # longest first: a batch's first row sets its width
     windows = sorted(windows, key=lambda w: -len(w[0]))
     i = 0
@@ -54,7 +56,7 @@ def padded_batches(windows, batch_size, max_tokens=8192):
         rows = max(1, min(batch_size, max_tokens // len(windows[i][0])))
         batch, i = windows[i:i + rows], i + rows
         width = len(batch[0][0]) - 1
-        x = torch.full((len(batch), width), chat.EOT, dtype=torch.long)
+        x = torch.full((len(batch), width), pad, dtype=torch.long)
         y = torch.full((len(batch), width), -1, dtype=torch.long)
         m = torch.zeros((len(batch), width))
         for row, (tokens, scored) in enumerate(batch):
@@ -65,19 +67,35 @@ def padded_batches(windows, batch_size, max_tokens=8192):
 
 
 @torch.no_grad()
-def val_loss(model, folder, batch_size, device, dtype):
-    """Token-weighted mean loss over the assistant tokens of the whole val split, and how many
-    tokens that is."""
-    data = load_dataset(folder)[0]["val"]
+def val_scores(model, folder, batch_size, device, dtype, tokenizer=None):
+    """{loss, tokens, bytes, bpb} over the assistant tokens of the whole val split: the
+    token-weighted mean loss, how many tokens that is, the UTF-8 bytes of their text (a special
+    token counts 0) and the loss in bits per byte. tokenizer: the model's (checkpoint's), when
+    known; the dataset must be prepared with it."""
+    data, meta = load_dataset(folder)
+    if tokenizer is not None:
+        check_same(meta["tokenizer"], tokenizer, f"--dataset={folder} is tokenized with {{ours}}, "
+                   "but the model was trained with {theirs}")
+    data = data["val"]
     windows = [(tokens, scored) for _, tokens, scored in conversation_windows(
         data.ids, data.mask, data.convs, data.starts, model.config.block_size) if scored.any()]
-    total, count = 0.0, 0.0
-    for x, y, m in padded_batches(windows, batch_size):
+    sizes = torch.as_tensor(text_bytes(chat.get_encoder(meta["tokenizer"])))
+    total, count, n_bytes = 0.0, 0.0, 0
+    for x, y, m in padded_batches(windows, batch_size, pad=data.eot):
         with autocast(device, dtype):
             _, loss = model(x.to(device), y.to(device), m.to(device))
         total += loss.item() * m.sum().item()
         count += m.sum().item()
-    return total / max(count, 1.0), int(count)
+        n_bytes += int((sizes[y.clamp(min=0)] * m).sum().item())
+    return {"loss": total / max(count, 1.0), "tokens": int(count), "bytes": n_bytes,
+            "bpb": total / math.log(2) / max(n_bytes, 1)}
+
+
+def val_loss(model, folder, batch_size, device, dtype):
+    """(token-weighted mean loss over the assistant tokens of the whole val split, how many tokens
+    that is): val_scores' loss and tokens."""
+    scores = val_scores(model, folder, batch_size, device, dtype)
+    return scores["loss"], scores["tokens"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -199,6 +217,14 @@ def read_choices(path):
     return items
 
 
+def text_bytes(enc):
+    """The UTF-8 bytes of the text each token stands for, as an int64 array by token id: special
+    tokens are no text and count 0 (bits per byte: val_scores, objectives)."""
+    sizes = chat.token_bytes(enc).copy()
+    sizes[list(enc._special_tokens.values())] = 0
+    return sizes
+
+
 def choice_scores(model, enc, items, device):
     """Per item, per ending: (sum of log P(token), tokens) of " " + ending after the query (fp32)."""
     scores = []
@@ -210,7 +236,7 @@ def choice_scores(model, enc, items, device):
             ids = torch.tensor([(ctx + cont)[-model.config.block_size - 1:]], device=device)
             with torch.no_grad():
                 logits = model.lm_head(model.hidden_states(ids[:, :-1]))[0].float()
-            logits[:, chat.VOCAB_SIZE:] = float("-inf")  # the padded vocabulary is no token
+            logits[:, enc.n_vocab:] = float("-inf")  # the padded vocabulary is no token
             n = min(len(cont), ids.size(1) - 1)  # an ending longer than the context: its last n
             logp = logits.log_softmax(-1)[-n:].gather(1, ids[0, -n:, None])
             row.append((logp.sum().item(), n))

@@ -27,6 +27,7 @@ from .errors import ConfigError, OutputExistsError
 from .files import atomic_write, disk_error, temp_name
 from .hf_gpt2 import HF_CONV1D, hf_state_dict
 from .hf_tokenizer import gpt2_vocab_and_merges
+from .tokenizer import describe
 
 GGUF_TYPES = ("f16", "bf16", "q8_0", "f32")  # --gguf_type; the first is the default
 LAYER_NORM_EPS = 1e-5  # model.LayerNorm's
@@ -52,11 +53,11 @@ def check_gguf_type(gguf_type):
         raise ConfigError(f"--gguf_type={gguf_type}: unknown type (one of {', '.join(GGUF_TYPES)})")
 
 
-def gguf_tensors(model, gguf_type):
+def gguf_tensors(model, gguf_type, n_vocab=chat.VOCAB_SIZE):
     """[(llama.cpp name, numpy array as stored, GGMLQuantizationType)] of our GPT, in the file's order."""
     wanted = gguf.GGMLQuantizationType[gguf_type.upper()]
     tensors = []
-    for name, p in hf_state_dict(model).items():
+    for name, p in hf_state_dict(model, n_vocab).items():
         if name.endswith(HF_CONV1D):
             p = p.t()  # back to (out, in): ggml's (ne0 = in, ne1 = out), what llama.cpp reads
         data = p.float().contiguous().numpy()
@@ -74,22 +75,26 @@ def gguf_tensors(model, gguf_type):
 
 
 def add_tokenizer(writer, enc, template, chat_model):
-    """GPT-2's byte-level BPE as llama.cpp reads it: tokens (vocab.json's strings) by id, merges, types (the
-    tokenizer's special tokens as control tokens), <|endoftext|> as EOS / EOT, no BOS or EOS added to a prompt."""
+    """GPT-2's (or a trained) byte-level BPE as llama.cpp reads it: tokens (vocab.json's strings) by id, merges,
+    types (<|endoftext|> a control token), <|endoftext|> as EOS / EOT, no BOS or EOS added to a prompt."""
     vocab, merges = gpt2_vocab_and_merges(enc)
     tokens = sorted(vocab, key=vocab.get)
     if [vocab[t] for t in tokens] != list(range(enc.n_vocab)):
         raise ValueError(f"the {enc.name!r} tokenizer's ids are not 0..{enc.n_vocab - 1}: it cannot go into a GGUF")
-    special = set(enc._special_tokens.values())  # tiktoken has no public accessor for it
+    # <|endoftext|>: the data's one special token; a trained tokenizer's others are never made from text (as in
+    # the HF export, hf_tokenizer.tokenizer_files): unused placeholders, or llama.cpp would read "<|im_end|>" in a
+    # prompt as that token (it knows such names)
+    special, unused = {enc.eot_token}, set(enc._special_tokens.values()) - {enc.eot_token}
+    tokens = [f"<|unused_{i}|>" if i in unused else token for i, token in enumerate(tokens)]
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("gpt-2")
     writer.add_token_list(tokens)
     writer.add_token_merges(merges)
-    writer.add_token_types([gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL
-                            for i in range(len(tokens))])
+    writer.add_token_types([gguf.TokenType.CONTROL if i in special else gguf.TokenType.UNUSED if i in unused
+                            else gguf.TokenType.NORMAL for i in range(len(tokens))])
     for add in (writer.add_bos_token_id, writer.add_eos_token_id, writer.add_eot_token_id,
                 writer.add_pad_token_id):
-        add(chat.EOT)
+        add(enc.eot_token)
     writer.add_add_bos_token(False)
     writer.add_add_eos_token(False)
     if chat_model:
@@ -101,7 +106,10 @@ def write_gguf(model, path, template=chat.TEMPLATE, tokenizer=chat.TOKENIZER, gg
     """Write model (our GPT) to path as a GGUF file (see the module docstring), atomically."""
     check_gguf_type(gguf_type)
     config, enc = model.config, chat.get_encoder(tokenizer)
-    tensors = gguf_tensors(model, gguf_type)
+    if not (isinstance(tokenizer, str) or tokenizer.get("split") == "gpt2"):
+        raise ConfigError(f"--format=gguf: the tokenizer {describe(tokenizer)} does not split text "
+                          "as GPT-2 does: llama.cpp's `gpt-2` pre-tokenizer cannot describe it")
+    tensors = gguf_tensors(model, gguf_type, enc.n_vocab)
     if tensors[0][1].shape[0] != enc.n_vocab:
         raise ValueError(f"the embedding has {tensors[0][1].shape[0]} rows for a {enc.n_vocab}-token tokenizer")
     writer = gguf.GGUFWriter(None, "gpt2")

@@ -323,15 +323,16 @@ def from_pretrained(name_or_dir, overrides=None):
 # Out: our GPT as transformers' GPT2LMHeadModel (export.py)
 
 
-def hf_config(config, labels=None):
+def hf_config(config, labels=None, n_vocab=chat.VOCAB_SIZE, eot=chat.EOT):
     """config.json for transformers' GPT2LMHeadModel from our GPTConfig; with labels (a classifier's
     class names in head order), for GPT2ForSequenceClassification: id2label / label2id, and a pad
     token of its own, PAD_ID (one embedding row more). transformers reads each row's last token that
     is not pad_token_id: that must be the <|endoftext|> our head reads, so the pad cannot be
-    <|endoftext|> as in the language-model export."""
+    <|endoftext|> as in the language-model export. n_vocab, eot: the tokenizer's (GPT-2's, or a
+    trained one's: tokenizer.py)."""
     hf = {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-        "vocab_size": chat.VOCAB_SIZE, "n_positions": config.block_size, "n_ctx": config.block_size,
+        "vocab_size": n_vocab, "n_positions": config.block_size, "n_ctx": config.block_size,
         "n_embd": config.n_embd, "n_layer": config.n_layer, "n_head": config.n_head,
         "n_inner": None,
         "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "initializer_range": 0.02,
@@ -339,7 +340,7 @@ def hf_config(config, labels=None):
         "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
         "reorder_and_upcast_attn": False,
         "tie_word_embeddings": True, "use_cache": True, "torch_dtype": "float32",
-        "bos_token_id": chat.EOT, "eos_token_id": chat.EOT,
+        "bos_token_id": eot, "eos_token_id": eot,
     }
     if labels is not None:
         hf.update({"architectures": [HF_CLASSIFIER], "vocab_size": PAD_ID + 1,
@@ -350,15 +351,15 @@ def hf_config(config, labels=None):
     return hf
 
 
-def hf_state_dict(model):
+def hf_state_dict(model, n_vocab=chat.VOCAB_SIZE):
     """Our weights under transformers' GPT-2 names: Conv1D weights transposed to (in, out), the
-    token embedding cut to GPT-2's 50257 rows, zero biases for a bias=False model; no lm_head.weight
+    token embedding cut to the tokenizer's n_vocab rows (GPT-2's 50257), zero biases for a bias=False model; no lm_head.weight
     (tied to wte). A classifier's `score` keeps its name (GPT2ForSequenceClassification's, bias-free
     too) and wte gets a zero row for PAD_ID: the padding's embedding is never read (it follows the
     last real token, and attention is causal)."""
-    if model.config.vocab_size < chat.VOCAB_SIZE:
+    if model.config.vocab_size < n_vocab:
         raise ValueError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than "
-                         f"GPT-2's {chat.VOCAB_SIZE}: it cannot be exported as a GPT-2 model")
+                         f"its tokenizer's {n_vocab}: it cannot be exported as a GPT-2 model")
     classifier = getattr(model, "labels", None) is not None
     state = {}
     # the tied head appears once, as transformer.wte.weight
@@ -367,7 +368,7 @@ def hf_state_dict(model):
         if name.endswith(HF_CONV1D):
             p = p.t()
         elif name == "transformer.wte.weight":
-            p = p[:chat.VOCAB_SIZE]
+            p = p[:n_vocab]
             if classifier:
                 p = torch.cat([p, p.new_zeros(PAD_ID + 1 - chat.VOCAB_SIZE, p.size(1))])
         state[name] = p.contiguous()

@@ -5,24 +5,10 @@ import functools
 
 from . import chat
 from .hf_gpt2 import PAD_ID
+from .tokenizer import bytes_to_unicode  # noqa: F401  (vocab.json's alphabet; also imported from here)
 
 EOT_TEXT = "<|endoftext|>"
 PAD_TEXT = "<|pad|>"  # a classifier export's pad token (PAD_ID)
-
-
-def bytes_to_unicode():
-    """GPT-2's reversible map from the 256 byte values to printable
-    unicode characters (vocab.json's alphabet)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    chars, n = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + n)
-            n += 1
-    return chars
 
 
 def _bpe_parts(token, ranks, max_rank):
@@ -72,18 +58,25 @@ def gpt2_vocab_and_merges(enc):
     return vocab, merges
 
 
-def tokenizer_files(enc, template, block_size, classify=False):
-    """{filename: JSON-able object or text} for a GPT-2 tokenizer that AutoTokenizer loads without a
-    download: a language model's, whose chat_template renders template, or with classify a
-    classifier's (classify_tokenizer)."""
+def added_token(text):
+    """A special token's entry in tokenizer.json's added_tokens (with its id) and
+    tokenizer_config.json's added_tokens_decoder."""
+    return {"content": text, "single_word": False, "lstrip": False, "rstrip": False,
+            "normalized": True, "special": True}
+
+
+def tokenizer_json(enc, added=None):
+    """The `tokenizers` serialisation (tokenizer.json) of a byte-level BPE tiktoken encoding with
+    GPT-2's split (GPT-2's own, or a trained one: tokenizer.py): its vocabulary, the merges
+    recovered from its ranks, its special tokens as added tokens (added: only those, by text)."""
     vocab, merges = gpt2_vocab_and_merges(enc)
-    eot = {"content": EOT_TEXT, "single_word": False, "lstrip": False, "rstrip": False,
-           "normalized": True, "special": True}
+    specials = {t: i for t, i in enc._special_tokens.items() if added is None or t in added}
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
                   "use_regex": True}
-    tokenizer_json = {  # the `tokenizers` serialisation of GPT-2's fast tokenizer
+    return {
         "version": "1.0", "truncation": None, "padding": None,
-        "added_tokens": [{"id": chat.EOT, **eot}],
+        "added_tokens": [{"id": i, **added_token(text)}
+                         for text, i in sorted(specials.items(), key=lambda t: t[1])],
         "normalizer": None, "pre_tokenizer": byte_level,
         "post_processor": {**byte_level, "trim_offsets": False}, "decoder": byte_level,
         "model": {"type": "BPE", "dropout": None, "unk_token": None,
@@ -91,18 +84,28 @@ def tokenizer_files(enc, template, block_size, classify=False):
                   "byte_fallback": False, "ignore_merges": False,
                   "vocab": vocab, "merges": merges},
     }
+
+
+def tokenizer_files(enc, template, block_size, classify=False):
+    """{filename: JSON-able object or text} for a GPT-2 tokenizer that AutoTokenizer loads without a
+    download: a language model's, whose chat_template renders template, or with classify a
+    classifier's (classify_tokenizer). enc: GPT-2's or a trained byte-level BPE, whose
+    <|endoftext|> (enc.eot_token) is the bos / eos / unk / pad token and the one added token: the
+    data never holds another special token (a trained tokenizer's others are in the vocabulary but,
+    as in our encoding, never made from text)."""
+    vocab, merges = gpt2_vocab_and_merges(enc)
     tokenizer_config = {
         "tokenizer_class": "GPT2Tokenizer", "add_prefix_space": False, "add_bos_token": False,
         "bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT, "pad_token": EOT_TEXT,
         "model_max_length": block_size, "clean_up_tokenization_spaces": False,
-        "added_tokens_decoder": {str(chat.EOT): eot},
+        "added_tokens_decoder": {str(enc.eot_token): added_token(EOT_TEXT)},
     }
     special = {"bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT,
                "pad_token": EOT_TEXT}
     files = {
         "vocab.json": vocab,
         "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n",
-        "tokenizer.json": tokenizer_json,
+        "tokenizer.json": tokenizer_json(enc, added={EOT_TEXT}),
         "tokenizer_config.json": tokenizer_config,
         "special_tokens_map.json": special,
     }
@@ -122,7 +125,7 @@ def classify_tokenizer(files):
     left); padding goes on the right with <|pad|> (PAD_ID), not <|endoftext|>:
     GPT2ForSequenceClassification reads each row's last token that is not the pad token."""
     tokenizer_json, config = files["tokenizer.json"], files["tokenizer_config.json"]
-    eot = config["added_tokens_decoder"][str(chat.EOT)]
+    eot = config["added_tokens_decoder"][str(chat.EOT)]  # classifiers are GPT-2's vocabulary
     pad = {**eot, "content": PAD_TEXT, "normalized": False}
 
     def seq(name, type_id):

@@ -15,6 +15,7 @@ with the same methods, the only ones train.py calls:
 
 Another objective (preference pairs, say) is one more such class and one more line in
 objective_for, where a config key may also pick among the objectives of one kind."""
+import math
 from contextlib import contextmanager
 from dataclasses import asdict
 
@@ -27,7 +28,7 @@ from .classifier import (attach_head, eval_sums, metrics, predict_batches, repor
 from .device import autocast
 from .engine import Engine, Request
 from .errors import ConfigError
-from .evaluation import choice_accuracy, choice_scores, read_choices
+from .evaluation import choice_accuracy, choice_scores, read_choices, text_bytes
 from .lora import lora_settings
 from .preference import adapters_off, pair_logps, preference_loss, sequence_logps
 from .sampling import SamplingParams
@@ -62,11 +63,11 @@ def eval_choices(cfg, run):
     return read_choices(cfg["eval_choices"])
 
 
-def greedy_reply(model, prompt, max_tokens, stop, run):
+def greedy_reply(model, prompt, max_tokens, stop, run, enc=None):
     """The model's greedy reply (text) to prompt (token ids), ending at stop: an eval's sample."""
     request = Request(prompt, SamplingParams(temperature=0.0, max_new_tokens=max_tokens,
                                              stop=(stop,)))
-    Engine(model, device=run["device"], dtype=run["dtype"]).complete([request])
+    Engine(model, enc, device=run["device"], dtype=run["dtype"]).complete([request])
     return request.replies[0].text.strip()
 
 
@@ -77,6 +78,7 @@ class LanguageModelling:
         self.data, self.meta, self.cfg, self.run = data, meta, cfg, run
         self.epoch_tokens = max(1, int(meta["tokens"]["train"]))
         self.choices, self.evals = eval_choices(cfg, run), 0
+        self.enc = chat.get_encoder(meta.get("tokenizer") or chat.TOKENIZER)  # the dataset's: GPT-2's or a trained one
 
     def prepare(self, model):
         return model
@@ -97,9 +99,19 @@ class LanguageModelling:
         return step_flops(model, batches, head_on_all=self.run["device"].startswith("cuda"))
 
     def evaluate(self, model):
-        """The token-weighted mean loss of each split."""
-        totals = eval_totals(model, self.data, self.cfg, self.run, loss_sums)
-        return {split: (t[0] / t[1].clamp(min=1)).item() for split, t in totals.items()}
+        """The token-weighted mean loss of each split, and in bits per byte (split_bpb: the loss's
+        bits over the UTF-8 bytes of the learned tokens' text, comparable across tokenizers)."""
+        sizes = torch.as_tensor(text_bytes(self.enc), device=self.run["device"])
+
+        def sums(model, batch):  # loss x learned tokens, learned tokens, their bytes
+            _, y, m = batch
+            return torch.cat([loss_sums(model, batch), (sizes[y.clamp(min=0)] * m).sum()[None]])
+
+        totals = eval_totals(model, self.data, self.cfg, self.run, sums)
+        losses = {split: (t[0] / t[1].clamp(min=1)).item() for split, t in totals.items()}
+        for split, t in totals.items():
+            losses[f"{split}_bpb"] = (t[0] / math.log(2) / t[2].clamp(min=1)).item()
+        return losses
 
     def report(self, model, losses):
         """The master's: the multiple-choice accuracy on --eval_choices (score_choices), and its
@@ -108,11 +120,14 @@ class LanguageModelling:
         if not self.run["master"]:
             return {}, ""
         fields, text = self.score_choices(model)
+        if "val_bpb" in losses:  # evaluate's; a scripted evaluation (tests) may leave it out
+            fields = {"train_bpb": losses["train_bpb"], "val_bpb": losses["val_bpb"], **fields}
+            text = f", val {losses['val_bpb']:.4f} bits/byte" + text
         if self.cfg["sample_max_tokens"] > 0:
             prompt = self.data["val"].first_prompt()
             reply = greedy_reply(model, prompt, self.cfg["sample_max_tokens"],
-                                 self.meta["default_stop"], self.run)
-            text += f"\n  sample: {chat.get_encoder().decode(prompt)!r} -> {reply!r}"
+                                 self.meta["default_stop"], self.run, self.enc)
+            text += f"\n  sample: {self.enc.decode(prompt)!r} -> {reply!r}"
         return fields, text
 
     def score_choices(self, model):
@@ -123,7 +138,7 @@ class LanguageModelling:
         training = model.training
         model.eval()  # no dropout
         try:
-            scores = choice_scores(model, chat.get_encoder(), self.choices, self.run["device"])
+            scores = choice_scores(model, self.enc, self.choices, self.run["device"])
         finally:
             model.train(training)
         fields = {f"choices_{k}": v for k, v in choice_accuracy(self.choices, scores).items()}

@@ -10,12 +10,14 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from . import chat
 from .checkpoint import SHAPE_KEYS, describe_base, init_checkpoint, model_from_checkpoint
 from .device import autocast
 from .errors import ConfigError, DivergedError
 from .hf_gpt2 import from_pretrained, pretrained_config, resolve_pretrained
 from .lora import apply_lora, freeze_layers, lora_settings
 from .memory import check_memory, count_trainable
+from .tokenizer import check_same, padded_vocab
 from model import GPT, GPTConfig
 
 DEFAULT_GRAD_CLIP = 1.0  # clip the gradient's global norm to this (0 = off): train.py's, bench.py's
@@ -59,15 +61,17 @@ class EarlyStopping:
 # The model to train
 
 
-def build_model(cfg, ckpt, sys_info, explicit=()):
+def build_model(cfg, ckpt, sys_info, explicit=(), tokenizer=chat.TOKENIZER):
     """The model to train, on the device: resumed from ckpt, or the base named by init_from; then
     LoRA adapters (lora_rank > 0, the base frozen) or the trainable_layers freeze. explicit: see
-    _base_model."""
+    _base_model. tokenizer: the dataset's (a scratch model's vocabulary; any other must match)."""
     if ckpt is not None:  # a LoRA run comes back with its adapters apart, trainable (merge=False)
+        check_same(tokenizer, ckpt.get("tokenizer"), f"the dataset {cfg['dataset']} is tokenized "
+                   "with {ours}, but the run being resumed was trained with {theirs}")
         model = model_from_checkpoint(ckpt, _build_device(sys_info), merge=False,
                                       dropout=cfg["dropout"])
     else:
-        model = _base_model(cfg, sys_info, explicit)
+        model = _base_model(cfg, sys_info, explicit, tokenizer)
     if cfg["block_size"] < model.config.block_size:
         model.crop_block_size(cfg["block_size"])
     elif cfg["block_size"] > model.config.block_size:
@@ -93,19 +97,24 @@ def _build_device(sys_info):
     return None if sys_info.get("fsdp") else "cpu"
 
 
-def _base_model(cfg, sys_info, explicit):
+def _base_model(cfg, sys_info, explicit, tokenizer):
     """explicit: the keys the command line / config files set; for a pretrained init_from, an
     explicit n_layer, n_head, n_embd or bias that differs from the checkpoint's is refused (the
-    defaults are for scratch models)."""
+    defaults are for scratch models). A scratch model's vocabulary is the tokenizer's, padded
+    (padded_vocab: GPT-2's 50257 -> 50304); pretrained weights must have read the same tokenizer."""
+    data = f"the dataset {cfg['dataset']} is tokenized with {{ours}}"
     if cfg["init_from"] == "scratch":
         config = GPTConfig(**{k: cfg[k] for k in ("block_size", "n_layer", "n_head", "n_embd",
-                                                   "dropout", "bias")})
+                                                   "dropout", "bias")},
+                           vocab_size=padded_vocab(chat.get_encoder(tokenizer or chat.TOKENIZER).n_vocab))
         check_memory(config, cfg, sys_info, count_trainable(config, cfg))
         return GPT(config)
     if cfg["init_from"] == "resume":
         raise ConfigError("init_from='resume' needs a checkpoint")
     init = init_checkpoint(cfg["init_from"], {k: cfg[k] for k in SHAPE_KEYS if k in explicit})
     if init is not None:  # one of our checkpoints (pretrained on text, a full fine-tune): a new run
+        check_same(tokenizer, init.get("tokenizer"),
+                   f"{data}, but --init_from={cfg['init_from']} was trained with {{theirs}}")
         config = GPTConfig.from_dict({**init["model_args"], "dropout": cfg["dropout"]})
         check_memory(config, cfg, sys_info, count_trainable(config, cfg))
         if sys_info.get("master", True):
@@ -114,6 +123,8 @@ def _base_model(cfg, sys_info, explicit):
         model = model_from_checkpoint(init, _build_device(sys_info), dropout=cfg["dropout"])
         cfg["init_from"] = os.path.abspath(init["path"])  # what a LoRA checkpoint rebuilds from
     else:  # 'gpt2' .. 'gpt2-xl', a Hub repo id or a local Hugging Face directory
+        check_same(tokenizer, chat.TOKENIZER,
+                   f"{data}, but --init_from={cfg['init_from']} (GPT-2 weights) reads {{theirs}}")
         files = resolve_pretrained(cfg["init_from"])
         shape = {k: cfg[k] for k in ("n_layer", "n_head", "n_embd", "bias") if k in explicit}
         overrides = {"dropout": cfg["dropout"], "block_size": cfg["block_size"], **shape}
