@@ -104,9 +104,10 @@ def _base_model(cfg, sys_info, explicit, tokenizer):
     (padded_vocab: GPT-2's 50257 -> 50304); pretrained weights must have read the same tokenizer."""
     data = f"the dataset {cfg['dataset']} is tokenized with {{ours}}"
     if cfg["init_from"] == "scratch":
+        n_vocab = chat.get_encoder(tokenizer or chat.TOKENIZER).n_vocab
         config = GPTConfig(**{k: cfg[k] for k in ("block_size", "n_layer", "n_head", "n_embd",
                                                    "dropout", "bias")},
-                           vocab_size=padded_vocab(chat.get_encoder(tokenizer or chat.TOKENIZER).n_vocab))
+                           vocab_size=padded_vocab(n_vocab))
         check_memory(config, cfg, sys_info, count_trainable(config, cfg))
         return GPT(config)
     if cfg["init_from"] == "resume":
