@@ -164,6 +164,13 @@ def tokenize_inputs(paths, writer, skip_invalid, stats, progress):
     return hashes
 
 
+def special_meta(template):
+    """meta.json's special_tokens ({marker: id}) of a template that has any, else nothing (a
+    dataset without them reads as before)."""
+    ids = chat.special_token_ids(template, chat.get_encoder()) if template else {}
+    return {"special_tokens": ids} if ids else {}
+
+
 def render(batch, kind, template):
     """(chat.Rendered, the digest of each conversation's tokens) of a batch of conversations or
     "text" documents (every token learned, <|endoftext|> closing each)."""
@@ -434,7 +441,7 @@ def _build(tmp, inputs, val_fraction, val_file, seed, skip_invalid, options):
     multiline = stats["multiline_replies"]
     meta = {"kind": stats["kind"], **({"documents": n_docs} if text else {}),
             "tokenizer": chat.TOKENIZER, "vocab_size": chat.VOCAB_SIZE, "template": template,
-            "multiline_replies": multiline,
+            **special_meta(template), "multiline_replies": multiline,
             "default_stop": None if text else chat.default_stop(multiline, template),  # text: none
             **summarize(writers, stats), "sources": hashes, "seed": seed,
             "val_fraction": None if val_file else val_fraction,

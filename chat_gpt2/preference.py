@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import chat
-from .build import BLOCK_SIZES, build_and_publish, choose_val
+from .build import BLOCK_SIZES, build_and_publish, choose_val, special_meta
 from .dataset import PREFERENCE_FILES, SPLITS, read_array, read_meta
 from .errors import ConfigError, InputError, RecordError
 from .lora import LoRALinear
@@ -204,7 +204,7 @@ def _build(tmp, inputs, val_fraction, val_file, seed, skip_invalid, template):
                     for reply in replies)
     meta = {"kind": "preference", "pairs": {s: len(rendered[s]) for s in SPLITS},
             "tokens": tokens, "tokenizer": chat.TOKENIZER, "vocab_size": chat.VOCAB_SIZE,
-            "template": template, "multiline_replies": multiline,
+            "template": template, **special_meta(template), "multiline_replies": multiline,
             "default_stop": chat.default_stop(multiline, template), "skipped": dict(skipped),
             **length_summary(rendered["train"] + rendered["val"]), "sources": hashes,
             "seed": seed, "val_fraction": None if val_file else val_fraction}
