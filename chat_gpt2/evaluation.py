@@ -13,7 +13,7 @@ import torch
 from . import chat
 from .dataset import load_dataset
 from .device import autocast
-from .engine import Request
+from .engine import Request, not_tokens
 from .errors import InputError
 from .records import read_conversations
 
@@ -201,7 +201,7 @@ def read_choices(path):
 
 def choice_scores(model, enc, items, device):
     """Per item, per ending: (sum of log P(token), tokens) of " " + ending after the query (fp32)."""
-    scores = []
+    scores, masked = [], not_tokens(enc, model.config.vocab_size, device)
     for query, endings, _ in items:
         ctx = enc.encode_ordinary(query)
         row = []
@@ -210,7 +210,7 @@ def choice_scores(model, enc, items, device):
             ids = torch.tensor([(ctx + cont)[-model.config.block_size - 1:]], device=device)
             with torch.no_grad():
                 logits = model.lm_head(model.hidden_states(ids[:, :-1]))[0].float()
-            logits[:, chat.VOCAB_SIZE:] = float("-inf")  # the padded vocabulary is no token
+            logits.masked_fill_(masked, float("-inf"))  # the padded vocabulary is no token
             n = min(len(cont), ids.size(1) - 1)  # an ending longer than the context: its last n
             logp = logits.log_softmax(-1)[-n:].gather(1, ids[0, -n:, None])
             row.append((logp.sum().item(), n))

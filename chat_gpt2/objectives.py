@@ -62,11 +62,11 @@ def eval_choices(cfg, run):
     return read_choices(cfg["eval_choices"])
 
 
-def greedy_reply(model, prompt, max_tokens, stop, run):
+def greedy_reply(model, prompt, max_tokens, stop, run, enc=None):
     """The model's greedy reply (text) to prompt (token ids), ending at stop: an eval's sample."""
     request = Request(prompt, SamplingParams(temperature=0.0, max_new_tokens=max_tokens,
                                              stop=(stop,)))
-    Engine(model, device=run["device"], dtype=run["dtype"]).complete([request])
+    Engine(model, enc, device=run["device"], dtype=run["dtype"]).complete([request])
     return request.replies[0].text.strip()
 
 
@@ -109,10 +109,10 @@ class LanguageModelling:
             return {}, ""
         fields, text = self.score_choices(model)
         if self.cfg["sample_max_tokens"] > 0:
-            prompt = self.data["val"].first_prompt()
+            prompt, enc = self.data["val"].first_prompt(), chat.run_encoder(self.meta)
             reply = greedy_reply(model, prompt, self.cfg["sample_max_tokens"],
-                                 self.meta["default_stop"], self.run)
-            text += f"\n  sample: {chat.get_encoder().decode(prompt)!r} -> {reply!r}"
+                                 self.meta["default_stop"], self.run, enc)
+            text += f"\n  sample: {enc.decode(prompt)!r} -> {reply!r}"
         return fields, text
 
     def score_choices(self, model):
@@ -123,7 +123,8 @@ class LanguageModelling:
         training = model.training
         model.eval()  # no dropout
         try:
-            scores = choice_scores(model, chat.get_encoder(), self.choices, self.run["device"])
+            enc = chat.run_encoder(self.meta)
+            scores = choice_scores(model, enc, self.choices, self.run["device"])
         finally:
             model.train(training)
         fields = {f"choices_{k}": v for k, v in choice_accuracy(self.choices, scores).items()}
@@ -312,10 +313,10 @@ class Preference:
         text = "".join(f", {s} reward accuracy {losses[f'{s}_rewards/accuracies']:.1%} margin "
                        f"{losses[f'{s}_rewards/margins']:.3f}" for s in ("train", "val"))
         if self.run["master"] and self.cfg["sample_max_tokens"] > 0:
-            prompt = self.data["val"].pair(0)[0].tolist()
+            prompt, enc = self.data["val"].pair(0)[0].tolist(), chat.run_encoder(self.meta)
             reply = greedy_reply(model, prompt, self.cfg["sample_max_tokens"],
-                                 self.meta["default_stop"], self.run)
-            text += f"\n  sample: {chat.get_encoder().decode(prompt)!r} -> {reply!r}"
+                                 self.meta["default_stop"], self.run, enc)
+            text += f"\n  sample: {enc.decode(prompt)!r} -> {reply!r}"
         return fields, text
 
     def test(self, path):
