@@ -94,14 +94,15 @@ def resolve_out(out, force):
     return out, replace
 
 
-def export(model, out, template=chat.TEMPLATE, tokenizer=chat.TOKENIZER, force=False):
-    """Write model (our GPT) as a Hugging Face GPT-2 directory at out, with the tokenizer and chat
-    template. It is built beside out and moved into place whole: a failure (a full disk) leaves what
-    was there untouched."""
+def export(model, out, template=chat.TEMPLATE, tokenizer=chat.TOKENIZER, force=False, special_tokens=None):
+    """Write model (our GPT) as a Hugging Face GPT-2 directory at out, with the tokenizer (and the special tokens
+    the checkpoint records, {marker: id}) and chat template. It is built beside out and moved into place whole: a
+    failure (a full disk) leaves what was there untouched."""
     out, replace = resolve_out(out, force)
+    enc = chat.with_special_tokens(chat.get_encoder(tokenizer), special_tokens)
     try:
         with temporary_dir(os.path.dirname(out), f".{os.path.basename(out)}.tmp") as tmp:
-            _write_export(model, tmp, template, tokenizer)
+            _write_export(model, tmp, template, enc)
             if not replace:  # new or empty directory: one rename
                 if os.path.isdir(out):
                     os.rmdir(out)
@@ -124,19 +125,31 @@ def export(model, out, template=chat.TEMPLATE, tokenizer=chat.TOKENIZER, force=F
         raise full from None
 
 
-def _write_export(model, folder, template, tokenizer):
+def generation_config(enc):
+    """generation_config.json: generate stops on every special token (chat.stop_ids: <|endoftext|>, <|im_end|>)
+    and never samples an id that is no token (the free one before added special tokens)."""
+    stops = chat.stop_ids(enc)
+    config = {"bos_token_id": chat.EOT, "eos_token_id": stops[0] if len(stops) == 1 else stops,
+              "pad_token_id": chat.EOT}
+    gaps = [int(i) for i in (~chat.is_token(enc, enc.n_vocab)).nonzero()[0]]
+    return {**config, "suppress_tokens": gaps} if gaps else config
+
+
+def _write_export(model, folder, template, enc):
     labels = getattr(model, "labels", None)  # a classifier (classifier.GPTClassifier)
-    save_file(hf_state_dict(model), os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    vocab_size = chat.VOCAB_SIZE if labels else enc.n_vocab
+    save_file(hf_state_dict(model, vocab_size), os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
     umask = os.umask(0o022)
     os.umask(umask)
     os.chmod(os.path.join(folder, "model.safetensors"), 0o666 & ~umask)  # safetensors writes it 0600
     files = {
-        "config.json": hf_config(model.config, labels),
-        **({} if labels else {"generation_config.json": {"bos_token_id": chat.EOT, "eos_token_id": chat.EOT,
-                                                         "pad_token_id": chat.EOT}}),
-        **tokenizer_files(chat.get_encoder(tokenizer), template, model.config.block_size, classify=bool(labels)),
+        "config.json": hf_config(model.config, labels, vocab_size, chat.stop_ids(enc)),
+        **({} if labels else {"generation_config.json": generation_config(enc)}),
+        **tokenizer_files(enc, template, model.config.block_size, classify=bool(labels)),
     }
-    files[MARKER] = {"format": "chat_gpt2 export", "files": [MARKER, "model.safetensors", *files]}
+    added = {m: i for m, i in enc._special_tokens.items() if m != chat.EOT_TEXT}
+    files[MARKER] = {"format": "chat_gpt2 export", "files": [MARKER, "model.safetensors", *files],
+                     **({"special_tokens": added} if added else {})}
     for name, content in files.items():
         with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
             if isinstance(content, str):
@@ -153,6 +166,9 @@ def export_adapter(ckpt, out, force=False):
         raise ConfigError("--adapter_only needs a LoRA checkpoint (trained with --lora_rank > 0); this one holds a "
                           "full model: export it without --adapter_only")
     base = ckpt["base"]["init_from"]
+    if ckpt.get("trained_rows"):
+        print(f"the adapters train the rows of new tokens {ckpt['trained_rows']}: resize the base first, "
+              f"base.resize_token_embeddings({max(ckpt['trained_rows']) + 1}), then PeftModel.from_pretrained")
     if base == "scratch":
         raise ConfigError("--adapter_only: this run's base was a random (init_from=scratch) model, which exists "
                           "nowhere outside this project: export the merged model instead (drop --adapter_only)")
@@ -178,8 +194,9 @@ def check_export(model, out, seed=0):
     idx = torch.randint(0, chat.VOCAB_SIZE, (2, T), generator=torch.Generator().manual_seed(seed))
     if getattr(model, "labels", None):
         return check_classifier_export(model, out, idx)
-    ours = model(idx, all_logits=True)[0][..., :chat.VOCAB_SIZE]
-    diffs = {"init_from=DIR": (from_pretrained(out).eval()(idx, all_logits=True)[0] - ours).abs().max().item()}
+    back = from_pretrained(out).eval()(idx, all_logits=True)[0]
+    ours = model(idx, all_logits=True)[0][..., :back.size(-1)]  # the rows the export holds
+    diffs = {"init_from=DIR": (back - ours).abs().max().item()}
     try:
         from transformers import GPT2LMHeadModel
     except ImportError:
@@ -244,7 +261,7 @@ def main(argv=None):
     model = model_from_checkpoint(ckpt).eval()
     ckpt.pop("model"), ckpt.pop("optimizer", None)  # free them: the export makes its own copies of the weights
     export(model, cfg["out"], ckpt.get("template", chat.TEMPLATE), ckpt.get("tokenizer", chat.TOKENIZER),
-           cfg["force"])
+           cfg["force"], ckpt.get("special_tokens"))
     labels = getattr(model, "labels", None)
     print(f"exported {path} -> {cfg['out']} ({model.get_num_params(non_embedding=False) / 1e6:.2f}M parameters, "
           f"block_size {model.config.block_size}"

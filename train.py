@@ -194,7 +194,8 @@ class Trainer:
                                          / self.tokens_per_iter)
         ckpt = load_checkpoint(resume_from, run["device"]) if resume_from else None
         torch.manual_seed(cfg["seed"] + run["rank"])
-        self.raw_model = shard_model(self.task.prepare(build_model(cfg, ckpt, run, explicit)), run)
+        model = build_model(cfg, ckpt, run, explicit, self.meta)
+        self.raw_model = shard_model(self.task.prepare(model), run)
         device_type = run["device"].split(":")[0]
         self.optimizer = self.raw_model.configure_optimizers(
             cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]), device_type)

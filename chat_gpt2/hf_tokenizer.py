@@ -75,15 +75,19 @@ def gpt2_vocab_and_merges(enc):
 def tokenizer_files(enc, template, block_size, classify=False):
     """{filename: JSON-able object or text} for a GPT-2 tokenizer that AutoTokenizer loads without a
     download: a language model's, whose chat_template renders template, or with classify a
-    classifier's (classify_tokenizer)."""
+    classifier's (classify_tokenizer). enc's special tokens (<|endoftext|>, a template's markers:
+    chat.template_encoder) are added tokens, each encoded as its one id wherever its text is, the
+    chat_template's markers included."""
     vocab, merges = gpt2_vocab_and_merges(enc)
     eot = {"content": EOT_TEXT, "single_word": False, "lstrip": False, "rstrip": False,
            "normalized": True, "special": True}
+    added = {i: {**eot, "content": name, "normalized": name == EOT_TEXT}
+             for name, i in sorted(enc._special_tokens.items(), key=lambda item: item[1])}
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
                   "use_regex": True}
     tokenizer_json = {  # the `tokenizers` serialisation of GPT-2's fast tokenizer
         "version": "1.0", "truncation": None, "padding": None,
-        "added_tokens": [{"id": chat.EOT, **eot}],
+        "added_tokens": [{"id": i, **token} for i, token in added.items()],
         "normalizer": None, "pre_tokenizer": byte_level,
         "post_processor": {**byte_level, "trim_offsets": False}, "decoder": byte_level,
         "model": {"type": "BPE", "dropout": None, "unk_token": None,
@@ -95,7 +99,7 @@ def tokenizer_files(enc, template, block_size, classify=False):
         "tokenizer_class": "GPT2Tokenizer", "add_prefix_space": False, "add_bos_token": False,
         "bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT, "pad_token": EOT_TEXT,
         "model_max_length": block_size, "clean_up_tokenization_spaces": False,
-        "added_tokens_decoder": {str(chat.EOT): eot},
+        "added_tokens_decoder": {str(i): token for i, token in added.items()},
     }
     special = {"bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT,
                "pad_token": EOT_TEXT}

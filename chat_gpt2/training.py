@@ -10,11 +10,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from . import chat
 from .checkpoint import SHAPE_KEYS, describe_base, init_checkpoint, model_from_checkpoint
 from .device import autocast
 from .errors import ConfigError, DivergedError
 from .hf_gpt2 import from_pretrained, pretrained_config, resolve_pretrained
-from .lora import apply_lora, freeze_layers, lora_settings
+from .lora import apply_lora, freeze_layers, lora_settings, train_rows
 from .memory import check_memory, count_trainable
 from model import GPT, GPTConfig
 
@@ -59,10 +60,11 @@ class EarlyStopping:
 # The model to train
 
 
-def build_model(cfg, ckpt, sys_info, explicit=()):
+def build_model(cfg, ckpt, sys_info, explicit=(), meta=None):
     """The model to train, on the device: resumed from ckpt, or the base named by init_from; then
-    LoRA adapters (lora_rank > 0, the base frozen) or the trainable_layers freeze. explicit: see
-    _base_model."""
+    the rows of the dataset's new special tokens (meta: its meta.json; add_special_tokens); then
+    LoRA adapters (lora_rank > 0, the base frozen) or the trainable_layers freeze, under which the
+    new rows alone of the embedding train. explicit: see _base_model."""
     if ckpt is not None:  # a LoRA run comes back with its adapters apart, trainable (merge=False)
         model = model_from_checkpoint(ckpt, merge=False, dropout=cfg["dropout"])
     else:
@@ -79,10 +81,36 @@ def build_model(cfg, ckpt, sys_info, explicit=()):
     if lora and ckpt is None:
         # the base as trained on (cropped): a LoRA checkpoint stores how to rebuild it, no weights
         model.lora_base = describe_base(model, cfg["init_from"], cfg["seed"])
+    rows = add_special_tokens(model, meta or {}, cfg["init_from"] == "scratch", ckpt is not None)
+    if ckpt is not None:
+        rows = ckpt.get("trained_rows", [])
+    if lora and ckpt is None:
         apply_lora(model, lora)
     freeze_layers(model, cfg["trainable_layers"])  # after the crop, which makes a new wpe Parameter
+    if rows and (lora or cfg["trainable_layers"] != -1) and not getattr(model, "trained_rows", 0):
+        train_rows(model, rows)
     model.grad_checkpointing = cfg["grad_checkpointing"]
     return model.to(sys_info["device"])
+
+
+def add_special_tokens(model, meta, scratch, resumed=False):
+    """Give model rows for the special tokens of the dataset (meta.json's, {marker: id}) it has none
+    for: a pretrained or fine-tuned base's new rows start from the mean of its real tokens' rows
+    (GPT.init_token_rows: the vocabulary grows when they do not fit); a scratch model keeps its
+    random ones. Sets model.special_tokens; returns the new ids. A marker whose id differs from
+    the model's, or new ones on resume, are a ConfigError."""
+    ids, have = meta.get("special_tokens") or {}, dict(getattr(model, "special_tokens", {}) or {})
+    clash = [f"{m} is {i} in the data, {have[m]} in the model" for m, i in ids.items()
+             if m in have and have[m] != i]
+    new = sorted(i for m, i in ids.items() if m not in have)
+    if clash or (new and resumed):
+        raise ConfigError(f"the dataset's special tokens do not match the model's: "
+                          f"{'; '.join(clash) or f'new ones {new} on resume'}")
+    if new and (not scratch or max(new) >= model.config.vocab_size):
+        vocab = chat.get_encoder(meta.get("tokenizer") or chat.TOKENIZER).n_vocab
+        model.init_token_rows(new, vocab)
+    model.special_tokens = {**have, **ids}
+    return new
 
 
 def _base_model(cfg, sys_info, explicit):
