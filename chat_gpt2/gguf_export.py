@@ -17,6 +17,8 @@ The GGUF is llama.cpp's `gpt2` architecture, written with PyPI's `gguf` package 
 GGUF has no place for stop strings: llama.cpp stops on end-of-generation tokens, and with GPT-2's vocabulary our
 templates end a turn with text ("\\n", "\\nHuman:"). Pass them as `stop` to llama.cpp; the Modelfile carries them for
 Ollama (`PARAMETER stop`), with a TEMPLATE (Go text/template) that renders what the chat template renders.
+A template's special tokens (chat.template_encoder: chatml_special's <|im_start|>, <|im_end|>) are control tokens,
+the one a turn_end starts with the end-of-turn token llama.cpp stops on.
 """
 import os
 
@@ -52,11 +54,11 @@ def check_gguf_type(gguf_type):
         raise ConfigError(f"--gguf_type={gguf_type}: unknown type (one of {', '.join(GGUF_TYPES)})")
 
 
-def gguf_tensors(model, gguf_type):
+def gguf_tensors(model, gguf_type, vocab_size=chat.VOCAB_SIZE):
     """[(llama.cpp name, numpy array as stored, GGMLQuantizationType)] of our GPT, in the file's order."""
     wanted = gguf.GGMLQuantizationType[gguf_type.upper()]
     tensors = []
-    for name, p in hf_state_dict(model).items():
+    for name, p in hf_state_dict(model, vocab_size).items():
         if name.endswith(HF_CONV1D):
             p = p.t()  # back to (out, in): ggml's (ne0 = in, ne1 = out), what llama.cpp reads
         data = p.float().contiguous().numpy()
@@ -75,8 +77,12 @@ def gguf_tensors(model, gguf_type):
 
 def add_tokenizer(writer, enc, template, chat_model):
     """GPT-2's byte-level BPE as llama.cpp reads it: tokens (vocab.json's strings) by id, merges, types (the
-    tokenizer's special tokens as control tokens), <|endoftext|> as EOS / EOT, no BOS or EOS added to a prompt."""
+    tokenizer's special tokens as control tokens), <|endoftext|> as EOS, the template's end of turn (<|im_end|>) or
+    <|endoftext|> as EOT, no BOS or EOS added to a prompt."""
     vocab, merges = gpt2_vocab_and_merges(enc)
+    # an id that is no token (the free one before a template's special tokens) gets an unused placeholder
+    unused = set((~chat.is_token(enc, enc.n_vocab)).nonzero()[0].tolist())
+    vocab = {**{f"<|unused_{i}|>": i for i in unused}, **vocab}
     tokens = sorted(vocab, key=vocab.get)
     if [vocab[t] for t in tokens] != list(range(enc.n_vocab)):
         raise ValueError(f"the {enc.name!r} tokenizer's ids are not 0..{enc.n_vocab - 1}: it cannot go into a GGUF")
@@ -85,11 +91,13 @@ def add_tokenizer(writer, enc, template, chat_model):
     writer.add_tokenizer_pre("gpt-2")
     writer.add_token_list(tokens)
     writer.add_token_merges(merges)
-    writer.add_token_types([gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL
-                            for i in range(len(tokens))])
-    for add in (writer.add_bos_token_id, writer.add_eos_token_id, writer.add_eot_token_id,
-                writer.add_pad_token_id):
+    writer.add_token_types([gguf.TokenType.CONTROL if i in special else
+                            gguf.TokenType.UNUSED if i in unused else gguf.TokenType.NORMAL for i in range(len(tokens))])
+    for add in (writer.add_bos_token_id, writer.add_eos_token_id, writer.add_pad_token_id):
         add(chat.EOT)
+    # the end of a turn: a special token the template's turn_end starts with (ChatML's <|im_end|>), else <|endoftext|>
+    turn_end = (template or {}).get("turn_end", "")
+    writer.add_eot_token_id(next((i for m, i in enc._special_tokens.items() if turn_end.startswith(m)), chat.EOT))
     writer.add_add_bos_token(False)
     writer.add_add_eos_token(False)
     if chat_model:
@@ -100,8 +108,8 @@ def write_gguf(model, path, template=chat.TEMPLATE, tokenizer=chat.TOKENIZER, gg
                chat_model=True):
     """Write model (our GPT) to path as a GGUF file (see the module docstring), atomically."""
     check_gguf_type(gguf_type)
-    config, enc = model.config, chat.get_encoder(tokenizer)
-    tensors = gguf_tensors(model, gguf_type)
+    config, enc = model.config, chat.template_encoder(template, chat.get_encoder(tokenizer))  # + its special tokens
+    tensors = gguf_tensors(model, gguf_type, enc.n_vocab)
     if tensors[0][1].shape[0] != enc.n_vocab:
         raise ValueError(f"the embedding has {tensors[0][1].shape[0]} rows for a {enc.n_vocab}-token tokenizer")
     writer = gguf.GGUFWriter(None, "gpt2")

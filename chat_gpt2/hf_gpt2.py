@@ -209,9 +209,9 @@ def pretrained_config(files, overrides=None):
         raise PretrainedError(f"{src}: config.json sets {', '.join(bad)}, "
                               f"which this GPT-2 implementation does not support")
     if vocab_size < chat.VOCAB_SIZE:  # more: rows of added special tokens (export_special_tokens)
-        raise PretrainedError(f"{src}: vocab_size {vocab_size}, less than GPT-2's "
-                              f"{chat.VOCAB_SIZE}: the model must use the GPT-2 tokenizer this "
-                              f"project encodes data with")
+        raise PretrainedError(f"{src}: vocab_size {vocab_size}, not GPT-2's {chat.VOCAB_SIZE} (or "
+                              f"more, with added special tokens): the model must use the GPT-2 "
+                              f"tokenizer this project encodes data with")
     config = GPTConfig(block_size=n_positions, vocab_size=vocab_size, n_layer=n_layer,
                        n_head=n_head, n_embd=n_embd, dropout=0.0, bias=True)
     _apply_overrides(config, overrides or {}, src, n_positions)
