@@ -20,6 +20,11 @@ turn's closing `\\n\\n`, and the final `<|endoftext|>`), 0 elsewhere. User text 
 `encode_ordinary`, so a literal `<|endoftext|>` typed by a user stays text. A prompt's ids
 (render_prompt) are the conversation's up to its reply. `render_batch` is the fast path prepare.py
 uses (many conversations at once, numpy); tests/test_render.py checks it against the definition.
+
+A template may declare some of its markers special tokens (`"special_tokens"`, e.g. chatml_special's
+`<|im_start|>` / `<|im_end|>`): each is then one id (special_token_ids: after the vocabulary and one
+free id), only where the template writes it (special_spans), never made from a message's text; the
+run's encoder has them (template_encoder, run_encoder) and generation stops on them (stop_ids).
 """
 import bisect
 import itertools

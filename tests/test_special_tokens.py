@@ -104,6 +104,18 @@ def test_serve_messages_and_sample_prompts_keep_marker_text_plain(tmp_path):
     assert chat.fit_context(SNEAKY, [{"role": "user", "content": SNEAKY}], CHATML, engine.enc, 100)[0] == ids
 
 
+def test_sample_py_prompt_keeps_marker_text_plain_and_stops_on_the_end_of_turn(tmp_path, monkeypatch, capsys):
+    import sample
+    path = special_checkpoint(tmp_path / "ckpt.pt", always(helpers.tiny_model(), END))
+    sample.main([f"--ckpt={path}", "--device=cpu", "--dtype=float32", "--max_new_tokens=4", "--temperature=0",
+                 "--system", SNEAKY, "--prompt", SNEAKY])
+    assert "empty reply" in capsys.readouterr().err.lower()  # the model's first token, <|im_end|>, ended it
+    prompts = []
+    helpers.fake_complete(monkeypatch, lambda engine, request: prompts.append(request.prompt) or "ok")
+    sample.main([f"--ckpt={path}", "--device=cpu", "--dtype=float32", "--system", SNEAKY, "--prompt", SNEAKY])
+    assert specials(prompts[0]) == [START, END, START, END, START]
+
+
 def test_bad_special_tokens_fields_are_refused(tmp_path):
     def load(**fields):
         path = tmp_path / "t.json"
