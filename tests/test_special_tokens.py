@@ -252,16 +252,17 @@ def lora_run(tmp_path_factory):
         build_dataset([str(write_records(root / "chat.jsonl", records))], out_dir=str(root / "data"),
                       val_fraction=0.2, seed=1, template="chatml_special")
         base = save_hf(tiny_hf_model(), root / "base")
-        train_inprocess(tiny_train_args(str(root / "data"), str(root / "out"), init_from=base, max_iters=4,
+        stdout = train_inprocess(tiny_train_args(str(root / "data"), str(root / "out"), init_from=base, max_iters=4,
                                         eval_interval=2, learning_rate=1e-2, lora_rank=4, lora_alpha=8,
                                         lora_targets="attn.c_attn,mlp.c_proj"))
     finally:
         mp.undo()
-    return root, base
+    return root, base, stdout
 
 
 def test_lora_checkpoint_holds_adapters_and_the_new_rows(lora_run):
-    root, _ = lora_run
+    root, _, stdout = lora_run
+    assert "trainable 2,368 of " in stdout  # test_lora's 2,304 adapter weights + 2 rows of 32
     best = load_ckpt(str(root / "out" / [n for n in checkpoints(root / "out") if not n.endswith("_last.pt")][0]))
     assert best["special_tokens"] == META["special_tokens"] and best["trained_rows"] == [START, END]
     assert best["model"][ROWS_KEY].shape == (2, 32) and best["model_args"]["vocab_size"] == 50304
@@ -273,7 +274,7 @@ def test_lora_checkpoint_holds_adapters_and_the_new_rows(lora_run):
 def test_peft_adapter_and_merged_export_match_ours(lora_run, tmp_path):
     peft = pytest.importorskip("peft")
     from transformers import GPT2LMHeadModel
-    root, base = lora_run
+    root, base, _ = lora_run
     out = str(root / "out")
     model, _ = load_model(out_dir=out)
     export.main([f"--out_dir={out}", f"--out={tmp_path / 'adapter'}", "--adapter_only"])
