@@ -242,6 +242,10 @@ def test_only_the_new_rows_train_and_the_old_ones_stay_bit_identical(freeze):
 # A LoRA run on a tiny Hugging Face base: checkpoint, merged export, PEFT adapter, tokenizer, generate
 
 
+RUN = dict(max_iters=4, eval_interval=2, learning_rate=1e-2, lora_rank=4, lora_alpha=8,
+           lora_targets="attn.c_attn,mlp.c_proj")
+
+
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("special")
@@ -252,9 +256,7 @@ def lora_run(tmp_path_factory):
         build_dataset([str(write_records(root / "chat.jsonl", records))], out_dir=str(root / "data"),
                       val_fraction=0.2, seed=1, template="chatml_special")
         base = save_hf(tiny_hf_model(), root / "base")
-        stdout = train_inprocess(tiny_train_args(str(root / "data"), str(root / "out"), init_from=base, max_iters=4,
-                                        eval_interval=2, learning_rate=1e-2, lora_rank=4, lora_alpha=8,
-                                        lora_targets="attn.c_attn,mlp.c_proj"))
+        stdout = train_inprocess(tiny_train_args(str(root / "data"), str(root / "out"), init_from=base, **RUN))
     finally:
         mp.undo()
     return root, base, stdout
@@ -269,6 +271,18 @@ def test_lora_checkpoint_holds_adapters_and_the_new_rows(lora_run):
     assert all(k == ROWS_KEY or k.endswith(("lora_A", "lora_B")) for k in best["model"])
     model, _ = load_model(out_dir=str(root / "out"))  # rebuilt: base grown, rows and adapters in, merged
     assert torch.equal(model.transformer.wte.weight[[START, END]], best["model"][ROWS_KEY])
+
+
+def test_lora_run_with_new_rows_resumes_exactly(lora_run, tmp_path):
+    root, base, _ = lora_run
+    out = str(tmp_path / "b")
+    train_inprocess(tiny_train_args(str(root / "data"), out, init_from=base, **{**RUN, "max_iters": 2}))
+    train_inprocess(["--init_from=resume", f"--out_dir={out}", "--max_iters=4"])
+    last = [load_ckpt(os.path.join(d, [n for n in checkpoints(d) if n.endswith("_last.pt")][0]))
+            for d in (str(root / "out"), out)]
+    assert last[0]["iter_num"] == last[1]["iter_num"] == 4 and ROWS_KEY in last[1]["model"]
+    for k in last[0]["model"]:
+        torch.testing.assert_close(last[0]["model"][k], last[1]["model"][k], atol=1e-6, rtol=0)
 
 
 def test_peft_adapter_and_merged_export_match_ours(lora_run, tmp_path):
