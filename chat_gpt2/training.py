@@ -88,6 +88,9 @@ def build_model(cfg, ckpt, sys_info, explicit=(), meta=None):
         apply_lora(model, lora)
     freeze_layers(model, cfg["trainable_layers"])  # after the crop, which makes a new wpe Parameter
     if rows and (lora or cfg["trainable_layers"] != -1) and not getattr(model, "trained_rows", 0):
+        if sys_info.get("fsdp"):  # a sharded wte: the hook's row mask would not fit its shards
+            raise ConfigError("--parallel=fsdp cannot train the rows of new special tokens alone "
+                              "(--trainable_layers): use --parallel=ddp")
         train_rows(model, rows)
     model.grad_checkpointing = cfg["grad_checkpointing"]
     return model.to(sys_info["device"])
