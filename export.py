@@ -29,6 +29,9 @@ keeping its end); docs/classification.md#export.
 A LoRA checkpoint exports its merged model the same way. With --adapter_only it writes only the
 adapters, as a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) that loads
 onto the base with `peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(BASE), DIR)`.
+The rows of a template's new special tokens (chatml_special) go in as PEFT's trainable_token_indices: resize the
+base to hold them first (docs/huggingface.md#special-tokens). In a full export they are added tokens of the
+tokenizer, and generation_config stops on them.
 
 --format=gguf writes a chat or text model (LoRA merged) as DIR/<DIR's name>.gguf for llama.cpp /
 Ollama / LM Studio (--gguf_type=f16|bf16|q8_0|f32) and DIR/Modelfile for Ollama: docs/gguf.md.
@@ -166,12 +169,12 @@ def export_adapter(ckpt, out, force=False):
         raise ConfigError("--adapter_only needs a LoRA checkpoint (trained with --lora_rank > 0); this one holds a "
                           "full model: export it without --adapter_only")
     base = ckpt["base"]["init_from"]
-    if ckpt.get("trained_rows"):
-        print(f"the adapters train the rows of new tokens {ckpt['trained_rows']}: resize the base first, "
-              f"base.resize_token_embeddings({max(ckpt['trained_rows']) + 1}), then PeftModel.from_pretrained")
     if base == "scratch":
         raise ConfigError("--adapter_only: this run's base was a random (init_from=scratch) model, which exists "
                           "nowhere outside this project: export the merged model instead (drop --adapter_only)")
+    if ckpt.get("trained_rows"):
+        print(f"the adapters train the rows of new tokens {ckpt['trained_rows']}: resize the base first, "
+              f"base.resize_token_embeddings({max(ckpt['trained_rows']) + 1}), then PeftModel.from_pretrained")
     model = model_from_checkpoint(ckpt, merge=False)
     config, tensors = peft_adapter(model, base)
     out = os.path.abspath(out)

@@ -132,6 +132,9 @@ def merge_lora(model):
             for name, child in list(parent.named_children()):
                 if isinstance(child, LoRALinear):
                     setattr(parent, name, child.merged())
+    if getattr(model, "rows_hook", None) is not None:  # a plain GPT: every row trains again
+        model.rows_hook.remove()
+        model.rows_hook = model.trained_rows = None
     model.lora = None
     return model
 
@@ -164,7 +167,7 @@ def train_rows(model, rows):
     keep = torch.zeros(weight.size(0), 1, dtype=torch.bool)
     keep[list(rows)] = True
     weight.requires_grad_(True)
-    weight.register_hook(lambda grad: torch.where(keep.to(grad.device), grad, 0))
+    model.rows_hook = weight.register_hook(lambda grad: torch.where(keep.to(grad.device), grad, 0))
     model.trained_rows = sorted(rows)
     return model
 

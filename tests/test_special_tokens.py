@@ -332,3 +332,15 @@ def test_hf_tokenizer_encodes_markers_as_our_ids_and_generate_stops_on_them(tmp_
     out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                       max_new_tokens=8, do_sample=False)
     assert out[0, len(prompt):].tolist() == [END]  # stopped on the end of the turn
+
+
+def test_a_merged_lora_model_trains_every_row_again():
+    """A LoRA checkpoint's merged model (e.g. the init_from of a full fine-tune) keeps no row restriction."""
+    from chat_gpt2.lora import merge_lora
+    model = hf_like()
+    add_special_tokens(model, META, scratch=False)
+    train_rows(apply_lora(model, {"rank": 2, "alpha": 4.0, "dropout": 0.0, "targets": ["attn.c_attn"]}), [START])
+    merge_lora(model)
+    before = model.lm_head.weight.detach().clone()
+    train_steps(model, 1)
+    assert not torch.equal(model.lm_head.weight[:50257], before[:50257]) and model.trained_rows is None
