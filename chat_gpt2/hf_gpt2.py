@@ -30,7 +30,7 @@ PRETRAINED_SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "vocab_size", "bias")
 PRETRAINED_TUNABLE_KEYS = ("dropout", "block_size", "flash")
 HF_CLASSIFIER = "GPT2ForSequenceClassification"  # what export.py writes for a classifier
 PAD_ID = chat.VOCAB_SIZE  # a classifier export's <|pad|>: the first id past GPT-2's vocabulary
-EXPORT_NOTE = "chat_gpt2_export.json"  # written into every export (export.py), with its special tokens
+EXPORT_NOTE = "chat_gpt2_export.json"  # in every export (export.py), with its special tokens
 INIT_FROM_HELP = (f"init_from takes 'scratch', 'resume', a GPT-2 name ({', '.join(OPENAI_GPT2)}), "
                   f"a Hugging Face repo id, or a local Hugging Face GPT-2 checkpoint directory")
 
@@ -338,9 +338,10 @@ def export_special_tokens(files):
 
 
 def hf_config(config, labels=None, vocab_size=chat.VOCAB_SIZE, eos=(chat.EOT,)):
-    """config.json for transformers' GPT2LMHeadModel from our GPTConfig, with vocab_size rows (GPT-2's,
-    or more for added special tokens) and eos (the ids generation stops on); with labels (a classifier's
-    class names in head order), for GPT2ForSequenceClassification: id2label / label2id, and a pad
+    """config.json for transformers' GPT2LMHeadModel from our GPTConfig, with vocab_size rows
+    (GPT-2's, more for added special tokens) and eos (the ids generation stops on); with labels (a
+    classifier's class names in head order), for GPT2ForSequenceClassification: id2label / label2id,
+    and a pad
     token of its own, PAD_ID (one embedding row more). transformers reads each row's last token that
     is not pad_token_id: that must be the <|endoftext|> our head reads, so the pad cannot be
     <|endoftext|> as in the language-model export."""

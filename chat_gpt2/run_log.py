@@ -152,7 +152,7 @@ def plot_accuracy(out_dir):
 def start_lines(model, cfg, run, tokens_per_iter, stamp, peak_flops, peak_source):
     """What a run prints at its start: the model, what is trained, where, and the MFU's peak."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if getattr(model, "trained_rows", None):  # the embedding trains these rows only (lora.train_rows)
+    if getattr(model, "trained_rows", None):  # the embedding trains these rows (lora.train_rows)
         weight = model.transformer.wte.weight
         trainable -= weight.numel() - len(model.trained_rows) * weight.size(1)
     total = model.get_num_params(non_embedding=False)
