@@ -341,10 +341,9 @@ def hf_config(config, labels=None, vocab_size=chat.VOCAB_SIZE, eos=(chat.EOT,)):
     """config.json for transformers' GPT2LMHeadModel from our GPTConfig, with vocab_size rows
     (GPT-2's, more for added special tokens) and eos (the ids generation stops on); with labels (a
     classifier's class names in head order), for GPT2ForSequenceClassification: id2label / label2id,
-    and a pad
-    token of its own, PAD_ID (one embedding row more). transformers reads each row's last token that
-    is not pad_token_id: that must be the <|endoftext|> our head reads, so the pad cannot be
-    <|endoftext|> as in the language-model export."""
+    and a pad token of its own, PAD_ID (one embedding row more). transformers reads each row's last
+    token that is not pad_token_id: that must be the <|endoftext|> our head reads, so the pad cannot
+    be <|endoftext|> as in the language-model export."""
     hf = {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
         "vocab_size": vocab_size, "n_positions": config.block_size, "n_ctx": config.block_size,
