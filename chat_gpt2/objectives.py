@@ -31,7 +31,7 @@ from .evaluation import choice_accuracy, choice_scores, read_choices
 from .lora import lora_settings
 from .preference import adapters_off, pair_logps, preference_loss, sequence_logps
 from .sampling import SamplingParams
-from .training import eval_totals, learned, loss_sums, masked_loss, step_flops
+from .training import add_special_tokens, eval_totals, learned, loss_sums, masked_loss, step_flops
 
 
 def objective_for(meta, data, cfg, run):
@@ -215,6 +215,12 @@ class Preference:
 
     def prepare(self, model):
         self.policy = model
+        rows_train = getattr(model, "trained_rows", None)
+        if self.loss_kind == "dpo" and rows_train and not self.cfg["precompute_ref"]:
+            # the reference is the policy without adapters, whose new rows train all the same
+            raise ConfigError("DPO under LoRA / --trainable_layers with new special tokens needs "
+                              "--precompute_ref=true (the reference's log-probabilities from the "
+                              "start)")
         if self.loss_kind == "dpo" and not getattr(model, "lora", None):
             self.reference = self.starting_model(model).to(self.run["device"]).eval()
             self.reference.requires_grad_(False)
@@ -228,8 +234,10 @@ class Preference:
         cfg = self.cfg
         if cfg["init_from"] == "resume":
             cfg = load_checkpoint(find_checkpoint(cfg["out_dir"], last=True))["config"]
-        return build_base({"init_from": cfg["init_from"], "seed": cfg["seed"],
+        base = build_base({"init_from": cfg["init_from"], "seed": cfg["seed"],
                            "model_args": asdict(model.config)})
+        add_special_tokens(base, self.meta, cfg["init_from"] == "scratch")  # as the policy started
+        return base
 
     @contextmanager
     def as_reference(self):

@@ -344,3 +344,24 @@ def test_a_merged_lora_model_trains_every_row_again():
     before = model.lm_head.weight.detach().clone()
     train_steps(model, 1)
     assert not torch.equal(model.lm_head.weight[:50257], before[:50257]) and model.trained_rows is None
+
+
+def test_dpo_on_special_token_pairs_starts_from_a_reference_with_the_same_new_rows(tmp_path):
+    """DPO's reference is the starting model, new rows included: the first loss is log 2. Under LoRA, whose reference
+    is the policy without adapters (the rows train all the same), it needs --precompute_ref."""
+    import math
+    from chat_gpt2.preference import build_preference_dataset
+    records = [{"prompt": f"What is {i} plus {i + 1}?", "chosen": f"It is {2 * i + 1}.", "rejected": "No."}
+               for i in range(12)]
+    pairs = str(tmp_path / "pairs")
+    meta = build_preference_dataset([write_records(tmp_path / "p.jsonl", records)], pairs, val_fraction=0.25,
+                                    template="chatml_special")
+    assert meta["special_tokens"] == META["special_tokens"]
+    base = save_hf(tiny_hf_model(), tmp_path / "base")
+    dpo = dict(init_from=base, preference_loss="dpo", beta=0.5, block_size=48, batch_size=2, max_iters=1,
+               eval_interval=1, learning_rate=1e-3)
+    train_inprocess(tiny_train_args(pairs, str(tmp_path / "full"), **dpo))
+    first = helpers.read_metrics(str(tmp_path / "full"))[0]
+    assert first["val_loss"] == pytest.approx(math.log(2), abs=1e-4)
+    with pytest.raises(ConfigError, match="needs --precompute_ref=true"):
+        train_inprocess(tiny_train_args(pairs, str(tmp_path / "lora"), lora_rank=2, **dpo))
