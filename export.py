@@ -31,6 +31,9 @@ keeping its end); docs/classification.md#export.
 A LoRA checkpoint exports its merged model the same way. With --adapter_only it writes only the
 adapters, as a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) that loads
 onto the base with `peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(BASE), DIR)`.
+The rows of a template's new special tokens (chatml_special) go in as PEFT's trainable_token_indices: resize the
+base to hold them first (docs/huggingface.md#special-tokens). In a full export they are added tokens of the
+tokenizer, and generation_config stops on them.
 
 --format=gguf writes a chat or text model (LoRA merged) as DIR/<DIR's name>.gguf for llama.cpp /
 Ollama / LM Studio (--gguf_type=f16|bf16|q8_0|f32) and DIR/Modelfile for Ollama: docs/gguf.md.
@@ -96,14 +99,15 @@ def resolve_out(out, force):
     return out, replace
 
 
-def export(model, out, template=chat.TEMPLATE, tokenizer=chat.TOKENIZER, force=False):
-    """Write model (our GPT) as a Hugging Face GPT-2 directory at out, with the tokenizer and chat
-    template. It is built beside out and moved into place whole: a failure (a full disk) leaves what
-    was there untouched."""
+def export(model, out, template=chat.TEMPLATE, tokenizer=chat.TOKENIZER, force=False, special_tokens=None):
+    """Write model (our GPT) as a Hugging Face GPT-2 directory at out, with the tokenizer (and the special tokens
+    the checkpoint records, {marker: id}) and chat template. It is built beside out and moved into place whole: a
+    failure (a full disk) leaves what was there untouched."""
     out, replace = resolve_out(out, force)
+    enc = chat.with_special_tokens(chat.get_encoder(tokenizer), special_tokens)
     try:
         with temporary_dir(os.path.dirname(out), f".{os.path.basename(out)}.tmp") as tmp:
-            _write_export(model, tmp, template, tokenizer)
+            _write_export(model, tmp, template, enc)
             if not replace:  # new or empty directory: one rename
                 if os.path.isdir(out):
                     os.rmdir(out)
@@ -126,20 +130,31 @@ def export(model, out, template=chat.TEMPLATE, tokenizer=chat.TOKENIZER, force=F
         raise full from None
 
 
-def _write_export(model, folder, template, tokenizer):
+def generation_config(enc):
+    """generation_config.json: generate stops on chat.stop_ids (<|endoftext|>, a template's <|im_start|>, <|im_end|>)
+    and never samples an id that is no token (the free one before added special tokens)."""
+    stops = chat.stop_ids(enc)
+    config = {"bos_token_id": enc.eot_token, "eos_token_id": stops[0] if len(stops) == 1 else stops,
+              "pad_token_id": enc.eot_token}
+    gaps = [int(i) for i in (~chat.is_token(enc, enc.n_vocab)).nonzero()[0]]
+    return {**config, "suppress_tokens": gaps} if gaps else config
+
+
+def _write_export(model, folder, template, enc):
     labels = getattr(model, "labels", None)  # a classifier (classifier.GPTClassifier)
-    enc = chat.get_encoder(tokenizer)  # GPT-2's, or the checkpoint's trained tokenizer
-    save_file(hf_state_dict(model, enc.n_vocab), os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    vocab_size = chat.VOCAB_SIZE if labels else enc.n_vocab
+    save_file(hf_state_dict(model, vocab_size), os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
     umask = os.umask(0o022)
     os.umask(umask)
     os.chmod(os.path.join(folder, "model.safetensors"), 0o666 & ~umask)  # safetensors writes it 0600
     files = {
-        "config.json": hf_config(model.config, labels, enc.n_vocab, enc.eot_token),
-        **({} if labels else {"generation_config.json": {"bos_token_id": enc.eot_token, "eos_token_id": enc.eot_token,
-                                                         "pad_token_id": enc.eot_token}}),
+        "config.json": hf_config(model.config, labels, vocab_size, enc.eot_token, chat.stop_ids(enc)),
+        **({} if labels else {"generation_config.json": generation_config(enc)}),
         **tokenizer_files(enc, template, model.config.block_size, classify=bool(labels)),
     }
-    files[MARKER] = {"format": "chat_gpt2 export", "files": [MARKER, "model.safetensors", *files]}
+    added = chat.declared_tokens(enc)  # the template's special tokens (a trained tokenizer's others: its own)
+    files[MARKER] = {"format": "chat_gpt2 export", "files": [MARKER, "model.safetensors", *files],
+                     **({"special_tokens": added} if added else {})}
     for name, content in files.items():
         with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
             if isinstance(content, str):
@@ -159,6 +174,9 @@ def export_adapter(ckpt, out, force=False):
     if base == "scratch":
         raise ConfigError("--adapter_only: this run's base was a random (init_from=scratch) model, which exists "
                           "nowhere outside this project: export the merged model instead (drop --adapter_only)")
+    if ckpt.get("trained_rows"):
+        print(f"the adapters train the rows of new tokens {ckpt['trained_rows']}: resize the base first, "
+              f"base.resize_token_embeddings({max(ckpt['trained_rows']) + 1}), then PeftModel.from_pretrained")
     model = model_from_checkpoint(ckpt, merge=False)
     config, tensors = peft_adapter(model, base)
     out = os.path.abspath(out)
@@ -181,16 +199,18 @@ def check_export(model, out, seed=0, tokenizer=chat.TOKENIZER):
     idx = torch.randint(0, n_vocab, (2, T), generator=torch.Generator().manual_seed(seed))
     if getattr(model, "labels", None):
         return check_classifier_export(model, out, idx)
-    ours = model(idx, all_logits=True)[0][..., :n_vocab]
+    ours = model(idx, all_logits=True)[0]  # cut below to the rows the export holds
     diffs = {}
     if isinstance(tokenizer, str):  # init_from=DIR reads GPT-2's vocabulary (a trained one: its checkpoint)
-        diffs["init_from=DIR"] = (from_pretrained(out).eval()(idx, all_logits=True)[0] - ours).abs().max().item()
+        back = from_pretrained(out).eval()(idx, all_logits=True)[0]
+        diffs["init_from=DIR"] = (back - ours[..., :back.size(-1)]).abs().max().item()
     try:
         from transformers import GPT2LMHeadModel
     except ImportError:
         return diffs
     hf = GPT2LMHeadModel.from_pretrained(out).eval()
-    diffs["transformers"] = (hf(idx).logits - ours).abs().max().item()
+    logits = hf(idx).logits
+    diffs["transformers"] = (logits - ours[..., :logits.size(-1)]).abs().max().item()
     return diffs
 
 
@@ -249,7 +269,7 @@ def main(argv=None):
     model = model_from_checkpoint(ckpt).eval()
     ckpt.pop("model"), ckpt.pop("optimizer", None)  # free them: the export makes its own copies of the weights
     export(model, cfg["out"], ckpt.get("template", chat.TEMPLATE), ckpt.get("tokenizer", chat.TOKENIZER),
-           cfg["force"])
+           cfg["force"], ckpt.get("special_tokens"))
     labels = getattr(model, "labels", None)
     print(f"exported {path} -> {cfg['out']} ({model.get_num_params(non_embedding=False) / 1e6:.2f}M parameters, "
           f"block_size {model.config.block_size}"

@@ -303,6 +303,22 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    @torch.no_grad()
+    def init_token_rows(self, ids, n_real):
+        """Rows `ids` of the tied token embedding / LM head (new tokens) set to the mean of rows
+        0..n_real-1 (the real vocabulary's), the vocabulary grown first when an id does not fit
+        (padded to a multiple of 64; every new row starts from the same mean)."""
+        weight = self.lm_head.weight
+        mean = weight[:n_real].float().mean(0).to(weight.dtype)
+        size = -(-(max(ids) + 1) // 64) * 64
+        if size > weight.size(0):
+            grown = torch.cat([weight.detach(), mean.expand(size - weight.size(0), -1)])
+            self.lm_head.weight = nn.Parameter(grown, requires_grad=weight.requires_grad)
+            self.transformer.wte.weight = self.lm_head.weight  # tied, as in __init__
+            self.lm_head.out_features = self.transformer.wte.num_embeddings = size
+            self.config.vocab_size = size
+        self.lm_head.weight[list(ids)] = mean
+
     def get_num_params(self, non_embedding=True):
         """Parameter count; the position embeddings are excluded by
         default (the token ones are tied to the head)."""
@@ -416,9 +432,13 @@ class GPT(nn.Module):
         """AdamW with weight decay on 2-D weights (matmuls,
         embeddings) only; biases and norms are not decayed."""
         params = [p for p in self.parameters() if p.requires_grad]
+        # a weight that trains only some rows (lora.train_rows) is not decayed: decay would move
+        # the frozen ones
+        rows_only = self.lm_head.weight if getattr(self, "trained_rows", None) else None
+        decayed = [p for p in params if p.dim() >= 2 and p is not rows_only]
         groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+            {"params": decayed, "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2 or p is rows_only], "weight_decay": 0.0},
         ]
         # fused: one pass that reads and writes each parameter once, instead of ~7 elementwise
         # passes per tensor on CPU (docs/performance.md) or a kernel launch each on CUDA

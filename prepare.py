@@ -12,7 +12,7 @@ docs/data.md):
     {"messages": [{"role", "content"}, ...], optional "system"}
     {"conversations": [{"from", "value"}, ...], optional "system"}
     {"message_tree_id", "prompt": {"role": "prompter", "text", "replies": [...]}}  (OpenAssistant)
-The conversation is rendered with --template (human_assistant, alpaca, chatml, or a JSON file;
+The conversation is rendered with --template (human_assistant, alpaca, chatml, chatml_special, or a JSON file;
 docs/data.md). Plain text instead (every token learned, documents closed by <|endoftext|>): .txt
 files (one document each) or records {"text": ...} (or the --text_column keys of each record);
 text and chat inputs cannot be mixed in one dataset. A .parquet file's rows are records (its
@@ -58,7 +58,7 @@ DEFAULTS = dict(  # `python prepare.py --help` prints these comments
     val_fraction=0.1,  # the share of conversations (or text) for val
     val_file="",  # take val from this file instead of splitting ("" = split the inputs)
     seed=1337,  # seed of the train/val/test split
-    # human_assistant, alpaca, chatml, or a JSON file with the same fields
+    # human_assistant, alpaca, chatml, chatml_special (its markers as special tokens), or a JSON file
     template="human_assistant",
     # OpenAssistant trees: best (the best-ranked branch) or all (every path to a reply)
     oasst_paths="best",

@@ -199,7 +199,7 @@ class Trainer:
         ckpt = load_checkpoint(resume_from, *where) if resume_from else None
         torch.manual_seed(cfg["seed"] + run["rank"])
         self.raw_model = shard_model(lambda: self.task.prepare(
-            build_model(cfg, ckpt, run, explicit, self.meta.get("tokenizer"))), run)
+            build_model(cfg, ckpt, run, explicit, self.meta)), run)
         if run["rank"] > 0:  # rank 0's initial weights are every rank's (FSDP's other ranks draw
             torch.manual_seed(cfg["seed"] + run["rank"])  # none): their dropout streams start here
         device_type = run["device"].split(":")[0]

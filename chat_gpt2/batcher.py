@@ -24,7 +24,6 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from . import chat
 from .device import autocast
 from .engine import Decoder, Request
 from .errors import UserError
@@ -167,10 +166,8 @@ class Batcher:
 
 
 def scored_tokens(reply):
-    """A reply's tokens, with the <|endoftext|> that ended it (its text is then uncut: no stop
-    string was found)."""
-    ended_on_eot = reply.finish_reason == "stop" and reply.text == reply.enc.decode(reply.tokens)
-    return reply.tokens + [reply.enc.eot_token] * ended_on_eot
+    """A reply's tokens, with the special token (<|endoftext|>, <|im_end|>) that ended it."""
+    return reply.tokens + ([reply.stop_token] if reply.stop_token is not None else [])
 
 
 @torch.inference_mode()
@@ -185,7 +182,7 @@ def token_logprobs(engine, tokens, start, top):
         with autocast(engine.device, engine.autocast_dtype):
             hidden = model.hidden_states(torch.tensor([window], device=engine.device))[0]
         logits = F.linear(hidden.float(), model.lm_head.weight.float())
-        logits[:, engine.enc.n_vocab:] = float("-inf")  # the padded vocabulary
+        logits.masked_fill_(engine.not_tokens, float("-inf"))  # the padded vocabulary
         first = max(start, lo + 1)
         if first >= lo + len(window):
             continue

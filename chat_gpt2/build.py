@@ -178,6 +178,22 @@ def tokenize_inputs(paths, writer, skip_invalid, stats, progress):
     return hashes
 
 
+def special_meta(template, tokenizer=chat.TOKENIZER):
+    """meta.json's special_tokens ({marker: id}) of a template that has any, in the numbering of
+    tokenizer (GPT-2's or a trained one's record), else nothing (a dataset without them reads as
+    before)."""
+    ids = chat.special_token_ids(template, chat.get_encoder(tokenizer)) if template else {}
+    return {"special_tokens": ids} if ids else {}
+
+
+def tokenizer_meta(options):
+    """meta.json's tokenizer fields: its record (without its text), vocabulary size (its own),
+    the template and the template's special tokens' ids."""
+    tokenizer, template = options["tokenizer"], options["template"]
+    return {"tokenizer": stored(tokenizer), "vocab_size": chat.get_encoder(tokenizer).n_vocab,
+            "template": template, **special_meta(template, tokenizer)}
+
+
 def render(batch, kind, template, enc, threads):
     """(chat.Rendered, the digest of each conversation's tokens) of a batch of conversations or
     "text" documents (every token learned, <|endoftext|> closing each), encoded with enc in threads
@@ -401,7 +417,7 @@ def build_dataset(inputs, out_dir="data/chat", val_fraction=0.1, val_file=None, 
         chat.check_template(template, "template")
     else:
         template = chat.load_template(template)
-    enc = chat.get_encoder(tokenizer)
+    enc = chat.template_encoder(template, chat.get_encoder(tokenizer))  # + its special tokens
     options = {"template": template, "oasst_paths": oasst_paths, "dedupe": dedupe,
                "test_fraction": test_fraction, "text_columns": split_names(text_column),
                "threads": threads, "tokenizer": tokenizer, "enc": enc}
@@ -433,7 +449,7 @@ def _build(tmp, inputs, val_fraction, val_file, seed, skip_invalid, options):
     stats = {"skipped": Counter(), "multiline_replies": False, "kind": None,
              "warned_preference": False, "seen": set(), "repeats": 0, **options}
     progress = Progress(list(inputs) + ([val_file] if val_file else []))
-    vocab_size = options["enc"].n_vocab
+    vocab_size = options["enc"].n_vocab  # the ids' range (dtype): the special tokens' included
     writers = {s: TokenWriter(tmp, s, vocab_size) for s in SPLITS}
     if options["test_fraction"]:
         stats.update(test=open(os.path.join(tmp, "test.jsonl"), "w", encoding="utf-8"), n_test=0,
@@ -465,9 +481,7 @@ def _build(tmp, inputs, val_fraction, val_file, seed, skip_invalid, options):
     n_docs = stream.n_convs if val_file is None else sum(writers[s].n_convs for s in SPLITS)
     multiline = stats["multiline_replies"]
     meta = {**format_fields(vocab_size), "kind": stats["kind"],
-            **({"documents": n_docs} if text else {}),
-            "tokenizer": stored(options["tokenizer"]), "vocab_size": vocab_size,
-            "template": template,
+            **({"documents": n_docs} if text else {}), **tokenizer_meta(options),
             "multiline_replies": multiline,
             "default_stop": None if text else chat.default_stop(multiline, template),  # text: none
             **summarize(writers, stats), "sources": hashes, "seed": seed,

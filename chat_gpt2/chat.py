@@ -20,11 +20,17 @@ turn's closing `\\n\\n`, and the final `<|endoftext|>`), 0 elsewhere. User text 
 `encode_ordinary`, so a literal `<|endoftext|>` typed by a user stays text. A prompt's ids
 (render_prompt) are the conversation's up to its reply. `render_batch` is the fast path prepare.py
 uses (many conversations at once, numpy); tests/test_render.py checks it against the definition.
+
+A template may declare some of its markers special tokens (`"special_tokens"`, e.g. chatml_special's
+`<|im_start|>` / `<|im_end|>`): each is then one id (special_token_ids: after the vocabulary, GPT-2's
+after one free id), only where the template writes it (special_spans), never from a message's text; the
+run's encoder has them (template_encoder, run_encoder) and generation stops on them (stop_ids).
 """
 import bisect
 import itertools
 import json
 import os
+import re
 
 import numpy as np
 import tiktoken
@@ -81,11 +87,17 @@ CHATML = {
     "stop": "<|im_end|>",
     "stop_multiline": "<|im_end|>",
 }
-BUILTIN_TEMPLATES = {"human_assistant": TEMPLATE, "alpaca": ALPACA, "chatml": CHATML}
+# ChatML with its markers as special tokens: one id each (special_token_ids), never made from a
+# message's text; generation stops on <|im_end|> (stop_ids)
+CHATML_SPECIAL = {**CHATML, "special_tokens": ["<|im_start|>", "<|im_end|>"]}
+BUILTIN_TEMPLATES = {"human_assistant": TEMPLATE, "alpaca": ALPACA, "chatml": CHATML,
+                     "chatml_special": CHATML_SPECIAL}
+# optional template fields: the markers of the template's own text that are special tokens
+OPTIONAL_FIELDS = ("special_tokens",)
 NEWLINE_STOP = TEMPLATE["stop"]  # default stop: the design's single-line replies
 TURN_STOP = TEMPLATE["stop_multiline"]  # default stop when some training replies span lines
 
-_encoders, _token_bytes = {}, {}
+_encoders, _token_bytes, _declared = {}, {}, {}
 
 
 def get_encoder(name=TOKENIZER):
@@ -104,6 +116,71 @@ def get_encoder(name=TOKENIZER):
                 f"(currently {os.environ.get('TIKTOKEN_CACHE_DIR')!r})"
             ) from None
     return _encoders[name]
+
+
+def special_token_ids(template, enc):
+    """{marker: id} of the template's special tokens in enc's numbering: a marker enc already has
+    (a tokenizer trained with it) keeps its id; the others follow the vocabulary. On GPT-2's
+    vocabulary one id is left free first, the first past it, which a classifier's export takes for
+    its <|pad|> (hf_gpt2.PAD_ID; <|im_start|> 50258, <|im_end|> 50259); classifiers read GPT-2's
+    vocabulary only, so after a trained tokenizer's the markers follow at once."""
+    ids, next_id = {}, enc.n_vocab + (enc.name == GPT2)
+    for marker in (template or {}).get("special_tokens", ()):
+        if marker in enc._special_tokens:
+            ids[marker] = enc._special_tokens[marker]
+        else:
+            ids[marker], next_id = next_id, next_id + 1
+    return ids
+
+
+def declared_tokens(enc):
+    """{marker: id} of the template-declared special tokens enc was made with (with_special_tokens):
+    none for a base tokenizer, whose own specials (a trained [PAD], [UNK]) are not markers."""
+    return _declared.get(enc.name, {})
+
+
+def with_special_tokens(enc, ids):
+    """enc with the template's special tokens ids ({marker: id}) added and declared (cached), or
+    enc itself when it declares them all already; a marker a trained tokenizer has keeps its token,
+    and is declared. An id that another token holds is a ConfigError."""
+    ids, have = dict(ids or {}), declared_tokens(enc)
+    if all(have.get(m) == i for m, i in ids.items()):
+        return enc
+    new = {m: i for m, i in ids.items() if enc._special_tokens.get(m) != i}
+    name = f"{enc.name}+" + ",".join(f"{m}={i}" for m, i in sorted(ids.items()))
+    if name not in _encoders:
+        held = set(enc._mergeable_ranks.values()) | set(enc._special_tokens.values())
+        taken = [f"{m}={i}" for m, i in new.items() if i in held or m in enc._special_tokens]
+        if taken or len(set(ids.values())) < len(ids):
+            raise ConfigError(f"special tokens {', '.join(taken) or ids} collide with the "
+                              f"{enc.name!r} tokenizer's own tokens")
+        _encoders[name] = tiktoken.Encoding(
+            name=name, pat_str=enc._pat_str, mergeable_ranks=enc._mergeable_ranks,
+            special_tokens={**enc._special_tokens, **new})
+        _declared[name] = {**have, **ids}
+    return _encoders[name]
+
+
+def template_encoder(template, enc=None):
+    """enc (default: GPT-2's) with the template's special tokens (special_token_ids); enc itself
+    for a template without any, or when enc has them (a run's encoder, run_encoder)."""
+    enc = enc or get_encoder()
+    return with_special_tokens(enc, special_token_ids(template, enc))
+
+
+def run_encoder(info):
+    """The encoder of a prepared dataset's meta.json or a checkpoint: its tokenizer (get_encoder:
+    GPT-2's or a trained one's record) with the template's special tokens it records (older ones
+    record none). Every caller that reads a run's ids uses this one."""
+    return with_special_tokens(get_encoder(info.get("tokenizer") or TOKENIZER),
+                               info.get("special_tokens"))
+
+
+def stop_ids(enc):
+    """The ids generation stops on: <|endoftext|> and the template's declared markers
+    (declared_tokens: <|im_start|>, <|im_end|>), which a reply never holds as only the template
+    writes them. A trained tokenizer's other special tokens ([PAD], [UNK]) do not stop it."""
+    return sorted({enc.eot_token, *declared_tokens(enc).values()})
 
 
 def default_stop(multiline_replies, template=TEMPLATE):
@@ -150,9 +227,9 @@ def check_template(template, path, text=""):
         return f"{path}:{text.count(chr(10), 0, at) + 1}" if at >= 0 else path
 
     for key in template:
-        if key not in TEMPLATE_FIELDS:
-            raise ConfigError(f"{where(key)}: unknown field {key!r} "
-                              f"(a template has {', '.join(TEMPLATE_FIELDS)})")
+        if key not in TEMPLATE_FIELDS + OPTIONAL_FIELDS:
+            raise ConfigError(f"{where(key)}: unknown field {key!r} (a template has "
+                              f"{', '.join(TEMPLATE_FIELDS)}, optionally special_tokens)")
     for key in TEMPLATE_FIELDS:
         value = template.get(key)
         if key not in template:
@@ -170,24 +247,53 @@ def check_template(template, path, text=""):
     for key in ("stop", "stop_multiline"):
         if not template[key]:
             raise ConfigError(f"{where(key)}: field {key!r} is empty: a reply needs a default stop")
+    check_special_tokens(template, where("special_tokens"))
+
+
+def check_special_tokens(template, where):
+    """special_tokens, when present: a list of distinct non-empty strings, each written somewhere in
+    the template's own text (outside {content}), none inside another."""
+    markers = template.get("special_tokens", [])
+    if not isinstance(markers, list) or not all(isinstance(m, str) and m for m in markers):
+        raise ConfigError(f"{where}: field 'special_tokens' must be a list of non-empty strings, "
+                          f"e.g. [\"<|im_start|>\", \"<|im_end|>\"]")
+    own = "".join(template[key].replace("{content}", "\0") for key in TEMPLATE_FIELDS)
+    for m in markers:
+        if markers.count(m) > 1 or any(m != other and m in other for other in markers):
+            raise ConfigError(f"{where}: special token {m!r} is listed twice or inside another")
+        if m not in own:
+            raise ConfigError(f"{where}: special token {m!r} appears in none of the template's "
+                              f"fields")
 
 
 def _segments(messages, template, add_generation_prompt):
-    """Yield (text, learned, role) pieces of a conversation in order.
+    """Yield (text, content, learned, role) pieces of a conversation in order; content: where the
+    message's text is in the piece, (start, end) in characters, or None (the template's own text).
     messages: [{'role', 'content'}]."""
     default_system = template.get("default_system", "")
     if default_system and not (messages and messages[0]["role"] == "system"):
-        yield fill(template["system"], default_system), False, "system"
+        yield *_filled(template["system"], default_system), False, "system"
     for m in messages:
         role, content = m["role"], m["content"].strip()
         if role == "assistant":
-            yield template["assistant_label"], False, role
-            yield fill(template["assistant"], content), True, role
-            yield template["turn_end"], True, role
+            yield template["assistant_label"], None, False, role
+            yield *_filled(template["assistant"], content), True, role
+            yield template["turn_end"], None, True, role
         else:  # system or user
-            yield fill(template[role], content), False, role
+            yield *_filled(template[role], content), False, role
     if add_generation_prompt:
-        yield template["assistant_label"], False, "assistant"
+        yield template["assistant_label"], None, False, "assistant"
+
+
+def _filled(field, content):
+    """(fill(field, content), where content is in it)."""
+    start = field.find("{content}")
+    return fill(field, content), (start, start + len(content))
+
+
+def _size(text):
+    """Length in UTF-8 bytes (a lone surrogate counts 3, as the U+FFFD tiktoken encodes)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -201,8 +307,8 @@ def marked_text(messages, template=TEMPLATE, add_generation_prompt=False):
     system message belongs to the first turn). Offsets are UTF-8 bytes, as tokens are bytes; a lone
     surrogate counts 3, as the U+FFFD tiktoken encodes."""
     pieces, learned, turns, at = [], [], [], 0
-    for text, is_learned, role in _segments(messages, template, add_generation_prompt):
-        size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+    for text, _, is_learned, role in _segments(messages, template, add_generation_prompt):
+        size = _size(text)
         if role == "user":
             turns.append(at if turns else 0)
         if is_learned and size and learned and learned[-1][1] == at:  # a turn end: its reply's span
@@ -218,9 +324,24 @@ def token_bytes(enc):
     """The length in bytes of each token of enc, as an array indexed by token id (cached)."""
     if enc.name not in _token_bytes:
         _token_bytes[enc.name] = np.fromiter(
-            (len(enc.decode_single_token_bytes(t)) for t in range(enc.n_vocab)),
-            dtype=np.int64, count=enc.n_vocab)
+            (_token_size(enc, t) for t in range(enc.n_vocab)), dtype=np.int64, count=enc.n_vocab)
     return _token_bytes[enc.name]
+
+
+def _token_size(enc, token):
+    try:
+        return len(enc.decode_single_token_bytes(token))
+    except KeyError:  # an id that is no token: the free one before added special tokens
+        return 0
+
+
+def is_token(enc, size):
+    """A boolean array of `size` ids: True where the id is a token of enc (the model's padded rows
+    and the free id before added special tokens are not)."""
+    real = np.zeros(max(size, enc.n_vocab), dtype=bool)
+    real[list(enc._mergeable_ranks.values())] = True
+    real[list(enc._special_tokens.values())] = True
+    return real[:size]
 
 
 def token_starts(enc, ids):
@@ -250,6 +371,43 @@ def encode_text(enc, text, learned, ids=None):
     return ids
 
 
+def special_spans(messages, template=TEMPLATE, add_generation_prompt=False):
+    """[(start, end, marker)]: where the template's special tokens are in marked_text's text, in
+    UTF-8 bytes, in order. Only the template's own text is searched, never a message's: a user who
+    types "<|im_end|>" gets those characters as plain text (no prompt injection)."""
+    markers = template.get("special_tokens") or ()
+    if not markers:
+        return []
+    pattern = re.compile("|".join(map(re.escape, markers)))
+    spans, at = [], 0
+    for text, content, _, _ in _segments(messages, template, add_generation_prompt):
+        a, b = content or (len(text), len(text))
+        for lo, hi in ((0, a), (b, len(text))):
+            for m in pattern.finditer(text, lo, hi):
+                start = at + _size(text[:m.start()])
+                spans.append((start, start + _size(m.group()), m.group()))
+        at += _size(text)
+    return spans
+
+
+def encode_marked(enc, text, learned, specials=()):
+    """encode_text, with each of special_spans' markers as its one special id: the text between
+    them is encoded apart, as a Hugging Face tokenizer splits a text at its added tokens."""
+    if not specials:
+        return encode_text(enc, text, learned)
+    data, ids, at = text.encode("utf-8", "surrogatepass"), [], 0
+    for start, end, marker in [*specials, (len(data), len(data), None)]:
+        inner = [(max(a, at) - at, min(b, start) - at) for a, b in learned if a < start and b > at]
+        ids += encode_text(enc, data[at:start].decode("utf-8", "surrogatepass"), inner)
+        if marker is not None:
+            if marker not in enc._special_tokens:
+                raise ConfigError(f"the template's special token {marker!r} is not a token of "
+                                  f"the {enc.name!r} tokenizer (see chat.template_encoder)")
+            ids.append(enc._special_tokens[marker])
+        at = end
+    return ids
+
+
 def render_conversation(messages, template=TEMPLATE, enc=None):
     """The definition of the training data: (ids, mask, turn_starts) of one conversation.
 
@@ -258,9 +416,9 @@ def render_conversation(messages, template=TEMPLATE, enc=None):
     starts inside a learned span, and <|endoftext|> is learned; a turn starts at the token holding
     its first byte. prepare.py renders through render_batch, the same for many conversations at
     once; tests/test_render.py checks they agree."""
-    enc = enc or get_encoder()
+    enc = template_encoder(template, enc)
     text, learned, turns = marked_text(messages, template)
-    ids = encode_text(enc, text, learned) + [enc.eot_token]
+    ids = encode_marked(enc, text, learned, special_spans(messages, template)) + [enc.eot_token]
     starts = token_starts(enc, ids)  # <|endoftext|> starts where the text ends
     mask = [int(any(a <= s < b for a, b in learned)) for s in starts[:-1]] + [1]
     return ids, mask, [bisect.bisect_right(starts, t) - 1 for t in turns]
@@ -270,7 +428,8 @@ def render_prompt(messages, template=TEMPLATE, enc=None):
     """Generation rendering: the conversation so far (ending with a user message) plus `Assistant:`;
     the very ids the same conversation has in training, up to where the reply starts."""
     text, learned, _ = marked_text(messages, template, add_generation_prompt=True)
-    return encode_text(enc or get_encoder(), text, learned)
+    return encode_marked(template_encoder(template, enc), text, learned,
+                         special_spans(messages, template, add_generation_prompt=True))
 
 
 def render_text(messages, template=TEMPLATE, add_generation_prompt=False):
@@ -389,7 +548,9 @@ def _close(encoded, eot=EOT, dtype=np.uint16):
 def render_batch(conversations, template=TEMPLATE, enc=None, dtype=np.uint16, threads=8):
     """render_conversation of many conversations at once, as one Rendered: the texts encoded in
     tiktoken's threads (encode_closed), the mask and turns found with numpy from where each token
-    starts."""
+    starts. A template with special tokens renders one conversation at a time (render_each)."""
+    if template.get("special_tokens"):
+        return render_each(conversations, template, enc, dtype)
     enc = enc or get_encoder()
     marked = [marked_text(messages, template) for messages in conversations]
     ids, starts = encode_closed(enc, [text for text, _, _ in marked], dtype=dtype, threads=threads)
@@ -423,3 +584,16 @@ def _assemble(ids, starts, marked, enc):
     turn_at = np.fromiter((text_at[i] + t for i, (_, _, turns) in enumerate(marked) for t in turns),
                           dtype=np.int64)
     return Rendered(ids, mask, starts, np.searchsorted(token_at, turn_at, side="right") - 1), []
+
+
+def render_each(conversations, template=TEMPLATE, enc=None, dtype=np.uint16):
+    """render_batch through render_conversation, one conversation at a time (ids in dtype)."""
+    done = [render_conversation(messages, template, enc) for messages in conversations]
+    starts = np.concatenate([[0], np.cumsum([len(ids) for ids, _, _ in done])]).astype(np.int64)
+    ids = np.fromiter(itertools.chain.from_iterable(d[0] for d in done), dtype=dtype,
+                      count=starts[-1])
+    mask = np.fromiter(itertools.chain.from_iterable(d[1] for d in done), dtype=np.uint8,
+                       count=starts[-1])
+    turns = np.fromiter((start + t for start, (_, _, ts) in zip(starts, done) for t in ts),
+                        dtype=np.int64)
+    return Rendered(ids, mask, starts, turns)

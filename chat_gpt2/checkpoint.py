@@ -23,7 +23,7 @@ from .errors import CheckpointError, ConfigError, MissingFileError, UserError
 from .files import atomic_write
 from .classifier import attach_head
 from .hf_gpt2 import from_pretrained
-from .lora import adapter_state, apply_lora, fingerprint, load_adapters, merge_lora
+from .lora import adapter_state, apply_lora, fingerprint, load_adapters, merge_lora, train_rows
 from model import GPT, GPTConfig
 
 CKPT_PATTERN = re.compile(r"^finetuned_(\d{8}_\d{6})(_last)?\.pt$")
@@ -127,6 +127,11 @@ def training_checkpoint(raw_model, cfg, meta, state, optimizer=None, scaler=None
     }
     if lora:
         ckpt["lora"], ckpt["base"] = dict(lora), dict(raw_model.lora_base)
+    # the special tokens the model has rows for ({marker: id}) and the rows that alone train
+    if getattr(raw_model, "special_tokens", None):
+        ckpt["special_tokens"] = dict(raw_model.special_tokens)
+    if getattr(raw_model, "trained_rows", None):
+        ckpt["trained_rows"] = list(raw_model.trained_rows)
     # a classifier (classifier.py): its classes and the data's columns
     if getattr(raw_model, "labels", None):
         ckpt["classify"] = {"labels": list(raw_model.labels), "columns": meta.get("columns")}
@@ -151,7 +156,9 @@ def model_from_checkpoint(ckpt, device="cpu", merge=True, **overrides):
     if missing:
         raise CheckpointError(f"not a model checkpoint: it lacks {', '.join(missing)}")
     if "lora" in ckpt:
-        return _lora_model(ckpt, merge, overrides).to(device)
+        model = _lora_model(ckpt, merge, overrides)
+        model.special_tokens = dict(ckpt.get("special_tokens") or {})
+        return model.to(device)
     try:
         model = GPT(GPTConfig.from_dict({**ckpt["model_args"], **overrides}))
         if "classify" in ckpt:
@@ -160,6 +167,7 @@ def model_from_checkpoint(ckpt, device="cpu", merge=True, **overrides):
     except (RuntimeError, TypeError, ValueError, AssertionError) as e:
         raise CheckpointError(f"the checkpoint's weights do not fit its model_args: "
                               f"{str(e).splitlines()[0]}") from None
+    model.special_tokens = dict(ckpt.get("special_tokens") or {})
     return model.to(device)
 
 
@@ -208,6 +216,10 @@ def _lora_model(ckpt, merge, overrides):
                               f"restore the base the run started from at that path")
     model.lora_base = dict(base)
     apply_lora(model, ckpt["lora"])
+    if ckpt.get("trained_rows"):  # new special tokens' rows: grown as in training, then loaded
+        rows, tokenizer = ckpt["trained_rows"], ckpt.get("tokenizer") or chat.TOKENIZER
+        model.init_token_rows(rows, chat.get_encoder(tokenizer).n_vocab)
+        train_rows(model, rows)
     try:
         load_adapters(model, clean_state_dict(ckpt["model"]))
     except (RuntimeError, ValueError) as e:

@@ -2,8 +2,9 @@
 
 1. KVCache: rows of different lengths, each in its own slot, so a new token costs one position's
    work; PromptCache: one conversation's keys and values kept from one turn to the next.
-2. Completion: a reply that stops on <|endoftext|> or a stop string (which may span tokens) and
-   streams its text as it becomes final.
+2. Completion: a reply that stops on a special token (<|endoftext|>, a template's <|im_end|>: the
+   tokenizer's stop_ids) or a stop string (which may span tokens) and streams its text as it
+   becomes final.
 3. Decoder: requests of any prompt lengths and sampling options decoded together, one token per step
    (sampling.sample_next), each joining and leaving at any step (continuous batching: batcher.py);
    Engine.complete runs requests to their end.
@@ -123,21 +124,23 @@ def held_back(text, stops):
 
 class Completion:
     """One reply: its tokens, its text (cut at the first stop string), how much of it was streamed,
-    and why it ended: "stop" (<|endoftext|> or a stop string) or "length" (out of tokens).
-    ignore_eot: <|endoftext|> is a token like the others (bench.py times exactly max_new_tokens
-    tokens)."""
+    and why it ended: "stop" (a special token, e.g. <|endoftext|>, or a stop string) or "length"
+    (out of tokens); stop_token: the special token it stopped on. ignore_eot: special tokens are
+    tokens like the others (bench.py times exactly max_new_tokens tokens)."""
 
     def __init__(self, enc, stops, ignore_eot=False):
         self.enc, self.stops, self.ignore_eot = enc, stops, ignore_eot
+        self.stop_ids = frozenset(() if ignore_eot else chat.stop_ids(enc))
         self.tokens, self.text, self.finish_reason, self.shown = [], "", None, 0
+        self.stop_token = None
 
     @property
     def done(self):
         return self.finish_reason is not None
 
     def add(self, token):
-        if token == self.enc.eot_token and not self.ignore_eot:
-            self.finish_reason = "stop"
+        if token in self.stop_ids:
+            self.finish_reason, self.stop_token = "stop", token
             return
         self.tokens.append(token)
         self.text = self.enc.decode(self.tokens)  # whole: merges characters split over tokens
@@ -241,7 +244,7 @@ class Decoder:
         with autocast(self.engine.device, self.engine.autocast_dtype):
             ids = torch.tensor([[row.tokens[-1]] for row in self.rows], device=self.engine.device)
             logits = self.engine.model(ids, kv_cache=self.cache)[0][:, -1, :].float()
-        logits[:, self.engine.enc.n_vocab:] = float("-inf")  # the padded vocabulary: no token
+        logits.masked_fill_(self.engine.not_tokens, float("-inf"))  # padded rows: never sampled
         groups = {}
         for slot, row in enumerate(self.rows):
             own = row.request.params.temperature > 0 and row.request.generator is not None
@@ -322,6 +325,12 @@ def _emit(on_text, row, text):
         on_text(row, text)
 
 
+def not_tokens(enc, size, device="cpu"):
+    """A boolean (size,) tensor, True at the ids of the model's rows that are no token of enc (its
+    padded vocabulary, the free id before added special tokens): the logits masked to -inf there."""
+    return torch.from_numpy(~chat.is_token(enc, size)).to(device)
+
+
 class Engine:
     """A model ready to generate: its tokenizer, device and compute dtype (the weights' own after
     GPT.to_half, otherwise autocast over fp32 weights). The per-call state (the KV cache, the rows'
@@ -332,6 +341,7 @@ class Engine:
         weights = next((p.dtype for p in model.parameters() if p.dim() == 2), torch.float32)
         self.autocast_dtype = dtype if weights == torch.float32 else "float32"  # to_half's: none
         self.enc = enc or chat.get_encoder()
+        self.not_tokens = not_tokens(self.enc, model.config.vocab_size, device)
 
     def complete(self, requests, cancelled=None):
         """Decode the requests together to their end (one Decoder); each request's Completions are

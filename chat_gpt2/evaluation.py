@@ -14,7 +14,7 @@ import torch
 from . import chat
 from .dataset import load_dataset
 from .device import autocast
-from .engine import Request
+from .engine import Request, not_tokens
 from .errors import InputError
 from .records import read_conversations
 from .tokenizer import check_same
@@ -79,7 +79,7 @@ def val_scores(model, folder, batch_size, device, dtype, tokenizer=None):
     data = data["val"]
     windows = [(tokens, scored) for _, tokens, scored in conversation_windows(
         data.ids, data.mask, data.convs, data.starts, model.config.block_size) if scored.any()]
-    sizes = torch.as_tensor(text_bytes(chat.get_encoder(meta["tokenizer"])))
+    sizes = torch.as_tensor(text_bytes(chat.run_encoder(meta)))
     total, count, n_bytes = 0.0, 0.0, 0
     for x, y, m in padded_batches(windows, batch_size, pad=data.eot):
         with autocast(device, dtype):
@@ -227,7 +227,7 @@ def text_bytes(enc):
 
 def choice_scores(model, enc, items, device):
     """Per item, per ending: (sum of log P(token), tokens) of " " + ending after the query (fp32)."""
-    scores = []
+    scores, masked = [], not_tokens(enc, model.config.vocab_size, device)
     for query, endings, _ in items:
         ctx = enc.encode_ordinary(query)
         row = []
@@ -236,7 +236,7 @@ def choice_scores(model, enc, items, device):
             ids = torch.tensor([(ctx + cont)[-model.config.block_size - 1:]], device=device)
             with torch.no_grad():
                 logits = model.lm_head(model.hidden_states(ids[:, :-1]))[0].float()
-            logits[:, enc.n_vocab:] = float("-inf")  # the padded vocabulary is no token
+            logits.masked_fill_(masked, float("-inf"))  # the padded vocabulary is no token
             n = min(len(cont), ids.size(1) - 1)  # an ending longer than the context: its last n
             logp = logits.log_softmax(-1)[-n:].gather(1, ids[0, -n:, None])
             row.append((logp.sum().item(), n))

@@ -17,6 +17,8 @@ The GGUF is llama.cpp's `gpt2` architecture, written with PyPI's `gguf` package 
 GGUF has no place for stop strings: llama.cpp stops on end-of-generation tokens, and with GPT-2's vocabulary our
 templates end a turn with text ("\\n", "\\nHuman:"). Pass them as `stop` to llama.cpp; the Modelfile carries them for
 Ollama (`PARAMETER stop`), with a TEMPLATE (Go text/template) that renders what the chat template renders.
+A template's special tokens (chat.template_encoder: chatml_special's <|im_start|>, <|im_end|>) are control tokens,
+the one a turn_end starts with the end-of-turn token llama.cpp stops on.
 """
 import os
 
@@ -76,15 +78,21 @@ def gguf_tensors(model, gguf_type, n_vocab=chat.VOCAB_SIZE):
 
 def add_tokenizer(writer, enc, template, chat_model):
     """GPT-2's (or a trained) byte-level BPE as llama.cpp reads it: tokens (vocab.json's strings) by id, merges,
-    types (<|endoftext|> a control token), <|endoftext|> as EOS / EOT, no BOS or EOS added to a prompt."""
+    types (<|endoftext|> and the template's special tokens as control tokens), <|endoftext|> as EOS, the
+    template's end of turn (<|im_end|>) or <|endoftext|> as EOT, no BOS or EOS added to a prompt."""
     vocab, merges = gpt2_vocab_and_merges(enc)
+    # an id that is no token (GPT-2's free one before a template's special tokens) gets an unused placeholder
+    gaps = set((~chat.is_token(enc, enc.n_vocab)).nonzero()[0].tolist())
+    vocab = {**{f"<|unused_{i}|>": i for i in gaps}, **vocab}
     tokens = sorted(vocab, key=vocab.get)
     if [vocab[t] for t in tokens] != list(range(enc.n_vocab)):
         raise ValueError(f"the {enc.name!r} tokenizer's ids are not 0..{enc.n_vocab - 1}: it cannot go into a GGUF")
-    # <|endoftext|>: the data's one special token; a trained tokenizer's others are never made from text (as in
-    # the HF export, hf_tokenizer.tokenizer_files): unused placeholders, or llama.cpp would read "<|im_end|>" in a
-    # prompt as that token (it knows such names)
-    special, unused = {enc.eot_token}, set(enc._special_tokens.values()) - {enc.eot_token}
+    # <|endoftext|> and the template's special tokens (chat.declared_tokens) are the data's: control tokens; a
+    # trained tokenizer's others are never made from text (as in the HF export, hf_tokenizer.tokenizer_files):
+    # unused placeholders, or llama.cpp would read "[PAD]" in a prompt as that token (it knows such names)
+    declared = chat.declared_tokens(enc)
+    special = {enc.eot_token, *declared.values()}
+    unused = gaps | (set(enc._special_tokens.values()) - special)
     tokens = [f"<|unused_{i}|>" if i in unused else token for i, token in enumerate(tokens)]
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("gpt-2")
@@ -92,9 +100,11 @@ def add_tokenizer(writer, enc, template, chat_model):
     writer.add_token_merges(merges)
     writer.add_token_types([gguf.TokenType.CONTROL if i in special else gguf.TokenType.UNUSED if i in unused
                             else gguf.TokenType.NORMAL for i in range(len(tokens))])
-    for add in (writer.add_bos_token_id, writer.add_eos_token_id, writer.add_eot_token_id,
-                writer.add_pad_token_id):
+    for add in (writer.add_bos_token_id, writer.add_eos_token_id, writer.add_pad_token_id):
         add(enc.eot_token)
+    # the end of a turn: a special token the template's turn_end starts with (ChatML's <|im_end|>), else <|endoftext|>
+    turn_end = (template or {}).get("turn_end", "")
+    writer.add_eot_token_id(next((i for m, i in declared.items() if turn_end.startswith(m)), enc.eot_token))
     writer.add_add_bos_token(False)
     writer.add_add_eos_token(False)
     if chat_model:
@@ -105,7 +115,7 @@ def write_gguf(model, path, template=chat.TEMPLATE, tokenizer=chat.TOKENIZER, gg
                chat_model=True):
     """Write model (our GPT) to path as a GGUF file (see the module docstring), atomically."""
     check_gguf_type(gguf_type)
-    config, enc = model.config, chat.get_encoder(tokenizer)
+    config, enc = model.config, chat.template_encoder(template, chat.get_encoder(tokenizer))  # + its special tokens
     if not (isinstance(tokenizer, str) or tokenizer.get("split") == "gpt2"):
         raise ConfigError(f"--format=gguf: the tokenizer {describe(tokenizer)} does not split text "
                           "as GPT-2 does: llama.cpp's `gpt-2` pre-tokenizer cannot describe it")

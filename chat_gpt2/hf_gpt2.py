@@ -30,6 +30,7 @@ PRETRAINED_SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "vocab_size", "bias")
 PRETRAINED_TUNABLE_KEYS = ("dropout", "block_size", "flash")
 HF_CLASSIFIER = "GPT2ForSequenceClassification"  # what export.py writes for a classifier
 PAD_ID = chat.VOCAB_SIZE  # a classifier export's <|pad|>: the first id past GPT-2's vocabulary
+EXPORT_NOTE = "chat_gpt2_export.json"  # in every export (export.py), with its special tokens
 INIT_FROM_HELP = (f"init_from takes 'scratch', 'resume', a GPT-2 name ({', '.join(OPENAI_GPT2)}), "
                   f"a Hugging Face repo id, or a local Hugging Face GPT-2 checkpoint directory")
 
@@ -207,9 +208,10 @@ def pretrained_config(files, overrides=None):
     if bad:
         raise PretrainedError(f"{src}: config.json sets {', '.join(bad)}, "
                               f"which this GPT-2 implementation does not support")
-    if vocab_size != chat.VOCAB_SIZE:
-        raise PretrainedError(f"{src}: vocab_size {vocab_size}, not GPT-2's {chat.VOCAB_SIZE}: the "
-                              f"model must use the GPT-2 tokenizer this project encodes data with")
+    if vocab_size < chat.VOCAB_SIZE:  # more: rows of added special tokens (export_special_tokens)
+        raise PretrainedError(f"{src}: vocab_size {vocab_size}, not GPT-2's {chat.VOCAB_SIZE} (or "
+                              f"more, with added special tokens): the model must use the GPT-2 "
+                              f"tokenizer this project encodes data with")
     config = GPTConfig(block_size=n_positions, vocab_size=vocab_size, n_layer=n_layer,
                        n_head=n_head, n_embd=n_embd, dropout=0.0, bias=True)
     _apply_overrides(config, overrides or {}, src, n_positions)
@@ -316,20 +318,34 @@ def from_pretrained(name_or_dir, overrides=None):
     assert not list(model.buffers()), "GPT gained buffers: from_pretrained must initialise them"
     model.to_empty(device="cpu")
     model.transformer.wte.weight = model.lm_head.weight  # to_empty unties the shared parameter
+    model.special_tokens = export_special_tokens(files)
     return load_pretrained_weights(model, files)
+
+
+def export_special_tokens(files):
+    """{marker: id} of the special tokens an export of ours added (its EXPORT_NOTE says), else {}:
+    a run from it keeps their trained rows."""
+    path = os.path.join(os.path.dirname(files.config), EXPORT_NOTE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return dict(json.load(f).get("special_tokens") or {})
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {}
 
 
 # --------------------------------------------------------------------------------------------------
 # Out: our GPT as transformers' GPT2LMHeadModel (export.py)
 
 
-def hf_config(config, labels=None, n_vocab=chat.VOCAB_SIZE, eot=chat.EOT):
-    """config.json for transformers' GPT2LMHeadModel from our GPTConfig; with labels (a classifier's
-    class names in head order), for GPT2ForSequenceClassification: id2label / label2id, and a pad
-    token of its own, PAD_ID (one embedding row more). transformers reads each row's last token that
-    is not pad_token_id: that must be the <|endoftext|> our head reads, so the pad cannot be
-    <|endoftext|> as in the language-model export. n_vocab, eot: the tokenizer's (GPT-2's, or a
-    trained one's: tokenizer.py)."""
+def hf_config(config, labels=None, n_vocab=chat.VOCAB_SIZE, eot=chat.EOT, stops=()):
+    """config.json for transformers' GPT2LMHeadModel from our GPTConfig, with n_vocab rows (the
+    tokenizer's: GPT-2's, a trained one's (tokenizer.py), more for a template's special tokens),
+    eot its <|endoftext|> and stops the ids generation stops on (chat.stop_ids; default eot); with
+    labels (a classifier's class names in head order), for GPT2ForSequenceClassification: id2label
+    / label2id, and a pad token of its own, PAD_ID (one embedding row more). transformers reads each
+    row's last token that is not pad_token_id: that must be the <|endoftext|> our head reads, so the
+    pad cannot be <|endoftext|> as in the language-model export."""
+    eos = list(stops) or [eot]
     hf = {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
         "vocab_size": n_vocab, "n_positions": config.block_size, "n_ctx": config.block_size,
@@ -340,7 +356,7 @@ def hf_config(config, labels=None, n_vocab=chat.VOCAB_SIZE, eot=chat.EOT):
         "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
         "reorder_and_upcast_attn": False,
         "tie_word_embeddings": True, "use_cache": True, "torch_dtype": "float32",
-        "bos_token_id": eot, "eos_token_id": eot,
+        "bos_token_id": eot, "eos_token_id": eos[0] if len(eos) == 1 else eos,
     }
     if labels is not None:
         hf.update({"architectures": [HF_CLASSIFIER], "vocab_size": PAD_ID + 1,
@@ -353,7 +369,8 @@ def hf_config(config, labels=None, n_vocab=chat.VOCAB_SIZE, eot=chat.EOT):
 
 def hf_state_dict(model, n_vocab=chat.VOCAB_SIZE):
     """Our weights under transformers' GPT-2 names: Conv1D weights transposed to (in, out), the
-    token embedding cut to the tokenizer's n_vocab rows (GPT-2's 50257), zero biases for a bias=False model; no lm_head.weight
+    token embedding cut to the tokenizer's n_vocab rows (GPT-2's 50257, more with a template's
+    special tokens), zero biases for a bias=False model; no lm_head.weight
     (tied to wte). A classifier's `score` keeps its name (GPT2ForSequenceClassification's, bias-free
     too) and wte gets a zero row for PAD_ID: the padding's embedding is never read (it follows the
     last real token, and attention is causal)."""

@@ -58,11 +58,12 @@ def gpt2_vocab_and_merges(enc):
     return vocab, merges
 
 
-def added_token(text):
+def added_token(text, normalized=True):
     """A special token's entry in tokenizer.json's added_tokens (with its id) and
-    tokenizer_config.json's added_tokens_decoder."""
+    tokenizer_config.json's added_tokens_decoder; a template's markers are matched as they are
+    written (not normalized)."""
     return {"content": text, "single_word": False, "lstrip": False, "rstrip": False,
-            "normalized": True, "special": True}
+            "normalized": normalized, "special": True}
 
 
 def tokenizer_json(enc, added=None):
@@ -71,11 +72,12 @@ def tokenizer_json(enc, added=None):
     recovered from its ranks, its special tokens as added tokens (added: only those, by text)."""
     vocab, merges = gpt2_vocab_and_merges(enc)
     specials = {t: i for t, i in enc._special_tokens.items() if added is None or t in added}
+    markers = chat.declared_tokens(enc)
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
                   "use_regex": True}
     return {
         "version": "1.0", "truncation": None, "padding": None,
-        "added_tokens": [{"id": i, **added_token(text)}
+        "added_tokens": [{"id": i, **added_token(text, text not in markers)}
                          for text, i in sorted(specials.items(), key=lambda t: t[1])],
         "normalizer": None, "pre_tokenizer": byte_level,
         "post_processor": {**byte_level, "trim_offsets": False}, "decoder": byte_level,
@@ -89,23 +91,28 @@ def tokenizer_json(enc, added=None):
 def tokenizer_files(enc, template, block_size, classify=False):
     """{filename: JSON-able object or text} for a GPT-2 tokenizer that AutoTokenizer loads without a
     download: a language model's, whose chat_template renders template, or with classify a
-    classifier's (classify_tokenizer). enc: GPT-2's or a trained byte-level BPE, whose
-    <|endoftext|> (enc.eot_token) is the bos / eos / unk / pad token and the one added token: the
-    data never holds another special token (a trained tokenizer's others are in the vocabulary but,
-    as in our encoding, never made from text)."""
+    classifier's (classify_tokenizer). enc: GPT-2's or a trained byte-level BPE (the run's encoder,
+    chat.run_encoder), whose <|endoftext|> (enc.eot_token) is the bos / eos / unk / pad token. The
+    added tokens are the data's special tokens: <|endoftext|> and a template's markers
+    (chat.declared_tokens), each encoded as its one id wherever its text is, the chat_template's
+    markers included; a trained tokenizer's others are in the vocabulary but, as in our encoding,
+    never made from text."""
     vocab, merges = gpt2_vocab_and_merges(enc)
+    markers = chat.declared_tokens(enc)
+    added = {EOT_TEXT: enc.eot_token, **markers}
     tokenizer_config = {
         "tokenizer_class": "GPT2Tokenizer", "add_prefix_space": False, "add_bos_token": False,
         "bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT, "pad_token": EOT_TEXT,
         "model_max_length": block_size, "clean_up_tokenization_spaces": False,
-        "added_tokens_decoder": {str(enc.eot_token): added_token(EOT_TEXT)},
+        "added_tokens_decoder": {str(i): added_token(t, t not in markers) for t, i in
+                                 sorted(added.items(), key=lambda t: t[1])},
     }
     special = {"bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT,
                "pad_token": EOT_TEXT}
     files = {
         "vocab.json": vocab,
         "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n",
-        "tokenizer.json": tokenizer_json(enc, added={EOT_TEXT}),
+        "tokenizer.json": tokenizer_json(enc, added=set(added)),
         "tokenizer_config.json": tokenizer_config,
         "special_tokens_map.json": special,
     }

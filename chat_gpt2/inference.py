@@ -30,7 +30,7 @@ def load_engine(cfg, one_row=False):
         print(f"dtype auto: {dtype} on {device}", file=sys.stderr)
     if dtype != "float32":
         to_half(model, dtype, device)
-    enc = chat.get_encoder(info.get("tokenizer", chat.TOKENIZER))  # GPT-2's or the checkpoint's own
+    enc = chat.run_encoder(info)  # with the special tokens the checkpoint records
     return Engine(model, enc, device, dtype), info
 
 

@@ -23,6 +23,10 @@ from model import Linear
 
 TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # the Linear layers of a Block
 LORA_KEYS = ("lora_A", "lora_B")
+# a LoRA checkpoint's trained embedding rows (train_rows), (len(rows), n_embd), beside the adapters
+ROWS_KEY = "transformer.wte.trained_rows"
+# PEFT's name for them (TrainableTokens: the rows' values, which replace the base's)
+PEFT_ROWS_KEY = "base_model.model.transformer.wte.token_adapter.trainable_tokens_delta"
 
 
 class LoRALinear(Linear):
@@ -128,6 +132,9 @@ def merge_lora(model):
             for name, child in list(parent.named_children()):
                 if isinstance(child, LoRALinear):
                     setattr(parent, name, child.merged())
+    if getattr(model, "rows_hook", None) is not None:  # a plain GPT: every row trains again
+        model.rows_hook.remove()
+        model.rows_hook = model.trained_rows = None
     model.lora = None
     return model
 
@@ -151,19 +158,42 @@ def freeze_layers(model, n):
     return model
 
 
+def train_rows(model, rows):
+    """Train the token embedding's rows `rows` (new special tokens) while every other row stays as
+    it is (LoRA, trainable_layers): the tied wte / LM head weight requires grad, a hook zeroes the
+    other rows' gradient, and GPT.configure_optimizers does not decay it (decay would move them).
+    Sets model.trained_rows (checkpoints save it)."""
+    weight = model.transformer.wte.weight
+    keep = torch.zeros(weight.size(0), 1, dtype=torch.bool)
+    keep[list(rows)] = True
+    weight.requires_grad_(True)
+    model.rows_hook = weight.register_hook(lambda grad: torch.where(keep.to(grad.device), grad, 0))
+    model.trained_rows = sorted(rows)
+    return model
+
+
 def adapter_state(model):
-    """The adapter tensors of model's state dict (the only ones a LoRA checkpoint stores)."""
-    return {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in LORA_KEYS}
+    """The adapter tensors of model's state dict (the only ones a LoRA checkpoint stores), and the
+    trained rows of the embedding (train_rows) as ROWS_KEY."""
+    state = {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in LORA_KEYS}
+    if getattr(model, "trained_rows", None):
+        state[ROWS_KEY] = model.transformer.wte.weight.detach()[model.trained_rows].clone()
+    return state
 
 
 def load_adapters(model, state):
-    """Load adapter tensors into a model with the same adapters; every
+    """Load adapter tensors (and trained rows) into a model with the same adapters; every
     adapter must be filled, nothing else given."""
     expected = set(adapter_state(model))
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise ValueError(f"adapter tensors do not match the settings: missing {missing[:2]}, "
                          f"unexpected {unexpected[:2]}")
+    state = dict(state)
+    if ROWS_KEY in state:
+        with torch.no_grad():
+            model.transformer.wte.weight[model.trained_rows] = state.pop(ROWS_KEY).to(
+                model.transformer.wte.weight.dtype)
     model.load_state_dict(state, strict=False)
     return model
 
@@ -190,13 +220,14 @@ def peft_adapter(model, base_name):
     """(adapter_config.json dict, tensors) that peft.PeftModel.from_pretrained loads onto
     transformers' GPT2LMHeadModel of the base. GPT-2's Conv1D stores (in, out), hence
     fan_in_fan_out=True; PEFT's lora_A / lora_B are nn.Linear weights of the same (r, in) / (out, r)
-    shapes as ours, so no tensor is transposed."""
-    lora = model.lora
+    shapes as ours, so no tensor is transposed. Trained rows of new special tokens go in as PEFT's
+    trainable_token_indices on wte (the tied LM head follows), onto a base resized to hold them."""
+    lora, rows = model.lora, getattr(model, "trained_rows", None)
     tensors = {}
     for name, t in adapter_state(model).items():
         module, key = name.rsplit(".", 1)
-        tensors[f"base_model.model.{module}.{key}.weight"] = (
-            t.detach().to("cpu", torch.float32).contiguous())
+        name = PEFT_ROWS_KEY if name == ROWS_KEY else f"base_model.model.{module}.{key}.weight"
+        tensors[name] = t.detach().to("cpu", torch.float32).contiguous()
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
         "r": lora["rank"], "lora_alpha": lora["alpha"], "lora_dropout": lora["dropout"],
@@ -205,4 +236,6 @@ def peft_adapter(model, base_name):
         "fan_in_fan_out": True, "bias": "none", "use_rslora": False, "use_dora": False,
         "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
     }
+    if rows:  # the new tokens' rows: the base must have them (resize_token_embeddings)
+        config["trainable_token_indices"] = {"wte": list(rows)}
     return config, tensors

@@ -32,7 +32,7 @@ from .evaluation import choice_accuracy, choice_scores, read_choices, text_bytes
 from .lora import lora_settings
 from .preference import adapters_off, pair_logps, preference_loss, sequence_logps
 from .sampling import SamplingParams
-from .training import eval_totals, learned, loss_sums, masked_loss, step_flops
+from .training import add_special_tokens, eval_totals, learned, loss_sums, masked_loss, step_flops
 
 
 def objective_for(meta, data, cfg, run):
@@ -78,7 +78,7 @@ class LanguageModelling:
         self.data, self.meta, self.cfg, self.run = data, meta, cfg, run
         self.epoch_tokens = max(1, int(meta["tokens"]["train"]))
         self.choices, self.evals = eval_choices(cfg, run), 0
-        self.enc = chat.get_encoder(meta.get("tokenizer") or chat.TOKENIZER)  # the dataset's: GPT-2's or a trained one
+        self.enc = chat.run_encoder(meta)  # the dataset's tokenizer and special tokens
 
     def prepare(self, model):
         return model
@@ -233,6 +233,12 @@ class Preference:
 
     def prepare(self, model):
         self.policy = model
+        rows_train = getattr(model, "trained_rows", None)
+        if self.loss_kind == "dpo" and rows_train and not self.cfg["precompute_ref"]:
+            # the reference is the policy without adapters, whose new rows train all the same
+            raise ConfigError("DPO under LoRA / --trainable_layers with new special tokens needs "
+                              "--precompute_ref=true (the reference's log-probabilities from the "
+                              "start)")
         if self.loss_kind == "dpo" and not getattr(model, "lora", None):
             self.reference = self.starting_model(model).to(self.run["device"]).eval()
             self.reference.requires_grad_(False)
@@ -246,8 +252,10 @@ class Preference:
         cfg = self.cfg
         if cfg["init_from"] == "resume":
             cfg = load_checkpoint(find_checkpoint(cfg["out_dir"], last=True))["config"]
-        return build_base({"init_from": cfg["init_from"], "seed": cfg["seed"],
+        base = build_base({"init_from": cfg["init_from"], "seed": cfg["seed"],
                            "model_args": asdict(model.config)})
+        add_special_tokens(base, self.meta, cfg["init_from"] == "scratch")  # as the policy started
+        return base
 
     @contextmanager
     def as_reference(self):
@@ -332,10 +340,10 @@ class Preference:
         text = "".join(f", {s} reward accuracy {losses[f'{s}_rewards/accuracies']:.1%} margin "
                        f"{losses[f'{s}_rewards/margins']:.3f}" for s in ("train", "val"))
         if self.run["master"] and self.cfg["sample_max_tokens"] > 0:
-            prompt = self.data["val"].pair(0)[0].tolist()
+            prompt, enc = self.data["val"].pair(0)[0].tolist(), chat.run_encoder(self.meta)
             reply = greedy_reply(model, prompt, self.cfg["sample_max_tokens"],
-                                 self.meta["default_stop"], self.run)
-            text += f"\n  sample: {chat.get_encoder().decode(prompt)!r} -> {reply!r}"
+                                 self.meta["default_stop"], self.run, enc)
+            text += f"\n  sample: {enc.decode(prompt)!r} -> {reply!r}"
         return fields, text
 
     def test(self, path):

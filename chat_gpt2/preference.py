@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import chat
-from .build import BLOCK_SIZES, build_and_publish, choose_val
+from .build import BLOCK_SIZES, build_and_publish, choose_val, special_meta
 from .dataset import (PREFERENCE_FILES, SPLITS, format_fields, read_array, read_meta, read_tokens,
                       write_tokens)
 from .errors import ConfigError, InputError, RecordError
@@ -200,14 +200,14 @@ def _build(tmp, inputs, val_fraction, val_file, seed, skip_invalid, template):
     for s in SPLITS:
         if not rendered[s]:
             raise InputError(f"no usable preference pairs for the {s} split")
-    vocab_size = chat.VOCAB_SIZE
+    vocab_size = chat.template_encoder(template).n_vocab  # the ids' range: GPT-2's + the markers
     tokens = {s: write_pairs(tmp, s, rendered[s], vocab_size) for s in SPLITS}
     multiline = any("\n" in reply.strip() for s in SPLITS for _, *replies in split[s]
                     for reply in replies)
     meta = {**format_fields(vocab_size), "kind": "preference",
             "pairs": {s: len(rendered[s]) for s in SPLITS},
-            "tokens": tokens, "tokenizer": chat.TOKENIZER, "vocab_size": vocab_size,
-            "template": template, "multiline_replies": multiline,
+            "tokens": tokens, "tokenizer": chat.TOKENIZER, "vocab_size": chat.VOCAB_SIZE,
+            "template": template, **special_meta(template), "multiline_replies": multiline,
             "default_stop": chat.default_stop(multiline, template), "skipped": dict(skipped),
             **length_summary(rendered["train"] + rendered["val"]), "sources": hashes,
             "seed": seed, "val_fraction": None if val_file else val_fraction}

@@ -152,6 +152,9 @@ def plot_accuracy(out_dir):
 def start_lines(model, cfg, run, tokens_per_iter, stamp, peak_flops, peak_source):
     """What a run prints at its start: the model, what is trained, where, and the MFU's peak."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if getattr(model, "trained_rows", None):  # the embedding trains these rows (lora.train_rows)
+        weight = model.transformer.wte.weight
+        trainable -= weight.numel() - len(model.trained_rows) * weight.size(1)
     total = model.get_num_params(non_embedding=False)
     return (f"{model.get_num_params() / 1e6:.2f}M parameters; trainable {trainable:,} of {total:,} "
             f"({trainable / total:.2%}){describe_training(cfg)}, device {run['device']}, "

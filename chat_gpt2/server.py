@@ -410,8 +410,9 @@ class Service:
                                 f"{self.limits.max_rows} rows decoded together", param="prompt")
         self.check_chars(sum(len(prompt) for prompt in prompts), "prompt")
         vocab = self.engine.enc.n_vocab
+        real = chat.is_token(self.engine.enc, vocab)  # not the free id before added special tokens
         for i, prompt in enumerate(prompts):
-            if isinstance(prompt, list) and not all(0 <= token < vocab for token in prompt):
+            if isinstance(prompt, list) and not all(0 <= t < vocab and real[t] for t in prompt):
                 raise ApiError(400, f"prompt: prompt {i} has token ids outside 0..{vocab - 1}",
                                param="prompt")
         return [self.raw_prompt(prompt, params, echo) for prompt in prompts]

@@ -15,7 +15,7 @@ from .checkpoint import SHAPE_KEYS, describe_base, init_checkpoint, model_from_c
 from .device import autocast
 from .errors import ConfigError, DivergedError
 from .hf_gpt2 import from_pretrained, pretrained_config, resolve_pretrained
-from .lora import apply_lora, freeze_layers, lora_settings
+from .lora import apply_lora, freeze_layers, lora_settings, train_rows
 from .memory import check_memory, count_trainable
 from .tokenizer import check_same, padded_vocab
 from model import GPT, GPTConfig
@@ -61,17 +61,21 @@ class EarlyStopping:
 # The model to train
 
 
-def build_model(cfg, ckpt, sys_info, explicit=(), tokenizer=chat.TOKENIZER):
+def build_model(cfg, ckpt, sys_info, explicit=(), meta=None):
     """The model to train, on the device: resumed from ckpt, or the base named by init_from; then
-    LoRA adapters (lora_rank > 0, the base frozen) or the trainable_layers freeze. explicit: see
-    _base_model. tokenizer: the dataset's (a scratch model's vocabulary; any other must match)."""
+    the rows of the dataset's new special tokens (meta: its meta.json; add_special_tokens); then
+    LoRA adapters (lora_rank > 0, the base frozen) or the trainable_layers freeze, under which the
+    new rows alone of the embedding train. explicit: see _base_model. The dataset's tokenizer is a
+    scratch model's vocabulary; any other model's must match it."""
+    meta = meta or {}
+    tokenizer = meta.get("tokenizer") or chat.TOKENIZER
     if ckpt is not None:  # a LoRA run comes back with its adapters apart, trainable (merge=False)
         check_same(tokenizer, ckpt.get("tokenizer"), f"the dataset {cfg['dataset']} is tokenized "
                    "with {ours}, but the run being resumed was trained with {theirs}")
         model = model_from_checkpoint(ckpt, _build_device(sys_info), merge=False,
                                       dropout=cfg["dropout"])
     else:
-        model = _base_model(cfg, sys_info, explicit, tokenizer)
+        model = _base_model(cfg, sys_info, explicit, meta)
     if cfg["block_size"] < model.config.block_size:
         model.crop_block_size(cfg["block_size"])
     elif cfg["block_size"] > model.config.block_size:
@@ -84,8 +88,17 @@ def build_model(cfg, ckpt, sys_info, explicit=(), tokenizer=chat.TOKENIZER):
     if lora and ckpt is None:
         # the base as trained on (cropped): a LoRA checkpoint stores how to rebuild it, no weights
         model.lora_base = describe_base(model, cfg["init_from"], cfg["seed"])
+    rows = add_special_tokens(model, meta, cfg["init_from"] == "scratch", ckpt is not None)
+    if ckpt is not None:
+        rows = ckpt.get("trained_rows", [])
+    if lora and ckpt is None:
         apply_lora(model, lora)
     freeze_layers(model, cfg["trainable_layers"])  # after the crop, which makes a new wpe Parameter
+    if rows and (lora or cfg["trainable_layers"] != -1) and not getattr(model, "trained_rows", 0):
+        if sys_info.get("fsdp"):  # a sharded wte: the hook's row mask would not fit its shards
+            raise ConfigError("--parallel=fsdp cannot train the rows of new special tokens alone "
+                              "(--trainable_layers): use --parallel=ddp")
+        train_rows(model, rows)
     model.grad_checkpointing = cfg["grad_checkpointing"]
     return model.to(sys_info["device"]) if not sys_info.get("fsdp") else model
 
@@ -97,14 +110,35 @@ def _build_device(sys_info):
     return None if sys_info.get("fsdp") else "cpu"
 
 
-def _base_model(cfg, sys_info, explicit, tokenizer):
+def add_special_tokens(model, meta, scratch, resumed=False):
+    """Give model rows for the special tokens of the dataset (meta.json's, {marker: id}) it has none
+    for: a pretrained or fine-tuned base's new rows start from the mean of its real tokens' rows
+    (GPT.init_token_rows: the vocabulary grows when they do not fit); a scratch model keeps its
+    random ones. Sets model.special_tokens; returns the new ids. A marker whose id differs from
+    the model's, or new ones on resume, are a ConfigError."""
+    ids, have = meta.get("special_tokens") or {}, dict(getattr(model, "special_tokens", {}) or {})
+    clash = [f"{m} is {i} in the data, {have[m]} in the model" for m, i in ids.items()
+             if m in have and have[m] != i]
+    new = sorted(i for m, i in ids.items() if m not in have)
+    if clash or (new and resumed):
+        raise ConfigError(f"the dataset's special tokens do not match the model's: "
+                          f"{'; '.join(clash) or f'new ones {new} on resume'}")
+    if new and (not scratch or max(new) >= model.config.vocab_size):
+        # the real rows: the tokenizer's own (GPT-2's or a trained one's), before any marker
+        model.init_token_rows(new, chat.get_encoder(meta.get("tokenizer") or chat.TOKENIZER).n_vocab)
+    model.special_tokens = {**have, **ids}
+    return new
+
+
+def _base_model(cfg, sys_info, explicit, meta):
     """explicit: the keys the command line / config files set; for a pretrained init_from, an
     explicit n_layer, n_head, n_embd or bias that differs from the checkpoint's is refused (the
     defaults are for scratch models). A scratch model's vocabulary is the tokenizer's, padded
     (padded_vocab: GPT-2's 50257 -> 50304); pretrained weights must have read the same tokenizer."""
     data = f"the dataset {cfg['dataset']} is tokenized with {{ours}}"
-    if cfg["init_from"] == "scratch":
-        n_vocab = chat.get_encoder(tokenizer or chat.TOKENIZER).n_vocab
+    tokenizer = meta.get("tokenizer") or chat.TOKENIZER
+    if cfg["init_from"] == "scratch":  # its rows: the tokenizer's and the template's special tokens
+        n_vocab = chat.run_encoder(meta).n_vocab
         config = GPTConfig(**{k: cfg[k] for k in ("block_size", "n_layer", "n_head", "n_embd",
                                                    "dropout", "bias")},
                            vocab_size=padded_vocab(n_vocab))
