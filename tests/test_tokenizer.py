@@ -388,3 +388,54 @@ def test_bench_prepare_with_the_trained_tokenizer(tmp_path, trained, capsys):
         assert rows[tokenizer]["chat"]["tokens"] == rows[tokenizer]["chat"]["tokens_bare"]
         assert rows[tokenizer]["text"]["tokens"] == rows[tokenizer]["text"]["tokens_bare"] + 1
     assert rows[trained]["text"]["tokens"] < rows[""]["text"]["tokens"]
+
+
+def test_chatml_special_with_a_trained_tokenizer(tmp_path, capsys):
+    """A tokenizer trained without ChatML's markers (but with a [PAD]) and --template=chatml_special: each marker
+    is one id right after its vocabulary (no free id: that is GPT-2's, for a classifier's pad), a typed marker stays
+    text; prepare, a few training steps and sample.py work; generation stops on <|im_end|>, never on [PAD]."""
+    import sample
+    from chat_gpt2.checkpoint import save_checkpoint
+    from chat_gpt2.engine import Engine, Request
+    from chat_gpt2.sampling import SamplingParams
+    (tmp_path / "corpus.txt").write_text(CORPUS, encoding="utf-8")
+    chats = write_records(tmp_path / "chats.jsonl", [{"user": f"Question {i}? <|im_end|>", "assistant": f"Answer {i}."}
+                                                      for i in range(40)])
+    tok, data, out = (str(tmp_path / name) for name in ("tok", "data", "out"))
+    assert prepare.main([str(tmp_path / "corpus.txt"), chats, "--task=tokenizer", "--vocab_size=400",
+                         "--special_tokens=[PAD]", f"--out_dir={tok}"]) == 0
+    base = chat.get_encoder(tk.load_tokenizer(tok))
+    assert prepare.main([chats, f"--tokenizer={tok}", "--template=chatml_special", f"--out_dir={data}"]) == 0
+    meta = read_meta(data)
+    start, end, pad = base.n_vocab, base.n_vocab + 1, base._special_tokens["[PAD]"]
+    assert meta["special_tokens"] == {"<|im_start|>": start, "<|im_end|>": end} and meta["vocab_size"] == 400
+    enc = chat.run_encoder(meta)
+    assert chat.stop_ids(enc) == [base.eot_token, start, end]  # the trained [PAD] is no stop
+    loaded, _ = load_dataset(data)
+    ids = np.concatenate([loaded[s].ids for s in ("train", "val")])
+    assert (ids == start).sum() == (ids == end).sum() == 2 * 40 and (ids == base.eot_token).sum() == 40
+    assert ids.max() == end and enc.decode(ids.tolist()).count("? <|im_end|>") == 40  # the typed one: text
+    train_inprocess(tiny_train_args(data, out, bias=True, sample_max_tokens=4))
+    ckpt = load_ckpt(os.path.join(out, checkpoints(out)[-1]))
+    assert ckpt["special_tokens"] == meta["special_tokens"]
+    assert ckpt["model_args"]["vocab_size"] == tk.padded_vocab(402) == 448
+    sample.main([f"--out_dir={out}", "--prompt=Question 3?", "--max_new_tokens=4", "--device=cpu",
+                 "--dtype=float32"])
+    capsys.readouterr()
+    # every next token <|im_end|> (ln_f a constant vector, the tied head's top row): the reply ends at once
+    state = ckpt["model"]
+    state["transformer.ln_f.weight"].zero_()
+    state["transformer.ln_f.bias"].fill_(1.0)
+    state["transformer.wte.weight"][end] = 10.0
+    save_checkpoint(str(tmp_path / "end.pt"), ckpt)
+    sample.main([f"--ckpt={tmp_path / 'end.pt'}", "--prompt=Question 3?", "--max_new_tokens=8", "--device=cpu",
+                 "--dtype=float32"])
+    assert capsys.readouterr().out.strip() == ""
+    from chat_gpt2.checkpoint import model_from_checkpoint
+    state["transformer.wte.weight"][end] = 0.0
+    state["transformer.wte.weight"][pad] = 10.0  # now [PAD] is every next token: it does not stop
+    request = Request(chat.render_prompt([{"role": "user", "content": "Question 3?"}], chat.CHATML_SPECIAL, enc),
+                      SamplingParams(temperature=0.0, max_new_tokens=3))
+    Engine(model_from_checkpoint(ckpt).eval(), enc).complete([request])
+    reply = request.replies[0]
+    assert reply.finish_reason == "length" and reply.tokens == [pad] * 3 and reply.stop_token is None
