@@ -187,8 +187,9 @@ def test_language_modelling_evaluates_the_token_weighted_loss_of_fixed_batches(t
             weighted = sum(training.masked_loss(model, b).item() * training.learned(b) for b in batches)
         assert losses[split] == pytest.approx(weighted / sum(training.learned(b) for b in batches), rel=1e-5)
     assert task.evaluate(model) == losses and model.training  # the same batches each time; back to train()
-    fields, text = task.report(model, losses)  # the greedy sample reply to the val split's first prompt
-    assert fields == {} and text.startswith("\n  sample: ") and " -> " in text
+    fields, text = task.report(model, losses)  # bits per byte, the greedy sample reply to the val's first prompt
+    assert fields == {"train_bpb": losses["train_bpb"], "val_bpb": losses["val_bpb"]}
+    assert text.startswith(f", val {losses['val_bpb']:.4f} bits/byte\n  sample: ") and " -> " in text
     assert task.report(model, losses) == (fields, text)
     assert objectives.LanguageModelling(data, meta, {**cfg, "sample_max_tokens": 0}, RUN).report(model, losses) \
-        == ({}, "")
+        == (fields, text.split("\n")[0])
