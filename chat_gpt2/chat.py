@@ -21,10 +21,12 @@ turn's closing `\\n\\n`, and the final `<|endoftext|>`), 0 elsewhere. User text 
 (render_prompt) are the conversation's up to its reply. `render_batch` is the fast path prepare.py
 uses (many conversations at once, numpy); tests/test_render.py checks it against the definition.
 
-A template may declare some of its markers special tokens (`"special_tokens"`, e.g. chatml_special's
-`<|im_start|>` / `<|im_end|>`): each is then one id (special_token_ids: after the vocabulary, GPT-2's
-after one free id), only where the template writes it (special_spans), never from a message's text; the
-run's encoder has them (template_encoder, run_encoder) and generation stops on them (stop_ids).
+A template may declare some of its markers special tokens (`"special_tokens"`, e.g.
+chatml_special's `<|im_start|>` / `<|im_end|>`): each is then one id (special_token_ids: a
+trained tokenizer's own when it has the marker, else after the vocabulary, GPT-2's after one free
+id), only where the template writes it (special_spans), never from a message's text; the run's
+encoder has them (template_encoder, run_encoder: the one way to a run's encoder) and generation
+stops on them and <|endoftext|> alone (stop_ids).
 """
 import bisect
 import itertools

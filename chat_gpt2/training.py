@@ -125,7 +125,8 @@ def add_special_tokens(model, meta, scratch, resumed=False):
                           f"{'; '.join(clash) or f'new ones {new} on resume'}")
     if new and (not scratch or max(new) >= model.config.vocab_size):
         # the real rows: the tokenizer's own (GPT-2's or a trained one's), before any marker
-        model.init_token_rows(new, chat.get_encoder(meta.get("tokenizer") or chat.TOKENIZER).n_vocab)
+        real = chat.get_encoder(meta.get("tokenizer") or chat.TOKENIZER).n_vocab
+        model.init_token_rows(new, real)
     model.special_tokens = {**have, **ids}
     return new
 

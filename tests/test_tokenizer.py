@@ -439,3 +439,43 @@ def test_chatml_special_with_a_trained_tokenizer(tmp_path, capsys):
     Engine(model_from_checkpoint(ckpt).eval(), enc).complete([request])
     reply = request.replies[0]
     assert reply.finish_reason == "length" and reply.tokens == [pad] * 3 and reply.stop_token is None
+
+
+def test_a_trained_tokenizers_own_markers_keep_their_ids(record):
+    """A tokenizer trained with ChatML's markers: chatml_special declares its own ids (no row added), generation
+    stops on them only once the template declares them, and the HF export adds them as tokens (others: not)."""
+    from chat_gpt2.hf_tokenizer import tokenizer_files
+    base = chat.get_encoder(record)
+    ids = chat.special_token_ids(chat.CHATML_SPECIAL, base)
+    assert ids == {m: base._special_tokens[m] for m in SPECIALS} == {"<|im_start|>": 598, "<|im_end|>": 599}
+    enc = chat.template_encoder(chat.CHATML_SPECIAL, base)
+    assert enc.n_vocab == 600 and chat.declared_tokens(enc) == ids and chat.declared_tokens(base) == {}
+    assert chat.stop_ids(base) == [597] and chat.stop_ids(enc) == [597, 598, 599]
+    assert chat.run_encoder({"tokenizer": record, "special_tokens": ids}) is enc
+    assert chat.template_encoder(chat.CHATML_SPECIAL, enc) is enc  # idempotent on a run's encoder
+    added = {name: [t["content"] for t in tokenizer_files(e, chat.CHATML_SPECIAL, 64)["tokenizer.json"]["added_tokens"]]
+             for name, e in (("base", base), ("declared", enc))}
+    assert added == {"base": ["<|endoftext|>"], "declared": ["<|endoftext|>", *SPECIALS]}
+
+
+@pytest.mark.parametrize("template", [chat.CHATML, chat.CHATML_SPECIAL])
+def test_gguf_markers_are_control_tokens_only_when_declared(tmp_path, record, template):
+    """GGUF of the trained tokenizer (with ChatML's markers): declared by the template, they are control tokens and
+    <|im_end|> the end of turn; not declared, they are unused placeholders (never read from a prompt's text)."""
+    import gguf
+    from chat_gpt2.gguf_export import write_gguf
+    path = str(tmp_path / "m.gguf")
+    write_gguf(eot_model(record).eval(), path, template, record, gguf_type="f32")
+    reader = gguf.GGUFReader(path)
+
+    def field(key):
+        return reader.get_field(key).contents()
+
+    tokens, types = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type")
+    declared = bool(template.get("special_tokens"))
+    assert len(tokens) == 600 and tokens[597] == "<|endoftext|>" and types[597] == gguf.TokenType.CONTROL
+    want = gguf.TokenType.CONTROL if declared else gguf.TokenType.UNUSED
+    assert [types[598], types[599]] == [want, want]
+    assert tokens[598:] == (list(SPECIALS) if declared else ["<|unused_598|>", "<|unused_599|>"])
+    assert field("tokenizer.ggml.eot_token_id") == (599 if declared else 597)
+    assert field("tokenizer.ggml.eos_token_id") == 597
