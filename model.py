@@ -159,8 +159,17 @@ class CausalSelfAttention(nn.Module):
         mask = None
         # append the new keys/values, attend over all the row's cached ones
         if kv_cache is not None:
-            # mask: True = visible (None: all / causal)
+            # mask: True = visible (None: all / causal); q in the cache's dtype (fp32 on CPU)
             k, v, mask = kv_cache.append(self.layer, k, v)
+            if k.dtype != q.dtype:
+                with torch.autocast(x.device.type, enabled=False):
+                    return self.resid_dropout(self.c_proj(self._attend(q.to(k.dtype), k, v, mask)))
+        return self.resid_dropout(self.c_proj(self._attend(q, k, v, mask)))
+
+    def _attend(self, q, k, v, mask):
+        """softmax(q k^T / sqrt(hs)) v over the heads (B, nh, T, hs), mask None: causal (all keys
+        for T = 1); re-joined: (B, T, C)."""
+        B, _, T, _ = q.shape
         if self.flash:
             dropout = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
@@ -168,12 +177,11 @@ class CausalSelfAttention(nn.Module):
         else:
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
             if mask is None and T > 1:
-                mask = causal_mask(T, T, x.device)
+                mask = causal_mask(T, T, q.device)
             if mask is not None:
                 att = att.masked_fill(~mask, float("-inf"))
             y = self.attn_dropout(F.softmax(att, dim=-1)) @ v
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        return y.transpose(1, 2).contiguous().view(B, T, self.n_embd)
 
 
 def causal_mask(n_query, n_key, device):

@@ -11,7 +11,7 @@ import helpers
 from chat_gpt2 import chat
 from chat_gpt2 import inference
 from chat_gpt2.errors import ConfigError
-from chat_gpt2.engine import Decoder, Engine, KVCache, PromptCache, Request, crop_start
+from chat_gpt2.engine import Decoder, Engine, KVCache, PromptCache, Request, cache_dtype, crop_start
 from chat_gpt2.sampling import (SAMPLING_KEYS, SERVER_ONLY, SamplingParams, adjust_logits, sample_next, sampling_defaults,
                                 sampling_help)
 from chat_gpt2.inference import load_engine
@@ -494,10 +494,14 @@ def test_weights_and_cache_are_converted(tiny_ckpt, dtype):
     prompt = [1, 2, 3, 4]
     # the half-precision KV cache reproduces full recomputation
     assert decoded(model, prompt, 12, temperature=0.0) == reference(model, prompt, 12, temperature=0.0)
-    cache = KVCache(engine.model.config)
-    with torch.no_grad():
-        engine.model(torch.tensor([prompt]), kv_cache=cache)
-    assert cache.k[0].dtype == getattr(torch, dtype)
+    # a cache of no dtype of its own holds the attention's; a CPU's (cache_dtype) is fp32, where
+    # one query's attention over the cache runs faster, with the same tokens
+    for own, held in ((None, half), (cache_dtype("cpu"), torch.float32)):
+        cache = KVCache(engine.model.config, dtype=own)
+        with torch.no_grad():
+            engine.model(torch.tensor([prompt]), kv_cache=cache)
+        assert cache.k[0].dtype == held
+    assert Decoder(engine, 1).cache.dtype == torch.float32
 
 
 def test_half_replies_agree_with_fp32_on_most_tokens(tiny_ckpt):
