@@ -640,3 +640,19 @@ def test_load_engine_upcasts_only_where_the_cpu_lacks_bf16(tiny_ckpt, monkeypatc
     assert all(m.upcast is not native for m in model.modules() if isinstance(m, torch.nn.Linear))
     fp16 = engine_for(tiny_ckpt, "float16").model  # a CPU converts fp16 in software: always upcast
     assert all(m.upcast for m in fp16.modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_batched_rows_use_a_transposed_copy_that_follows_the_weight():
+    """9-16 rows without a gradient (a server's batch) multiply a transposed copy of the weight: the
+    same product as F.linear, made again after the weight changed in place, none with a gradient."""
+    from model import Linear
+    torch.manual_seed(0)
+    layer, x = Linear(32, 48), torch.randn(12, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+        assert layer._weight_t is not None
+        layer.weight.mul_(2)  # an optimizer step
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+    fresh = Linear(32, 48)
+    fresh(x).sum().backward()  # training: no copy
+    assert fresh._weight_t is None and fresh.weight.grad is not None
