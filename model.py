@@ -90,12 +90,15 @@ class Linear(nn.Linear):
             self._weight_t = (key, self.weight.detach().t().contiguous())
         return self._weight_t[1]
 
-    def quantize(self):
+    def quantize(self, keep_dense=False):
         """The weight in int8 with a bf16 scale per output channel (quantize_int8), the bias in
         bf16: what GPT.to_half(torch.int8) does to every Linear. The Parameter keeps its identity,
-        so the tied embedding (wte) shares the int8 weight."""
+        so the tied embedding (wte) shares the int8 weight. keep_dense: the fp32 weight stays too
+        (the LM head's: dense_weight's rows, a few per token, are then exact)."""
         if self.weight.dtype == torch.int8:
             return
+        if keep_dense:
+            self.register_buffer("dense", self.weight.detach().float().clone(), persistent=False)
         weight, scales = quantize_int8(self.weight.detach())
         self._weight_t = None
         self.weight.requires_grad_(False)
@@ -115,7 +118,9 @@ class Linear(nn.Linear):
     def dense_weight(self, rows=None):
         """The weight (or its rows `rows`, a tensor of indices) as a floating-point tensor: itself,
         or dequantised to fp32 where int8 (the tied embedding's lookup, the LM head's refined
-        logits and its loss)."""
+        logits and its loss; quantize(keep_dense=True) kept the fp32 weight: that)."""
+        if getattr(self, "dense", None) is not None:
+            return self.dense if rows is None else self.dense[rows]
         weight = self.weight if rows is None else self.weight[rows]
         if weight.dtype != torch.int8:
             return weight
@@ -404,11 +409,13 @@ class GPT(nn.Module):
         than it saves. Figures: docs/inference.md and docs/performance.md.
 
         dtype torch.int8: the same, with each Linear's weight in int8 and a bf16 scale per output
-        channel (Linear.quantize), multiplied in bf16: a quarter of fp32's bytes per token."""
+        channel (Linear.quantize), multiplied in bf16: a quarter of fp32's bytes per token. The LM
+        head keeps its fp32 weight beside (a few rows per token: the embedding lookup and the
+        refined top logits), since its rounding is what flips most greedy tokens."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 if dtype == torch.int8:
-                    module.quantize()
+                    module.quantize(keep_dense=module is self.lm_head)
                 else:
                     module.to(dtype)
                     module._weight_t = None  # a copy of the fp32 weight, if any
