@@ -49,15 +49,15 @@ class LayerNorm(nn.Module):
 class Linear(nn.Linear):
     """nn.Linear (same parameters, same state dict) with a faster CPU path for the few rows that
     cached generation multiplies: for, say, 8 rows MKL's x @ W.T repacks the whole weight at every
-    call, while W @ x.T streams it once (docs/performance.md). Beyond COPY_ROWS rows without a
-    gradient (a server's batch) the transposed (N, rows) product costs more to lay out than it saves:
-    there x @ a transposed copy of the weight, made once, at most one extra copy per Linear (the LM
-    head of a 4-layer 256-wide model, 16 rows: 9.7 ms instead of 15.8). Training and prompts (many
-    rows) take F.linear. After quantize(), an int8 weight with per-channel scales (int8_matmul)."""
+    call, while W @ x.T streams it once (docs/performance.md). Beyond PACKED_ROWS rows without a
+    gradient (a batch of decoded rows: serve.py, bench.py's batch 8) oneDNN's matmul over a copy of
+    the weight laid out for it once (packed_weight: at most one extra copy per Linear) beats both
+    (docs/performance.md#batched-decoding). Training and prompts (many rows) take F.linear. After
+    quantize(), an int8 weight with per-channel scales (int8_matmul)."""
 
     FEW_ROWS = 16
-    COPY_ROWS = 8
-    _weight_t = None  # (the weight's storage, version and dtype, its transposed copy)
+    PACKED_ROWS = 2
+    _packed = None  # (the weight's storage, version and dtype, its oneDNN copy)
     # GPT.to_half(upcast=True): half-precision weights multiplied in fp32 beyond FEW_ROWS rows
     upcast = False
 
@@ -74,21 +74,30 @@ class Linear(nn.Linear):
             return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
         if x.device.type != "cpu" or not 0 < rows <= self.FEW_ROWS:
             return F.linear(x, self.weight, self.bias)
-        if rows > self.COPY_ROWS and not torch.is_grad_enabled() and not autocast:
-            flat, weight_t = x.reshape(rows, x.size(-1)), self.transposed_weight()
-            out = flat @ weight_t if self.bias is None else torch.addmm(self.bias, flat, weight_t)
-            return out.view(*x.shape[:-1], self.out_features)
+        if rows > self.PACKED_ROWS and not (torch.is_grad_enabled() or autocast or self.upcast):
+            packed = self.packed_weight()
+            if packed is not None:
+                return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
         columns = x.reshape(rows, x.size(-1)).t()
         out = (self.weight @ columns if self.bias is None
                else torch.addmm(self.bias[:, None], self.weight, columns))
         return out.t().contiguous().view(*x.shape[:-1], self.out_features)
 
-    def transposed_weight(self):
-        """weight.T laid out contiguously, (in, out): made again only when the weight changed."""
+    def packed_weight(self):
+        """The weight laid out for oneDNN's matmul, made again only when the weight changed (None
+        without oneDNN)."""
         key = (self.weight.data_ptr(), self.weight._version, self.weight.dtype)
-        if self._weight_t is None or self._weight_t[0] != key:
-            self._weight_t = (key, self.weight.detach().t().contiguous())
-        return self._weight_t[1]
+        if self._packed is None or self._packed[0] != key:
+            try:
+                packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(),
+                                                                 self.FEW_ROWS)
+            except (AttributeError, RuntimeError):  # a build without oneDNN
+                packed = None
+            self._packed = (key, packed)
+        return self._packed[1]
+
+    def __getstate__(self):  # copy.deepcopy, pickle: the oneDNN copy has no storage to copy
+        return {k: v for k, v in self.__dict__.items() if k != "_packed"}
 
     def quantize(self, keep_dense=False):
         """The weight in int8 with a bf16 scale per output channel (quantize_int8), the bias in
@@ -100,7 +109,7 @@ class Linear(nn.Linear):
         if keep_dense:
             self.register_buffer("dense", self.weight.detach().float().clone(), persistent=False)
         weight, scales = quantize_int8(self.weight.detach())
-        self._weight_t = None
+        self._packed = None
         self.weight.requires_grad_(False)
         self.weight.data = weight
         self.register_buffer("scales", scales)
@@ -418,7 +427,7 @@ class GPT(nn.Module):
                     module.quantize(keep_dense=module is self.lm_head)
                 else:
                     module.to(dtype)
-                    module._weight_t = None  # a copy of the fp32 weight, if any
+                    module._packed = None  # a copy of the fp32 weight, if any
                 if upcast:
                     module.upcast = True
         return self

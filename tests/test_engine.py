@@ -642,17 +642,21 @@ def test_load_engine_upcasts_only_where_the_cpu_lacks_bf16(tiny_ckpt, monkeypatc
     assert all(m.upcast for m in fp16.modules() if isinstance(m, torch.nn.Linear))
 
 
-def test_batched_rows_use_a_transposed_copy_that_follows_the_weight():
-    """9-16 rows without a gradient (a server's batch) multiply a transposed copy of the weight: the
-    same product as F.linear, made again after the weight changed in place, none with a gradient."""
+def test_batched_rows_use_a_packed_copy_that_follows_the_weight():
+    """3-16 rows without a gradient (a batch of decoded rows) multiply a copy of the weight laid out
+    for oneDNN: the same product as F.linear, made again after the weight changed in place, none
+    with a gradient; a model holding one deep-copies."""
+    import copy
     from model import Linear
     torch.manual_seed(0)
-    layer, x = Linear(32, 48), torch.randn(12, 32)
+    layer, x = Linear(32, 48), torch.randn(2, 6, 32)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
-        assert layer._weight_t is not None
+        assert layer._packed is not None
         layer.weight.mul_(2)  # an optimizer step
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+        twin = copy.deepcopy(layer)
+        torch.testing.assert_close(twin(x), layer(x))
     fresh = Linear(32, 48)
     fresh(x).sum().backward()  # training: no copy
-    assert fresh._weight_t is None and fresh.weight.grad is not None
+    assert fresh._packed is None and fresh.weight.grad is not None
