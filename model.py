@@ -50,9 +50,9 @@ class Linear(nn.Linear):
     """nn.Linear (same parameters, same state dict) with a faster CPU path for the few rows that
     cached generation multiplies: for, say, 8 rows MKL's x @ W.T repacks the whole weight at every
     call, while W @ x.T streams it once (docs/performance.md). Beyond PACKED_ROWS rows without a
-    gradient (a batch of decoded rows: serve.py, bench.py's batch 8) oneDNN's matmul over a copy of
-    the weight laid out for it once (packed_weight: at most one extra copy per Linear) beats both
-    (docs/performance.md#batched-decoding). Training and prompts (many rows) take F.linear. After
+    gradient (a batch of decoded rows: serve.py, bench.py's batch 8), and for any rows with bf16
+    weights, oneDNN's matmul over a copy of the weight laid out for it once (packed_weight: at most
+    one extra copy per Linear) beats both (docs/performance.md#batched-decoding). Training and prompts (many rows) take F.linear. After
     quantize(), an int8 weight with per-channel scales (int8_matmul)."""
 
     FEW_ROWS = 16
@@ -74,7 +74,9 @@ class Linear(nn.Linear):
             return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
         if x.device.type != "cpu" or not 0 < rows <= self.FEW_ROWS:
             return F.linear(x, self.weight, self.bias)
-        if rows > self.PACKED_ROWS and not (torch.is_grad_enabled() or autocast or self.upcast):
+        fp32 = self.weight.dtype == torch.float32  # bf16 gains for any rows, fp32 from 3
+        if ((rows > self.PACKED_ROWS or not fp32)
+                and not (torch.is_grad_enabled() or autocast or self.upcast)):
             packed = self.packed_weight()
             if packed is not None:
                 return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")

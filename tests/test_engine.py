@@ -657,6 +657,10 @@ def test_batched_rows_use_a_packed_copy_that_follows_the_weight():
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
         twin = copy.deepcopy(layer)
         torch.testing.assert_close(twin(x), layer(x))
+        half = Linear(32, 48).to(torch.bfloat16)  # bf16 weights: one row too
+        row = torch.randn(1, 32, dtype=torch.bfloat16)
+        torch.testing.assert_close(half(row), F.linear(row, half.weight, half.bias))
+        assert half._packed is not None
     fresh = Linear(32, 48)
     fresh(x).sum().backward()  # training: no copy
     assert fresh._packed is None and fresh.weight.grad is not None
