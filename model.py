@@ -49,17 +49,23 @@ class LayerNorm(nn.Module):
 class Linear(nn.Linear):
     """nn.Linear (same parameters, same state dict) with a faster CPU path for the few rows that
     cached generation multiplies: for, say, 8 rows MKL's x @ W.T repacks the whole weight at every
-    call, while W @ x.T streams it once (docs/performance.md). Training and prompts (many rows) take
-    F.linear. After quantize(), an int8 weight with per-channel scales (int8_matmul)."""
+    call, while W @ x.T streams it once (docs/performance.md). Beyond PACKED_ROWS rows without a
+    gradient (a batch of decoded rows: serve.py, bench.py's batch 8), and for any rows with bf16
+    weights, oneDNN's matmul over a copy of the weight laid out for it once (packed_weight: at most
+    one extra copy per Linear) beats both (docs/performance.md#batched-decoding). Training and prompts (many rows) take F.linear. After
+    quantize(), an int8 weight with per-channel scales (int8_matmul)."""
 
     FEW_ROWS = 16
+    PACKED_ROWS = 2
+    _packed = None  # (the weight's storage, version and dtype, its oneDNN copy)
     # GPT.to_half(upcast=True): half-precision weights multiplied in fp32 beyond FEW_ROWS rows
     upcast = False
 
     def forward(self, x):
         if self.weight.dtype == torch.int8:
             return self._int8_forward(x)
-        if x.dtype != self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if x.dtype != self.weight.dtype and not autocast:
             # half-precision weights (GPT.to_half) under the fp32 residual stream
             x = x.to(self.weight.dtype)
         rows = x.numel() // max(1, x.size(-1))
@@ -68,18 +74,44 @@ class Linear(nn.Linear):
             return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
         if x.device.type != "cpu" or not 0 < rows <= self.FEW_ROWS:
             return F.linear(x, self.weight, self.bias)
+        fp32 = self.weight.dtype == torch.float32  # bf16 gains for any rows, fp32 from 3
+        if ((rows > self.PACKED_ROWS or not fp32)
+                and not (torch.is_grad_enabled() or autocast or self.upcast)):
+            packed = self.packed_weight()
+            if packed is not None:
+                return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
         columns = x.reshape(rows, x.size(-1)).t()
         out = (self.weight @ columns if self.bias is None
                else torch.addmm(self.bias[:, None], self.weight, columns))
         return out.t().contiguous().view(*x.shape[:-1], self.out_features)
 
-    def quantize(self):
+    def packed_weight(self):
+        """The weight laid out for oneDNN's matmul, made again only when the weight changed (None
+        without oneDNN)."""
+        key = (self.weight.data_ptr(), self.weight._version, self.weight.dtype)
+        if self._packed is None or self._packed[0] != key:
+            try:
+                packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(),
+                                                                 self.FEW_ROWS)
+            except (AttributeError, RuntimeError):  # a build without oneDNN
+                packed = None
+            self._packed = (key, packed)
+        return self._packed[1]
+
+    def __getstate__(self):  # copy.deepcopy, pickle: the oneDNN copy has no storage to copy
+        return {k: v for k, v in self.__dict__.items() if k != "_packed"}
+
+    def quantize(self, keep_dense=False):
         """The weight in int8 with a bf16 scale per output channel (quantize_int8), the bias in
         bf16: what GPT.to_half(torch.int8) does to every Linear. The Parameter keeps its identity,
-        so the tied embedding (wte) shares the int8 weight."""
+        so the tied embedding (wte) shares the int8 weight. keep_dense: the fp32 weight stays too
+        (the LM head's: dense_weight's rows, a few per token, are then exact)."""
         if self.weight.dtype == torch.int8:
             return
+        if keep_dense:
+            self.register_buffer("dense", self.weight.detach().float().clone(), persistent=False)
         weight, scales = quantize_int8(self.weight.detach())
+        self._packed = None
         self.weight.requires_grad_(False)
         self.weight.data = weight
         self.register_buffer("scales", scales)
@@ -97,7 +129,9 @@ class Linear(nn.Linear):
     def dense_weight(self, rows=None):
         """The weight (or its rows `rows`, a tensor of indices) as a floating-point tensor: itself,
         or dequantised to fp32 where int8 (the tied embedding's lookup, the LM head's refined
-        logits and its loss)."""
+        logits and its loss; quantize(keep_dense=True) kept the fp32 weight: that)."""
+        if getattr(self, "dense", None) is not None:
+            return self.dense if rows is None else self.dense[rows]
         weight = self.weight if rows is None else self.weight[rows]
         if weight.dtype != torch.int8:
             return weight
@@ -159,8 +193,17 @@ class CausalSelfAttention(nn.Module):
         mask = None
         # append the new keys/values, attend over all the row's cached ones
         if kv_cache is not None:
-            # mask: True = visible (None: all / causal)
+            # mask: True = visible (None: all / causal); q in the cache's dtype (fp32 on CPU)
             k, v, mask = kv_cache.append(self.layer, k, v)
+            if k.dtype != q.dtype:
+                with torch.autocast(x.device.type, enabled=False):
+                    return self.resid_dropout(self.c_proj(self._attend(q.to(k.dtype), k, v, mask)))
+        return self.resid_dropout(self.c_proj(self._attend(q, k, v, mask)))
+
+    def _attend(self, q, k, v, mask):
+        """softmax(q k^T / sqrt(hs)) v over the heads (B, nh, T, hs), mask None: causal (all keys
+        for T = 1); re-joined: (B, T, C)."""
+        B, _, T, _ = q.shape
         if self.flash:
             dropout = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
@@ -168,12 +211,11 @@ class CausalSelfAttention(nn.Module):
         else:
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
             if mask is None and T > 1:
-                mask = causal_mask(T, T, x.device)
+                mask = causal_mask(T, T, q.device)
             if mask is not None:
                 att = att.masked_fill(~mask, float("-inf"))
             y = self.attn_dropout(F.softmax(att, dim=-1)) @ v
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        return y.transpose(1, 2).contiguous().view(B, T, self.n_embd)
 
 
 def causal_mask(n_query, n_key, device):
@@ -394,13 +436,16 @@ class GPT(nn.Module):
         than it saves. Figures: docs/inference.md and docs/performance.md.
 
         dtype torch.int8: the same, with each Linear's weight in int8 and a bf16 scale per output
-        channel (Linear.quantize), multiplied in bf16: a quarter of fp32's bytes per token."""
+        channel (Linear.quantize), multiplied in bf16: a quarter of fp32's bytes per token. The LM
+        head keeps its fp32 weight beside (a few rows per token: the embedding lookup and the
+        refined top logits), since its rounding is what flips most greedy tokens."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 if dtype == torch.int8:
-                    module.quantize()
+                    module.quantize(keep_dense=module is self.lm_head)
                 else:
                     module.to(dtype)
+                    module._packed = None  # a copy of the fp32 weight, if any
                 if upcast:
                     module.upcast = True
         return self

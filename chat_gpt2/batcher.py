@@ -181,7 +181,7 @@ def token_logprobs(engine, tokens, start, top):
         window = tokens[lo:lo + block]
         with autocast(engine.device, engine.autocast_dtype):
             hidden = model.hidden_states(torch.tensor([window], device=engine.device))[0]
-        logits = F.linear(hidden.float(), model.lm_head.weight.float())
+        logits = F.linear(hidden.float(), model.lm_head.dense_weight().float())  # int8: scaled
         logits.masked_fill_(engine.not_tokens, float("-inf"))  # the padded vocabulary
         first = max(start, lo + 1)
         if first >= lo + len(window):

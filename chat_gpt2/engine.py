@@ -21,19 +21,28 @@ from .sampling import sample_next
 # 1. KV cache: the inference state, kept explicit
 
 
+def cache_dtype(device):
+    """The dtype of a KV cache, and so of attention, on device: fp32 on a CPU, where a bf16 matrix-
+    vector product over the cache (one query) is several times slower than an fp32 one
+    (docs/performance.md#decoding-overhead); None elsewhere: the dtype attention runs in (bf16 under
+    autocast or GPT.to_half)."""
+    return torch.float32 if torch.device(device).type == "cpu" else None
+
+
 class KVCache:
     """Keys and values of up to max_rows sequences: row r's tokens sit at 0..lengths[r]-1 of its
-    slot, the rest is masked (zeroed: a masked key must not be NaN); allocated on first use in the
-    dtype the attention runs in (bf16 under autocast or GPT.to_half). GPT.forward(idx (B, T),
+    slot, the rest is masked (zeroed: a masked key must not be NaN); allocated on first use, in
+    dtype (None: the dtype of the keys written, which attention runs in). GPT.forward(idx (B, T),
     kv_cache) continues the B rows `rows` (a slice) by T tokens: a decode step every row in use by
     one, a prefill one row by its prompt. positions() starts a forward, append() is each layer's."""
 
-    def __init__(self, config, max_rows=1, device="cpu"):
+    def __init__(self, config, max_rows=1, device="cpu", dtype=None):
         self.n_layer, self.max_rows, self.max_len = config.n_layer, max_rows, config.block_size
         self.lengths = torch.zeros(max_rows, dtype=torch.long, device=device)
         self.k, self.v = [None] * config.n_layer, [None] * config.n_layer
         self.rows = slice(0, max_rows)  # the rows the next forward continues (idx's rows, in order)
-        self.pos, self.mask, self.n = None, None, 0
+        self.pos, self.mask, self.n, self.dtype = None, None, 0, dtype
+        self.start = None  # the rows' one length when they share it (writes are then a slice)
 
     def positions(self, T):
         """The absolute positions (B, T) of the rows' next T tokens; also what every layer's append
@@ -45,6 +54,7 @@ class KVCache:
             raise ValueError(f"sequence of {longest + T} tokens exceeds block_size {self.max_len}")
         self.pos = past[:, None] + torch.arange(T, device=past.device)
         self.n = longest + T
+        self.start = longest if shortest == longest else None
         self.mask = None
         if shortest != longest or (T > 1 and longest > 0):  # a query sees its row's keys up to it
             keys = torch.arange(self.n, device=past.device)
@@ -55,9 +65,15 @@ class KVCache:
         """Write one layer's new keys and values (B, H, T, D) after each row's tokens; returns the
         rows' keys and values so far, (B, H, n, D) each, and the mask."""
         self._allocate(layer, k)
-        rows = torch.arange(k.size(0), device=k.device)[:, None]
-        self.k[layer][self.rows][rows, :, self.pos] = k.transpose(1, 2)  # (B, T, H, D) at row, pos
-        self.v[layer][self.rows][rows, :, self.pos] = v.transpose(1, 2)
+        if self.start is not None:  # one length: the new tokens are one slice of every row
+            end = self.start + k.size(2)
+            self.k[layer][self.rows, :, self.start:end] = k
+            self.v[layer][self.rows, :, self.start:end] = v
+        else:
+            rows = torch.arange(k.size(0), device=k.device)[:, None]
+            dtype = self.k[layer].dtype  # (B, T, H, D) at row, pos:
+            self.k[layer][self.rows][rows, :, self.pos] = k.transpose(1, 2).to(dtype)
+            self.v[layer][self.rows][rows, :, self.pos] = v.transpose(1, 2).to(dtype)
         if layer == self.n_layer - 1:
             self.lengths[self.rows] += k.size(2)
         return self.k[layer][self.rows, :, :self.n], self.v[layer][self.rows, :, :self.n], self.mask
@@ -76,10 +92,11 @@ class KVCache:
         self.lengths[dst] = n
 
     def _allocate(self, layer, like):
-        if self.k[layer] is None or self.k[layer].dtype != like.dtype:
+        dtype = self.dtype or like.dtype
+        if self.k[layer] is None or self.k[layer].dtype != dtype:
             _, H, _, D = like.shape
-            self.k[layer] = like.new_zeros(self.max_rows, H, self.max_len, D)
-            self.v[layer] = like.new_zeros(self.max_rows, H, self.max_len, D)
+            self.k[layer] = like.new_zeros(self.max_rows, H, self.max_len, D, dtype=dtype)
+            self.v[layer] = like.new_zeros(self.max_rows, H, self.max_len, D, dtype=dtype)
 
 
 class PromptCache:
@@ -90,7 +107,7 @@ class PromptCache:
     token, as a Decoder's rows do."""
 
     def __init__(self, config, device="cpu"):
-        self.cache, self.ids = KVCache(config, 1, device), []
+        self.cache, self.ids = KVCache(config, 1, device, cache_dtype(device)), []
 
     def fill(self, tokens, run):
         """The one-row KVCache of tokens: the shared prefix kept, run(new, cache) adds the rest."""
@@ -210,7 +227,8 @@ class Decoder:
     def __init__(self, engine, max_rows):
         self.engine, self.max_rows, self.rows = engine, max_rows, []  # rows[i]: the cache's slot i
         self.block_size = engine.model.config.block_size
-        self.cache = KVCache(engine.model.config, max_rows, engine.device)
+        self.cache = KVCache(engine.model.config, max_rows, engine.device,
+                             cache_dtype(engine.device))
 
     @torch.inference_mode()
     def add(self, request):

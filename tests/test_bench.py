@@ -71,6 +71,14 @@ def test_bench_generate_quick_preset(capsys):
     assert "tokens/s" in out  # the table
 
 
+def test_bench_generate_without_the_uncached_loop(capsys):
+    bench.main(["--mode=generate", "--device=cpu", "--gen_new_tokens=4", "--gen_batch_sizes=[1]",
+                "--gen_no_cache=false", "--gen_hf=false", "--gen_half=", "--gen_prefill_tokens=0"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["impl"] for r in result["rows"]] == ["ours, KV cache"]
+    assert result["speedups"] == {"1": {}}
+
+
 @pytest.mark.slow
 def test_bench_prepare_measures_both_and_cleans_up(tmp_path, monkeypatch, capsys):
     """--mode=prepare: the bare loop and prepare.py on the same repeated files give the same chat tokens (the bare

@@ -11,7 +11,7 @@ import helpers
 from chat_gpt2 import chat
 from chat_gpt2 import inference
 from chat_gpt2.errors import ConfigError
-from chat_gpt2.engine import Decoder, Engine, KVCache, PromptCache, Request, crop_start
+from chat_gpt2.engine import Decoder, Engine, KVCache, PromptCache, Request, cache_dtype, crop_start
 from chat_gpt2.sampling import (SAMPLING_KEYS, SERVER_ONLY, SamplingParams, adjust_logits, sample_next, sampling_defaults,
                                 sampling_help)
 from chat_gpt2.inference import load_engine
@@ -494,10 +494,14 @@ def test_weights_and_cache_are_converted(tiny_ckpt, dtype):
     prompt = [1, 2, 3, 4]
     # the half-precision KV cache reproduces full recomputation
     assert decoded(model, prompt, 12, temperature=0.0) == reference(model, prompt, 12, temperature=0.0)
-    cache = KVCache(engine.model.config)
-    with torch.no_grad():
-        engine.model(torch.tensor([prompt]), kv_cache=cache)
-    assert cache.k[0].dtype == getattr(torch, dtype)
+    # a cache of no dtype of its own holds the attention's; a CPU's (cache_dtype) is fp32, where
+    # one query's attention over the cache runs faster, with the same tokens
+    for own, held in ((None, half), (cache_dtype("cpu"), torch.float32)):
+        cache = KVCache(engine.model.config, dtype=own)
+        with torch.no_grad():
+            engine.model(torch.tensor([prompt]), kv_cache=cache)
+        assert cache.k[0].dtype == held
+    assert Decoder(engine, 1).cache.dtype == torch.float32
 
 
 def test_half_replies_agree_with_fp32_on_most_tokens(tiny_ckpt):
@@ -636,3 +640,27 @@ def test_load_engine_upcasts_only_where_the_cpu_lacks_bf16(tiny_ckpt, monkeypatc
     assert all(m.upcast is not native for m in model.modules() if isinstance(m, torch.nn.Linear))
     fp16 = engine_for(tiny_ckpt, "float16").model  # a CPU converts fp16 in software: always upcast
     assert all(m.upcast for m in fp16.modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_batched_rows_use_a_packed_copy_that_follows_the_weight():
+    """3-16 rows without a gradient (a batch of decoded rows) multiply a copy of the weight laid out
+    for oneDNN: the same product as F.linear, made again after the weight changed in place, none
+    with a gradient; a model holding one deep-copies."""
+    import copy
+    from model import Linear
+    torch.manual_seed(0)
+    layer, x = Linear(32, 48), torch.randn(2, 6, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+        assert layer._packed is not None
+        layer.weight.mul_(2)  # an optimizer step
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+        twin = copy.deepcopy(layer)
+        torch.testing.assert_close(twin(x), layer(x))
+        half = Linear(32, 48).to(torch.bfloat16)  # bf16 weights: one row too
+        row = torch.randn(1, 32, dtype=torch.bfloat16)
+        torch.testing.assert_close(half(row), F.linear(row, half.weight, half.bias))
+        assert half._packed is not None
+    fresh = Linear(32, 48)
+    fresh(x).sum().backward()  # training: no copy
+    assert fresh._packed is None and fresh.weight.grad is not None

@@ -79,7 +79,8 @@ def test_a_device_without_the_kernel_takes_the_dense_product(monkeypatch):
 
 def test_residual_stream_stays_fp32_and_top_logits_are_fp32_sums(tiny_ckpt):
     """As with bf16 weights: blocks add to an fp32 residual, the matmuls run in bf16, and the
-    REFINE_TOP largest logits are exact fp32 products of the dequantised head with ln_f's output."""
+    REFINE_TOP largest logits are exact fp32 products of the head's fp32 weight (kept beside its int8
+    one) with ln_f's output."""
     model = int8_engine(tiny_ckpt).model
     seen, hidden = {}, {}
     for name, module in [("block", model.transformer.h[0]), ("qkv", model.transformer.h[0].attn.c_attn),
@@ -91,17 +92,21 @@ def test_residual_stream_stays_fp32_and_top_logits_are_fp32_sums(tiny_ckpt):
     assert seen == {"block": torch.float32, "qkv": torch.bfloat16, "ln_f": torch.float32}
     assert logits.dtype == torch.float32
     top = logits[0, -1].topk(REFINE_TOP).indices
-    exact = model.lm_head.dense_weight(top) @ hidden["x"][0, -1]
+    fp32_head = int8_engine(tiny_ckpt, "float32").model.lm_head.weight
+    exact = fp32_head[top] @ hidden["x"][0, -1]
     torch.testing.assert_close(logits[0, -1, top], exact, rtol=1e-5, atol=1e-5)
 
 
-def test_token_embeddings_are_the_dequantised_head_rows(tiny_ckpt):
+def test_token_embeddings_are_the_fp32_head_rows_and_blocks_keep_no_fp32_copy(tiny_ckpt):
     fp32, int8 = int8_engine(tiny_ckpt, "float32").model, int8_engine(tiny_ckpt).model
     idx = torch.tensor([[0, 7, 50000]])
-    rows = int8.lm_head.dense_weight(idx)
-    assert rows.dtype == torch.float32
-    steps = int8.lm_head.scales[idx].float().unsqueeze(-1)
-    assert ((rows - fp32.transformer.wte(idx)).abs() <= steps * 0.51).all()
+    assert torch.equal(int8.lm_head.dense_weight(idx), fp32.transformer.wte(idx))
+    assert int8.lm_head.weight.dtype == torch.int8  # what a decoding step reads
+    block = int8.transformer.h[0].mlp.c_fc
+    assert getattr(block, "dense", None) is None  # the blocks' dense weights are dequantised
+    rows = block.dense_weight(torch.tensor([0, 5]))
+    steps = block.scales[[0, 5]].float().unsqueeze(-1)
+    assert ((rows - fp32.transformer.h[0].mlp.c_fc.weight[[0, 5]]).abs() <= steps * 0.51).all()
 
 
 def trained_tiny_model(steps=150):
