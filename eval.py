@@ -200,7 +200,7 @@ def main(argv=None):
         summary.update(val_loss=loss, perplexity=math.exp(min(loss, 700.0)), val_tokens=n_tokens,
                        val_bpb=scores["bpb"], val_bytes=scores["bytes"])
         print(f"val loss {loss:.4f}, perplexity {summary['perplexity']:.2f}, "
-              f"{scores['bpb']:.4f} bits per byte ({n_tokens:,} assistant tokens, "
+              f"{scores['bpb']:.4f} bits per byte ({n_tokens:,} learned tokens, "
               f"{scores['bytes']:,} bytes)")
     if cfg["data"]:
         summary.update(evaluate_replies(engine, ckpt, cfg))

@@ -169,7 +169,8 @@ def main(argv=None):
     if "test" in meta:
         print(f"held out {meta['test']['conversations']:,} conversation(s) to "
               f"{cfg['out_dir']}/test.jsonl (eval.py --data={cfg['out_dir']}/test.jsonl)")
-    print(f"wrote {cfg['out_dir']}/{{train,val}}.bin and their masks, offsets and meta.json")
+    masks = " and their masks," if meta.get("kind") == "chat" else ","
+    print(f"wrote {cfg['out_dir']}/{{train,val}}.bin{masks} offsets and meta.json")
     return 0
 
 
